@@ -1,0 +1,89 @@
+"""Command line: ``python -m bench {run,summary,...}``.
+
+YAML specs set the defaults; flags override them (``--set optim.lr=0.01``), and the
+resolved config is saved beside every run's results.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Ablation benchmark harness for CNNs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train every (variant, seed) of a spec, then rebuild results/summary.md")
+    r.add_argument("spec", help="ablation spec (YAML), e.g. ablations/mnist.yaml")
+    r.add_argument("--profile", help="a profile of the spec, e.g. quick")
+    r.add_argument("--seeds", type=int, nargs="+", help="override the spec's seeds")
+    r.add_argument("--variants", nargs="+", help="train only these variants (others keep their stored results)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every variant, e.g. --set train.epochs=2 (repeatable)")
+    r.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else ./data)")
+    r.add_argument("--results", default="results", help="results folder (default: results)")
+    r.add_argument("--device", help="cpu, cuda, cuda:N (default: the spec's train.device, auto = CUDA if present)")
+    r.add_argument("--dry-run", action="store_true", help="validate the spec and list the runs; train nothing")
+    r.add_argument("--no-summary", action="store_true", help="do not rebuild results/summary.md afterwards")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("summary", help="rebuild results/summary.md from the stored runs, without training")
+    s.add_argument("--results", default="results")
+    s.add_argument("--groups", nargs="+", help="only these spec groups (folder names under results/runs)")
+    return p.parse_args(argv)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.runner import LocalStore, run_spec
+    from bench.spec import load_spec
+    from bench.summary import write_summary
+
+    spec = load_spec(args.spec, args.profile, args.overrides, args.seeds)
+    if args.variants:
+        from bench.config import ConfigError
+        from bench.registry import unknown_name_message
+
+        names = [v.name for v in spec.variants]
+        for n in args.variants:
+            if n not in names:
+                raise ConfigError(f"--variants: {unknown_name_message('variant', n, names)}")
+        spec.variants = [v for v in spec.variants if v.name in args.variants]
+    runs = spec.runs()
+    store = LocalStore(Path(args.results) / "runs")
+    todo = store.remaining(runs)
+    print(f"{spec.path}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {len(runs)} runs, "
+          f"{len(runs) - len(todo)} already done", file=sys.stderr)
+    if args.dry_run:
+        for run in runs:
+            print(f"{'done' if run not in todo else 'todo'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
+        return 0
+    run_spec(spec, args.results, args.data_root, args.device, progress=not args.no_progress)
+    if not args.no_summary:
+        path = write_summary(args.results, command="python -m bench " + " ".join(sys.argv[1:]))
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from bench.summary import write_summary
+
+    print(f"wrote {write_summary(args.results, groups=args.groups)}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    handlers = {"run": cmd_run, "summary": cmd_summary}
+    try:
+        return handlers[args.command](args)
+    except ValueError as e:
+        # Spec and data errors are user errors: their message names the file and the key or
+        # file at fault, so a traceback would only hide it.  Anything else is a bug: re-raise.
+        from bench.config import ConfigError
+        from bench.tasks.base import DataError
+
+        if isinstance(e, (ConfigError, DataError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise

@@ -1,0 +1,187 @@
+"""The run configuration: one validated object per (variant, seed) run.
+
+A spec (see ``bench/spec.py``) resolves to one :class:`Config` per run.  Sections that
+name a registry entry (``model``, ``optim``, ``sched``, ``loss``) are plain dicts
+``{"name": ..., **kwargs}`` whose kwargs are checked against the factory's signature;
+the fixed sections are dataclasses.  ``to_dict`` / ``from_dict`` round-trip through
+JSON, and ``config_hash`` keys a run by its resolved content.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.registry import closest_first
+
+
+class ConfigError(ValueError):
+    """A spec or config value is wrong; the message names the file and key path."""
+
+
+@dataclass
+class DataCfg:
+    root: str | None = None  # data root; None -> --data-root, $BENCH_DATA, ./data
+    val_fraction: float | None = None  # share of the training images held out; None -> task default
+    split_seed: int = 0  # the validation split is fixed by this seed, not by the run seed
+    train_subset: int | None = None  # use only this many training images (quick profiles, tests)
+    channels: list[int] | None = None  # input channels to keep; None -> task default
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 26
+    batch_size: int = 64
+    patience: int | None = None  # early stopping: epochs without a better validation metric
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False  # bitwise repeatable on CPU (slower)
+    amp: bool = True  # bf16 autocast, used on CUDA only
+    eval_batch_size: int = 1000
+    threads: int | None = None  # torch CPU threads; None -> torch default
+
+
+@dataclass
+class AugmentCfg:
+    """Batched, on-device augmentation; every key is off at its default."""
+
+    flips: bool = False  # the 8 flips/rotations by 90 degrees (dihedral group)
+    rotate: float = 0.0  # max rotation in degrees
+    translate: float = 0.0  # max shift as a fraction of the image size
+    scale: float = 0.0  # max relative zoom in/out
+    elastic: float = 0.0  # elastic deformation magnitude in pixels (0: off)
+    intensity: float = 0.0  # max relative brightness/contrast jitter
+
+
+@dataclass
+class EvalCfg:
+    tta: bool = False  # average predictions over the 8 flips/rotations
+    threshold: float = 0.5  # segmentation: probability above which a pixel is foreground
+
+
+REGISTRY_SECTIONS = ("model", "optim", "sched", "loss")
+
+
+@dataclass
+class Config:
+    task: str
+    model: dict[str, Any]
+    optim: dict[str, Any] = field(default_factory=lambda: {"name": "adam", "lr": 1e-3})
+    sched: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "default"})
+    train: TrainCfg = field(default_factory=TrainCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTION_TYPES: dict[str, type] = {"train": TrainCfg, "data": DataCfg, "augment": AugmentCfg, "eval": EvalCfg}
+
+
+def config_hash(d: dict[str, Any]) -> str:
+    """Short content hash of a resolved config dict (key order does not matter)."""
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- type checks
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_value(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` coerced to ``tp`` (int -> float, list -> tuple) or raise ConfigError."""
+    if tp is Any or tp is typing.Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return check_value(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(tp)
+            inner = args[0] if args else Any
+            items = [check_value(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if (origin or tp) is tuple else items
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def unknown_key_message(where: str, key: str, valid: list[str]) -> str:
+    return f"{where}: unknown key {key!r}; valid keys (closest first): {', '.join(closest_first(key, valid))}"
+
+
+def build_section(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from dict ``raw``, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(unknown_key_message(where, str(key), names))
+        kwargs[key] = check_value(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def check_factory_kwargs(
+    fn: Callable[..., Any], raw: dict[str, Any], where: str, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Check ``raw`` (without ``name``) against the keyword parameters of factory ``fn``.
+
+    Parameters listed in ``skip`` are supplied by the harness (e.g. ``params`` of an
+    optimizer) and may not be set from a spec.
+    """
+    import inspect
+
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    params = [p for p in sig.parameters if p not in skip and sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    out = {}
+    for key, value in raw.items():
+        if key not in params:
+            raise ConfigError(unknown_key_message(where, str(key), params))
+        out[key] = check_value(value, hints.get(key, Any), f"{where}.{key}")
+    return out

@@ -1,0 +1,30 @@
+"""Small spec builders shared by the tests."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# A budget that trains the report's CNN on 1,000 real MNIST images in a few seconds.
+TINY_MNIST_BASE: dict[str, Any] = {
+    "model": {"name": "mnist_cnn", "batch_norm": True, "dropout": 0.25, "widths": [8, 8, 16, 16, 16], "hidden": 32},
+    "optim": {"name": "adam", "lr": 3.0e-3},
+    "sched": {"name": "none"},
+    "loss": {"name": "ce"},
+    "train": {"epochs": 2, "batch_size": 64, "eval_batch_size": 2500, "threads": 2},
+    "data": {"train_subset": 1000, "val_fraction": 0.02},  # 1,200 validation images
+}
+
+
+def write_spec(path: Path, **overrides: Any) -> Path:
+    spec: dict[str, Any] = {
+        "name": path.stem,
+        "task": "mnist",
+        "seeds": [0],
+        "base": TINY_MNIST_BASE,
+        "variants": [{"name": "a", "reported": 0.9}, {"name": "b", "set": {"optim.lr": 1.0e-3}}],
+    }
+    spec.update(overrides)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

@@ -1,0 +1,183 @@
+"""Every metric against small hand-made cases whose answers are worked out in the comments."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bench import metrics as M
+
+
+def masks(h: int, w: int, *boxes: tuple[int, int, int, int]) -> np.ndarray:
+    """(h, w) bool mask with the given inclusive boxes (r0, r1, c0, c1) set."""
+    m = np.zeros((h, w), bool)
+    for r0, r1, c0, c1 in boxes:
+        m[r0 : r1 + 1, c0 : c1 + 1] = True
+    return m
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def test_accuracy_from_logits_and_from_predictions():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])  # argmax -> 0, 1, 0
+    target = torch.tensor([0, 0, 0])
+    assert int(M.correct(logits, target)) == 2
+    assert M.accuracy(logits, target).item() == pytest.approx(2 / 3)
+    assert M.accuracy(torch.tensor([0, 1, 0]), target).item() == pytest.approx(2 / 3)
+    assert M.accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- pixel level
+
+
+def test_pixel_dice_iou_per_image_and_pooled():
+    # image 0: G = 4 pixels, P = 2 of them -> TP 2, FP 0, FN 2: Dice 2*2/(2+4) = 2/3, IoU 2/4
+    # image 1: both empty -> 1 and 1 by convention
+    g = torch.zeros(2, 4, 4, dtype=torch.bool)
+    p = torch.zeros_like(g)
+    g[0, 0, :4] = True
+    p[0, 0, :2] = True
+    assert M.dice_per_image(p, g).tolist() == pytest.approx([2 / 3, 1.0])
+    assert M.iou_per_image(p, g).tolist() == pytest.approx([0.5, 1.0])
+    # pooled: the empty image adds nothing -> 2*2/(2+4), 2/4
+    assert M.dice_pooled(p, g) == pytest.approx(2 / 3)
+    assert M.iou_pooled(p, g) == pytest.approx(0.5)
+    # (N, 1, H, W) works too, and an all-empty split is perfect
+    assert M.dice_per_image(p[:, None], g[:, None]).tolist() == pytest.approx([2 / 3, 1.0])
+    assert M.dice_pooled(p[1:], g[1:]) == 1.0
+    with pytest.raises(ValueError):
+        M.dice_per_image(p, g[:, :2])
+
+
+def test_pixel_dice_one_side_empty_is_zero():
+    g = torch.zeros(1, 3, 3, dtype=torch.bool)
+    p = torch.ones_like(g)
+    assert M.dice_per_image(p, g).item() == 0.0 and M.iou_per_image(g, p).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- object level
+
+
+def test_connected_components_use_8_connectivity():
+    # two pixels touching only at a corner are one object; a separate pixel is another
+    m = np.zeros((4, 4), bool)
+    m[0, 0] = m[1, 1] = m[3, 3] = True
+    _, n = M.label_objects(m)
+    assert n == 2
+
+
+def _two_glands_case() -> tuple[np.ndarray, np.ndarray]:
+    """G: gland A = 10x10 (100 px) at rows 0-9, cols 0-9; gland B = 4x4 (16 px) at rows 0-3, cols 20-23.
+    S: P1 = rows 0-5 of A (6x10 = 60 px, 60 % of A); P2 = 2x2 false positive at rows 15-16, cols 15-16.
+    B is missed."""
+    g = masks(20, 30, (0, 9, 0, 9), (0, 3, 20, 23))
+    s = masks(20, 30, (0, 5, 0, 9), (15, 16, 15, 16))
+    return s, g
+
+
+def test_object_f1_detected_missed_and_false_positive():
+    s, g = _two_glands_case()
+    # P1 covers 60 % >= 50 % of A -> TP; P2 overlaps nothing -> FP; B not hit -> FN
+    assert M.object_f1_counts(s, g) == (1, 1, 1)
+    # F1 = 2TP / (2TP + FP + FN) = 2 / (2 + 1 + 1)
+    assert M.object_f1(s, g) == pytest.approx(0.5)
+
+
+def test_object_f1_half_overlap_counts_and_below_half_does_not():
+    g = masks(4, 10, (0, 0, 0, 9))  # one 10-pixel gland
+    assert M.object_f1_counts(masks(4, 10, (0, 0, 0, 4)), g) == (1, 0, 0)  # exactly 50 % -> TP
+    assert M.object_f1_counts(masks(4, 10, (0, 0, 0, 3)), g) == (0, 1, 1)  # 40 % -> FP and FN
+    # one gland split between two predictions (cols 0-3: 40 %, cols 5-9: 50 %) plus a stray pixel
+    # at (2, 0): only the 5-pixel half is a TP; the other half and the stray pixel are FPs
+    split = masks(4, 10, (0, 0, 0, 3), (0, 0, 5, 9), (2, 2, 0, 0))
+    assert M.object_f1_counts(split, g) == (1, 2, 0)
+
+
+def test_object_dice_area_weighted():
+    s, g = _two_glands_case()
+    # G side: A (w = 100/116) pairs with P1: Dice 2*60/(100+60) = 0.75; B overlaps nothing: 0
+    #   -> 100/116 * 0.75 = 75/116
+    # S side: P1 (w = 60/64) pairs with A: 0.75; P2 (w = 4/64) overlaps nothing: 0 -> 60/64 * 0.75
+    expected = 0.5 * (75 / 116 + 60 / 64 * 0.75)
+    assert M.object_dice(s, g) == pytest.approx(expected)
+
+
+def test_object_hausdorff_overlapping_pair():
+    # G = a 5-pixel bar (0,0)-(0,4); S = its first 3 pixels: the farthest G pixel (0,4) is 2 from S
+    g = masks(3, 6, (0, 0, 0, 4))
+    s = masks(3, 6, (0, 0, 0, 2))
+    assert M.object_hausdorff(s, g) == pytest.approx(2.0)
+
+
+def test_object_hausdorff_unmatched_object_uses_nearest_partner():
+    # G: 2x2 block A at rows 0-1, cols 0-1.  S: the same block A' and a stray pixel C at (5, 5).
+    # G side: A pairs with A' -> H 0.  S side: A' -> 0 (weight 4/5); C overlaps nothing, so its
+    # partner is the nearest G object, A: H(A, C) = max(farthest A pixel (0,0) from C = sqrt(50),
+    # C to nearest A pixel (1,1) = sqrt(32)) = sqrt(50), weight 1/5.
+    g = masks(8, 8, (0, 1, 0, 1))
+    s = masks(8, 8, (0, 1, 0, 1), (5, 5, 5, 5))
+    assert M.object_hausdorff(s, g) == pytest.approx(0.5 * (0 + math.sqrt(50) / 5))
+    assert M.object_f1(s, g) == pytest.approx(2 / 3)  # TP 1, FP 1, FN 0
+    assert M.object_dice(s, g) == pytest.approx(0.5 * (1.0 + 4 / 5))
+
+
+def test_object_hausdorff_disjoint_single_pixels():
+    g = masks(1, 5, (0, 0, 0, 0))
+    s = masks(1, 5, (0, 0, 3, 3))
+    # no overlap: each side's partner is the other pixel, 3 apart
+    assert M.object_hausdorff(s, g) == pytest.approx(3.0)
+    assert M.object_f1(s, g) == 0.0 and M.object_dice(s, g) == 0.0
+
+
+def test_object_metrics_empty_conventions():
+    empty, full = np.zeros((5, 9), bool), masks(5, 9, (1, 2, 1, 2))
+    assert M.object_scores(empty, empty) == (1.0, 1.0, 0.0)
+    diag = math.hypot(4, 8)  # largest distance between two pixels of a 5x9 image
+    assert M.object_scores(empty, full) == pytest.approx((0.0, 0.0, diag))
+    assert M.object_scores(full, empty) == pytest.approx((0.0, 0.0, diag))
+
+
+def test_perfect_prediction():
+    g = masks(16, 16, (0, 3, 0, 3), (8, 12, 6, 14))
+    assert M.object_scores(g, g) == (1.0, 1.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- split report
+
+
+def test_segmentation_report_keys_and_per_image_means():
+    s, g = _two_glands_case()
+    pred = torch.from_numpy(np.stack([s, g]))
+    target = torch.from_numpy(np.stack([g, g]))
+    r = M.segmentation_report(pred, target)
+    assert set(r) == {"dice", "dice_pooled", "iou", "iou_pooled", "obj_f1", "obj_dice", "obj_hausdorff"}
+    # image 0: pixel TP 60, |P| 64, |G| 116 -> Dice 120/180; image 1 perfect
+    assert r["dice"] == pytest.approx((120 / 180 + 1) / 2)
+    assert r["dice_pooled"] == pytest.approx(2 * 176 / (180 + 232))
+    assert r["obj_f1"] == pytest.approx((0.5 + 1) / 2)
+    assert r["obj_hausdorff"] == pytest.approx(M.object_hausdorff(s, g) / 2)
+
+
+def test_object_metrics_are_fast_on_realistic_masks():
+    # 60 images of 128x128 with ~15 blob objects each, predicted with shifted/eroded blobs
+    rng = np.random.default_rng(0)
+    rr, cc = np.mgrid[:128, :128]
+    gts, preds = [], []
+    for _ in range(60):
+        g = np.zeros((128, 128), bool)
+        p = np.zeros((128, 128), bool)
+        for _ in range(15):
+            r0, c0, rad = *rng.integers(0, 128, 2), rng.integers(3, 14)
+            g |= (rr - r0) ** 2 + (cc - c0) ** 2 <= rad**2
+            dr, dc = rng.integers(-3, 4, 2)
+            p |= (rr - r0 - dr) ** 2 + (cc - c0 - dc) ** 2 <= (rad - 1) ** 2
+        p[rng.random((128, 128)) < 0.002] = True  # a few stray false-positive pixels
+        gts.append(g)
+        preds.append(p)
+    t0 = time.perf_counter()
+    M.segmentation_report(torch.from_numpy(np.stack(preds)), torch.from_numpy(np.stack(gts)))
+    assert time.perf_counter() - t0 < 3.0  # typically ~0.3 s on a 2-core CPU

@@ -1,0 +1,142 @@
+"""Spec parsing, variant resolution and every validation error."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.config import ConfigError
+from bench.spec import load_spec
+from tests.helpers import TINY_MNIST_BASE, write_spec
+
+
+def spec_error(tmp_path: Path, **overrides) -> str:
+    path = write_spec(tmp_path / "bad.yaml", **overrides)
+    with pytest.raises(ConfigError) as e:
+        load_spec(path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)), msg  # every message names the spec file
+    return msg
+
+
+def test_ladder_is_cumulative_and_from_is_leave_one_out(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", seeds=[0, 1], variants=[
+        {"name": "a"},
+        {"name": "b", "set": {"optim.lr": 0.01}},
+        {"name": "c", "set": {"model": {"batch_norm": False}}},
+        {"name": "d", "from": "b", "set": {"train.batch_size": 32}},
+    ])
+    spec = load_spec(path)
+    v = {x.name: x for x in spec.variants}
+    assert v["b"].config.optim["lr"] == 0.01 and v["b"].parent == "a" and not v["b"].ablation
+    assert v["c"].config.optim["lr"] == 0.01 and v["c"].config.model["batch_norm"] is False
+    # d changes b, so it keeps b's batch norm and lr, and is marked as an ablation of b.
+    assert v["d"].parent == "b" and v["d"].ablation
+    assert v["d"].config.model["batch_norm"] is True and v["d"].config.train.batch_size == 32
+    assert len(spec.runs()) == 8
+    assert {r.seed for r in spec.runs()} == {0, 1}
+    assert v["a"].reported is None and "optim.lr=0.01" in v["b"].change
+
+
+def test_new_factory_name_replaces_section(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", variants=[
+        {"name": "a"}, {"name": "r", "set": {"model": {"name": "mnist_resnet", "width": 8}}}])
+    cfg = load_spec(path).variants[1].config
+    assert cfg.model == {"name": "mnist_resnet", "width": 8}  # mnist_cnn's keys are gone
+
+
+def test_profile_and_cli_overrides(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", profiles={"quick": {"seeds": [5], "set": {"train.epochs": 1},
+                                                               "variants": ["b"]}})
+    spec = load_spec(path, profile="quick", overrides=["optim.lr=0.5"])
+    assert spec.seeds == [5] and [v.name for v in spec.variants] == ["b"]
+    assert spec.variants[0].config.train.epochs == 1 and spec.variants[0].config.optim["lr"] == 0.5
+    assert spec.group == "s@quick"
+    # The profile changes the config, so the runs' keys differ from the full profile's.
+    assert load_spec(path).runs()[1].key != load_spec(path, profile="quick").runs()[0].key
+
+
+def test_run_key_ignores_data_location(tmp_path):
+    p1 = write_spec(tmp_path / "s.yaml")
+    a = load_spec(p1, overrides=["data.root=/x"]).runs()[0].key
+    b = load_spec(p1, overrides=["data.root=/y"]).runs()[0].key
+    c = load_spec(p1, overrides=["train.epochs=3"]).runs()[0].key
+    assert a == b != c
+
+
+def test_int_is_accepted_for_float(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", variants=[{"name": "a", "set": {"optim.lr": 1}}])
+    assert load_spec(path).variants[0].config.optim["lr"] == 1.0
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"sedes": [0]}, "(top level): unknown key 'sedes'; valid keys (closest first): seeds"),
+    ({"seeds": "zero"}, "seeds: expected list of int, got str"),
+    ({"seeds": []}, "seeds: need a non-empty list"),
+    ({"task": "mnits"}, "unknown task 'mnits'; valid choices (closest first): mnist"),
+    ({"variants": []}, "variants: expected a non-empty list"),
+    ({"variants": [{"name": "a"}, {"name": "a"}]}, "duplicate variant name 'a'"),
+    ({"variants": [{"nme": "a"}]}, "variants[0]: unknown key 'nme'; valid keys (closest first): name"),
+    ({"variants": [{"name": "a", "from": "zz"}]}, "variants[0] (a).from: no earlier variant"),
+    ({"variants": [{"name": "a"}, {"name": "b", "from": "x"}]}, "unknown earlier variant 'x'"),
+    ({"variants": [{"name": "a", "set": {"optim.lrr": 0.1}}]},
+     "variants[0] (a).set.optim: unknown key 'lrr'; valid keys (closest first): lr"),
+    ({"variants": [{"name": "a", "set": {"optim": {"lr": "fast"}}}]}, "variants[0] (a).set.optim.lr: expected float, got str"),
+    ({"variants": [{"name": "a", "set": {"trian.epochs": 3}}]},
+     "variants[0] (a).set: unknown key 'trian'; valid keys (closest first): train"),
+    ({"variants": [{"name": "a", "set": {"train.epochs": 0}}]}, "train.epochs: must be >= 1"),
+    ({"variants": [{"name": "a", "set": {"train.batch_size": 6.5}}]}, "train.batch_size: expected int, got float"),
+    ({"variants": [{"name": "a", "set": {"model.batch_norm": "yes"}}]}, "model.batch_norm: expected bool, got str"),
+    ({"variants": [{"name": "a", "set": {"model": {"name": "mnist_cnm"}}}]},
+     "set.model.name: unknown model 'mnist_cnm'; valid choices (closest first): mnist_cnn,"),
+    ({"variants": [{"name": "a", "set": {"optim.name": "adma"}}]},
+     "unknown optimizer 'adma'; valid choices (closest first): adam,"),
+    ({"variants": [{"name": "a", "set": {"sched.name": "stpe"}}]},
+     "unknown scheduler 'stpe'; valid choices (closest first): step,"),
+    ({"variants": [{"name": "a", "set": {"loss.name": "dicee"}}]}, "unknown loss 'dicee'; valid choices (closest first): dice,"),
+    ({"variants": [{"name": "a", "set": {"model.in_channels": 3}}]}, "unknown key 'in_channels'"),
+    ({"variants": [{"name": "a", "reported": "high"}]}, "variants[0] (a).reported: expected float"),
+    ({"profiles": {"quick": {"set": {"train.epoch": 1}}}},
+     "profiles.quick.set.train: unknown key 'epoch'; valid keys (closest first): epochs"),
+    ({"profiles": {"quick": {"seed": [1]}}}, "profiles.quick: unknown key 'seed'"),
+])
+def test_validation_errors(tmp_path, overrides, expected):
+    assert expected in spec_error(tmp_path, **overrides)
+
+
+def test_error_in_base_names_base(tmp_path):
+    base = copy.deepcopy(TINY_MNIST_BASE)
+    base["train"]["epoch"] = 3
+    msg = spec_error(tmp_path, base=base)
+    assert "base.train: unknown key 'epoch'; valid keys (closest first): epochs" in msg
+
+
+def test_unknown_profile_and_bad_override(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", profiles={"quick": {"set": {"train.epochs": 1}}})
+    with pytest.raises(ConfigError, match="unknown profile 'quik'; valid choices \\(closest first\\): quick"):
+        load_spec(path, profile="quik")
+    with pytest.raises(ConfigError, match="--set.train: unknown key 'lr'"):
+        load_spec(path, overrides=["train.lr=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_spec(path, overrides=["train.epochs"])
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("task: [mnist\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_spec(bad)
+    with pytest.raises(ConfigError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["mnist", "warwick"])
+def test_shipped_specs_validate(name):
+    path = Path(__file__).resolve().parents[1] / "ablations" / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for profile in [None, *raw.get("profiles", {})]:
+        spec = load_spec(path, profile=profile)
+        assert spec.variants and spec.seeds
+        assert any(v.reported is not None for v in spec.variants)

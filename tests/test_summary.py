@@ -1,0 +1,75 @@
+"""summary.md from a store of runs written by the test (known numbers -> known table)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from bench import io as bio
+from bench.runner import LocalStore
+from bench.spec import load_spec
+from bench.summary import mean_ci, paired_test, write_summary
+from tests.helpers import write_spec
+
+
+def test_mean_ci_and_paired_test_against_hand_values():
+    m, sd, hw = mean_ci([0.98, 0.99, 1.00])
+    assert m == pytest.approx(0.99) and sd == pytest.approx(0.01)
+    assert hw == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-5)  # t_{0.975, 2} = 4.3027
+    assert math.isnan(mean_ci([0.5])[1])
+    # differences 0.01, 0.02, 0.03: mean 0.02, sd 0.01, t = 0.02 / (0.01 / sqrt 3) = 3.464, p = 0.0742
+    d, p, n = paired_test({0: 0.91, 1: 0.92, 2: 0.93, 7: 1.0}, {0: 0.90, 1: 0.90, 2: 0.90})
+    assert (d, n) == (pytest.approx(0.02), 3) and p == pytest.approx(0.0742, abs=2e-4)
+    assert paired_test({0: 1.0}, {1: 1.0})[2] == 0
+
+
+def fake_store(tmp_path: Path) -> Path:
+    """Write result/metrics files for a 3-variant spec as the runner would, with chosen accuracies."""
+    path = write_spec(tmp_path / "demo.yaml", seeds=[0, 1, 2], variants=[
+        {"name": "a", "reported": 0.982}, {"name": "b", "set": {"optim.lr": 1.0e-3}},
+        {"name": "c", "from": "a", "set": {"model.batch_norm": False}}])
+    spec = load_spec(path)
+    store = LocalStore(tmp_path / "results" / "runs")
+    store.write_spec_meta(spec)
+    acc = {"a": [0.980, 0.982, 0.984], "b": [0.990, 0.991, 0.995], "c": [0.970, 0.972, 0.974]}
+    val = {"a": 0.97, "b": 0.99, "c": 0.999}  # c is best on validation (test does not choose)
+    for run in spec.runs():
+        d = store.path(run)
+        bio.write_json(d / "config.json", {"key": run.key, "config": run.config.to_dict()})
+        (d / "metrics.csv").write_text("epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time\n"
+                                       "1,1.0,0.5,0.9,0.6,0.001,1.0\n2,0.5,0.8,0.4,0.9,0.001,1.0\n")
+        bio.write_json(d / "result.json", {
+            "key": run.key, "variant": run.variant.name, "seed": run.seed,
+            "test": {"acc": acc[run.variant.name][run.seed], "loss": 0.1}, "val_best": val[run.variant.name],
+            "best_epoch": 2, "epochs_run": 2, "train_time_s": 12.0, "params": 1234, "device_name": "CPU: test",
+            "torch": "2.x", "commit": "abcdef1234567890", "finished": "2026-01-01T00:00:00"})
+    return tmp_path / "results"
+
+
+def test_summary_table(tmp_path):
+    results = fake_store(tmp_path)
+    text = write_summary(results, command="python -m bench summary").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert re.search(r"\|\s+3\s+\|\s+98.20 ± 0.20\s+\|", rows["a"])  # 3 seeds, mean ± sd
+    assert re.search(r"\|\s+98.2\s+\|", rows["a"])  # the report's number beside it
+    # b - a per seed: 1.0, 0.9, 1.1 points -> +1.00 vs prev
+    assert "+1.00 vs prev" in rows["b"] and "(n=3)" in rows["b"]
+    assert "-1.00 vs a" in rows["c ★"]  # the leave-one-out compares with its `from`, and is best by validation
+    assert "[97.70, 98.70]" in rows["a"]  # 98.2 +- 4.3027 * 0.2 / sqrt 3
+    assert "CPU: test" in text and "abcdef123456" in text and "`python -m bench summary`" in text
+    png = results / "figures" / "demo-curves.png"
+    assert png.stat().st_size > 1000 and "figures/demo-curves.png" in text
+
+
+def test_summary_ignores_results_of_an_old_config(tmp_path):
+    results = fake_store(tmp_path)
+    cfg = results / "runs" / "demo" / "a" / "seed-0" / "config.json"
+    d = json.loads(cfg.read_text())
+    d["key"] = "another"
+    cfg.write_text(json.dumps(d))
+    text = write_summary(results).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| a "))
+    assert re.search(r"\|\s+2\s+\|\s+98.30 ± 0.14", row)  # only seeds 1 and 2 remain

@@ -1,0 +1,116 @@
+"""The training loop on small real data: it learns, it repeats, and it resumes exactly."""
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from bench.optim import SCHEDULERS
+from bench.spec import load_spec
+from bench.tasks import TASKS
+from bench.train import fit
+from tests.helpers import write_spec
+
+
+@pytest.fixture(scope="module")
+def mnist_small(data_root, tmp_path_factory):
+    """(spec runs, loaded data): the tiny MNIST budget, data loaded once for the module."""
+    path = write_spec(tmp_path_factory.mktemp("spec") / "t.yaml", variants=[{"name": "a"}])
+    spec = load_spec(path, overrides=[f"data.root={data_root}", "train.deterministic=true", "train.epochs=3"])
+    run = spec.runs()[0]
+    data = TASKS["mnist"].load(run.config, torch.device("cpu"))
+    return run, data
+
+
+def test_data_split_and_normalization(mnist_small):
+    run, data = mnist_small
+    assert len(data.train) == 1000 and len(data.val) == 1200 and len(data.test) == 10000
+    assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.dtype == torch.float32
+    assert abs(data.info["mean"][0] - 0.1307) < 0.02 and abs(data.info["std"][0] - 0.3081) < 0.03
+    # Training statistics normalize the training split to about zero mean, unit std.
+    assert abs(data.train.x.mean().item()) < 1e-3 and abs(data.train.x.std().item() - 1) < 1e-3
+
+
+def test_training_lowers_loss_and_is_bitwise_repeatable(mnist_small, tmp_path):
+    run, data = mnist_small
+    task = TASKS["mnist"]
+    r1 = fit(tmp_path / "a", run.config, task, data, torch.device("cpu"), run.key, progress=False)
+    r2 = fit(tmp_path / "b", run.config, task, data, torch.device("cpu"), run.key, progress=False)
+    h = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    assert list(h.epoch) == [1, 2, 3]
+    assert h.train_loss.iloc[-1] < h.train_loss.iloc[0] and h.val_loss.iloc[-1] < h.val_loss.iloc[0]
+    assert r1["test"]["acc"] > 0.8  # 1,000 images, 3 epochs: far above chance
+    assert r1["test"] == r2["test"] and r1["val_best"] == r2["val_best"]
+    s1 = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    s2 = torch.load(tmp_path / "b" / "best.pt", weights_only=True)
+    assert all(torch.equal(s1["state_dict"][k], s2["state_dict"][k]) for k in s1["state_dict"])
+    assert s1["config"]["model"]["name"] == "mnist_cnn" and s1["epoch"] == r1["best_epoch"]
+    assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
+
+
+def test_resume_after_interruption_gives_the_same_result(mnist_small, tmp_path, monkeypatch):
+    run, data = mnist_small
+    task = TASKS["mnist"]
+    full = fit(tmp_path / "full", run.config, task, data, torch.device("cpu"), run.key, progress=False)
+
+    # Interrupt the second run right after its 2nd epoch's checkpoint has been written.
+    import bench.train as train_mod
+
+    real_save, calls = train_mod.bio.torch_save, []
+
+    def save_then_die(path, obj):
+        real_save(path, obj)
+        if path.name == "last.pt":
+            calls.append(path)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.bio, "torch_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "cut", run.config, task, data, torch.device("cpu"), run.key, progress=False)
+    monkeypatch.setattr(train_mod.bio, "torch_save", real_save)
+    assert len(pd.read_csv(tmp_path / "cut" / "metrics.csv")) == 2
+    resumed = fit(tmp_path / "cut", run.config, task, data, torch.device("cpu"), run.key, progress=False)
+    assert resumed["test"] == full["test"] and resumed["best_epoch"] == full["best_epoch"]
+    assert pd.read_csv(tmp_path / "cut" / "metrics.csv").drop(columns="epoch_time").equals(
+        pd.read_csv(tmp_path / "full" / "metrics.csv").drop(columns="epoch_time"))
+
+
+def test_early_stopping_stops(mnist_small, tmp_path):
+    run, data = mnist_small
+    # With lr 0 and no batch norm (whose running statistics would still move) nothing can improve.
+    cfg = dataclasses.replace(run.config, optim={"name": "sgd", "lr": 0.0},
+                              model={**run.config.model, "batch_norm": False, "dropout": 0.0},
+                              train=dataclasses.replace(run.config.train, patience=1, epochs=10))
+    r = fit(tmp_path / "es", cfg, TASKS["mnist"], data, torch.device("cpu"), "k", progress=False)
+    assert r["epochs_run"] == 2 and r["stopped_early"] and r["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("name, kwargs, expect", [
+    ("step", {"step_size": 2, "gamma": 0.5}, [1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]),
+    ("exp", {"gamma": 0.5}, [1, 1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625]),
+    ("none", {}, [1] * 10),
+])
+def test_epoch_schedules_stepped_per_iteration(name, kwargs, expect):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = SCHEDULERS[name](opt, 5, 2, **kwargs)  # 5 epochs x 2 steps
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expect)
+
+
+def test_cosine_and_onecycle_shapes():
+    for name in ("cosine", "onecycle"):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = SCHEDULERS[name](opt, 4, 10)
+        lrs = []
+        for _ in range(40):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert max(lrs) == pytest.approx(1.0, rel=0.05) and lrs[-1] < 0.05
