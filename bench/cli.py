@@ -28,6 +28,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--no-summary", action="store_true", help="do not rebuild results/summary.md afterwards")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    t = sub.add_parser("tune", help="search hyperparameters of a spec's variant with Optuna (validation metric only)")
+    t.add_argument("spec", help="a spec path, or a name under ablations/ (mnist, warwick)")
+    t.add_argument("--profile", help="a profile of the spec (its budget applies to every trial)")
+    t.add_argument("--trials", type=int, help="total trials of the study (default: the spec's search.trials)")
+    t.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--data-root")
+    t.add_argument("--results", default="results")
+    t.add_argument("--device")
+    t.add_argument("--no-progress", action="store_true")
+
     s = sub.add_parser("summary", help="rebuild results/summary.md from the stored runs, without training")
     s.add_argument("--results", default="results")
     s.add_argument("--groups", nargs="+", help="only these spec groups (folder names under results/runs)")
@@ -65,6 +76,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from bench.spec import load_spec
+    from bench.tune import resolve_spec_path, tune
+
+    spec = load_spec(resolve_spec_path(args.spec), args.profile, args.overrides)
+    best = tune(spec, args.results, args.data_root, args.device, args.trials, args.timeout, progress=not args.no_progress)
+    print(f"best validation {best['metric']}: {best['value']:.4f} after {best['trials']} trials "
+          f"({best['pruned']} pruned); params: {best['params']}")
+    print(f"wrote {Path(args.results) / 'optuna' / (spec.group + '-best.yaml')}")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from bench.summary import write_summary
 
@@ -74,7 +97,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    handlers = {"run": cmd_run, "summary": cmd_summary}
+    handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary}
     try:
         return handlers[args.command](args)
     except ValueError as e:

@@ -34,7 +34,9 @@ from bench.config import (
 )
 from bench.registry import unknown_name_message
 
-SPEC_KEYS = ["name", "description", "task", "seeds", "base", "variants", "profiles"]
+SPEC_KEYS = ["name", "description", "task", "seeds", "base", "variants", "profiles", "search"]
+SEARCH_KEYS = ["variant", "trials", "space"]
+DIST_KEYS = ["low", "high", "log", "step", "choices"]
 VARIANT_KEYS = ["name", "from", "set", "reported", "note"]
 PROFILE_KEYS = ["seeds", "set", "variants", "description"]
 CONFIG_SECTIONS = ["model", "optim", "sched", "loss", "train", "data", "augment", "eval"]
@@ -90,6 +92,7 @@ class Spec:
     profile: str | None
     variants: list[Variant]
     description: str = ""
+    search: dict[str, Any] | None = None  # validated `search:` section (see bench/tune.py)
 
     @property
     def group(self) -> str:
@@ -225,6 +228,15 @@ def _expect(value: Any, tp: type, where: str) -> Any:
     return check_value(value, tp, where)
 
 
+def _check_mapping(d: Any, allowed: list[str], where: str, what: str = "a mapping") -> None:
+    """``d`` must be a dict whose keys are all in ``allowed``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected {what}, got {type(d).__name__}")
+    for key in d:
+        if key not in allowed:
+            raise ConfigError(unknown_key_message(where, str(key), allowed))
+
+
 def load_spec(path: str | Path, profile: str | None = None, overrides: list[str] | None = None,
               seeds: list[int] | None = None) -> Spec:
     """Parse and fully validate a spec; raises ConfigError naming the file and key path."""
@@ -253,11 +265,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str], seeds_override: list[int] | None) -> Spec:
-    if not isinstance(raw, dict):
-        raise ConfigError("expected a mapping at the top level")
-    for key in raw:
-        if key not in SPEC_KEYS:
-            raise ConfigError(unknown_key_message("(top level)", str(key), SPEC_KEYS))
+    _check_mapping(raw, SPEC_KEYS, "(top level)")
     for key in ("task", "base", "variants"):
         if key not in raw:
             raise ConfigError(f"missing required key {key!r}")
@@ -280,11 +288,7 @@ def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str],
                               else f"--profile {profile!r}: this spec defines no profiles")
     for pname, pdef in profiles.items():
         pw = f"profiles.{pname}"
-        if not isinstance(pdef, dict):
-            raise ConfigError(f"{pw}: expected a mapping")
-        for key in pdef:
-            if key not in PROFILE_KEYS:
-                raise ConfigError(unknown_key_message(pw, str(key), PROFILE_KEYS))
+        _check_mapping(pdef, PROFILE_KEYS, pw)
         leaves = flatten_set(pdef.get("set"), f"{pw}.set")
         build_config(task, apply_set(base, leaves, f"{pw}.set"), f"{pw}.set")
         if pname == profile:
@@ -309,11 +313,7 @@ def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str],
     prev: str | None = None
     for i, v in enumerate(rawv):
         vw = f"variants[{i}]"
-        if not isinstance(v, dict):
-            raise ConfigError(f"{vw}: expected a mapping with at least a 'name'")
-        for key in v:
-            if key not in VARIANT_KEYS:
-                raise ConfigError(unknown_key_message(vw, str(key), VARIANT_KEYS))
+        _check_mapping(v, VARIANT_KEYS, vw, "a mapping with at least a 'name'")
         if "name" not in v:
             raise ConfigError(f"{vw}: missing 'name'")
         vname = _expect(v["name"], str, f"{vw}.name")
@@ -346,6 +346,7 @@ def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str],
             change = f"{_expect(v['note'], str, f'{vw}.note')}: {change}" if leaves else str(v["note"])
         variants.append(Variant(vname, i, parent, ablation, change, reported, config))
         prev = vname
+    search = _check_search(raw.get("search"), task, variants, profile_leaves, cli_leaves)
     if only is not None:
         names = [v.name for v in variants]
         for n in only:
@@ -353,4 +354,44 @@ def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str],
                 raise ConfigError(f"profiles.{profile}.variants: {unknown_name_message('variant', n, names)}")
         variants = [v for v in variants if v.name in only]
     return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
-                description=str(raw.get("description", "")))
+                description=str(raw.get("description", "")), search=search)
+
+
+def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any]) -> dict[str, Any] | None:
+    """Validate ``search: {variant, trials, space: {PATH: {low, high[, log, step]} | {choices: [...]}}}``.
+
+    Every path is checked by building the tuned variant's config with the range's ends.
+    """
+    if raw is None:
+        return None
+    _check_mapping(raw, SEARCH_KEYS, "search")
+    names = [v.name for v in variants]
+    vname = _expect(raw.get("variant", names[-1]), str, "search.variant")
+    if vname not in names:
+        raise ConfigError(f"search.variant: {unknown_name_message('variant', vname, names)}")
+    trials = _expect(raw.get("trials", 20), int, "search.trials")
+    space = raw.get("space")
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("search.space: expected a non-empty mapping of SECTION.KEY to {low, high} or {choices}")
+    base = next(v for v in variants if v.name == vname).config.to_dict()
+    base.pop("task"), base.pop("seed")
+    for lv in leaves:
+        base = apply_set(base, lv, "search")
+    for path, dist in space.items():
+        dw = f"search.space.{path}"
+        _check_mapping(dist, DIST_KEYS, dw)
+        if "choices" in dist:
+            ends = _expect(dist["choices"], list, f"{dw}.choices")
+            if not ends or set(dist) - {"choices"}:
+                raise ConfigError(f"{dw}: give either a non-empty 'choices' list or 'low' and 'high'")
+        else:
+            if "low" not in dist or "high" not in dist:
+                raise ConfigError(f"{dw}: needs 'low' and 'high' (or 'choices')")
+            ends = [_expect(dist["low"], float, f"{dw}.low"), _expect(dist["high"], float, f"{dw}.high")]
+            if not ends[0] < ends[1] or (dist.get("log") and ends[0] <= 0):
+                raise ConfigError(f"{dw}: need low < high (and low > 0 with log: true), got {ends}")
+            if all(isinstance(dist[k], int) for k in ("low", "high")):
+                ends = [dist["low"], dist["high"]]
+        for end in ends:
+            build_config(task, apply_set(base, {str(path): end}, "search.space"), "search.space")
+    return {"variant": vname, "trials": trials, "space": space}

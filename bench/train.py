@@ -126,8 +126,12 @@ def write_history(path: Any, history: list[dict[str, float]]) -> None:
 
 
 def fit(run_dir: Any, cfg: Config, task: Task, data: Data, device: torch.device, key: str,
-        meta: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+        meta: dict[str, Any] | None = None, progress: bool = True,
+        on_epoch: Callable[[int, float], None] | None = None, test: bool = True) -> dict[str, Any]:
     """Train (or resume) one run in ``run_dir``; returns the final result dict.
+
+    ``on_epoch(epoch, val_metric)`` is called after each epoch (a tuner prunes by raising
+    from it); ``test=False`` never touches the test split (``result["test"]`` is empty).
 
     Files: config.json (resolved config + data info + key), metrics.csv (one row per
     epoch), last.pt (resume state, removed when done), best.pt (state_dict + config),
@@ -197,6 +201,8 @@ def fit(run_dir: Any, cfg: Config, task: Task, data: Data, device: torch.device,
         })
         bar.update(1)
         bar.set_postfix(val=f"{val[task.metric]:.4f}", best=f"{state['best_metric']:.4f}")
+        if on_epoch is not None:
+            on_epoch(state["epoch"], val[task.metric])
         if cfg.train.patience is not None and state["bad_epochs"] >= cfg.train.patience:
             stopped_early = True
     bar.close()
@@ -205,12 +211,12 @@ def fit(run_dir: Any, cfg: Config, task: Task, data: Data, device: torch.device,
     bio.torch_save(run_dir / "best.pt", {"state_dict": model.state_dict(), "config": cfg_dict,
                                          "data_info": data.info, "key": key, "epoch": state["best_epoch"]})
     t0 = time.perf_counter()
-    test = task.evaluate(model, data.test, cfg, loss_fn, final=True)
+    test_metrics = task.evaluate(model, data.test, cfg, loss_fn, final=True) if test else {}
     test_time = time.perf_counter() - t0
     plot_run_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.metric_label)
     return {
         "key": key, **(meta or {}),
-        "test": test,
+        "test": test_metrics,
         "val_best": state["best_metric"], "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
         "stopped_early": state["epoch"] < cfg.train.epochs,
         "train_time_s": state["train_time"], "test_time_s": test_time,

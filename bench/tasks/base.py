@@ -66,8 +66,9 @@ class Task:
     def load(self, cfg: Config, device: torch.device) -> Data:
         raise NotImplementedError
 
-    def model_kwargs(self, data: Data) -> dict[str, Any]:
-        """Arguments the task supplies to every model factory (in_channels, num_classes)."""
+    def model_kwargs(self, data: Data | dict[str, Any]) -> dict[str, Any]:
+        """Arguments the task supplies to every model factory (in_channels, num_classes),
+        from the loaded data or from its ``info`` dict saved with a checkpoint."""
         raise NotImplementedError
 
     def augment(self, x: Tensor, y: Tensor, cfg: Config, gen: torch.Generator) -> tuple[Tensor, Tensor]:

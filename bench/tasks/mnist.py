@@ -72,7 +72,7 @@ class MnistTask(Task):
             info=info,
         )
 
-    def model_kwargs(self, data: Data) -> dict[str, Any]:
+    def model_kwargs(self, data: Data | dict[str, Any]) -> dict[str, Any]:
         return {"in_channels": 1, "num_classes": 10}
 
     def augment(self, x: Tensor, y: Tensor, cfg: Config, gen: torch.Generator) -> tuple[Tensor, Tensor]:

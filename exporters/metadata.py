@@ -1,0 +1,185 @@
+"""The metadata an exported model carries, and the preprocessing it describes.
+
+Every value is a string in the ONNX model's ``metadata_props`` (what ONNX Runtime returns
+as ``session.get_modelmeta().custom_metadata_map``); lists and mappings are JSON.  The graph
+holds the network only: normalization, channel selection and resizing are done by the
+caller, exactly as :meth:`ModelMeta.normalize` does::
+
+    x[n, k, h, w] = (image[n, h, w, channels[k]] / pixel_divisor - mean[k]) / std[k]   # float32, NCHW
+
+where ``image`` is the file decoded in ``color_mode`` (PIL ``"L"`` or ``"RGB"``).
+
+This module needs numpy only (no torch), so ``bench.predict`` stays light.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = "1"
+
+# key -> what it holds (the README's metadata table is generated from the same text)
+KEYS: dict[str, str] = {
+    "bench_format": "version of this metadata layout (\"1\")",
+    "task": "`mnist` or `warwick`",
+    "kind": "`classification` or `segmentation`",
+    "input_name": "the graph's input (`input`)",
+    "input_shape": "JSON, e.g. `[\"batch\", 1, 28, 28]` or `[\"batch\", 2, \"height\", \"width\"]` (named axes are dynamic)",
+    "color_mode": "decode image files in this PIL mode first: `L` (greyscale) or `RGB`",
+    "channels": "JSON list: which channels of the decoded image feed the input channels, in order (WARWICK: `[0, 1]`, "
+                "its blue channel is empty)",
+    "pixel_divisor": "`255`: pixel values are divided by it before normalization",
+    "mean": "JSON list, one per input channel (of pixel values in [0, 1]; training images only)",
+    "std": "JSON list, one per input channel",
+    "normalization": "`outside-graph`: the caller normalizes; the graph starts at the first convolution",
+    "image_size": "JSON `[H, W]` of the training images",
+    "resize_policy": "`resize` (MNIST: pad to a square with the background, resize to `image_size`) or `tile` "
+                     "(WARWICK: any size runs as is; images larger than `tile_size` are cut into overlapping tiles)",
+    "resample": "PIL filter used by `resize` (`bilinear`)",
+    "invert": "`auto`: an image whose border is lighter than mid-grey is inverted (MNIST digits are light on dark); "
+              "`never` otherwise",
+    "tile_size": "JSON `[H, W]` of a tile (segmentation)",
+    "tile_overlap": "pixels shared by neighbouring tiles; their logits are averaged there (segmentation)",
+    "min_size": "smallest side the graph accepts (segmentation: `2**depth`; smaller images are edge-padded first)",
+    "output_name": "the graph's output (`logits`)",
+    "output_shape": "JSON, e.g. `[\"batch\", 10]` or `[\"batch\", 1, \"height\", \"width\"]`",
+    "activation": "`softmax` (class probabilities) or `sigmoid` (foreground probability per pixel)",
+    "classes": "JSON list of class names, index = logit position (classification)",
+    "threshold": "foreground when the sigmoid probability is above this (segmentation)",
+    "tta": "`false`: the graph is one forward pass (no test-time augmentation)",
+    "run_tta": "`true` when the source run's reported test metric averaged 8 flips/rotations",
+    "source_run": "the run folder, relative to the results folder (`runs/<spec>/<variant>/seed-<k>`)",
+    "config_hash": "the run's key: hash of its resolved config",
+    "variant": "the run's variant name",
+    "seed": "the run's seed",
+    "val_metric": "JSON `{name: value}`: the run's best validation metric (what chose it)",
+    "test_metric": "JSON `{name: value}`: the run's own test metric (PyTorch, with TTA when `run_tta`)",
+    "exporter": "torch version, exporter and opset that wrote the file",
+    "precision": "`fp32`, or `int8` for the statically quantized copy (`<task>.int8.onnx`)",
+}
+
+
+def _j(x: Any) -> str:
+    return json.dumps(x)
+
+
+def build_metadata(task: str, kind: str, data_info: dict[str, Any], config: dict[str, Any], result: dict[str, Any] | None,
+                   key: str, source_run: str, exporter: str, *, min_size: int = 1,
+                   classes: list[str] | None = None) -> dict[str, str]:
+    """The ``metadata_props`` of an exported run (all values strings).
+
+    ``data_info`` is the run's saved data statistics (channels, mean, std, input_size, ...),
+    ``config`` its resolved config dict, ``result`` its result.json (None if unfinished).
+    """
+    seg = kind == "segmentation"
+    channels = [int(c) for c in data_info["channels"]]
+    if seg:
+        size = data_info["input_size"]["train"] if isinstance(data_info["input_size"], dict) else data_info["input_size"]
+    else:
+        size = data_info["input_size"]
+    source_channels = int(data_info.get("source_channels", 1 if not seg else 3))
+    metric = "dice" if seg else "acc"
+    meta: dict[str, str] = {
+        "bench_format": FORMAT_VERSION,
+        "task": task,
+        "kind": kind,
+        "input_name": "input",
+        "input_shape": _j(["batch", len(channels), "height", "width"] if seg else ["batch", len(channels), *size]),
+        "color_mode": "L" if source_channels == 1 else "RGB",
+        "channels": _j(channels),
+        "pixel_divisor": "255",
+        "mean": _j([float(m) for m in data_info["mean"]]),
+        "std": _j([float(s) for s in data_info["std"]]),
+        "normalization": "outside-graph",
+        "image_size": _j([int(s) for s in size]),
+        "resize_policy": "tile" if seg else "resize",
+        "output_name": "logits",
+        "output_shape": _j(["batch", 1, "height", "width"] if seg else ["batch", len(classes or [])]),
+        "activation": "sigmoid" if seg else "softmax",
+        "tta": "false",
+        "run_tta": "true" if config.get("eval", {}).get("tta") else "false",
+        "source_run": source_run,
+        "config_hash": key,
+        "exporter": exporter,
+        "precision": "fp32",
+    }
+    if seg:
+        meta.update(tile_size=_j([int(s) for s in size]), tile_overlap=str(max(0, min(size) // 4)), min_size=str(min_size),
+                    threshold=repr(float(config.get("eval", {}).get("threshold", 0.5))), invert="never")
+    else:
+        meta.update(classes=_j(list(classes or [])), resample="bilinear", invert="auto")
+    if result is not None:
+        meta.update(variant=str(result.get("variant", "")), seed=str(result.get("seed", "")),
+                    val_metric=_j({metric: result.get("val_best")}),
+                    test_metric=_j({metric: result.get("test", {}).get(metric)}))
+    return meta
+
+
+@dataclass
+class ModelMeta:
+    """The parsed metadata of an exported model; see :data:`KEYS`."""
+
+    task: str
+    kind: str
+    input_name: str
+    output_name: str
+    color_mode: str
+    channels: list[int]
+    pixel_divisor: float
+    mean: np.ndarray  # (C,) float32
+    std: np.ndarray  # (C,) float32
+    image_size: tuple[int, int]
+    resize_policy: str
+    invert: str = "never"
+    classes: list[str] | None = None
+    threshold: float = 0.5
+    tile_size: tuple[int, int] | None = None
+    tile_overlap: int = 0
+    min_size: int = 1
+    raw: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], where: str = "model") -> ModelMeta:
+        """Parse ``metadata_props``; raises ValueError naming the missing or bad key."""
+        def get(k: str, default: str | None = None) -> str:
+            if k in props:
+                return props[k]
+            if default is None:
+                raise ValueError(f"{where}: metadata key {k!r} missing (not exported by `python -m exporters.onnx`?)")
+            return default
+
+        try:
+            tile = json.loads(get("tile_size", "null"))
+            classes = json.loads(get("classes", "null"))
+            return cls(
+                task=get("task"), kind=get("kind"), input_name=get("input_name"), output_name=get("output_name"),
+                color_mode=get("color_mode"), channels=[int(c) for c in json.loads(get("channels"))],
+                pixel_divisor=float(get("pixel_divisor")),
+                mean=np.asarray(json.loads(get("mean")), np.float32), std=np.asarray(json.loads(get("std")), np.float32),
+                image_size=tuple(json.loads(get("image_size"))), resize_policy=get("resize_policy"),
+                invert=get("invert", "never"), classes=classes, threshold=float(get("threshold", "0.5")),
+                tile_size=tuple(tile) if tile else None, tile_overlap=int(get("tile_overlap", "0")),
+                min_size=int(get("min_size", "1")), raw=dict(props),
+            )
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{where}: malformed metadata ({e})") from None
+
+    @classmethod
+    def from_onnx(cls, path: str | Path) -> ModelMeta:
+        """Read the metadata of an ONNX file (without loading its weights into a session)."""
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        return cls.from_props({p.key: p.value for p in model.metadata_props}, where=str(path))
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, C_src) or (N, H, W) uint8 decoded images -> (N, C, H, W) float32 network input."""
+        if images.ndim == 3:
+            images = images[..., None]
+        x = images[..., self.channels].astype(np.float32) / np.float32(self.pixel_divisor)
+        x = (x - self.mean) / self.std
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)

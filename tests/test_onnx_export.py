@@ -1,0 +1,175 @@
+"""ONNX export: graph checks, metadata, parity on the test set, `best` selection, latency CSV, INT8."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from bench.runner import run_spec
+from bench.spec import load_spec
+from exporters import benchmark as bm
+from exporters import onnx as ox
+from exporters.metadata import KEYS, ModelMeta
+from exporters.parity import TOLERANCE, ParityError
+from exporters.runtime import session
+from tests.helpers import TINY_MNIST_BASE, write_spec
+
+WARWICK_BASE = {
+    "model": {"name": "encdec", "batch_norm": True, "dropout": 0.0, "width": 4, "depth": 2},
+    "optim": {"name": "adam", "lr": 1.0e-2},
+    "loss": {"name": "bce"},
+    "train": {"epochs": 1, "batch_size": 4, "threads": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_root, make_warwick) -> dict[str, Path]:
+    """Finished runs: a tiny MNIST one on real data, a tiny WARWICK one on synthetic 32x32 data."""
+    tmp = tmp_path_factory.mktemp("onnx")
+    res = tmp / "results"
+    base = copy.deepcopy(TINY_MNIST_BASE)
+    base["train"]["epochs"] = 1
+    base["data"]["train_subset"] = 500
+    spec = write_spec(tmp / "tm.yaml", base=base, variants=[{"name": "a"}])
+    run_spec(load_spec(spec, overrides=[f"data.root={data_root}"]), res, progress=False)
+    wroot = make_warwick(tmp / "wdata" / "WARWICK", n_train=8, n_test=3).parent
+    spec = write_spec(tmp / "tw.yaml", task="warwick", base=WARWICK_BASE, variants=[{"name": "a"}])
+    run_spec(load_spec(spec, overrides=[f"data.root={wroot}"]), res, progress=False)
+    return {"results": res, "mnist": res / "runs/tm/a/seed-0", "warwick": res / "runs/tw/a/seed-0",
+            "mnist_data": data_root, "warwick_data": wroot}
+
+
+@pytest.fixture(scope="module")
+def mnist_export(runs, tmp_path_factory) -> ox.Exported:
+    return ox.export_run(runs["mnist"], tmp_path_factory.mktemp("out") / "onnx", str(runs["mnist_data"]), runs["results"])
+
+
+def test_mnist_export_checks_metadata_parity_and_dynamic_batch(runs, mnist_export):
+    ex = mnist_export
+    model = onnx.load(str(ex.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    props = {p.key: p.value for p in model.metadata_props}
+    result = json.loads((runs["mnist"] / "result.json").read_text())
+    assert props["task"] == "mnist" and props["source_run"] == "runs/tm/a/seed-0" and props["config_hash"] == result["key"]
+    assert json.loads(props["classes"]) == [str(i) for i in range(10)]
+    assert json.loads(props["input_shape"]) == ["batch", 1, 28, 28]
+    assert set(props) <= set(KEYS)
+    info = json.loads((runs["mnist"] / "config.json").read_text())["data_info"]
+    assert json.loads(props["mean"]) == pytest.approx(info["mean"]) and json.loads(props["std"]) == pytest.approx(info["std"])
+
+    par = ex.record["parity"]
+    assert par["passed"] and par["n"] == 10000 and par["agreement"] >= TOLERANCE["min_agreement"]
+    assert par["max_abs_logit_diff"] <= 1e-3 * max(1, par["logit_scale"])
+    # A user's own ORT code (metadata normalization on the raw test images) reproduces the run's test accuracy.
+    assert par["metric_ort"] == pytest.approx(result["test"]["acc"], abs=2e-4)
+    assert json.loads(ex.record_path.read_text())["sha256"] == ex.record["sha256"]
+    assert not list(ex.path.parent.glob(".*"))  # no temp files left
+
+    sess = session(ex.path)
+    for n in (1, 7):
+        x = ex.inputs[:n]
+        out = sess.run(None, {"input": x})[0]
+        with torch.inference_mode():
+            ref = ex.model(torch.from_numpy(x)).numpy()
+        assert out.shape == (n, 10) and np.abs(out - ref).max() < 1e-3
+
+
+def test_warwick_export_has_dynamic_height_and_width(runs, tmp_path):
+    ex = ox.export_run(runs["warwick"], tmp_path / "onnx", str(runs["warwick_data"]), runs["results"])
+    meta = ModelMeta.from_onnx(ex.path)
+    assert meta.kind == "segmentation" and meta.threshold == 0.5 and meta.resize_policy == "tile"
+    assert meta.channels == [0, 1] and meta.tile_size == (32, 32) and meta.min_size == 4
+    par = ex.record["parity"]
+    assert par["passed"] and par["n"] == 3 and abs(par["metric_diff"]) <= TOLERANCE["max_dice_diff"]
+    sess = session(ex.path)
+    rng = np.random.default_rng(0)
+    for shape in [(7, 2, 32, 32), (1, 2, 20, 27), (2, 2, 45, 33)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        out = sess.run(None, {"input": x})[0]
+        with torch.inference_mode():
+            ref = ex.model(torch.from_numpy(x)).numpy()
+        assert out.shape == (shape[0], 1, *shape[2:]) and np.abs(out - ref).max() < 1e-3 * max(1, np.abs(ref).max())
+
+
+def test_broken_export_fails_parity_and_leaves_no_file(runs, tmp_path, monkeypatch, capsys):
+    real = ox.export_graph
+
+    def broken(model, example, segmentation):  # perturb the first weight tensor of the exported graph
+        proto = real(model, example, segmentation)
+        init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+        w = onnx.numpy_helper.to_array(init).copy()
+        init.CopyFrom(onnx.numpy_helper.from_array(w + 0.5 * np.abs(w).max(), init.name))
+        return proto
+
+    monkeypatch.setattr(ox, "export_graph", broken)
+    out = tmp_path / "res" / "onnx"
+    code = ox.main([str(runs["mnist"]), "--out", str(out), "--data-root", str(runs["mnist_data"]), "--no-bench", "--no-summary"])
+    err = capsys.readouterr().err
+    assert code == 1 and "ONNX Runtime disagrees with PyTorch on the 10000 test images" in err and "no file written" in err
+    assert not out.exists()  # neither the file nor its temp file, nor the folder the export created
+    assert issubclass(ParityError, RuntimeError)
+
+
+def _fake_run(src: Path, dst: Path, val: float, test: float, params: int | None = None) -> None:
+    shutil.copytree(src, dst)
+    res = json.loads((dst / "result.json").read_text())
+    res.update(val_best=val, test={"acc": test}, **({"params": params} if params else {}))
+    (dst / "result.json").write_text(json.dumps(res))
+
+
+def test_best_is_chosen_by_validation_not_test(runs, tmp_path, capsys):
+    res = tmp_path / "results"
+    g = res / "runs" / "g"
+    _fake_run(runs["mnist"], g / "high-val" / "seed-0", val=0.95, test=0.50)
+    _fake_run(runs["mnist"], g / "high-test" / "seed-0", val=0.90, test=0.99)
+    _fake_run(runs["mnist"], g / "tie-bigger" / "seed-0", val=0.95, test=0.99, params=10**9)
+    _fake_run(runs["mnist"], g / "superseded" / "seed-0.superseded-abc", val=0.99, test=0.99)
+    _fake_run(runs["mnist"], g / "unfinished" / "seed-0", val=0.99, test=0.99)
+    (g / "unfinished" / "seed-0" / "result.json").unlink()
+    cands = ox.finished_runs(res)
+    assert len(cands) == 3 and ox.pick_best(cands, "warwick") is None
+    assert ox.pick_best(cands, "mnist").run_dir == g / "high-val" / "seed-0"
+
+    code = ox.main(["best", "--results", str(res), "--task", "mnist", "--data-root", str(runs["mnist_data"]), "--no-bench"])
+    assert code == 0
+    rec = json.loads((res / "onnx" / "mnist.json").read_text())
+    assert rec["source_run"] == "runs/g/high-val/seed-0" and rec["val_best"] == 0.95
+    assert "| mnist | ORT CPU fp32 |" in (res / "deployment.md").read_text()
+    assert "## Deployment (ONNX Runtime)" in (res / "summary.md").read_text()  # the summary embeds the table
+    assert ox.main(["best", "--results", str(res), "--task", "warwick"]) == 2
+    assert "no finished warwick runs" in capsys.readouterr().err
+
+
+def test_latency_csv_int8_and_deployment_table(mnist_export, tmp_path, monkeypatch):
+    monkeypatch.setitem(bm.LARGE_BATCH, "classification", 32)
+    entry = bm.add_int8(mnist_export)
+    assert entry is not None and (mnist_export.path.parent / entry["onnx"]).exists()
+    assert ModelMeta.from_onnx(mnist_export.path.parent / entry["onnx"]).raw["precision"] == "int8"
+    assert abs(entry["metric_change"]) < 0.3 and entry["agreement"] > 0.5  # a 1-epoch model: plumbing, not quality
+    rows = bm.benchmark_export(mnist_export, repeats=5)
+    csv_path = bm.update_latency_csv(tmp_path / "latency.csv", rows)
+    bm.update_latency_csv(csv_path, rows[:2])  # replaces those rows, keeps the others
+    with csv_path.open() as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == bm.CSV_COLUMNS and len(got) == 6  # (ORT fp32, ORT int8, PyTorch) x (batch 1, 32)
+    assert {(r["engine"], r["precision"], r["batch"]) for r in got} == {
+        (e, p, b) for e, p in [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("pytorch", "fp32")] for b in ("1", "32")}
+    for r in got:
+        assert 0 < float(r["p50_ms"]) <= float(r["p90_ms"]) <= float(r["p99_ms"]) and int(r["repeats"]) == 5
+        assert int(r["flops_per_image"]) > 0 and int(r["threads"]) >= 1 and r["metric"] == "acc"
+    md = bm.write_deployment_md(tmp_path, mnist_export.path.parent).read_text()
+    assert "| mnist | ORT CPU int8 |" in md and "| mnist | PyTorch eager CPU fp32 |" in md and "INT8 `mnist.int8.onnx`" in md
+
+
+def test_flops_of_a_known_network():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
+    assert bm.count_flops(net, torch.zeros(1, 1, 8, 8)) == 2 * (4 * 8 * 8 * 9 + 256 * 10)
