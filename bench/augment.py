@@ -14,7 +14,7 @@ on the batch's device, drawing every random number from the given ``torch.Genera
    sampled bilinearly and re-thresholded at 0.5 (smoother outlines than nearest).
    Outside the image: reflection for segmentation (tissue continues), border
    replication for classification (``y is None``: the constant background).
-3. ``intensity``: per-sample contrast and brightness jitter on the image only.
+3. ``intensity``: contrast and brightness jitter per sample and channel, on the image only.
 """
 from __future__ import annotations
 
@@ -112,10 +112,11 @@ def augment_batch(
                 y.dtype
             )
     if cfg.intensity:
-        n = x.shape[0]
-        contrast = _uniform(gen, n, 1 - cfg.intensity, 1 + cfg.intensity, x.device).view(n, 1, 1, 1)
-        # brightness in units of the data's std (the inputs are normalized)
-        brightness = _uniform(gen, n, -cfg.intensity, cfg.intensity, x.device).view(n, 1, 1, 1)
+        # Per sample and channel: stain strength varies per dye, so each channel gets its own
+        # contrast factor and brightness shift (in units of the data's std: inputs are normalized).
+        n, c = x.shape[:2]
+        contrast = _uniform(gen, n * c, 1 - cfg.intensity, 1 + cfg.intensity, x.device).view(n, c, 1, 1)
+        brightness = _uniform(gen, n * c, -cfg.intensity, cfg.intensity, x.device).view(n, c, 1, 1)
         mean = x.mean(dim=(2, 3), keepdim=True)
         x = (x - mean) * contrast + mean + brightness
     return x, y

@@ -39,6 +39,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--device")
     t.add_argument("--no-progress", action="store_true")
 
+    # Listed for --help only: bench/predict.py parses its own arguments.
+    sub.add_parser("predict", add_help=False,
+                   help="classify digits or segment glands in new images with an exported ONNX model "
+                        "(python -m bench predict MODEL.onnx PATH... [--out DIR])")
+
     s = sub.add_parser("summary", help="rebuild results/summary.md from the stored runs, without training")
     s.add_argument("--results", default="results")
     s.add_argument("--groups", nargs="+", help="only these spec groups (folder names under results/runs)")
@@ -96,6 +101,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:  # exit codes: 0 all done, 1 some image failed or none found, 2 usage error
+        from bench.predict import main as predict_main
+
+        return predict_main(argv[1:])
     args = _parse_args(argv)
     handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary}
     try:

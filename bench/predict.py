@@ -11,7 +11,7 @@ Everything about preprocessing comes from the model's metadata (see ``exporters/
   takes any height and width (``tile`` policy).  An image larger than ``tile_size`` is cut into
   tiles overlapping by ``tile_overlap`` pixels whose logits are averaged; a side shorter than
   ``min_size`` is edge-padded and cropped back.  Output per image: ``<stem>_mask.png`` (0/255)
-  and ``<stem>_overlay.png`` (the image with the predicted glands tinted and outlined), plus
+  and ``<stem>_overlay.png`` (the image dimmed outside the predicted glands, which are outlined), plus
   ``<out>/predictions.csv`` with ``file,mask,overlay,foreground_fraction``.
 
 PATH may be files or folders; a folder is searched recursively and every file in it is tried
@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-OVERLAY_COLOR = (0, 255, 0)  # tint of predicted glands
-OUTLINE_COLOR = (255, 0, 255)
+BACKGROUND_DIM = 0.45  # overlay: brightness kept outside the predicted glands
+OUTLINE_COLOR = (0, 255, 255)  # cyan: WARWICK images have no blue, so it stands out
 
 
 class ImageError(ValueError):
@@ -162,10 +162,10 @@ def segment_logits(sess: Any, meta: Any, x: np.ndarray, batch: int = 8) -> np.nd
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 image with ``mask`` (H, W) bool tinted and outlined."""
+    """(H, W, 3) uint8: ``rgb`` with everything outside ``mask`` (H, W) bool dimmed and the glands outlined."""
     out = rgb.astype(np.float32)
-    out[mask] = 0.6 * out[mask] + 0.4 * np.asarray(OVERLAY_COLOR, np.float32)
-    p = np.pad(mask, 1)
+    out[~mask] *= BACKGROUND_DIM
+    p = np.pad(mask, 1, mode="edge")  # the image border is no gland edge
     edge = mask & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
     out[edge] = OUTLINE_COLOR
     return out.round().clip(0, 255).astype(np.uint8)
@@ -175,7 +175,8 @@ def segment(sess: Any, meta: Any, img: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """(mask (H, W) bool, overlay (H, W, 3) uint8) of one decoded image (H, W[, C])."""
     x = meta.normalize(img[None])
     logits = segment_logits(sess, meta, x)
-    mask = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) > meta.threshold
+    with np.errstate(over="ignore"):  # exp of a very negative logit: inf -> probability 0, as it should be
+        mask = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) > meta.threshold
     rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
     return mask, overlay(rgb, mask)
 

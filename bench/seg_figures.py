@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-GT_COLOR = "lime"
-PRED_COLOR = "magenta"
+GT_COLOR = "white"  # the images are red/green only: white and blue stand out
+PRED_COLOR = "#1f3fff"
 
 
 def pick_best_median_worst(scores: np.ndarray, per_group: int = 1) -> list[tuple[str, int]]:
@@ -35,8 +35,8 @@ def draw_outlines(
     """Save a PNG of the best, median and worst images by Dice with both outlines.
 
     images: (N, H, W, 3) uint8 RGB (un-normalized); gt, pred: (N, H, W) bool masks;
-    names: N labels; dice: (N,) per-image Dice.  Ground truth is drawn in green, the
-    prediction in magenta.  Returns the written path.
+    names: N labels; dice: (N,) per-image Dice.  Ground truth is drawn in white, the
+    prediction in blue.  Returns the written path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -51,7 +51,7 @@ def draw_outlines(
                 ax.contour(mask.astype(np.float32), levels=[0.5], colors=color, linewidths=1.2)
         ax.set_title(f"{label}: {Path(names[i]).name}\nDice {dice[i]:.3f}", fontsize=9)
         ax.set_axis_off()
-    fig.suptitle("ground truth (green) vs prediction (magenta)", fontsize=10)
+    fig.suptitle("ground truth (white) vs prediction (blue)", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

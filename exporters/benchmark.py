@@ -21,10 +21,9 @@ is measured on the whole test set through ONNX Runtime like the float model's.
 """
 from __future__ import annotations
 
-import csv
-import io
-import math
+import logging
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -38,7 +37,7 @@ from torch import nn
 
 from bench import io as bio
 from exporters.parity import score
-from exporters.runtime import available_providers, make_readable, run_batched, session
+from exporters.runtime import PROVIDERS, available_providers, make_readable, run_batched, session
 
 if TYPE_CHECKING:
     from exporters.onnx import Exported
@@ -50,13 +49,6 @@ CHUNK = 10
 MAX_SECONDS = 60.0  # per (batch, provider): stop early once every engine has at least a tenth of its repeats
 CALIBRATION_IMAGES = {"classification": 512, "segmentation": 16}
 ALL_CORES = torch.get_num_threads()  # torch's default: the physical cores
-
-CSV_COLUMNS = [
-    "model", "source_run", "engine", "provider", "precision", "batch", "threads", "spinning", "warmup", "repeats",
-    "p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s", "speedup_vs_pytorch", "metric", "metric_value",
-    "params", "flops_per_image", "cpu", "load_avg_1m", "onnxruntime", "torch", "timestamp",
-]
-ROW_KEY = ("model", "engine", "provider", "precision", "batch")
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -149,10 +141,8 @@ def cpu_name() -> str:
 
 def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | None = None,
                      providers: list[str] | None = None) -> list[dict[str, Any]]:
-    """Latency rows (see :data:`CSV_COLUMNS`) of an export (and its INT8 file, if :func:`add_int8`
+    """Latency rows (see :data:`exporters.report.CSV_COLUMNS`) of an export (and its INT8 file, if :func:`add_int8`
     made one) beside PyTorch eager, at batch 1 and the large batch, on every available provider."""
-    import onnxruntime as ort
-
     kind = ex.meta.kind
     big = min(LARGE_BATCH[kind], len(ex.inputs))
     plan = [("small", 1, threads or 1), ("large", big, threads or ALL_CORES)]
@@ -166,42 +156,62 @@ def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | No
         files["int8"] = ex.path.parent / rec["int8"]["onnx"]
         metrics["onnxruntime", "int8"] = rec["int8"]["metric_ort"]
     provs = providers or [p for p in available_providers() if p == "cpu" or torch.cuda.is_available()]
-    name = rec["metadata"]["input_name"]
     rows = []
     for prov in provs:
-        for size, batch, th in plan:
-            x = np.ascontiguousarray(ex.inputs[:batch])
-            fns: dict[tuple[str, str], Callable[[], Any]] = {}
-            for prec, path in files.items():
-                if prov != "cpu" and prec == "int8":
-                    continue  # QDQ int8 targets the CPU kernels
-                sess = session(path, prov, th)
-                fns["onnxruntime", prec] = (lambda s=sess, feed={name: x}: s.run(None, feed))
-            with _threads(th):
-                fns["pytorch", "fp32"] = _torch_call(model, x, "cuda" if prov == "cuda" else "cpu")
-                load0 = os.getloadavg()[0]
-                times = time_calls({f"{e}/{p}": f for (e, p), f in fns.items()}, WARMUP[size], repeats or REPEATS[size])
-                load1 = os.getloadavg()[0]
-            if prov == "cuda":
-                model.cpu()
-            ref = float(np.percentile(times["pytorch/fp32"], 50))
-            for (engine, prec) in fns:
-                t = times[f"{engine}/{prec}"]
-                p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
-                rows.append({
-                    "model": ex.meta.task, "source_run": rec["source_run"], "engine": engine, "provider": prov,
-                    "precision": prec, "batch": batch, "threads": th,
-                    "spinning": "off" if engine == "onnxruntime" else "", "warmup": WARMUP[size], "repeats": len(t),
-                    "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(t.mean()),
-                    "images_per_s": batch / (p50 / 1e3), "speedup_vs_pytorch": ref / p50,
-                    "metric": rec["parity"]["metric"], "metric_value": metrics[engine, prec],
-                    "params": params, "flops_per_image": flops,
-                    "cpu": cpu_name() if prov == "cpu" else torch.cuda.get_device_name(0),
-                    "load_avg_1m": f"{load0:.2f}-{load1:.2f}", "onnxruntime": ort.__version__, "torch": torch.__version__,
-                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                })
+        try:
+            rows += _benchmark_provider(ex, model, prov, plan, files, metrics, repeats, flops, params)
+        except Exception as e:  # e.g. the CUDA provider cannot start: keep the CPU numbers
+            if prov == "cpu":
+                raise
+            print(f"warning: {prov} benchmark of {ex.path} skipped: {type(e).__name__}: {e}", file=sys.stderr)
+            model.cpu()
     rec.update(flops_per_image=flops, params=params)
     bio.write_json(ex.record_path, rec)
+    return rows
+
+
+def _benchmark_provider(ex: Exported, model: nn.Module, prov: str, plan: list[tuple[str, int, int]], files: dict[str, Path],
+                        metrics: dict[tuple[str, str], float], repeats: int | None, flops: int,
+                        params: int) -> list[dict[str, Any]]:
+    """The rows of one execution provider (see :func:`benchmark_export`)."""
+    import onnxruntime as ort
+
+    rec = ex.record
+    name = rec["metadata"]["input_name"]
+    rows = []
+    for size, batch, th in plan:
+        x = np.ascontiguousarray(ex.inputs[:batch])
+        fns: dict[tuple[str, str], Callable[[], Any]] = {}
+        for prec, path in files.items():
+            if prov != "cpu" and prec == "int8":
+                continue  # QDQ int8 targets the CPU kernels
+            sess = session(path, prov, th)
+            if sess.get_providers()[0] != PROVIDERS[prov]:
+                raise RuntimeError(f"onnxruntime fell back to {sess.get_providers()[0]}")
+            fns["onnxruntime", prec] = (lambda s=sess, feed={name: x}: s.run(None, feed))
+        with _threads(th):
+            fns["pytorch", "fp32"] = _torch_call(model, x, "cuda" if prov == "cuda" else "cpu")
+            load0 = os.getloadavg()[0]
+            times = time_calls({f"{e}/{p}": f for (e, p), f in fns.items()}, WARMUP[size], repeats or REPEATS[size])
+            load1 = os.getloadavg()[0]
+        if prov == "cuda":
+            model.cpu()
+        ref = float(np.percentile(times["pytorch/fp32"], 50))
+        for (engine, prec) in fns:
+            t = times[f"{engine}/{prec}"]
+            p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
+            rows.append({
+                "model": ex.meta.task, "source_run": rec["source_run"], "engine": engine, "provider": prov,
+                "precision": prec, "batch": batch, "threads": th,
+                "spinning": "off" if engine == "onnxruntime" else "", "warmup": WARMUP[size], "repeats": len(t),
+                "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(t.mean()),
+                "images_per_s": batch / (p50 / 1e3), "speedup_vs_pytorch": ref / p50,
+                "metric": rec["parity"]["metric"], "metric_value": metrics[engine, prec],
+                "params": params, "flops_per_image": flops,
+                "cpu": cpu_name() if prov == "cpu" else torch.cuda.get_device_name(0),
+                "load_avg_1m": f"{load0:.2f}-{load1:.2f}", "onnxruntime": ort.__version__, "torch": torch.__version__,
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
     return rows
 
 
@@ -210,127 +220,6 @@ def describe(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{r['engine']:<11} {r['provider']:<4} {r['precision']:<4} batch {r['batch']:>3} x{r['threads']} threads: "
             f"p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, {r['images_per_s']:.0f} images/s, "
             f"{r['speedup_vs_pytorch']:.2f}x PyTorch" for r in rows]
-
-
-# --------------------------------------------------------------------------- files
-
-
-def read_latency_csv(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def update_latency_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """Write ``rows`` into the CSV, replacing earlier rows of the same (model, engine, provider,
-    precision, batch); other rows are kept."""
-    new = {tuple(str(r[k]) for k in ROW_KEY) for r in rows}
-    old = [r for r in read_latency_csv(path) if tuple(str(r.get(k, "")) for k in ROW_KEY) not in new]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for r in old + rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    bio.write_text(path, buf.getvalue())
-    return Path(path)
-
-
-def _num(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _fmt_si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f}"
-
-
-def write_deployment_md(results_dir: str | Path, onnx_dir: str | Path | None = None) -> Path:
-    """``<results>/deployment.md``: the deployment table (embedded by ``bench summary``), from the
-    export records ``<onnx_dir>/*.json`` and ``<results>/latency.csv``."""
-    results_dir = Path(results_dir)
-    onnx_dir = Path(onnx_dir) if onnx_dir else results_dir / "onnx"
-    rows = read_latency_csv(results_dir / "latency.csv")
-    recs = [bio.read_json(p) for p in sorted(onnx_dir.glob("*.json"))]
-    recs = [r for r in recs if isinstance(r, dict) and "parity" in r]
-    try:
-        rel = onnx_dir.resolve().relative_to(results_dir.resolve()).as_posix()
-    except ValueError:
-        rel = str(onnx_dir)
-    out = ["## Deployment (ONNX Runtime)", "",
-           f"Exported with `python -m exporters.onnx best` to `{rel}/` (the best run of each task by validation metric). "
-           "Metrics are on the whole test set, computed through the engine named. Latency: p50 / p99 per call, "
-           "PyTorch eager and ONNX Runtime interleaved on the same inputs and thread count; images/s = batch / p50; "
-           "×PyTorch = PyTorch p50 / engine p50 at that batch (> 1: faster). FLOPs = 2 × multiply-accumulates of the "
-           "convolutions and linear layers per image.", ""]
-    table = ["| model | engine | params | FLOPs / image | test metric | batch 1: p50 / p99 (ms) | ×PyTorch (batch 1) "
-             "| large batch: images/s | ×PyTorch (large) |", "|---|---|---:|---:|---|---:|---:|---:|---:|"]
-    notes: list[str] = []
-    machines: set[tuple[str, str, str]] = set()
-    for rec in recs:
-        task, par = rec["task"], rec["parity"]
-        mine = [r for r in rows if r["model"] == task]
-        engines = sorted({(r["engine"], r["provider"], r["precision"]) for r in mine},
-                         key=lambda e: (e[1], e[0] != "onnxruntime", e[2]))
-        if not engines:
-            engines = [("onnxruntime", "cpu", "fp32")]
-        for eng in engines:
-            at = {int(r["batch"]): r for r in mine if (r["engine"], r["provider"], r["precision"]) == eng}
-            small, large = at.get(1), at.get(max(at)) if at and max(at) > 1 else None
-            if eng == ("onnxruntime", "cpu", "fp32"):
-                metric = par["metric_ort"]
-            elif eng == ("pytorch", "cpu", "fp32"):
-                metric = par["metric_torch"]
-            elif eng[2] == "int8" and rec.get("int8"):
-                metric = rec["int8"]["metric_ort"]
-            else:
-                metric = _num((small or large or {}).get("metric_value"))
-            label = ("ORT" if eng[0] == "onnxruntime" else "PyTorch eager") + f" {eng[1].upper()} {eng[2]}"
-            table.append(
-                f"| {task} | {label} | {int(rec.get('params', 0)):,} | {_fmt_si(_num(rec.get('flops_per_image')))} | "
-                f"{par['metric']} {metric:.4f} | "
-                + (f"{_num(small['p50_ms']):.3f} / {_num(small['p99_ms']):.3f} | {_num(small['speedup_vs_pytorch']):.2f}× | "
-                   if small else "– | – | ")
-                + (f"{_num(large['images_per_s']):,.0f} (batch {large['batch']}) | {_num(large['speedup_vs_pytorch']):.2f}× |"
-                   if large else "– | – |"))
-            machines.update((r["cpu"], r["onnxruntime"], r["torch"]) for r in at.values())
-        agree = (f"identical predictions {100 * par['agreement']:.2f} %" if "agreement" in par
-                 else f"pixel agreement {100 * par['pixel_agreement']:.3f} %")
-        run_metric = (rec.get("run_test") or {}).get(par["metric"])
-        notes.append(f"- **{task}** `{rec['onnx']}` from `{rec['source_run']}` (config {rec['config_hash']}, val "
-                     f"{rec['val_best']:.4f}): parity on {par['n']} test images max |Δlogit| {par['max_abs_logit_diff']:.1e}, "
-                     f"{agree}; {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch {par['metric_torch']:.4f}"
-                     + (f" (the run's reported test {par['metric']} {run_metric:.4f}"
-                        + (" used 8-fold TTA; the export is one forward pass)" if rec.get("run_tta") else ")")
-                        if run_metric is not None else ""))
-        if rec.get("int8"):
-            q = rec["int8"]
-            ort_cpu = [r for r in mine if r["engine"] == "onnxruntime" and r["provider"] == "cpu"]
-            sp = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "fp32"}
-            s8 = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "int8"}
-            speed = ", ".join(f"{sp[b] / s8[b]:.2f}× at batch {b}" for b in sorted(s8) if b in sp)
-            notes.append(f"  - INT8 `{q['onnx']}`: {par['metric']} {q['metric_ort']:.4f} ({q['metric_change']:+.4f} vs fp32 "
-                         f"ORT), {q['agreement_label']} {100 * q['agreement']:.2f} % with fp32; speed-up over fp32 ORT: "
-                         f"{speed or 'not benchmarked'}")
-    out += table + ["", *notes, ""]
-    timed = [r for r in rows if r["model"] in {rec["task"] for rec in recs}]
-    if timed:
-        loads = [_num(x) for r in timed for x in str(r["load_avg_1m"]).split("-")]
-        threads = sorted({(int(r["batch"]), int(r["threads"])) for r in timed})
-        out += ["Measured on " + "; ".join(f"{c} with onnxruntime {o}, torch {t}" for c, o, t in sorted(machines))
-                + "; threads (both engines): " + ", ".join(f"{t} at batch {b}" for b, t in threads)
-                + f"; 1-minute load average during the timings {min(loads):.2f}–{max(loads):.2f} "
-                f"(on {os.cpu_count()} logical CPUs; other jobs add noise); {min(r['timestamp'] for r in timed)[:16]} to "
-                f"{max(r['timestamp'] for r in timed)[:16]}. Raw numbers: `latency.csv`.", ""]
-    path = results_dir / "deployment.md"
-    bio.write_text(path, "\n".join(out))
-    return path
 
 
 # --------------------------------------------------------------------------- INT8
@@ -360,8 +249,6 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
                 q.quant_pre_process(str(fp32_path), str(src), skip_symbolic_shape=True)
             except Exception:
                 src = Path(fp32_path)
-            import logging
-
             level = logging.getLogger().level
             logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs its pre-processing advice as warnings
             try:
@@ -383,8 +270,6 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
 def add_int8(ex: Exported) -> dict[str, Any] | None:
     """Quantize ``ex`` to ``<task>.int8.onnx`` and score it on the test set through ORT; records the
     result under ``int8`` in the export's JSON.  Returns that entry (None, with a warning, on failure)."""
-    import sys
-
     from exporters.parity import load_images
 
     kind = ex.meta.kind

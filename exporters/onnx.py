@@ -50,17 +50,21 @@ class ExportError(RuntimeError):
 
 
 class PadAndCrop(nn.Module):
-    """Export form of a segmentation net: reflect-pad H, W up to a multiple of ``net.multiple``,
-    run ``net.body`` and crop back.  Unlike the net's own ``forward`` it pads unconditionally
-    (by 0 when nothing is needed), so the graph has no shape-dependent branch and keeps H, W
-    dynamic.  (N, C, H, W) -> (N, K, H, W); needs H, W >= ``net.multiple``."""
+    """Export form of a segmentation net (``bench.models.segmentation``): its optional
+    ``input_norm``, then reflect-pad H, W up to a multiple of ``net.multiple``, ``net.body`` and
+    crop back, as the net's own ``forward`` does, except that it pads unconditionally (by 0 when
+    nothing is needed): the graph has no shape-dependent branch and keeps H, W dynamic.
+    (N, C, H, W) -> (N, K, H, W); needs H, W >= ``net.multiple`` (the net's own forward
+    switches to replicate padding below that).  Parity against the net's forward guards it."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
         self.multiple = int(net.multiple)
+        self.input_norm = getattr(net, "input_norm", None) or nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.input_norm(x)
         h, w = x.shape[-2], x.shape[-1]
         k = self.multiple
         ph, pw = (k - h % k) % k, (k - w % k) % k
@@ -203,6 +207,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
         parity, inputs = verify(tmp, lr.model, meta, test)
         parity["seconds"] = time.perf_counter() - t0
         os.replace(tmp, path)
+        path.with_name(path.stem + ".int8.onnx").unlink(missing_ok=True)  # quantized from the previous export
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         if made_dir and not any(out_dir.iterdir()):
@@ -233,11 +238,13 @@ def _parity_line(rec: dict[str, Any]) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from bench.tasks import TASKS
+
     p = argparse.ArgumentParser(prog="python -m exporters.onnx", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="`best` (the best finished run of each task) or a run folder")
     p.add_argument("--results", help="results folder (default: results; for a RUN_DIR the folder holding its runs/)")
-    p.add_argument("--task", choices=["mnist", "warwick"], help="with `best`: only this task")
+    p.add_argument("--task", choices=sorted(TASKS), help="with `best`: only this task")
     p.add_argument("--groups", nargs="+", help="with `best`: only runs of these spec groups (folders under runs/)")
     p.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the run's own data root, else ./data)")
     p.add_argument("--out", help="output folder (default: <results>/onnx)")
@@ -301,16 +308,17 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
     from exporters import benchmark as bm
+    from exporters import report
 
     for ex in done:
         if args.int8:
             bm.add_int8(ex)
         if not args.no_bench:
             rows = bm.benchmark_export(ex, threads=args.threads, repeats=args.repeats)
-            bm.update_latency_csv(results / "latency.csv", rows)
+            report.update_latency_csv(results / "latency.csv", rows)
             for line in bm.describe(rows):
                 print(f"{ex.meta.task}: {line}", file=sys.stderr)
-    md = bm.write_deployment_md(results, out_dir)
+    md = report.write_deployment_md(results, out_dir)
     print(f"wrote {md}", file=sys.stderr)
     if not args.no_summary and (results / "runs").is_dir():
         try:

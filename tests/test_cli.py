@@ -51,7 +51,7 @@ def test_run_then_summary_end_to_end(data_root, tmp_path, capsys):
     assert "## e2e (mnist" in text and "optim.lr=0.001" in text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["tune", "--help"], ["predict", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -12,10 +13,12 @@ import onnx
 import pytest
 import torch
 
+from bench.models import MODELS
 from bench.runner import run_spec
 from bench.spec import load_spec
 from exporters import benchmark as bm
 from exporters import onnx as ox
+from exporters import report
 from exporters.metadata import KEYS, ModelMeta
 from exporters.parity import TOLERANCE, ParityError
 from exporters.runtime import session
@@ -27,6 +30,8 @@ WARWICK_BASE = {
     "loss": {"name": "bce"},
     "train": {"epochs": 1, "batch_size": 4, "threads": 2},
 }
+if "input_norm" in inspect.signature(MODELS["encdec"]).parameters:  # per-image standardization inside the graph
+    WARWICK_BASE["model"]["input_norm"] = True
 
 
 @pytest.fixture(scope="module")
@@ -156,17 +161,21 @@ def test_latency_csv_int8_and_deployment_table(mnist_export, tmp_path, monkeypat
     assert ModelMeta.from_onnx(mnist_export.path.parent / entry["onnx"]).raw["precision"] == "int8"
     assert abs(entry["metric_change"]) < 0.3 and entry["agreement"] > 0.5  # a 1-epoch model: plumbing, not quality
     rows = bm.benchmark_export(mnist_export, repeats=5)
-    csv_path = bm.update_latency_csv(tmp_path / "latency.csv", rows)
-    bm.update_latency_csv(csv_path, rows[:2])  # replaces those rows, keeps the others
+    other = [dict(r, model="other") for r in rows]
+    csv_path = report.update_latency_csv(tmp_path / "latency.csv", rows + other)
+    report.update_latency_csv(csv_path, [r for r in rows if r["precision"] == "fp32"])  # int8 rows are now stale
+    assert sorted(r["precision"] for r in report.read_latency_csv(csv_path) if r["model"] == "mnist") == ["fp32"] * 4
+    report.update_latency_csv(csv_path, rows)  # replaces every mnist row, keeps the other model's
     with csv_path.open() as f:
         got = list(csv.DictReader(f))
-    assert list(got[0]) == bm.CSV_COLUMNS and len(got) == 6  # (ORT fp32, ORT int8, PyTorch) x (batch 1, 32)
+    assert list(got[0]) == report.CSV_COLUMNS and len(got) == 12 and sum(r["model"] == "other" for r in got) == 6
+    got = [r for r in got if r["model"] == "mnist"]  # (ORT fp32, ORT int8, PyTorch) x (batch 1, 32)
     assert {(r["engine"], r["precision"], r["batch"]) for r in got} == {
         (e, p, b) for e, p in [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("pytorch", "fp32")] for b in ("1", "32")}
     for r in got:
         assert 0 < float(r["p50_ms"]) <= float(r["p90_ms"]) <= float(r["p99_ms"]) and int(r["repeats"]) == 5
         assert int(r["flops_per_image"]) > 0 and int(r["threads"]) >= 1 and r["metric"] == "acc"
-    md = bm.write_deployment_md(tmp_path, mnist_export.path.parent).read_text()
+    md = report.write_deployment_md(tmp_path, mnist_export.path.parent).read_text()
     assert "| mnist | ORT CPU int8 |" in md and "| mnist | PyTorch eager CPU fp32 |" in md and "INT8 `mnist.int8.onnx`" in md
 
 

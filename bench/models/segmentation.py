@@ -46,11 +46,14 @@ def _init(model: nn.Module) -> None:
 
 
 class _PadToMultiple(nn.Module):
-    """Base: reflect-pad the input to a multiple of ``self.multiple``, crop the output back."""
+    """Base: optional per-image input standardization; reflect-pad the input to a multiple of
+    ``self.multiple`` and crop the output back."""
 
     multiple: int = 1
+    input_norm: nn.Module = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.input_norm(x)
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
         if ph or pw:
@@ -72,9 +75,12 @@ class EncDec(_PadToMultiple):
     gives the logits.  With ``batch_norm`` a BatchNorm2d follows every conv and deconv.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, batch_norm: bool, dropout: float, width: int, depth: int):
+    def __init__(self, in_channels: int, num_classes: int, batch_norm: bool, dropout: float, width: int, depth: int,
+                 input_norm: bool = False):
         super().__init__()
         self.multiple = 2**depth
+        if input_norm:  # each image and channel to mean 0, std 1: removes stain-intensity shifts
+            self.input_norm = nn.InstanceNorm2d(in_channels)
         enc: list[nn.Module] = _conv(in_channels, width, batch_norm)
         c = width
         for _ in range(depth):
@@ -102,9 +108,12 @@ class UNet(_PadToMultiple):
     Dropout is applied at the bottleneck only.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, batch_norm: bool, dropout: float, width: int, depth: int):
+    def __init__(self, in_channels: int, num_classes: int, batch_norm: bool, dropout: float, width: int, depth: int,
+                 input_norm: bool = False):
         super().__init__()
         self.multiple = 2**depth
+        if input_norm:  # each image and channel to mean 0, std 1: removes stain-intensity shifts
+            self.input_norm = nn.InstanceNorm2d(in_channels)
         chans = [width * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList()
         cin = in_channels
@@ -142,9 +151,14 @@ def encdec(
     dropout: float = 0.25,
     width: int = 16,
     depth: int = 3,
+    input_norm: bool = False,
 ) -> nn.Module:
-    """The report's conv/deconv encoder-decoder (no skips); any H, W (padded to a multiple of 2**depth)."""
-    return EncDec(in_channels, num_classes, batch_norm, dropout, width, depth)
+    """The report's conv/deconv encoder-decoder (no skips); any H, W (padded to a multiple of 2**depth).
+
+    ``width``: channels at full resolution (doubled per level); ``depth``: number of stride-2
+    stages; ``input_norm``: standardize each input image per channel first.
+    """
+    return EncDec(in_channels, num_classes, batch_norm, dropout, width, depth, input_norm)
 
 
 @MODELS.register()
@@ -156,6 +170,10 @@ def unet(
     dropout: float = 0.25,
     width: int = 16,
     depth: int = 3,
+    input_norm: bool = False,
 ) -> nn.Module:
-    """U-Net with ``depth`` poolings and base width ``width``; any H, W (padded to a multiple of 2**depth)."""
-    return UNet(in_channels, num_classes, batch_norm, dropout, width, depth)
+    """U-Net with ``depth`` poolings and base width ``width``; any H, W (padded to a multiple of 2**depth).
+
+    ``input_norm``: standardize each input image per channel first (robust to stain shifts).
+    """
+    return UNet(in_channels, num_classes, batch_norm, dropout, width, depth, input_norm)

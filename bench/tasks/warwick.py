@@ -313,7 +313,7 @@ class WarwickTask(Task):
         dice = dice_per_image(pred, gt).numpy()
         png = out_prefix.with_name(out_prefix.name + "-outlines.png")
         draw_outlines(display_images(data.test.x, data.info), gt.numpy(), pred.numpy(), data.test.names, dice, png)
-        caption = (f"Test images of the best run ({run_dir.parent.name}, {run_dir.name}): ground-truth (green) and "
-                   f"predicted (magenta) gland outlines for the best, median and worst pixel Dice "
+        caption = (f"Test images of the best run ({run_dir.parent.name}, {run_dir.name}): ground-truth (white) and "
+                   f"predicted (blue) gland outlines for the best, median and worst pixel Dice "
                    f"(mean {dice.mean():.3f}{', with TTA' if cfg.eval.tta else ''}).")
         return [(caption, png)]

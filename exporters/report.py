@@ -1,0 +1,151 @@
+"""The benchmark's files: ``<results>/latency.csv`` (one row per model, engine, provider, precision
+and batch) and ``<results>/deployment.md``, the deployment table that ``bench summary`` embeds in
+``results/summary.md``."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from bench import io as bio
+
+CSV_COLUMNS = [
+    "model", "source_run", "engine", "provider", "precision", "batch", "threads", "spinning", "warmup", "repeats",
+    "p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s", "speedup_vs_pytorch", "metric", "metric_value",
+    "params", "flops_per_image", "cpu", "load_avg_1m", "onnxruntime", "torch", "timestamp",
+]
+ROW_KEY = ("model", "engine", "provider", "precision", "batch")
+
+
+def read_latency_csv(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def update_latency_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write ``rows`` into the CSV.  Earlier rows of the same (model, engine, provider, precision, batch)
+    are replaced, and so is every earlier row of a (model, provider) measured now whose source run
+    differs or whose precision was not measured now (an INT8 row of an older export is stale);
+    rows of other models and providers are kept."""
+    new = {tuple(str(r[k]) for k in ROW_KEY) for r in rows}
+    fresh = {(str(r["model"]), str(r["provider"])): (str(r["source_run"]), {str(x["precision"]) for x in rows
+             if (x["model"], x["provider"]) == (r["model"], r["provider"])}) for r in rows}
+
+    def stale(r: dict[str, Any]) -> bool:
+        if tuple(str(r.get(k, "")) for k in ROW_KEY) in new:
+            return True
+        f = fresh.get((str(r.get("model")), str(r.get("provider"))))
+        return f is not None and (str(r.get("source_run")) != f[0] or str(r.get("precision")) not in f[1])
+
+    old = [r for r in read_latency_csv(path) if not stale(r)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in old + rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    bio.write_text(path, buf.getvalue())
+    return Path(path)
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt_si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def write_deployment_md(results_dir: str | Path, onnx_dir: str | Path | None = None) -> Path:
+    """``<results>/deployment.md``: the deployment table (embedded by ``bench summary``), from the
+    export records ``<onnx_dir>/*.json`` and ``<results>/latency.csv``."""
+    results_dir = Path(results_dir)
+    onnx_dir = Path(onnx_dir) if onnx_dir else results_dir / "onnx"
+    rows = read_latency_csv(results_dir / "latency.csv")
+    recs = [bio.read_json(p) for p in sorted(onnx_dir.glob("*.json"))]
+    recs = [r for r in recs if isinstance(r, dict) and "parity" in r]
+    try:
+        rel = onnx_dir.resolve().relative_to(results_dir.resolve()).as_posix()
+    except ValueError:
+        rel = str(onnx_dir)
+    out = ["## Deployment (ONNX Runtime)", "",
+           f"Exported with `python -m exporters.onnx best` to `{rel}/` (the best run of each task by validation metric). "
+           "Metrics are on the whole test set, computed through the engine named. Latency: p50 / p99 per call, "
+           "PyTorch eager and ONNX Runtime interleaved on the same inputs and thread count; images/s = batch / p50; "
+           "×PyTorch = PyTorch p50 / engine p50 at that batch (> 1: faster). FLOPs = 2 × multiply-accumulates of the "
+           "convolutions and linear layers per image.", ""]
+    table = ["| model | engine | params | FLOPs / image | test metric | batch 1: p50 / p99 (ms) | ×PyTorch (batch 1) "
+             "| large batch: images/s | ×PyTorch (large) |", "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    notes: list[str] = []
+    timed: list[dict[str, Any]] = []
+    machines: set[tuple[str, str, str]] = set()
+    for rec in recs:
+        task, par = rec["task"], rec["parity"]
+        mine = [r for r in rows if r["model"] == task and r["source_run"] == rec["source_run"]
+                and (r["precision"] != "int8" or rec.get("int8"))]
+        timed += mine
+        engines = sorted({(r["engine"], r["provider"], r["precision"]) for r in mine},
+                         key=lambda e: (e[1], e[0] != "onnxruntime", e[2]))
+        if not engines:
+            engines = [("onnxruntime", "cpu", "fp32")]
+        for eng in engines:
+            at = {int(r["batch"]): r for r in mine if (r["engine"], r["provider"], r["precision"]) == eng}
+            small, large = at.get(1), at.get(max(at)) if at and max(at) > 1 else None
+            if eng == ("onnxruntime", "cpu", "fp32"):
+                metric = par["metric_ort"]
+            elif eng == ("pytorch", "cpu", "fp32"):
+                metric = par["metric_torch"]
+            elif eng[2] == "int8" and rec.get("int8"):
+                metric = rec["int8"]["metric_ort"]
+            else:
+                metric = _num((small or large or {}).get("metric_value"))
+            label = ("ORT" if eng[0] == "onnxruntime" else "PyTorch eager") + f" {eng[1].upper()} {eng[2]}"
+            table.append(
+                f"| {task} | {label} | {int(rec.get('params', 0)):,} | {_fmt_si(_num(rec.get('flops_per_image')))} | "
+                f"{par['metric']} {metric:.4f} | "
+                + (f"{_num(small['p50_ms']):.3f} / {_num(small['p99_ms']):.3f} | {_num(small['speedup_vs_pytorch']):.2f}× | "
+                   if small else "– | – | ")
+                + (f"{_num(large['images_per_s']):,.0f} (batch {large['batch']}) | {_num(large['speedup_vs_pytorch']):.2f}× |"
+                   if large else "– | – |"))
+            machines.update((r["cpu"], r["onnxruntime"], r["torch"]) for r in at.values())
+        agree = (f"identical predictions {100 * par['agreement']:.2f} %" if "agreement" in par
+                 else f"pixel agreement {100 * par['pixel_agreement']:.3f} %")
+        run_metric = (rec.get("run_test") or {}).get(par["metric"])
+        notes.append(f"- **{task}** `{rec['onnx']}` from `{rec['source_run']}` (config {rec['config_hash']}, val "
+                     f"{rec['val_best']:.4f}): parity on {par['n']} test images max |Δlogit| {par['max_abs_logit_diff']:.1e}, "
+                     f"{agree}; {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch {par['metric_torch']:.4f}"
+                     + (f" (the run's reported test {par['metric']} {run_metric:.4f}"
+                        + (" used 8-fold TTA; the export is one forward pass)" if rec.get("run_tta") else ")")
+                        if run_metric is not None else ""))
+        if rec.get("int8"):
+            q = rec["int8"]
+            ort_cpu = [r for r in mine if r["engine"] == "onnxruntime" and r["provider"] == "cpu"]
+            sp = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "fp32"}
+            s8 = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "int8"}
+            speed = ", ".join(f"{sp[b] / s8[b]:.2f}× at batch {b}" for b in sorted(s8) if b in sp)
+            notes.append(f"  - INT8 `{q['onnx']}`: {par['metric']} {q['metric_ort']:.4f} ({q['metric_change']:+.4f} vs fp32 "
+                         f"ORT), {q['agreement_label']} {100 * q['agreement']:.2f} % with fp32; speed-up over fp32 ORT: "
+                         f"{speed or 'not benchmarked'}")
+    out += table + ["", *notes, ""]
+    if timed:
+        loads = [_num(x) for r in timed for x in str(r["load_avg_1m"]).split("-")]
+        threads = sorted({(int(r["batch"]), int(r["threads"])) for r in timed})
+        out += ["Measured on " + "; ".join(f"{c} with onnxruntime {o}, torch {t}" for c, o, t in sorted(machines))
+                + "; threads (both engines): " + ", ".join(f"{t} at batch {b}" for b, t in threads)
+                + f"; 1-minute load average during the timings {min(loads):.2f}–{max(loads):.2f} "
+                f"(on {os.cpu_count()} logical CPUs; other jobs add noise); {min(r['timestamp'] for r in timed)[:16]} to "
+                f"{max(r['timestamp'] for r in timed)[:16]}. Raw numbers: `latency.csv`.", ""]
+    path = results_dir / "deployment.md"
+    bio.write_text(path, "\n".join(out))
+    return path
