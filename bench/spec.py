@@ -38,7 +38,7 @@ SPEC_KEYS = ["name", "description", "task", "seeds", "base", "variants", "profil
 SEARCH_KEYS = ["variant", "trials", "space"]
 DIST_KEYS = ["low", "high", "log", "step", "choices"]
 VARIANT_KEYS = ["name", "from", "set", "reported", "note"]
-PROFILE_KEYS = ["seeds", "set", "variants", "description"]
+PROFILE_KEYS = ["seeds", "set", "variants", "workers", "description"]
 CONFIG_SECTIONS = ["model", "optim", "sched", "loss", "train", "data", "augment", "eval"]
 
 # Factory parameters the harness supplies itself; a spec may not set them.
@@ -93,6 +93,7 @@ class Spec:
     variants: list[Variant]
     description: str = ""
     search: dict[str, Any] | None = None  # validated `search:` section (see bench/tune.py)
+    workers: int = 1  # runs trained at once (a profile's `workers:`; the CLI's --workers overrides)
 
     @property
     def group(self) -> str:
@@ -282,6 +283,7 @@ def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str],
         raise ConfigError("profiles: expected a mapping of profile names")
     profile_leaves: dict[str, Any] = {}
     only: list[str] | None = None  # a profile may run a subset of the variants
+    workers = 1
     if profile is not None:
         if profile not in profiles:
             raise ConfigError(f"--profile: {unknown_name_message('profile', profile, profiles)}" if profiles
@@ -297,6 +299,7 @@ def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str],
                 seeds = _expect(pdef["seeds"], list[int], f"{pw}.seeds")
             if "variants" in pdef:
                 only = _expect(pdef["variants"], list[str], f"{pw}.variants")
+            workers = _expect(pdef.get("workers", 1), int, f"{pw}.workers")
     cli_leaves = parse_overrides(overrides)
     if cli_leaves:
         build_config(task, apply_set(base, cli_leaves, "--set"), "--set")
@@ -354,7 +357,7 @@ def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str],
                 raise ConfigError(f"profiles.{profile}.variants: {unknown_name_message('variant', n, names)}")
         variants = [v for v in variants if v.name in only]
     return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
-                description=str(raw.get("description", "")), search=search)
+                description=str(raw.get("description", "")), search=search, workers=workers)
 
 
 def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any]) -> dict[str, Any] | None:
