@@ -185,16 +185,17 @@ def _box_distance(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def _directed(a: _Objects, i: int, b: _Objects, j: int) -> float:
     """max over pixels p of a_i of dist(p, b_j), by brute force against b_j's edge pixels."""
+    from scipy.spatial.distance import cdist
+
     pts = a.pixels[i]
     pts = pts[b.lab[pts[:, 0], pts[:, 1]] != j + 1]  # pixels inside b_j are at distance 0
     if len(pts) == 0:
         return 0.0
     e = b.edges[j].astype(np.float64)
-    best = np.full(len(pts), np.inf)
-    for k in range(0, len(e), 256):  # chunks bound the (P, 256) distance matrix
-        d2 = ((pts[:, None, :] - e[None, k : k + 256, :]) ** 2).sum(-1)
-        best = np.minimum(best, d2.min(1))
-    return float(np.sqrt(best.max()))
+    step = max(1, (1 << 22) // len(e))  # rows per chunk: bounds the distance matrix to ~32 MB
+    worst = max(cdist(pts[k : k + step].astype(np.float64), e, "sqeuclidean").min(1).max()
+                for k in range(0, len(pts), step))
+    return float(np.sqrt(worst))
 
 
 def _pair_hausdorff(a: _Objects, i: int, b: _Objects, j: int) -> float:
