@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from bench.summary import write_summary
 
-            print(f"wrote {write_summary(results, command='python -m bench summary')}", file=sys.stderr)
+            command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
+            print(f"wrote {write_summary(results, command=command)}", file=sys.stderr)
         except Exception as e:  # the deployment table is written; a summary problem is not an export failure
             print(f"warning: could not rebuild {results / 'summary.md'}: {type(e).__name__}: {e}", file=sys.stderr)
     return status
