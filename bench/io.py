@@ -47,11 +47,12 @@ def torch_save(path: str | Path, obj: Any) -> None:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """The checkout's commit, with ``-dirty`` when tracked files differ; ``unknown`` outside git."""
+    """The checkout's commit, with ``-dirty`` when tracked files other than results/ differ
+    (the published results are rewritten by the runs themselves); ``unknown`` outside git."""
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)results"], cwd=cwd,
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
