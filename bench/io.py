@@ -52,7 +52,8 @@ def git_commit(cwd: str | Path | None = None) -> str:
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)results"], cwd=cwd,
+        code_only = ["--", ":/", ":(exclude,top)results"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *code_only], cwd=cwd,
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
