@@ -48,7 +48,9 @@ def torch_save(path: str | Path, obj: Any) -> None:
 
 def git_commit(cwd: str | Path | None = None) -> str:
     """The checkout's commit, with ``-dirty`` when tracked files other than results/ differ
-    (the published results are rewritten by the runs themselves); ``unknown`` outside git."""
+    (the published results are rewritten by the runs themselves).  Outside git (code copied to a
+    remote GPU machine without its .git) it is ``$BENCH_COMMIT`` as the caller states it, with
+    ``(stated)`` appended so no one mistakes it for a checked commit, else ``unknown``."""
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
@@ -57,4 +59,5 @@ def git_commit(cwd: str | Path | None = None) -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        stated = os.environ.get("BENCH_COMMIT", "").strip()
+        return f"{stated} (stated)" if stated else "unknown"

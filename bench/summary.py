@@ -4,6 +4,11 @@ Per spec group: one row per variant with the test metric's mean +- std over seed
 t-interval, the change against the rung it builds on with a paired t-test over the seeds
 they share, the report's number, epochs, time and parameters; then a learning-curve
 figure.  The best variant is picked by mean *validation* metric, never by test.
+
+Run folders are not committed, so one results folder rarely holds every spec's runs (the
+MNIST table may come from a CPU, the WARWICK one from a GPU session).  A rebuild therefore
+rewrites the sections of the groups whose runs are here and keeps, verbatim, the sections of
+other groups already in ``summary.md``; delete a section by hand to drop it.
 """
 from __future__ import annotations
 
@@ -97,7 +102,8 @@ def group_table(meta: dict[str, Any], results: dict[str, list[dict[str, Any]]]) 
                     d = 2 if key in task.lower_is_better else 3  # distances in pixels, scores in [0, 1]
                     row[key] = f"{mk:.{d}f} ± {_fmt(sk, 1, d)}"
             row["val (mean)"] = _fmt(val_means[v["name"]], scale, digits)
-        row["reported"] = _fmt(v["reported"], scale, 1) if v.get("reported") is not None else ""
+        # the report's number exactly as written in the spec (0.66 stays 0.66, 0.982 -> 98.2 %)
+        row["reported"] = f"{v['reported'] * scale:.6g}" if v.get("reported") is not None else ""
         if rs:
             ran, best_ep = (sum(r[k] for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
             row["epochs (best)"] = f"{ran:.1f} ({best_ep:.1f})"
@@ -118,23 +124,18 @@ def provenance(results: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
 
 
 def _short_commit(commit: str) -> str:
-    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "") + (" (stated)" if commit.endswith("(stated)") else "")
 
 
 def write_summary(results_dir: str | Path = "results", command: str | None = None, groups: list[str] | None = None) -> Path:
-    """Rebuild ``results_dir/summary.md`` (and its figures) from ``results_dir/runs``."""
-    from bench.plots import plot_spec_curves
-    from bench.tasks import TASKS
-
+    """Rebuild ``results_dir/summary.md`` (and its figures) from ``results_dir/runs``; sections of
+    groups with no runs here are kept from the existing file."""
     results_dir = Path(results_dir)
     runs_dir = results_dir / "runs"
     fig_dir = results_dir / "figures"
     command = command or "python -m " + " ".join(["bench", *sys.argv[1:]])
-    out = [
+    header = [
         "# Results",
-        "",
-        f"- generated: {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}`",
-        f"- code commit (generator): {bio.git_commit()}",
         "",
         "Every number below is read from the stored runs of that spec. Mean ± sample std over the seeds shown; "
         "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
@@ -142,45 +143,77 @@ def write_summary(results_dir: str | Path = "results", command: str | None = Non
         "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing.",
         "",
     ]
+    sections = read_sections(results_dir / "summary.md")  # kept for groups whose runs are not here
     group_dirs = sorted(p.parent for p in runs_dir.glob("*/spec.json")) if runs_dir.exists() else []
     if groups:
         group_dirs = [g for g in group_dirs if g.name in groups]
+    stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}` at code commit {bio.git_commit()}"
     for gdir in group_dirs:
         meta, results = load_group(gdir)
-        if not any(results.values()):
-            continue
-        task = TASKS[meta["task"]]
-        table, best = group_table(meta, results)
-        prov = provenance(results)
-        out += [
-            f"## {meta['group']} ({meta['task']}, spec `{meta['path']}`, profile `{meta['profile'] or 'full'}`)",
-            "",
-            f"- command: `python -m bench run {meta['path']}" + (f" --profile {meta['profile']}`" if meta["profile"] else "`"),
-            f"- machine: {prov['devices']}; torch {prov['torch']}",
-            f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
-            "",
-        ]
-        if meta.get("description"):
-            out += [meta["description"], ""]
-        out += [table.to_markdown(index=False, disable_numparse=True), ""]
-        curves = {}
-        for v in meta["variants"]:
-            frames = [pd.read_csv(Path(r["_dir"]) / "metrics.csv") for r in results[v["name"]]
-                      if (Path(r["_dir"]) / "metrics.csv").exists()]
-            if frames:
-                curves[v["name"]] = frames
-        if curves:
-            png = fig_dir / f"{meta['group'].replace('@', '-')}-curves.png"
-            plot_spec_curves(curves, png, task.metric_label)
-            out += [f"![learning curves of {meta['group']}]({png.relative_to(results_dir).as_posix()})", ""]
-        figures = getattr(task, "summary_figures", None)
-        if best and figures is not None:
-            best_dir = max(results[best], key=lambda r: r["val_best"])["_dir"]
-            for caption, png in figures(Path(best_dir), fig_dir / meta["group"].replace("@", "-")):
-                out += [f"{caption}", "", f"![{caption}]({Path(png).relative_to(results_dir).as_posix()})", ""]
+        if any(results.values()):
+            sections[meta["group"]] = group_section(meta, results, results_dir, fig_dir, stamp)
+    out = header + [text for _, text in sorted(sections.items())]
     extra = results_dir / "deployment.md"
     if extra.exists():
         out += [extra.read_text().strip(), ""]
     path = results_dir / "summary.md"
     bio.write_text(path, "\n".join(out))
     return path
+
+
+def read_sections(path: Path) -> dict[str, str]:
+    """The group sections of an existing summary.md: ``{group: text}``, from each ``## <group> (``
+    heading to the next ``## `` heading (the deployment section is rebuilt, never kept)."""
+    if not path.exists():
+        return {}
+    sections: dict[str, str] = {}
+    group, lines = None, []
+    for line in [*path.read_text().splitlines(), "## end"]:
+        if line.startswith("## "):
+            if group is not None:
+                sections[group] = "\n".join(lines).rstrip() + "\n"
+            head = line[3:].split(" (", 1)
+            group = head[0] if len(head) == 2 and ", spec `" in head[1] else None
+            lines = []
+        if group is not None:
+            lines.append(line)
+    return sections
+
+
+def group_section(meta: dict[str, Any], results: dict[str, list[dict[str, Any]]], results_dir: Path, fig_dir: Path,
+                  stamp: str) -> str:
+    """Markdown for one spec group: provenance, table, learning curves, the task's figures."""
+    from bench.plots import plot_spec_curves
+    from bench.tasks import TASKS
+
+    task = TASKS[meta["task"]]
+    table, best = group_table(meta, results)
+    prov = provenance(results)
+    out = [
+        f"## {meta['group']} ({meta['task']}, spec `{meta['path']}`, profile `{meta['profile'] or 'full'}`)",
+        "",
+        f"- command: `python -m bench run {meta['path']}" + (f" --profile {meta['profile']}`" if meta["profile"] else "`"),
+        f"- machine: {prov['devices']}; torch {prov['torch']}",
+        f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
+        f"- table generated: {stamp}",
+        "",
+    ]
+    if meta.get("description"):
+        out += [meta["description"], ""]
+    out += [table.to_markdown(index=False, disable_numparse=True), ""]
+    curves = {}
+    for v in meta["variants"]:
+        frames = [pd.read_csv(Path(r["_dir"]) / "metrics.csv") for r in results[v["name"]]
+                  if (Path(r["_dir"]) / "metrics.csv").exists()]
+        if frames:
+            curves[v["name"]] = frames
+    if curves:
+        png = fig_dir / f"{meta['group'].replace('@', '-')}-curves.png"
+        plot_spec_curves(curves, png, task.metric_label)
+        out += [f"![learning curves of {meta['group']}]({png.relative_to(results_dir).as_posix()})", ""]
+    figures = getattr(task, "summary_figures", None)
+    if best and figures is not None:
+        best_dir = max(results[best], key=lambda r: r["val_best"])["_dir"]
+        for caption, png in figures(Path(best_dir), fig_dir / meta["group"].replace("@", "-")):
+            out += [f"{caption}", "", f"![{caption}]({Path(png).relative_to(results_dir).as_posix()})", ""]
+    return "\n".join(out).rstrip() + "\n"

@@ -69,7 +69,13 @@ def _fmt_si(n: float) -> str:
 
 def write_deployment_md(results_dir: str | Path, onnx_dir: str | Path | None = None) -> Path:
     """``<results>/deployment.md``: the deployment table (embedded by ``bench summary``), from the
-    export records ``<onnx_dir>/*.json`` and ``<results>/latency.csv``."""
+    export records ``<onnx_dir>/*.json`` and ``<results>/latency.csv``.
+
+    One ``### <task>`` subsection per exported task, each with its own table, notes and machine
+    line.  ONNX files and their records are not committed, so a task exported elsewhere (MNIST on
+    a CPU, WARWICK in a GPU session) has no record here: its subsection is kept from the
+    existing file verbatim, as ``bench summary`` keeps the sections of runs it does not hold.
+    """
     results_dir = Path(results_dir)
     onnx_dir = Path(onnx_dir) if onnx_dir else results_dir / "onnx"
     rows = read_latency_csv(results_dir / "latency.csv")
@@ -80,72 +86,94 @@ def write_deployment_md(results_dir: str | Path, onnx_dir: str | Path | None = N
     except ValueError:
         rel = str(onnx_dir)
     out = ["## Deployment (ONNX Runtime)", "",
-           f"Exported with `python -m exporters.onnx best` to `{rel}/` (the best run of each task by validation metric). "
+           "Exported with `python -m exporters.onnx best` (the best run of each task by validation metric). "
            "Metrics are on the whole test set, computed through the engine named. Latency: p50 / p99 per call, "
            "PyTorch eager and ONNX Runtime interleaved on the same inputs and thread count; images/s = batch / p50; "
            "×PyTorch = PyTorch p50 / engine p50 at that batch (> 1: faster). FLOPs = 2 × multiply-accumulates of the "
            "convolutions and linear layers per image.", ""]
-    table = ["| model | engine | params | FLOPs / image | test metric | batch 1: p50 / p99 (ms) | ×PyTorch (batch 1) "
-             "| large batch: images/s | ×PyTorch (large) |", "|---|---|---:|---:|---|---:|---:|---:|---:|"]
-    notes: list[str] = []
-    timed: list[dict[str, Any]] = []
-    machines: set[tuple[str, str, str]] = set()
+    sections = _read_task_sections(results_dir / "deployment.md")
     for rec in recs:
-        task, par = rec["task"], rec["parity"]
-        mine = [r for r in rows if r["model"] == task and r["source_run"] == rec["source_run"]
-                and (r["precision"] != "int8" or rec.get("int8"))]
-        timed += mine
-        engines = sorted({(r["engine"], r["provider"], r["precision"]) for r in mine},
-                         key=lambda e: (e[1], e[0] != "onnxruntime", e[2]))
-        if not engines:
-            engines = [("onnxruntime", "cpu", "fp32")]
-        for eng in engines:
-            at = {int(r["batch"]): r for r in mine if (r["engine"], r["provider"], r["precision"]) == eng}
-            small, large = at.get(1), at.get(max(at)) if at and max(at) > 1 else None
-            if eng == ("onnxruntime", "cpu", "fp32"):
-                metric = par["metric_ort"]
-            elif eng == ("pytorch", "cpu", "fp32"):
-                metric = par["metric_torch"]
-            elif eng[2] == "int8" and rec.get("int8"):
-                metric = rec["int8"]["metric_ort"]
-            else:
-                metric = _num((small or large or {}).get("metric_value"))
-            label = ("ORT" if eng[0] == "onnxruntime" else "PyTorch eager") + f" {eng[1].upper()} {eng[2]}"
-            table.append(
-                f"| {task} | {label} | {int(rec.get('params', 0)):,} | {_fmt_si(_num(rec.get('flops_per_image')))} | "
-                f"{par['metric']} {metric:.4f} | "
-                + (f"{_num(small['p50_ms']):.3f} / {_num(small['p99_ms']):.3f} | {_num(small['speedup_vs_pytorch']):.2f}× | "
-                   if small else "– | – | ")
-                + (f"{_num(large['images_per_s']):,.0f} (batch {large['batch']}) | {_num(large['speedup_vs_pytorch']):.2f}× |"
-                   if large else "– | – |"))
-            machines.update((r["cpu"], r["onnxruntime"], r["torch"]) for r in at.values())
-        agree = (f"identical predictions {100 * par['agreement']:.2f} %" if "agreement" in par
-                 else f"pixel agreement {100 * par['pixel_agreement']:.3f} %")
-        run_metric = (rec.get("run_test") or {}).get(par["metric"])
-        notes.append(f"- **{task}** `{rec['onnx']}` from `{rec['source_run']}` (config {rec['config_hash']}, val "
-                     f"{rec['val_best']:.4f}): parity on {par['n']} test images max |Δlogit| {par['max_abs_logit_diff']:.1e}, "
-                     f"{agree}; {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch {par['metric_torch']:.4f}"
-                     + (f" (the run's reported test {par['metric']} {run_metric:.4f}"
-                        + (" used 8-fold TTA; the export is one forward pass)" if rec.get("run_tta") else ")")
-                        if run_metric is not None else ""))
-        if rec.get("int8"):
-            q = rec["int8"]
-            ort_cpu = [r for r in mine if r["engine"] == "onnxruntime" and r["provider"] == "cpu"]
-            sp = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "fp32"}
-            s8 = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "int8"}
-            speed = ", ".join(f"{sp[b] / s8[b]:.2f}× at batch {b}" for b in sorted(s8) if b in sp)
-            notes.append(f"  - INT8 `{q['onnx']}`: {par['metric']} {q['metric_ort']:.4f} ({q['metric_change']:+.4f} vs fp32 "
-                         f"ORT), {q['agreement_label']} {100 * q['agreement']:.2f} % with fp32; speed-up over fp32 ORT: "
-                         f"{speed or 'not benchmarked'}")
-    out += table + ["", *notes, ""]
-    if timed:
-        loads = [_num(x) for r in timed for x in str(r["load_avg_1m"]).split("-")]
-        threads = sorted({(int(r["batch"]), int(r["threads"])) for r in timed})
-        out += ["Measured on " + "; ".join(f"{c} with onnxruntime {o}, torch {t}" for c, o, t in sorted(machines))
-                + "; threads (both engines): " + ", ".join(f"{t} at batch {b}" for b, t in threads)
-                + f"; 1-minute load average during the timings {min(loads):.2f}–{max(loads):.2f} "
-                f"(on {os.cpu_count()} logical CPUs; other jobs add noise); {min(r['timestamp'] for r in timed)[:16]} to "
-                f"{max(r['timestamp'] for r in timed)[:16]}. Raw numbers: `latency.csv`.", ""]
+        sections[rec["task"]] = _task_section(rec, rows, rel)
+    out += [text for _, text in sorted(sections.items())]
     path = results_dir / "deployment.md"
     bio.write_text(path, "\n".join(out))
     return path
+
+
+def _read_task_sections(path: Path) -> dict[str, str]:
+    """``{task: text}`` of the ``### <task>`` subsections of an existing deployment.md."""
+    if not path.exists():
+        return {}
+    sections: dict[str, str] = {}
+    task, lines = None, []
+    for line in [*path.read_text().splitlines(), "### end"]:
+        if line.startswith("### ") or line.startswith("## "):
+            if task is not None:
+                sections[task] = "\n".join(lines).rstrip() + "\n"
+            task = line[4:].strip() if line.startswith("### ") else None
+            lines = []
+        if task is not None:
+            lines.append(line)
+    sections.pop("end", None)
+    return sections
+
+
+def _task_section(rec: dict[str, Any], rows: list[dict[str, Any]], rel: str) -> str:
+    """Markdown for one exported model: its table (one line per engine), parity notes, machine line."""
+    task, par = rec["task"], rec["parity"]
+    out = [f"### {task}", "", f"Files in `{rel}/`.", "",
+           "| model | engine | params | FLOPs / image | test metric | batch 1: p50 / p99 (ms) | ×PyTorch (batch 1) "
+           "| large batch: images/s | ×PyTorch (large) |", "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    mine = [r for r in rows if r["model"] == task and r["source_run"] == rec["source_run"]
+            and (r["precision"] != "int8" or rec.get("int8"))]
+    machines: set[tuple[str, str, str]] = set()
+    engines = sorted({(r["engine"], r["provider"], r["precision"]) for r in mine},
+                     key=lambda e: (e[1], e[0] != "onnxruntime", e[2]))
+    for eng in engines or [("onnxruntime", "cpu", "fp32")]:
+        at = {int(r["batch"]): r for r in mine if (r["engine"], r["provider"], r["precision"]) == eng}
+        small, large = at.get(1), at.get(max(at)) if at and max(at) > 1 else None
+        if eng == ("onnxruntime", "cpu", "fp32"):
+            metric = par["metric_ort"]
+        elif eng == ("pytorch", "cpu", "fp32"):
+            metric = par["metric_torch"]
+        elif eng[2] == "int8" and rec.get("int8"):
+            metric = rec["int8"]["metric_ort"]
+        else:
+            metric = _num((small or large or {}).get("metric_value"))
+        label = ("ORT" if eng[0] == "onnxruntime" else "PyTorch eager") + f" {eng[1].upper()} {eng[2]}"
+        out.append(
+            f"| {task} | {label} | {int(rec.get('params', 0)):,} | {_fmt_si(_num(rec.get('flops_per_image')))} | "
+            f"{par['metric']} {metric:.4f} | "
+            + (f"{_num(small['p50_ms']):.3f} / {_num(small['p99_ms']):.3f} | {_num(small['speedup_vs_pytorch']):.2f}× | "
+               if small else "– | – | ")
+            + (f"{_num(large['images_per_s']):,.0f} (batch {large['batch']}) | {_num(large['speedup_vs_pytorch']):.2f}× |"
+               if large else "– | – |"))
+        machines.update((r["cpu"], r["onnxruntime"], r["torch"]) for r in at.values())
+    agree = (f"identical predictions {100 * par['agreement']:.2f} %" if "agreement" in par
+             else f"pixel agreement {100 * par['pixel_agreement']:.3f} %")
+    run_metric = (rec.get("run_test") or {}).get(par["metric"])
+    out += ["", f"- **{task}** `{rec['onnx']}` from `{rec['source_run']}` (config {rec['config_hash']}, val "
+            f"{rec['val_best']:.4f}): parity on {par['n']} test images max |Δlogit| {par['max_abs_logit_diff']:.1e}, "
+            f"{agree}; {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch {par['metric_torch']:.4f}"
+            + (f" (the run's reported test {par['metric']} {run_metric:.4f}"
+               + (" used 8-fold TTA; the export is one forward pass)" if rec.get("run_tta") else ")")
+               if run_metric is not None else "")]
+    if rec.get("int8"):
+        q = rec["int8"]
+        ort_cpu = [r for r in mine if r["engine"] == "onnxruntime" and r["provider"] == "cpu"]
+        sp = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "fp32"}
+        s8 = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "int8"}
+        speed = ", ".join(f"{sp[b] / s8[b]:.2f}× at batch {b}" for b in sorted(s8) if b in sp)
+        out.append(f"  - INT8 `{q['onnx']}`: {par['metric']} {q['metric_ort']:.4f} ({q['metric_change']:+.4f} vs fp32 "
+                   f"ORT), {q['agreement_label']} {100 * q['agreement']:.2f} % with fp32; speed-up over fp32 ORT: "
+                   f"{speed or 'not benchmarked'}")
+    out.append("")
+    if mine:
+        loads = [_num(x) for r in mine for x in str(r["load_avg_1m"]).split("-")]
+        threads = sorted({(int(r["batch"]), int(r["threads"])) for r in mine})
+        out += ["Measured on " + "; ".join(f"{c} with onnxruntime {o}, torch {t}" for c, o, t in sorted(machines))
+                + "; threads (both engines): " + ", ".join(f"{t} at batch {b}" for b, t in threads)
+                + f"; 1-minute load average during the timings {min(loads):.2f}–{max(loads):.2f} "
+                f"(on {os.cpu_count()} logical CPUs; other jobs add noise); {min(r['timestamp'] for r in mine)[:16]} to "
+                f"{max(r['timestamp'] for r in mine)[:16]}. Raw numbers: `latency.csv`.", ""]
+    return "\n".join(out).rstrip() + "\n"

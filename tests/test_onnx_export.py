@@ -175,8 +175,14 @@ def test_latency_csv_int8_and_deployment_table(mnist_export, tmp_path, monkeypat
     for r in got:
         assert 0 < float(r["p50_ms"]) <= float(r["p90_ms"]) <= float(r["p99_ms"]) and int(r["repeats"]) == 5
         assert int(r["flops_per_image"]) > 0 and int(r["threads"]) >= 1 and r["metric"] == "acc"
+    # a task exported elsewhere (no record in this onnx folder) keeps its subsection verbatim
+    kept = "### warwick\n\n| warwick | ORT CUDA fp32 | 1 | 2 M | dice 0.9000 | 0.1 / 0.2 | 9.00× | – | – |\n"
+    (tmp_path / "deployment.md").write_text("## Deployment (ONNX Runtime)\n\nold intro\n\n" + kept
+                                            + "\n### mnist\n\nan old mnist table\n")
     md = report.write_deployment_md(tmp_path, mnist_export.path.parent).read_text()
     assert "| mnist | ORT CPU int8 |" in md and "| mnist | PyTorch eager CPU fp32 |" in md and "INT8 `mnist.int8.onnx`" in md
+    assert kept in md and "an old mnist table" not in md and "old intro" not in md
+    assert md.index("### mnist") < md.index("### warwick") and md.count("### mnist") == 1
 
 
 def test_flops_of_a_known_network():

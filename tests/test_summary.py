@@ -73,3 +73,34 @@ def test_summary_ignores_results_of_an_old_config(tmp_path):
     text = write_summary(results).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| a "))
     assert re.search(r"\|\s+2\s+\|\s+98.30 ± 0.14", row)  # only seeds 1 and 2 remain
+
+
+def test_summary_keeps_sections_of_groups_whose_runs_are_elsewhere(tmp_path):
+    results = fake_store(tmp_path)
+    other = ("## mnist@gpu (mnist, spec `ablations/mnist.yaml`, profile `full`)\n\n- machine: NVIDIA H200\n\n"
+             "| variant | test accuracy (%) |\n|:--|:--|\n| x | 99.60 ± 0.01 |\n")
+    (results / "summary.md").write_text("# Results\n\nold intro\n\n" + other + "\n## Deployment (ONNX Runtime)\n\nold\n")
+    text = write_summary(results).read_text()
+    assert other.strip() in text  # kept verbatim, runs not here
+    assert "## demo (" in text and "old intro" not in text and "\nold\n" not in text
+    assert text.index("## demo (") < text.index("## mnist@gpu (")  # groups in name order
+    # rebuilding again changes nothing but the stamp; the local group is rewritten, not duplicated
+    again = write_summary(results).read_text()
+    assert again.count("## demo (") == 1 and again.count("## mnist@gpu (") == 1
+
+
+def test_reported_number_is_shown_as_written():
+    from bench.summary import group_table
+
+    for task, reported, shown in (("warwick", 0.66, "0.66"), ("warwick", 0.88, "0.88"), ("mnist", 0.982, "98.2")):
+        meta = {"task": task, "variants": [{"name": "a", "change": "", "parent": None, "ablation": False,
+                                            "reported": reported}]}
+        table, _ = group_table(meta, {"a": []})
+        assert table.loc[0, "reported"] == shown  # not rounded to one decimal (0.66 once showed as 0.7)
+
+
+def test_commit_outside_git_is_stated_not_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_COMMIT", "0123456789abcdef")
+    assert bio.git_commit(tmp_path) == "0123456789abcdef (stated)"  # tmp_path is no git checkout
+    monkeypatch.delenv("BENCH_COMMIT")
+    assert bio.git_commit(tmp_path) == "unknown"

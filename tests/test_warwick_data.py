@@ -12,6 +12,7 @@ from PIL import Image
 
 from bench.config import Config
 from bench.losses import LOSSES
+from bench.metrics import dice_per_image
 from bench.models import MODELS
 from bench.tasks.base import DataError
 from bench.tasks.warwick import WarwickTask
@@ -79,6 +80,13 @@ def test_evaluate_keys_and_augment(synthetic_warwick: Path):
     model = MODELS["encdec"](**TASK.model_kwargs(data.info), width=4, depth=2)
     val = TASK.evaluate(model, data.val, cfg, LOSSES["bce"](), final=False)
     assert set(val) == {"loss", "dice"}
+    # with eval.tta the validation Dice (which picks the best epoch and rung) is the TTA Dice that is reported
+    cfg.eval.tta = True
+    tta_val = TASK.evaluate(model, data.val, cfg, LOSSES["bce"](), final=False)
+    gt = data.val.y[:, 0] > 0.5
+    assert tta_val["dice"] == pytest.approx(float(dice_per_image(TASK.predict_masks(model, data.val, cfg), gt).mean()))
+    assert tta_val["loss"] == pytest.approx(val["loss"])  # the loss stays the plain forward pass
+    cfg.eval.tta = False
     cfg.augment.flips, cfg.augment.elastic = True, 2.0
     x, y = TASK.augment(data.train.x, data.train.y, cfg, torch.Generator().manual_seed(0))
     assert x.shape == data.train.x.shape and y.shape == data.train.y.shape

@@ -273,18 +273,17 @@ class WarwickTask(Task):
                  final: bool) -> dict[str, float]:
         """``loss`` (on the plain forward pass) and ``dice``; with ``final`` every report metric.
 
-        Validation (``final=False``) never uses TTA (cheap, and it only ranks epochs);
-        the final test evaluation honours ``cfg.eval.tta`` and ``cfg.eval.threshold``.
+        Both honour ``cfg.eval.tta`` and ``cfg.eval.threshold``: validation scores an epoch the
+        way the test is scored, so the best epoch and the best rung are chosen by the same rule
+        that is reported (TTA costs 8 forward passes of the small validation split per epoch).
         """
         logits = self._batched(model, split, cfg, lambda m, b: m(b))
         loss = float(loss_fn(logits, split.y))
-        probs = torch.sigmoid(logits)
-        target = split.y[:, 0] > 0.5
+        probs = self.predict_proba(model, split, cfg, tta=True) if cfg.eval.tta else torch.sigmoid(logits)
+        pred, target = probs[:, 0] > cfg.eval.threshold, split.y[:, 0] > 0.5
         if not final:
-            return {"loss": loss, "dice": float(dice_per_image(probs[:, 0] > cfg.eval.threshold, target).mean())}
-        if cfg.eval.tta:
-            probs = self.predict_proba(model, split, cfg, tta=True)
-        return {"loss": loss, **segmentation_report(probs[:, 0] > cfg.eval.threshold, target)}
+            return {"loss": loss, "dice": float(dice_per_image(pred, target).mean())}
+        return {"loss": loss, **segmentation_report(pred, target)}
 
     # ----------------------------------------------------------------------- figures
 
