@@ -48,9 +48,16 @@ def torch_save(path: str | Path, obj: Any) -> None:
 
 def git_commit(cwd: str | Path | None = None) -> str:
     """The checkout's commit, with ``-dirty`` when tracked files other than results/ differ
-    (the published results are rewritten by the runs themselves).  Outside git (code copied to a
-    remote GPU machine without its .git) it is ``$BENCH_COMMIT`` as the caller states it, with
-    ``(stated)`` appended so no one mistakes it for a checked commit, else ``unknown``."""
+    (the published results are rewritten by the runs themselves); ``unknown`` outside git.
+
+    ``$BENCH_COMMIT``, when set, wins and is returned with ``(stated)`` appended: code copied to
+    a remote GPU machine may travel without its .git, or with a stale copy of it (seen: a device
+    session whose .git still named the session's first commit), so the caller states the commit
+    of the tree it sent, and the record says it was stated, not checked.
+    """
+    stated = os.environ.get("BENCH_COMMIT", "").strip()
+    if stated:
+        return f"{stated} (stated)"
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
@@ -59,5 +66,4 @@ def git_commit(cwd: str | Path | None = None) -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        stated = os.environ.get("BENCH_COMMIT", "").strip()
-        return f"{stated} (stated)" if stated else "unknown"
+        return "unknown"

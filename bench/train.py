@@ -160,13 +160,16 @@ def fit(run_dir: Any, cfg: Config, task: Task, data: Data, device: torch.device,
                              "best_state": None, "history": [], "train_time": 0.0}
     last = run_dir / "last.pt"
     if last.exists():
-        ck = torch.load(last, map_location=device, weights_only=True)
+        # Load on the CPU: RNG states must be CPU ByteTensors (map_location=cuda broke every resume on
+        # an H200: "RNG state must be a torch.ByteTensor"); load_state_dict moves weights and optimizer
+        # state to the parameters' device itself.
+        ck = torch.load(last, map_location="cpu", weights_only=True)
         if ck.get("key") == key:
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             order_gen.set_state(ck["order_gen"])
-            aug_gen.set_state(ck["aug_gen"].to(aug_gen.get_state().device))
+            aug_gen.set_state(ck["aug_gen"])
             torch.set_rng_state(ck["torch_rng"])
             if device.type == "cuda" and ck.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(ck["cuda_rng"], device)

@@ -99,8 +99,9 @@ def test_reported_number_is_shown_as_written():
         assert table.loc[0, "reported"] == shown  # not rounded to one decimal (0.66 once showed as 0.7)
 
 
-def test_commit_outside_git_is_stated_not_checked(tmp_path, monkeypatch):
+def test_a_stated_commit_is_marked_as_stated(tmp_path, monkeypatch):
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
+    assert bio.git_commit(tmp_path) == "unknown"  # tmp_path is no git checkout
+    assert bio.git_commit() not in ("unknown", "")  # this checkout
     monkeypatch.setenv("BENCH_COMMIT", "0123456789abcdef")
-    assert bio.git_commit(tmp_path) == "0123456789abcdef (stated)"  # tmp_path is no git checkout
-    monkeypatch.delenv("BENCH_COMMIT")
-    assert bio.git_commit(tmp_path) == "unknown"
+    assert bio.git_commit(tmp_path) == bio.git_commit() == "0123456789abcdef (stated)"  # wins over git, marked
