@@ -196,8 +196,15 @@ def group_section(meta: dict[str, Any], results: dict[str, list[dict[str, Any]]]
         f"- machine: {prov['devices']}; torch {prov['torch']}",
         f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
         f"- table generated: {stamp}",
-        "",
     ]
+    seeds = meta.get("seeds") or []
+    missing = {v["name"]: sorted(set(seeds) - {r["seed"] for r in results[v["name"]]}) for v in meta["variants"]}
+    missing = {k: m for k, m in missing.items() if m}
+    if missing:
+        n_all = len(seeds) * len(meta["variants"])
+        out.append(f"- **incomplete**: {n_all - sum(map(len, missing.values()))} of {n_all} runs finished; missing "
+                   + "; ".join(f"{k} seed {', '.join(map(str, m))}" for k, m in missing.items()))
+    out.append("")
     if meta.get("description"):
         out += [meta["description"], ""]
     out += [table.to_markdown(index=False, disable_numparse=True), ""]

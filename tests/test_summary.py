@@ -52,6 +52,7 @@ def fake_store(tmp_path: Path) -> Path:
 def test_summary_table(tmp_path):
     results = fake_store(tmp_path)
     text = write_summary(results, command="python -m bench summary").read_text()
+    assert "incomplete" not in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert re.search(r"\|\s+3\s+\|\s+98.20 ± 0.20\s+\|", rows["a"])  # 3 seeds, mean ± sd
     assert re.search(r"\|\s+98.2\s+\|", rows["a"])  # the report's number beside it
@@ -73,6 +74,7 @@ def test_summary_ignores_results_of_an_old_config(tmp_path):
     text = write_summary(results).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| a "))
     assert re.search(r"\|\s+2\s+\|\s+98.30 ± 0.14", row)  # only seeds 1 and 2 remain
+    assert "**incomplete**: 8 of 9 runs finished; missing a seed 0" in text
 
 
 def test_summary_keeps_sections_of_groups_whose_runs_are_elsewhere(tmp_path):
