@@ -80,6 +80,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     workers = args.workers or spec.workers
     if workers > 1 and todo:
+        from bench.runner import check_data
+
+        check_data(spec, args.data_root)  # broken data: one message from here, not one per worker
         run_workers(args, min(workers, len(todo)))
     else:
         run_spec(spec, args.results, args.data_root, args.device, progress=not args.no_progress)

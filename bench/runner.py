@@ -124,6 +124,23 @@ def resolve_data_root(cli_root: str | None) -> str:
     return str(Path(cli_root or os.environ.get("BENCH_DATA") or "data").expanduser().resolve())
 
 
+def check_data(spec: Spec, data_root: str | None = None) -> None:
+    """Load (on the CPU) every distinct data configuration of ``spec``'s runs once, so broken
+    data raises its DataError here, in one process, before any worker or run starts."""
+    import torch
+
+    from bench.tasks import TASKS
+
+    task, root, seen = TASKS[spec.task], resolve_data_root(data_root), set()
+    for run in spec.runs():
+        cfg = run.config
+        cfg.data.root = cfg.data.root or root
+        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            task.load(cfg, torch.device("cpu"))
+
+
 def run_spec(spec: Spec, results_dir: str | Path = "results", data_root: str | None = None,
              device: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Train every remaining run of ``spec``; returns the results of all runs that are done."""

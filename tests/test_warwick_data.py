@@ -151,25 +151,41 @@ def test_broken_data_is_rejected_with_the_file_name(synthetic_warwick: Path, bre
         TASK.load(config(synthetic_warwick.parent), CPU)
 
 
+def test_every_broken_file_is_named_in_one_error(synthetic_warwick: Path):
+    # the three breaks at once, across Train and Test: one run reports all of them
+    missing = _break_missing_label(synthetic_warwick)
+    non_binary = _break_non_binary_label(synthetic_warwick)
+    p = synthetic_warwick / "Test" / "image_03.png"
+    p.write_bytes(p.read_bytes()[:40])
+    with pytest.raises(DataError) as err:
+        TASK.load(config(synthetic_warwick.parent), CPU)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3
+    assert any(f"Train/{missing}: missing" in x for x in lines)
+    assert any(f"Train/{non_binary}: label is not binary" in x for x in lines)
+    assert any("Test/image_03.png: not a readable image" in x for x in lines)
+
+
 def test_missing_folder_is_a_data_error(tmp_path: Path):
     with pytest.raises(DataError, match="no WARWICK data"):
         TASK.load(config(tmp_path), CPU)
 
 
-def test_cli_reports_broken_data_before_training(synthetic_warwick: Path, tmp_path: Path, capsys):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_cli_reports_broken_data_before_training(synthetic_warwick: Path, tmp_path: Path, capfd, workers):
     from bench.cli import main
 
     name = _break_truncated_image(synthetic_warwick)
     spec = tmp_path / "tiny.yaml"
     spec.write_text(
-        "task: warwick\nseeds: [0]\nbase:\n  model: {name: unet, width: 4, depth: 2}\n"
+        "task: warwick\nseeds: [0, 1]\nbase:\n  model: {name: unet, width: 4, depth: 2}\n"
         "  train: {epochs: 1, batch_size: 4}\nvariants:\n  - name: only\n"
     )
     results = tmp_path / "results"
     rc = main(["run", str(spec), "--data-root", str(synthetic_warwick.parent), "--results", str(results),
-               "--no-progress", "--no-summary"])
-    err = capsys.readouterr().err
-    assert rc == 2 and name in err and "Traceback" not in err
+               "--no-progress", "--no-summary", "--workers", workers])
+    err = capfd.readouterr().err
+    assert rc == 2 and err.count(name) == 1 and "Traceback" not in err  # once, also with two workers
     assert not list(results.rglob("metrics.csv"))  # no epoch was trained
 
 

@@ -98,34 +98,43 @@ def read_pairs(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Read every ``image_<id>.png`` / ``label_<id>.png`` pair of ``folder``, sorted by id.
 
     Returns (image file names, images uint8 (N, H, W, C), masks bool (N, H, W)).
-    Raises DataError naming the file for an unpaired, unreadable, mis-sized or
-    non-binary file, or when the folder has no pairs.
+    Raises one DataError listing every problem of the folder, one line per file (unpaired,
+    unreadable, mis-sized or non-binary), or saying the folder has no pairs, so a user fixes
+    a broken copy in one pass rather than one file per run.
     """
     files: dict[str, dict[str, Path]] = {"image": {}, "label": {}}
     for p in sorted(folder.iterdir()):
         m = _PAIR_RE.match(p.name)
         if m and p.is_file():
             files[m.group(1)][m.group(2)] = p
+    problems: list[str] = []
     for kind, other in (("image", "label"), ("label", "image")):
         for key in sorted(set(files[kind]) - set(files[other])):
-            raise DataError(f"{folder / f'{other}_{key}.png'}: missing (needed for {files[kind][key]})")
-    ids = sorted(files["image"], key=lambda k: (len(k), k))  # image_2 before image_10
-    if not ids:
+            problems.append(f"{folder / f'{other}_{key}.png'}: missing (needed for {files[kind][key]})")
+    ids = sorted(set(files["image"]) & set(files["label"]), key=lambda k: (len(k), k))  # image_2 before image_10
+    if not ids and not problems:
         raise DataError(f"{folder}: no image_<id>.png / label_<id>.png pairs found")
-    images, masks = [], []
+    images, masks, names = [], [], []
     for key in ids:
-        img, lab = _read_image(files["image"][key]), _read_label(files["label"][key])
+        try:
+            img, lab = _read_image(files["image"][key]), _read_label(files["label"][key])
+        except DataError as e:
+            problems.append(str(e))
+            continue
         if img.shape[:2] != lab.shape:
-            raise DataError(f"{files['label'][key]}: size {lab.shape[1]}x{lab.shape[0]} differs from its image "
+            problems.append(f"{files['label'][key]}: size {lab.shape[1]}x{lab.shape[0]} differs from its image "
                             f"{files['image'][key].name} ({img.shape[1]}x{img.shape[0]})")
-        if images and img.shape != images[0].shape:
-            first = files["image"][ids[0]].name
+        elif images and img.shape != images[0].shape:
             (h, w, c), (h0, w0, c0) = img.shape, images[0].shape
-            raise DataError(f"{files['image'][key]}: {w}x{h} with {c} channels differs from {first} "
+            problems.append(f"{files['image'][key]}: {w}x{h} with {c} channels differs from {names[0]} "
                             f"({w0}x{h0} with {c0}); all images of a folder must share one size")
-        images.append(img)
-        masks.append(lab)
-    return [files["image"][k].name for k in ids], np.stack(images), np.stack(masks)
+        else:
+            images.append(img)
+            masks.append(lab)
+            names.append(files["image"][key].name)
+    if problems:
+        raise DataError("\n".join(problems))
+    return names, np.stack(images), np.stack(masks)
 
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +179,15 @@ class WarwickTask(Task):
     def load(self, cfg: Config, device: torch.device) -> Data:
         assert cfg.data.root is not None, "resolve the data root before loading"
         folder = find_folder(cfg.data.root)
-        tr_names, tr_img, tr_mask = read_pairs(folder / "Train")
-        te_names, te_img, te_mask = read_pairs(folder / "Test")
+        read, problems = {}, []
+        for sub in ("Train", "Test"):  # check both before failing: every broken file in one message
+            try:
+                read[sub] = read_pairs(folder / sub)
+            except DataError as e:
+                problems.append(str(e))
+        if problems:
+            raise DataError("\n".join(problems))
+        (tr_names, tr_img, tr_mask), (te_names, te_img, te_mask) = read["Train"], read["Test"]
         n_src = tr_img.shape[3]
         if te_img.shape[3] != n_src:
             raise DataError(f"{folder / 'Test'}: images have {te_img.shape[3]} channels, Train/ has {n_src}")
