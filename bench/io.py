@@ -46,6 +46,30 @@ def torch_save(path: str | Path, obj: Any) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
 
+def read_markdown_sections(path: str | Path, level: int, name: Callable[[str], str | None]) -> dict[str, str]:
+    """The level-``level`` sections of a markdown file, ``{name(heading text): section text}``.
+
+    A section runs from its heading to the next heading of the same or a higher level; sections
+    whose heading ``name`` maps to None are left out.  Used to keep, on a rebuild, the parts of a
+    generated file (summary.md, deployment.md) whose inputs are not on this machine.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    sections: dict[str, str] = {}
+    current, lines = None, []
+    for line in [*path.read_text().splitlines(), None]:
+        hashes = len(line) - len(line.lstrip("#")) if line is not None else 0
+        if line is None or (0 < hashes <= level and line[hashes:hashes + 1] == " "):
+            if current is not None:
+                sections[current] = "\n".join(lines).rstrip() + "\n"
+            current = name(line[hashes + 1:]) if line is not None and hashes == level else None
+            lines = []
+        if current is not None:
+            lines.append(line)
+    return sections
+
+
 def git_commit(cwd: str | Path | None = None) -> str:
     """The checkout's commit, with ``-dirty`` when tracked files other than results/ differ
     (the published results are rewritten by the runs themselves); ``unknown`` outside git.

@@ -143,7 +143,8 @@ def write_summary(results_dir: str | Path = "results", command: str | None = Non
         "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing.",
         "",
     ]
-    sections = read_sections(results_dir / "summary.md")  # kept for groups whose runs are not here
+    # kept for groups whose runs are not here; the deployment section is rebuilt, never kept
+    sections = bio.read_markdown_sections(results_dir / "summary.md", 2, _group_of_heading)
     group_dirs = sorted(p.parent for p in runs_dir.glob("*/spec.json")) if runs_dir.exists() else []
     if groups:
         group_dirs = [g for g in group_dirs if g.name in groups]
@@ -161,23 +162,10 @@ def write_summary(results_dir: str | Path = "results", command: str | None = Non
     return path
 
 
-def read_sections(path: Path) -> dict[str, str]:
-    """The group sections of an existing summary.md: ``{group: text}``, from each ``## <group> (``
-    heading to the next ``## `` heading (the deployment section is rebuilt, never kept)."""
-    if not path.exists():
-        return {}
-    sections: dict[str, str] = {}
-    group, lines = None, []
-    for line in [*path.read_text().splitlines(), "## end"]:
-        if line.startswith("## "):
-            if group is not None:
-                sections[group] = "\n".join(lines).rstrip() + "\n"
-            head = line[3:].split(" (", 1)
-            group = head[0] if len(head) == 2 and ", spec `" in head[1] else None
-            lines = []
-        if group is not None:
-            lines.append(line)
-    return sections
+def _group_of_heading(heading: str) -> str | None:
+    """``mnist@quick`` for a group heading ``mnist@quick (mnist, spec `...`, ...)``, else None."""
+    head = heading.split(" (", 1)
+    return head[0] if len(head) == 2 and ", spec `" in head[1] else None
 
 
 def group_section(meta: dict[str, Any], results: dict[str, list[dict[str, Any]]], results_dir: Path, fig_dir: Path,

@@ -91,31 +91,13 @@ def write_deployment_md(results_dir: str | Path, onnx_dir: str | Path | None = N
            "PyTorch eager and ONNX Runtime interleaved on the same inputs and thread count; images/s = batch / p50; "
            "×PyTorch = PyTorch p50 / engine p50 at that batch (> 1: faster). FLOPs = 2 × multiply-accumulates of the "
            "convolutions and linear layers per image.", ""]
-    sections = _read_task_sections(results_dir / "deployment.md")
+    sections = bio.read_markdown_sections(results_dir / "deployment.md", 3, str.strip)
     for rec in recs:
         sections[rec["task"]] = _task_section(rec, rows, rel)
     out += [text for _, text in sorted(sections.items())]
     path = results_dir / "deployment.md"
     bio.write_text(path, "\n".join(out))
     return path
-
-
-def _read_task_sections(path: Path) -> dict[str, str]:
-    """``{task: text}`` of the ``### <task>`` subsections of an existing deployment.md."""
-    if not path.exists():
-        return {}
-    sections: dict[str, str] = {}
-    task, lines = None, []
-    for line in [*path.read_text().splitlines(), "### end"]:
-        if line.startswith("### ") or line.startswith("## "):
-            if task is not None:
-                sections[task] = "\n".join(lines).rstrip() + "\n"
-            task = line[4:].strip() if line.startswith("### ") else None
-            lines = []
-        if task is not None:
-            lines.append(line)
-    sections.pop("end", None)
-    return sections
 
 
 def _task_section(rec: dict[str, Any], rows: list[dict[str, Any]], rel: str) -> str:
