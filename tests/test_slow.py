@@ -13,29 +13,43 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_mnist_quick_profile_meets_its_promises(data_root, tmp_path):
-    env = {**os.environ, "BENCH_DATA": str(data_root), "PYTHONPATH": str(REPO)}
+def run_quick_profile(spec_name: str, data_root: Path, results: Path, max_minutes: float, metric: str) -> tuple[str, float]:
+    """Run ``ablations/<spec_name>.yaml --profile quick`` as a user would, into ``results``; check it ends
+    within ``max_minutes`` with every rung on every seed and the summary starring the best rung by mean
+    validation score.  Returns that rung and its mean test ``metric``."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bench", "run", str(REPO / "ablations" / "mnist.yaml"), "--profile", "quick",
-                    "--results", str(tmp_path), "--no-progress"], cwd=REPO, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "bench", "run", str(REPO / "ablations" / f"{spec_name}.yaml"), "--profile",
+                    "quick", "--results", str(results), "--no-progress"], cwd=REPO, env=bench_env(data_root), check=True)
     minutes = (time.perf_counter() - t0) / 60
-    assert minutes < 15, f"quick profile took {minutes:.1f} min"
-    group = tmp_path / "runs" / "mnist@quick"
+    assert minutes < max_minutes, f"quick profile took {minutes:.1f} min"
+    group = results / "runs" / f"{spec_name}@quick"
     spec = json.loads((group / "spec.json").read_text())
     by_variant = {v["name"]: [json.loads(p.read_text()) for p in (group / v["dir"]).glob("seed-*/result.json")]
                   for v in spec["variants"]}
     assert all(len(rs) == len(spec["seeds"]) for rs in by_variant.values())
     best = max(by_variant, key=lambda n: sum(r["val_best"] for r in by_variant[n]) / len(by_variant[n]))
-    mean_acc = sum(r["test"]["acc"] for r in by_variant[best]) / len(by_variant[best])
+    assert f"{best} ★" in (results / "summary.md").read_text()
+    return best, sum(r["test"][metric] for r in by_variant[best]) / len(by_variant[best])
+
+
+def export_best(task: str, data_root: Path, results: Path) -> dict:
+    """``exporters.onnx best --task TASK`` on ``results`` (no benchmark); returns the export record."""
+    subprocess.run([sys.executable, "-m", "exporters.onnx", "best", "--task", task, "--results", str(results),
+                    "--no-bench"], cwd=REPO, env=bench_env(data_root), check=True)
+    assert (results / "onnx" / f"{task}.onnx").exists()
+    return json.loads((results / "onnx" / f"{task}.json").read_text())
+
+
+def bench_env(data_root: Path) -> dict[str, str]:
+    return {**os.environ, "BENCH_DATA": str(data_root), "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.slow
+def test_mnist_quick_profile_meets_its_promises(data_root, tmp_path):
+    best, mean_acc = run_quick_profile("mnist", data_root, tmp_path, max_minutes=15, metric="acc")
     assert mean_acc >= 0.99, (best, mean_acc)
-    summary = (tmp_path / "summary.md").read_text()
-    assert f"{best} ★" in summary
     # ... and its export matches on the whole test set.
-    subprocess.run([sys.executable, "-m", "exporters.onnx", "best", "--results", str(tmp_path), "--no-bench"],
-                   cwd=REPO, env=env, check=True)
-    meta = json.loads((tmp_path / "onnx" / "mnist.json").read_text())
-    assert (tmp_path / "onnx" / "mnist.onnx").exists()
+    meta = export_best("mnist", data_root, tmp_path)
     assert meta["parity"]["passed"] and meta["parity"]["n"] == 10000 and meta["parity"]["agreement"] >= 0.999
 
 
@@ -44,24 +58,10 @@ def test_warwick_quick_profile_meets_its_promises(data_root, tmp_path):
     """Issue 3's check: the WARWICK quick profile on a 2-core CPU in under 20 minutes, every rung with both
     seeds, the best rung by validation at mean test pixel Dice >= 0.88, object metrics and figures in the summary,
     and the best run exported to ONNX with parity."""
-    env = {**os.environ, "BENCH_DATA": str(data_root), "PYTHONPATH": str(REPO)}
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bench", "run", str(REPO / "ablations" / "warwick.yaml"), "--profile", "quick",
-                    "--results", str(tmp_path), "--no-progress"], cwd=REPO, env=env, check=True)
-    minutes = (time.perf_counter() - t0) / 60
-    assert minutes < 20, f"quick profile took {minutes:.1f} min"
-    group = tmp_path / "runs" / "warwick@quick"
-    spec = json.loads((group / "spec.json").read_text())
-    by_variant = {v["name"]: [json.loads(p.read_text()) for p in (group / v["dir"]).glob("seed-*/result.json")]
-                  for v in spec["variants"]}
-    assert all(len(rs) == len(spec["seeds"]) for rs in by_variant.values())
-    best = max(by_variant, key=lambda n: sum(r["val_best"] for r in by_variant[n]) / len(by_variant[n]))
-    mean_dice = sum(r["test"]["dice"] for r in by_variant[best]) / len(by_variant[best])
+    best, mean_dice = run_quick_profile("warwick", data_root, tmp_path, max_minutes=20, metric="dice")
     assert mean_dice >= 0.88, (best, mean_dice)
     summary = (tmp_path / "summary.md").read_text()
-    assert f"{best} ★" in summary and "obj_f1" in summary and "obj_hausdorff" in summary
+    assert "obj_f1" in summary and "obj_hausdorff" in summary
     assert (tmp_path / "figures" / "warwick-quick-outlines.png").stat().st_size > 10_000
-    subprocess.run([sys.executable, "-m", "exporters.onnx", "best", "--task", "warwick", "--results", str(tmp_path),
-                    "--no-bench"], cwd=REPO, env=env, check=True)
-    meta = json.loads((tmp_path / "onnx" / "warwick.json").read_text())
+    meta = export_best("warwick", data_root, tmp_path)
     assert meta["parity"]["passed"] and meta["parity"]["n"] == 60
