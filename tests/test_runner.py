@@ -110,3 +110,29 @@ def test_cli_rejects_bad_override_before_training(bad, tmp_path):
     out = p.communicate(timeout=60)[0]
     assert p.returncode == 2 and "Traceback" not in out and "unknown key" in out
     assert not (tmp_path / "r").exists()
+
+
+def test_a_lock_is_never_visible_before_its_owner_is_written_in_it(tmp_path, monkeypatch):
+    # Two workers claiming the same run at once: the second one (another process) looks at the lock the
+    # very moment it appears; it must see a live owner and back off (an empty lock once looked dead and
+    # was taken over, so both trained the run).
+    import bench.runner as runner
+
+    path = write_spec(tmp_path / "g.yaml", variants=[{"name": "a"}])
+    run = load_spec(path).runs()[0]
+    store = LocalStore(tmp_path / "runs")
+    second = ("from bench.runner import LocalStore; from bench.spec import load_spec; "
+              f"print(LocalStore({str(tmp_path / 'runs')!r}).claim(load_spec({str(path)!r}).runs()[0]))")
+    repo = str(Path(__file__).resolve().parents[1])
+    real_link, seen = os.link, []
+
+    def link_then_look(src, dst):
+        real_link(src, dst)
+        seen.append(json.loads((store.path(run) / "lock").read_text())["pid"])
+        seen.append(subprocess.run([sys.executable, "-c", second], capture_output=True, text=True, check=True,
+                                   env={**os.environ, "PYTHONPATH": repo}).stdout.strip())
+
+    monkeypatch.setattr(runner.os, "link", link_then_look)
+    assert store.claim(run)
+    assert seen == [os.getpid(), "False"]
+    assert not list(store.path(run).glob("lock.*"))  # the private record is gone
