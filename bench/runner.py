@@ -41,7 +41,7 @@ class LocalStore:
         return [r for r in runs if self.result(r) is None]
 
     def claim(self, run: Run) -> bool:
-        """Take the run's lock; False when another live process holds it.
+        """Take the run's lock; False when another live process holds it or the run is already done.
 
         A folder left by a different config of the same (variant, seed) is kept, renamed
         ``seed-K.superseded-<key>``, so an edited spec never silently mixes results.
@@ -77,6 +77,12 @@ class LocalStore:
             lock.unlink()
             d.rename(d.with_name(f"{d.name}.superseded-{old}"))
             return self.claim(run)
+        if self.result(run) is not None:
+            # Finished by another worker since our todo list was made: without this check a worker
+            # that reached the run after its owner released the lock trained it again (seen: the
+            # WARWICK quick profile's initial/seed-1 trained by both workers, 60-80 s of one lost).
+            self.release(run)
+            return False
         for tmp in d.glob(".*.tmp"):  # leftovers of a write that was killed before its rename
             tmp.unlink(missing_ok=True)
         return True
@@ -172,7 +178,7 @@ def run_spec(spec: Spec, results_dir: str | Path = "results", data_root: str | N
             cfg.train.device = device
         dev = resolve_device(cfg.train.device)
         if not store.claim(run):
-            grid.write(f"skip {run.rel_dir}: claimed by another process")
+            grid.write(f"skip {run.rel_dir}: claimed or finished by another process")
             continue
         try:
             dkey = json.dumps([dataclasses.asdict(cfg.data), str(dev)], sort_keys=True)

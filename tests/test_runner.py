@@ -136,3 +136,16 @@ def test_a_lock_is_never_visible_before_its_owner_is_written_in_it(tmp_path, mon
     assert store.claim(run)
     assert seen == [os.getpid(), "False"]
     assert not list(store.path(run).glob("lock.*"))  # the private record is gone
+
+
+def test_a_run_finished_by_another_worker_is_not_claimed_again(tmp_path):
+    # Workers iterate the todo list they made at start; one that reaches a run another worker has
+    # meanwhile finished and released must skip it, not train it again.
+    path = write_spec(tmp_path / "g.yaml", variants=[{"name": "a"}])
+    run = load_spec(path).runs()[0]
+    store = LocalStore(tmp_path / "runs")
+    assert store.claim(run)
+    store.record(run, {"key": run.key, "test": {}})
+    store.release(run)
+    assert not store.claim(run)
+    assert not (store.path(run) / "lock").exists()  # the refused claim leaves no lock behind
