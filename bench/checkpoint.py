@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import io as bio
+from bench import files
 from bench.config import Config
 from bench.tasks.base import Task
 
@@ -41,4 +41,4 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     model.load_state_dict(ck["state_dict"])
     model.eval()
     res = run_dir / "result.json"
-    return LoadedRun(run_dir, model, cfg, task, ck["data_info"], ck["key"], bio.read_json(res) if res.exists() else None)
+    return LoadedRun(run_dir, model, cfg, task, ck["data_info"], ck["key"], files.read_json(res) if res.exists() else None)

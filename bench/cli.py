@@ -136,7 +136,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["predict"]:  # exit codes: 0 all done, 1 some image failed or none found, 2 usage error
-        from bench.predict import main as predict_main
+        from exporters.predict import main as predict_main
 
         return predict_main(argv[1:])
     args = _parse_args(argv)

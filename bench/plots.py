@@ -17,7 +17,7 @@ def _pyplot():
 
 def plot_run_curves(csv_path: str | Path, png_path: str | Path, metric_label: str) -> None:
     """Loss, metric and learning rate per epoch of one run (train and validation)."""
-    from bench import io as bio
+    from bench import files
 
     h = pd.read_csv(csv_path)
     plt = _pyplot()
@@ -37,13 +37,13 @@ def plot_run_curves(csv_path: str | Path, png_path: str | Path, metric_label: st
         a.grid(alpha=0.3)
     ax[0].legend()
     fig.tight_layout()
-    bio.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
+    files.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
     plt.close(fig)
 
 
 def plot_spec_curves(curves: dict[str, list[pd.DataFrame]], png_path: str | Path, metric_label: str) -> None:
     """Validation metric per epoch for every variant: mean over seeds, band = min..max."""
-    from bench import io as bio
+    from bench import files
 
     plt = _pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
@@ -61,5 +61,5 @@ def plot_spec_curves(curves: dict[str, list[pd.DataFrame]], png_path: str | Path
         a.grid(alpha=0.3)
     ax[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    bio.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
+    files.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
     plt.close(fig)

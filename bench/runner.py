@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from bench import io as bio
+from bench import files
 from bench.spec import Run, Spec, slug
 
 
@@ -34,7 +34,7 @@ class LocalStore:
         p = self.path(run) / "result.json"
         if not p.exists():
             return None
-        res = bio.read_json(p)
+        res = files.read_json(p)
         return res if res.get("key") == run.key else None
 
     def remaining(self, runs: list[Run]) -> list[Run]:
@@ -72,8 +72,8 @@ class LocalStore:
         finally:
             mine.unlink(missing_ok=True)
         cfg = d / "config.json"
-        if cfg.exists() and bio.read_json(cfg).get("key") != run.key:
-            old = bio.read_json(cfg).get("key", "unknown")
+        if cfg.exists() and files.read_json(cfg).get("key") != run.key:
+            old = files.read_json(cfg).get("key", "unknown")
             lock.unlink()
             d.rename(d.with_name(f"{d.name}.superseded-{old}"))
             return self.claim(run)
@@ -103,7 +103,7 @@ class LocalStore:
 
     def record(self, run: Run, result: dict[str, Any]) -> None:
         d = self.path(run)
-        bio.write_json(d / "result.json", result)
+        files.write_json(d / "result.json", result)
         (d / "last.pt").unlink(missing_ok=True)  # resume state is not needed once the result is in
 
     def release(self, run: Run) -> None:
@@ -111,7 +111,7 @@ class LocalStore:
 
     def write_spec_meta(self, spec: Spec) -> None:
         """results/runs/<group>/spec.json: what the summary needs to order and label the rows."""
-        bio.write_json(self.root / spec.group / "spec.json", {
+        files.write_json(self.root / spec.group / "spec.json", {
             "name": spec.name, "group": spec.group, "path": spec.path, "task": spec.task, "profile": spec.profile,
             "seeds": spec.seeds, "description": spec.description,
             "variants": [{"name": v.name, "parent": v.parent, "ablation": v.ablation, "change": v.change,

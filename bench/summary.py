@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench import io as bio
+from bench import files
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -51,16 +51,16 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> tuple[float, float,
 
 def load_group(group_dir: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """spec.json and, per variant name, the result.json of its finished seeds."""
-    meta = bio.read_json(group_dir / "spec.json")
+    meta = files.read_json(group_dir / "spec.json")
     results: dict[str, list[dict[str, Any]]] = {}
     for v in meta["variants"]:
         rs = []
         for seed_dir in sorted((group_dir / v["dir"]).glob("seed-*")):
             if seed_dir.name.removeprefix("seed-").isdigit() and (seed_dir / "result.json").exists():
-                r = bio.read_json(seed_dir / "result.json")
+                r = files.read_json(seed_dir / "result.json")
                 cfg = seed_dir / "config.json"
                 # A result from an older config of this run (superseded key) is not this variant's.
-                if cfg.exists() and bio.read_json(cfg).get("key") == r.get("key"):
+                if cfg.exists() and files.read_json(cfg).get("key") == r.get("key"):
                     r["_dir"] = str(seed_dir)
                     rs.append(r)
         results[v["name"]] = rs
@@ -144,11 +144,11 @@ def write_summary(results_dir: str | Path = "results", command: str | None = Non
         "",
     ]
     # kept for groups whose runs are not here; the deployment section is rebuilt, never kept
-    sections = bio.read_markdown_sections(results_dir / "summary.md", 2, _group_of_heading)
+    sections = files.read_markdown_sections(results_dir / "summary.md", 2, _group_of_heading)
     group_dirs = sorted(p.parent for p in runs_dir.glob("*/spec.json")) if runs_dir.exists() else []
     if groups:
         group_dirs = [g for g in group_dirs if g.name in groups]
-    stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}` at code commit {bio.git_commit()}"
+    stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}` at code commit {files.git_commit()}"
     for gdir in group_dirs:
         meta, results = load_group(gdir)
         if any(results.values()):
@@ -158,7 +158,7 @@ def write_summary(results_dir: str | Path = "results", command: str | None = Non
     if extra.exists():
         out += [extra.read_text().strip(), ""]
     path = results_dir / "summary.md"
-    bio.write_text(path, "\n".join(out))
+    files.write_text(path, "\n".join(out))
     return path
 
 

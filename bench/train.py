@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bench import io as bio
+from bench import files
 from bench.config import Config
 from bench.losses import LOSSES
 from bench.models import count_parameters, create_model
@@ -122,7 +122,7 @@ def write_history(path: Any, history: list[dict[str, float]]) -> None:
     w = csv.DictWriter(buf, fieldnames=HISTORY_KEYS)
     w.writeheader()
     w.writerows(history)
-    bio.write_text(path, buf.getvalue())
+    files.write_text(path, buf.getvalue())
 
 
 def fit(run_dir: Any, cfg: Config, task: Task, data: Data, device: torch.device, key: str,
@@ -144,7 +144,7 @@ def fit(run_dir: Any, cfg: Config, task: Task, data: Data, device: torch.device,
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = cfg.to_dict()
-    bio.write_json(run_dir / "config.json", {"key": key, **(meta or {}), "config": cfg_dict, "data_info": data.info})
+    files.write_json(run_dir / "config.json", {"key": key, **(meta or {}), "config": cfg_dict, "data_info": data.info})
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -195,7 +195,7 @@ def fit(run_dir: Any, cfg: Config, task: Task, data: Data, device: torch.device,
         state["history"].append({"epoch": state["epoch"], **tr, "val_loss": val["loss"], "val_metric": val[task.metric],
                                  "lr": lr, "epoch_time": dt})
         write_history(run_dir / "metrics.csv", state["history"])
-        bio.torch_save(last, {
+        files.torch_save(last, {
             "key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "order_gen": order_gen.get_state(), "aug_gen": aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -211,7 +211,7 @@ def fit(run_dir: Any, cfg: Config, task: Task, data: Data, device: torch.device,
     bar.close()
 
     model.load_state_dict(state["best_state"])
-    bio.torch_save(run_dir / "best.pt", {"state_dict": model.state_dict(), "config": cfg_dict,
+    files.torch_save(run_dir / "best.pt", {"state_dict": model.state_dict(), "config": cfg_dict,
                                          "data_info": data.info, "key": key, "epoch": state["best_epoch"]})
     t0 = time.perf_counter()
     test_metrics = task.evaluate(model, data.test, cfg, loss_fn, final=True) if test else {}
@@ -226,7 +226,7 @@ def fit(run_dir: Any, cfg: Config, task: Task, data: Data, device: torch.device,
         "params": count_parameters(model),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__, "commit": bio.git_commit(),
+        "torch": torch.__version__, "commit": files.git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from bench import io as bio
+from bench import files
 from bench.config import ConfigError
 from bench.spec import Spec, apply_set, build_config, run_key
 
@@ -78,7 +78,7 @@ def tune(spec: Spec, results_dir: str | Path = "results", data_root: str | None 
         run_dir = out / spec.group / f"trial-{trial.number:04d}"
         meta = {"name": f"trial {trial.number}", "trial": trial.number, "search_params": leaves}
         res = fit(run_dir, cfg, task, data_cache[dkey], dev, run_key(cfg), meta, progress, on_epoch=report, test=False)
-        bio.write_json(run_dir / "result.json", res)
+        files.write_json(run_dir / "result.json", res)
         (run_dir / "last.pt").unlink(missing_ok=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -102,5 +102,5 @@ def tune(spec: Spec, results_dir: str | Path = "results", data_root: str | None 
     text = ("# " + yaml.safe_dump(summary, sort_keys=False).replace("\n", "\n# ").rstrip("# ") + "\n"
             "# paste under `variants:` of the spec to benchmark it with error bars:\n"
             + yaml.safe_dump([suggestion], sort_keys=False))
-    bio.write_text(out / f"{spec.group}-best.yaml", text)
+    files.write_text(out / f"{spec.group}-best.yaml", text)
     return {**summary, "params": dict(best.params)}

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench import io as bio
+from bench import files
 from exporters.parity import score
-from exporters.runtime import PROVIDERS, available_providers, make_readable, run_batched, session
+from exporters.runtime import PROVIDERS, available_providers, run_batched, session
 
 if TYPE_CHECKING:
     from exporters.onnx import Exported
@@ -166,7 +166,7 @@ def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | No
             print(f"warning: {prov} benchmark of {ex.path} skipped: {type(e).__name__}: {e}", file=sys.stderr)
             model.cpu()
     rec.update(flops_per_image=flops, params=params)
-    bio.write_json(ex.record_path, rec)
+    files.write_json(ex.record_path, rec)
     return rows
 
 
@@ -263,8 +263,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
         del model.metadata_props[:]
         onnx.helper.set_model_props(model, props)
         onnx.checker.check_model(model)
-        bio.atomic_write(out_path, lambda f: f.write(model.SerializeToString()), mode="wb")
-    make_readable(out_path)
+        files.atomic_write(out_path, lambda f: f.write(model.SerializeToString()), mode="wb")
 
 
 def add_int8(ex: Exported) -> dict[str, Any] | None:
@@ -296,7 +295,7 @@ def add_int8(ex: Exported) -> dict[str, Any] | None:
              "max_abs_logit_diff_vs_fp32": float(np.abs(out8 - out32).max()),
              "calibration": f"{len(calib)} training images, MinMax, QDQ, per-channel 7-bit-range int8 weights, uint8 activations"}
     ex.record["int8"] = entry
-    bio.write_json(ex.record_path, ex.record)
+    files.write_json(ex.record_path, ex.record)
     print(f"wrote {path}; {ex.meta.task} int8 {ex.record['parity']['metric']} {m8:.4f} "
           f"({entry['metric_change']:+.4f} vs fp32 ORT), {label} {100 * agree:.2f} %", file=sys.stderr)
     return entry

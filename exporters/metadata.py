@@ -9,7 +9,7 @@ caller, exactly as :meth:`ModelMeta.normalize` does::
 
 where ``image`` is the file decoded in ``color_mode`` (PIL ``"L"`` or ``"RGB"``).
 
-This module needs numpy only (no torch), so ``bench.predict`` stays light.
+This module needs numpy only (no torch), so ````exporters.predict`` stays light.
 """
 from __future__ import annotations
 

@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench import io as bio
+from bench import files
 from exporters.metadata import ModelMeta, build_metadata
 from exporters.parity import ImageSet, ParityError, load_images, verify
-from exporters.runtime import make_readable
 
 OPSET = 20  # torch.onnx's default in torch 2.14; onnxruntime >= 1.17 runs it
 
@@ -96,7 +95,7 @@ def finished_runs(results_dir: str | Path, groups: list[str] | None = None) -> l
             continue
         if not ((d / "result.json").exists() and (d / "best.pt").exists()):
             continue
-        res, cfg = bio.read_json(d / "result.json"), bio.read_json(cfg_path)
+        res, cfg = files.read_json(d / "result.json"), files.read_json(cfg_path)
         val = res.get("val_best")
         if res.get("key") != cfg.get("key") or not isinstance(val, (int, float)) or not math.isfinite(val):
             continue
@@ -202,7 +201,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(proto.SerializeToString())
-        make_readable(tmp)
+        files.make_readable(tmp)
         t0 = time.perf_counter()
         parity, inputs = verify(tmp, lr.model, meta, test)
         parity["seconds"] = time.perf_counter() - t0
@@ -224,7 +223,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
         "metadata": props, "parity": parity,
     }
     record_path = path.with_suffix(".json")
-    bio.write_json(record_path, record)
+    files.write_json(record_path, record)
     return Exported(path, record_path, record, meta, lr.model, inputs, test, root)
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench import io as bio
+from bench import files
 
 CSV_COLUMNS = [
     "model", "source_run", "engine", "provider", "precision", "batch", "threads", "spinning", "warmup", "repeats",
@@ -49,7 +49,7 @@ def update_latency_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     w.writeheader()
     for r in old + rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    bio.write_text(path, buf.getvalue())
+    files.write_text(path, buf.getvalue())
     return Path(path)
 
 
@@ -79,7 +79,7 @@ def write_deployment_md(results_dir: str | Path, onnx_dir: str | Path | None = N
     results_dir = Path(results_dir)
     onnx_dir = Path(onnx_dir) if onnx_dir else results_dir / "onnx"
     rows = read_latency_csv(results_dir / "latency.csv")
-    recs = [bio.read_json(p) for p in sorted(onnx_dir.glob("*.json"))]
+    recs = [files.read_json(p) for p in sorted(onnx_dir.glob("*.json"))]
     recs = [r for r in recs if isinstance(r, dict) and "parity" in r]
     try:
         rel = onnx_dir.resolve().relative_to(results_dir.resolve()).as_posix()
@@ -91,12 +91,12 @@ def write_deployment_md(results_dir: str | Path, onnx_dir: str | Path | None = N
            "PyTorch eager and ONNX Runtime interleaved on the same inputs and thread count; images/s = batch / p50; "
            "×PyTorch = PyTorch p50 / engine p50 at that batch (> 1: faster). FLOPs = 2 × multiply-accumulates of the "
            "convolutions and linear layers per image.", ""]
-    sections = bio.read_markdown_sections(results_dir / "deployment.md", 3, str.strip)
+    sections = files.read_markdown_sections(results_dir / "deployment.md", 3, str.strip)
     for rec in recs:
         sections[rec["task"]] = _task_section(rec, rows, rel)
     out += [text for _, text in sorted(sections.items())]
     path = results_dir / "deployment.md"
-    bio.write_text(path, "\n".join(out))
+    files.write_text(path, "\n".join(out))
     return path
 
 

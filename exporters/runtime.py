@@ -39,15 +39,6 @@ def session(path: str | Path, provider: str = "cpu", threads: int | None = None,
     return ort.InferenceSession(str(path), so, providers=providers)
 
 
-def make_readable(path: str | Path) -> None:
-    """Give a file written via ``mkstemp`` (mode 0600) the usual 0644 (less the umask): exports are for sharing."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def run_batched(sess: Any, x: np.ndarray, batch: int) -> np.ndarray:
     """The session's first output for all of ``x`` (N, ...), ``batch`` images per call; float32."""
     name = sess.get_inputs()[0].name

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from bench.models import create_model
-from bench.predict import main, prepare_digit, segment_logits
 from exporters.metadata import ModelMeta, build_metadata
 from exporters.onnx import export_graph
+from exporters.predict import main, prepare_digit, segment_logits
 from exporters.runtime import session
 
 

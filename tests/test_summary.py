@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import io as bio
+from bench import files
 from bench.runner import LocalStore
 from bench.spec import load_spec
 from bench.summary import mean_ci, paired_test, write_summary
@@ -38,10 +38,10 @@ def fake_store(tmp_path: Path) -> Path:
     val = {"a": 0.97, "b": 0.99, "c": 0.999}  # c is best on validation (test does not choose)
     for run in spec.runs():
         d = store.path(run)
-        bio.write_json(d / "config.json", {"key": run.key, "config": run.config.to_dict()})
+        files.write_json(d / "config.json", {"key": run.key, "config": run.config.to_dict()})
         (d / "metrics.csv").write_text("epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time\n"
                                        "1,1.0,0.5,0.9,0.6,0.001,1.0\n2,0.5,0.8,0.4,0.9,0.001,1.0\n")
-        bio.write_json(d / "result.json", {
+        files.write_json(d / "result.json", {
             "key": run.key, "variant": run.variant.name, "seed": run.seed,
             "test": {"acc": acc[run.variant.name][run.seed], "loss": 0.1}, "val_best": val[run.variant.name],
             "best_epoch": 2, "epochs_run": 2, "train_time_s": 12.0, "params": 1234, "device_name": "CPU: test",
@@ -103,7 +103,7 @@ def test_reported_number_is_shown_as_written():
 
 def test_a_stated_commit_is_marked_as_stated(tmp_path, monkeypatch):
     monkeypatch.delenv("BENCH_COMMIT", raising=False)
-    assert bio.git_commit(tmp_path) == "unknown"  # tmp_path is no git checkout
-    assert bio.git_commit() not in ("unknown", "")  # this checkout
+    assert files.git_commit(tmp_path) == "unknown"  # tmp_path is no git checkout
+    assert files.git_commit() not in ("unknown", "")  # this checkout
     monkeypatch.setenv("BENCH_COMMIT", "0123456789abcdef")
-    assert bio.git_commit(tmp_path) == bio.git_commit() == "0123456789abcdef (stated)"  # wins over git, marked
+    assert files.git_commit(tmp_path) == files.git_commit() == "0123456789abcdef (stated)"  # wins over git, marked

@@ -58,7 +58,7 @@ def test_resume_after_interruption_gives_the_same_result(mnist_small, tmp_path, 
     # Interrupt the second run right after its 2nd epoch's checkpoint has been written.
     import bench.train as train_mod
 
-    real_save, calls = train_mod.bio.torch_save, []
+    real_save, calls = train_mod.files.torch_save, []
 
     def save_then_die(path, obj):
         real_save(path, obj)
@@ -67,10 +67,10 @@ def test_resume_after_interruption_gives_the_same_result(mnist_small, tmp_path, 
             if len(calls) == 2:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod.bio, "torch_save", save_then_die)
+    monkeypatch.setattr(train_mod.files, "torch_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "cut", run.config, task, data, torch.device("cpu"), run.key, progress=False)
-    monkeypatch.setattr(train_mod.bio, "torch_save", real_save)
+    monkeypatch.setattr(train_mod.files, "torch_save", real_save)
     assert len(pd.read_csv(tmp_path / "cut" / "metrics.csv")) == 2
     resumed = fit(tmp_path / "cut", run.config, task, data, torch.device("cpu"), run.key, progress=False)
     assert resumed["test"] == full["test"] and resumed["best_epoch"] == full["best_epoch"]

@@ -309,13 +309,13 @@ class WarwickTask(Task):
         Rebuilds the run's model from ``best.pt`` and its data from ``config.json``; returns
         nothing (with a note on stderr) when the data or checkpoint is no longer there.
         """
-        from bench import io as bio
+        from bench import files
         from bench.seg_figures import draw_outlines
         from bench.spec import config_from_dict
         from bench.train import build_model
 
         try:
-            meta = bio.read_json(run_dir / "config.json")
+            meta = files.read_json(run_dir / "config.json")
             cfg = config_from_dict(meta["config"], where=str(run_dir / "config.json"))
             data = self.load(cfg, torch.device("cpu"))
             model = build_model(cfg, self, data)

@@ -1,6 +1,8 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then ``os.replace``.
+"""Files: atomic writes, JSON, markdown sections, and the checkout's commit.
 
-A run killed at any moment leaves either the old file or the new one, never half of one.
+Every result file is written to a temp file in the same folder, fsynced, then renamed
+(``os.replace``): a run killed at any moment leaves either the old file or the new one, never
+half of one.  Named ``files`` (not ``io``) so that it never shadows the standard module.
 """
 from __future__ import annotations
 
@@ -13,7 +15,20 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: str | Path) -> None:
+    """Give a file made by ``mkstemp`` (mode 0600) the mode a plain ``open(path, "w")`` would:
+    0666 less the umask, so results are readable by the other users of a shared machine."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write ``path`` by calling ``write(f)`` on a temp file, then renaming it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -22,6 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 all images done, 1 some failed or none found, 2 usage error."""
     from PIL import Image
 
-    from bench import io as bio
+    from bench import files
 
     try:
         args = _parse_args(argv)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 for suffix, arr in (("mask", mask.astype(np.uint8) * 255), ("overlay", over)):
                     buf = io.BytesIO()
                     Image.fromarray(arr).save(buf, format="PNG")
-                    bio.atomic_write(out / f"{stem}_{suffix}.png", lambda f, b=buf: f.write(b.getvalue()), mode="wb")
+                    files.atomic_write(out / f"{stem}_{suffix}.png", lambda f, b=buf: f.write(b.getvalue()), mode="wb")
                 rows.append([str(path), f"{stem}_mask.png", f"{stem}_overlay.png", f"{mask.mean():.6f}"])
             else:
                 label, prob = classify(sess, meta, img)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["file", "mask", "overlay", "foreground_fraction"] if seg else ["file", "digit", "probability"])
         w.writerows(rows)
-        bio.write_text(out / "predictions.csv", buf.getvalue())
+        files.write_text(out / "predictions.csv", buf.getvalue())
         print(f"wrote {out / 'predictions.csv'}" + (f" and {2 * len(rows)} PNGs to {out}" if seg else ""), file=sys.stderr)
     print(f"{len(rows)} image(s) done, {len(failed)} failed" + (": " + ", ".join(map(str, failed)) if failed else ""),
           file=sys.stderr)
