@@ -2,20 +2,26 @@
 
 A spec (see ``bench/spec.py``) resolves to one :class:`Config` per run.  Sections that
 name a registry entry (``model``, ``optim``, ``sched``, ``loss``) are plain dicts
-``{"name": ..., **kwargs}`` whose kwargs are checked against the factory's signature;
-the fixed sections are dataclasses.  ``to_dict`` / ``from_dict`` round-trip through
-JSON, and ``config_hash`` keys a run by its resolved content.
+``{"name": ..., **kwargs}`` whose kwargs are checked against the factory's signature
+(``bench/factories.py``); the fixed sections are the dataclasses below.  A number with a
+valid range says so in its type (``Annotated[float, Range(...)]``), here and in the
+factories' signatures, and :func:`check_value` enforces it: a spec cannot ask for a
+negative learning rate or a dropout of 1.5.  ``Config.to_dict`` is what a run saves;
+``bench.spec.config_from_dict`` builds the Config back from it; ``config_hash`` keys a
+run by its resolved content.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from bench.registry import closest_first
 
@@ -24,25 +30,66 @@ class ConfigError(ValueError):
     """A spec or config value is wrong; the message names the file and key path."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed interval of a number: ``low``/``high`` (None: unbounded), each end included
+    unless ``*_open``.  Used as ``Annotated[float, Range(0, low_open=True)]``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return not (self.high is not None and (v >= self.high if self.high_open else v > self.high))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+class RangeError(ConfigError):
+    """A number of the right type outside its :class:`Range`."""
+
+
+# The ranges used across the harness, named for what they mean.
+Positive = Range(0, low_open=True)  # learning rates, weights, scales
+NonNegative = Range(0)  # decays, magnitudes, counts that may be 0
+AtLeastOne = Range(1)  # epochs, sizes, widths
+Probability = Range(0, 1, high_open=True)  # dropout, momentum, label smoothing: 1 would be degenerate
+OpenUnit = Range(0, 1, low_open=True, high_open=True)  # a share of something, a threshold
+
+PosFloat = Annotated[float, Positive]
+NonNegFloat = Annotated[float, NonNegative]
+NonNegInt = Annotated[int, NonNegative]
+PosInt = Annotated[int, AtLeastOne]
+UnitFloat = Annotated[float, Probability]
+
+
 @dataclass
 class DataCfg:
     root: str | None = None  # data root; None -> --data-root, $BENCH_DATA, ./data
-    val_fraction: float | None = None  # share of the training images held out; None -> task default
-    split_seed: int = 0  # the validation split is fixed by this seed, not by the run seed
-    train_subset: int | None = None  # use only this many training images (quick profiles, tests)
-    channels: list[int] | None = None  # input channels to keep; None -> task default
+    val_fraction: Annotated[float, OpenUnit] | None = None  # share of the training images held out; None -> task default
+    split_seed: NonNegInt = 0  # the validation split is fixed by this seed, not by the run seed
+    train_subset: PosInt | None = None  # use only this many training images (quick profiles, tests)
+    channels: list[NonNegInt] | None = None  # input channels to keep; None -> task default
 
 
 @dataclass
 class TrainCfg:
-    epochs: int = 26
-    batch_size: int = 64
-    patience: int | None = None  # early stopping: epochs without a better validation metric
+    epochs: PosInt = 26
+    batch_size: PosInt = 64
+    patience: PosInt | None = None  # early stopping: epochs without a better validation metric
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # bitwise repeatable on CPU (slower)
     amp: bool = True  # bf16 autocast, used on CUDA only
-    eval_batch_size: int = 1000
-    threads: int | None = None  # torch CPU threads; None -> torch default
+    eval_batch_size: PosInt = 1000
+    threads: PosInt | None = None  # torch CPU threads; None -> torch default
 
 
 @dataclass
@@ -50,17 +97,17 @@ class AugmentCfg:
     """Batched, on-device augmentation; every key is off at its default."""
 
     flips: bool = False  # the 8 flips/rotations by 90 degrees (dihedral group)
-    rotate: float = 0.0  # max rotation in degrees
-    translate: float = 0.0  # max shift as a fraction of the image size
-    scale: float = 0.0  # max relative zoom in/out
-    elastic: float = 0.0  # elastic deformation magnitude in pixels (0: off)
-    intensity: float = 0.0  # max relative brightness/contrast jitter
+    rotate: Annotated[float, Range(0, 180)] = 0.0  # max rotation in degrees
+    translate: Annotated[float, Range(0, 1, high_open=True)] = 0.0  # max shift as a fraction of the image size
+    scale: Annotated[float, Range(0, 1, high_open=True)] = 0.0  # max relative zoom in/out
+    elastic: NonNegFloat = 0.0  # elastic deformation magnitude in pixels (0: off)
+    intensity: Annotated[float, Range(0, 1, high_open=True)] = 0.0  # max relative brightness/contrast jitter
 
 
 @dataclass
 class EvalCfg:
     tta: bool = False  # average predictions over the 8 flips/rotations
-    threshold: float = 0.5  # segmentation: probability above which a pixel is foreground
+    threshold: Annotated[float, OpenUnit] = 0.5  # segmentation: probability above which a pixel is foreground
 
 
 REGISTRY_SECTIONS = ("model", "optim", "sched", "loss")
@@ -82,6 +129,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def copy(self, **changes: Any) -> Config:
+        """A deep copy with top-level ``changes`` (e.g. ``seed``): runs never share a section, so
+        setting one run's data root or device cannot leak into another's."""
+        return dataclasses.replace(copy.deepcopy(self), **changes)
+
 
 SECTION_TYPES: dict[str, type] = {"train": TrainCfg, "data": DataCfg, "augment": AugmentCfg, "eval": EvalCfg}
 
@@ -96,6 +148,8 @@ def config_hash(d: dict[str, Any]) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
@@ -108,14 +162,29 @@ def _type_name(tp: Any) -> str:
 
 
 def check_value(value: Any, tp: Any, where: str) -> Any:
-    """Return ``value`` coerced to ``tp`` (int -> float, list -> tuple) or raise ConfigError."""
+    """Return ``value`` coerced to ``tp`` (int -> float, list -> tuple) or raise ConfigError;
+    a :class:`Range` in ``Annotated[...]`` is enforced (RangeError)."""
     if tp is Any or tp is typing.Any:
         return value
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = check_value(value, base, where)
+        for r in extras:
+            if isinstance(r, Range) and not r.contains(value):
+                raise RangeError(f"{where}: must be {r}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
                 return check_value(value, arg, where)
+            except RangeError:
+                raise  # the type fits, the number does not: say so, not "expected int or null"
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -156,7 +225,7 @@ def build_section(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass ``cls`` from dict ``raw``, rejecting unknown keys and wrong types."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
@@ -174,10 +243,8 @@ def check_factory_kwargs(
     Parameters listed in ``skip`` are supplied by the harness (e.g. ``params`` of an
     optimizer) and may not be set from a spec.
     """
-    import inspect
-
     sig = inspect.signature(fn)
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
     params = [p for p in sig.parameters if p not in skip and sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
     out = {}
     for key, value in raw.items():

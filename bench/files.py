@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+from tabulate import tabulate
+
 
 def _umask() -> int:
     mask = os.umask(0)  # the only way to read it: set and restore at once
@@ -57,9 +60,21 @@ def read_json(path: str | Path) -> Any:
 
 
 def torch_save(path: str | Path, obj: Any) -> None:
-    import torch
+    import torch  # lazily: this bottom module also serves commands that never load torch (--help, summary of text)
 
     atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]], align: list[str] | None = None) -> str:
+    """A GitHub markdown (pipe) table of strings, padded so the source reads as a table too; ``align``
+    per column: ``left`` (default) or ``right`` (numbers).  The one way this project writes tables."""
+    return tabulate([[str(c) for c in r] for r in rows], headers=headers, tablefmt="pipe", disable_numparse=True,
+                    colalign=align)
+
+
+def yaml_scalar(value: Any) -> str:
+    """``value`` as one would type it after ``--set KEY=`` (YAML flow style): ``0.001``, ``[8, 16]``, ``true``."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def read_markdown_sections(path: str | Path, level: int, name: Callable[[str], str | None]) -> dict[str, str]:

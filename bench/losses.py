@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.config import NonNegFloat, PosFloat, UnitFloat
 from bench.registry import Registry
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -63,25 +64,25 @@ def soft_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0, reductio
 
 
 @LOSSES.register()
-def ce(*, label_smoothing: float = 0.0) -> LossFn:
+def ce(*, label_smoothing: UnitFloat = 0.0) -> LossFn:
     """Cross-entropy for classification (logits (N, K), target (N,) int64)."""
     return lambda logits, target: cross_entropy(logits, target, label_smoothing)
 
 
 @LOSSES.register()
-def bce(*, pos_weight: float = 1.0) -> LossFn:
+def bce(*, pos_weight: PosFloat = 1.0) -> LossFn:
     """Pixel-wise binary cross-entropy on logits (N, 1, H, W)."""
     return lambda logits, target: binary_cross_entropy(logits, target, pos_weight)
 
 
 @LOSSES.register()
-def dice(*, smooth: float = 1.0) -> LossFn:
+def dice(*, smooth: NonNegFloat = 1.0) -> LossFn:
     """Soft Dice loss, mean over images."""
     return lambda logits, target: soft_dice_loss(logits, target, smooth)
 
 
 @LOSSES.register()
-def dice_bce(*, dice_weight: float = 1.0, bce_weight: float = 1.0) -> LossFn:
+def dice_bce(*, dice_weight: NonNegFloat = 1.0, bce_weight: NonNegFloat = 1.0) -> LossFn:
     """``dice_weight * soft Dice + bce_weight * BCE``: BCE gives dense gradients early,
     Dice optimises the overlap metric directly and is insensitive to class balance."""
     return lambda logits, target: dice_weight * soft_dice_loss(logits, target) + bce_weight * binary_cross_entropy(

@@ -44,6 +44,7 @@ import math
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.spatial.distance import cdist
 from torch import Tensor
 
 # 8-connectivity: diagonal neighbours belong to the same object.
@@ -185,8 +186,6 @@ def _box_distance(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def _directed(a: _Objects, i: int, b: _Objects, j: int) -> float:
     """max over pixels p of a_i of dist(p, b_j), by brute force against b_j's edge pixels."""
-    from scipy.spatial.distance import cdist
-
     pts = a.pixels[i]
     pts = pts[b.lab[pts[:, 0], pts[:, 1]] != j + 1]  # pixels inside b_j are at distance 0
     if len(pts) == 0:

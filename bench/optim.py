@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Annotated
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
+from bench.config import NonNegFloat, NonNegInt, OpenUnit, PosFloat, PosInt, Range, UnitFloat
 from bench.registry import Registry
 
 OPTIMIZERS: Registry = Registry("optimizer")
@@ -23,21 +25,21 @@ Params = Iterable[nn.Parameter]
 
 
 @OPTIMIZERS.register()
-def sgd(params: Params, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = False,
-        weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def sgd(params: Params, lr: PosFloat = 0.1, momentum: UnitFloat = 0.9, nesterov: bool = False,
+        weight_decay: NonNegFloat = 0.0) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register()
-def adam(params: Params, lr: float = 1e-3, weight_decay: float = 0.0, beta1: float = 0.9,
-         beta2: float = 0.999) -> torch.optim.Optimizer:
+def adam(params: Params, lr: PosFloat = 1e-3, weight_decay: NonNegFloat = 0.0, beta1: UnitFloat = 0.9,
+         beta2: UnitFloat = 0.999) -> torch.optim.Optimizer:
     """Adam with L2 ``weight_decay`` added to the gradient (PyTorch's Adam semantics)."""
     return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register()
-def adamw(params: Params, lr: float = 1e-3, weight_decay: float = 0.01, beta1: float = 0.9,
-          beta2: float = 0.999) -> torch.optim.Optimizer:
+def adamw(params: Params, lr: PosFloat = 1e-3, weight_decay: NonNegFloat = 0.01, beta1: UnitFloat = 0.9,
+          beta2: UnitFloat = 0.999) -> torch.optim.Optimizer:
     """Adam with decoupled weight decay."""
     return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
 
@@ -50,21 +52,21 @@ def none(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) ->
 
 
 @SCHEDULERS.register()
-def step(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, step_size: int = 8,
-         gamma: float = 0.2) -> LRScheduler:
+def step(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, step_size: PosInt = 8,
+         gamma: PosFloat = 0.2) -> LRScheduler:
     """Multiply the rate by ``gamma`` every ``step_size`` epochs (the report's StepLR)."""
     return LambdaLR(optimizer, lambda s: gamma ** ((s // steps_per_epoch) // step_size))
 
 
 @SCHEDULERS.register()
-def exp(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, gamma: float = 0.97) -> LRScheduler:
+def exp(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, gamma: PosFloat = 0.97) -> LRScheduler:
     """Multiply the rate by ``gamma`` after every epoch."""
     return LambdaLR(optimizer, lambda s: gamma ** (s // steps_per_epoch))
 
 
 @SCHEDULERS.register()
-def cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,
-           min_lr_ratio: float = 0.0) -> LRScheduler:
+def cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: NonNegInt = 0,
+           min_lr_ratio: Annotated[float, Range(0, 1)] = 0.0) -> LRScheduler:
     """Linear warm-up for ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` x lr."""
     total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
 
@@ -78,8 +80,8 @@ def cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, 
 
 
 @SCHEDULERS.register()
-def onecycle(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, pct_start: float = 0.3,
-             div_factor: float = 25.0) -> LRScheduler:
+def onecycle(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
+             pct_start: Annotated[float, OpenUnit] = 0.3, div_factor: Annotated[float, Range(1)] = 25.0) -> LRScheduler:
     """Super-convergence one-cycle policy peaking at the optimizer's ``lr``."""
     max_lr = [g["lr"] for g in optimizer.param_groups]
     return OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch,

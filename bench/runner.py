@@ -1,198 +1,143 @@
-"""Runs a spec's grid of (variant, seed) runs, skipping finished ones.
+"""Trains a spec's grid of (variant, seed) runs, skipping finished ones.
 
-The only place that decides which runs remain, claims one and records its result is
-:class:`LocalStore`.  A later store (a database shared by several machines) or several
-worker processes replace or share it without touching the loop in :func:`run_spec`.
+Which runs remain, who trains each and where results go is the run store's business
+(``bench/store.py``); this module only loops: claim a run, train it, record it.  Several
+worker processes (``--workers N``) run the same loop over the same list and share it through
+the store's kernel locks.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import multiprocessing
 import os
-import socket
-import time
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from bench import files
-from bench.spec import Run, Spec, slug
+from bench.spec import Run, Spec
+from bench.store import RunStore
+from bench.tasks import TASKS
+from bench.tasks.base import Data
+from bench.train import fit, resolve_device
 
 
-class LocalStore:
-    """Run folders under ``root`` (results/runs); a run is done when its result.json
-    carries the run's config key, and claimed while a live process holds its lock file."""
+@dataclass
+class RunOptions:
+    """How (not what) to train: the same for every run of an invocation, and for its workers."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def path(self, run: Run) -> Path:
-        return self.root / run.rel_dir
-
-    def result(self, run: Run) -> dict[str, Any] | None:
-        p = self.path(run) / "result.json"
-        if not p.exists():
-            return None
-        res = files.read_json(p)
-        return res if res.get("key") == run.key else None
-
-    def remaining(self, runs: list[Run]) -> list[Run]:
-        return [r for r in runs if self.result(r) is None]
-
-    def claim(self, run: Run) -> bool:
-        """Take the run's lock; False when another live process holds it or the run is already done.
-
-        A folder left by a different config of the same (variant, seed) is kept, renamed
-        ``seed-K.superseded-<key>``, so an edited spec never silently mixes results.
-        """
-        d = self.path(run)
-        d.mkdir(parents=True, exist_ok=True)
-        lock = d / "lock"
-        # The lock appears with its owner already written in it: the record goes to a private file
-        # that is then hard-linked as `lock` (atomic, fails if `lock` exists).  Creating `lock` empty
-        # and writing it afterwards let a second worker read it empty in between, take it for a dead
-        # owner's and train the same run at once (seen: 88 s of one of two workers lost at the start
-        # of the WARWICK quick profile).
-        mine = d / f"lock.{os.getpid()}.new"
-        mine.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                    "start": _proc_start(os.getpid()), "since": time.time()}))
-        try:
-            for _ in range(2):
-                try:
-                    os.link(mine, lock)
-                except FileExistsError:
-                    if self._lock_alive(lock):
-                        return False
-                    lock.unlink(missing_ok=True)  # its owner died (e.g. SIGKILL): take over
-                    continue
-                break
-            else:
-                return False
-        finally:
-            mine.unlink(missing_ok=True)
-        cfg = d / "config.json"
-        if cfg.exists() and files.read_json(cfg).get("key") != run.key:
-            old = files.read_json(cfg).get("key", "unknown")
-            lock.unlink()
-            d.rename(d.with_name(f"{d.name}.superseded-{old}"))
-            return self.claim(run)
-        if self.result(run) is not None:
-            # Finished by another worker since our todo list was made: without this check a worker
-            # that reached the run after its owner released the lock trained it again (seen: the
-            # WARWICK quick profile's initial/seed-1 trained by both workers, 60-80 s of one lost).
-            self.release(run)
-            return False
-        for tmp in d.glob(".*.tmp"):  # leftovers of a write that was killed before its rename
-            tmp.unlink(missing_ok=True)
-        return True
-
-    @staticmethod
-    def _lock_alive(lock: Path) -> bool:
-        try:
-            info = json.loads(lock.read_text())
-        except (OSError, ValueError):
-            return False  # unreadable (not written by this version's claim): treat as dead
-        if info.get("host") != socket.gethostname():
-            return True  # cannot check another machine's process: assume it is working
-        pid = int(info.get("pid", -1))
-        if pid == os.getpid():
-            return False  # left by an earlier process that had our pid
-        # The pid must still exist and be the same process (pids are reused after a kill).
-        return _proc_start(pid) is not None and _proc_start(pid) == info.get("start")
-
-    def record(self, run: Run, result: dict[str, Any]) -> None:
-        d = self.path(run)
-        files.write_json(d / "result.json", result)
-        (d / "last.pt").unlink(missing_ok=True)  # resume state is not needed once the result is in
-
-    def release(self, run: Run) -> None:
-        (self.path(run) / "lock").unlink(missing_ok=True)
-
-    def write_spec_meta(self, spec: Spec) -> None:
-        """results/runs/<group>/spec.json: what the summary needs to order and label the rows."""
-        files.write_json(self.root / spec.group / "spec.json", {
-            "name": spec.name, "group": spec.group, "path": spec.path, "task": spec.task, "profile": spec.profile,
-            "seeds": spec.seeds, "description": spec.description,
-            "variants": [{"name": v.name, "parent": v.parent, "ablation": v.ablation, "change": v.change,
-                          "reported": v.reported, "dir": slug(v.name)}
-                         for v in spec.variants],
-        })
+    data_root: str  # resolved, absolute
+    device: str | None = None  # --device; None: each run's train.device
+    threads: int | None = None  # torch threads per process; None: the config's, else torch's default
+    progress: bool = True  # progress bars (stderr)
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        try:
-            os.kill(pid, 0)  # no /proc (macOS): existence is the best we can check
-        except (ProcessLookupError, PermissionError):
-            return None
-        return "?"
-    return stat.rsplit(")", 1)[1].split()[19]
+def resolve_data_root(cli_root: str | None) -> tuple[str, bool]:
+    """(absolute data root, whether it is the default): --data-root, else $BENCH_DATA, else ./data."""
+    given = cli_root or os.environ.get("BENCH_DATA")
+    return str(Path(given or "data").expanduser().resolve()), not given
 
 
-def resolve_data_root(cli_root: str | None) -> str:
-    """--data-root, else $BENCH_DATA, else ./data."""
-    return str(Path(cli_root or os.environ.get("BENCH_DATA") or "data").expanduser().resolve())
+def data_key(cfg: Any, device: torch.device) -> str:
+    return json.dumps([asdict(cfg.data), str(device)], sort_keys=True)
 
 
-def check_data(spec: Spec, data_root: str | None = None) -> None:
-    """Load (on the CPU) every distinct data configuration of ``spec``'s runs once, so broken
-    data raises its DataError here, in one process, before any worker or run starts."""
-    import torch
-
-    from bench.tasks import TASKS
-
-    task, root, seen = TASKS[spec.task], resolve_data_root(data_root), set()
-    for run in spec.runs():
-        cfg = run.config
-        cfg.data.root = cfg.data.root or root
-        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            task.load(cfg, torch.device("cpu"))
-
-
-def run_spec(spec: Spec, results_dir: str | Path = "results", data_root: str | None = None,
-             device: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Train every remaining run of ``spec``; returns the results of all runs that are done."""
-    import torch
-
-    from bench.tasks import TASKS
-    from bench.train import fit, resolve_device
-
-    store = LocalStore(Path(results_dir) / "runs")
-    store.write_spec_meta(spec)
-    runs = spec.runs()
-    todo = store.remaining(runs)
+def check_data(spec: Spec, runs: list[Run], opts: RunOptions, download: bool = False) -> dict[str, Data]:
+    """Before anything trains: check the task's files (fetching them when ``download``) and load
+    every distinct data configuration of ``runs`` once on the CPU, so broken data or an impossible
+    data setting stops the command with one message.  Returns the loaded data, keyed for reuse."""
     task = TASKS[spec.task]
-    root = resolve_data_root(data_root)
-    cache: dict[str, Any] = {}
-    grid = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{spec.group} runs", disable=not progress, unit="run")
+    task.prepare(Path(opts.data_root), download)
+    cpu, loaded = torch.device("cpu"), {}
+    for run in runs:
+        cfg = runtime_config(run, opts)
+        key = data_key(cfg, cpu)
+        if key not in loaded:
+            loaded[key] = task.load(cfg, cpu)
+    return loaded
+
+
+def runtime_config(run: Run, opts: RunOptions) -> Any:
+    """The run's config with where it runs filled in (a copy: the run's own config stays as the spec made it)."""
+    cfg = run.config.copy()
+    cfg.data.root = cfg.data.root or opts.data_root
+    if opts.device:
+        cfg.train.device = opts.device
+    if opts.threads:
+        cfg.train.threads = opts.threads
+    return cfg
+
+
+def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions,
+             cache: dict[str, Data] | None = None) -> None:
+    """Train every run of ``runs`` that is not finished and not claimed by another process."""
+    store = RunStore(results_dir)
+    task = TASKS[spec.task]
+    cache = cache if cache is not None else {}
+    todo = store.todo(runs)
+    grid = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{spec.group} runs", disable=not opts.progress,
+                unit="run")
     for run in todo:
-        cfg = run.config
-        cfg.data.root = cfg.data.root or root
-        if device:
-            cfg.train.device = device
-        dev = resolve_device(cfg.train.device)
-        if not store.claim(run):
-            grid.write(f"skip {run.rel_dir}: claimed or finished by another process")
-            continue
-        try:
-            dkey = json.dumps([dataclasses.asdict(cfg.data), str(dev)], sort_keys=True)
-            if dkey not in cache:
+        cfg = runtime_config(run, opts)
+        device = resolve_device(cfg.train.device, "train.device")
+        with store.claim(run) as mine:
+            if not mine:
+                continue
+            key = data_key(cfg, device)
+            if key not in cache:
+                cpu_copy = cache.get(data_key(cfg, torch.device("cpu")))
                 cache.clear()  # one data set in memory at a time
-                cache[dkey] = task.load(cfg, dev)
-            meta = {"spec": spec.group, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
-            result = fit(store.path(run), cfg, task, cache[dkey], dev, run.key, meta, progress)
+                cache[key] = cpu_copy if device.type == "cpu" and cpu_copy else task.load(cfg, device)
+            meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed,
+                    "name": f"{run.variant.name}/s{run.seed}"}
+            result = fit(store.path(run), cfg, task, cache[key], device, run.key, meta, opts.progress)
             store.record(run, result)
-        finally:
-            store.release(run)
         grid.update(1)
-        grid.set_postfix_str(f"{run.variant.name} seed {run.seed}: {task.metric}={result['test'][task.metric]:.4f}")
-        if dev.type == "cuda":
+        report_finished(run, result, task, opts.progress)
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     grid.close()
-    return [r for r in (store.result(run) for run in runs) if r is not None]
+
+
+def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool) -> None:
+    """One line per finished run on stdout (the progress bars are on stderr), for logs and pipes."""
+    m = task.metrics[0]
+    line = (f"done {run.spec} {run.variant.name} seed {run.seed}: {m.label} {m.format(result['test'].get(m.key))}"
+            f"{' ' + m.unit if m.unit else ''} (val {m.format(result['val_best'])}), {result['epochs_run']} epochs, "
+            f"{result['train_time_s']:.0f} s")
+    if progress:
+        tqdm.write(line, file=sys.stdout)
+    else:
+        print(line, flush=True)
+
+
+def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions, n: int) -> None:
+    """Train ``runs`` with ``n`` processes of one thread-share each (cores // n); they share the
+    grid through the store's locks.  Raises SystemExit naming the exit codes when a worker failed."""
+    threads = max(1, (os.cpu_count() or 1) // n)
+    opts = RunOptions(opts.data_root, opts.device, threads, progress=False)
+    print(f"{n} workers x {threads} threads", file=sys.stderr)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    procs = [ctx.Process(target=_worker, args=(spec, runs, str(results_dir), opts), daemon=False) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:  # the terminal sent SIGINT to the workers too; wait for them to stop
+            p.join()
+        raise
+    codes = [p.exitcode for p in procs]
+    if any(codes):
+        raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")
+
+
+def _worker(spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions) -> None:
+    try:
+        run_grid(spec, runs, results_dir, opts)
+    except KeyboardInterrupt:
+        sys.exit(130)  # quietly: the parent says what was interrupted

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 GT_COLOR = "white"  # the images are red/green only: white and blue stand out
 PRED_COLOR = "#1f3fff"
@@ -38,9 +40,6 @@ def draw_outlines(
     names: N labels; dice: (N,) per-image Dice.  Ground truth is drawn in white, the
     prediction in blue.  Returns the written path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     picks = pick_best_median_worst(dice, per_group)
     fig = Figure(figsize=(3.2 * len(picks), 3.6), layout="constrained")
     FigureCanvasAgg(fig)

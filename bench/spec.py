@@ -14,25 +14,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bench import files
 from bench.config import (
     REGISTRY_SECTIONS,
     SECTION_TYPES,
     Config,
     ConfigError,
+    NonNegInt,
+    PosInt,
     build_section,
-    check_factory_kwargs,
     check_value,
     config_hash,
     unknown_key_message,
 )
+from bench.factories import check_section
 from bench.registry import unknown_name_message
+from bench.tasks import TASKS
 
 SPEC_KEYS = ["name", "description", "task", "seeds", "base", "variants", "profiles", "search"]
 SEARCH_KEYS = ["variant", "trials", "space"]
@@ -40,23 +45,7 @@ DIST_KEYS = ["low", "high", "log", "step", "choices"]
 VARIANT_KEYS = ["name", "from", "set", "reported", "note"]
 PROFILE_KEYS = ["seeds", "set", "variants", "workers", "description"]
 CONFIG_SECTIONS = ["model", "optim", "sched", "loss", "train", "data", "augment", "eval"]
-
-# Factory parameters the harness supplies itself; a spec may not set them.
-HARNESS_ARGS = {
-    "model": ("in_channels", "num_classes"),
-    "optim": ("params",),
-    "sched": ("optimizer", "epochs", "steps_per_epoch"),
-    "loss": (),
-}
-
-
-def registries() -> dict[str, Any]:
-    # Imported lazily: the spec module must load quickly and without torch for --help.
-    from bench.losses import LOSSES
-    from bench.models import MODELS
-    from bench.optim import OPTIMIZERS, SCHEDULERS
-
-    return {"model": MODELS, "optim": OPTIMIZERS, "sched": SCHEDULERS, "loss": LOSSES}
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -64,7 +53,7 @@ class Variant:
     name: str
     index: int
     parent: str | None  # the variant this one changes (None for the first)
-    ablation: bool  # True when `from:` named a parent other than the previous rung
+    ablation: bool  # True when `from:` named a parent (a leave-one-out check)
     change: str  # what it changed, for the summary table
     reported: float | None
     config: Config  # resolved; seed is set per run
@@ -72,15 +61,19 @@ class Variant:
 
 @dataclass
 class Run:
-    spec: str  # spec group name (with profile suffix)
+    spec: str  # the group the run belongs to (folder under results/runs)
     variant: Variant
     seed: int
-    config: Config
+    config: Config  # this run's own copy
     key: str  # hash of the resolved config
 
     @property
     def rel_dir(self) -> Path:
         return Path(self.spec) / slug(self.variant.name) / f"seed-{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec} {self.variant.name} seed {self.seed}"
 
 
 @dataclass
@@ -94,27 +87,48 @@ class Spec:
     description: str = ""
     search: dict[str, Any] | None = None  # validated `search:` section (see bench/tune.py)
     workers: int = 1  # runs trained at once (a profile's `workers:`; the CLI's --workers overrides)
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set leaves applied to every variant
+    group_name: str | None = None  # an ad-hoc group's name (see place_in_group); None: the published group
+
+    @property
+    def published_group(self) -> str:
+        """The group of the spec's own runs: the spec name, plus ``@profile`` for a profile."""
+        return f"{self.name}@{self.profile}" if self.profile else self.name
 
     @property
     def group(self) -> str:
-        """Folder name under results/runs: the spec name, plus ``@profile`` for a profile."""
-        return f"{self.name}@{self.profile}" if self.profile else self.name
+        """Folder name under results/runs."""
+        return self.group_name or self.published_group
 
-    def runs(self) -> list[Run]:
+    @property
+    def adhoc(self) -> bool:
+        return self.group_name is not None
+
+    def runs(self, variants: list[str] | None = None) -> list[Run]:
+        """Every (variant, seed) run, or those of the named variants; each with its own config copy."""
         out = []
         for v in self.variants:
-            for seed in self.seeds:
-                cfg = dataclasses.replace(v.config, seed=seed)
-                out.append(Run(self.group, v, seed, cfg, run_key(cfg)))
+            if variants is None or v.name in variants:
+                for seed in self.seeds:
+                    cfg = v.config.copy(seed=seed)
+                    out.append(Run(self.group, v, seed, cfg, run_key(cfg)))
         return out
 
 
 def slug(name: str) -> str:
+    """A variant name as a folder name."""
     return re.sub(r"[^A-Za-z0-9+._=-]", "_", name)
 
 
+def group_slug(name: str) -> str:
+    """A group name as a folder name (commas kept: ad-hoc groups list their overrides with them)."""
+    return re.sub(r"[^A-Za-z0-9+._=,@-]", "_", name)
+
+
 def run_key(cfg: Config) -> str:
-    """Hash of everything that can change a run's result (the data location and thread count cannot)."""
+    """Hash of the spec's resolved config of a run: what can change its result.  Where it runs is
+    left out (data root, thread count); the device is the spec's ``train.device`` (usually ``auto``),
+    whatever ``--device`` picks at run time."""
     d = cfg.to_dict()
     d["data"] = {k: v for k, v in d["data"].items() if k != "root"}
     d["train"] = {k: v for k, v in d["train"].items() if k != "threads"}
@@ -162,10 +176,8 @@ def apply_set(cfg: dict[str, Any], leaves: dict[str, Any], where: str) -> dict[s
 
 
 def describe(leaves: dict[str, Any]) -> str:
-    def fmt(v: Any) -> str:
-        return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
-
-    return ", ".join(f"{k}={fmt(v)}" for k, v in leaves.items())
+    """``optim.lr=0.001, model.batch_norm=true``: what a variant sets, for the summary table."""
+    return ", ".join(f"{k}={files.yaml_scalar(v)}" for k, v in leaves.items())
 
 
 # --------------------------------------------------------------------------- building configs
@@ -173,31 +185,19 @@ def describe(leaves: dict[str, Any]) -> str:
 
 def build_config(task: str, raw: dict[str, Any], where: str, seed: int = 0) -> Config:
     """Validate a config dict (sections as in :class:`Config`) and build the Config."""
-    from bench.tasks import TASKS
-
     if task not in TASKS:
         raise ConfigError(f"{where}: {unknown_name_message('task', task, TASKS)}")
     task_obj = TASKS[task]
-    regs = registries()
     kwargs: dict[str, Any] = {}
     for section, value in raw.items():
         if section not in CONFIG_SECTIONS:
             raise ConfigError(unknown_key_message(where, section, CONFIG_SECTIONS))
         sw = f"{where}.{section}"
         if section in REGISTRY_SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{sw}: expected a mapping with a 'name', got {type(value).__name__}")
-            value = dict(value)
-            name = value.pop("name", None)
-            if section == "loss" and name in (None, "default"):
-                name = task_obj.default_loss
-            if name is None:
-                raise ConfigError(f"{sw}: missing 'name'; valid choices: {', '.join(sorted(regs[section]))}")
-            name = check_value(name, str, f"{sw}.name")
-            if name not in regs[section]:
-                raise ConfigError(f"{sw}.name: {unknown_name_message(regs[section].kind, name, regs[section])}")
-            args = check_factory_kwargs(regs[section][name], value, sw, HARNESS_ARGS[section])
-            kwargs[section] = {"name": name, **args}
+            default = task_obj.default_loss if section == "loss" else None
+            if section == "loss" and isinstance(value, dict) and value.get("name") == "default":
+                value = {k: v for k, v in value.items() if k != "name"}
+            kwargs[section] = check_section(section, value, sw, default)
         else:
             kwargs[section] = build_section(SECTION_TYPES[section], value, sw)
     if "model" not in kwargs:
@@ -206,27 +206,20 @@ def build_config(task: str, raw: dict[str, Any], where: str, seed: int = 0) -> C
     cfg = Config(task=task, seed=seed, **kwargs)
     if cfg.data.val_fraction is None:
         cfg.data.val_fraction = task_obj.default_val_fraction
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"{where}.data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(cfg.train, key) < 1:
-            raise ConfigError(f"{where}.train.{key}: must be >= 1, got {getattr(cfg.train, key)}")
+    if not DEVICE_RE.fullmatch(cfg.train.device):
+        raise ConfigError(f"{where}.train.device: {cfg.train.device!r} is not a device; valid: auto, cpu, cuda, cuda:N")
+    task_obj.check_config(cfg, where)
     return cfg
 
 
 def config_from_dict(d: dict[str, Any], where: str = "config") -> Config:
-    """Rebuild a Config saved with ``Config.to_dict`` (e.g. a run's config.json)."""
+    """Rebuild (and re-validate) a Config saved with ``Config.to_dict``, e.g. a run's config.json."""
     d = dict(d)
     task, seed = d.pop("task"), d.pop("seed", 0)
-    cfg = build_config(task, d, where, seed)
-    return cfg
+    return build_config(task, d, where, seed)
 
 
 # --------------------------------------------------------------------------- loading specs
-
-
-def _expect(value: Any, tp: type, where: str) -> Any:
-    return check_value(value, tp, where)
 
 
 def _check_mapping(d: Any, allowed: list[str], where: str, what: str = "a mapping") -> None:
@@ -238,18 +231,35 @@ def _check_mapping(d: Any, allowed: list[str], where: str, what: str = "a mappin
             raise ConfigError(unknown_key_message(where, str(key), allowed))
 
 
+def resolve_spec_path(name_or_path: str) -> Path:
+    """``mnist`` -> ``ablations/mnist.yaml`` (a short name, as ``bench run mnist`` takes); a path is used as given."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in name_or_path:
+        return p
+    return Path("ablations") / f"{name_or_path}.yaml"
+
+
 def load_spec(path: str | Path, profile: str | None = None, overrides: list[str] | None = None,
               seeds: list[int] | None = None) -> Spec:
-    """Parse and fully validate a spec; raises ConfigError naming the file and key path."""
+    """Parse and fully validate a spec; raises ConfigError naming the file and key path.
+
+    ``overrides`` (``--set KEY=VALUE``) apply to every variant after the profile's ``set``;
+    ``seeds`` replaces the spec's (or profile's) seeds.  The result's group is the published one:
+    see :func:`place_in_group` for where runs with overrides belong.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: spec file not found") from None
+        shipped = sorted(p.stem for p in Path("ablations").glob("*.yaml"))
+        raise ConfigError(f"{path}: spec file not found" + (f"; specs in ablations/: {', '.join(shipped)}" if shipped
+                                                             else "")) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the spec file ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     try:
-        return _build_spec(raw, path, profile, overrides or [], seeds)
+        return _build_spec(raw, path, profile, parse_overrides(overrides or []), seeds)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -261,56 +271,91 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
     return out
 
 
-def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str], seeds_override: list[int] | None) -> Spec:
+@dataclass
+class _Profile:
+    """What a profile changes: the config leaves it sets, and optionally seeds, variants, workers."""
+
+    leaves: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] | None = None
+    variants: list[str] | None = None
+    workers: int = 1
+
+
+def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str, Any],
+                seeds_override: list[int] | None) -> Spec:
     _check_mapping(raw, SPEC_KEYS, "(top level)")
     for key in ("task", "base", "variants"):
         if key not in raw:
             raise ConfigError(f"missing required key {key!r}")
-    name = _expect(raw.get("name", path.stem), str, "name")
-    task = _expect(raw["task"], str, "task")
-    seeds = _expect(raw.get("seeds", [0]), list[int], "seeds")
+    name = check_value(raw.get("name", path.stem), str, "name")
+    if slug(name) != name or name.startswith("."):
+        raise ConfigError(f"name: {name!r} must be a folder name (letters, digits, + . _ = -)")
+    task = check_value(raw["task"], str, "task")
     base = raw["base"]
     if not isinstance(base, dict):
         raise ConfigError(f"base: expected a mapping, got {type(base).__name__}")
     build_config(task, base, "base")  # errors in base are reported as base.*, not per variant
+    prof = _read_profiles(raw.get("profiles"), profile, task, base)
+    if cli_leaves:
+        build_config(task, apply_set(base, cli_leaves, "--set"), "--set")
+    seeds = check_value(raw.get("seeds", [0]), list[NonNegInt], "seeds")
+    if prof.seeds is not None:
+        seeds = prof.seeds
+    if seeds_override is not None:
+        seeds = check_value(seeds_override, list[NonNegInt], "--seeds")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: need a non-empty list of distinct integers, got {seeds}")
+    variants = _resolve_variants(raw["variants"], task, base, [(prof.leaves, f"profiles.{profile}.set"),
+                                                               (cli_leaves, "--set")])
+    search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves)
+    if prof.variants is not None:
+        names = [v.name for v in variants]
+        for n in prof.variants:
+            if n not in names:
+                raise ConfigError(f"profiles.{profile}.variants: {unknown_name_message('variant', n, names)}")
+        variants = [v for v in variants if v.name in prof.variants]
+    return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
+                description=str(raw.get("description", "")), search=search, workers=prof.workers, overrides=cli_leaves)
 
-    profiles = raw.get("profiles") or {}
+
+def _read_profiles(profiles: Any, profile: str | None, task: str, base: dict[str, Any]) -> _Profile:
+    """Validate every profile (a typo in an unused profile is still an error); return the chosen one."""
+    profiles = profiles or {}
     if not isinstance(profiles, dict):
         raise ConfigError("profiles: expected a mapping of profile names")
-    profile_leaves: dict[str, Any] = {}
-    only: list[str] | None = None  # a profile may run a subset of the variants
-    workers = 1
-    if profile is not None:
-        if profile not in profiles:
-            raise ConfigError(f"--profile: {unknown_name_message('profile', profile, profiles)}" if profiles
-                              else f"--profile {profile!r}: this spec defines no profiles")
+    if profile is not None and profile not in profiles:
+        raise ConfigError(f"--profile: {unknown_name_message('profile', profile, profiles)}" if profiles
+                          else f"--profile {profile!r}: this spec defines no profiles")
+    chosen = _Profile()
     for pname, pdef in profiles.items():
         pw = f"profiles.{pname}"
         _check_mapping(pdef, PROFILE_KEYS, pw)
         leaves = flatten_set(pdef.get("set"), f"{pw}.set")
         build_config(task, apply_set(base, leaves, f"{pw}.set"), f"{pw}.set")
+        this = _Profile(leaves, workers=check_value(pdef.get("workers", 1), PosInt, f"{pw}.workers"))
+        if "seeds" in pdef:
+            this.seeds = check_value(pdef["seeds"], list[NonNegInt], f"{pw}.seeds")
+        if "variants" in pdef:
+            this.variants = check_value(pdef["variants"], list[str], f"{pw}.variants")
         if pname == profile:
-            profile_leaves = leaves
-            if "seeds" in pdef:
-                seeds = _expect(pdef["seeds"], list[int], f"{pw}.seeds")
-            if "variants" in pdef:
-                only = _expect(pdef["variants"], list[str], f"{pw}.variants")
-            workers = _expect(pdef.get("workers", 1), int, f"{pw}.workers")
-    cli_leaves = parse_overrides(overrides)
-    if cli_leaves:
-        build_config(task, apply_set(base, cli_leaves, "--set"), "--set")
-    if seeds_override is not None:
-        seeds = list(seeds_override)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds: need a non-empty list of distinct integers, got {seeds}")
+            chosen = this
+    return chosen
 
-    rawv = raw["variants"]
+
+def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
+                      overlays: list[tuple[dict[str, Any], str]]) -> list[Variant]:
+    """The ladder: each variant builds on the previous one, or on ``from:``; then every overlay
+    (the profile's ``set``, then ``--set``) is applied to each resolved config."""
     if not isinstance(rawv, list) or not rawv:
         raise ConfigError("variants: expected a non-empty list")
+    metric = TASKS[task].metrics[0]
     resolved: dict[str, dict[str, Any]] = {}
     variants: list[Variant] = []
     prev: str | None = None
@@ -319,45 +364,40 @@ def _build_spec(raw: Any, path: Path, profile: str | None, overrides: list[str],
         _check_mapping(v, VARIANT_KEYS, vw, "a mapping with at least a 'name'")
         if "name" not in v:
             raise ConfigError(f"{vw}: missing 'name'")
-        vname = _expect(v["name"], str, f"{vw}.name")
+        vname = check_value(v["name"], str, f"{vw}.name")
         vw = f"variants[{i}] ({vname})"
         if vname in resolved:
             raise ConfigError(f"{vw}.name: duplicate variant name {vname!r}")
         if any(slug(vname) == slug(n) for n in resolved):
             raise ConfigError(f"{vw}.name: {vname!r} maps to the same folder as an earlier variant")
-        parent = prev
-        ablation = False
-        if "from" in v:
-            parent = _expect(v["from"], str, f"{vw}.from")
+        parent, ablation = prev, "from" in v  # an explicit `from:` is a leave-one-out check, even of the previous rung
+        if ablation:
+            parent = check_value(v["from"], str, f"{vw}.from")
             if parent not in resolved:
                 why = unknown_name_message("earlier variant", parent, resolved) if resolved else "no earlier variant"
                 raise ConfigError(f"{vw}.from: {why}")
-            ablation = True  # an explicit `from:` is a leave-one-out check, even of the previous rung
         leaves = flatten_set(v.get("set"), f"{vw}.set")
         cfg_raw = apply_set(resolved[parent] if parent else base, leaves, f"{vw}.set")
         build_config(task, cfg_raw, f"{vw}.set")
         resolved[vname] = cfg_raw
-        final = apply_set(apply_set(cfg_raw, profile_leaves, f"profiles.{profile}.set"), cli_leaves, "--set")
-        config = build_config(task, final, vw)
+        final = cfg_raw
+        for overlay, ow in overlays:
+            final = apply_set(final, overlay, ow)
         reported = v.get("reported")
         if reported is not None:
-            reported = _expect(reported, float, f"{vw}.reported")
+            reported = check_value(reported, float, f"{vw}.reported")
+            if not metric.low <= reported <= metric.high:
+                raise ConfigError(f"{vw}.reported: {metric.key} must be in [{metric.low:g}, {metric.high:g}] as the spec "
+                                  f"writes it (e.g. 0.982 for 98.2 %), got {reported}")
         change = describe(leaves) if leaves else ("(base)" if parent is None else "(no change)")
         if ablation:
             change = f"{parent} with {change}"
         if v.get("note"):
-            change = f"{_expect(v['note'], str, f'{vw}.note')}: {change}" if leaves else str(v["note"])
-        variants.append(Variant(vname, i, parent, ablation, change, reported, config))
+            note = check_value(v["note"], str, f"{vw}.note")
+            change = f"{note}: {change}" if leaves else note
+        variants.append(Variant(vname, i, parent, ablation, change, reported, build_config(task, final, vw)))
         prev = vname
-    search = _check_search(raw.get("search"), task, variants, profile_leaves, cli_leaves)
-    if only is not None:
-        names = [v.name for v in variants]
-        for n in only:
-            if n not in names:
-                raise ConfigError(f"profiles.{profile}.variants: {unknown_name_message('variant', n, names)}")
-        variants = [v for v in variants if v.name in only]
-    return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
-                description=str(raw.get("description", "")), search=search, workers=workers)
+    return variants
 
 
 def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any]) -> dict[str, Any] | None:
@@ -369,10 +409,10 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
         return None
     _check_mapping(raw, SEARCH_KEYS, "search")
     names = [v.name for v in variants]
-    vname = _expect(raw.get("variant", names[-1]), str, "search.variant")
+    vname = check_value(raw.get("variant", names[-1]), str, "search.variant")
     if vname not in names:
         raise ConfigError(f"search.variant: {unknown_name_message('variant', vname, names)}")
-    trials = _expect(raw.get("trials", 20), int, "search.trials")
+    trials = check_value(raw.get("trials", 20), PosInt, "search.trials")
     space = raw.get("space")
     if not isinstance(space, dict) or not space:
         raise ConfigError("search.space: expected a non-empty mapping of SECTION.KEY to {low, high} or {choices}")
@@ -384,13 +424,13 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
         dw = f"search.space.{path}"
         _check_mapping(dist, DIST_KEYS, dw)
         if "choices" in dist:
-            ends = _expect(dist["choices"], list, f"{dw}.choices")
+            ends = check_value(dist["choices"], list, f"{dw}.choices")
             if not ends or set(dist) - {"choices"}:
                 raise ConfigError(f"{dw}: give either a non-empty 'choices' list or 'low' and 'high'")
         else:
             if "low" not in dist or "high" not in dist:
                 raise ConfigError(f"{dw}: needs 'low' and 'high' (or 'choices')")
-            ends = [_expect(dist["low"], float, f"{dw}.low"), _expect(dist["high"], float, f"{dw}.high")]
+            ends = [check_value(dist["low"], float, f"{dw}.low"), check_value(dist["high"], float, f"{dw}.high")]
             if not ends[0] < ends[1] or (dist.get("log") and ends[0] <= 0):
                 raise ConfigError(f"{dw}: need low < high (and low > 0 with log: true), got {ends}")
             if all(isinstance(dist[k], int) for k in ("low", "high")):
@@ -398,3 +438,43 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
         for end in ends:
             build_config(task, apply_set(base, {str(path): end}, "search.space"), "search.space")
     return {"variant": vname, "trials": trials, "space": space}
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def place_in_group(spec: Spec, published: Spec, group: str | None = None) -> Spec:
+    """Put ``spec`` (the spec with this invocation's ``--set`` and ``--seeds``) in the group its runs
+    belong to.  ``published`` is the same spec and profile as written.
+
+    A run whose config is the spec's own (same key as the published spec's run of that variant and
+    seed) belongs to the published group ``name[@profile]``, whose table ``results/summary.md``
+    publishes.  Anything else (an override that changes a config, a seed the spec does not list)
+    goes to an ad-hoc group: ``group`` if given, else one named after the overrides and seeds, so
+    that an experiment can never change a published table.  A published group's scope is always
+    its whole spec and profile, whatever subset an invocation trains.
+    """
+    own = {(r.variant.name, r.seed): r.key for r in published.runs()}
+    mine = all(own.get((r.variant.name, r.seed)) == r.key for r in spec.runs())
+    if mine and group in (None, published.group):
+        return dataclasses.replace(spec, group_name=None)
+    if group is None:
+        group = f"{published.group}--{_adhoc_label(spec, published)}"
+    elif group_slug(group) != group or group.startswith("."):
+        raise ConfigError(f"--group {group!r}: must be a folder name made of letters, digits and + . _ = , @ -")
+    elif group == published.group or re.fullmatch(rf"{re.escape(spec.name)}(@\w+)?", group):
+        raise ConfigError(f"--group {group}: that name is the published group of {spec.path}; runs whose configs are "
+                          f"not the spec's own ({_adhoc_label(spec, published)}) need a group of their own")
+    return dataclasses.replace(spec, group_name=group)
+
+
+def _adhoc_label(spec: Spec, published: Spec) -> str:
+    """``train.epochs=2,model.width=8[,seeds=0]``: the overrides and seeds that make a group ad hoc,
+    shortened with a hash when long."""
+    parts = [f"{k}={files.yaml_scalar(v)}" for k, v in spec.overrides.items()]
+    if spec.seeds != published.seeds:
+        parts.append("seeds=" + "-".join(map(str, spec.seeds)))
+    label = group_slug(",".join(parts).replace(" ", "").replace("@", "_")) or "adhoc"
+    if len(label) > 60:
+        label = label[:50] + "-" + hashlib.sha256(label.encode()).hexdigest()[:8]
+    return label

@@ -1,32 +1,49 @@
 """results/summary.md, rebuilt from the stored runs alone (no training, no spec file needed).
 
-Per spec group: one row per variant with the test metric's mean +- std over seeds, a 95%
+Per group: one row per variant with the test metric's mean +- std over seeds, a 95%
 t-interval, the change against the rung it builds on with a paired t-test over the seeds
 they share, the report's number, epochs, time and parameters; then a learning-curve
 figure.  The best variant is picked by mean *validation* metric, never by test.
 
-Run folders are not committed, so one results folder rarely holds every spec's runs (the
+``results/summary.md`` publishes the *published* groups only (a spec and profile as
+written).  An ad-hoc group (runs with ``--set`` overrides, see ``bench.spec.place_in_group``)
+gets its own ``runs/<group>/summary.md`` and never touches the published file.
+
+Run folders are not committed, so one results folder rarely holds every group's runs (the
 MNIST table may come from a CPU, the WARWICK one from a GPU session).  A rebuild therefore
-rewrites the sections of the groups whose runs are here and keeps, verbatim, the sections of
-other groups already in ``summary.md``; delete a section by hand to drop it.
+keeps, verbatim, the sections of groups whose runs are not here, and also a section that
+reports runs this folder lacks (a partial re-run here never replaces a fuller table made
+elsewhere) unless the group is complete here; delete a section by hand to drop it.
 """
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from scipy import stats
 
 from bench import files
+from bench.plots import plot_spec_curves
+from bench.store import RunStore, StoredRun
+from bench.tasks import TASKS
+from bench.tasks.base import Metric, Task
+
+INTRO = ("Every number below is read from the stored runs of that spec. Mean ± sample std over the seeds shown; "
+         "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
+         "both rungs share, with a paired t-test p-value (with 2-3 seeds the test has little power: read it as a "
+         "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing.")
+CLIPPED = "†"  # marks a confidence interval cut at the metric's range
+_MARKER = re.compile(r"<!-- bench: runs (.*?) -->")
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """(mean, sample std, half-width of the two-sided t confidence interval); nan where n < 2."""
-    from scipy import stats
-
     n = len(values)
     m = sum(values) / n
     if n < 2:
@@ -37,8 +54,6 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, flo
 
 def paired_test(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
     """Mean of a-b over shared seeds, two-sided paired t-test p-value (nan if undefined), n shared."""
-    from scipy import stats
-
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return math.nan, math.nan, 0
@@ -49,77 +64,67 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> tuple[float, float,
     return mean, float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue), len(d)
 
 
-def load_group(group_dir: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """spec.json and, per variant name, the result.json of its finished seeds."""
-    meta = files.read_json(group_dir / "spec.json")
-    results: dict[str, list[dict[str, Any]]] = {}
-    for v in meta["variants"]:
-        rs = []
-        for seed_dir in sorted((group_dir / v["dir"]).glob("seed-*")):
-            if seed_dir.name.removeprefix("seed-").isdigit() and (seed_dir / "result.json").exists():
-                r = files.read_json(seed_dir / "result.json")
-                cfg = seed_dir / "config.json"
-                # A result from an older config of this run (superseded key) is not this variant's.
-                if cfg.exists() and files.read_json(cfg).get("key") == r.get("key"):
-                    r["_dir"] = str(seed_dir)
-                    rs.append(r)
-        results[v["name"]] = rs
-    return meta, results
+def format_ci(m: float, hw: float, metric: Metric) -> str:
+    """``[lo, hi]`` of a mean, cut to the metric's range and marked with :data:`CLIPPED` when cut."""
+    if math.isnan(hw):
+        return "–"
+    lo, hi = max(m - hw, metric.low), min(m + hw, metric.high)
+    mark = CLIPPED if (lo, hi) != (m - hw, m + hw) else ""
+    return f"[{metric.format(lo)}, {metric.format(hi)}]{mark}"
 
 
-def _fmt(x: float, scale: float, digits: int) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * scale:.{digits}f}"
+def format_count(x: float) -> str:
+    """A mean of counts: ``2`` when whole, else one decimal (``41.7``)."""
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
-def group_table(meta: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> tuple[pd.DataFrame, str | None]:
-    from bench.tasks import TASKS
-
+def group_table(meta: dict[str, Any], runs: list[StoredRun]) -> tuple[pd.DataFrame, str | None, bool]:
+    """(the table, the best variant by mean validation metric, whether a CI was clipped)."""
     task = TASKS[meta["task"]]
-    scale, digits = (100.0, 2) if task.metric == "acc" else (1.0, 4)
-    unit = " (%)" if scale == 100 else ""
-    by_seed = {name: {r["seed"]: r["test"][task.metric] for r in rs} for name, rs in results.items()}
+    primary = task.metrics[0]
+    results = {v["name"]: [r.result for r in runs if r.variant == v["name"]] for v in meta["variants"]}
+    by_seed = {name: {r["seed"]: r["test"][primary.key] for r in rs} for name, rs in results.items()}
     val_means = {name: sum(r["val_best"] for r in rs) / len(rs) for name, rs in results.items() if rs}
     best = max(val_means, key=val_means.get) if val_means else None
-    rows = []
+    rows, clipped = [], False
     for v in meta["variants"]:
         rs = results[v["name"]]
         row: dict[str, Any] = {"variant": v["name"] + (" ★" if v["name"] == best else ""), "change": v["change"],
                                "seeds": len(rs)}
         if rs:
-            vals = [r["test"][task.metric] for r in rs]
-            m, sd, hw = mean_ci(vals)
-            row[f"{task.metric_label}{unit}"] = f"{_fmt(m, scale, digits)} ± {_fmt(sd, scale, digits)}"
-            row["95% CI"] = "–" if math.isnan(hw) else f"[{_fmt(m - hw, scale, digits)}, {_fmt(m + hw, scale, digits)}]"
-            if v["parent"]:
-                d, p, n = paired_test(by_seed[v["name"]], by_seed.get(v["parent"], {}))
-                ref = f"vs {v['parent']}" if v["ablation"] else "vs prev"
-                row["Δ (paired)"] = "–" if n == 0 else f"{d * scale:+.{digits}f} {ref}, p={_fmt(p, 1, 3)} (n={n})"
-            else:
-                row["Δ (paired)"] = ""
-            for key in task.report_metrics:
-                if key != task.metric:
-                    mk, sk, _ = mean_ci([r["test"][key] for r in rs])
-                    d = 2 if key in task.lower_is_better else 3  # distances in pixels, scores in [0, 1]
-                    row[key] = f"{mk:.{d}f} ± {_fmt(sk, 1, d)}"
-            row["val (mean)"] = _fmt(val_means[v["name"]], scale, digits)
-        # the report's number exactly as written in the spec (0.66 stays 0.66, 0.982 -> 98.2 %)
-        row["reported"] = f"{v['reported'] * scale:.6g}" if v.get("reported") is not None else ""
+            m, sd, hw = mean_ci([r["test"][primary.key] for r in rs])
+            row[primary.column] = f"{primary.format(m)} ± {primary.format(sd)}"
+            row["95% CI"] = format_ci(m, hw, primary)
+            clipped |= row["95% CI"].endswith(CLIPPED)
+            row["Δ (paired)"] = _delta(v, by_seed, primary) if v["parent"] else ""
+            for metric in task.metrics[1:]:
+                mk, sk, _ = mean_ci([r["test"][metric.key] for r in rs])
+                row[metric.column] = f"{metric.format(mk)} ± {metric.format(sk)}"
+            row["val (mean)"] = primary.format(val_means[v["name"]])
+        row["reported"] = primary.format(v["reported"]) if v.get("reported") is not None else ""
         if rs:
             ran, best_ep = (sum(r[k] for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
-            row["epochs (best)"] = f"{ran:.1f} ({best_ep:.1f})"
+            row["epochs (best)"] = f"{format_count(ran)} ({format_count(best_ep)})"
             row["train time (s)"] = f"{sum(r['train_time_s'] for r in rs) / len(rs):.0f}"
             row["params"] = f"{rs[0]['params']:,}"
         rows.append(row)
-    return pd.DataFrame(rows).fillna(""), best
+    return pd.DataFrame(rows).fillna(""), best, clipped
 
 
-def provenance(results: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
-    allr = [r for rs in results.values() for r in rs]
+def _delta(v: dict[str, Any], by_seed: dict[str, dict[int, float]], metric: Metric) -> str:
+    d, p, n = paired_test(by_seed[v["name"]], by_seed.get(v["parent"], {}))
+    ref = f"vs {v['parent']}" if v["ablation"] else "vs prev"
+    p_text = "–" if math.isnan(p) else f"{p:.3f}"
+    return "–" if n == 0 else f"{d * metric.scale:+.{metric.digits}f} {ref}, p={p_text} (n={n})"
+
+
+def provenance(runs: list[StoredRun]) -> dict[str, str]:
+    rs = [r.result for r in runs]
     return {
-        "devices": ", ".join(sorted({r.get("device_name", "?") for r in allr})),
-        "commits": ", ".join(sorted({_short_commit(str(r.get("commit", "?"))) for r in allr})),
-        "torch": ", ".join(sorted({r.get("torch", "?") for r in allr})),
-        "finished": max((r.get("finished", "") for r in allr), default=""),
+        "devices": ", ".join(sorted({r.get("device_name", "?") for r in rs})),
+        "commits": ", ".join(sorted({_short_commit(str(r.get("commit", "?"))) for r in rs})),
+        "torch": ", ".join(sorted({r.get("torch", "?") for r in rs})),
+        "finished": max((r.get("finished", "") for r in rs), default=""),
     }
 
 
@@ -127,39 +132,91 @@ def _short_commit(commit: str) -> str:
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "") + (" (stated)" if commit.endswith("(stated)") else "")
 
 
-def write_summary(results_dir: str | Path = "results", command: str | None = None, groups: list[str] | None = None) -> Path:
-    """Rebuild ``results_dir/summary.md`` (and its figures) from ``results_dir/runs``; sections of
-    groups with no runs here are kept from the existing file."""
-    results_dir = Path(results_dir)
-    runs_dir = results_dir / "runs"
-    fig_dir = results_dir / "figures"
+def group_command(meta: dict[str, Any]) -> str:
+    """The command that makes this group's runs, with every override that makes it ad hoc."""
+    cmd = f"python -m bench run {meta['path']}" + (f" --profile {meta['profile']}" if meta["profile"] else "")
+    if meta["role"] == "adhoc":
+        cmd += "".join(f" --set {k}={files.yaml_scalar(v)}" for k, v in (meta.get("overrides") or {}).items())
+        cmd += f" --seeds {' '.join(map(str, meta['seeds']))} --group {meta['group']}"
+    return cmd
+
+
+def write_summary(results_dir: str | Path = "results", command: str | None = None) -> list[Path]:
+    """Rebuild ``results_dir/summary.md`` (published groups) and each ad-hoc group's own summary.md
+    from ``results_dir/runs``; returns the files written."""
+    store = RunStore(results_dir)
     command = command or "python -m " + " ".join(["bench", *sys.argv[1:]])
-    header = [
-        "# Results",
-        "",
-        "Every number below is read from the stored runs of that spec. Mean ± sample std over the seeds shown; "
-        "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
-        "both rungs share, with a paired t-test p-value (with 2-3 seeds the test has little power: read it as a "
-        "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing.",
-        "",
-    ]
-    # kept for groups whose runs are not here; the deployment section is rebuilt, never kept
-    sections = files.read_markdown_sections(results_dir / "summary.md", 2, _group_of_heading)
-    group_dirs = sorted(p.parent for p in runs_dir.glob("*/spec.json")) if runs_dir.exists() else []
-    if groups:
-        group_dirs = [g for g in group_dirs if g.name in groups]
     stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}` at code commit {files.git_commit()}"
-    for gdir in group_dirs:
-        meta, results = load_group(gdir)
-        if any(results.values()):
-            sections[meta["group"]] = group_section(meta, results, results_dir, fig_dir, stamp)
-    out = header + [text for _, text in sorted(sections.items())]
-    extra = results_dir / "deployment.md"
-    if extra.exists():
-        out += [extra.read_text().strip(), ""]
-    path = results_dir / "summary.md"
+    written = [_write_published(store, stamp)]
+    for group in store.groups("adhoc"):
+        written.append(_write_adhoc(store, group, stamp))
+    return written
+
+
+def _write_published(store: RunStore, stamp: str) -> Path:
+    path = store.results / "summary.md"
+    sections = files.read_markdown_sections(path, 2, _group_of_heading)  # kept for groups whose runs are elsewhere
+    for group in store.groups("published"):
+        meta, runs = store.read_group(group), store.finished(group)
+        if not runs:
+            continue
+        old = _runs_in(sections.get(group))
+        complete = "runs" in meta and len(runs) == len(meta["runs"])
+        if group in sections and not complete and (old is None or not old <= _run_ids(runs)):
+            print(f"note: kept the {group} section of {path}: it reports runs this results folder does not hold "
+                  f"({len(runs)} of {len(meta.get('runs', []))} runs here); copy their run folders here, finish the "
+                  f"group, or delete the section to rebuild it", file=sys.stderr)
+            continue
+        sections[group] = group_section(meta, runs, store, store.results / "figures", stamp)
+    out = ["# Results", "", INTRO, "", *_index(sections), *(text for _, text in sorted(sections.items()))]
+    deployment = store.results / "deployment.md"
+    if deployment.exists():
+        out += [deployment.read_text().strip(), ""]
     files.write_text(path, "\n".join(out))
     return path
+
+
+def _write_adhoc(store: RunStore, group: str, stamp: str) -> Path:
+    meta, runs = store.read_group(group), store.finished(group)
+    path = store.root / group / "summary.md"
+    note = (f"Ad-hoc group: runs of `{meta['path']}` with overrides, kept apart from the published table "
+            f"`{meta['published_group']}` in results/summary.md.")
+    body = group_section(meta, runs, store, store.root / group / "figures", stamp) if runs else "No finished runs yet.\n"
+    files.write_text(path, "\n".join([f"# {group}", "", note, "", INTRO, "", body]))
+    return path
+
+
+def _index(sections: dict[str, str]) -> list[str]:
+    """A table of the sections' provenance (machine, commits, when), read from their own lines."""
+    def line(text: str, key: str) -> str:
+        m = re.search(rf"^- {key}: (.*)$", text, re.M)
+        return m.group(1) if m else "–"
+
+    rows = []
+    for group, text in sorted(sections.items()):
+        head = text.splitlines()[0]
+        profile = re.search(r"profile `([^`]*)`", head)
+        rows.append([f"[{group}](#{_anchor(head)})", profile.group(1) if profile else "–", line(text, "machine"),
+                     line(text, "commits of the runs").split(";")[0], line(text, "table generated").split(" by ")[0]])
+    if not rows:
+        return []
+    return [files.markdown_table(["section", "profile", "machine", "commits of the runs", "table generated"], rows), ""]
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a ``## heading`` line."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _run_ids(runs: list[StoredRun]) -> set[str]:
+    return {f"{r.variant}/{r.seed}/{r.key}" for r in runs}
+
+
+def _runs_in(section: str | None) -> set[str] | None:
+    """The runs a section was built from (its marker), None for a section without one."""
+    m = _MARKER.search(section or "")
+    return set(m.group(1).split()) if m else None
 
 
 def _group_of_heading(heading: str) -> str | None:
@@ -168,47 +225,77 @@ def _group_of_heading(heading: str) -> str | None:
     return head[0] if len(head) == 2 and ", spec `" in head[1] else None
 
 
-def group_section(meta: dict[str, Any], results: dict[str, list[dict[str, Any]]], results_dir: Path, fig_dir: Path,
-                  stamp: str) -> str:
-    """Markdown for one spec group: provenance, table, learning curves, the task's figures."""
-    from bench.plots import plot_spec_curves
-    from bench.tasks import TASKS
-
+def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, fig_dir: Path, stamp: str) -> str:
+    """Markdown for one group: provenance, table, learning curves, the task's figures."""
     task = TASKS[meta["task"]]
-    table, best = group_table(meta, results)
-    prov = provenance(results)
+    table, best, clipped = group_table(meta, runs)
+    prov = provenance(runs)
     out = [
         f"## {meta['group']} ({meta['task']}, spec `{meta['path']}`, profile `{meta['profile'] or 'full'}`)",
         "",
-        f"- command: `python -m bench run {meta['path']}" + (f" --profile {meta['profile']}`" if meta["profile"] else "`"),
+        f"- command: `{group_command(meta)}`",
         f"- machine: {prov['devices']}; torch {prov['torch']}",
         f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
         f"- table generated: {stamp}",
     ]
-    seeds = meta.get("seeds") or []
-    missing = {v["name"]: sorted(set(seeds) - {r["seed"] for r in results[v["name"]]}) for v in meta["variants"]}
-    missing = {k: m for k, m in missing.items() if m}
-    if missing:
-        n_all = len(seeds) * len(meta["variants"])
-        out.append(f"- **incomplete**: {n_all - sum(map(len, missing.values()))} of {n_all} runs finished; missing "
-                   + "; ".join(f"{k} seed {', '.join(map(str, m))}" for k, m in missing.items()))
-    out.append("")
+    if meta["role"] == "adhoc":
+        out.append("- overrides: " + (", ".join(f"`{k}={files.yaml_scalar(v)}`" for k, v in meta["overrides"].items())
+                                      or "none") + f"; seeds {', '.join(map(str, meta['seeds']))}")
+    out += _missing_line(meta, runs)
+    out += ["", f"<!-- bench: runs {' '.join(sorted(_run_ids(runs)))} -->", ""]
     if meta.get("description"):
         out += [meta["description"], ""]
-    out += [table.to_markdown(index=False, disable_numparse=True), ""]
-    curves = {}
-    for v in meta["variants"]:
-        frames = [pd.read_csv(Path(r["_dir"]) / "metrics.csv") for r in results[v["name"]]
-                  if (Path(r["_dir"]) / "metrics.csv").exists()]
-        if frames:
-            curves[v["name"]] = frames
-    if curves:
-        png = fig_dir / f"{meta['group'].replace('@', '-')}-curves.png"
-        plot_spec_curves(curves, png, task.metric_label)
-        out += [f"![learning curves of {meta['group']}]({png.relative_to(results_dir).as_posix()})", ""]
-    figures = getattr(task, "summary_figures", None)
-    if best and figures is not None:
-        best_dir = max(results[best], key=lambda r: r["val_best"])["_dir"]
-        for caption, png in figures(Path(best_dir), fig_dir / meta["group"].replace("@", "-")):
-            out += [f"{caption}", "", f"![{caption}]({Path(png).relative_to(results_dir).as_posix()})", ""]
+    out += [files.markdown_table(list(table.columns), table.values.tolist()), ""]
+    if clipped:
+        primary = task.metrics[0]
+        out += [f"{CLIPPED} The t-interval reaches outside the metric's range and is shown cut to "
+                f"[{primary.format(primary.low)}, {primary.format(primary.high)}] (few seeds make it wide).", ""]
+    out += _curves(meta, runs, fig_dir, task)
+    if best:
+        best_run = max((r for r in runs if r.variant == best), key=lambda r: r.result["val_best"])
+        for caption, png in _figures(best_run, store, fig_dir / meta["group"].replace("@", "-"), task):
+            out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _missing_line(meta: dict[str, Any], runs: list[StoredRun]) -> list[str]:
+    """``- **incomplete**: n of m runs finished; missing ...`` when the group's scope is not all here."""
+    seeds = meta.get("seeds") or []
+    have = {(r.variant, r.seed) for r in runs}
+    missing = {v["name"]: [s for s in seeds if (v["name"], s) not in have] for v in meta["variants"]}
+    missing = {k: m for k, m in missing.items() if m}
+    if not missing:
+        return []
+    n_all = len(seeds) * len(meta["variants"])
+    return [f"- **incomplete**: {n_all - sum(map(len, missing.values()))} of {n_all} runs finished; missing "
+            + "; ".join(f"{k} seed {', '.join(map(str, m))}" for k, m in missing.items())]
+
+
+def _curves(meta: dict[str, Any], runs: list[StoredRun], fig_dir: Path, task: Task) -> list[str]:
+    curves: dict[str, list[pd.DataFrame]] = {}
+    for r in runs:
+        if (r.dir / "metrics.csv").exists():
+            curves.setdefault(r.variant, []).append(pd.read_csv(r.dir / "metrics.csv"))
+    if not curves:
+        return []
+    png = fig_dir / f"{meta['group'].replace('@', '-')}-curves.png"
+    plot_spec_curves(curves, png, task.metric_label)
+    return [f"![learning curves of {meta['group']}]({_rel(png, fig_dir.parent)})", ""]
+
+
+def _figures(run: StoredRun, store: RunStore, out_prefix: Path, task: Task) -> list[tuple[str, Path]]:
+    """The task's figures of the best run, rebuilt from its best.pt and its data (skipped, with a
+    note, when either is no longer there)."""
+    def load() -> tuple[Any, Any, Any]:
+        loaded = store.load(run)
+        return loaded.model, loaded.config, task.load(loaded.config, torch.device("cpu"))  # its own data root
+
+    try:
+        return list(task.summary_figures(load, out_prefix, f"{run.dir.parent.name}, {run.dir.name}"))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"note: no figures for {run.dir}: {e}", file=sys.stderr)
+        return []
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(path).relative_to(base).as_posix()

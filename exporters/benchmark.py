@@ -9,9 +9,10 @@ the same load on a shared machine; p50/p90/p99 are per call (one batch), through
 batch, provider and threads.  The CUDA execution provider is measured too when onnxruntime-gpu
 and a GPU are present (numpy in and out for ORT; PyTorch then includes the same copies).
 
-FLOPs per image: 2 x the multiply-accumulates of every Conv2d, ConvTranspose2d and Linear
-layer at the test image size (28x28, or WARWICK's 128x128), counted with forward hooks;
-batch norm (folded into the convolutions in the export), activations and pooling are not counted.
+FLOPs per image: counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass at
+the test image size (28x28, or WARWICK's 128x128): 2 x the multiply-accumulates of the
+convolutions (transposed too) and matrix products; batch norm (folded into the convolutions in
+the export), activations and pooling are not counted.
 
 INT8: ``onnxruntime.quantization.quantize_static`` in QDQ format, per-channel int8 weights
 with ``reduce_range`` (7 bits: the u8 x s8 kernels of x86 CPUs without VNNI can overflow their
@@ -29,18 +30,21 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from onnxruntime import quantization as q
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench import files
-from exporters.parity import score
+from bench.train import device_name
+from exporters.export import Exported
+from exporters.parity import EVAL_BATCH, agreement
 from exporters.runtime import PROVIDERS, available_providers, run_batched, session
-
-if TYPE_CHECKING:
-    from exporters.onnx import Exported
 
 LARGE_BATCH = {"classification": 256, "segmentation": 16}
 REPEATS = {"small": 200, "large": 30}
@@ -55,28 +59,11 @@ ALL_CORES = torch.get_num_threads()  # torch's default: the physical cores
 
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one image of shape ``x`` (1, C, H, W): 2 x MACs of Conv2d, ConvTranspose2d, Linear."""
-    macs = 0
-
-    def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal macs
-        n = out.shape[0]
-        if isinstance(m, nn.Conv2d):
-            macs += out.numel() // n * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.ConvTranspose2d):
-            macs += inp[0].numel() // n * (m.out_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            macs += out.numel() // n * m.in_features
-
-    counted = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
-    try:
-        with torch.inference_mode():
-            model.eval()(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return 2 * macs
+    """FLOPs of one forward pass of one image of shape ``x`` (1, C, H, W), as FlopCounterMode counts them."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model.eval()(x[:1])
+    return int(counter.get_total_flops())
 
 
 # --------------------------------------------------------------------------- timing
@@ -133,12 +120,6 @@ def _torch_call(model: nn.Module, x: np.ndarray, device: str) -> Callable[[], An
     return call_gpu
 
 
-def cpu_name() -> str:
-    from bench.train import cpu_name as name
-
-    return name()
-
-
 def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | None = None,
                      providers: list[str] | None = None) -> list[dict[str, Any]]:
     """Latency rows (see :data:`exporters.report.CSV_COLUMNS`) of an export (and its INT8 file, if :func:`add_int8`
@@ -151,15 +132,15 @@ def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | No
     params = sum(p.numel() for p in model.parameters())
     rec = ex.record
     metrics = {("onnxruntime", "fp32"): rec["parity"]["metric_ort"], ("pytorch", "fp32"): rec["parity"]["metric_torch"]}
-    files = {"fp32": ex.path}
+    onnx_files = {"fp32": ex.path}
     if rec.get("int8") and (ex.path.parent / rec["int8"]["onnx"]).exists():
-        files["int8"] = ex.path.parent / rec["int8"]["onnx"]
+        onnx_files["int8"] = ex.path.parent / rec["int8"]["onnx"]
         metrics["onnxruntime", "int8"] = rec["int8"]["metric_ort"]
     provs = providers or [p for p in available_providers() if p == "cpu" or torch.cuda.is_available()]
     rows = []
     for prov in provs:
         try:
-            rows += _benchmark_provider(ex, model, prov, plan, files, metrics, repeats, flops, params)
+            rows += _benchmark_provider(ex, model, prov, plan, onnx_files, metrics, repeats, flops, params)
         except Exception as e:  # e.g. the CUDA provider cannot start: keep the CPU numbers
             if prov == "cpu":
                 raise
@@ -170,19 +151,17 @@ def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | No
     return rows
 
 
-def _benchmark_provider(ex: Exported, model: nn.Module, prov: str, plan: list[tuple[str, int, int]], files: dict[str, Path],
+def _benchmark_provider(ex: Exported, model: nn.Module, prov: str, plan: list[tuple[str, int, int]], onnx_files: dict[str, Path],
                         metrics: dict[tuple[str, str], float], repeats: int | None, flops: int,
                         params: int) -> list[dict[str, Any]]:
     """The rows of one execution provider (see :func:`benchmark_export`)."""
-    import onnxruntime as ort
-
     rec = ex.record
     name = rec["metadata"]["input_name"]
     rows = []
     for size, batch, th in plan:
         x = np.ascontiguousarray(ex.inputs[:batch])
         fns: dict[tuple[str, str], Callable[[], Any]] = {}
-        for prec, path in files.items():
+        for prec, path in onnx_files.items():
             if prov != "cpu" and prec == "int8":
                 continue  # QDQ int8 targets the CPU kernels
             sess = session(path, prov, th)
@@ -208,7 +187,7 @@ def _benchmark_provider(ex: Exported, model: nn.Module, prov: str, plan: list[tu
                 "images_per_s": batch / (p50 / 1e3), "speedup_vs_pytorch": ref / p50,
                 "metric": rec["parity"]["metric"], "metric_value": metrics[engine, prec],
                 "params": params, "flops_per_image": flops,
-                "cpu": cpu_name() if prov == "cpu" else torch.cuda.get_device_name(0),
+                "cpu": device_name(torch.device("cpu" if prov == "cpu" else "cuda")),
                 "load_avg_1m": f"{load0:.2f}-{load1:.2f}", "onnxruntime": ort.__version__, "torch": torch.__version__,
                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             })
@@ -229,9 +208,6 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
                   batch: int = 16) -> None:
     """Static INT8 quantization (QDQ, per-channel reduced-range int8 weights, uint8 activations, MinMax calibration on
     ``calibration`` (N, C, H, W) float32); written to ``out_path`` via a temporary file."""
-    import onnx
-    from onnxruntime import quantization as q
-
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
             self.it = iter(range(0, len(calibration), batch))
@@ -269,10 +245,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
 def add_int8(ex: Exported) -> dict[str, Any] | None:
     """Quantize ``ex`` to ``<task>.int8.onnx`` and score it on the test set through ORT; records the
     result under ``int8`` in the export's JSON.  Returns that entry (None, with a warning, on failure)."""
-    from exporters.parity import load_images
-
     kind = ex.meta.kind
-    train = load_images(ex.meta.task, ex.data_root, "train")
+    train = ex.run.task.raw_images(ex.data_root, "train")
     calib = ex.meta.normalize(train.images[: CALIBRATION_IMAGES[kind]])
     path = ex.path.with_name(ex.path.stem + ".int8.onnx")
     try:
@@ -280,16 +254,11 @@ def add_int8(ex: Exported) -> dict[str, Any] | None:
     except Exception as e:
         print(f"warning: INT8 quantization of {ex.path} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return None
-    bs = 500 if kind == "classification" else 8
-    out8 = run_batched(session(path), ex.inputs, bs)
-    out32 = run_batched(session(ex.path), ex.inputs, bs)
-    m8 = next(iter(score(ex.meta, out8, ex.test.targets).values()))
-    if kind == "classification":
-        agree, label = float((out8.argmax(1) == out32.argmax(1)).mean()), "identical predictions"
-    else:
-        thr = ex.meta.threshold
-        p8, p32 = (torch.sigmoid(torch.from_numpy(o)) > thr for o in (out8, out32))
-        agree, label = float((p8 == p32).float().mean()), "pixel agreement"
+    out8 = run_batched(session(path), ex.inputs, EVAL_BATCH[kind])
+    out32 = run_batched(session(ex.path), ex.inputs, EVAL_BATCH[kind])
+    m8 = ex.run.task.score_outputs(out8, ex.test.targets, ex.meta.threshold)
+    agree = agreement(ex.meta, out8, out32)
+    label = "identical predictions" if kind == "classification" else "pixel agreement"
     entry = {"onnx": path.name, "bytes": path.stat().st_size, "metric_ort": m8,
              "metric_change": m8 - ex.record["parity"]["metric_ort"], "agreement": agree, "agreement_label": label,
              "max_abs_logit_diff_vs_fp32": float(np.abs(out8 - out32).max()),

@@ -9,20 +9,26 @@ caller, exactly as :meth:`ModelMeta.normalize` does::
 
 where ``image`` is the file decoded in ``color_mode`` (PIL ``"L"`` or ``"RGB"``).
 
-This module needs numpy only (no torch), so ````exporters.predict`` stays light.
+The generic keys are written here; how an image file becomes an input (colour mode, resizing
+or tiling, inversion, classes, threshold) is the task's to say (``Task.preprocessing``).
+This module needs numpy and onnx only (no torch), so ``exporters.predict`` stays light.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
+
+if TYPE_CHECKING:  # for type hints only: importing the run store would load torch
+    from bench.store import LoadedRun
 
 FORMAT_VERSION = "1"
 
-# key -> what it holds (the README's metadata table is generated from the same text)
+# key -> what it holds; an export writes no other key (a test checks it), and the README's table mirrors it
 KEYS: dict[str, str] = {
     "bench_format": "version of this metadata layout (\"1\")",
     "task": "`mnist` or `warwick`",
@@ -37,9 +43,12 @@ KEYS: dict[str, str] = {
     "std": "JSON list, one per input channel",
     "normalization": "`outside-graph`: the caller normalizes; the graph starts at the first convolution",
     "image_size": "JSON `[H, W]` of the training images",
-    "resize_policy": "`resize` (MNIST: pad to a square with the background, resize to `image_size`) or `tile` "
-                     "(WARWICK: any size runs as is; images larger than `tile_size` are cut into overlapping tiles)",
-    "resample": "PIL filter used by `resize` (`bilinear`)",
+    "resize_policy": "`mnist` (crop to the ink's bounding box, scale it into `ink_box` x `ink_box` keeping its aspect "
+                     "ratio, centre its centre of mass in `image_size`, as MNIST was made), `resize` (older exports: pad "
+                     "to a square with the background, resize to `image_size`) or `tile` (WARWICK: any size runs as is; "
+                     "images larger than `tile_size` are cut into overlapping tiles)",
+    "ink_box": "`mnist` policy: side in pixels of the box the digit is scaled into (`20`)",
+    "resample": "PIL filter that scales the image: `bilinear` (`resize`) or `lanczos` (`mnist`)",
     "invert": "`auto`: an image whose border is lighter than mid-grey is inverted (MNIST digits are light on dark); "
               "`never` otherwise",
     "tile_size": "JSON `[H, W]` of a tile (segmentation)",
@@ -67,55 +76,42 @@ def _j(x: Any) -> str:
     return json.dumps(x)
 
 
-def build_metadata(task: str, kind: str, data_info: dict[str, Any], config: dict[str, Any], result: dict[str, Any] | None,
-                   key: str, source_run: str, exporter: str, *, min_size: int = 1,
-                   classes: list[str] | None = None) -> dict[str, str]:
-    """The ``metadata_props`` of an exported run (all values strings).
-
-    ``data_info`` is the run's saved data statistics (channels, mean, std, input_size, ...),
-    ``config`` its resolved config dict, ``result`` its result.json (None if unfinished).
-    """
-    seg = kind == "segmentation"
-    channels = [int(c) for c in data_info["channels"]]
-    if seg:
-        size = data_info["input_size"]["train"] if isinstance(data_info["input_size"], dict) else data_info["input_size"]
-    else:
-        size = data_info["input_size"]
-    source_channels = int(data_info.get("source_channels", 1 if not seg else 3))
-    metric = "dice" if seg else "acc"
+def metadata_for(run: LoadedRun, source_run: str, exporter: str) -> dict[str, str]:
+    """The ``metadata_props`` of an exported run (all values strings): the generic keys, then the
+    task's preprocessing keys, then the run's provenance."""
+    task, info, result = run.task, run.info, run.result
+    seg = task.kind == "segmentation"
+    channels = [int(c) for c in info.channels]
+    size = [int(s) for s in info.image_size]
     meta: dict[str, str] = {
         "bench_format": FORMAT_VERSION,
-        "task": task,
-        "kind": kind,
+        "task": task.name,
+        "kind": task.kind,
         "input_name": "input",
         "input_shape": _j(["batch", len(channels), "height", "width"] if seg else ["batch", len(channels), *size]),
-        "color_mode": "L" if source_channels == 1 else "RGB",
         "channels": _j(channels),
         "pixel_divisor": "255",
-        "mean": _j([float(m) for m in data_info["mean"]]),
-        "std": _j([float(s) for s in data_info["std"]]),
+        "mean": _j([float(m) for m in info.mean]),
+        "std": _j([float(s) for s in info.std]),
         "normalization": "outside-graph",
-        "image_size": _j([int(s) for s in size]),
-        "resize_policy": "tile" if seg else "resize",
+        "image_size": _j(size),
         "output_name": "logits",
-        "output_shape": _j(["batch", 1, "height", "width"] if seg else ["batch", len(classes or [])]),
+        "output_shape": _j(["batch", 1, "height", "width"] if seg else ["batch", len(info.classes or [])]),
         "activation": "sigmoid" if seg else "softmax",
         "tta": "false",
-        "run_tta": "true" if config.get("eval", {}).get("tta") else "false",
+        "run_tta": "true" if run.config.eval.tta else "false",
         "source_run": source_run,
-        "config_hash": key,
+        "config_hash": run.key,
         "exporter": exporter,
         "precision": "fp32",
+        **task.preprocessing(info, run.config),
     }
-    if seg:
-        meta.update(tile_size=_j([int(s) for s in size]), tile_overlap=str(max(0, min(size) // 4)), min_size=str(min_size),
-                    threshold=repr(float(config.get("eval", {}).get("threshold", 0.5))), invert="never")
-    else:
-        meta.update(classes=_j(list(classes or [])), resample="bilinear", invert="auto")
+    if seg:  # the graph pads to a multiple of 2**depth by reflection, which needs at least that many pixels
+        meta["min_size"] = str(int(getattr(run.model, "multiple", 1)))
     if result is not None:
         meta.update(variant=str(result.get("variant", "")), seed=str(result.get("seed", "")),
-                    val_metric=_j({metric: result.get("val_best")}),
-                    test_metric=_j({metric: result.get("test", {}).get(metric)}))
+                    val_metric=_j({task.metric: result.get("val_best")}),
+                    test_metric=_j({task.metric: result.get("test", {}).get(task.metric)}))
     return meta
 
 
@@ -171,8 +167,6 @@ class ModelMeta:
     @classmethod
     def from_onnx(cls, path: str | Path) -> ModelMeta:
         """Read the metadata of an ONNX file (without loading its weights into a session)."""
-        import onnx
-
         model = onnx.load(str(path), load_external_data=False)
         return cls.from_props({p.key: p.value for p in model.metadata_props}, where=str(path))
 

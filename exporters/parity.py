@@ -13,7 +13,6 @@ Tolerances (an export outside them is an error; see :data:`TOLERANCE`):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.tasks.base import ImageSet, Task
 from exporters.metadata import ModelMeta
 from exporters.runtime import run_batched, session
 
@@ -32,32 +32,6 @@ class ParityError(RuntimeError):
     """The exported model's outputs differ from PyTorch's beyond :data:`TOLERANCE`."""
 
 
-@dataclass
-class ImageSet:
-    """Decoded images of one split: ``images`` uint8 (N, H, W, C_src); ``targets`` (N,) int64
-    class labels or (N, H, W) bool masks."""
-
-    images: np.ndarray
-    targets: np.ndarray
-    names: list[str]
-
-
-def load_images(task: str, root: str | Path, split: str = "test") -> ImageSet:
-    """The raw ``split`` (``test`` or ``train``) images of ``task`` under the data ``root``."""
-    if task == "mnist":
-        from bench.tasks.mnist import load_mnist_arrays
-
-        tx, ty, sx, sy = load_mnist_arrays(root)
-        x, y = (sx, sy) if split == "test" else (tx, ty)
-        return ImageSet(x.numpy()[..., None], y.numpy(), [f"{split}/{i}" for i in range(len(x))])
-    if task == "warwick":
-        from bench.tasks.warwick import find_folder, read_pairs
-
-        names, images, masks = read_pairs(find_folder(root) / ("Test" if split == "test" else "Train"))
-        return ImageSet(images, masks, names)
-    raise ValueError(f"no test data loader for task {task!r}")
-
-
 @torch.inference_mode()
 def torch_logits(model: nn.Module, x: np.ndarray, batch: int) -> np.ndarray:
     """PyTorch eager logits of ``x`` (N, C, H, W) float32, in eval mode on the CPU."""
@@ -66,31 +40,23 @@ def torch_logits(model: nn.Module, x: np.ndarray, batch: int) -> np.ndarray:
     return torch.cat([model(t[i : i + batch]).float() for i in range(0, len(t), batch)]).numpy()
 
 
-def score(meta: ModelMeta, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """The task's metric of ``logits``: ``acc`` (classification) or ``dice`` (mean per-image pixel Dice)."""
-    from bench.metrics import dice_per_image
-
+def agreement(meta: ModelMeta, a: np.ndarray, b: np.ndarray) -> float:
+    """Share of identical answers of two sets of logits: predicted classes, or thresholded pixels."""
     if meta.kind == "classification":
-        return {"acc": float((logits.argmax(1) == targets).mean())}
-    masks = torch.sigmoid(torch.from_numpy(logits[:, 0])) > meta.threshold
-    return {"dice": float(dice_per_image(masks, torch.from_numpy(targets)).mean())}
+        return float((a.argmax(1) == b.argmax(1)).mean())
+    pa, pb = (torch.sigmoid(torch.from_numpy(x)) > meta.threshold for x in (a, b))
+    return float((pa == pb).float().mean())
 
 
-def compare(meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+def compare(task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.ndarray,
+            targets: np.ndarray) -> dict[str, Any]:
     """Parity numbers of two sets of logits of the same images (no checks)."""
-    diff = float(np.abs(ort_logits - ref_logits).max())
-    m_ort, m_ref = score(meta, ort_logits, targets), score(meta, ref_logits, targets)
-    (name, v_ort), v_ref = next(iter(m_ort.items())), next(iter(m_ref.values()))
-    out: dict[str, Any] = {"n": int(len(targets)), "max_abs_logit_diff": diff,
+    v_ort = task.score_outputs(ort_logits, targets, meta.threshold)
+    v_ref = task.score_outputs(ref_logits, targets, meta.threshold)
+    out: dict[str, Any] = {"n": int(len(targets)), "max_abs_logit_diff": float(np.abs(ort_logits - ref_logits).max()),
                            "logit_scale": float(np.abs(ref_logits).max()),
-                           "metric": name, "metric_ort": v_ort, "metric_torch": v_ref, "metric_diff": v_ort - v_ref}
-    if meta.kind == "classification":
-        out["agreement"] = float((ort_logits.argmax(1) == ref_logits.argmax(1)).mean())
-    else:
-        thr = meta.threshold
-        p_ort = torch.sigmoid(torch.from_numpy(ort_logits)) > thr
-        p_ref = torch.sigmoid(torch.from_numpy(ref_logits)) > thr
-        out["pixel_agreement"] = float((p_ort == p_ref).float().mean())
+                           "metric": task.metric, "metric_ort": v_ort, "metric_torch": v_ref, "metric_diff": v_ort - v_ref}
+    out["agreement" if meta.kind == "classification" else "pixel_agreement"] = agreement(meta, ort_logits, ref_logits)
     return out
 
 
@@ -107,17 +73,15 @@ def check(meta: ModelMeta, report: dict[str, Any]) -> list[str]:
     return bad
 
 
-def verify(onnx_path: str | Path, model: nn.Module, meta: ModelMeta, data: ImageSet) -> tuple[dict[str, Any], np.ndarray]:
+def verify(onnx_path: str | Path, model: nn.Module, task: Task, meta: ModelMeta,
+           data: ImageSet) -> tuple[dict[str, Any], np.ndarray]:
     """Run the whole test set through ONNX Runtime (CPU) and PyTorch; raise :class:`ParityError`
     outside :data:`TOLERANCE`.  Returns (parity report, the normalized inputs (N, C, H, W))."""
     x = meta.normalize(data.images)
     bs = EVAL_BATCH[meta.kind]
-    ort_out = run_batched(session(onnx_path), x, bs)
-    ref = torch_logits(model, x, bs)
-    report = compare(meta, ort_out, ref, data.targets)
+    report = compare(task, meta, run_batched(session(onnx_path), x, bs), torch_logits(model, x, bs), data.targets)
     report["tolerance"] = dict(TOLERANCE)
     bad = check(meta, report)
-    report["passed"] = not bad
     if bad:
         raise ParityError(f"{onnx_path}: ONNX Runtime disagrees with PyTorch on the {len(x)} test images: " + "; ".join(bad))
     return report, x

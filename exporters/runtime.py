@@ -5,14 +5,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def available_providers() -> list[str]:
     """Short names (``cpu``, ``cuda``) of the execution providers this onnxruntime build offers."""
-    import onnxruntime as ort
-
     have = set(ort.get_available_providers())
     return [k for k, v in PROVIDERS.items() if v in have]
 
@@ -25,8 +24,6 @@ def session(path: str | Path, provider: str = "cpu", threads: int | None = None,
     threads sleep instead of busy-waiting: slower by a few microseconds per call on an idle
     machine, much faster on a shared one.
     """
-    import onnxruntime as ort
-
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

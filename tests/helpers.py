@@ -28,3 +28,12 @@ def write_spec(path: Path, **overrides: Any) -> Path:
     spec.update(overrides)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def train(spec: Any, results: Path, data_root: Path | str, runs: list[Any] | None = None) -> None:
+    """Train ``spec``'s runs (all, or ``runs``) into ``results`` as ``bench run`` does, in this process."""
+    from bench.runner import RunOptions, run_grid
+    from bench.store import RunStore
+
+    RunStore(results).write_group(spec)
+    run_grid(spec, runs if runs is not None else spec.runs(), results, RunOptions(str(data_root), progress=False))

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from bench.cli import main
-from tests.helpers import write_spec
+from tests.helpers import TINY_MNIST_BASE, write_spec
 
 
 def test_misspelt_key_fails_at_once_naming_file_and_key(tmp_path, capsys):
@@ -19,11 +20,61 @@ def test_misspelt_key_fails_at_once_naming_file_and_key(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # nothing was trained or written
 
 
-def test_dry_run_lists_runs(tmp_path, capsys):
+def test_dry_run_lists_runs_and_their_group(tmp_path, capsys):
     path = write_spec(tmp_path / "d.yaml", seeds=[0, 1])
     assert main(["run", str(path), "--dry-run", "--results", str(tmp_path / "r")]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 4 and out[0].startswith("todo  d/a/seed-0  key=")
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 4 and out.startswith("todo  d/a/seed-0  key=") and "published group d;" in err
+    assert main(["run", str(path), "--dry-run", "--set", "optim.lr=0.5", "--seeds", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("todo  d--optim.lr=0.5,seeds=3/a/seed-3") and "ad-hoc group d--optim.lr=0.5,seeds=3;" in err
+    # an override that leaves every config as the spec has it is no experiment: the published group
+    assert main(["run", str(path), "--dry-run", "--set", "train.epochs=2", "--set", "train.threads=1"]) == 0
+    assert capsys.readouterr().out.startswith("todo  d/a/seed-0")
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_experiment_cannot_borrow_the_published_group_s_name(tmp_path, capsys):
+    path = write_spec(tmp_path / "p.yaml")
+    assert main(["run", str(path), "--dry-run", "--set", "optim.lr=0.5", "--group", "p"]) == 2
+    assert "that name is the published group" in capsys.readouterr().err
+    assert main(["run", str(path), "--dry-run", "--set", "optim.lr=0.5", "--group", "my/lr"]) == 2
+    assert "must be a folder name" in capsys.readouterr().err
+    assert main(["run", str(path), "--dry-run", "--set", "optim.lr=0.5", "--group", "lr-sweep"]) == 0
+    assert capsys.readouterr().out.startswith("todo  lr-sweep/a/seed-0")
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("gpu", "--device gpu: not a device; valid: auto, cpu, cuda, cuda:N"),
+    ("cuda:x", "not a device"),
+])
+def test_bad_device_is_one_clear_line(tmp_path, capsys, device, expected):
+    path = write_spec(tmp_path / "dev.yaml")
+    assert main(["run", str(path), "--device", device, "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.startswith("error: --device") and err.count("\n") == 1  # one line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_a_device_this_machine_lacks_is_refused_before_anything_runs(tmp_path, capsys, device):
+    path = write_spec(tmp_path / "dev.yaml")
+    assert main(["run", str(path), "--device", device, "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --device {device}: " in err and "use --device cpu" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_short_spec_names_and_version(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["run", "mnist", "--profile", "quick", "--dry-run"]) == 0
+    assert "ablations/mnist.yaml: published group mnist@quick; 8 variants x 2 seeds" in capsys.readouterr().err
+    assert main(["run", "mnst", "--dry-run"]) == 2
+    assert "ablations/mnst.yaml: spec file not found; specs in ablations/: mnist, warwick" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("bench 0.")
 
 
 def test_unknown_variant_and_profile(tmp_path, capsys):
@@ -35,29 +86,58 @@ def test_unknown_variant_and_profile(tmp_path, capsys):
 
 
 def test_run_then_summary_end_to_end(data_root, tmp_path, capsys):
-    path = write_spec(tmp_path / "e2e.yaml", seeds=[0])
+    path = write_spec(tmp_path / "e2e.yaml", seeds=[0], base={**TINY_MNIST_BASE, "train": {
+        **TINY_MNIST_BASE["train"], "epochs": 1}})
     res = tmp_path / "results"
-    code = main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--set", "train.epochs=1",
-                 "--no-progress"])
+    code = main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress"])
     assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["done e2e a seed 0", "done e2e b seed 0"]  # one line per run
     for v in ("a", "b"):
         r = json.loads((res / "runs" / "e2e" / v / "seed-0" / "result.json").read_text())
         assert 0.2 < r["test"]["acc"] <= 1 and r["epochs_run"] == 1 and r["params"] > 0  # chance is 0.1
+        assert r["stopped_early"] is False  # every epoch ran
         cfg = json.loads((res / "runs" / "e2e" / v / "seed-0" / "config.json").read_text())
         assert cfg["config"]["train"]["epochs"] == 1 and cfg["data_info"]["n_train"] == 1000
+    assert oct((res / "summary.md").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # readable like any file
     (res / "summary.md").unlink()
     assert main(["summary", "--results", str(res)]) == 0
     text = (res / "summary.md").read_text()
     assert "## e2e (mnist" in text and "optim.lr=0.001" in text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["tune", "--help"], ["predict", "--help"]])
-def test_help(argv, capsys):
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["tune", "--help"], ["summary", "--help"],
+                                  ["predict", "--help"]])
+def test_help_describes_every_option(argv, capsys):
     try:
         code = main(argv)
     except SystemExit as e:  # argparse exits after printing help
         code = e.code
-    assert code == 0 and "usage" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0 and "usage" in out
+    for action in _actions(argv[0]):
+        assert action.help, f"{argv[0]}: {action.option_strings or action.dest} has no help text"
+
+
+def _actions(command: str) -> list:
+    """The argparse actions of ``command`` (``--help``: the top level), without argparse's own."""
+    import argparse
+
+    from bench.cli import build_parser
+    from exporters.predict import build_parser as predict_parser
+
+    top = build_parser()
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    parser = {"--help": top, "predict": predict_parser()}.get(command) or subs.choices[command]
+    return [a for a in parser._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
 
 
 def test_spec_file_is_yaml_with_reported_numbers():

@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from bench.models import MODELS
-from bench.runner import run_spec
-from bench.spec import load_spec
+from bench.spec import load_spec, place_in_group
+from bench.store import RunStore
 from exporters import benchmark as bm
+from exporters import export, report
 from exporters import onnx as ox
-from exporters import report
 from exporters.metadata import KEYS, ModelMeta
-from exporters.parity import TOLERANCE, ParityError
+from exporters.parity import TOLERANCE
 from exporters.runtime import session
-from tests.helpers import TINY_MNIST_BASE, write_spec
+from tests.helpers import TINY_MNIST_BASE, train, write_spec
 
 WARWICK_BASE = {
     "model": {"name": "encdec", "batch_norm": True, "dropout": 0.0, "width": 4, "depth": 2},
@@ -34,21 +34,23 @@ if "input_norm" in inspect.signature(MODELS["encdec"]).parameters:  # per-image 
     WARWICK_BASE["model"]["input_norm"] = True
 
 
+MNIST_BASE = copy.deepcopy(TINY_MNIST_BASE)
+MNIST_BASE["train"]["epochs"] = 1
+MNIST_BASE["data"]["train_subset"] = 500
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_root, make_warwick) -> dict[str, Path]:
     """Finished runs: a tiny MNIST one on real data, a tiny WARWICK one on synthetic 32x32 data."""
     tmp = tmp_path_factory.mktemp("onnx")
     res = tmp / "results"
-    base = copy.deepcopy(TINY_MNIST_BASE)
-    base["train"]["epochs"] = 1
-    base["data"]["train_subset"] = 500
-    spec = write_spec(tmp / "tm.yaml", base=base, variants=[{"name": "a"}])
-    run_spec(load_spec(spec, overrides=[f"data.root={data_root}"]), res, progress=False)
+    spec = write_spec(tmp / "tm.yaml", base=MNIST_BASE, variants=[{"name": "a"}])
+    train(load_spec(spec), res, data_root)
     wroot = make_warwick(tmp / "wdata" / "WARWICK", n_train=8, n_test=3).parent
     spec = write_spec(tmp / "tw.yaml", task="warwick", base=WARWICK_BASE, variants=[{"name": "a"}])
-    run_spec(load_spec(spec, overrides=[f"data.root={wroot}"]), res, progress=False)
+    train(load_spec(spec), res, wroot)
     return {"results": res, "mnist": res / "runs/tm/a/seed-0", "warwick": res / "runs/tw/a/seed-0",
-            "mnist_data": data_root, "warwick_data": wroot}
+            "mnist_data": data_root, "warwick_data": wroot, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,9 @@ def test_mnist_export_checks_metadata_parity_and_dynamic_batch(runs, mnist_expor
     info = json.loads((runs["mnist"] / "config.json").read_text())["data_info"]
     assert json.loads(props["mean"]) == pytest.approx(info["mean"]) and json.loads(props["std"]) == pytest.approx(info["std"])
 
+    assert props["resize_policy"] == "mnist" and props["ink_box"] == "20"  # digits are prepared as MNIST was made
     par = ex.record["parity"]
-    assert par["passed"] and par["n"] == 10000 and par["agreement"] >= TOLERANCE["min_agreement"]
+    assert par["n"] == 10000 and par["agreement"] >= TOLERANCE["min_agreement"]
     assert par["max_abs_logit_diff"] <= 1e-3 * max(1, par["logit_scale"])
     # A user's own ORT code (metadata normalization on the raw test images) reproduces the run's test accuracy.
     assert par["metric_ort"] == pytest.approx(result["test"]["acc"], abs=2e-4)
@@ -94,7 +97,7 @@ def test_warwick_export_has_dynamic_height_and_width(runs, tmp_path):
     assert meta.kind == "segmentation" and meta.threshold == 0.5 and meta.resize_policy == "tile"
     assert meta.channels == [0, 1] and meta.tile_size == (32, 32) and meta.min_size == 4
     par = ex.record["parity"]
-    assert par["passed"] and par["n"] == 3 and abs(par["metric_diff"]) <= TOLERANCE["max_dice_diff"]
+    assert par["n"] == 3 and abs(par["metric_diff"]) <= TOLERANCE["max_dice_diff"]
     sess = session(ex.path)
     rng = np.random.default_rng(0)
     for shape in [(7, 2, 32, 32), (1, 2, 20, 27), (2, 2, 45, 33)]:
@@ -106,7 +109,7 @@ def test_warwick_export_has_dynamic_height_and_width(runs, tmp_path):
 
 
 def test_broken_export_fails_parity_and_leaves_no_file(runs, tmp_path, monkeypatch, capsys):
-    real = ox.export_graph
+    real = export.export_graph
 
     def broken(model, example, segmentation):  # perturb the first weight tensor of the exported graph
         proto = real(model, example, segmentation)
@@ -115,24 +118,29 @@ def test_broken_export_fails_parity_and_leaves_no_file(runs, tmp_path, monkeypat
         init.CopyFrom(onnx.numpy_helper.from_array(w + 0.5 * np.abs(w).max(), init.name))
         return proto
 
-    monkeypatch.setattr(ox, "export_graph", broken)
+    monkeypatch.setattr(export, "export_graph", broken)
     out = tmp_path / "res" / "onnx"
     code = ox.main([str(runs["mnist"]), "--out", str(out), "--data-root", str(runs["mnist_data"]), "--no-bench", "--no-summary"])
     err = capsys.readouterr().err
     assert code == 1 and "ONNX Runtime disagrees with PyTorch on the 10000 test images" in err and "no file written" in err
     assert not out.exists()  # neither the file nor its temp file, nor the folder the export created
-    assert issubclass(ParityError, RuntimeError)
 
 
-def _fake_run(src: Path, dst: Path, val: float, test: float, params: int | None = None) -> None:
+def _fake_run(src: Path, dst: Path, val: float, test: float, params: int | None = None, key: str | None = None) -> None:
     shutil.copytree(src, dst)
     res = json.loads((dst / "result.json").read_text())
-    res.update(val_best=val, test={"acc": test}, **({"params": params} if params else {}))
+    res.update(val_best=val, test={"acc": test}, **({"params": params} if params else {}), **({"key": key} if key else {}))
     (dst / "result.json").write_text(json.dumps(res))
+    if key:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "key": key}))
 
 
-def test_best_is_chosen_by_validation_not_test(runs, tmp_path, capsys):
+def test_best_is_chosen_by_validation_among_published_runs(runs, tmp_path, capsys):
     res = tmp_path / "results"
+    variants = ["high-val", "high-test", "tie-bigger", "superseded", "unfinished"]
+    path = write_spec(tmp_path / "g.yaml", base=MNIST_BASE, variants=[{"name": v} for v in variants])
+    RunStore(res).write_group(load_spec(path))  # every variant has tm's config, so tm's run is current in each
     g = res / "runs" / "g"
     _fake_run(runs["mnist"], g / "high-val" / "seed-0", val=0.95, test=0.50)
     _fake_run(runs["mnist"], g / "high-test" / "seed-0", val=0.90, test=0.99)
@@ -140,9 +148,15 @@ def test_best_is_chosen_by_validation_not_test(runs, tmp_path, capsys):
     _fake_run(runs["mnist"], g / "superseded" / "seed-0.superseded-abc", val=0.99, test=0.99)
     _fake_run(runs["mnist"], g / "unfinished" / "seed-0", val=0.99, test=0.99)
     (g / "unfinished" / "seed-0" / "result.json").unlink()
+    # an ad-hoc experiment (a --set override) with the best validation score of all
+    adhoc = place_in_group(load_spec(path, overrides=["optim.lr=0.01"]), load_spec(path))
+    RunStore(res).write_group(adhoc)
+    _fake_run(runs["mnist"], res / "runs" / adhoc.group / "high-val" / "seed-0", val=0.999, test=0.3,
+              key=adhoc.runs()[0].key)
     cands = ox.finished_runs(res)
     assert len(cands) == 3 and ox.pick_best(cands, "warwick") is None
-    assert ox.pick_best(cands, "mnist").run_dir == g / "high-val" / "seed-0"
+    assert ox.pick_best(cands, "mnist").run_dir == g / "high-val" / "seed-0"  # not the ad-hoc run
+    assert ox.pick_best(ox.finished_runs(res, [adhoc.group]), "mnist").val == 0.999  # only when asked for
 
     code = ox.main(["best", "--results", str(res), "--task", "mnist", "--data-root", str(runs["mnist_data"]), "--no-bench"])
     assert code == 0
@@ -151,7 +165,9 @@ def test_best_is_chosen_by_validation_not_test(runs, tmp_path, capsys):
     assert "| mnist | ORT CPU fp32 |" in (res / "deployment.md").read_text()
     assert "## Deployment (ONNX Runtime)" in (res / "summary.md").read_text()  # the summary embeds the table
     assert ox.main(["best", "--results", str(res), "--task", "warwick"]) == 2
-    assert "no finished warwick runs" in capsys.readouterr().err
+    assert "no finished warwick runs in the published groups" in capsys.readouterr().err
+    assert ox.main(["best", "--results", str(res), "--groups", "nope"]) == 2
+    assert "--groups nope: no such group" in capsys.readouterr().err
 
 
 def test_latency_csv_int8_and_deployment_table(mnist_export, tmp_path, monkeypatch):

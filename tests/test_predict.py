@@ -1,8 +1,10 @@
-"""`python -m bench predict`: preprocessing from metadata, odd sizes, tiling, failures reported by name."""
+"""`python -m bench predict`: preprocessing from metadata, odd sizes, tiling, failures reported by name,
+MNIST-like digit centering, missing and empty inputs, output names that never collide."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+import gzip
+from pathlib import Path, PurePath
 
 import numpy as np
 import onnx
@@ -10,29 +12,45 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.models import create_model
-from exporters.metadata import ModelMeta, build_metadata
-from exporters.onnx import export_graph
-from exporters.predict import main, prepare_digit, segment_logits
+from bench.config import Config
+from bench.factories import build_model
+from bench.store import LoadedRun
+from bench.tasks import TASKS
+from bench.tasks.base import DataInfo
+from exporters.export import export_graph
+from exporters.metadata import ModelMeta, metadata_for
+from exporters.predict import Input, build_parser, main, output_names, prepare_digit, segment_logits
 from exporters.runtime import session
 
 
-def _export(path: Path, task: str) -> Path:
-    """An untrained small network exported with bench metadata (no data or training needed)."""
-    torch.manual_seed(0)
+def _run(task: str) -> LoadedRun:
+    """A stand-in for a finished run of ``task``: an untrained small network and its data description."""
     if task == "mnist":
-        model = create_model("mnist_cnn", in_channels=1, num_classes=10, widths=[4, 4, 8, 8, 8], hidden=16)
-        info = {"channels": [0], "mean": [0.13], "std": [0.31], "input_size": [28, 28]}
-        kind, example, classes = "classification", torch.randn(2, 1, 28, 28), [str(i) for i in range(10)]
+        cfg = Config(task="mnist", model={"name": "mnist_cnn", "widths": [4, 4, 8, 8, 8], "hidden": 16})
+        info = DataInfo(source="-", channels=[0], source_channels=1, mean=[0.13], std=[0.31], image_size=[28, 28],
+                        n_train=1, n_val=1, n_test=1, classes=[str(i) for i in range(10)])
     else:
-        model = create_model("encdec", in_channels=2, num_classes=1, width=4, depth=2)
-        info = {"channels": [0, 1], "source_channels": 3, "mean": [0.5, 0.4], "std": [0.2, 0.25],
-                "input_size": {"train": [32, 32], "test": [32, 32]}}
-        kind, example, classes = "segmentation", torch.randn(2, 2, 32, 32), None
-    model.eval()
-    proto = export_graph(model, example, kind == "segmentation")
-    props = build_metadata(task, kind, info, {"eval": {"threshold": 0.5}}, None, "0123abcd", "runs/t/a/seed-0", "test",
-                           min_size=int(getattr(model, "multiple", 1)), classes=classes)
+        cfg = Config(task="warwick", model={"name": "encdec", "width": 4, "depth": 2})
+        info = DataInfo(source="-", channels=[0, 1], source_channels=3, mean=[0.5, 0.4], std=[0.2, 0.25],
+                        image_size=[32, 32], n_train=1, n_val=1, n_test=1)
+    model = build_model(cfg, **TASKS[task].model_kwargs(info)).eval()
+    return LoadedRun(Path("-"), model, cfg, TASKS[task], info, "0123abcd", None)
+
+
+def _export(path: Path, task: str, policy: str | None = None) -> Path:
+    """An untrained small network exported with bench metadata (no data or training needed).
+
+    ``policy="mnist"``: the digit preprocessing of current exports (older files say ``resize``).
+    """
+    torch.manual_seed(0)
+    run = _run(task)
+    example = torch.randn(2, len(run.info.channels), 32 if task == "warwick" else 28, 32 if task == "warwick" else 28)
+    proto = export_graph(run.model, example, run.task.kind == "segmentation")
+    props = metadata_for(run, "runs/t/a/seed-0", "test")
+    assert props["resize_policy"] == ("mnist" if task == "mnist" else "tile")  # what exports write now
+    if task == "mnist" and policy != "mnist":
+        props["resize_policy"] = "resize"  # as older exports did
+        del props["ink_box"]
     onnx.helper.set_model_props(proto, props)
     onnx.save(proto, str(path))
     return path
@@ -41,7 +59,9 @@ def _export(path: Path, task: str) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("models")
-    return {t: _export(d / f"{t}.onnx", t) for t in ("mnist", "warwick")}
+    found = {t: _export(d / f"{t}.onnx", t) for t in ("mnist", "warwick")}
+    found["mnist-centered"] = _export(d / "mnist-centered.onnx", "mnist", policy="mnist")
+    return found
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -106,12 +126,12 @@ def test_warwick_odd_sizes_large_images_and_stray_file(models, tmp_path, capsys)
     (src / "stray.txt").write_text("hello")
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "out"
-    code = main([str(models["warwick"]), str(src), str(tmp_path / "missing.png"), "--out", str(out)])
+    code = main([str(models["warwick"]), str(src), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1
-    for bad in ("stray.txt", "broken.png", "missing.png"):
+    for bad in ("stray.txt", "broken.png"):
         assert f"{bad}: " in err
-    assert "5 image(s) done, 3 failed" in err
+    assert "5 image(s) done, 2 failed" in err
     rows = _rows(out / "predictions.csv")
     assert len(rows) == 5 and list(rows[0]) == ["file", "mask", "overlay", "foreground_fraction"]
     for name, (h, w) in sizes.items():
@@ -164,6 +184,196 @@ def test_exit_codes(models, tmp_path, capsys):
     assert main([str(bare), str(img)]) == 2
     assert "metadata key 'task' missing" in capsys.readouterr().err
     assert main([str(models["mnist"])]) == 2  # no PATH
+
+
+# --------------------------------------------------------------------------- inputs, exit codes, output names
+
+
+def test_missing_path_is_a_usage_error_before_anything_is_done(models, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(img)
+    out = tmp_path / "o"
+    for model in (models["mnist"], models["warwick"]):
+        code = main([str(model), str(img), str(tmp_path / "typo"), str(tmp_path / "gone.png"), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "no such file or directory" in err
+        assert str(tmp_path / "typo") in err and str(tmp_path / "gone.png") in err
+        assert not out.exists()  # not even the good image was processed
+
+
+def test_empty_folders_say_no_images_found(models, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main([str(models["mnist"]), str(empty), "--out", str(tmp_path / "o2")]) == 1  # nothing to predict
+    nested = tmp_path / "nested"
+    (nested / "a" / "b").mkdir(parents=True)
+    (nested / ".hidden.png").write_bytes(b"")  # hidden files are not looked at
+    out = tmp_path / "o"
+    for model in (models["mnist"], models["warwick"]):
+        assert main([str(model), str(empty), str(nested), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "no images found" in err and str(empty) in err and str(nested) in err
+        assert not out.exists()
+
+
+def test_help_documents_every_option(capsys):
+    parser = build_parser()
+    assert all(a.help for a in parser._actions)
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(opt in text for opt in ("MODEL", "PATH", "--out", "exit status"))
+
+
+def test_output_names_mirror_folders_and_never_collide(models, tmp_path, capsys):
+    rng = np.random.default_rng(2)
+
+    def image(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = rng.integers(0, 255, (12, 10, 3)).astype(np.uint8)
+        Image.fromarray(img).save(path)
+        return path
+
+    src = tmp_path / "slides"
+    for rel in ("a.png", "a.jpg", "b.png", "scan.png", "sub/b.png", "sub/c.png", "sub/deeper/c.tif"):
+        image(src / rel)
+    (src / "scan.txt").write_text("notes: not an image, so scan.png keeps its plain name")
+    x, y = image(tmp_path / "x" / "d.png"), image(tmp_path / "y" / "d.png")  # same name, two folders
+    out = tmp_path / "out"
+    code = main([str(models["warwick"]), str(src), str(x), str(y), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "scan.txt: not an image file" in err  # the text file, reported as before
+    expected = {src / "a.png": "a.png", src / "a.jpg": "a.jpg", src / "b.png": "b", src / "scan.png": "scan",
+                src / "sub/b.png": "sub/b", src / "sub/c.png": "sub/c", src / "sub/deeper/c.tif": "sub/deeper/c",
+                x: "d.png-1", y: "d.png-2"}
+    rows = {Path(r["file"]): r for r in _rows(out / "predictions.csv")}
+    assert set(rows) == set(expected)
+    for path, name in expected.items():
+        assert rows[path]["mask"] == f"{name}_mask.png" and rows[path]["overlay"] == f"{name}_overlay.png"
+        assert np.asarray(Image.open(out / rows[path]["mask"])).shape == (12, 10)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert len(written) == 2 * len(expected)  # nothing overwritten
+    # the clash that needed numbers is explained, naming each input and its output
+    assert f"{x} -> d.png-1_mask.png" in err and f"{y} -> d.png-2_mask.png" in err
+
+
+def test_output_name_rule():
+    def names(*rels: str) -> list[str | None]:
+        return output_names([Input(Path("in") / r, PurePath(r)) for r in rels])[0]
+
+    assert names("a.png", "b.png", "s/a.png") == ["a", "b", "s/a"]  # another folder: no clash
+    assert names("a.png", "a.jpg") == ["a.png", "a.jpg"]
+    assert names("A.png", "a.png") == ["A.png-1", "a.png-2"]  # same file on a case-insensitive file system
+    # numbers skip names already taken by another image of the folder
+    got, notes = output_names([Input(Path(p), PurePath("a.png")) for p in ("x/a.png", "y/a.png")]
+                              + [Input(Path("z/a.png-1.jpg"), PurePath("a.png-1.jpg"))])
+    assert got == ["a.png-2", "a.png-3", "a.png-1"] and len(notes) == 1 and "x/a.png -> a.png-2_mask.png" in notes[0]
+    assert output_names([None, Input(Path("a.png"), PurePath("a.png"))])[0] == [None, "a"]
+
+
+# --------------------------------------------------------------------------- MNIST-like preprocessing
+
+
+def _mnist_test_digits(root: Path, n: int) -> np.ndarray:
+    """The first ``n`` MNIST test images, (n, 28, 28) uint8 light on dark, straight from the idx file."""
+    raw = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    if raw.is_file():
+        data = raw.read_bytes()
+    elif raw.with_suffix(".gz").is_file():
+        data = gzip.decompress(raw.with_suffix(".gz").read_bytes())
+    else:
+        pytest.skip(f"{raw} not found")
+    return np.frombuffer(data, np.uint8, offset=16)[: n * 784].reshape(n, 28, 28)
+
+
+def _meta(policy: str) -> ModelMeta:
+    """Digit metadata as the exporter writes it, with the given resize policy (no model needed)."""
+    props = metadata_for(_run("mnist"), "runs/t", "test")
+    if policy != "mnist":
+        props["resize_policy"] = "resize"
+        del props["ink_box"]
+    return ModelMeta.from_props(props)
+
+
+def _center_of_mass(img: np.ndarray) -> np.ndarray:
+    """(row, col) intensity-weighted center of mass of (H, W) ``img``."""
+    w = img.astype(np.float64)
+    return np.array([(w.sum(1) * np.arange(w.shape[0])).sum(), (w.sum(0) * np.arange(w.shape[1])).sum()]) / w.sum()
+
+
+def _on_canvas(digit: np.ndarray, scale: int, shape: tuple[int, int], at: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8: ``digit`` (28, 28) scaled up ``scale`` times, dark on a white canvas of ``shape`` at ``at``."""
+    big = np.asarray(Image.fromarray(digit).resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR))
+    canvas = np.full(shape, 255, np.uint8)
+    canvas[at[0] : at[0] + big.shape[0], at[1] : at[1] + big.shape[1]] = 255 - big
+    return canvas
+
+
+def test_mnist_policy_recovers_real_digits_drawn_large_off_center(data_root):
+    digits = _mnist_test_digits(data_root, 20)
+    rng = np.random.default_rng(3)
+    new, old = _meta("mnist"), _meta("resize")
+    corr_new, corr_old = [], []
+    for k, d in enumerate(digits):
+        shape = [(300, 400), (400, 300), (500, 260)][k % 3]
+        scale = int(rng.integers(4, 9))
+        at = (int(rng.integers(0, shape[0] - 28 * scale)), int(rng.integers(0, shape[1] - 28 * scale)))
+        canvas = _on_canvas(d, scale, shape, at)
+        got = prepare_digit(canvas, new)
+        assert got.shape == (28, 28) and got.dtype == np.uint8
+        assert np.abs(_center_of_mass(got) - 14).max() <= 1, k  # LeCun: center of mass at the center
+        corr_new.append(np.corrcoef(got.ravel(), d.ravel())[0, 1])
+        corr_old.append(np.corrcoef(prepare_digit(canvas, old).ravel(), d.ravel())[0, 1])
+    assert sum(c > 0.8 for c in corr_new) >= 17 and np.median(corr_new) > 0.9, np.round(corr_new, 2)
+    assert np.median(corr_old) < 0.5  # the `resize` policy (older files) is unchanged: a small digit, off-center
+    # an MNIST digit itself is already what the network saw: (almost) untouched
+    assert all(np.corrcoef(prepare_digit(255 - d, new).ravel(), d.ravel())[0, 1] > 0.99 for d in digits)
+
+
+def test_mnist_policy_drawn_strokes_noise_and_specks():
+    from PIL import ImageDraw
+
+    # a "7": tall and narrow, drawn dark grey on light-grey paper, in the corner of a wide canvas
+    im = Image.new("L", (600, 300), 215)
+    draw = ImageDraw.Draw(im)
+    draw.line([(40, 40), (140, 40), (80, 240)], fill=40, width=14)
+    canvas = np.asarray(im).astype(np.float64)
+    canvas += np.random.default_rng(4).normal(0, 6, canvas.shape)  # scanner noise
+    canvas[280:283, 560:563] = 40  # a speck of dust far away: must not stretch the box
+    canvas = canvas.clip(0, 255).astype(np.uint8)
+    got = prepare_digit(canvas, _meta("mnist"))
+    rows, cols = np.nonzero(got > 0.3 * got.max())
+    height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+    assert 19 <= height <= 21 and 9 <= width <= 13  # longer side 20, aspect ratio (114 x 214 px of ink) kept
+    assert np.abs(_center_of_mass(got) - 14).max() <= 1
+    assert got.max() >= 250 and np.median(got[got < 0.3 * got.max()]) == 0  # full-contrast strokes on black
+
+
+@pytest.mark.parametrize("level", [255, 0, 128])
+def test_mnist_policy_blank_image_still_gets_an_answer(models, tmp_path, capsys, level):
+    blank = np.full((300, 400), level, np.uint8)
+    got = prepare_digit(blank, _meta("mnist"))
+    assert got.shape == (28, 28) and got.dtype == np.uint8
+    Image.fromarray(blank).save(tmp_path / "blank.png")
+    assert main([str(models["mnist-centered"]), str(tmp_path / "blank.png"), "--out", str(tmp_path / "o")]) == 0
+    assert _rows(tmp_path / "o" / "predictions.csv")[0]["digit"] in [str(i) for i in range(10)]
+
+
+def test_mnist_policy_end_to_end_and_bad_metadata(models, tmp_path, capsys):
+    canvas = np.full((300, 400), 255, np.uint8)
+    canvas[50:250, 250:290] = 0  # a "1", far right
+    Image.fromarray(canvas).save(tmp_path / "one.png")
+    assert main([str(models["mnist-centered"]), str(tmp_path / "one.png"), "--out", str(tmp_path / "o")]) == 0
+    row = _rows(tmp_path / "o" / "predictions.csv")[0]
+    meta = ModelMeta.from_onnx(models["mnist-centered"])
+    x = meta.normalize(prepare_digit(canvas, meta)[None])
+    logits = session(models["mnist-centered"]).run(None, {"input": x})[0][0]
+    assert row["digit"] == str(int(logits.argmax()))  # the CSV answers for the centered digit
+    for key, value, message in (("ink_box", "big", "ink_box"), ("ink_box", "40", "ink_box"),
+                                ("resize_policy", "warp", "resize_policy 'warp'")):
+        proto = onnx.load(str(models["mnist-centered"]))
+        for p in proto.metadata_props:
+            if p.key == key:
+                p.value = value
+        onnx.save(proto, str(tmp_path / "bad.onnx"))
+        capsys.readouterr()
+        assert main([str(tmp_path / "bad.onnx"), str(tmp_path / "one.png"), "--out", str(tmp_path / "o2")]) == 2
+        assert message in capsys.readouterr().err

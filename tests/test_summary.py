@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from bench import files
-from bench.runner import LocalStore
-from bench.spec import load_spec
-from bench.summary import mean_ci, paired_test, write_summary
+from bench.spec import load_spec, place_in_group
+from bench.store import RunStore
+from bench.summary import group_table, mean_ci, paired_test, write_summary
 from tests.helpers import write_spec
 
 
@@ -26,36 +26,41 @@ def test_mean_ci_and_paired_test_against_hand_values():
     assert paired_test({0: 1.0}, {1: 1.0})[2] == 0
 
 
-def fake_store(tmp_path: Path) -> Path:
+ACC = {"a": [0.980, 0.982, 0.984], "b": [0.990, 0.991, 0.995], "c": [0.970, 0.972, 0.974]}
+VAL = {"a": 0.97, "b": 0.99, "c": 0.999}  # c is best on validation (test does not choose)
+
+
+def fake_store(tmp_path: Path, overrides: list[str] | None = None, acc: dict | None = None) -> Path:
     """Write result/metrics files for a 3-variant spec as the runner would, with chosen accuracies."""
     path = write_spec(tmp_path / "demo.yaml", seeds=[0, 1, 2], variants=[
         {"name": "a", "reported": 0.982}, {"name": "b", "set": {"optim.lr": 1.0e-3}},
         {"name": "c", "from": "a", "set": {"model.batch_norm": False}}])
-    spec = load_spec(path)
-    store = LocalStore(tmp_path / "results" / "runs")
-    store.write_spec_meta(spec)
-    acc = {"a": [0.980, 0.982, 0.984], "b": [0.990, 0.991, 0.995], "c": [0.970, 0.972, 0.974]}
-    val = {"a": 0.97, "b": 0.99, "c": 0.999}  # c is best on validation (test does not choose)
-    for run in spec.runs():
+    spec = place_in_group(load_spec(path, overrides=overrides), load_spec(path))
+    fake_runs(RunStore(tmp_path / "results"), spec, acc or ACC)
+    return tmp_path / "results"
+
+
+def fake_runs(store: RunStore, spec, acc: dict, runs: list | None = None) -> None:
+    store.write_group(spec)
+    for run in runs if runs is not None else spec.runs():
         d = store.path(run)
         files.write_json(d / "config.json", {"key": run.key, "config": run.config.to_dict()})
         (d / "metrics.csv").write_text("epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time\n"
                                        "1,1.0,0.5,0.9,0.6,0.001,1.0\n2,0.5,0.8,0.4,0.9,0.001,1.0\n")
         files.write_json(d / "result.json", {
             "key": run.key, "variant": run.variant.name, "seed": run.seed,
-            "test": {"acc": acc[run.variant.name][run.seed], "loss": 0.1}, "val_best": val[run.variant.name],
+            "test": {"acc": acc[run.variant.name][run.seed], "loss": 0.1}, "val_best": VAL[run.variant.name],
             "best_epoch": 2, "epochs_run": 2, "train_time_s": 12.0, "params": 1234, "device_name": "CPU: test",
             "torch": "2.x", "commit": "abcdef1234567890", "finished": "2026-01-01T00:00:00"})
-    return tmp_path / "results"
 
 
 def test_summary_table(tmp_path):
     results = fake_store(tmp_path)
-    text = write_summary(results, command="python -m bench summary").read_text()
+    text = _summary(results, command="python -m bench summary")
     assert "incomplete" not in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert re.search(r"\|\s+3\s+\|\s+98.20 ± 0.20\s+\|", rows["a"])  # 3 seeds, mean ± sd
-    assert re.search(r"\|\s+98.2\s+\|", rows["a"])  # the report's number beside it
+    assert re.search(r"\|\s+98.20\s+\|", rows["a"])  # the report's number beside it, in the table's format
     # b - a per seed: 1.0, 0.9, 1.1 points -> +1.00 vs prev
     assert "+1.00 vs prev" in rows["b"] and "(n=3)" in rows["b"]
     assert "-1.00 vs a" in rows["c ★"]  # the leave-one-out compares with its `from`, and is best by validation
@@ -71,7 +76,7 @@ def test_summary_ignores_results_of_an_old_config(tmp_path):
     d = json.loads(cfg.read_text())
     d["key"] = "another"
     cfg.write_text(json.dumps(d))
-    text = write_summary(results).read_text()
+    text = _summary(results)
     row = next(line for line in text.splitlines() if line.startswith("| a "))
     assert re.search(r"\|\s+2\s+\|\s+98.30 ± 0.14", row)  # only seeds 1 and 2 remain
     assert "**incomplete**: 8 of 9 runs finished; missing a seed 0" in text
@@ -82,23 +87,69 @@ def test_summary_keeps_sections_of_groups_whose_runs_are_elsewhere(tmp_path):
     other = ("## mnist@gpu (mnist, spec `ablations/mnist.yaml`, profile `full`)\n\n- machine: NVIDIA H200\n\n"
              "| variant | test accuracy (%) |\n|:--|:--|\n| x | 99.60 ± 0.01 |\n")
     (results / "summary.md").write_text("# Results\n\nold intro\n\n" + other + "\n## Deployment (ONNX Runtime)\n\nold\n")
-    text = write_summary(results).read_text()
+    text = _summary(results)
     assert other.strip() in text  # kept verbatim, runs not here
     assert "## demo (" in text and "old intro" not in text and "\nold\n" not in text
     assert text.index("## demo (") < text.index("## mnist@gpu (")  # groups in name order
     # rebuilding again changes nothing but the stamp; the local group is rewritten, not duplicated
-    again = write_summary(results).read_text()
+    again = _summary(results)
     assert again.count("## demo (") == 1 and again.count("## mnist@gpu (") == 1
 
 
-def test_reported_number_is_shown_as_written():
-    from bench.summary import group_table
-
-    for task, reported, shown in (("warwick", 0.66, "0.66"), ("warwick", 0.88, "0.88"), ("mnist", 0.982, "98.2")):
+def test_reported_number_is_shown_in_the_metric_s_own_format():
+    for task, reported, shown in (("warwick", 0.66, "0.6600"), ("warwick", 0.88, "0.8800"), ("mnist", 0.982, "98.20")):
         meta = {"task": task, "variants": [{"name": "a", "change": "", "parent": None, "ablation": False,
                                             "reported": reported}]}
-        table, _ = group_table(meta, {"a": []})
-        assert table.loc[0, "reported"] == shown  # not rounded to one decimal (0.66 once showed as 0.7)
+        table, _, _ = group_table(meta, [])
+        assert table.loc[0, "reported"] == shown  # as the table's own numbers (0.66 once showed as 0.7)
+
+
+def test_interval_is_clipped_to_the_metric_s_range_and_counts_are_integers(tmp_path):
+    results = fake_store(tmp_path, acc={"a": [0.95, 0.999, 0.90], "b": [0.990, 0.991, 0.995], "c": [0.97, 0.972, 0.974]})
+    text = _summary(results)
+    row_a = next(line for line in text.splitlines() if line.startswith("| a "))
+    assert "100.00]†" in row_a and "101" not in row_a  # 94.97 + 4.30 * 4.95 / sqrt 3 > 100 %
+    assert "† The t-interval reaches outside the metric's range and is shown cut to [0.00, 100.00]" in text
+    assert re.search(r"\|\s+2 \(2\)\s+\|", row_a)  # epochs "2 (2)", not "2.0 (2.0)"
+
+
+def test_an_adhoc_experiment_never_changes_the_published_table(tmp_path):
+    results = fake_store(tmp_path)
+    published = _summary(results)
+    # the same spec with an override: its own group, its own summary file; summary.md is unchanged
+    fake_store(tmp_path, overrides=["train.epochs=3"], acc={k: [0.5] * 3 for k in ACC})
+    store = RunStore(results)
+    assert store.groups("published") == ["demo"] and store.groups("adhoc") == ["demo--train.epochs=3"]
+    paths = write_summary(results)
+    assert _unstamped(paths[0].read_text()) == _unstamped(published)
+    adhoc = (results / "runs" / "demo--train.epochs=3" / "summary.md").read_text()
+    assert "--set train.epochs=3" in adhoc and "overrides: `train.epochs=3`" in adhoc and "50.00 ± 0.00" in adhoc
+
+
+def test_a_partial_rerun_never_replaces_a_fuller_published_section(tmp_path):
+    results = fake_store(tmp_path)
+    full = _summary(results)
+    # another results folder (another machine) with one run of the same group: its section is kept
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.md").write_text(full)
+    spec = load_spec(tmp_path / "demo.yaml")
+    fake_runs(RunStore(other), spec, ACC, runs=spec.runs(["a"])[:1])
+    text = _summary(other)
+    assert text.count("## demo (") == 1 and "incomplete" not in text and "| b " in text  # the full table is kept
+    # the group's scope is the whole spec, whatever subset a command trained: the rebuilt section says so
+    (other / "summary.md").unlink()
+    text = _summary(other)
+    assert "**incomplete**: 1 of 9 runs finished; missing a seed 1, 2; b seed 0, 1, 2; c seed 0, 1, 2" in text
+
+
+def _summary(results: Path, command: str | None = None) -> str:
+    return write_summary(results, command=command)[0].read_text()
+
+
+def _unstamped(text: str) -> str:
+    """``text`` without the times at which it was generated."""
+    return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+", "TIME", text)
 
 
 def test_a_stated_commit_is_marked_as_stated(tmp_path, monkeypatch):

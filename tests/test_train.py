@@ -28,7 +28,7 @@ def test_data_split_and_normalization(mnist_small):
     run, data = mnist_small
     assert len(data.train) == 1000 and len(data.val) == 1200 and len(data.test) == 10000
     assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.dtype == torch.float32
-    assert abs(data.info["mean"][0] - 0.1307) < 0.02 and abs(data.info["std"][0] - 0.3081) < 0.03
+    assert abs(data.info.mean[0] - 0.1307) < 0.02 and abs(data.info.std[0] - 0.3081) < 0.03
     # Training statistics normalize the training split to about zero mean, unit std.
     assert abs(data.train.x.mean().item()) < 1e-3 and abs(data.train.x.std().item() - 1) < 1e-3
 

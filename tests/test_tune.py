@@ -1,7 +1,9 @@
 """Optuna search: validation-only objective, resumable study, validated search space."""
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -9,30 +11,64 @@ import yaml
 from bench.cli import main
 from bench.config import ConfigError
 from bench.spec import load_spec
-from tests.helpers import write_spec
+from tests.helpers import TINY_MNIST_BASE, write_spec
 
 SPACE = {"optim.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}, "train.batch_size": {"choices": [32, 64]}}
 
 
-def test_tune_runs_resumes_and_never_touches_test(data_root, tmp_path, capsys):
+def _trials(res: Path, group_prefix: str) -> list[dict]:
+    """result.json of every trial run of the studies of ``group_prefix``, in trial order."""
+    return [json.loads(p.read_text()) for p in sorted(res.glob(f"runs/{group_prefix}--tune-*/trial-*/seed-*/result.json"))]
+
+
+def test_tune_runs_resumes_without_repeating_and_never_touches_test(data_root, tmp_path, capsys):
     path = write_spec(tmp_path / "t.yaml", search={"variant": "a", "trials": 2, "space": SPACE})
     res = tmp_path / "results"
-    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--set", "train.epochs=1",
-            "--no-progress"]
+    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress"]
     assert main(args) == 0
-    assert "after 2 trials" in capsys.readouterr().out
-    trials = sorted((res / "optuna" / "t").glob("trial-*"))
-    assert len(trials) == 2
-    for t in trials:
-        r = json.loads((t / "result.json").read_text())
-        assert r["test"] == {} and 0 < r["val_best"] <= 1  # scored on validation only
+    out, err = capsys.readouterr()
+    assert "best validation acc (seed 0): " in out and "after 2 trials" in out and ": new" in err
+    first = _trials(res, "t")
+    assert len(first) == 2
+    for r in first:
+        assert r["test"] == {} and 0 < r["val_best"] <= 1 and r["status"] == "finished"  # validation only
         assert set(r["search_params"]) == set(SPACE)
     best = yaml.safe_load((res / "optuna" / "t-best.yaml").read_text())
-    assert best[0]["name"] == "a-tuned" and set(best[0]["set"]) == set(SPACE)
-    # The study is stored: asking for 3 trials in total runs just one more.
-    assert main([*args, "--trials", "3"]) == 0
-    assert "after 3 trials" in capsys.readouterr().out
-    assert len(list((res / "optuna" / "t").glob("trial-*"))) == 3
+    assert best[0]["name"] == "a-tuned" and best[0]["from"] == "a" and set(best[0]["set"]) == set(SPACE)
+    # The study is stored: asking for 4 trials in total runs two more, with parameters not tried before
+    # (the seeded sampler used to restart and propose trial 0's parameters again).
+    assert main([*args, "--trials", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "after 4 trials" in out and "continuing after 2 trials" in err
+    lrs = [r["search_params"]["optim.lr"] for r in _trials(res, "t")]
+    assert len(lrs) == 4 and len(set(lrs)) == 4
+    # A different budget is a different study, not a continuation whose best only had more data.
+    assert main([*args, "--set", "data.train_subset=500", "--trials", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "after 1 trials" in out and ": new" in err
+
+
+def test_pruning_stops_a_hopeless_trial(data_root, tmp_path, capsys):
+    import optuna
+
+    from bench.tune import study_key
+
+    base = copy.deepcopy(TINY_MNIST_BASE)
+    base["train"]["epochs"] = 3
+    space = {"optim.lr": {"low": 1.0e-7, "high": 1.0e-2, "log": True}}
+    path = write_spec(tmp_path / "pr.yaml", base=base, search={"variant": "a", "space": space})
+    res = tmp_path / "results"
+    spec = load_spec(path)
+    name = f"pr/a/{study_key(spec.variants[0], space)}"
+    (res / "optuna").mkdir(parents=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{res / 'optuna' / 'pr.db'}", direction="maximize")
+    for lr in (3e-3, 2e-3, 4e-3, 1e-7):  # three good trials first (the pruner's startup), then a hopeless one
+        study.enqueue_trial({"optim.lr": lr})
+    assert main(["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
+                 "--trials", "4"]) == 0
+    assert "(1 pruned)" in capsys.readouterr().out
+    pruned = [r for r in _trials(res, "pr") if r["status"] == "pruned"]
+    assert len(pruned) == 1 and pruned[0]["search_params"]["optim.lr"] == 1e-7 and pruned[0]["epochs_run"] < 3
 
 
 @pytest.mark.parametrize("search, expected", [

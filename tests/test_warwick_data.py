@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.config import Config
+from bench.config import Config, ConfigError
+from bench.factories import build_model
 from bench.losses import LOSSES
 from bench.metrics import dice_per_image
 from bench.models import MODELS
-from bench.tasks.base import DataError
+from bench.tasks.base import DataError, DataInfo
 from bench.tasks.warwick import WarwickTask
 
 TASK = WarwickTask()
@@ -40,20 +41,34 @@ def test_real_data_loads(data_root: Path):
     assert data.test.y.shape == (60, 1, 128, 128)
     assert set(data.train.y.unique().tolist()) == {0.0, 1.0}
     info = data.info
-    assert info["channels"] == [0, 1]
-    json.dumps(info)  # recorded in config.json
+    assert info.channels == [0, 1] and info.source_channels == 3 and info.image_size == [128, 128]
+    assert DataInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info  # recorded in config.json and best.pt
     # normalized with training statistics: mean ~0, std ~1 on train (README: R/G mean 61.5/105.5 of 255)
     assert data.train.x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
-    assert info["mean"][0] * 255 == pytest.approx(61.5, abs=3)
-    assert not set(info["val_images"]) & {Path(n).name for n in data.train.names}
+    assert info.mean[0] * 255 == pytest.approx(61.5, abs=3)
+    assert len(info.val_names) == 13 and not set(info.val_names) & {Path(n).name for n in data.train.names}
 
 
 def test_split_depends_on_split_seed_only(data_root: Path):
-    a = TASK.load(config(data_root), CPU).info["val_images"]
-    assert TASK.load(config(data_root), CPU).info["val_images"] == a
-    assert TASK.load(config(data_root, split_seed=1), CPU).info["val_images"] != a
+    a = TASK.load(config(data_root), CPU).info.val_names
+    assert TASK.load(config(data_root), CPU).info.val_names == a
+    assert TASK.load(config(data_root, split_seed=1), CPU).info.val_names != a
     sub = TASK.load(config(data_root, train_subset=10), CPU)
-    assert len(sub.train) == 10 and sub.info["val_images"] == a
+    assert len(sub.train) == 10 and sub.info.val_names == a
+    with pytest.raises(ConfigError, match="data.train_subset: 73 is more than the 72 training images"):
+        TASK.load(config(data_root, train_subset=73), CPU)
+
+
+def test_runs_saved_before_data_info_existed_still_load():
+    old_warwick = {"source": "/d/WARWICK", "source_channels": 3, "channels": [0, 1], "mean": [0.2, 0.4], "std": [0.1, 0.1],
+                   "input_size": {"train": [128, 128], "test": [128, 128]}, "n_train": 72, "n_val": 13, "n_test": 60,
+                   "val_images": ["image_01.png"]}
+    info = DataInfo.from_dict(old_warwick)
+    assert info.image_size == [128, 128] and info.val_names == ["image_01.png"] and info.classes is None
+    old_mnist = {"source": "/d/MNIST/raw", "channels": [0], "mean": [0.13], "std": [0.31], "input_size": [28, 28],
+                 "classes": [str(i) for i in range(10)], "n_train": 24000, "n_val": 5000, "n_test": 10000}
+    info = DataInfo.from_dict(old_mnist)
+    assert info.image_size == [28, 28] and info.source_channels == 1 and len(info.classes) == 10
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -65,12 +80,12 @@ def test_synthetic_layouts_sizes_and_channels(tmp_path: Path, make_warwick):
     make_warwick(tmp_path / "b", size=(36, 52))
     for root in (tmp_path / "a", tmp_path / "b"):
         data = TASK.load(config(root, channels=[0]), CPU)
-        assert data.train.x.shape[1:] == (1, 36, 52) and data.info["channels"] == [0]
-        model = MODELS["unet"](**TASK.model_kwargs(data), width=4, depth=3)
+        assert data.train.x.shape[1:] == (1, 36, 52) and data.info.channels == [0]
+        model = MODELS["unet"](**TASK.model_kwargs(data.info), width=4, depth=3)
         cfg = config(root)
         cfg.eval.tta = True
         out = TASK.evaluate(model, data.test, cfg, LOSSES["bce"](), final=True)
-        assert set(TASK.report_metrics) <= set(out) and "loss" in out
+        assert {m.key for m in TASK.metrics} <= set(out) and "loss" in out
         assert TASK.predict_masks(model, data.test, cfg).shape == (3, 36, 52)
 
 
@@ -192,20 +207,12 @@ def test_cli_reports_broken_data_before_training(synthetic_warwick: Path, tmp_pa
 # ----------------------------------------------------------------------------- figures
 
 
-def test_summary_figure_from_a_stored_run(synthetic_warwick: Path, tmp_path: Path):
-    from bench.train import build_model
-
+def test_summary_figure_of_a_model(synthetic_warwick: Path, tmp_path: Path):
     cfg = config(synthetic_warwick.parent)
     data = TASK.load(cfg, CPU)
-    model = build_model(cfg, TASK, data)
-    run = tmp_path / "runs" / "g" / "v" / "seed-0"
-    run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"key": "k", "config": cfg.to_dict(), "data_info": data.info}))
-    torch.save({"state_dict": model.state_dict()}, run / "best.pt")
-    figs = list(TASK.summary_figures(run, tmp_path / "figures" / "g"))
+    model = build_model(cfg, **TASK.model_kwargs(data.info))
+    figs = list(TASK.summary_figures(lambda: (model, cfg, data), tmp_path / "figures" / "g", "v, seed-0"))
     assert len(figs) == 1
     caption, png = figs[0]
     assert Path(png).stat().st_size > 1000 and "outlines" in Path(png).name and "Dice" in caption
-    # the data moved away: no figure, no crash
-    shutil.rmtree(synthetic_warwick)
-    assert list(TASK.summary_figures(run, tmp_path / "figures" / "g")) == []
+    assert "(v, seed-0)" in caption

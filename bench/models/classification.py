@@ -6,9 +6,11 @@ is a small residual network used by the rungs that go beyond the report.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
 
-from bench.models import MODELS
+from bench.config import PosInt, UnitFloat
 
 
 def init_weights(model: nn.Module, init: str) -> None:
@@ -65,16 +67,15 @@ class MnistCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@MODELS.register()
 def mnist_cnn(
     in_channels: int = 1,
     num_classes: int = 10,
     *,
-    widths: list[int] = [16, 32, 32, 64, 64],  # noqa: B006  (read-only default)
-    hidden: int = 128,
+    widths: list[PosInt] = [16, 32, 32, 64, 64],  # noqa: B006  (read-only default)
+    hidden: PosInt = 128,
     batch_norm: bool = True,
-    dropout: float = 0.25,
-    init: str = "kaiming",
+    dropout: UnitFloat = 0.25,
+    init: Literal["kaiming", "default"] = "kaiming",
 ) -> nn.Module:
     """The report's MNIST CNN. ``widths``: channels of the 5 conv layers."""
     model = MnistCNN(in_channels, num_classes, list(widths), hidden, batch_norm, dropout)
@@ -101,14 +102,13 @@ class BasicBlock(nn.Module):
         return self.act(self.body(x) + self.short(x))
 
 
-@MODELS.register()
 def mnist_resnet(
     in_channels: int = 1,
     num_classes: int = 10,
     *,
-    width: int = 32,
-    dropout: float = 0.1,
-    init: str = "kaiming",
+    width: PosInt = 32,
+    dropout: UnitFloat = 0.1,
+    init: Literal["kaiming", "default"] = "kaiming",
 ) -> nn.Module:
     """A small ResNet: stem conv, 3 stages of one BasicBlock (strides 1, 2, 2), global pool, FC.
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.models import MODELS
+from bench.config import PosInt, UnitFloat
 
 
 def _conv(cin: int, cout: int, batch_norm: bool, stride: int = 1) -> list[nn.Module]:
@@ -142,15 +142,14 @@ class UNet(_PadToMultiple):
         return self.head(x)
 
 
-@MODELS.register()
 def encdec(
     in_channels: int = 2,
     num_classes: int = 1,
     *,
     batch_norm: bool = False,
-    dropout: float = 0.25,
-    width: int = 16,
-    depth: int = 3,
+    dropout: UnitFloat = 0.25,
+    width: PosInt = 16,
+    depth: PosInt = 3,
     input_norm: bool = False,
 ) -> nn.Module:
     """The report's conv/deconv encoder-decoder (no skips); any H, W (padded to a multiple of 2**depth).
@@ -161,15 +160,14 @@ def encdec(
     return EncDec(in_channels, num_classes, batch_norm, dropout, width, depth, input_norm)
 
 
-@MODELS.register()
 def unet(
     in_channels: int = 2,
     num_classes: int = 1,
     *,
     batch_norm: bool = True,
-    dropout: float = 0.25,
-    width: int = 16,
-    depth: int = 3,
+    dropout: UnitFloat = 0.25,
+    width: PosInt = 16,
+    depth: PosInt = 3,
     input_norm: bool = False,
 ) -> nn.Module:
     """U-Net with ``depth`` poolings and base width ``width``; any H, W (padded to a multiple of 2**depth).

@@ -1,19 +1,25 @@
-"""What a task (data set + metric) provides to the generic training loop.
+"""What a task (a data set and its metrics) provides to the rest of the harness.
 
-The loop in ``bench/train.py`` knows nothing about MNIST or glands: it draws batches
-by index from :class:`Split` tensors that already live on the training device, calls
-``task.augment`` and the loss, and asks ``task.evaluate`` for metrics.
+The training loop, the summary, the exporters and ``predict`` know nothing about MNIST or
+glands: everything task-specific sits behind :class:`Task` (data loading and its checks,
+augmentation, evaluation, how the metrics are named and printed, the raw test images an
+export is checked on, the preprocessing an exported model documents, the summary's
+figures).  A new task is one module with a Task subclass plus a line in ``bench/tasks/__init__.py``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bench.config import Config
+from bench.config import Config, ConfigError
 
 
 class DataError(ValueError):
@@ -36,8 +42,45 @@ class Split:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def to(self, device: torch.device | str) -> Split:
-        return Split(self.x.to(device), self.y.to(device), self.names)
+
+@dataclass
+class DataInfo:
+    """What a run's data looked like, saved with the run (config.json, best.pt): enough to rebuild
+    its model and to prepare new inputs exactly as the training inputs were, without the data set.
+
+    Normalization: ``x[k] = (pixel[channels[k]] / 255 - mean[k]) / std[k]`` for the image decoded
+    with ``source_channels`` channels (1: greyscale, 3: RGB).
+    """
+
+    source: str  # the folder the data was read from
+    channels: list[int]  # channels of the decoded image that feed the network, in order
+    source_channels: int  # channels of the decoded image files
+    mean: list[float]  # per kept channel, of pixel values in [0, 1], training split only
+    std: list[float]
+    image_size: list[int]  # [H, W] of the training images
+    n_train: int
+    n_val: int
+    n_test: int
+    classes: list[str] | None = None  # classification: class names, index = logit position
+    val_names: list[str] = field(default_factory=list)  # files held out for validation, where files have names
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataInfo:
+        """Read a saved description, including the layout of runs made before this class existed
+        (``input_size`` a list for MNIST, ``{"train": [H, W], "test": ...}`` for WARWICK;
+        ``val_images``; no ``source_channels`` for greyscale MNIST)."""
+        d = dict(d)
+        if "image_size" not in d:
+            size = d.pop("input_size")
+            d["image_size"] = size["train"] if isinstance(size, dict) else size
+        if "val_images" in d:
+            d["val_names"] = d.pop("val_images")
+        d.setdefault("source_channels", 1)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -45,31 +88,102 @@ class Data:
     train: Split
     val: Split
     test: Split
-    info: dict[str, Any]  # recorded in the run's config: channels, mean/std, sizes, source path
+    info: DataInfo
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split as a user's files would give them: ``images`` uint8
+    (N, H, W, C_src); ``targets`` (N,) int64 class labels or (N, H, W) bool masks."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A reported number: its key in result.json, how the summary names and prints it, and its range."""
+
+    key: str
+    label: str  # e.g. "test accuracy"
+    unit: str = ""  # of the shown value, e.g. "%"
+    scale: float = 1.0  # shown as value * scale (100 for a percentage)
+    digits: int = 3
+    higher_is_better: bool = True
+    low: float = 0.0  # the values it can take (confidence intervals are clipped to them)
+    high: float = 1.0
+
+    @property
+    def column(self) -> str:
+        """The summary's column name, e.g. ``test accuracy (%)``."""
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+    def format(self, value: float | None, digits: int | None = None) -> str:
+        """``value`` scaled and rounded as the summary shows it; an en dash when missing."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        return f"{value * self.scale:.{self.digits if digits is None else digits}f}"
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Figure = tuple[str, Path]  # (caption, PNG path)
 
 
 class Task:
-    """Base class; subclasses set the class attributes and implement ``load`` and ``evaluate``."""
+    """Base class; subclasses set the class attributes and implement the methods that raise."""
 
     name: str = ""
-    kind: str = ""  # "classification" | "segmentation"
-    metric: str = ""  # primary metric key; higher is better; chooses the best epoch/run on validation
-    metric_label: str = ""  # how the summary names it ("test accuracy", "pixel Dice")
-    report_metrics: tuple[str, ...] = ()  # further test metrics shown in the summary
-    lower_is_better: tuple[str, ...] = ()  # those of report_metrics where smaller is better
+    kind: str = ""  # "classification" | "segmentation": the shape of the outputs (exporters rely on it)
+    metrics: tuple[Metric, ...] = ()  # the first is the primary metric: it chooses best epoch, run and rung
     default_loss: str = ""
+    losses: tuple[str, ...] = ()  # loss names that fit this task's outputs
     default_val_fraction: float = 0.1
+    augmentations: tuple[str, ...] = ()  # AugmentCfg keys this task implements; others must stay off
+    supports_tta: bool = False
+
+    @property
+    def metric(self) -> str:
+        """Key of the primary metric (higher is better)."""
+        return self.metrics[0].key
+
+    @property
+    def metric_label(self) -> str:
+        return self.metrics[0].label
+
+    # ----------------------------------------------------------------------- configuration
+
+    def check_config(self, cfg: Config, where: str) -> None:
+        """Refuse settings this task would silently ignore (raises ConfigError)."""
+        if cfg.loss["name"] not in self.losses:
+            raise ConfigError(f"{where}.loss.name: {cfg.loss['name']!r} does not fit task {self.name!r}; "
+                              f"valid: {', '.join(self.losses)}")
+        default = type(cfg.augment)()
+        for key in (f.name for f in dataclasses.fields(cfg.augment)):
+            if key not in self.augmentations and getattr(cfg.augment, key) != getattr(default, key):
+                raise ConfigError(f"{where}.augment.{key}: task {self.name!r} does not implement it; "
+                                  f"supported: {', '.join(self.augmentations) or 'none'}")
+        if cfg.eval.tta and not self.supports_tta:
+            raise ConfigError(f"{where}.eval.tta: task {self.name!r} has no test-time augmentation")
+
+    # ----------------------------------------------------------------------- data
+
+    def prepare(self, root: Path, download: bool) -> None:
+        """Check the files under ``root`` before anything runs (DataError naming every broken file);
+        fetch them first when ``download`` and the task knows where from."""
 
     def load(self, cfg: Config, device: torch.device) -> Data:
         raise NotImplementedError
 
-    def model_kwargs(self, data: Data | dict[str, Any]) -> dict[str, Any]:
-        """Arguments the task supplies to every model factory (in_channels, num_classes),
-        from the loaded data or from its ``info`` dict saved with a checkpoint."""
+    def raw_images(self, root: str | Path, split: str) -> ImageSet:
+        """The ``split`` ("train" or "test") images as decoded files (exports are checked on them)."""
+        raise NotImplementedError(f"task {self.name!r} cannot give its raw images, so its models cannot be exported")
+
+    def model_kwargs(self, info: DataInfo) -> dict[str, Any]:
+        """Arguments the task supplies to every model factory (``in_channels``, ``num_classes``)."""
         raise NotImplementedError
+
+    # ----------------------------------------------------------------------- training and evaluation
 
     def augment(self, x: Tensor, y: Tensor, cfg: Config, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Augment a training batch on its device; returns (x, y) of the same shapes."""
@@ -79,8 +193,24 @@ class Task:
         """The primary metric on one training batch (for the learning curves only)."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:
-        """Metrics accumulated over the whole split: always ``loss`` and ``self.metric``;
-        with ``final=True`` (the one test evaluation) also every key in ``report_metrics``."""
+        """Metrics accumulated over the whole split: always ``loss`` and the primary metric;
+        with ``final=True`` (the one test evaluation) every metric in :attr:`metrics`."""
         raise NotImplementedError
+
+    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
+        """The primary metric of exported-model outputs (numpy logits of a whole :class:`ImageSet`)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- deployment and reports
+
+    def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
+        """Metadata keys (strings) that tell a user's code how to turn an image file into the model's
+        input and its output into an answer, beyond normalization (see ``exporters/metadata.py``)."""
+        raise NotImplementedError
+
+    def summary_figures(self, load: Callable[[], tuple[nn.Module, Config, Data]], out_prefix: Path,
+                        title: str) -> Iterable[Figure]:
+        """Figures of a finished run for the summary, written under ``out_prefix``; ``load()`` gives the
+        run's model (best weights), config and data (CPU) and ``title`` names the run.  None by default."""
+        return []

@@ -1,16 +1,100 @@
 """MNIST digit classification: 60k training images (a seeded share held out for
-validation) and the 10k test set, normalized once and kept as tensors on the device."""
+validation) and the 10k test set, normalized once and kept as tensors on the device.
+
+The files are the four IDX files of ``<root>/MNIST/raw`` (torchvision's layout), each either
+uncompressed or as distributed (``.gz``).  They are read and checked here (magic number, shape,
+length, labels 0-9) rather than by torchvision, so that a truncated or wrong file is named with
+what is wrong before anything trains, and so that nothing is downloaded unless asked for.
+"""
 from __future__ import annotations
 
+import gzip
+import json
+import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bench.config import Config
+from bench.augment import augment_batch
+from bench.config import Config, ConfigError
+from bench.inference import batched_outputs
 from bench.metrics import accuracy
-from bench.tasks.base import Data, LossFn, Split, Task
+from bench.tasks.base import Data, DataError, DataInfo, ImageSet, LossFn, Metric, Split, Task
+
+# file stem -> expected shape (the IDX header must say exactly this)
+FILES = {
+    "train-images-idx3-ubyte": (60000, 28, 28),
+    "train-labels-idx1-ubyte": (60000,),
+    "t10k-images-idx3-ubyte": (10000, 28, 28),
+    "t10k-labels-idx1-ubyte": (10000,),
+}
+
+
+def raw_folder(root: str | Path) -> Path:
+    return Path(root) / "MNIST" / "raw"
+
+
+def _find(raw: Path, stem: str) -> Path | None:
+    """The uncompressed file if present, else the ``.gz`` one, else None."""
+    for p in (raw / stem, raw / f"{stem}.gz"):
+        if p.is_file():
+            return p
+    return None
+
+
+def read_idx(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """An IDX file of unsigned bytes (optionally gzipped) as a uint8 array of ``shape``;
+    DataError saying what is wrong with the file otherwise."""
+    try:
+        blob = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: not a complete gzip file ({type(e).__name__}: {e})") from None
+    ndim = len(shape)
+    if len(blob) < 4 or blob[:3] != b"\0\0\x08" or blob[3] != ndim:
+        raise DataError(f"{path}: not an IDX file of {ndim}-d unsigned bytes (header {blob[:4].hex() or 'empty'}, "
+                        f"expected 000008{ndim:02x})")
+    dims = tuple(int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if dims != shape:
+        raise DataError(f"{path}: holds an array of shape {dims}, expected {shape}")
+    need = 4 + 4 * ndim + int(np.prod(shape))
+    if len(blob) != need:
+        raise DataError(f"{path}: {len(blob):,} bytes, expected {need:,} (truncated or not an MNIST file)")
+    return np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def check_files(root: str | Path) -> dict[str, np.ndarray]:
+    """Read and check the four files; one DataError naming every missing or broken file."""
+    raw = raw_folder(root)
+    arrays, problems, missing = {}, [], []
+    for stem, shape in FILES.items():
+        path = _find(raw, stem)
+        if path is None:
+            missing.append(stem)
+            continue
+        try:
+            arrays[stem] = read_idx(path, shape)
+        except DataError as e:
+            problems.append(str(e))
+    for stem, arr in arrays.items():
+        if "labels" in stem and arr.max(initial=0) > 9:
+            problems.append(f"{_find(raw, stem)}: labels must be 0-9, found {int(arr.max())}")
+    if missing:
+        problems.insert(0, f"{raw}: missing {', '.join(f'{s}[.gz]' for s in missing)}")
+    if problems:
+        raise DataError("\n".join(problems))
+    return arrays
+
+
+def load_mnist_arrays(root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train_x uint8 (60000, 28, 28), train_y int64 (60000,), test_x (10000, 28, 28), test_y) from
+    ``root/MNIST/raw``, checked (never downloads: see :meth:`MnistTask.prepare`)."""
+    a = check_files(root)
+    t = lambda k: torch.from_numpy(a[k].copy())  # noqa: E731  (frombuffer arrays are read-only)
+    return (t("train-images-idx3-ubyte"), t("train-labels-idx1-ubyte").long(),
+            t("t10k-images-idx3-ubyte"), t("t10k-labels-idx1-ubyte").long())
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -20,36 +104,45 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def load_mnist_arrays(root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(train_x uint8 (60000,28,28), train_y int64, test_x, test_y) from ``root/MNIST/raw``.
-
-    Downloads only when the files are missing (torchvision checks before fetching).
-    """
-    from torchvision.datasets import MNIST
-
-    root = Path(root)
-    raw = root / "MNIST" / "raw"
-    have = raw.is_dir() and any(raw.glob("train-images-idx3-ubyte*"))
-    train = MNIST(str(root), train=True, download=not have)
-    test = MNIST(str(root), train=False, download=not have)
-    return train.data, train.targets.long(), test.data, test.targets.long()
-
-
 class MnistTask(Task):
     name = "mnist"
     kind = "classification"
-    metric = "acc"
-    metric_label = "test accuracy"
-    report_metrics = ("acc",)
+    metrics = (Metric("acc", "test accuracy", unit="%", scale=100.0, digits=2),)
     default_loss = "ce"
+    losses = ("ce",)
     default_val_fraction = 0.1
+    augmentations = ("rotate", "translate", "scale", "elastic")  # digits are not flip-invariant (6/9, 2/5)
     classes = [str(i) for i in range(10)]
+
+    def check_config(self, cfg: Config, where: str) -> None:
+        super().check_config(cfg, where)
+        if cfg.data.channels not in (None, [0]):
+            raise ConfigError(f"{where}.data.channels: MNIST images have one channel; leave it unset (or [0])")
+
+    def prepare(self, root: Path, download: bool) -> None:
+        """Check the four files; with ``download`` fetch the missing ones first (torchvision's mirrors)."""
+        raw = raw_folder(root)
+        if download and any(_find(raw, s) is None for s in FILES):
+            from torchvision.datasets import MNIST  # only to download: reading is done here
+
+            for train in (True, False):
+                MNIST(str(root), train=train, download=True)
+        try:
+            check_files(root)
+        except DataError as e:
+            if not any(_find(raw, s) for s in FILES):
+                raise DataError(f"no MNIST files under {raw}: point --data-root (or $BENCH_DATA) at a folder that holds "
+                                f"MNIST/raw, or add --download to fetch them into {raw}") from None
+            raise e
 
     def load(self, cfg: Config, device: torch.device) -> Data:
         assert cfg.data.root is not None, "resolve the data root before loading"
         tx, ty, sx, sy = load_mnist_arrays(cfg.data.root)
         tr, va = split_indices(len(tx), cfg.data.val_fraction, cfg.data.split_seed)
         if cfg.data.train_subset is not None:
+            if cfg.data.train_subset > len(tr):
+                raise ConfigError(f"data.train_subset: {cfg.data.train_subset} is more than the {len(tr)} training images "
+                                  f"left after the validation split")
             # A subset is a prefix of a seeded permutation, so it is the same for every run.
             keep = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.data.split_seed + 1))
             tr = tr[keep[: cfg.data.train_subset]].sort().values
@@ -60,11 +153,8 @@ class MnistTask(Task):
         def prep(x: Tensor) -> Tensor:  # uint8 (N,28,28) -> normalized float (N,1,28,28) on device
             return ((x.float() / 255 - mean) / std).unsqueeze(1).to(device)
 
-        info: dict[str, Any] = {
-            "source": str(Path(cfg.data.root) / "MNIST" / "raw"),
-            "channels": [0], "mean": [mean], "std": [std], "input_size": [28, 28], "classes": self.classes,
-            "n_train": len(tr), "n_val": len(va), "n_test": len(sx),
-        }
+        info = DataInfo(source=str(raw_folder(cfg.data.root)), channels=[0], source_channels=1, mean=[mean], std=[std],
+                        image_size=[28, 28], n_train=len(tr), n_val=len(va), n_test=len(sx), classes=self.classes)
         return Data(
             train=Split(prep(tx[tr]), ty[tr].to(device)),
             val=Split(prep(tx[va]), ty[va].to(device)),
@@ -72,15 +162,18 @@ class MnistTask(Task):
             info=info,
         )
 
-    def model_kwargs(self, data: Data | dict[str, Any]) -> dict[str, Any]:
-        return {"in_channels": 1, "num_classes": 10}
+    def raw_images(self, root: str | Path, split: str) -> ImageSet:
+        tx, ty, sx, sy = load_mnist_arrays(root)
+        x, y = (sx, sy) if split == "test" else (tx, ty)
+        return ImageSet(x.numpy()[..., None], y.numpy(), [f"{split}/{i}" for i in range(len(x))])
+
+    def model_kwargs(self, info: DataInfo) -> dict[str, Any]:
+        return {"in_channels": 1, "num_classes": len(info.classes or self.classes)}
 
     def augment(self, x: Tensor, y: Tensor, cfg: Config, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         a = cfg.augment
         if not (a.rotate or a.translate or a.scale or a.elastic):
             return x, y
-        from bench.augment import augment_batch
-
         x, _ = augment_batch(x, None, a, gen)
         return x, y
 
@@ -89,7 +182,15 @@ class MnistTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:
-        from bench.train import batched_logits
-
-        logits = batched_logits(model, split.x, cfg)
+        logits = batched_outputs(model, split.x, cfg, cfg.train.eval_batch_size)
         return {"loss": loss_fn(logits, split.y).item(), "acc": accuracy(logits, split.y).item()}
+
+    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
+        return float((logits.argmax(1) == targets).mean())
+
+    def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
+        # How MNIST itself was made (LeCun et al.): the digit's bounding box scaled into a 20x20 box keeping
+        # its aspect ratio, then placed in 28x28 with its centre of mass at the centre.  A plain resize of a
+        # digit drawn small on a large canvas gives a dot, which the network reads as a 1.
+        return {"color_mode": "L", "resize_policy": "mnist", "ink_box": "20", "invert": "auto",
+                "resample": "lanczos", "classes": json.dumps(info.classes or self.classes)}

@@ -21,21 +21,23 @@ evaluated once per run.
 """
 from __future__ import annotations
 
+import json
 import re
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
+from bench.augment import augment_batch, dihedral_tta
 from bench.config import Config, ConfigError
+from bench.inference import Forward, batched_outputs
 from bench.metrics import dice_per_image, segmentation_report
-from bench.tasks.base import Data, DataError, LossFn, Split, Task
-
-__all__ = ["WarwickTask", "DataError", "find_folder", "read_pairs"]
+from bench.seg_figures import draw_outlines
+from bench.tasks.base import Data, DataError, DataInfo, Figure, ImageSet, LossFn, Metric, Split, Task
 
 _PAIR_RE = re.compile(r"^(image|label)_(.+)\.png$")
 # Largest number of pixels per evaluation forward pass: keeps memory bounded for big images.
@@ -56,8 +58,6 @@ def find_folder(root: str | Path) -> Path:
 
 def _read_image(path: Path) -> np.ndarray:
     """(H, W, C) uint8 array of an image file (C = 3 for colour, 1 for greyscale)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later
@@ -73,8 +73,6 @@ def _read_image(path: Path) -> np.ndarray:
 
 def _read_label(path: Path) -> np.ndarray:
     """(H, W) bool gland mask of a label file whose values are in {0, 255}."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -144,20 +142,20 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def display_images(x: Tensor, info: dict[str, Any]) -> np.ndarray:
+def display_images(x: Tensor, info: DataInfo) -> np.ndarray:
     """Undo the normalization for display: x (N, C, H, W) -> uint8 RGB (N, H, W, 3).
 
-    Kept channel ``k`` goes back to its original position ``info["channels"][k]``; dropped
+    Kept channel ``k`` goes back to its original position ``info.channels[k]``; dropped
     channels are black (WARWICK's blue is zero anyway).  A greyscale source is repeated.
     """
-    mean = torch.tensor(info["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(info["std"]).view(1, -1, 1, 1)
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
     raw = (x.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte().numpy()
     n, _, h, w = raw.shape
     out = np.zeros((n, h, w, 3), dtype=np.uint8)
-    if info.get("source_channels", 3) == 1:
+    if info.source_channels == 1:
         return np.repeat(raw[:, :1].transpose(0, 2, 3, 1), 3, axis=3)
-    for k, c in enumerate(info["channels"]):
+    for k, c in enumerate(info.channels):
         if c < 3:
             out[..., c] = raw[:, k]
     return out
@@ -166,27 +164,43 @@ def display_images(x: Tensor, info: dict[str, Any]) -> np.ndarray:
 # --------------------------------------------------------------------------- the task
 
 
+def read_both(root: str | Path) -> tuple[Path, dict[str, tuple[list[str], np.ndarray, np.ndarray]]]:
+    """(the data folder, {"Train": pairs, "Test": pairs}); one DataError naming every broken file of both."""
+    folder = find_folder(root)
+    read, problems = {}, []
+    for sub in ("Train", "Test"):  # check both before failing: every broken file in one message
+        try:
+            read[sub] = read_pairs(folder / sub)
+        except DataError as e:
+            problems.append(str(e))
+    if problems:
+        raise DataError("\n".join(problems))
+    return folder, read
+
+
 class WarwickTask(Task):
     name = "warwick"
     kind = "segmentation"
-    metric = "dice"
-    metric_label = "pixel Dice"
-    report_metrics = ("dice", "dice_pooled", "iou", "obj_f1", "obj_dice", "obj_hausdorff")
-    lower_is_better = ("obj_hausdorff",)
+    metrics = (
+        Metric("dice", "pixel Dice", digits=4),  # mean over images of each image's Dice (the report's number)
+        Metric("dice_pooled", "dice_pooled"),  # TP/FP/FN summed over the split first
+        Metric("iou", "iou"),
+        Metric("obj_f1", "obj_f1"),
+        Metric("obj_dice", "obj_dice"),
+        Metric("obj_hausdorff", "obj_hausdorff", digits=2, higher_is_better=False, high=float("inf")),  # pixels
+    )
     default_loss = "bce"
+    losses = ("bce", "dice", "dice_bce")
     default_val_fraction = 0.15  # 13 of the 85 training images
+    augmentations = ("flips", "rotate", "translate", "scale", "elastic", "intensity")
+    supports_tta = True
+
+    def prepare(self, root: Path, download: bool) -> None:
+        read_both(root)  # there is no public mirror to fetch from: the files must be there
 
     def load(self, cfg: Config, device: torch.device) -> Data:
         assert cfg.data.root is not None, "resolve the data root before loading"
-        folder = find_folder(cfg.data.root)
-        read, problems = {}, []
-        for sub in ("Train", "Test"):  # check both before failing: every broken file in one message
-            try:
-                read[sub] = read_pairs(folder / sub)
-            except DataError as e:
-                problems.append(str(e))
-        if problems:
-            raise DataError("\n".join(problems))
+        folder, read = read_both(cfg.data.root)
         (tr_names, tr_img, tr_mask), (te_names, te_img, te_mask) = read["Train"], read["Test"]
         n_src = tr_img.shape[3]
         if te_img.shape[3] != n_src:
@@ -204,8 +218,9 @@ class WarwickTask(Task):
         val_fraction = cfg.data.val_fraction if cfg.data.val_fraction is not None else self.default_val_fraction
         tr, va = split_train_val(len(tr_names), val_fraction, cfg.data.split_seed)
         if cfg.data.train_subset is not None:
-            if cfg.data.train_subset < 1:
-                raise ConfigError(f"data.train_subset: must be >= 1, got {cfg.data.train_subset}")
+            if cfg.data.train_subset > len(tr):
+                raise ConfigError(f"data.train_subset: {cfg.data.train_subset} is more than the {len(tr)} training images "
+                                  f"left after the validation split")
             # A prefix of a seeded permutation: the same subset for every run and rung.
             keep = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.data.split_seed + 1)).numpy()
             tr = np.sort(tr[keep[: cfg.data.train_subset]])
@@ -225,28 +240,22 @@ class WarwickTask(Task):
         def pick(idx: np.ndarray) -> Split:
             return prep(tr_img[idx], tr_mask[idx], [f"Train/{tr_names[i]}" for i in idx])
 
-        info: dict[str, Any] = {
-            "source": str(folder),
-            "source_channels": int(n_src),
-            "channels": channels,
-            "mean": mean.tolist(),  # of pixel values scaled to [0, 1], per kept channel
-            "std": std.tolist(),
-            "input_size": {"train": list(tr_img.shape[1:3]), "test": list(te_img.shape[1:3])},
-            "n_train": len(tr), "n_val": len(va), "n_test": len(te_names),
-            "val_images": [tr_names[i] for i in va],
-        }
+        info = DataInfo(source=str(folder), channels=channels, source_channels=int(n_src), mean=mean.tolist(),
+                        std=std.tolist(), image_size=list(tr_img.shape[1:3]), n_train=len(tr), n_val=len(va),
+                        n_test=len(te_names), val_names=[tr_names[i] for i in va])
         return Data(pick(tr), pick(va), prep(te_img, te_mask, [f"Test/{n}" for n in te_names]), info)
 
-    def model_kwargs(self, data: Data | dict[str, Any]) -> dict[str, Any]:
-        info = data.info if isinstance(data, Data) else data
-        return {"in_channels": len(info["channels"]), "num_classes": 1}
+    def raw_images(self, root: str | Path, split: str) -> ImageSet:
+        names, images, masks = read_pairs(find_folder(root) / ("Test" if split == "test" else "Train"))
+        return ImageSet(images, masks, names)
+
+    def model_kwargs(self, info: DataInfo) -> dict[str, Any]:
+        return {"in_channels": len(info.channels), "num_classes": 1}
 
     def augment(self, x: Tensor, y: Tensor, cfg: Config, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         a = cfg.augment
         if not (a.flips or a.rotate or a.translate or a.scale or a.elastic or a.intensity):
             return x, y
-        from bench.augment import augment_batch
-
         x, y2 = augment_batch(x, y, a, gen)
         return x, y2 if y2 is not None else y
 
@@ -255,27 +264,15 @@ class WarwickTask(Task):
 
     # ----------------------------------------------------------------------- prediction
 
-    @torch.no_grad()
-    def _batched(self, model: nn.Module, split: Split, cfg: Config,
-                 fn: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+    def _batched(self, model: nn.Module, split: Split, cfg: Config, fn: Forward) -> Tensor:
         """``fn(model, batch)`` over the split in eval mode, batched by ``train.eval_batch_size``
         and at most ~4M pixels per pass (bounded memory for large images); float32."""
-        from bench.train import autocast
-
-        was_training = model.training
-        model.eval()
         h, w = split.x.shape[-2:]
-        bs = max(1, min(cfg.train.eval_batch_size, _EVAL_PIXELS // (h * w)))
-        with autocast(cfg, split.x.device):
-            outs = [fn(model, split.x[i : i + bs]).float() for i in range(0, len(split), bs)]
-        model.train(was_training)
-        return torch.cat(outs)
+        return batched_outputs(model, split.x, cfg, max(1, min(cfg.train.eval_batch_size, _EVAL_PIXELS // (h * w))), fn)
 
     def predict_proba(self, model: nn.Module, split: Split, cfg: Config, tta: bool | None = None) -> Tensor:
         """Foreground probabilities (N, 1, H, W) float32; ``tta`` (default ``cfg.eval.tta``)
         averages the probabilities of the 8 dihedral transforms."""
-        from bench.augment import dihedral_tta
-
         if cfg.eval.tta if tta is None else tta:
             return self._batched(model, split, cfg, dihedral_tta)
         return torch.sigmoid(self._batched(model, split, cfg, lambda m, b: m(b)))
@@ -303,32 +300,31 @@ class WarwickTask(Task):
 
     # ----------------------------------------------------------------------- figures
 
-    def summary_figures(self, run_dir: Path, out_prefix: Path) -> Iterable[tuple[str, Path]]:
-        """Best / median / worst test images of a finished run with gland outlines.
+    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
+        """Mean per-image pixel Dice of (N, 1, H, W) logits against (N, H, W) masks."""
+        masks = torch.sigmoid(torch.from_numpy(logits[:, 0])) > threshold
+        return float(dice_per_image(masks, torch.from_numpy(targets)).mean())
 
-        Rebuilds the run's model from ``best.pt`` and its data from ``config.json``; returns
-        nothing (with a note on stderr) when the data or checkpoint is no longer there.
-        """
-        from bench import files
-        from bench.seg_figures import draw_outlines
-        from bench.spec import config_from_dict
-        from bench.train import build_model
+    def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
+        # Any image size runs as is (the graph pads to a multiple of 2**depth); larger images are tiled
+        # at the training size with a quarter of overlap, so memory stays bounded.
+        size = [int(s) for s in info.image_size]
+        return {"color_mode": "L" if info.source_channels == 1 else "RGB", "resize_policy": "tile",
+                "tile_size": json.dumps(size), "tile_overlap": str(max(0, min(size) // 4)), "invert": "never",
+                "threshold": repr(float(cfg.eval.threshold))}
 
-        try:
-            meta = files.read_json(run_dir / "config.json")
-            cfg = config_from_dict(meta["config"], where=str(run_dir / "config.json"))
-            data = self.load(cfg, torch.device("cpu"))
-            model = build_model(cfg, self, data)
-            model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["state_dict"])
-        except (OSError, ValueError, KeyError) as e:
-            print(f"note: no segmentation figure for {run_dir}: {e}", file=sys.stderr)
-            return []
+    # ----------------------------------------------------------------------- figures
+
+    def summary_figures(self, load: Callable[[], tuple[nn.Module, Config, Data]], out_prefix: Path,
+                        title: str) -> Iterable[Figure]:
+        """Best / median / worst test images of a finished run with gland outlines."""
+        model, cfg, data = load()
         pred = self.predict_masks(model, data.test, cfg)
         gt = data.test.y[:, 0] > 0.5
         dice = dice_per_image(pred, gt).numpy()
         png = out_prefix.with_name(out_prefix.name + "-outlines.png")
         draw_outlines(display_images(data.test.x, data.info), gt.numpy(), pred.numpy(), data.test.names, dice, png)
-        caption = (f"Test images of the best run ({run_dir.parent.name}, {run_dir.name}): ground-truth (white) and "
+        caption = (f"Test images of the best run ({title}): ground-truth (white) and "
                    f"predicted (blue) gland outlines for the best, median and worst pixel Dice "
                    f"(mean {dice.mean():.3f}{', with TTA' if cfg.eval.tta else ''}).")
         return [(caption, png)]

@@ -1,0 +1,233 @@
+"""The run store: the one place that knows where runs live, which of them are finished and
+current, which are superseded, and that claims and records them.
+
+Layout (``results/runs``)::
+
+    <group>/spec.json                     the group's definition: its role, its variants and the key
+                                          of every (variant, seed) run it holds (its scope)
+    <group>/<variant>/seed-<k>/           one run: config.json, metrics.csv, best.pt, result.json, ...
+    <group>/<variant>/seed-<k>.superseded-<key>/   an older config of that run, kept aside
+    <group>/.locks/<variant>.seed-<k>.lock         the kernel lock a worker holds while training it
+
+A group's role is ``published`` (a spec and profile as written: its table is in
+``results/summary.md``), ``adhoc`` (an experiment with overrides, see
+:func:`bench.spec.place_in_group`) or ``study`` (the trials of ``bench tune``).  A run is
+*finished and current* when its result.json and config.json carry the key the group's
+definition expects for that (variant, seed).  Summary, exporters, tune and the runner all ask
+this module; a database-backed store (several machines) replaces this class behind the same methods.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench import files
+from bench.config import Config
+from bench.factories import build_model
+from bench.spec import Run, Spec, config_from_dict, slug
+from bench.tasks import TASKS
+from bench.tasks.base import DataInfo, Task
+
+GROUP_FILE = "spec.json"
+ROLES = ("published", "adhoc", "study")
+_SEED_DIR = re.compile(r"seed-(\d+)")
+
+
+@dataclass
+class StoredRun:
+    """A finished, current run of a group, as read back from its folder."""
+
+    group: str
+    variant: str
+    seed: int
+    key: str
+    dir: Path
+    result: dict[str, Any]  # result.json
+
+
+@dataclass
+class LoadedRun:
+    """A finished run rebuilt from its folder: the model with its best weights (eval mode, CPU)."""
+
+    run_dir: Path
+    model: nn.Module
+    config: Config
+    task: Task
+    info: DataInfo
+    key: str
+    result: dict[str, Any] | None  # result.json, None while the run is unfinished
+
+
+class RunStore:
+    """Run folders under ``<results>/runs``."""
+
+    def __init__(self, results_dir: str | Path):
+        self.results = Path(results_dir)
+        self.root = self.results / "runs"
+
+    def path(self, run: Run) -> Path:
+        return self.root / run.rel_dir
+
+    # ----------------------------------------------------------------------- groups
+
+    def write_group(self, spec: Spec, role: str | None = None, **extra: Any) -> None:
+        """Write the definition of ``spec``'s group: every run it holds, with its key."""
+        role = role or ("adhoc" if spec.adhoc else "published")
+        assert role in ROLES, role
+        files.write_json(self.root / spec.group / GROUP_FILE, {
+            "name": spec.name, "group": spec.group, "role": role, "published_group": spec.published_group,
+            "path": spec.path, "task": spec.task, "profile": spec.profile, "seeds": spec.seeds,
+            "overrides": spec.overrides, "description": spec.description,
+            "variants": [{"name": v.name, "parent": v.parent, "ablation": v.ablation, "change": v.change,
+                          "reported": v.reported, "dir": slug(v.name)} for v in spec.variants],
+            "runs": [{"variant": r.variant.name, "seed": r.seed, "key": r.key} for r in spec.runs()],
+            **extra,
+        })
+
+    def read_group(self, group: str) -> dict[str, Any]:
+        """A group's definition; one written before roles existed is a published group."""
+        meta = files.read_json(self.root / group / GROUP_FILE)
+        meta.setdefault("role", "published")
+        return meta
+
+    def groups(self, role: str | None = None) -> list[str]:
+        """Names of the groups under ``runs/`` (of one role), sorted."""
+        if not self.root.is_dir():
+            return []
+        names = sorted(p.parent.name for p in self.root.glob(f"*/{GROUP_FILE}"))
+        return [g for g in names if role is None or self.read_group(g)["role"] == role]
+
+    # ----------------------------------------------------------------------- runs
+
+    def finished(self, group: str) -> list[StoredRun]:
+        """The finished, current runs of ``group``, in the definition's variant order, then by seed.
+
+        Current: result.json's key equals config.json's and the key the group expects for that
+        (variant, seed).  (Groups written before definitions listed their keys accept any run
+        whose result and config agree.)"""
+        meta = self.read_group(group)
+        expected = {(r["variant"], r["seed"]): r["key"] for r in meta["runs"]} if "runs" in meta else None
+        out = []
+        for v in meta["variants"]:
+            for d in sorted((self.root / group / v["dir"]).glob("seed-*"), key=lambda p: p.name):
+                m = _SEED_DIR.fullmatch(d.name)
+                result = _current_result(d)
+                if m is None or result is None:
+                    continue
+                seed = int(m.group(1))
+                if expected is not None and expected.get((v["name"], seed)) != result["key"]:
+                    continue
+                out.append(StoredRun(group, v["name"], seed, result["key"], d, result))
+        return sorted(out, key=lambda r: ([v["name"] for v in meta["variants"]].index(r.variant), r.seed))
+
+    def result(self, run: Run) -> dict[str, Any] | None:
+        """The run's result when it is finished with this config, else None."""
+        result = _current_result(self.path(run))
+        return result if result is not None and result["key"] == run.key else None
+
+    def todo(self, runs: list[Run]) -> list[Run]:
+        return [r for r in runs if self.result(r) is None]
+
+    def epochs_done(self, run: Run) -> int:
+        """Epochs of an unfinished run that a restart resumes after (0: none, or another config's)."""
+        d = self.path(run)
+        try:
+            if files.read_json(d / "config.json").get("key") != run.key:
+                return 0
+            return max(0, len((d / "metrics.csv").read_text().splitlines()) - 1)
+        except (OSError, ValueError):
+            return 0
+
+    @contextmanager
+    def claim(self, run: Run) -> Iterator[bool]:
+        """``with store.claim(run) as mine:`` -- True while this process holds the run's lock, False
+        when another process holds it or the run is already finished.
+
+        The lock is the kernel's (``flock``): it is released when the holder exits or dies, even by
+        SIGKILL, so there is no stale lock to detect.  A folder left by another config of the same
+        (variant, seed) is kept aside as ``seed-K.superseded-<key>``, so an edited spec never mixes results.
+        """
+        lock = self.root / run.spec / ".locks" / f"{slug(run.variant.name)}.seed-{run.seed}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                # Finished by another worker since the caller's todo list was made: do not train it again.
+                if self.result(run) is not None:
+                    yield False
+                    return
+                f.truncate(0)  # who holds it, for a human looking at a busy grid
+                f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}) + "\n")
+                f.flush()
+                self._set_aside_other_config(run)
+                for tmp in self.path(run).glob(".*.tmp"):  # leftovers of a write killed before its rename
+                    tmp.unlink(missing_ok=True)
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _set_aside_other_config(self, run: Run) -> None:
+        d = self.path(run)
+        try:
+            old = files.read_json(d / "config.json").get("key", "unknown")
+        except (OSError, ValueError):
+            return
+        if old != run.key:
+            aside, k = d.with_name(f"{d.name}.superseded-{old}"), 2
+            while aside.exists():
+                aside, k = d.with_name(f"{d.name}.superseded-{old}-{k}"), k + 1
+            d.rename(aside)
+
+    def record(self, run: Run, result: dict[str, Any]) -> None:
+        """Write the run's result.json (``status`` defaults to ``finished``); drop its resume state."""
+        d = self.path(run)
+        files.write_json(d / "result.json", {"status": "finished", **result})
+        (d / "last.pt").unlink(missing_ok=True)  # resume state is not needed once the result is in
+
+    def load(self, run: StoredRun) -> LoadedRun:
+        return load_run(run.dir)
+
+
+def _current_result(d: Path) -> dict[str, Any] | None:
+    """result.json of a run folder when it is a finished run whose config.json has the same key."""
+    try:
+        result = files.read_json(d / "result.json")
+        config_key = files.read_json(d / "config.json").get("key")
+    except (OSError, ValueError):
+        return None
+    if result.get("status", "finished") != "finished" or result.get("key") != config_key:
+        return None
+    return result
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild the model of a run folder from best.pt (loaded with ``weights_only=True``)."""
+    run_dir = Path(run_dir)
+    best = run_dir / "best.pt"
+    if not best.exists():
+        raise FileNotFoundError(f"{run_dir}: no best.pt (is this a finished run folder?)")
+    ck = torch.load(best, map_location="cpu", weights_only=True)
+    cfg = config_from_dict(ck["config"], where=str(best))
+    task = TASKS[cfg.task]
+    info = DataInfo.from_dict(ck["data_info"])
+    model = build_model(cfg, **task.model_kwargs(info))
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    res = run_dir / "result.json"
+    return LoadedRun(run_dir, model, cfg, task, info, ck["key"], files.read_json(res) if res.exists() else None)
