@@ -18,7 +18,7 @@ Everything about preprocessing comes from the model's metadata (see ``exporters/
   - ``resize`` (older exports): padded to a square with its background and resized (bilinear) to
     ``image_size``; an image already of that size is used as is.
 
-  Output: ``<out>/predictions.csv`` with ``file,digit,probability``.
+  Output: ``<out>/predictions.csv`` with ``file,class,probability``.
 * **segmentation** (WARWICK): the image is decoded in ``color_mode`` and keeps its size: the graph
   takes any height and width (``tile`` policy).  An image larger than ``tile_size`` is cut into
   tiles overlapping by ``tile_overlap`` pixels whose logits are averaged; a side shorter than
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["file", "mask", "overlay", "foreground_fraction"] if seg else ["file", "digit", "probability"])
+        w.writerow(["file", "mask", "overlay", "foreground_fraction"] if seg else ["file", "class", "probability"])
         w.writerows(rows)
         files.write_text(out / "predictions.csv", buf.getvalue())
         print(f"wrote {out / 'predictions.csv'}" + (f" and {2 * len(rows)} PNGs under {out}" if seg else ""), file=sys.stderr)

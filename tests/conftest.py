@@ -10,10 +10,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Resolve $BENCH_DATA once, against the directory pytest was started from: the README's form is
+    # relative (BENCH_DATA=../shared/data), and tests run commands from other directories.
+    if os.environ.get("BENCH_DATA"):
+        os.environ["BENCH_DATA"] = str(Path(os.environ["BENCH_DATA"]).expanduser().resolve())
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """$BENCH_DATA, else <repo>/../shared/data; tests that need the real data skip without it."""
-    root = Path(os.environ.get("BENCH_DATA") or REPO.parent / "shared" / "data")
+    root = Path(os.environ.get("BENCH_DATA") or REPO.parent / "shared" / "data").resolve()
     if not root.is_dir():
         pytest.skip(f"data root {root} not found (set BENCH_DATA)")
     return root

@@ -90,15 +90,15 @@ def test_mnist_folder_with_stray_text_and_odd_sized_image(models, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 1 and f"{src / 'notes.txt'}: not an image file" in err and ".DS_Store" not in err
     rows = _rows(out / "predictions.csv")
-    assert list(rows[0]) == ["file", "digit", "probability"] and len(rows) == 4
+    assert list(rows[0]) == ["file", "class", "probability"] and len(rows) == 4
     assert {Path(r["file"]).name for r in rows} == {"d0.png", "d1.png", "d2.png", "odd_inverted.png"}
     meta = ModelMeta.from_onnx(models["mnist"])
     sess = session(models["mnist"])
     for r in rows:
-        assert r["digit"] in meta.classes and 0.1 <= float(r["probability"]) <= 1
+        assert r["class"] in meta.classes and 0.1 <= float(r["probability"]) <= 1
         if Path(r["file"]) in digits:  # same answer as the user's own ORT code on the metadata's preprocessing
             logits = sess.run(None, {"input": meta.normalize(digits[Path(r["file"])][None])})[0][0]
-            assert r["digit"] == meta.classes[int(logits.argmax())]
+            assert r["class"] == meta.classes[int(logits.argmax())]
 
 
 def test_digit_preprocessing_inverts_light_backgrounds_and_resizes(models):
@@ -354,7 +354,7 @@ def test_mnist_policy_blank_image_still_gets_an_answer(models, tmp_path, capsys,
     assert got.shape == (28, 28) and got.dtype == np.uint8
     Image.fromarray(blank).save(tmp_path / "blank.png")
     assert main([str(models["mnist-centered"]), str(tmp_path / "blank.png"), "--out", str(tmp_path / "o")]) == 0
-    assert _rows(tmp_path / "o" / "predictions.csv")[0]["digit"] in [str(i) for i in range(10)]
+    assert _rows(tmp_path / "o" / "predictions.csv")[0]["class"] in [str(i) for i in range(10)]
 
 
 def test_mnist_policy_end_to_end_and_bad_metadata(models, tmp_path, capsys):
@@ -366,7 +366,7 @@ def test_mnist_policy_end_to_end_and_bad_metadata(models, tmp_path, capsys):
     meta = ModelMeta.from_onnx(models["mnist-centered"])
     x = meta.normalize(prepare_digit(canvas, meta)[None])
     logits = session(models["mnist-centered"]).run(None, {"input": x})[0][0]
-    assert row["digit"] == str(int(logits.argmax()))  # the CSV answers for the centered digit
+    assert row["class"] == str(int(logits.argmax()))  # the CSV answers for the centered digit
     for key, value, message in (("ink_box", "big", "ink_box"), ("ink_box", "40", "ink_box"),
                                 ("resize_policy", "warp", "resize_policy 'warp'")):
         proto = onnx.load(str(models["mnist-centered"]))

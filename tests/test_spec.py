@@ -101,6 +101,28 @@ def test_int_is_accepted_for_float(tmp_path):
     ({"profiles": {"quick": {"set": {"train.epoch": 1}}}},
      "profiles.quick.set.train: unknown key 'epoch'; valid keys (closest first): epochs"),
     ({"profiles": {"quick": {"seed": [1]}}}, "profiles.quick: unknown key 'seed'"),
+    # numbers outside their range: caught here, not as a torch traceback after a config.json was written
+    ({"variants": [{"name": "a", "set": {"optim.lr": -1}}]}, "set.optim.lr: must be > 0, got -1.0"),
+    ({"variants": [{"name": "a", "set": {"optim.weight_decay": -0.1}}]}, "optim.weight_decay: must be >= 0"),
+    ({"variants": [{"name": "a", "set": {"optim": {"name": "sgd", "momentum": 1.0}}}]}, "optim.momentum: must be in [0, 1)"),
+    ({"variants": [{"name": "a", "set": {"model.dropout": 1.5}}]}, "model.dropout: must be in [0, 1), got 1.5"),
+    ({"variants": [{"name": "a", "set": {"model.widths": [8, 0, 8, 8, 8]}}]}, "model.widths[1]: must be >= 1, got 0"),
+    ({"variants": [{"name": "a", "set": {"model.init": "he"}}]}, "model.init: expected one of 'kaiming', 'default'"),
+    ({"variants": [{"name": "a", "set": {"sched": {"name": "step", "step_size": 0}}}]}, "sched.step_size: must be >= 1"),
+    ({"variants": [{"name": "a", "set": {"sched": {"name": "onecycle", "pct_start": 1.0}}}]}, "pct_start: must be in (0, 1)"),
+    ({"variants": [{"name": "a", "set": {"loss.label_smoothing": 1.0}}]}, "loss.label_smoothing: must be in [0, 1)"),
+    ({"variants": [{"name": "a", "set": {"train.patience": 0}}]}, "train.patience: must be >= 1, got 0"),
+    ({"variants": [{"name": "a", "set": {"train.eval_batch_size": 0}}]}, "train.eval_batch_size: must be >= 1"),
+    ({"variants": [{"name": "a", "set": {"train.device": "gpu"}}]}, "train.device: 'gpu' is not a device"),
+    ({"variants": [{"name": "a", "set": {"data.val_fraction": 1.0}}]}, "data.val_fraction: must be in (0, 1), got 1.0"),
+    ({"variants": [{"name": "a", "set": {"data.train_subset": 0}}]}, "data.train_subset: must be >= 1, got 0"),
+    ({"variants": [{"name": "a", "set": {"augment.rotate": 400}}]}, "augment.rotate: must be in [0, 180]"),
+    ({"variants": [{"name": "a", "set": {"eval.threshold": 0}}]}, "eval.threshold: must be in (0, 1)"),
+    ({"variants": [{"name": "a", "reported": 98.2}]}, "reported: acc must be in [0, 1] as the spec writes it (e.g. 0.982"),
+    ({"seeds": [-1]}, "seeds[0]: must be >= 0, got -1"),
+    ({"profiles": {"quick": {"workers": 0}}}, "profiles.quick.workers: must be >= 1, got 0"),
+    ({"search": {"trials": 0, "space": {"optim.lr": {"low": 0.1, "high": 1.0}}}}, "search.trials: must be >= 1"),
+    ({"name": "my spec"}, "name: 'my spec' must be a folder name"),
 ])
 def test_validation_errors(tmp_path, overrides, expected):
     assert expected in spec_error(tmp_path, **overrides)
