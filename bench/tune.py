@@ -3,9 +3,9 @@
 The spec's ``search:`` section names the variant to tune and the space (dotted config
 paths).  Each trial trains that variant with seed ``seeds[0]`` and is scored on the
 *validation* split only (the test split is never evaluated), with median pruning after
-every epoch.  Trials are runs of the run store (group ``<spec group>--tune-<study key>``).
+every epoch.  Trials are runs of the run store (group ``<spec>[@profile]--tune-<variant>-<study key>``).
 
-The study lives in ``results/optuna/<spec group>.db`` (SQLite).  Its name carries a hash of
+The study lives in ``results/optuna/<spec>[@profile].db`` (SQLite).  Its name carries a hash of
 the tuned variant's configuration without the searched keys (the budget: epochs, data,
 ``--set`` overrides), so a search with a different budget is a different study rather than
 a continuation whose "best" trial might only have had more data.  Re-running continues the
@@ -13,7 +13,8 @@ study: the sampler is seeded with the spec's seed *and* the number of trials alr
 the study (a fixed seed would draw trial 0's parameters again), and a trial whose
 parameters equal a finished one's reuses its value instead of training it again.  The best
 trial is written as a ready-to-paste variant (with ``from:`` naming the tuned variant) to
-``results/optuna/<spec group>-best.yaml``.
+``results/optuna/<group>-best.yaml``, ``<group>`` being the group ``bench run`` would use with the
+same options (the spec's own, or an ad-hoc one named after ``--set`` overrides).
 """
 from __future__ import annotations
 
@@ -67,13 +68,15 @@ def tune(spec: Spec, results_dir: str | Path, opts: RunOptions, trials: int | No
     variant = next(v for v in spec.variants if v.name == spec.search["variant"])
     seed = spec.seeds[0]
     key = study_key(variant, spec.search["space"])
-    name = f"{spec.group}/{variant.name}/{key}"
-    group = f"{spec.group}--tune-{slug(variant.name)}-{key}"
+    name = f"{spec.published_group}/{variant.name}/{key}"
+    group = f"{spec.published_group}--tune-{slug(variant.name)}-{key}"
     store = RunStore(results_dir)
-    cache = check_data(spec, [r for r in spec.runs([variant.name]) if r.seed == seed], opts, download)
+    runs = [r for r in spec.runs([variant.name]) if r.seed == seed]
+    resolve_device(runtime_config(runs[0], opts).train.device, "train.device")  # before the study records a failure
+    cache = check_data(spec, runs, opts, download)
     out = Path(results_dir) / "optuna"
     out.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{(out / f'{spec.group}.db').resolve()}"
+    storage = f"sqlite:///{(out / f'{spec.published_group}.db').resolve()}"
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
     before = len(study.trials)

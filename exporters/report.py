@@ -100,62 +100,82 @@ def write_deployment_md(results_dir: str | Path, onnx_dir: str | Path | None = N
     return path
 
 
+TABLE_HEADERS = ["model", "engine", "params", "FLOPs / image", "test metric", "batch 1: p50 / p99 (ms)",
+                 "×PyTorch (batch 1)", "large batch: images/s", "×PyTorch (large)"]
+TABLE_ALIGN = ["left", "left", "right", "right", "left", "right", "right", "right", "right"]
+
+
 def _task_section(rec: dict[str, Any], rows: list[dict[str, Any]], rel: str) -> str:
     """Markdown for one exported model: its table (one line per engine), parity notes, machine line."""
-    task, par = rec["task"], rec["parity"]
-    out = [f"### {task}", "", f"Files in `{rel}/`.", "",
-           "| model | engine | params | FLOPs / image | test metric | batch 1: p50 / p99 (ms) | ×PyTorch (batch 1) "
-           "| large batch: images/s | ×PyTorch (large) |", "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    task = rec["task"]
     mine = [r for r in rows if r["model"] == task and r["source_run"] == rec["source_run"]
             and (r["precision"] != "int8" or rec.get("int8"))]
-    machines: set[tuple[str, str, str]] = set()
     engines = sorted({(r["engine"], r["provider"], r["precision"]) for r in mine},
-                     key=lambda e: (e[1], e[0] != "onnxruntime", e[2]))
-    for eng in engines or [("onnxruntime", "cpu", "fp32")]:
-        at = {int(r["batch"]): r for r in mine if (r["engine"], r["provider"], r["precision"]) == eng}
-        small, large = at.get(1), at.get(max(at)) if at and max(at) > 1 else None
-        if eng == ("onnxruntime", "cpu", "fp32"):
-            metric = par["metric_ort"]
-        elif eng == ("pytorch", "cpu", "fp32"):
-            metric = par["metric_torch"]
-        elif eng[2] == "int8" and rec.get("int8"):
-            metric = rec["int8"]["metric_ort"]
-        else:
-            metric = _num((small or large or {}).get("metric_value"))
-        label = ("ORT" if eng[0] == "onnxruntime" else "PyTorch eager") + f" {eng[1].upper()} {eng[2]}"
-        out.append(
-            f"| {task} | {label} | {int(rec.get('params', 0)):,} | {_fmt_si(_num(rec.get('flops_per_image')))} | "
-            f"{par['metric']} {metric:.4f} | "
-            + (f"{_num(small['p50_ms']):.3f} / {_num(small['p99_ms']):.3f} | {_num(small['speedup_vs_pytorch']):.2f}× | "
-               if small else "– | – | ")
-            + (f"{_num(large['images_per_s']):,.0f} (batch {large['batch']}) | {_num(large['speedup_vs_pytorch']):.2f}× |"
-               if large else "– | – |"))
-        machines.update((r["cpu"], r["onnxruntime"], r["torch"]) for r in at.values())
+                     key=lambda e: (e[1], e[0] != "onnxruntime", e[2])) or [("onnxruntime", "cpu", "fp32")]
+    table = [_engine_row(rec, eng, [r for r in mine if (r["engine"], r["provider"], r["precision"]) == eng])
+             for eng in engines]
+    out = [f"### {task}", "", f"Files in `{rel}/`.", "", files.markdown_table(TABLE_HEADERS, table, TABLE_ALIGN), "",
+           _parity_note(rec), *_int8_note(rec, mine), "", *_machine_note(mine)]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _engine_row(rec: dict[str, Any], eng: tuple[str, str, str], rows: list[dict[str, Any]]) -> list[str]:
+    """The table row of one (engine, provider, precision): its metric, batch-1 latency, large-batch throughput."""
+    par = rec["parity"]
+    at = {int(r["batch"]): r for r in rows}
+    small, large = at.get(1), at.get(max(at)) if at and max(at) > 1 else None
+    if eng == ("onnxruntime", "cpu", "fp32"):
+        metric = par["metric_ort"]
+    elif eng == ("pytorch", "cpu", "fp32"):
+        metric = par["metric_torch"]
+    elif eng[2] == "int8" and rec.get("int8"):
+        metric = rec["int8"]["metric_ort"]
+    else:
+        metric = _num((small or large or {}).get("metric_value"))
+    label = ("ORT" if eng[0] == "onnxruntime" else "PyTorch eager") + f" {eng[1].upper()} {eng[2]}"
+    return [rec["task"], label, f"{int(rec.get('params', 0)):,}", _fmt_si(_num(rec.get("flops_per_image"))),
+            f"{par['metric']} {metric:.4f}",
+            f"{_num(small['p50_ms']):.3f} / {_num(small['p99_ms']):.3f}" if small else "–",
+            f"{_num(small['speedup_vs_pytorch']):.2f}×" if small else "–",
+            f"{_num(large['images_per_s']):,.0f} (batch {large['batch']})" if large else "–",
+            f"{_num(large['speedup_vs_pytorch']):.2f}×" if large else "–"]
+
+
+def _parity_note(rec: dict[str, Any]) -> str:
+    par = rec["parity"]
     agree = (f"identical predictions {100 * par['agreement']:.2f} %" if "agreement" in par
              else f"pixel agreement {100 * par['pixel_agreement']:.3f} %")
     run_metric = (rec.get("run_test") or {}).get(par["metric"])
-    out += ["", f"- **{task}** `{rec['onnx']}` from `{rec['source_run']}` (config {rec['config_hash']}, val "
+    return (f"- **{rec['task']}** `{rec['onnx']}` from `{rec['source_run']}` (config {rec['config_hash']}, val "
             f"{rec['val_best']:.4f}): parity on {par['n']} test images max |Δlogit| {par['max_abs_logit_diff']:.1e}, "
             f"{agree}; {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch {par['metric_torch']:.4f}"
             + (f" (the run's reported test {par['metric']} {run_metric:.4f}"
                + (" used 8-fold TTA; the export is one forward pass)" if rec.get("run_tta") else ")")
-               if run_metric is not None else "")]
-    if rec.get("int8"):
-        q = rec["int8"]
-        ort_cpu = [r for r in mine if r["engine"] == "onnxruntime" and r["provider"] == "cpu"]
-        sp = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "fp32"}
-        s8 = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "int8"}
-        speed = ", ".join(f"{sp[b] / s8[b]:.2f}× at batch {b}" for b in sorted(s8) if b in sp)
-        out.append(f"  - INT8 `{q['onnx']}`: {par['metric']} {q['metric_ort']:.4f} ({q['metric_change']:+.4f} vs fp32 "
-                   f"ORT), {q['agreement_label']} {100 * q['agreement']:.2f} % with fp32; speed-up over fp32 ORT: "
-                   f"{speed or 'not benchmarked'}")
-    out.append("")
-    if mine:
-        loads = [_num(x) for r in mine for x in str(r["load_avg_1m"]).split("-")]
-        threads = sorted({(int(r["batch"]), int(r["threads"])) for r in mine})
-        out += ["Measured on " + "; ".join(f"{c} with onnxruntime {o}, torch {t}" for c, o, t in sorted(machines))
-                + "; threads (both engines): " + ", ".join(f"{t} at batch {b}" for b, t in threads)
-                + f"; 1-minute load average during the timings {min(loads):.2f}–{max(loads):.2f} "
-                f"(on {os.cpu_count()} logical CPUs; other jobs add noise); {min(r['timestamp'] for r in mine)[:16]} to "
-                f"{max(r['timestamp'] for r in mine)[:16]}. Raw numbers: `latency.csv`.", ""]
-    return "\n".join(out).rstrip() + "\n"
+               if run_metric is not None else ""))
+
+
+def _int8_note(rec: dict[str, Any], mine: list[dict[str, Any]]) -> list[str]:
+    if not rec.get("int8"):
+        return []
+    q, par = rec["int8"], rec["parity"]
+    ort_cpu = [r for r in mine if r["engine"] == "onnxruntime" and r["provider"] == "cpu"]
+    sp = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "fp32"}
+    s8 = {int(r["batch"]): _num(r["p50_ms"]) for r in ort_cpu if r["precision"] == "int8"}
+    speed = ", ".join(f"{sp[b] / s8[b]:.2f}× at batch {b}" for b in sorted(s8) if b in sp)
+    return [f"  - INT8 `{q['onnx']}`: {par['metric']} {q['metric_ort']:.4f} ({q['metric_change']:+.4f} vs fp32 "
+            f"ORT), {q['agreement_label']} {100 * q['agreement']:.2f} % with fp32; speed-up over fp32 ORT: "
+            f"{speed or 'not benchmarked'}"]
+
+
+def _machine_note(mine: list[dict[str, Any]]) -> list[str]:
+    """Where and when the timings were taken, and how loaded the machine was."""
+    if not mine:
+        return []
+    machines = sorted({(r["cpu"], r["onnxruntime"], r["torch"]) for r in mine})
+    loads = [_num(x) for r in mine for x in str(r["load_avg_1m"]).split("-")]
+    threads = sorted({(int(r["batch"]), int(r["threads"])) for r in mine})
+    return ["Measured on " + "; ".join(f"{c} with onnxruntime {o}, torch {t}" for c, o, t in machines)
+            + "; threads (both engines): " + ", ".join(f"{t} at batch {b}" for b, t in threads)
+            + f"; 1-minute load average during the timings {min(loads):.2f}–{max(loads):.2f} "
+            f"(on {os.cpu_count()} logical CPUs; other jobs add noise); {min(r['timestamp'] for r in mine)[:16]} to "
+            f"{max(r['timestamp'] for r in mine)[:16]}. Raw numbers: `latency.csv`.", ""]
