@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
 from bench.config import Config
-from bench.inference import batched_outputs
-from bench.metrics import accuracy
-from bench.tasks.base import Data, DataInfo, ImageSet, LossFn, Metric, Split, Task
+from bench.tasks.base import ClassificationTask, Data, DataInfo, ImageSet, Metric, Split
 
 SIZE = 16
 
@@ -32,12 +28,9 @@ def draw(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-class SquaresTask(Task):
+class SquaresTask(ClassificationTask):
     name = "squares"
-    kind = "classification"
     metrics = (Metric("acc", "test accuracy", unit="%", scale=100.0, digits=1),)
-    default_loss = "ce"
-    losses = ("ce",)
     classes = ["left", "right"]
 
     def load(self, cfg: Config, device: torch.device) -> Data:
@@ -58,19 +51,6 @@ class SquaresTask(Task):
     def raw_images(self, root: str | Path, split: str) -> ImageSet:
         x, y = draw(400 if split == "train" else 200, seed=0 if split == "train" else 1)
         return ImageSet(x[..., None], y, [f"{split}/{i}" for i in range(len(x))])
-
-    def model_kwargs(self, info: DataInfo) -> dict[str, Any]:
-        return {"in_channels": 1, "num_classes": 2}
-
-    def train_score(self, logits: Tensor, y: Tensor) -> float:
-        return accuracy(logits, y).item()
-
-    def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:
-        logits = batched_outputs(model, split.x, cfg, cfg.train.eval_batch_size)
-        return {"loss": loss_fn(logits, split.y).item(), "acc": accuracy(logits, split.y).item()}
-
-    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
-        return float((logits.argmax(1) == targets).mean())
 
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
         return {"color_mode": "L", "resize_policy": "resize", "invert": "never", "resample": "bilinear",

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from bench.config import Config, ConfigError
+from bench.inference import batched_outputs
+from bench.metrics import accuracy
 
 
 class DataError(ValueError):
@@ -214,3 +216,29 @@ class Task:
         """Figures of a finished run for the summary, written under ``out_prefix``; ``load()`` gives the
         run's model (best weights), config and data (CPU) and ``title`` names the run.  None by default."""
         return []
+
+
+class ClassificationTask(Task):
+    """What every image-classification task shares: accuracy as the metric, cross-entropy, class names
+    in the data description.  A subclass sets ``name``, ``classes`` and implements ``load``, ``raw_images``
+    and ``preprocessing``."""
+
+    kind = "classification"
+    metrics = (Metric("acc", "test accuracy", unit="%", scale=100.0, digits=2),)
+    default_loss = "ce"
+    losses = ("ce",)
+    classes: list[str] = []
+
+    def model_kwargs(self, info: DataInfo) -> dict[str, Any]:
+        return {"in_channels": len(info.channels), "num_classes": len(info.classes or self.classes)}
+
+    def train_score(self, logits: Tensor, y: Tensor) -> float:
+        return accuracy(logits, y).item()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:
+        logits = batched_outputs(model, split.x, cfg, cfg.train.eval_batch_size)
+        return {"loss": loss_fn(logits, split.y).item(), "acc": accuracy(logits, split.y).item()}
+
+    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
+        return float((logits.argmax(1) == targets).mean())

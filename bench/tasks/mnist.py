@@ -12,17 +12,14 @@ import gzip
 import json
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bench.augment import augment_batch
 from bench.config import Config, ConfigError
-from bench.inference import batched_outputs
-from bench.metrics import accuracy
-from bench.tasks.base import Data, DataError, DataInfo, ImageSet, LossFn, Metric, Split, Task
+from bench.tasks.base import ClassificationTask, Data, DataError, DataInfo, ImageSet, Split
 
 # file stem -> expected shape (the IDX header must say exactly this)
 FILES = {
@@ -104,12 +101,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-class MnistTask(Task):
+class MnistTask(ClassificationTask):
     name = "mnist"
-    kind = "classification"
-    metrics = (Metric("acc", "test accuracy", unit="%", scale=100.0, digits=2),)
-    default_loss = "ce"
-    losses = ("ce",)
     default_val_fraction = 0.1
     augmentations = ("rotate", "translate", "scale", "elastic")  # digits are not flip-invariant (6/9, 2/5)
     classes = [str(i) for i in range(10)]
@@ -167,26 +160,12 @@ class MnistTask(Task):
         x, y = (sx, sy) if split == "test" else (tx, ty)
         return ImageSet(x.numpy()[..., None], y.numpy(), [f"{split}/{i}" for i in range(len(x))])
 
-    def model_kwargs(self, info: DataInfo) -> dict[str, Any]:
-        return {"in_channels": 1, "num_classes": len(info.classes or self.classes)}
-
     def augment(self, x: Tensor, y: Tensor, cfg: Config, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         a = cfg.augment
         if not (a.rotate or a.translate or a.scale or a.elastic):
             return x, y
         x, _ = augment_batch(x, None, a, gen)
         return x, y
-
-    def train_score(self, logits: Tensor, y: Tensor) -> float:
-        return accuracy(logits, y).item()
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:
-        logits = batched_outputs(model, split.x, cfg, cfg.train.eval_batch_size)
-        return {"loss": loss_fn(logits, split.y).item(), "acc": accuracy(logits, split.y).item()}
-
-    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
-        return float((logits.argmax(1) == targets).mean())
 
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
         # How MNIST itself was made (LeCun et al.): the digit's bounding box scaled into a 20x20 box keeping
