@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,23 +122,26 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     opts = RunOptions(opts.data_root, opts.device, threads, progress=False)
     print(f"{n} workers x {threads} threads", file=sys.stderr)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    procs = [ctx.Process(target=_worker, args=(spec, runs, str(results_dir), opts), daemon=False) for _ in range(n)]
-    for p in procs:
-        p.start()
+    procs = [ctx.Process(target=run_grid, args=(spec, runs, str(results_dir), opts), daemon=False) for _ in range(n)]
+    # The workers ignore Ctrl-C (an ignored signal stays ignored in a spawned child): the terminal sends it to
+    # every process of the group, and a worker caught half-way through starting up would print a traceback.
+    # This process stops them instead; each run's last completed epoch is on disk, so nothing is lost.
+    default = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        signal.signal(signal.SIGINT, default)
     try:
         for p in procs:
             p.join()
     except KeyboardInterrupt:
-        for p in procs:  # the terminal sent SIGINT to the workers too; wait for them to stop
+        for p in procs:
+            p.terminate()
+        for p in procs:
             p.join()
         raise
     codes = [p.exitcode for p in procs]
     if any(codes):
         raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")
 
-
-def _worker(spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions) -> None:
-    try:
-        run_grid(spec, runs, results_dir, opts)
-    except KeyboardInterrupt:
-        sys.exit(130)  # quietly: the parent says what was interrupted

@@ -155,18 +155,23 @@ def test_sigkill_then_rerun_resumes_without_redoing_finished_runs(data_root, tmp
     assert "| a" in (tmp_path / "cut" / "summary.md").read_text()
 
 
-def test_ctrl_c_prints_one_line_saying_how_to_resume(data_root, tmp_path):
-    path = write_spec(tmp_path / "c.yaml", variants=[{"name": "a"}])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_prints_one_line_saying_how_to_resume(data_root, tmp_path, workers):
+    path = write_spec(tmp_path / "c.yaml", seeds=[0, 1], variants=[{"name": "a"}])
     res = tmp_path / "r"
-    run_dir = res / "runs" / "c--train.epochs=50" / "a" / "seed-0"
-    p = _bench(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--set", "train.epochs=50"],
-               tmp_path)
-    _wait_for(p, lambda: _epochs(run_dir / "metrics.csv") >= 1)
+    runs = res / "runs" / "c--train.epochs=50" / "a"
+    args = ["run", str(path), "--data-root", str(data_root), "--results", str(res), "--set", "train.epochs=50",
+            "--workers", workers]
+    p = subprocess.Popen([sys.executable, "-m", "bench", *args, "--no-progress"], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)  # its own process group, as a terminal's job is
+    _wait_for(p, lambda: _epochs(runs / "seed-0" / "metrics.csv") >= 1)
     time.sleep(0.5)  # let the checkpoint of that epoch be written
-    p.send_signal(signal.SIGINT)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: SIGINT to every process of the foreground group
     out = p.communicate(timeout=120)[0]
-    assert p.returncode == 130 and "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert p.returncode == 130 and "Traceback" not in out and "KeyboardInterrupt" not in out, out
     assert "interrupted; run the same command to resume (a seed 0 from epoch" in out
+    assert out.count("interrupted") == 1
 
 
 @pytest.mark.parametrize("bad", ["optim.lrr=0.1", "trian.epochs=2", "optim.lr=-1", "model.dropout=1.5"])
