@@ -78,47 +78,61 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
                                                               "to stdout")
 
 
-def _load(args: argparse.Namespace):  # -> (spec placed in its group, the published spec, RunOptions, download)
+def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked for, RunOptions, download)
+    """The spec placed in the group its runs belong to, and how to run them."""
     from bench.runner import RunOptions, resolve_data_root
-    from bench.spec import load_spec, place_in_group, resolve_spec_path
+    from bench.spec import load_spec, place_in_group, resolve_spec_path, split_overrides
     from bench.train import resolve_device
 
     path = resolve_spec_path(args.spec)
+    config_items, runtime = split_overrides(args.overrides)
     published = load_spec(path, args.profile)
-    spec = place_in_group(load_spec(path, args.profile, args.overrides, args.seeds), published, getattr(args, "group", None))
-    if args.device:
-        resolve_device(args.device)  # a device this machine lacks is an error now, not after loading the data
-    root, default_root = resolve_data_root(args.data_root)
-    return spec, published, RunOptions(root, args.device, None, not args.no_progress), args.download or default_root
+    asked = load_spec(path, args.profile, config_items, args.seeds)
+    group = place_in_group(asked, published, getattr(args, "group", None))
+    device = args.device or runtime.get("device")
+    if device:
+        resolve_device(device)  # a device this machine lacks is an error now, not after loading the data
+    root, default_root = resolve_data_root(args.data_root or runtime.get("data_root"))
+    _check_results_folder(Path(args.results))
+    opts = RunOptions(root, device, runtime.get("threads"), not args.no_progress)
+    return group, asked.seeds, opts, args.download or default_root
+
+
+def _check_results_folder(path: Path) -> None:
+    from bench.config import ConfigError
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--results {path}: not a folder")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import ConfigError
     from bench.registry import unknown_name_message
-    from bench.runner import check_data, run_grid, run_workers, runtime_config
+    from bench.runner import preflight, run_grid, run_workers, runtime_config
     from bench.store import RunStore
     from bench.summary import write_summary
     from bench.train import resolve_device
 
-    spec, published, opts, download = _load(args)
+    spec, seeds, opts, download = _load(args)
     names = [v.name for v in spec.variants]
     for n in args.variants or []:
         if n not in names:
             raise ConfigError(f"--variants: {unknown_name_message('variant', n, names)}")
-    runs = spec.runs(args.variants)
+    runs = [r for r in spec.runs(args.variants) if r.seed in seeds]
     store = RunStore(args.results)
+    store.check_owner(spec)
     todo = store.todo(runs)
     role = f"ad-hoc group {spec.group}" if spec.adhoc else f"published group {spec.group}"
-    print(f"{spec.path}: {role}; {len({r.variant.name for r in runs})} variants x {len(spec.seeds)} seeds = "
-          f"{len(runs)} runs, {len(runs) - len(todo)} already done", file=sys.stderr)
+    print(f"{spec.path}: {role}; {_count(len({r.variant.name for r in runs}), 'variant')} x {_count(len(seeds), 'seed')}"
+          f" = {_count(len(runs), 'run')}, {len(runs) - len(todo)} already done", file=sys.stderr)
     if args.dry_run:
         for run in runs:
             print(f"{'todo' if run in todo else 'done'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
         return 0
     for run in todo:
         resolve_device(runtime_config(run, opts).train.device, "train.device")
-    cache = check_data(spec, todo, opts, download) if todo else {}
-    store.write_group(spec if spec.adhoc else published)  # a group's scope: its whole spec and profile
+    cache = preflight(spec, todo, opts, download) if todo else {}
+    store.write_group(spec)  # the group's definition: its whole scope, whatever subset this command trains
     workers = min(args.workers or spec.workers, max(1, len(todo)))
     try:
         if workers > 1:
@@ -132,28 +146,45 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     if not args.no_summary:
-        for path in write_summary(args.results, command="python -m bench " + " ".join(sys.argv[1:])):
+        for path in write_summary(args.results, "python -m bench " + " ".join(sys.argv[1:]), groups=[spec.group]):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from bench.tasks import TASKS
     from bench.tune import tune
 
-    spec, _, opts, download = _load(args)
-    best = tune(spec, args.results, opts, args.trials, args.timeout, download)
-    print(f"best {best['metric']}: {best['value']:.4f} after {best['trials']} trials "
-          f"({best['pruned']} pruned); params: {best['params']}")
+    spec, seeds, opts, download = _load(args)
+    try:
+        best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download)
+    except KeyboardInterrupt as e:
+        print(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if best["value"] is None:
+        print(f"no trial has finished yet ({best['trials']} started, {best['pruned']} pruned)")
+        return 0
+    metric = TASKS[spec.task].metrics[0]
+    print(f"best {best['metric']}: {metric.format(best['value'])}{' ' + metric.unit if metric.unit else ''} after "
+          f"{best['trials']} trials ({best['pruned']} pruned); params: {best['params']}")
     print(f"wrote {Path(args.results) / 'optuna' / (spec.group + '-best.yaml')}")
     return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    from bench.config import ConfigError
     from bench.summary import write_summary
 
+    results = Path(args.results)
+    if not (results / "runs").is_dir() and not (results / "summary.md").is_file():
+        raise ConfigError(f"--results {results}: no runs and no summary.md there; nothing to rebuild")
     for path in write_summary(args.results):
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except (ConfigError, DataError) as e:
         # User errors: their message names the file and the key or file at fault, so a traceback would only hide it.
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # one `error:` line per problem (a data check lists every broken file)
+            print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # the machine's answer (permissions, a full disk, a file where a folder should be)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

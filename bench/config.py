@@ -218,6 +218,8 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
 
 
 def unknown_key_message(where: str, key: str, valid: list[str]) -> str:
+    if not valid:
+        return f"{where}: unknown key {key!r}; this takes no keys (to use one, pick a `name` that does)"
     return f"{where}: unknown key {key!r}; valid keys (closest first): {', '.join(closest_first(key, valid))}"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -51,6 +52,15 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
+def write_text_if_changed(path: str | Path, text: str) -> bool:
+    """Write ``path`` unless it already holds ``text`` (a rebuild that changes nothing leaves no diff); True if written."""
+    path = Path(path)
+    if path.exists() and path.read_text() == text:
+        return False
+    write_text(path, text)
+    return True
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -70,6 +80,20 @@ def markdown_table(headers: list[str], rows: list[list[Any]], align: list[str] |
     per column: ``left`` (default) or ``right`` (numbers).  The one way this project writes tables."""
     return tabulate([[str(c) for c in r] for r in rows], headers=headers, tablefmt="pipe", disable_numparse=True,
                     colalign=align)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string (a float needs a dot there); people type it, and
+    YAML 1.2 says it is a float: this loader agrees."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely (no arbitrary objects), with ``1e-3`` read as a number."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
 def yaml_scalar(value: Any) -> str:

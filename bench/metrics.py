@@ -40,6 +40,7 @@ Object-level segmentation (GlaS contest, Sirinukunwattana et al. 2017)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +50,31 @@ from torch import Tensor
 
 # 8-connectivity: diagonal neighbours belong to the same object.
 _STRUCTURE = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A reported number: its key in result.json, how tables and figures name and print it, and its range."""
+
+    key: str
+    label: str  # e.g. "test accuracy"
+    unit: str = ""  # of the shown value, e.g. "%"
+    scale: float = 1.0  # shown as value * scale (100 for a percentage)
+    digits: int = 3
+    higher_is_better: bool = True
+    low: float = 0.0  # the values it can take (confidence intervals are clipped to them)
+    high: float = 1.0
+
+    @property
+    def column(self) -> str:
+        """The summary's column name, e.g. ``test accuracy (%)``."""
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+    def format(self, value: float | None, digits: int | None = None) -> str:
+        """``value`` scaled and rounded as the summary shows it; an en dash when missing."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        return f"{value * self.scale:.{self.digits if digits is None else digits}f}"
 
 
 # --------------------------------------------------------------------------- classification

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bench.config import ConfigError
+from bench.factories import build_loss, build_model, build_optimizer
 from bench.spec import Run, Spec
 from bench.store import RunStore
 from bench.tasks import TASKS
@@ -46,19 +48,37 @@ def data_key(cfg: Any, device: torch.device) -> str:
     return json.dumps([asdict(cfg.data), str(device)], sort_keys=True)
 
 
-def check_data(spec: Spec, runs: list[Run], opts: RunOptions, download: bool = False) -> dict[str, Data]:
-    """Before anything trains: check the task's files (fetching them when ``download``) and load
-    every distinct data configuration of ``runs`` once on the CPU, so broken data or an impossible
-    data setting stops the command with one message.  Returns the loaded data, keyed for reuse."""
+def preflight(spec: Spec, runs: list[Run], opts: RunOptions, download: bool = False) -> dict[str, Data]:
+    """Before anything trains or is written: check the task's files (fetching them when ``download``),
+    load every distinct data configuration of ``runs`` once on the CPU, and build each variant's
+    network, loss and optimizer and run them on two training images, so that broken data, an
+    impossible data setting or a config that cannot work on this task (a network for another task,
+    five widths where five are needed) stops the command with one message.  Returns the loaded data,
+    keyed for reuse by :func:`run_grid`."""
     task = TASKS[spec.task]
     task.prepare(Path(opts.data_root), download)
-    cpu, loaded = torch.device("cpu"), {}
+    cpu, loaded, tried = torch.device("cpu"), {}, set()
     for run in runs:
         cfg = runtime_config(run, opts)
         key = data_key(cfg, cpu)
         if key not in loaded:
             loaded[key] = task.load(cfg, cpu)
+        if run.variant.name not in tried:
+            tried.add(run.variant.name)
+            _try_one_step(run, cfg, task, loaded[key])
     return loaded
+
+
+def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
+    """Build the run's objects and compute the loss of two training images; ConfigError when that fails."""
+    try:
+        model = build_model(cfg, **task.model_kwargs(data.info))
+        build_optimizer(cfg, model, 1)
+        x, y = task.augment(data.train.x[:2], data.train.y[:2], cfg, torch.Generator().manual_seed(0))
+        build_loss(cfg)(model(x).float(), y)
+    except Exception as e:  # whatever the factories or the forward pass raise, the config is at fault
+        raise ConfigError(f"variant {run.variant.name!r}: this config does not run on {task.name} data: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def runtime_config(run: Run, opts: RunOptions) -> Any:
@@ -132,6 +152,8 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
             p.start()
     finally:
         signal.signal(signal.SIGINT, default)
+    # A SIGTERM (a scheduler, `timeout`, `kill`) stops the workers the same way instead of orphaning them.
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         for p in procs:
             p.join()
@@ -141,6 +163,8 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
         for p in procs:
             p.join()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, term)
     codes = [p.exitcode for p in procs]
     if any(codes):
         raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")

@@ -249,11 +249,12 @@ def load_spec(path: str | Path, profile: str | None = None, overrides: list[str]
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = files.load_yaml(path.read_text())
     except FileNotFoundError:
         shipped = sorted(p.stem for p in Path("ablations").glob("*.yaml"))
-        raise ConfigError(f"{path}: spec file not found" + (f"; specs in ablations/: {', '.join(shipped)}" if shipped
-                                                             else "")) from None
+        hint = (f"; specs in ablations/: {', '.join(shipped)}" if shipped else
+                "; a short name is looked up in ./ablations: run from the repository, or give the spec's path")
+        raise ConfigError(f"{path}: spec file not found{hint}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the spec file ({e})") from None
     except yaml.YAMLError as e:
@@ -264,6 +265,28 @@ def load_spec(path: str | Path, profile: str | None = None, overrides: list[str]
         raise ConfigError(f"{path}: {e}") from None
 
 
+# --set keys that say where a run runs, not what it computes: they act like --device, --data-root and
+# the worker thread count, so they never make a run an experiment of its own.
+RUNTIME_KEYS = {"train.device": "device", "train.threads": "threads", "data.root": "data_root"}
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """(``--set`` items that change configs, {RUNTIME_KEYS name: value} of those that say where runs run)."""
+    config, runtime = [], {}
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        if key in RUNTIME_KEYS:
+            runtime[RUNTIME_KEYS[key]] = parse_overrides([item])[key]
+        else:
+            config.append(item)
+    if "threads" in runtime:
+        runtime["threads"] = check_value(runtime["threads"], PosInt, "--set train.threads")
+    for key in ("device", "data_root"):
+        if key in runtime:
+            runtime[key] = str(check_value(runtime[key], str, f"--set {key}"))
+    return config, runtime
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["optim.lr=0.01", "train.epochs=2"]`` -> dotted leaves with YAML-typed values."""
     out = {}
@@ -272,7 +295,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
         key, value = item.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = files.load_yaml(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
     return out
@@ -374,7 +397,10 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
         if ablation:
             parent = check_value(v["from"], str, f"{vw}.from")
             if parent not in resolved:
-                why = unknown_name_message("earlier variant", parent, resolved) if resolved else "no earlier variant"
+                later = " (a variant builds on one above it)" if parent in {str(x.get("name")) for x in rawv[i:]
+                                                                            if isinstance(x, dict)} else ""
+                why = (unknown_name_message("earlier variant", parent, resolved) if resolved
+                       else f"{parent!r} is not an earlier variant; there is none before this one") + later
                 raise ConfigError(f"{vw}.from: {why}")
         leaves = flatten_set(v.get("set"), f"{vw}.set")
         cfg_raw = apply_set(resolved[parent] if parent else base, leaves, f"{vw}.set")
@@ -444,35 +470,39 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
 
 
 def place_in_group(spec: Spec, published: Spec, group: str | None = None) -> Spec:
-    """Put ``spec`` (the spec with this invocation's ``--set`` and ``--seeds``) in the group its runs
-    belong to.  ``published`` is the same spec and profile as written.
+    """The group that ``spec`` (the spec with this invocation's ``--set`` and ``--seeds``) trains into,
+    as a Spec whose variants and seeds are the group's whole scope.  ``published`` is the same spec
+    and profile as written.
 
-    A run whose config is the spec's own (same key as the published spec's run of that variant and
-    seed) belongs to the published group ``name[@profile]``, whose table ``results/summary.md``
-    publishes.  Anything else (an override that changes a config, a seed the spec does not list)
-    goes to an ad-hoc group: ``group`` if given, else one named after the overrides and seeds, so
-    that an experiment can never change a published table.  A published group's scope is always
-    its whole spec and profile, whatever subset an invocation trains.
+    Runs whose config is the spec's own (the same key as the published spec's run of that variant
+    and seed) belong to the published group ``name[@profile]``, whose table ``results/summary.md``
+    publishes; its scope is the whole spec and profile, whatever subset an invocation trains.
+    Anything else (an override that changes a config, a seed the spec does not list) goes to an
+    ad-hoc group, ``group`` if given, else one named after the overrides (and the seeds, when they
+    are not the spec's), so that an experiment can never change a published table.  The caller
+    trains the runs of the returned spec whose seeds are in ``spec.seeds``.
     """
     own = {(r.variant.name, r.seed): r.key for r in published.runs()}
     mine = all(own.get((r.variant.name, r.seed)) == r.key for r in spec.runs())
-    if mine and group in (None, published.group):
-        return dataclasses.replace(spec, group_name=None)
+    if mine and group is None:
+        return published
+    subset = set(spec.seeds) <= set(published.seeds)  # then the scope is the spec's seeds, as for a published group
     if group is None:
-        group = f"{published.group}--{_adhoc_label(spec, published)}"
-    elif group_slug(group) != group or group.startswith("."):
-        raise ConfigError(f"--group {group!r}: must be a folder name made of letters, digits and + . _ = , @ -")
-    elif group == published.group or re.fullmatch(rf"{re.escape(spec.name)}(@\w+)?", group):
+        group = f"{published.group}--{_adhoc_label(spec, published, subset)}"
+    elif not group or not re.fullmatch(r"[A-Za-z0-9+._=,-]+", group) or group.startswith("."):
+        raise ConfigError(f"--group {group!r}: must be a non-empty folder name made of letters, digits and + . _ = , -")
+    elif group == spec.name:
         raise ConfigError(f"--group {group}: that name is the published group of {spec.path}; runs whose configs are "
-                          f"not the spec's own ({_adhoc_label(spec, published)}) need a group of their own")
-    return dataclasses.replace(spec, group_name=group)
+                          f"not the spec's own ({_adhoc_label(spec, published, subset)}) need a group of their own")
+    return dataclasses.replace(spec, group_name=group, seeds=published.seeds if subset else spec.seeds)
 
 
-def _adhoc_label(spec: Spec, published: Spec) -> str:
-    """``train.epochs=2,model.width=8[,seeds=0]``: the overrides and seeds that make a group ad hoc,
-    shortened with a hash when long."""
+
+def _adhoc_label(spec: Spec, published: Spec, subset: bool) -> str:
+    """``train.epochs=2,model.width=8[,seeds=5]``: the overrides (and seeds the spec does not list)
+    that make a group ad hoc, shortened with a hash when long."""
     parts = [f"{k}={files.yaml_scalar(v)}" for k, v in spec.overrides.items()]
-    if spec.seeds != published.seeds:
+    if not subset:
         parts.append("seeds=" + "-".join(map(str, spec.seeds)))
     label = group_slug(",".join(parts).replace(" ", "").replace("@", "_")) or "adhoc"
     if len(label) > 60:

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from bench import files
-from bench.config import Config
+from bench.config import Config, ConfigError
 from bench.factories import build_model
 from bench.spec import Run, Spec, config_from_dict, slug
 from bench.tasks import TASKS
@@ -84,8 +85,7 @@ class RunStore:
 
     def write_group(self, spec: Spec, role: str | None = None, **extra: Any) -> None:
         """Write the definition of ``spec``'s group: every run it holds, with its key."""
-        role = role or ("adhoc" if spec.adhoc else "published")
-        assert role in ROLES, role
+        role = self.check_owner(spec, role)
         files.write_json(self.root / spec.group / GROUP_FILE, {
             "name": spec.name, "group": spec.group, "role": role, "published_group": spec.published_group,
             "path": spec.path, "task": spec.task, "profile": spec.profile, "seeds": spec.seeds,
@@ -95,6 +95,18 @@ class RunStore:
             "runs": [{"variant": r.variant.name, "seed": r.seed, "key": r.key} for r in spec.runs()],
             **extra,
         })
+
+    def check_owner(self, spec: Spec, role: str | None = None) -> str:
+        """The role ``spec``'s group would be written with; ConfigError when its folder already holds another
+        spec's group or a group of another role (a published table is never taken over by an experiment)."""
+        role = role or ("adhoc" if spec.adhoc else "published")
+        assert role in ROLES, role
+        if (self.root / spec.group / GROUP_FILE).exists():
+            old = self.read_group(spec.group)
+            if (old["role"], old["name"]) != (role, spec.name):
+                raise ConfigError(f"{self.root / spec.group} holds the {old['role']} group of spec {old['name']!r} "
+                                  f"({old['path']}); a group's folder never changes hands: choose another --group")
+        return role
 
     def read_group(self, group: str) -> dict[str, Any]:
         """A group's definition; one written before roles existed is a published group."""
@@ -209,7 +221,11 @@ def _current_result(d: Path) -> dict[str, Any] | None:
     try:
         result = files.read_json(d / "result.json")
         config_key = files.read_json(d / "config.json").get("key")
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # written atomically, so this is damage from outside: say so
+        print(f"warning: {d}: unreadable result.json or config.json ({type(e).__name__}: {e}); the run counts as "
+              f"unfinished and will be trained again", file=sys.stderr)
         return None
     if result.get("status", "finished") != "finished" or result.get("key") != config_key:
         return None

@@ -141,22 +141,28 @@ def group_command(meta: dict[str, Any]) -> str:
     return cmd
 
 
-def write_summary(results_dir: str | Path = "results", command: str | None = None) -> list[Path]:
-    """Rebuild ``results_dir/summary.md`` (published groups) and each ad-hoc group's own summary.md
-    from ``results_dir/runs``; returns the files written."""
+def write_summary(results_dir: str | Path = "results", command: str | None = None,
+                  groups: list[str] | None = None) -> list[Path]:
+    """Rebuild, from ``results_dir/runs``, the sections of ``results_dir/summary.md`` (published groups)
+    and the ad-hoc groups' own summary.md files: all of them, or only those of ``groups`` (a command
+    that trained one group rewrites that group's table and no other's).  Returns the files that changed."""
     store = RunStore(results_dir)
     command = command or "python -m " + " ".join(["bench", *sys.argv[1:]])
     stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}` at code commit {files.git_commit()}"
-    written = [_write_published(store, stamp)]
+    only = None if groups is None else set(groups)
+    written = [_write_published(store, stamp, only)]
     for group in store.groups("adhoc"):
-        written.append(_write_adhoc(store, group, stamp))
-    return written
+        if only is None or group in only:
+            written.append(_write_adhoc(store, group, stamp))
+    return [p for p in written if p is not None]
 
 
-def _write_published(store: RunStore, stamp: str) -> Path:
+def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> Path | None:
     path = store.results / "summary.md"
     sections = files.read_markdown_sections(path, 2, _group_of_heading)  # kept for groups whose runs are elsewhere
     for group in store.groups("published"):
+        if only is not None and group not in only:
+            continue
         meta, runs = store.read_group(group), store.finished(group)
         if not runs:
             continue
@@ -172,18 +178,16 @@ def _write_published(store: RunStore, stamp: str) -> Path:
     deployment = store.results / "deployment.md"
     if deployment.exists():
         out += [deployment.read_text().strip(), ""]
-    files.write_text(path, "\n".join(out))
-    return path
+    return path if files.write_text_if_changed(path, "\n".join(out)) else None
 
 
-def _write_adhoc(store: RunStore, group: str, stamp: str) -> Path:
+def _write_adhoc(store: RunStore, group: str, stamp: str) -> Path | None:
     meta, runs = store.read_group(group), store.finished(group)
     path = store.root / group / "summary.md"
     note = (f"Ad-hoc group: runs of `{meta['path']}` with overrides, kept apart from the published table "
             f"`{meta['published_group']}` in results/summary.md.")
     body = group_section(meta, runs, store, store.root / group / "figures", stamp) if runs else "No finished runs yet.\n"
-    files.write_text(path, "\n".join([f"# {group}", "", note, "", INTRO, "", body]))
-    return path
+    return path if files.write_text_if_changed(path, "\n".join([f"# {group}", "", note, "", INTRO, "", body])) else None
 
 
 def _index(sections: dict[str, str]) -> list[str]:
@@ -279,7 +283,7 @@ def _curves(meta: dict[str, Any], runs: list[StoredRun], fig_dir: Path, task: Ta
     if not curves:
         return []
     png = fig_dir / f"{meta['group'].replace('@', '-')}-curves.png"
-    plot_spec_curves(curves, png, task.metric_label)
+    plot_spec_curves(curves, png, task.metrics[0])
     return [f"![learning curves of {meta['group']}]({_rel(png, fig_dir.parent)})", ""]
 
 

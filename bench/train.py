@@ -250,7 +250,7 @@ def finish(run_dir: Path, t: Trainer, state: dict[str, Any], cfg: Config, task: 
     t0 = time.perf_counter()
     test_metrics = task.evaluate(t.model, data.test, cfg, t.loss_fn, final=True) if test else {}
     test_time = time.perf_counter() - t0
-    plot_run_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.metric_label)
+    plot_run_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.metrics[0])
     return {
         "key": key, **meta,
         "test": test_metrics,

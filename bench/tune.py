@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import yaml
 
 from bench import files
 from bench.config import ConfigError, config_hash
-from bench.runner import RunOptions, check_data, data_key, runtime_config
+from bench.runner import RunOptions, data_key, preflight, runtime_config
 from bench.spec import Run, Spec, Variant, apply_set, build_config, describe, run_key, slug
 from bench.store import RunStore
 from bench.tasks import TASKS
@@ -60,95 +61,141 @@ def study_key(variant: Variant, space: dict[str, Any]) -> str:
     return config_hash(d)[:8]
 
 
-def tune(spec: Spec, results_dir: str | Path, opts: RunOptions, trials: int | None = None, timeout: float | None = None,
-         download: bool = False) -> dict[str, Any]:
-    """Run (or continue) the spec's study; returns a summary of the study and its best trial."""
+def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trials: int | None = None,
+         timeout: float | None = None, download: bool = False) -> dict[str, Any]:
+    """Run (or continue) the spec's study until it has ``trials`` finished (complete or pruned) trials;
+    returns a summary of the study and its best trial.  Ctrl-C raises KeyboardInterrupt whose message
+    says what resumes; the interrupted trial is queued again with its parameters, so the next run
+    continues it from its last completed epoch."""
     if spec.search is None:
         raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # this module says what the study does, in its own lines
+    searched = sorted(set(spec.search["space"]) & set(spec.overrides))
+    if searched:
+        raise ConfigError(f"--set {', '.join(searched)}: the study searches {'this key' if len(searched) == 1 else 'these keys'}"
+                          f" (search.space of {spec.path}); drop the --set, or the key from the space")
     variant = next(v for v in spec.variants if v.name == spec.search["variant"])
-    seed = spec.seeds[0]
     key = study_key(variant, spec.search["space"])
     name = f"{spec.published_group}/{variant.name}/{key}"
     group = f"{spec.published_group}--tune-{slug(variant.name)}-{key}"
-    store = RunStore(results_dir)
     runs = [r for r in spec.runs([variant.name]) if r.seed == seed]
     resolve_device(runtime_config(runs[0], opts).train.device, "train.device")  # before the study records a failure
-    cache = check_data(spec, runs, opts, download)
+    cache = preflight(spec, runs, opts, download)
     out = Path(results_dir) / "optuna"
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(out / f'{spec.published_group}.db').resolve()}"
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
-    before = len(study.trials)
     # A fixed seed would restart the sampler's random stream and draw the finished trials' parameters again.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + before)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     study.set_user_attr("spec", spec.path)
     study.set_user_attr("overrides", spec.overrides)
+    store = RunStore(results_dir)
     store.write_group(dataclasses.replace(spec, group_name=group, variants=[]), role="study", study=name, storage=storage)
-    print(f"study {name} in {storage}: " + (f"continuing after {before} trials" if before else "new"), file=sys.stderr)
-    objective = _objective(spec, variant, seed, group, store, opts, cache)
-    todo = max(0, (trials or spec.search["trials"]) - sum(t.state.is_finished() for t in study.trials))
-    if todo:
-        study.optimize(objective, n_trials=todo, timeout=timeout, catch=())
+    target, done = trials or spec.search["trials"], _finished(study)
+    print(f"study {name} in {storage}: " + (f"continuing after {done} finished trials" if study.trials else "new")
+          + ("" if done < target else f"; it already has {done} of --trials {target}: ask for more to go on"),
+          file=sys.stderr)
+    train = _Trainer(spec, variant, seed, group, store, opts, cache)
+    t0 = time.monotonic()
+    while _finished(study) < target and (timeout is None or time.monotonic() - t0 < timeout):
+        _run_trial(study, train)
     return _write_best(spec, variant, study, seed, storage, out)
 
 
-def _objective(spec: Spec, variant: Variant, seed: int, group: str, store: RunStore, opts: RunOptions,
-               cache: dict[str, Data]) -> Any:
-    """Optuna's objective: train one trial as a run of the store, return its best validation metric."""
-    task = TASKS[spec.task]
-    base = variant.config.to_dict()
-    base.pop("task"), base.pop("seed")
+def _finished(study: optuna.Study) -> int:
+    """Trials that count towards --trials: complete or pruned (a failed or interrupted one does not)."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
 
-    def objective(trial: optuna.Trial) -> float:
-        leaves = {p: suggest(trial, p, d) for p, d in spec.search["space"].items()}
+
+def _run_trial(study: optuna.Study, train: _Trainer) -> None:
+    """Ask the study for a trial, train it, tell the study how it ended."""
+    trial = study.ask()
+    try:
+        value = train(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    except KeyboardInterrupt:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        run_of = trial.user_attrs.get("run_of_trial", trial.number)
+        study.enqueue_trial(trial.params, user_attrs={"run_of_trial": run_of})  # the next run continues it
+        done = train.store.epochs_done(train.run) if train.run else 0
+        raise KeyboardInterrupt(f"trial {run_of} from epoch {done + 1}") from None
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    else:
+        study.tell(trial, value)
+
+
+class _Trainer:
+    """Trains one trial as a run of the store and returns its best validation metric."""
+
+    def __init__(self, spec: Spec, variant: Variant, seed: int, group: str, store: RunStore, opts: RunOptions,
+                 cache: dict[str, Data]):
+        self.spec, self.variant, self.seed, self.group, self.store, self.opts, self.cache = (
+            spec, variant, seed, group, store, opts, cache)
+        self.task = TASKS[spec.task]
+        self.base = variant.config.to_dict()
+        self.base.pop("task"), self.base.pop("seed")
+        self.run: Run | None = None  # the trial being trained
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        leaves = {p: suggest(trial, p, d) for p, d in self.spec.search["space"].items()}
         same = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                 if t.params == trial.params]
         if same:  # the sampler proposed a finished trial's parameters: its value is known, do not train again
             trial.set_user_attr("same_as_trial", same[0].number)
             return float(same[0].value)
-        cfg = build_config(spec.task, apply_set(base, leaves, "search"), f"trial {trial.number}", seed)
-        tv = Variant(f"trial-{trial.number:04d}", trial.number, variant.name, False, describe(leaves), None, cfg)
-        run = Run(group, tv, seed, cfg, run_key(cfg))
-        rcfg = runtime_config(run, opts)
+        cfg = build_config(self.spec.task, apply_set(self.base, leaves, "search"), f"trial {trial.number}", self.seed)
+        number = trial.user_attrs.get("run_of_trial", trial.number)  # a resumed trial trains in its first folder
+        tv = Variant(f"trial-{number:04d}", number, self.variant.name, False, describe(leaves), None, cfg)
+        run = self.run = Run(self.group, tv, self.seed, cfg, run_key(cfg))
+        rcfg = runtime_config(run, self.opts)
         device = resolve_device(rcfg.train.device, "train.device")
-        dkey = data_key(rcfg, device)
-        if dkey not in cache:
-            cpu_copy = cache.get(data_key(rcfg, torch.device("cpu")))
-            cache.clear()
-            cache[dkey] = cpu_copy if device.type == "cpu" and cpu_copy else task.load(rcfg, device)
-        best_so_far: list[float] = []
+        data = self._data(rcfg, device)
+        meta = {"name": f"trial {number}", "trial": number, "search_params": leaves}
+        best: list[float] = []
 
         def report(epoch: int, value: float) -> None:
-            best_so_far.append(value)
+            best.append(value)
             trial.report(value, epoch)
-            if trial.should_prune():
+            if epoch < rcfg.train.epochs and trial.should_prune():  # after the last epoch there is nothing to save
                 raise optuna.TrialPruned()
 
-        meta = {"name": f"trial {trial.number}", "trial": trial.number, "search_params": leaves}
-        with store.claim(run) as mine:
+        with self.store.claim(run) as mine:
             if not mine:
-                raise RuntimeError(f"{store.path(run)} is being trained by another process")
+                raise RuntimeError(f"{self.store.path(run)} is being trained by another process")
             try:
-                res = fit(store.path(run), rcfg, task, cache[dkey], device, run.key, meta, opts.progress,
+                res = fit(self.store.path(run), rcfg, self.task, data, device, run.key, meta, self.opts.progress,
                           on_epoch=report, test=False)
             except optuna.TrialPruned:
-                store.record(run, {"key": run.key, **meta, "status": "pruned", "epochs_run": len(best_so_far),
-                                   "val_best": max(best_so_far)})
+                self.store.record(run, {"key": run.key, **meta, "status": "pruned",
+                                        "epochs_run": self.store.epochs_done(run), "val_best": max(best)})
                 raise
-            store.record(run, res)
+            self.store.record(run, res)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return res["val_best"]
 
-    return objective
+    def _data(self, cfg: Any, device: torch.device) -> Data:
+        key = data_key(cfg, device)
+        if key not in self.cache:
+            cpu_copy = self.cache.get(data_key(cfg, torch.device("cpu")))
+            self.cache.clear()
+            self.cache[key] = cpu_copy if device.type == "cpu" and cpu_copy else self.task.load(cfg, device)
+        return self.cache[key]
 
 
 def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, storage: str, out: Path) -> dict[str, Any]:
     """Write ``<group>-best.yaml``: the study's summary as comments, then the best trial as a variant."""
     task = TASKS[spec.task]
-    best = study.best_trial
     states = [t.state.name for t in study.trials]
+    if "COMPLETE" not in states:
+        return {"spec": spec.path, "study": study.study_name, "metric": f"validation {task.metric} (seed {seed})",
+                "value": None, "trials": len(states), "pruned": states.count("PRUNED"), "params": {}}
+    best = study.best_trial
     summary = {"spec": spec.path, "group": spec.group, "study": study.study_name, "tuned_variant": variant.name,
                "overrides": spec.overrides, "metric": f"validation {task.metric} (seed {seed})", "value": best.value,
                "trials": len(study.trials), "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),

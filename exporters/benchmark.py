@@ -9,10 +9,7 @@ the same load on a shared machine; p50/p90/p99 are per call (one batch), through
 batch, provider and threads.  The CUDA execution provider is measured too when onnxruntime-gpu
 and a GPU are present (numpy in and out for ORT; PyTorch then includes the same copies).
 
-FLOPs per image: counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass at
-the test image size (28x28, or WARWICK's 128x128): 2 x the multiply-accumulates of the
-convolutions (transposed too) and matrix products; batch norm (folded into the convolutions in
-the export), activations and pooling are not counted.
+FLOPs per image are counted at export time (:func:`exporters.export.count_flops`).
 
 INT8: ``onnxruntime.quantization.quantize_static`` in QDQ format, per-channel int8 weights
 with ``reduce_range`` (7 bits: the u8 x s8 kernels of x86 CPUs without VNNI can overflow their
@@ -38,11 +35,10 @@ import onnxruntime as ort
 import torch
 from onnxruntime import quantization as q
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench import files
 from bench.train import device_name
-from exporters.export import Exported
+from exporters.export import Exported, count_flops
 from exporters.parity import EVAL_BATCH, agreement
 from exporters.runtime import PROVIDERS, available_providers, run_batched, session
 
@@ -56,14 +52,6 @@ ALL_CORES = torch.get_num_threads()  # torch's default: the physical cores
 
 
 # --------------------------------------------------------------------------- FLOPs
-
-
-def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass of one image of shape ``x`` (1, C, H, W), as FlopCounterMode counts them."""
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model.eval()(x[:1])
-    return int(counter.get_total_flops())
 
 
 # --------------------------------------------------------------------------- timing
@@ -128,7 +116,7 @@ def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | No
     big = min(LARGE_BATCH[kind], len(ex.inputs))
     plan = [("small", 1, threads or 1), ("large", big, threads or ALL_CORES)]
     model = ex.model.eval()
-    flops = count_flops(model, torch.from_numpy(ex.inputs[:1]))
+    flops = ex.record.get("flops_per_image") or count_flops(model, torch.from_numpy(ex.inputs[:1]))
     params = sum(p.numel() for p in model.parameters())
     rec = ex.record
     metrics = {("onnxruntime", "fp32"): rec["parity"]["metric_ort"], ("pytorch", "fp32"): rec["parity"]["metric_torch"]}

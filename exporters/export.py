@@ -25,6 +25,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench import files
 from bench.store import LoadedRun, load_run
@@ -96,6 +97,16 @@ class Exported:
         return self.run.model
 
 
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass of one image of shape ``x`` (1, C, H, W), as ``FlopCounterMode`` counts them:
+    2 x the multiply-accumulates of the convolutions (transposed too) and matrix products; batch norm
+    (folded into the convolutions in the export), activations and pooling are not counted."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model.eval()(x[:1])
+    return int(counter.get_total_flops())
+
+
 def resolve_data_root(cli_root: str | None, run_root: str | None) -> str:
     """--data-root, else $BENCH_DATA, else the root the run was trained on, else ./data; absolute."""
     return str(Path(cli_root or os.environ.get("BENCH_DATA") or run_root or "data").expanduser().resolve())
@@ -131,6 +142,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
         "run_tta": bool(run.config.eval.tta), "opset": OPSET, "exporter": exporter, "export_seconds": export_s,
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_root": root,
         "params": sum(p.numel() for p in run.model.parameters()),
+        "flops_per_image": count_flops(run.model, torch.from_numpy(inputs[:1])),
         "metadata": props, "parity": parity,
     }
     record_path = path.with_suffix(".json")

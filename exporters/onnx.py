@@ -3,6 +3,11 @@
     python -m exporters.onnx best [--results results] [--task mnist|warwick] [--groups G ...] [--int8] [--no-bench]
     python -m exporters.onnx RUN_DIR [--out DIR] ...
 
+Only ``best`` of the published groups, written to the default ``<results>/onnx``, is the shipped
+model: its ``deployment.md`` is embedded in ``results/summary.md``.  Any other export (a run folder,
+``--groups`` naming ad-hoc groups, ``--out``) keeps its ONNX files, ``latency.csv`` and
+``deployment.md`` together in its own folder (default ``<results>/onnx-adhoc``).
+
 ``best`` picks, per task, among the finished runs of the *published* groups (a spec and
 profile as written; ``--groups`` names others, e.g. an ad-hoc experiment, explicitly) the
 run with the highest validation metric (``val_best`` in result.json; the test set never
@@ -84,7 +89,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--groups", nargs="+", help="with `best`: choose among the runs of these groups (folders under "
                                                "runs/), ad-hoc ones included; default: every published group")
     p.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the run's own data root, else ./data)")
-    p.add_argument("--out", help="output folder (default: <results>/onnx)")
+    p.add_argument("--out", help="output folder (default: <results>/onnx for `best` of the published groups, else "
+                                 "<results>/onnx-adhoc; its deployment.md and latency.csv go beside the files)")
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static, QDQ) and benchmark it")
     p.add_argument("--no-bench", action="store_true", help="export and verify only; no latency benchmark")
     p.add_argument("--threads", type=int, help="benchmark threads for both engines (default: 1 at batch 1, all cores at "
@@ -95,13 +101,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path]]:
-    """(the results folder, the run folders to export); ConfigError when there is nothing to export."""
+def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
+    """(the results folder, the run folders to export, whether they are the published groups' best);
+    ConfigError when there is nothing to export."""
     if args.target != "best":
         run_dir = Path(args.target)
         if not (run_dir / "best.pt").is_file():
             raise ConfigError(f"{run_dir}: not a run folder (no best.pt); give a run folder or `best`")
-        return (Path(args.results) if args.results else results_dir_of(run_dir)), [run_dir]
+        return (Path(args.results) if args.results else results_dir_of(run_dir)), [run_dir], False
     results = Path(args.results or "results")
     store = RunStore(results)
     for g in args.groups or []:
@@ -118,7 +125,8 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path]]:
     for c in (c for _, c in chosen if c is not None):
         print(f"{c.task}: best of {sum(x.task == c.task for x in cands)} finished runs by validation metric: "
               f"{c.run_dir} (val {c.val:.4f})", file=sys.stderr)
-    return results, [c.run_dir for _, c in chosen if c is not None]
+    published = args.groups is None or all(store.read_group(g)["role"] == "published" for g in args.groups)
+    return results, [c.run_dir for _, c in chosen if c is not None], published
 
 
 def export_all(run_dirs: list[Path], out_dir: Path, data_root: str | None, results: Path) -> tuple[list[Exported], int]:
@@ -140,13 +148,13 @@ def export_all(run_dirs: list[Path], out_dir: Path, data_root: str | None, resul
     return done, status
 
 
-def benchmark_all(done: list[Exported], results: Path, args: argparse.Namespace) -> None:
+def benchmark_all(done: list[Exported], reports: Path, args: argparse.Namespace) -> None:
     for ex in done:
         if args.int8:
             bm.add_int8(ex)
         if not args.no_bench:
             rows = bm.benchmark_export(ex, threads=args.threads, repeats=args.repeats)
-            report.update_latency_csv(results / "latency.csv", rows)
+            report.update_latency_csv(reports / "latency.csv", rows)
             for line in bm.describe(rows):
                 print(f"{ex.meta.task}: {line}", file=sys.stderr)
 
@@ -155,19 +163,25 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an export failed its check or parity, 2 usage or data error (the others still run)."""
     args = _parse_args(argv)
     try:
-        results, run_dirs = choose_runs(args)
+        results, run_dirs, published = choose_runs(args)
     except (ConfigError, OSError, ValueError) as e:  # also unreadable result/config files
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out) if args.out else results / "onnx"
+    # Only the best of the published groups, exported to the default place, is the shipped model whose table
+    # results/summary.md embeds; any other export (a chosen run folder, ad-hoc groups, --out) keeps its files,
+    # latency.csv and deployment.md together in its own folder.
+    shipped = published and args.out is None
+    out_dir = Path(args.out) if args.out else results / ("onnx" if published else "onnx-adhoc")
+    reports = results if shipped else out_dir
     done, status = export_all(run_dirs, out_dir, args.data_root, results)
     if not done:
         return status
-    benchmark_all(done, results, args)
-    print(f"wrote {report.write_deployment_md(results, out_dir)}", file=sys.stderr)
-    if not args.no_summary and (results / "runs").is_dir():
+    benchmark_all(done, reports, args)
+    print(f"wrote {report.write_deployment_md(reports, out_dir)}", file=sys.stderr)
+    if shipped and not args.no_summary and (results / "runs").is_dir():
         command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
-        for path in write_summary(results, command=command):
+        # re-embed the deployment table; rebuild no group's table unless there is no summary yet
+        for path in write_summary(results, command, groups=[] if (results / "summary.md").is_file() else None):
             print(f"wrote {path}", file=sys.stderr)
     return status
 

@@ -136,13 +136,17 @@ def collect_inputs(paths: list[str], out_dir: Path) -> list[Input]:
         raise UsageError("no such file or directory: " + ", ".join(missing))
     out = out_dir.resolve()
     found: list[Input] = []
+    seen: set[Path] = set()  # a file reached twice (a folder and its subfolder both given) is predicted once
     for p in map(Path, paths):
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 rel = f.relative_to(p)
                 if f.is_file() and not any(s.startswith(".") for s in rel.parts) and out not in f.resolve().parents:
-                    found.append(Input(f, rel))
-        else:
+                    if f.resolve() not in seen:
+                        seen.add(f.resolve())
+                        found.append(Input(f, rel))
+        elif p.resolve() not in seen:
+            seen.add(p.resolve())
             found.append(Input(p, PurePath(p.name)))
     return found
 
@@ -343,22 +347,41 @@ def center_digit(gray: np.ndarray, size: tuple[int, int], box: int) -> np.ndarra
 
 def prepare_digit(gray: np.ndarray, meta: Any) -> np.ndarray:
     """(H, W) uint8 greyscale -> ``image_size`` uint8 as the network saw digits: light on dark, following ``resize_policy``."""
+    return _prepare(gray, meta)[0]
+
+
+def _prepare(gray: np.ndarray, meta: Any) -> tuple[np.ndarray, bool]:
+    """(:func:`prepare_digit`'s image, whether it had ink: False for a blank page under the ``mnist`` policy)."""
     gray = light_on_dark(gray, meta)
     if meta.resize_policy == "mnist":
         digit = center_digit(gray, meta.image_size, ink_box(meta))
         if digit is not None:
-            return digit
-    return pad_and_resize(gray, meta.image_size)  # `resize`, or a blank page: still an answer, as the user asked for one
+            return digit, True
+        return pad_and_resize(gray, meta.image_size), False  # a blank page: still an answer, as one was asked for
+    return pad_and_resize(gray, meta.image_size), True
 
 
 def classify(sess: Any, meta: Any, gray: np.ndarray) -> tuple[str, float]:
-    """(class name, softmax probability) of one (H, W) uint8 greyscale image."""
-    x = meta.normalize(prepare_digit(gray, meta)[None])
+    """(class name, softmax probability) of one (H, W) uint8 greyscale image; raises :class:`BlankImage`
+    (carrying that answer) when the ``mnist`` policy found no ink, so the caller can say so."""
+    image, inked = _prepare(gray, meta)
+    x = meta.normalize(image[None])
     logits = sess.run([meta.output_name], {meta.input_name: x})[0][0].astype(np.float64)
     p = np.exp(logits - logits.max())
     p /= p.sum()
     k = int(p.argmax())
-    return (meta.classes[k] if meta.classes else str(k)), float(p[k])
+    answer = (meta.classes[k] if meta.classes else str(k)), float(p[k])
+    if not inked:
+        raise BlankImage(*answer)
+    return answer
+
+
+class BlankImage(Exception):
+    """No ink was found; the network still answered (``label``, ``probability``), but that answer means nothing."""
+
+    def __init__(self, label: str, probability: float):
+        super().__init__(label, probability)
+        self.label, self.probability = label, probability
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -483,7 +506,12 @@ def main(argv: list[str] | None = None) -> int:
                 _save_png(out / f"{name}_overlay.png", over)
                 rows.append([str(inp.path), f"{name}_mask.png", f"{name}_overlay.png", f"{mask.mean():.6f}"])
             else:
-                label, prob = classify(sess, meta, img)
+                try:
+                    label, prob = classify(sess, meta, img)
+                except BlankImage as blank:  # still a row, as the user asked for one, but not a silent one
+                    label, prob = blank.label, blank.probability
+                    print(f"warning: {inp.path}: no ink found (a blank image?); its answer {label!r} means nothing",
+                          file=sys.stderr)
                 rows.append([str(inp.path), label, f"{prob:.6f}"])
         except ImageError as e:
             failed.append(inp.path)

@@ -39,7 +39,7 @@ def test_an_experiment_cannot_borrow_the_published_group_s_name(tmp_path, capsys
     assert main(["run", str(path), "--dry-run", "--set", "optim.lr=0.5", "--group", "p"]) == 2
     assert "that name is the published group" in capsys.readouterr().err
     assert main(["run", str(path), "--dry-run", "--set", "optim.lr=0.5", "--group", "my/lr"]) == 2
-    assert "must be a folder name" in capsys.readouterr().err
+    assert "must be a non-empty folder name" in capsys.readouterr().err
     assert main(["run", str(path), "--dry-run", "--set", "optim.lr=0.5", "--group", "lr-sweep"]) == 0
     assert capsys.readouterr().out.startswith("todo  lr-sweep/a/seed-0")
 
@@ -145,3 +145,75 @@ def test_spec_file_is_yaml_with_reported_numbers():
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "ablations" / "mnist.yaml").read_text())
     assert [v.get("reported") for v in spec["variants"][:4]] == [0.982, 0.990, 0.990, 0.992]
+
+
+def test_an_experiment_cannot_take_over_another_group(tmp_path, capsys):
+    res = tmp_path / "r"
+    other = write_spec(tmp_path / "other.yaml")
+    from bench.spec import load_spec
+    from bench.store import RunStore
+
+    RunStore(res).write_group(load_spec(other))  # another spec's published group
+    path = write_spec(tmp_path / "p.yaml")
+    for group, expected in (("", "--group '': must be a non-empty folder name"),
+                            ("other", "holds the published group of spec 'other'"),
+                            ("p@quick", "must be a non-empty folder name")):
+        assert main(["run", str(path), "--set", "optim.lr=0.5", "--group", group, "--results", str(res),
+                     "--data-root", "/nonexistent"]) == 2
+        assert expected in capsys.readouterr().err
+    assert RunStore(res).read_group("other")["role"] == "published"
+
+
+def test_experiment_seeds_among_the_spec_s_are_one_group_and_runtime_sets_are_no_experiment(tmp_path, capsys):
+    path = write_spec(tmp_path / "s.yaml", seeds=[0, 1])
+    assert main(["run", str(path), "--dry-run", "--set", "optim.lr=0.5", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("todo  s--optim.lr=0.5/a/seed-1") and "seed-0" not in out  # same group as without --seeds
+    assert main(["run", str(path), "--dry-run", "--set", "train.device=cpu", "--set", "data.root=/x"]) == 0
+    assert capsys.readouterr().out.startswith("todo  s/a/seed-0")  # where runs run is not what they compute
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("model.widths=[8,8]", "variant 'a': this config does not run on mnist data: ValueError: mnist_cnn needs 5 conv widths"),
+    ("model.name=unet", "variant 'a': this config does not run on mnist data"),
+])
+def test_a_config_that_cannot_work_stops_before_anything_is_written(data_root, tmp_path, capsys, setting, expected):
+    path = write_spec(tmp_path / "w.yaml", variants=[{"name": "a"}])
+    res = tmp_path / "r"
+    assert main(["run", str(path), "--set", setting, "--data-root", str(data_root), "--results", str(res)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not res.exists()
+
+
+def test_bad_results_folders(tmp_path, capsys):
+    path = write_spec(tmp_path / "b.yaml")
+    (tmp_path / "file").write_text("x")
+    assert main(["run", str(path), "--results", str(tmp_path / "file")]) == 2
+    assert f"error: --results {tmp_path / 'file'}: not a folder" in capsys.readouterr().err
+    assert main(["summary", "--results", str(tmp_path / "typo")]) == 2
+    assert "no runs and no summary.md there" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_every_problem_of_a_data_error_is_its_own_error_line(tmp_path, capsys):
+    raw = tmp_path / "d" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03")
+    (raw / "t10k-images-idx3-ubyte").write_bytes(b"junk")
+    path = write_spec(tmp_path / "m.yaml")
+    assert main(["run", str(path), "--data-root", str(tmp_path / "d"), "--results", str(tmp_path / "r")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines[1:]), lines  # after the plan line
+
+
+def test_an_experiment_leaves_the_published_summary_alone(data_root, tmp_path, capsys):
+    base = {**TINY_MNIST_BASE, "train": {**TINY_MNIST_BASE["train"], "epochs": 1}}
+    path = write_spec(tmp_path / "x.yaml", base=base, variants=[{"name": "a"}])
+    res = tmp_path / "r"
+    args = ["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress"]
+    assert main(args) == 0
+    published = (res / "summary.md").read_bytes()
+    assert main([*args, "--set", "optim.lr=0.01"]) == 0
+    assert (res / "summary.md").read_bytes() == published  # not even its "table generated" line
+    assert "optim.lr=0.01" in (res / "runs" / "x--optim.lr=0.01" / "summary.md").read_text()

@@ -134,3 +134,18 @@ def test_relative_bench_data_works_for_the_tests(data_root, tmp_path):
                         "-k", "end_to_end"], cwd=repo, env={**os.environ, "BENCH_DATA": rel},
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-2000:]
+
+
+def test_a_failed_download_is_one_error_and_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(root, train, download):
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)  # as torchvision does before fetching
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(DataError, match="could not download MNIST into .*URLError.*fetch the four files by hand"):
+        TASK.prepare(tmp_path / "data", download=True)
+    assert not (tmp_path / "data").exists()

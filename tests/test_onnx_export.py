@@ -165,6 +165,15 @@ def test_best_is_chosen_by_validation_among_published_runs(runs, tmp_path, capsy
     assert rec["source_run"] == "runs/g/high-val/seed-0" and rec["val_best"] == 0.95
     assert re.search(r"\| mnist +\| ORT CPU fp32 +\|", (res / "deployment.md").read_text())
     assert "## Deployment (ONNX Runtime)" in (res / "summary.md").read_text()  # the summary embeds the table
+    # exporting anything else (a chosen run, an ad-hoc group) never replaces the shipped model or its table
+    shipped = [(res / f).read_bytes() for f in ("onnx/mnist.onnx", "deployment.md", "summary.md")]
+    adhoc_run = res / "runs" / adhoc.group / "high-val" / "seed-0"
+    assert ox.main([str(adhoc_run), "--data-root", str(runs["mnist_data"]), "--no-bench"]) == 0
+    assert ox.main(["best", "--results", str(res), "--groups", adhoc.group, "--data-root", str(runs["mnist_data"]),
+                    "--no-bench"]) == 0
+    assert [(res / f).read_bytes() for f in ("onnx/mnist.onnx", "deployment.md", "summary.md")] == shipped
+    assert (res / "onnx-adhoc" / "mnist.onnx").exists() and "high-val" in (res / "onnx-adhoc" / "deployment.md").read_text()
+    assert json.loads((res / "onnx" / "mnist.json").read_text())["flops_per_image"] > 0  # counted without --bench too
     assert ox.main(["best", "--results", str(res), "--task", "warwick"]) == 2
     assert "no finished warwick runs in the published groups" in capsys.readouterr().err
     assert ox.main(["best", "--results", str(res), "--groups", "nope"]) == 2

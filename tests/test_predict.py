@@ -355,6 +355,17 @@ def test_mnist_policy_blank_image_still_gets_an_answer(models, tmp_path, capsys,
     Image.fromarray(blank).save(tmp_path / "blank.png")
     assert main([str(models["mnist-centered"]), str(tmp_path / "blank.png"), "--out", str(tmp_path / "o")]) == 0
     assert _rows(tmp_path / "o" / "predictions.csv")[0]["class"] in [str(i) for i in range(10)]
+    assert "blank.png: no ink found (a blank image?)" in capsys.readouterr().err  # not a silent "1" at p=0.999
+
+
+def test_a_file_reached_twice_is_predicted_once(models, tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for p in (tmp_path / "d" / "a.png", tmp_path / "d" / "sub" / "b.png"):
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(p)
+    out = tmp_path / "o"
+    args = [str(tmp_path / "d"), str(tmp_path / "d" / "sub"), str(tmp_path / "d" / "a.png"), "--out", str(out)]
+    assert main([str(models["mnist"]), *args]) == 0
+    assert sorted(Path(r["file"]).name for r in _rows(out / "predictions.csv")) == ["a.png", "b.png"]
 
 
 def test_mnist_policy_end_to_end_and_bad_metadata(models, tmp_path, capsys):

@@ -71,6 +71,14 @@ def test_int_is_accepted_for_float(tmp_path):
     assert load_spec(path).variants[0].config.optim["lr"] == 1.0
 
 
+def test_exponent_floats_as_people_type_them(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "f.yaml", variants=[{"name": "a"}]), overrides=["optim.lr=1e-3"])
+    assert spec.variants[0].config.optim["lr"] == 0.001  # YAML 1.1 would read "1e-3" as a string
+    raw = (tmp_path / "f.yaml").read_text().replace("lr: 0.003", "lr: 3e-3")
+    (tmp_path / "g.yaml").write_text(raw)
+    assert load_spec(tmp_path / "g.yaml").variants[0].config.optim["lr"] == 0.003
+
+
 @pytest.mark.parametrize("overrides, expected", [
     ({"sedes": [0]}, "(top level): unknown key 'sedes'; valid keys (closest first): seeds"),
     ({"seeds": "zero"}, "seeds: expected list of int, got str"),
@@ -79,7 +87,11 @@ def test_int_is_accepted_for_float(tmp_path):
     ({"variants": []}, "variants: expected a non-empty list"),
     ({"variants": [{"name": "a"}, {"name": "a"}]}, "duplicate variant name 'a'"),
     ({"variants": [{"nme": "a"}]}, "variants[0]: unknown key 'nme'; valid keys (closest first): name"),
-    ({"variants": [{"name": "a", "from": "zz"}]}, "variants[0] (a).from: no earlier variant"),
+    ({"variants": [{"name": "a", "from": "zz"}]}, "variants[0] (a).from: 'zz' is not an earlier variant"),
+    ({"variants": [{"name": "a"}, {"name": "b", "from": "c"}, {"name": "c"}]},
+     "unknown earlier variant 'c'; valid choices (closest first): a (a variant builds on one above it)"),
+    ({"variants": [{"name": "a", "set": {"sched.gamma": 0.5}}]},
+     "set.sched: unknown key 'gamma'; this takes no keys (to use one, pick a `name` that does)"),
     ({"variants": [{"name": "a"}, {"name": "b", "from": "x"}]}, "unknown earlier variant 'x'"),
     ({"variants": [{"name": "a", "set": {"optim.lrr": 0.1}}]},
      "variants[0] (a).set.optim: unknown key 'lrr'; valid keys (closest first): lr"),

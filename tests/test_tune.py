@@ -39,7 +39,7 @@ def test_tune_runs_resumes_without_repeating_and_never_touches_test(data_root, t
     # (the seeded sampler used to restart and propose trial 0's parameters again).
     assert main([*args, "--trials", "4"]) == 0
     out, err = capsys.readouterr()
-    assert "after 4 trials" in out and "continuing after 2 trials" in err
+    assert "after 4 trials" in out and "continuing after 2 finished trials" in err
     lrs = [r["search_params"]["optim.lr"] for r in _trials(res, "t")]
     assert len(lrs) == 4 and len(set(lrs)) == 4
     # A different budget is a different study, not a continuation whose best only had more data.
@@ -89,3 +89,36 @@ def test_spec_without_search_cannot_be_tuned(tmp_path, capsys):
     path = write_spec(tmp_path / "n.yaml")
     assert main(["tune", str(path), "--results", str(tmp_path)]) == 2
     assert "no 'search:' section" in capsys.readouterr().err
+
+
+def test_interrupted_trial_resumes_with_its_parameters(data_root, tmp_path, capsys, monkeypatch):
+    import bench.train as train_mod
+
+    base = copy.deepcopy(TINY_MNIST_BASE)
+    base["train"]["epochs"] = 3
+    path = write_spec(tmp_path / "i.yaml", base=base, search={"variant": "a", "space": SPACE})
+    res = tmp_path / "results"
+    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress", "--trials", "1"]
+    real_save, saves = train_mod.files.torch_save, []
+
+    def save_then_interrupt(p, obj):  # Ctrl-C right after the 2nd epoch's checkpoint
+        real_save(p, obj)
+        saves.append(p)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.files, "torch_save", save_then_interrupt)
+    assert main(args) == 130
+    assert "interrupted; run the same command to resume (trial 0 from epoch 3)" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "resuming trial 0 from epoch 3" in err and "after 2 trials" in out  # the failed try and its resumption
+    (trial,) = _trials(res, "i")
+    assert trial["epochs_run"] == 3 and trial["status"] == "finished"
+
+
+def test_searched_keys_cannot_be_set(tmp_path, capsys):
+    path = write_spec(tmp_path / "k.yaml", search={"variant": "a", "space": SPACE})
+    assert main(["tune", str(path), "--set", "optim.lr=0.05", "--results", str(tmp_path)]) == 2
+    assert "--set optim.lr: the study searches this key" in capsys.readouterr().err

@@ -9,7 +9,6 @@ figures).  A new task is one module with a Task subclass plus a line in ``bench/
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from bench.config import Config, ConfigError
 from bench.inference import batched_outputs
-from bench.metrics import accuracy
+from bench.metrics import Metric, accuracy
 
 
 class DataError(ValueError):
@@ -103,31 +102,6 @@ class ImageSet:
     names: list[str]
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A reported number: its key in result.json, how the summary names and prints it, and its range."""
-
-    key: str
-    label: str  # e.g. "test accuracy"
-    unit: str = ""  # of the shown value, e.g. "%"
-    scale: float = 1.0  # shown as value * scale (100 for a percentage)
-    digits: int = 3
-    higher_is_better: bool = True
-    low: float = 0.0  # the values it can take (confidence intervals are clipped to them)
-    high: float = 1.0
-
-    @property
-    def column(self) -> str:
-        """The summary's column name, e.g. ``test accuracy (%)``."""
-        return f"{self.label} ({self.unit})" if self.unit else self.label
-
-    def format(self, value: float | None, digits: int | None = None) -> str:
-        """``value`` scaled and rounded as the summary shows it; an en dash when missing."""
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        return f"{value * self.scale:.{self.digits if digits is None else digits}f}"
-
-
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Figure = tuple[str, Path]  # (caption, PNG path)
 
@@ -148,10 +122,6 @@ class Task:
     def metric(self) -> str:
         """Key of the primary metric (higher is better)."""
         return self.metrics[0].key
-
-    @property
-    def metric_label(self) -> str:
-        return self.metrics[0].label
 
     # ----------------------------------------------------------------------- configuration
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 import zlib
 from pathlib import Path
 
@@ -94,6 +95,25 @@ def load_mnist_arrays(root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]
             t("t10k-images-idx3-ubyte"), t("t10k-labels-idx1-ubyte").long())
 
 
+def _download(root: Path) -> None:
+    """Fetch the four files into ``root/MNIST/raw`` with torchvision (its mirrors and checksums); a DataError,
+    and no empty folders left behind, when that fails (no network, a proxy, a read-only root)."""
+    from torchvision.datasets import MNIST  # only to download: reading is done here
+
+    made = [p for p in (root, root / "MNIST", raw_folder(root)) if not p.exists()]
+    print(f"downloading MNIST into {raw_folder(root)} ...", file=sys.stderr)
+    try:
+        for train in (True, False):
+            MNIST(str(root), train=train, download=True)
+    except Exception as e:  # urllib, OSError, torchvision's "Error downloading" RuntimeError: all mean "not here"
+        for p in reversed(made):
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise DataError(f"could not download MNIST into {raw_folder(root)} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no reason given'}); fetch the four files by hand, "
+                        f"or point --data-root (or $BENCH_DATA) at a copy") from None
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """A fixed random (train, val) partition of ``range(n)``; depends only on ``seed``."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -116,10 +136,7 @@ class MnistTask(ClassificationTask):
         """Check the four files; with ``download`` fetch the missing ones first (torchvision's mirrors)."""
         raw = raw_folder(root)
         if download and any(_find(raw, s) is None for s in FILES):
-            from torchvision.datasets import MNIST  # only to download: reading is done here
-
-            for train in (True, False):
-                MNIST(str(root), train=train, download=True)
+            _download(Path(root))
         try:
             check_files(root)
         except DataError as e:
