@@ -108,10 +108,9 @@ def _check_results_folder(path: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import ConfigError
     from bench.registry import unknown_name_message
-    from bench.runner import preflight, run_grid, run_workers, runtime_config
+    from bench.runner import preflight, run_grid, run_workers
     from bench.store import RunStore
     from bench.summary import write_summary
-    from bench.train import resolve_device
 
     spec, seeds, opts, download = _load(args)
     names = [v.name for v in spec.variants]
@@ -129,8 +128,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         for run in runs:
             print(f"{'todo' if run in todo else 'done'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
         return 0
-    for run in todo:
-        resolve_device(runtime_config(run, opts).train.device, "train.device")
     cache = preflight(spec, todo, opts, download) if todo else {}
     store.write_group(spec)  # the group's definition: its whole scope, whatever subset this command trains
     workers = min(args.workers or spec.workers, max(1, len(todo)))

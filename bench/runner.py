@@ -38,10 +38,21 @@ class RunOptions:
     progress: bool = True  # progress bars (stderr)
 
 
-def resolve_data_root(cli_root: str | None) -> tuple[str, bool]:
-    """(absolute data root, whether it is the default): --data-root, else $BENCH_DATA, else ./data."""
+def resolve_data_root(cli_root: str | None, default: str = "data") -> tuple[str, bool]:
+    """(absolute data root, whether it is the default): --data-root, else $BENCH_DATA, else ``default``."""
     given = cli_root or os.environ.get("BENCH_DATA")
-    return str(Path(given or "data").expanduser().resolve()), not given
+    return str(Path(given or default).expanduser().resolve()), not given
+
+
+def load_data(cache: dict[str, Data], task: Any, cfg: Any, device: torch.device) -> Data:
+    """``cfg``'s data on ``device`` from ``cache`` (which holds one data set at a time), loading it when
+    missing; a CPU copy already there (the preflight's) serves a CPU run without reading the files again."""
+    key = data_key(cfg, device)
+    if key not in cache:
+        cpu_copy = cache.get(data_key(cfg, torch.device("cpu")))
+        cache.clear()
+        cache[key] = cpu_copy if device.type == "cpu" and cpu_copy else task.load(cfg, device)
+    return cache[key]
 
 
 def data_key(cfg: Any, device: torch.device) -> str:
@@ -49,13 +60,15 @@ def data_key(cfg: Any, device: torch.device) -> str:
 
 
 def preflight(spec: Spec, runs: list[Run], opts: RunOptions, download: bool = False) -> dict[str, Data]:
-    """Before anything trains or is written: check the task's files (fetching them when ``download``),
+    """Before anything trains or is written: check each run's device, the task's files (fetching them when ``download``),
     load every distinct data configuration of ``runs`` once on the CPU, and build each variant's
     network, loss and optimizer and run them on two training images, so that broken data, an
     impossible data setting or a config that cannot work on this task (a network for another task,
     five widths where five are needed) stops the command with one message.  Returns the loaded data,
     keyed for reuse by :func:`run_grid`."""
     task = TASKS[spec.task]
+    for run in runs:  # a device this machine lacks is the first thing to say
+        resolve_device(runtime_config(run, opts).train.device, "train.device")
     task.prepare(Path(opts.data_root), download)
     cpu, loaded, tried = torch.device("cpu"), {}, set()
     for run in runs:
@@ -107,14 +120,10 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
         with store.claim(run) as mine:
             if not mine:
                 continue
-            key = data_key(cfg, device)
-            if key not in cache:
-                cpu_copy = cache.get(data_key(cfg, torch.device("cpu")))
-                cache.clear()  # one data set in memory at a time
-                cache[key] = cpu_copy if device.type == "cpu" and cpu_copy else task.load(cfg, device)
             meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed,
                     "name": f"{run.variant.name}/s{run.seed}"}
-            result = fit(store.path(run), cfg, task, cache[key], device, run.key, meta, opts.progress)
+            result = fit(store.path(run), cfg, task, load_data(cache, task, cfg, device), device, run.key, meta,
+                         opts.progress)
             store.record(run, result)
         grid.update(1)
         report_finished(run, result, task, opts.progress)

@@ -30,7 +30,7 @@ import yaml
 
 from bench import files
 from bench.config import ConfigError, config_hash
-from bench.runner import RunOptions, data_key, preflight, runtime_config
+from bench.runner import RunOptions, load_data, preflight, runtime_config
 from bench.spec import Run, Spec, Variant, apply_set, build_config, describe, run_key, slug
 from bench.store import RunStore
 from bench.tasks import TASKS
@@ -79,8 +79,7 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     name = f"{spec.published_group}/{variant.name}/{key}"
     group = f"{spec.published_group}--tune-{slug(variant.name)}-{key}"
     runs = [r for r in spec.runs([variant.name]) if r.seed == seed]
-    resolve_device(runtime_config(runs[0], opts).train.device, "train.device")  # before the study records a failure
-    cache = preflight(spec, runs, opts, download)
+    cache = preflight(spec, runs, opts, download)  # before the study exists: a bad device or data records no failure
     out = Path(results_dir) / "optuna"
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(out / f'{spec.published_group}.db').resolve()}"
@@ -154,7 +153,7 @@ class _Trainer:
         run = self.run = Run(self.group, tv, self.seed, cfg, run_key(cfg))
         rcfg = runtime_config(run, self.opts)
         device = resolve_device(rcfg.train.device, "train.device")
-        data = self._data(rcfg, device)
+        data = load_data(self.cache, self.task, rcfg, device)
         meta = {"name": f"trial {number}", "trial": number, "search_params": leaves}
         best: list[float] = []
 
@@ -178,14 +177,6 @@ class _Trainer:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return res["val_best"]
-
-    def _data(self, cfg: Any, device: torch.device) -> Data:
-        key = data_key(cfg, device)
-        if key not in self.cache:
-            cpu_copy = self.cache.get(data_key(cfg, torch.device("cpu")))
-            self.cache.clear()
-            self.cache[key] = cpu_copy if device.type == "cpu" and cpu_copy else self.task.load(cfg, device)
-        return self.cache[key]
 
 
 def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, storage: str, out: Path) -> dict[str, Any]:

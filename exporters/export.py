@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import files
+from bench.runner import resolve_data_root
 from bench.store import LoadedRun, load_run
 from bench.tasks.base import ImageSet
 from exporters.metadata import ModelMeta, metadata_for
@@ -107,11 +108,6 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def resolve_data_root(cli_root: str | None, run_root: str | None) -> str:
-    """--data-root, else $BENCH_DATA, else the root the run was trained on, else ./data; absolute."""
-    return str(Path(cli_root or os.environ.get("BENCH_DATA") or run_root or "data").expanduser().resolve())
-
-
 def source_of(run_dir: Path, results_dir: Path) -> str:
     """The run folder relative to the results folder (``runs/<group>/<variant>/seed-<k>``), else absolute."""
     try:
@@ -129,7 +125,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
     exporter = f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {OPSET}"
     props = metadata_for(run, source, exporter)
     meta = ModelMeta.from_props(props, where=str(run_dir))
-    root = resolve_data_root(data_root, run.config.data.root)
+    root = resolve_data_root(data_root, default=run.config.data.root or "data")[0]  # else the run's own root
     test = run.task.raw_images(root, "test")
     proto, export_s = _graph(run, meta, test, props, source)
     path = Path(out_dir) / f"{name or run.task.name}.onnx"
