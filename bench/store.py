@@ -133,16 +133,13 @@ class RunStore:
         expected = {(r["variant"], r["seed"]): r["key"] for r in meta["runs"]} if "runs" in meta else None
         out = []
         for v in meta["variants"]:
-            for d in sorted((self.root / group / v["dir"]).glob("seed-*"), key=lambda p: p.name):
-                m = _SEED_DIR.fullmatch(d.name)
+            seed_dirs = (self.root / group / v["dir"]).glob("seed-*")  # not seed-K.superseded-<key>
+            for seed, d in sorted((int(m.group(1)), d) for d in seed_dirs if (m := _SEED_DIR.fullmatch(d.name))):
                 result = _current_result(d)
-                if m is None or result is None:
-                    continue
-                seed = int(m.group(1))
-                if expected is not None and expected.get((v["name"], seed)) != result["key"]:
+                if result is None or (expected is not None and expected.get((v["name"], seed)) != result["key"]):
                     continue
                 out.append(StoredRun(group, v["name"], seed, result["key"], d, result))
-        return sorted(out, key=lambda r: ([v["name"] for v in meta["variants"]].index(r.variant), r.seed))
+        return out
 
     def result(self, run: Run) -> dict[str, Any] | None:
         """The run's result when it is finished with this config, else None."""
