@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench {run,tune,summary,predict}``.
+"""Command line: ``python -m bench {run,tune,perf,summary,predict}``.
 
 YAML specs set the defaults; flags override them (``--set optim.lr=0.01``), and the
 resolved config is saved beside every run's results.  User errors (a bad spec, a bad
@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "for them; runs with --set overrides never go to the published group")
     r.add_argument("--workers", type=int, default=None,
                    help="train this many runs at once, each in its own process with cores/workers threads (small "
-                        "CPU models use 2 cores poorly, so 2 workers nearly double a CPU grid's throughput); "
-                        "default: the profile's `workers`, else 1")
+                        "CPU models use 2 cores poorly, and one small run leaves a big GPU idle); default: the "
+                        "profile's `workers`, else measured (the split of the CPU cores that trains fastest; on a "
+                        "GPU, as many runs as fit in its free memory)")
     r.add_argument("--dry-run", action="store_true", help="validate the spec and list the runs and their group; "
                                                           "train and write nothing")
     r.add_argument("--no-summary", action="store_true", help="do not rebuild the summary afterwards")
@@ -41,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_options(t)
     t.add_argument("--trials", type=int, help="total trials of the study (default: the spec's search.trials)")
     t.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+
+    f = sub.add_parser("perf", help="time the fast rung to the report's numbers against a textbook loop of the "
+                                    "report's recipe; write results/perf.md")
+    f.add_argument("--task", choices=["mnist", "warwick"], action="append",
+                   help="measure this task only (repeatable; default: both)")
+    f.add_argument("--quick", action="store_true", help="time the reference over a fixed number of steps and "
+                                                         "extrapolate (a 2-core CPU in under 10 minutes)")
+    f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="seeds of the fast rung")
+    f.add_argument("--compile", action="store_true", help="also time torch.compile (and CUDA graphs on a GPU)")
+    f.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else ./data)")
+    f.add_argument("--results", default="results", help="results folder (default: results)")
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    f.add_argument("--threads", type=int, help="torch threads for every measurement (default: all cores)")
 
     # Listed for --help only: exporters/predict.py parses its own arguments.
     sub.add_parser("predict", add_help=False,
@@ -57,6 +71,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if getattr(args, "workers", None) is not None and args.workers < 1:
         p.error(f"--workers: must be >= 1, got {args.workers}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        p.error(f"--threads: must be >= 1, got {args.threads}")
     if getattr(args, "trials", None) is not None and args.trials < 1:
         p.error(f"--trials: must be >= 1, got {args.trials}")
     return args
@@ -94,7 +110,8 @@ def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked fo
         resolve_device(device)  # a device this machine lacks is an error now, not after loading the data
     root, default_root = resolve_data_root(args.data_root or runtime.get("data_root"))
     _check_results_folder(Path(args.results))
-    opts = RunOptions(root, device, runtime.get("threads"), not args.no_progress)
+    opts = RunOptions(root, device, runtime.get("threads"), not args.no_progress, runtime.get("channels_last"),
+                      runtime.get("compile"))
     return group, asked.seeds, opts, args.download or default_root
 
 
@@ -111,6 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import preflight, run_grid, run_workers
     from bench.store import RunStore
     from bench.summary import write_summary
+    from bench.workers import grid_workers
 
     spec, seeds, opts, download = _load(args)
     names = [v.name for v in spec.variants]
@@ -130,7 +148,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     cache = preflight(spec, todo, opts, download) if todo else {}
     store.write_group(spec)  # the group's definition: its whole scope, whatever subset this command trains
-    workers = min(args.workers or spec.workers, max(1, len(todo)))
+    workers = args.workers or spec.workers
+    if workers is None and len(todo) > 1:
+        workers, why = grid_workers(spec, todo, opts, cache)
+        print(f"{workers} worker{'s' if workers > 1 else ''} at once, measured ({why}); --workers N to choose",
+              file=sys.stderr)
+    workers = min(workers or 1, max(1, len(todo)))
     try:
         if workers > 1:
             run_workers(spec, todo, args.results, opts, workers)
@@ -168,6 +191,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perf(args: argparse.Namespace) -> int:
+    import os
+
+    from bench.perf import run_perf
+    from bench.runner import resolve_data_root
+    from bench.summary import write_summary
+    from bench.tasks import TASKS
+    from bench.train import resolve_device
+
+    device = resolve_device(args.device)
+    root, _ = resolve_data_root(args.data_root)
+    _check_results_folder(Path(args.results))
+    tasks = list(dict.fromkeys(args.task or ["mnist", "warwick"]))
+    for t in tasks:
+        TASKS[t].prepare(Path(root), download=False)
+    for path in run_perf(tasks, args.quick, args.results, root, device, args.threads or os.cpu_count() or 1,
+                         args.seeds, args.compile, "python -m bench " + " ".join(sys.argv[1:])):
+        print(f"wrote {path}", file=sys.stderr)
+    for path in write_summary(args.results, groups=[]):  # the summary's link to perf.md
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from bench.config import ConfigError
     from bench.summary import write_summary
@@ -193,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return predict_main(argv[1:])
     args = _parse_args(argv)
-    handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary}
+    handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary, "perf": cmd_perf}
     # Imported after parsing: --help and --version answer without loading torch.
     from bench.config import ConfigError
     from bench.tasks.base import DataError

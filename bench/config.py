@@ -21,7 +21,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from bench.registry import closest_first
 
@@ -90,6 +90,9 @@ class TrainCfg:
     amp: bool = True  # bf16 autocast, used on CUDA only
     eval_batch_size: PosInt = 1000
     threads: PosInt | None = None  # torch CPU threads; None -> torch default
+    # How fast, not what: these two change only floating-point rounding, so they are left out of the run key.
+    channels_last: bool = True  # NHWC memory layout for the network and its inputs (faster convolutions: results/perf.md)
+    compile: Literal["off", "default", "reduce-overhead"] = "off"  # torch.compile the step; reduce-overhead: + CUDA graphs
 
 
 @dataclass

@@ -7,6 +7,7 @@ the store's kernel locks.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -36,6 +37,8 @@ class RunOptions:
     device: str | None = None  # --device; None: each run's train.device
     threads: int | None = None  # torch threads per process; None: the config's, else torch's default
     progress: bool = True  # progress bars (stderr)
+    channels_last: bool | None = None  # --set train.channels_last; None: the config's
+    compile: str | None = None  # --set train.compile; None: the config's
 
 
 def resolve_data_root(cli_root: str | None, default: str = "data") -> tuple[str, bool]:
@@ -102,6 +105,10 @@ def runtime_config(run: Run, opts: RunOptions) -> Any:
         cfg.train.device = opts.device
     if opts.threads:
         cfg.train.threads = opts.threads
+    if opts.channels_last is not None:
+        cfg.train.channels_last = opts.channels_last
+    if opts.compile is not None:
+        cfg.train.compile = opts.compile
     return cfg
 
 
@@ -148,7 +155,7 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     """Train ``runs`` with ``n`` processes of one thread-share each (cores // n); they share the
     grid through the store's locks.  Raises SystemExit naming the exit codes when a worker failed."""
     threads = max(1, (os.cpu_count() or 1) // n)
-    opts = RunOptions(opts.data_root, opts.device, threads, progress=False)
+    opts = dataclasses.replace(opts, threads=threads, progress=False)
     print(f"{n} workers x {threads} threads", file=sys.stderr)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     procs = [ctx.Process(target=run_grid, args=(spec, runs, str(results_dir), opts), daemon=False) for _ in range(n)]

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from bench.config import (
     ConfigError,
     NonNegInt,
     PosInt,
+    TrainCfg,
     build_section,
     check_value,
     config_hash,
@@ -39,11 +41,11 @@ from bench.factories import check_section
 from bench.registry import unknown_name_message
 from bench.tasks import TASKS
 
-SPEC_KEYS = ["name", "description", "task", "seeds", "base", "variants", "profiles", "search"]
+SPEC_KEYS = ["name", "description", "task", "target", "seeds", "base", "variants", "profiles", "search"]
 SEARCH_KEYS = ["variant", "trials", "space"]
 DIST_KEYS = ["low", "high", "log", "step", "choices"]
 VARIANT_KEYS = ["name", "from", "set", "reported", "note"]
-PROFILE_KEYS = ["seeds", "set", "variants", "workers", "description"]
+PROFILE_KEYS = ["seeds", "set", "variants", "as_written", "workers", "description"]
 CONFIG_SECTIONS = ["model", "optim", "sched", "loss", "train", "data", "augment", "eval"]
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -86,7 +88,8 @@ class Spec:
     variants: list[Variant]
     description: str = ""
     search: dict[str, Any] | None = None  # validated `search:` section (see bench/tune.py)
-    workers: int = 1  # runs trained at once (a profile's `workers:`; the CLI's --workers overrides)
+    workers: int | None = None  # runs trained at once (a profile's `workers:`; --workers overrides; None: measured)
+    target: float | None = None  # the report's best number: the table's time-to-target column reads it
     overrides: dict[str, Any] = field(default_factory=dict)  # --set leaves applied to every variant
     group_name: str | None = None  # an ad-hoc group's name (see place_in_group); None: the published group
 
@@ -125,13 +128,17 @@ def group_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9+._=,@-]", "_", name)
 
 
+# Train settings that change only how fast a run goes (and floating-point rounding), never what it computes.
+SPEED_KEYS = ("threads", "channels_last", "compile")
+
+
 def run_key(cfg: Config) -> str:
     """Hash of the spec's resolved config of a run: what can change its result.  Where it runs is
-    left out (data root, thread count); the device is the spec's ``train.device`` (usually ``auto``),
+    left out (data root, SPEED_KEYS); the device is the spec's ``train.device`` (usually ``auto``),
     whatever ``--device`` picks at run time."""
     d = cfg.to_dict()
     d["data"] = {k: v for k, v in d["data"].items() if k != "root"}
-    d["train"] = {k: v for k, v in d["train"].items() if k != "threads"}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in SPEED_KEYS}
     return config_hash(d)
 
 
@@ -265,9 +272,10 @@ def load_spec(path: str | Path, profile: str | None = None, overrides: list[str]
         raise ConfigError(f"{path}: {e}") from None
 
 
-# --set keys that say where a run runs, not what it computes: they act like --device, --data-root and
-# the worker thread count, so they never make a run an experiment of its own.
-RUNTIME_KEYS = {"train.device": "device", "train.threads": "threads", "data.root": "data_root"}
+# --set keys that say where and how fast a run runs, not what it computes: they act like --device,
+# --data-root and the worker thread count, so they never make a run an experiment of its own.
+RUNTIME_KEYS = {"train.device": "device", "train.threads": "threads", "data.root": "data_root",
+                "train.channels_last": "channels_last", "train.compile": "compile"}
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -279,8 +287,10 @@ def split_overrides(items: list[str]) -> tuple[list[str], dict[str, Any]]:
             runtime[RUNTIME_KEYS[key]] = parse_overrides([item])[key]
         else:
             config.append(item)
-    if "threads" in runtime:
-        runtime["threads"] = check_value(runtime["threads"], PosInt, "--set train.threads")
+    types = typing.get_type_hints(TrainCfg, include_extras=True)
+    for key in ("threads", "channels_last", "compile"):
+        if key in runtime:
+            runtime[key] = check_value(runtime[key], types[key], f"--set train.{key}")
     for key in ("device", "data_root"):
         if key in runtime:
             runtime[key] = str(check_value(runtime[key], str, f"--set {key}"))
@@ -308,7 +318,8 @@ class _Profile:
     leaves: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] | None = None
     variants: list[str] | None = None
-    workers: int = 1
+    as_written: list[str] = field(default_factory=list)  # variants the profile's `set` leaves alone
+    workers: int | None = None
 
 
 def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str, Any],
@@ -325,7 +336,8 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
     if not isinstance(base, dict):
         raise ConfigError(f"base: expected a mapping, got {type(base).__name__}")
     build_config(task, base, "base")  # errors in base are reported as base.*, not per variant
-    prof = _read_profiles(raw.get("profiles"), profile, task, base)
+    names = [str(v.get("name")) for v in raw["variants"] if isinstance(v, dict)] if isinstance(raw["variants"], list) else []
+    prof = _read_profiles(raw.get("profiles"), profile, task, base, names)
     if cli_leaves:
         build_config(task, apply_set(base, cli_leaves, "--set"), "--set")
     seeds = check_value(raw.get("seeds", [0]), list[NonNegInt], "seeds")
@@ -336,19 +348,29 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: need a non-empty list of distinct integers, got {seeds}")
     variants = _resolve_variants(raw["variants"], task, base, [(prof.leaves, f"profiles.{profile}.set"),
-                                                               (cli_leaves, "--set")])
+                                                               (cli_leaves, "--set")], prof.as_written)
     search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves)
     if prof.variants is not None:
-        names = [v.name for v in variants]
-        for n in prof.variants:
-            if n not in names:
-                raise ConfigError(f"profiles.{profile}.variants: {unknown_name_message('variant', n, names)}")
         variants = [v for v in variants if v.name in prof.variants]
     return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
-                description=str(raw.get("description", "")), search=search, workers=prof.workers, overrides=cli_leaves)
+                description=str(raw.get("description", "")), search=search, workers=prof.workers, overrides=cli_leaves,
+                target=_check_target(raw.get("target"), task))
 
 
-def _read_profiles(profiles: Any, profile: str | None, task: str, base: dict[str, Any]) -> _Profile:
+def _check_target(raw: Any, task: str) -> float | None:
+    """``target``: a value of the task's primary metric as the spec writes it (0.992 for 99.2 %)."""
+    if raw is None:
+        return None
+    metric = TASKS[task].metrics[0]
+    value = check_value(raw, float, "target")
+    if not metric.low <= value <= metric.high:
+        raise ConfigError(f"target: {metric.key} must be in [{metric.low:g}, {metric.high:g}] as the spec writes it "
+                          f"(e.g. 0.992 for 99.2 %), got {raw}")
+    return value
+
+
+def _read_profiles(profiles: Any, profile: str | None, task: str, base: dict[str, Any],
+                   variant_names: list[str]) -> _Profile:
     """Validate every profile (a typo in an unused profile is still an error); return the chosen one."""
     profiles = profiles or {}
     if not isinstance(profiles, dict):
@@ -362,20 +384,28 @@ def _read_profiles(profiles: Any, profile: str | None, task: str, base: dict[str
         _check_mapping(pdef, PROFILE_KEYS, pw)
         leaves = flatten_set(pdef.get("set"), f"{pw}.set")
         build_config(task, apply_set(base, leaves, f"{pw}.set"), f"{pw}.set")
-        this = _Profile(leaves, workers=check_value(pdef.get("workers", 1), PosInt, f"{pw}.workers"))
+        workers = pdef.get("workers")
+        this = _Profile(leaves, workers=None if workers is None else check_value(workers, PosInt, f"{pw}.workers"))
         if "seeds" in pdef:
             this.seeds = check_value(pdef["seeds"], list[NonNegInt], f"{pw}.seeds")
         if "variants" in pdef:
             this.variants = check_value(pdef["variants"], list[str], f"{pw}.variants")
+        # A variant whose whole point is its budget (the `fast` recipe) keeps it in a short profile.
+        this.as_written = check_value(pdef.get("as_written", []), list[str], f"{pw}.as_written")
+        for key, names in (("variants", this.variants or []), ("as_written", this.as_written)):
+            for n in names:
+                if n not in variant_names:
+                    raise ConfigError(f"{pw}.{key}: {unknown_name_message('variant', n, variant_names)}")
         if pname == profile:
             chosen = this
     return chosen
 
 
-def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
-                      overlays: list[tuple[dict[str, Any], str]]) -> list[Variant]:
+def _resolve_variants(rawv: Any, task: str, base: dict[str, Any], overlays: list[tuple[dict[str, Any], str]],
+                      as_written: list[str] = ()) -> list[Variant]:
     """The ladder: each variant builds on the previous one, or on ``from:``; then every overlay
-    (the profile's ``set``, then ``--set``) is applied to each resolved config."""
+    (the profile's ``set``, then ``--set``) is applied to each resolved config, except the profile's
+    to the variants named in ``as_written``."""
     if not isinstance(rawv, list) or not rawv:
         raise ConfigError("variants: expected a non-empty list")
     metric = TASKS[task].metrics[0]
@@ -407,8 +437,9 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
         build_config(task, cfg_raw, f"{vw}.set")
         resolved[vname] = cfg_raw
         final = cfg_raw
-        for overlay, ow in overlays:
-            final = apply_set(final, overlay, ow)
+        for k, (overlay, ow) in enumerate(overlays):
+            if not (k == 0 and vname in as_written):
+                final = apply_set(final, overlay, ow)
         reported = v.get("reported")
         if reported is not None:
             reported = check_value(reported, float, f"{vw}.reported")

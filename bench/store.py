@@ -89,7 +89,7 @@ class RunStore:
         files.write_json(self.root / spec.group / GROUP_FILE, {
             "name": spec.name, "group": spec.group, "role": role, "published_group": spec.published_group,
             "path": spec.path, "task": spec.task, "profile": spec.profile, "seeds": spec.seeds,
-            "overrides": spec.overrides, "description": spec.description,
+            "overrides": spec.overrides, "description": spec.description, "target": spec.target,
             "variants": [{"name": v.name, "parent": v.parent, "ablation": v.ablation, "change": v.change,
                           "reported": v.reported, "dir": slug(v.name)} for v in spec.variants],
             "runs": [{"variant": r.variant.name, "seed": r.seed, "key": r.key} for r in spec.runs()],

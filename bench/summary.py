@@ -33,6 +33,7 @@ from bench.plots import plot_spec_curves
 from bench.store import RunStore, StoredRun
 from bench.tasks import TASKS
 from bench.tasks.base import Metric, Task
+from bench.train import read_history, time_to_target
 
 INTRO = ("Every number below is read from the stored runs of that spec. Mean ± sample std over the seeds shown; "
          "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
@@ -106,9 +107,31 @@ def group_table(meta: dict[str, Any], runs: list[StoredRun]) -> tuple[pd.DataFra
             ran, best_ep = (sum(r[k] for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
             row["epochs (best)"] = f"{format_count(ran)} ({format_count(best_ep)})"
             row["train time (s)"] = f"{sum(r['train_time_s'] for r in rs) / len(rs):.0f}"
+        if meta.get("target") is not None:
+            hits = format_time_to_target(runs_of(runs, v["name"]), meta["target"]) if rs else ""
+            row[target_column(meta["target"], primary)] = hits
             row["params"] = f"{rs[0]['params']:,}"
         rows.append(row)
     return pd.DataFrame(rows).fillna(""), best, clipped
+
+
+def target_column(target: float, metric: Metric) -> str:
+    return f"to val {metric.format(target)}{' ' + metric.unit if metric.unit else ''}: epoch, train s"
+
+
+def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
+    return [r for r in runs if r.variant == variant]
+
+
+def format_time_to_target(runs: list[StoredRun], target: float) -> str:
+    """``3 · 41 s``: mean over seeds of the first epoch whose validation metric reached ``target`` and of the
+    training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all."""
+    reached = [hit for hit in (time_to_target(read_history(r.dir / "metrics.csv"), target) for r in runs) if hit]
+    if not reached:
+        return "not reached"
+    epoch, seconds = (sum(h[i] for h in reached) / len(reached) for i in (0, 1))
+    partial = f" ({len(reached)} of {len(runs)} seeds)" if len(reached) < len(runs) else ""
+    return f"{format_count(epoch)} · {seconds:.0f} s{partial}"
 
 
 def _delta(v: dict[str, Any], by_seed: dict[str, dict[int, float]], metric: Metric) -> str:
@@ -178,6 +201,9 @@ def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> Path
     deployment = store.results / "deployment.md"
     if deployment.exists():
         out += [deployment.read_text().strip(), ""]
+    if (store.results / "perf.md").exists():
+        out += ["## Speed", "", "Time to the report's numbers, throughput and the speed choices against a textbook loop "
+                "of the report's recipe, measured by `python -m bench perf`: [perf.md](perf.md) (raw: `perf.csv`).", ""]
     return path if files.write_text_if_changed(path, "\n".join(out)) else None
 
 
@@ -254,6 +280,12 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
         primary = task.metrics[0]
         out += [f"{CLIPPED} The t-interval reaches outside the metric's range and is shown cut to "
                 f"[{primary.format(primary.low)}, {primary.format(primary.high)}] (few seeds make it wide).", ""]
+    if meta.get("target") is not None:
+        primary = task.metrics[0]
+        out += [f"*{target_column(meta['target'], primary)}*: the first epoch whose validation metric reached "
+                f"{primary.format(meta['target'])}{' ' + primary.unit if primary.unit else ''} (the report's best number, "
+                "the spec's `target`) and the seconds of training steps until its end (evaluation not counted), "
+                "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.", ""]
     out += _curves(meta, runs, fig_dir, task)
     if best:
         best_run = max((r for r in runs if r.variant == best), key=lambda r: r.result["val_best"])

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bench import files
@@ -34,7 +34,9 @@ from bench.plots import plot_run_curves
 from bench.spec import DEVICE_RE
 from bench.tasks.base import Data, LossFn, Split, Task
 
-HISTORY_KEYS = ["epoch", "train_loss", "train_metric", "val_loss", "val_metric", "lr", "epoch_time"]
+# One row per epoch in metrics.csv.  epoch_time: training and validation of that epoch;
+# train_seconds: training steps only, summed from the first epoch (what time-to-target reads).
+HISTORY_KEYS = ["epoch", "train_loss", "train_metric", "val_loss", "val_metric", "lr", "epoch_time", "train_seconds"]
 
 
 def resolve_device(name: str, where: str = "--device") -> torch.device:
@@ -88,7 +90,9 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 @dataclass
 class Trainer:
     """What one run trains: the network, its loss, optimizer and scheduler, and the two random
-    generators (batch order on the CPU, augmentation on the device) that a resume must restore."""
+    generators (batch order on the CPU, augmentation on the device) that a resume must restore.
+    ``forward`` is the network's training forward pass: the network itself, or its compiled form
+    (``train.compile``); weights, evaluation and checkpoints always go through ``model``."""
 
     model: nn.Module
     loss_fn: LossFn
@@ -96,6 +100,7 @@ class Trainer:
     scheduler: Any
     order_gen: torch.Generator
     aug_gen: torch.Generator
+    forward: Callable[[Tensor], Tensor]
 
 
 def setup(cfg: Config, task: Task, data: Data, device: torch.device) -> Trainer:
@@ -104,16 +109,20 @@ def setup(cfg: Config, task: Task, data: Data, device: torch.device) -> Trainer:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed, cfg.train.deterministic)
     model = build_model(cfg, **task.model_kwargs(data.info)).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg)
     optimizer, scheduler = build_optimizer(cfg, model, steps_per_epoch(len(data.train), cfg.train.batch_size))
+    forward = model if cfg.train.compile == "off" else torch.compile(model, mode=cfg.train.compile)
     return Trainer(model, loss_fn, optimizer, scheduler, torch.Generator().manual_seed(cfg.seed),
-                   torch.Generator(device=device).manual_seed(cfg.seed + 1))
+                   torch.Generator(device=device).manual_seed(cfg.seed + 1), forward)
 
 
 def new_state() -> dict[str, Any]:
-    """Progress of a run: epochs done, early-stopping bookkeeping, best weights, history, time."""
+    """Progress of a run: epochs done, early-stopping bookkeeping, best weights, history, and time:
+    ``train_time`` counts training and validation, ``train_seconds`` the training steps alone."""
     return {"epoch": 0, "best_metric": -float("inf"), "best_epoch": 0, "bad_epochs": 0, "best_state": None,
-            "history": [], "train_time": 0.0}
+            "history": [], "train_time": 0.0, "train_seconds": 0.0}
 
 
 def restore(last: Path, t: Trainer, key: str, device: torch.device) -> dict[str, Any] | None:
@@ -149,50 +158,68 @@ def save_progress(last: Path, t: Trainer, state: dict[str, Any], key: str, devic
 
 
 def train_one_epoch(t: Trainer, split: Split, task: Task, cfg: Config) -> dict[str, float]:
-    """One pass over a seeded permutation of the training split, drawn by index on the device."""
+    """One pass over a seeded permutation of the training split, drawn by index on the device.
+
+    The loss and score are summed on the device and read once, at the end: a ``.item()`` per
+    step would make the CPU wait for the GPU after every batch."""
     t.model.train()
     device = split.x.device
     n, bs = len(split), cfg.train.batch_size
     perm = torch.randperm(n, generator=t.order_gen).to(device)
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     # Drop a last batch of one sample: batch norm cannot train on it.
     stop = n - 1 if n % bs == 1 and n > 1 else n
-    tot_loss = tot_score = 0.0
-    seen = 0
+    tot_loss = torch.zeros((), dtype=torch.float64, device=device)
+    tot_score = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, stop, bs):
         idx = perm[i : i + bs]
         x, y = task.augment(split.x[idx], split.y[idx], cfg, t.aug_gen)
         with autocast(cfg, device):
-            logits = t.model(x)
+            logits = t.forward(x.contiguous(memory_format=layout))
             loss = t.loss_fn(logits.float(), y)
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t.optimizer.step()
         t.scheduler.step()
-        k = len(idx)
-        tot_loss += loss.item() * k
-        tot_score += task.train_score(logits.detach().float(), y) * k
-        seen += k
-    return {"train_loss": tot_loss / seen, "train_metric": tot_score / seen}
+        tot_loss += loss.detach() * len(idx)
+        tot_score += task.train_score(logits.detach().float(), y) * len(idx)
+    return {"train_loss": tot_loss.item() / stop, "train_metric": tot_score.item() / stop}
 
 
 def run_epoch(t: Trainer, data: Data, task: Task, cfg: Config, state: dict[str, Any]) -> dict[str, float]:
     """Train one epoch, score it on validation, update ``state`` (best weights, patience); its history row."""
     t0 = time.perf_counter()
     lr = t.optimizer.param_groups[0]["lr"]
-    tr = train_one_epoch(t, data.train, task, cfg)
+    tr = train_one_epoch(t, data.train, task, cfg)  # returns after the device has finished (it reads the loss)
+    t1 = time.perf_counter()
     val = task.evaluate(t.model, data.val, cfg, t.loss_fn, final=False)
     dt = time.perf_counter() - t0
     state["epoch"] += 1
     state["train_time"] += dt
+    state["train_seconds"] = state.get("train_seconds", 0.0) + (t1 - t0)  # last.pt files of older runs lack it
     if val[task.metric] > state["best_metric"]:
         state.update(best_metric=val[task.metric], best_epoch=state["epoch"], bad_epochs=0,
                      best_state={k: v.detach().clone() for k, v in t.model.state_dict().items()})
     else:
         state["bad_epochs"] += 1
     row = {"epoch": state["epoch"], **tr, "val_loss": val["loss"], "val_metric": val[task.metric], "lr": lr,
-           "epoch_time": dt}
+           "epoch_time": dt, "train_seconds": state["train_seconds"]}
     state["history"].append(row)
     return row
+
+
+def time_to_target(history: list[dict[str, Any]], target: float) -> tuple[int, float] | None:
+    """(first epoch whose validation metric reaches ``target``, training seconds until the end of that
+    epoch) from a run's history rows (``metrics.csv``); None when no epoch reaches it.  Seconds count
+    the training steps only (``train_seconds``); histories written before that column existed give
+    the sum of whole epochs (``epoch_time``: training and validation)."""
+    spent = 0.0
+    for row in history:
+        spent += float(row["epoch_time"])
+        seconds = float(row["train_seconds"]) if row.get("train_seconds") not in (None, "") else spent
+        if float(row["val_metric"]) >= target:
+            return int(row["epoch"]), seconds
+    return None
 
 
 def stopped_by_patience(state: dict[str, Any], cfg: Config) -> bool:
@@ -205,6 +232,14 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
     w.writeheader()
     w.writerows(history)
     files.write_text(path, buf.getvalue())
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv as strings (no rows when the file is missing)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def fit(run_dir: str | Path, cfg: Config, task: Task, data: Data, device: torch.device, key: str,

@@ -69,7 +69,7 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_runs(tmp_path, c
 def test_short_spec_names_and_version(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     assert main(["run", "mnist", "--profile", "quick", "--dry-run"]) == 0
-    assert "ablations/mnist.yaml: published group mnist@quick; 8 variants x 2 seeds" in capsys.readouterr().err
+    assert "ablations/mnist.yaml: published group mnist@quick; 9 variants x 2 seeds" in capsys.readouterr().err
     assert main(["run", "mnst", "--dry-run"]) == 2
     assert "ablations/mnst.yaml: spec file not found; specs in ablations/: mnist, warwick" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
@@ -89,7 +89,8 @@ def test_run_then_summary_end_to_end(data_root, tmp_path, capsys):
     path = write_spec(tmp_path / "e2e.yaml", seeds=[0], base={**TINY_MNIST_BASE, "train": {
         **TINY_MNIST_BASE["train"], "epochs": 1}})
     res = tmp_path / "results"
-    code = main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress"])
+    code = main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
+                 "--workers", "1"])  # in this process, so that its output is captured
     assert code == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == ["done e2e a seed 0", "done e2e b seed 0"]  # one line per run

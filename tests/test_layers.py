@@ -15,10 +15,10 @@ LAYERS = [
     ["bench.factories"],  # config sections -> objects
     ["bench.tasks", "bench.tasks.base", "bench.tasks.mnist", "bench.tasks.warwick"],  # data and metrics per task
     ["bench.spec"],  # specs resolved into validated configs
-    ["bench.train"],  # the training loop
+    ["bench.train", "bench.reference"],  # the training loop (and the textbook loop it is timed against)
     ["bench.store"],  # the run store
-    ["bench.runner", "bench.tune"],  # what trains the runs of a spec
-    ["bench.summary"],  # the published tables
+    ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
+    ["bench.summary", "bench.perf"],  # the published tables and speed measurements
     ["exporters", "exporters.runtime", "exporters.metadata", "exporters.parity", "exporters.export",
      "exporters.benchmark", "exporters.report", "exporters.predict", "exporters.onnx"],  # deployment
     ["bench.cli", "bench.__main__"],  # the command line

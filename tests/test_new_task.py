@@ -26,7 +26,9 @@ def test_a_task_added_as_one_module_runs_end_to_end(squares, tmp_path, capsys):
     path = write_spec(tmp_path / "sq.yaml", task="squares", base=base, seeds=[0, 1],
                       variants=[{"name": "plain", "reported": 0.9}, {"name": "faster", "set": {"optim.lr": 1.0e-2}}])
     res = tmp_path / "results"
-    assert bench(["run", str(path), "--data-root", str(tmp_path), "--results", str(res), "--no-progress"]) == 0
+    # One worker: the squares task is registered in this process only (a real task's registry line reaches workers).
+    assert bench(["run", str(path), "--data-root", str(tmp_path), "--results", str(res), "--no-progress",
+                  "--workers", "1"]) == 0
     summary = (res / "summary.md").read_text()
     assert "## sq (squares, spec" in summary and "test accuracy (%)" in summary and "| 90.0 " in summary
 

@@ -126,7 +126,7 @@ def test_sigkill_then_rerun_resumes_without_redoing_finished_runs(data_root, tmp
     base = copy.deepcopy(TINY_MNIST_BASE)
     base["train"].update(epochs=4, deterministic=True)
     path = write_spec(tmp_path / "k.yaml", seeds=[0, 1], variants=[{"name": "a"}], base=base)
-    args = ["run", str(path), "--data-root", str(data_root)]
+    args = ["run", str(path), "--data-root", str(data_root), "--workers", "1"]  # the killed process is the trainer
     runs = tmp_path / "cut" / "runs" / "k" / "a"
 
     # Kill once seed 0 is finished and seed 1 has written at least one epoch.

@@ -133,6 +133,10 @@ def test_exponent_floats_as_people_type_them(tmp_path):
     ({"variants": [{"name": "a", "reported": 98.2}]}, "reported: acc must be in [0, 1] as the spec writes it (e.g. 0.982"),
     ({"seeds": [-1]}, "seeds[0]: must be >= 0, got -1"),
     ({"profiles": {"quick": {"workers": 0}}}, "profiles.quick.workers: must be >= 1, got 0"),
+    ({"profiles": {"quick": {"as_written": ["fats"]}}}, "profiles.quick.as_written: unknown variant 'fats'"),
+    ({"target": 99.2}, "target: acc must be in [0, 1] as the spec writes it (e.g. 0.992 for 99.2 %), got 99.2"),
+    ({"target": "high"}, "target: expected float"),
+    ({"variants": [{"name": "a", "set": {"train.compile": "max"}}]}, "train.compile: expected one of 'off', 'default'"),
     ({"search": {"trials": 0, "space": {"optim.lr": {"low": 0.1, "high": 1.0}}}}, "search.trials: must be >= 1"),
     ({"name": "my spec"}, "name: 'my spec' must be a folder name"),
 ])
@@ -174,3 +178,15 @@ def test_shipped_specs_validate(name):
         spec = load_spec(path, profile=profile)
         assert spec.variants and spec.seeds
         assert any(v.reported is not None for v in spec.variants)
+
+
+def test_a_profile_leaves_its_as_written_variants_alone(tmp_path):
+    """A rung whose point is its own budget (the `fast` recipe) keeps it in a short profile; --set still applies."""
+    path = write_spec(tmp_path / "s.yaml", target=0.95, profiles={"quick": {
+        "set": {"train.epochs": 1, "data.train_subset": 500}, "as_written": ["b"]}})
+    spec = load_spec(path, "quick", ["optim.lr=0.02"])
+    a, b = (next(r for r in spec.runs([n])).config for n in ("a", "b"))
+    assert (a.train.epochs, a.data.train_subset) == (1, 500)
+    assert (b.train.epochs, b.data.train_subset) == (2, 1000)  # the base's budget, as the spec writes it
+    assert a.optim["lr"] == b.optim["lr"] == 0.02
+    assert spec.target == 0.95 and spec.workers is None  # no `workers:`: measured when the grid starts

@@ -161,8 +161,9 @@ class Task:
         """Augment a training batch on its device; returns (x, y) of the same shapes."""
         return x, y
 
-    def train_score(self, logits: Tensor, y: Tensor) -> float:
-        """The primary metric on one training batch (for the learning curves only)."""
+    def train_score(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The primary metric on one training batch, a 0-dim tensor on the batch's device (the training
+        loop sums it there and reads it once per epoch); for the learning curves only."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:
@@ -202,8 +203,8 @@ class ClassificationTask(Task):
     def model_kwargs(self, info: DataInfo) -> dict[str, Any]:
         return {"in_channels": len(info.channels), "num_classes": len(info.classes or self.classes)}
 
-    def train_score(self, logits: Tensor, y: Tensor) -> float:
-        return accuracy(logits, y).item()
+    def train_score(self, logits: Tensor, y: Tensor) -> Tensor:
+        return accuracy(logits, y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:

@@ -259,8 +259,8 @@ class WarwickTask(Task):
         x, y2 = augment_batch(x, y, a, gen)
         return x, y2 if y2 is not None else y
 
-    def train_score(self, logits: Tensor, y: Tensor) -> float:
-        return float(dice_per_image(logits > 0, y > 0.5).mean())
+    def train_score(self, logits: Tensor, y: Tensor) -> Tensor:
+        return dice_per_image(logits > 0, y > 0.5).mean()
 
     # ----------------------------------------------------------------------- prediction
 

@@ -1,0 +1,377 @@
+"""``python -m bench perf``: how fast the harness reaches the report's numbers, against a textbook loop.
+
+For each task, on the device it runs on, in one process:
+
+1. **Time to quality.** The spec's ``fast`` rung trains on each seed until its validation metric
+   has reached every target (the spec's ``target``, the report's best number, plus a stretch
+   target for MNIST), one validation pass per epoch; the weights of the first epoch reaching a
+   target are then scored once on the test split.  Seconds count training steps only (data
+   loading and validation are left out).
+2. **Throughput.** Training images per second of those runs, and the training FLOPs they did
+   (counted by ``FlopCounterMode`` on one step) per second, as a share of what a large dense
+   matmul reaches on the same device and threads (utilization).
+3. **The reference.** The report's recipe in a textbook loop (``bench/reference.py``).  The full
+   mode trains it to the target; ``--quick`` times a fixed number of its steps and extrapolates to
+   the epochs the same recipe needs, measured by training that recipe in the harness loop (same
+   network, optimizer, schedule and batch size: only the loop and data path differ).
+4. **The speed choices**: channels-last on and off, a host sync per step or once per epoch, and
+   (``--compile``) ``torch.compile``, each timed on the fast recipe's training step.
+
+Results go to ``results/perf.md`` and ``results/perf.csv`` (sections of other tasks and modes are
+kept), and ``results/summary.md`` links to them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import files
+from bench.config import Config, ConfigError
+from bench.factories import build_loss, build_model
+from bench.reference import datasets_for, train_reference
+from bench.runner import load_data
+from bench.spec import Spec, load_spec, resolve_spec_path
+from bench.tasks import TASKS
+from bench.tasks.base import Data, Task
+from bench.train import device_name, new_state, run_epoch, setup
+
+FAST = "fast"  # the rung `bench perf` times: the recipe that reaches the report's number fastest
+STRETCH = {"mnist": 0.995}  # targets beyond the report's, per task
+QUICK_STEPS = {"mnist": 200, "warwick": 10}  # reference steps timed by --quick
+QUICK_PROXY_EPOCHS = {"mnist": 12, "warwick": 40}  # most epochs --quick trains the report's recipe in the harness
+
+
+# --------------------------------------------------------------------------- measuring pieces
+
+
+def training_flops(model: torch.nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of one training step's forward and backward pass on the batch ``x`` (N, C, H, W), counted by
+    ``FlopCounterMode`` (convolutions, matmuls; element-wise work is not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model(x).float(), y).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of repeated ``n x n`` dense matmuls: the device's practical peak for ``dtype`` at the current threads."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up (kernel selection, caches)
+    count, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if time.perf_counter() - t0 >= seconds:
+            break
+    return 2 * n**3 * count / (time.perf_counter() - t0)
+
+
+def step_rate(cfg: Config, task: Task, data: Data, device: torch.device, *, sync_per_step: bool = False,
+              seconds: float = 2.0) -> tuple[float, float]:
+    """(training images per second, seconds to the first step) of ``cfg``'s training step on batches of ``data``,
+    with ``cfg.train.channels_last`` / ``compile`` as set, and a ``.item()`` after each step when ``sync_per_step``."""
+    t = setup(cfg, task, data, device)
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    bs = cfg.train.batch_size
+    n, images, t0 = len(data.train), 0, time.perf_counter()
+    first = None
+    total = torch.zeros((), device=device)
+    i = 0
+    while True:
+        idx = torch.arange(i, i + bs, device=device) % n
+        x, y = task.augment(data.train.x[idx], data.train.y[idx], cfg, t.aug_gen)
+        loss = t.loss_fn(t.forward(x.contiguous(memory_format=layout)).float(), y)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        if sync_per_step:
+            loss.item()
+        else:
+            total += loss.detach()
+        i += bs
+        if first is None:  # compilation and warm-up happen here
+            total.item()
+            first = time.perf_counter() - t0
+            t0, images = time.perf_counter(), 0
+            continue
+        images += bs
+        if images % (8 * bs) == 0:
+            total.item()
+            if time.perf_counter() - t0 >= seconds:
+                break
+    return images / (time.perf_counter() - t0), first
+
+
+@dataclass
+class SeedRun:
+    """One seed of the fast recipe trained to its targets."""
+
+    seed: int
+    hits: dict[float, tuple[int, float, float]] = field(default_factory=dict)  # target -> (epoch, train s, test)
+    epochs: int = 0
+    images: int = 0
+    train_seconds: float = 0.0
+
+
+def train_to_targets(cfg: Config, task: Task, data: Data, device: torch.device, targets: list[float]) -> SeedRun:
+    """Train ``cfg`` epoch by epoch until the validation metric has reached every target (or ``train.epochs``);
+    the weights of the first epoch reaching each target are scored on the test split at the end."""
+    t = setup(cfg, task, data, device)
+    state, snapshots = new_state(), {}
+    out = SeedRun(cfg.seed)
+    while state["epoch"] < cfg.train.epochs and len(snapshots) < len(targets):
+        row = run_epoch(t, data, task, cfg, state)
+        for target in targets:
+            if target not in snapshots and row["val_metric"] >= target:
+                snapshots[target] = (row["epoch"], row["train_seconds"],
+                                     {k: v.detach().clone() for k, v in t.model.state_dict().items()})
+    out.epochs, out.train_seconds = state["epoch"], state["train_seconds"]
+    out.images = out.epochs * (len(data.train) - (1 if len(data.train) % cfg.train.batch_size == 1 else 0))
+    for target, (epoch, seconds, weights) in snapshots.items():
+        t.model.load_state_dict(weights)
+        test = task.evaluate(t.model, data.test, cfg, t.loss_fn, final=False)[task.metric]
+        out.hits[target] = (epoch, seconds, test)
+    return out
+
+
+# --------------------------------------------------------------------------- one task
+
+
+@dataclass
+class TaskPerf:
+    """Everything measured for one task: rows for perf.csv and the markdown section."""
+
+    task: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+def rung(spec: Spec, name: str, seed: int, root: str, device: str, threads: int) -> Config:
+    """The config of ``spec``'s variant ``name`` for ``seed``, set to run here."""
+    variants = {v.name: v for v in spec.variants}
+    if name not in variants:
+        raise ConfigError(f"{spec.path}: `bench perf` needs a variant named {name!r}; it has {', '.join(variants)}")
+    cfg = variants[name].config.copy(seed=seed)
+    cfg.data.root, cfg.train.device, cfg.train.threads = root, device, threads
+    return cfg
+
+
+def report_rung(spec: Spec) -> str:
+    """The rung carrying the report's best number (its final recipe)."""
+    reported = [v for v in spec.variants if v.reported is not None]
+    if not reported:
+        raise ConfigError(f"{spec.path}: no variant has a `reported` number, so there is no report recipe to compare with")
+    return max(reported, key=lambda v: v.reported).name
+
+
+def measure_task(task_name: str, quick: bool, root: str, device: torch.device, threads: int, seeds: list[int],
+                 compile_too: bool, log: Any = sys.stderr) -> TaskPerf:
+    spec = load_spec(resolve_spec_path(task_name))
+    task = TASKS[spec.task]
+    metric = task.metrics[0]
+    if spec.target is None:
+        raise ConfigError(f"{spec.path}: no `target` (the report's best number) to time")
+    targets = [spec.target, *[t for t in [STRETCH.get(spec.task)] if t is not None]]
+    fmt = lambda v: f"{metric.format(v)}{' ' + metric.unit if metric.unit else ''}"  # noqa: E731
+    out = TaskPerf(spec.task)
+    cache: dict[str, Data] = {}
+
+    # 1-2. the fast rung to its targets, per seed
+    runs = []
+    for seed in seeds:
+        cfg = rung(spec, FAST, seed, root, str(device), threads)
+        data = load_data(cache, task, cfg, device)
+        print(f"perf {spec.task}: {FAST} seed {seed} to {', '.join(map(fmt, targets))} ...", file=log, flush=True)
+        runs.append(train_to_targets(cfg, task, data, device, targets))
+    fast_cfg = rung(spec, FAST, seeds[0], root, str(device), threads)
+    fast_data = load_data(cache, task, fast_cfg, device)
+    flops_img = _flops_per_image(fast_cfg, task, fast_data, device)
+    dtype = torch.bfloat16 if device.type == "cuda" and fast_cfg.train.amp else torch.float32
+    peak = matmul_flops_per_s(device, dtype)
+    images = sum(r.images for r in runs)
+    seconds = sum(r.train_seconds for r in runs)
+    fast_rate = images / seconds
+
+    # 3. the reference: the report's recipe, textbook loop
+    ref_name = report_rung(spec)
+    ref_cfg = rung(spec, ref_name, seeds[0], root, str(device), threads)
+    print(f"perf {spec.task}: reference ({ref_name} in a textbook loop) ...", file=log, flush=True)
+    ref_data = datasets_for(spec.task, root)
+    if quick:
+        ref = train_reference(spec.task, ref_cfg, device, max_steps=QUICK_STEPS[spec.task], data=ref_data)
+        print(f"perf {spec.task}: epochs the report's recipe needs ({ref_name} in the harness loop) ...", file=log,
+              flush=True)
+        proxy_cfg = ref_cfg.copy()
+        proxy_cfg.train.epochs = min(proxy_cfg.train.epochs, QUICK_PROXY_EPOCHS[spec.task])
+        proxy_cfg.train.patience = None
+        proxy = train_to_targets(proxy_cfg, task, load_data(cache, task, proxy_cfg, device), device, [spec.target])
+        ref_epochs = proxy.hits.get(spec.target, (None,))[0]
+        ref_budget = proxy.epochs
+        ref_source = (f"{ref_name} trained in the harness loop to the target (same network, optimizer, schedule, batch "
+                      f"size), at most {ref_budget} epochs; the textbook loop's time per epoch from {ref.steps} timed steps")
+        ref_time = ref.seconds_per_epoch * (ref_epochs or ref_budget)
+        ref_reached = ref_epochs is not None
+        ref_rate = ref.images / ref.train_seconds
+        proxy_rate = proxy.images / proxy.train_seconds
+    else:
+        ref = train_reference(spec.task, ref_cfg, device, target=spec.target, data=ref_data)
+        hit = next((h for h in ref.history if h["val_metric"] >= spec.target), None)
+        ref_epochs = hit["epoch"] if hit else None
+        ref_budget = len(ref.history)
+        ref_time = hit["train_seconds"] if hit else ref.train_seconds
+        ref_reached = hit is not None
+        ref_source = f"the textbook loop trained to the target (at most {ref_cfg.train.epochs} epochs)"
+        ref_rate = ref.images / ref.train_seconds
+        proxy_rate = None
+    ref_flops_img = _flops_per_image(ref_cfg, task, load_data(cache, task, ref_cfg, device), device)
+
+    # 4. the speed choices, timed on the fast recipe's step
+    choices = _choices(fast_cfg, task, fast_data, device, compile_too)
+
+    # ---- rows and text
+    head = ["target (val, then test)", "recipe", "seeds reaching it", "epoch (mean)", "train s: mean (range)",
+            "test at that epoch", "× reference"]
+    table = []
+    for target in targets:
+        hits = [r.hits[target] for r in runs if target in r.hits]
+        secs = [h[1] for h in hits]
+        mean_s = sum(secs) / len(secs) if secs else None
+        ratio = ""
+        if target == spec.target and mean_s:
+            ratio = f"{ref_time / mean_s:.1f}×" + ("" if ref_reached else " (at least)")
+        table.append([fmt(target), f"`{FAST}` (harness)", f"{len(hits)} of {len(runs)}",
+                      f"{sum(h[0] for h in hits) / len(hits):.1f}" if hits else "–",
+                      f"{mean_s:.1f} ({min(secs):.1f}–{max(secs):.1f})" if secs else "not reached",
+                      ", ".join(fmt(h[2]) for h in hits) or "–", ratio])
+        for r in runs:
+            e, s, test = r.hits.get(target, (None, None, None))
+            out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "time_to_target",
+                             "recipe": FAST, "seed": r.seed, "target": target, "epoch": e, "train_seconds": s,
+                             "test": test, "images_per_s": r.images / r.train_seconds})
+    table.append([fmt(spec.target), f"`{ref_name}` (textbook loop)", "1 of 1" if ref_reached else "0 of 1",
+                  f"{ref_epochs}" if ref_epochs else f"not in {ref_budget}",
+                  f"{ref_time:.0f}" + (" (extrapolated)" if quick else "") + ("" if ref_reached else f", {ref_budget} epochs"),
+                  "–", "1.0×"])
+    out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "time_to_target",
+                     "recipe": f"reference:{ref_name}", "seed": seeds[0], "target": spec.target, "epoch": ref_epochs,
+                     "train_seconds": ref_time, "test": None, "images_per_s": ref_rate})
+    out.lines += [files.markdown_table(head, table), "",
+                  f"Reference time: {ref_source}. \"× reference\" = reference seconds / harness seconds to the report's "
+                  "number" + ("" if ref_reached else "; the reference did not reach it, so the ratio is a lower bound") + ".",
+                  ""]
+    tp_head = ["loop", "recipe", "images/s", "training GFLOP / image", "achieved GFLOP/s", "utilization of matmul peak"]
+    tp = [["harness", f"`{FAST}`", f"{fast_rate:,.0f}", f"{flops_img / 1e9:.4f}", f"{fast_rate * flops_img / 1e9:.1f}",
+           f"{fast_rate * flops_img / peak:.1%}"]]
+    if proxy_rate:
+        tp.append(["harness", f"`{ref_name}`", f"{proxy_rate:,.0f}", f"{ref_flops_img / 1e9:.4f}",
+                   f"{proxy_rate * ref_flops_img / 1e9:.1f}", f"{proxy_rate * ref_flops_img / peak:.1%}"])
+    tp.append(["textbook", f"`{ref_name}`", f"{ref_rate:,.0f}", f"{ref_flops_img / 1e9:.4f}",
+               f"{ref_rate * ref_flops_img / 1e9:.1f}", f"{ref_rate * ref_flops_img / peak:.1%}"])
+    out.lines += [files.markdown_table(tp_head, tp, ["left", "left", "right", "right", "right", "right"]), "",
+                  f"Matmul peak: {peak / 1e9:,.0f} GFLOP/s ({_dtype_name(dtype)} 2048×2048 matmuls on the same device and "
+                  f"threads). FLOPs per image: `FlopCounterMode` on one training step (forward and backward), divided by "
+                  f"the batch." + (f" Same recipe, harness loop / textbook loop: {proxy_rate / ref_rate:.1f}× the images "
+                                   "per second." if proxy_rate else ""), ""]
+    for name, rate in [("harness", fast_rate), ("reference", ref_rate)]:
+        out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "throughput",
+                         "recipe": FAST if name == "harness" else f"reference:{ref_name}", "images_per_s": rate,
+                         "gflop_per_image": (flops_img if name == "harness" else ref_flops_img) / 1e9,
+                         "matmul_gflops": peak / 1e9})
+    out.lines += [files.markdown_table(["choice (fast recipe's training step)", "images/s", "vs default", "first step s"],
+                                       [[c, f"{r:,.0f}", f"{r / choices[0][1]:.2f}×", f"{f:.2f}"]
+                                        for c, r, f in choices], ["left", "right", "right", "right"]), ""]
+    for c, r, f in choices:
+        out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "choice", "recipe": c,
+                         "images_per_s": r, "first_step_s": f})
+    return out
+
+
+def _flops_per_image(cfg: Config, task: Task, data: Data, device: torch.device) -> float:
+    model = build_model(cfg, **task.model_kwargs(data.info)).to(device)
+    bs = min(cfg.train.batch_size, len(data.train))
+    x, y = task.augment(data.train.x[:bs], data.train.y[:bs], cfg, torch.Generator(device=device).manual_seed(0))
+    return training_flops(model, build_loss(cfg), x, y) / bs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_too: bool) -> list[tuple[str, float, float]]:
+    """(choice, images/s, seconds to the first step) for the default training step and one change at a time."""
+    def variant(**changes: Any) -> Config:
+        c = cfg.copy()
+        for k, v in changes.items():
+            setattr(c.train, k, v)
+        return c
+
+    trials = [("default (channels-last, one sync per epoch)", variant(), False),
+              ("contiguous (NCHW) layout", variant(channels_last=False), False),
+              ("a .item() sync after every step", variant(), True)]
+    if compile_too:
+        trials.append(("torch.compile", variant(compile="default"), False))
+        if device.type == "cuda":
+            trials.append(("torch.compile + CUDA graphs", variant(compile="reduce-overhead"), False))
+    out = []
+    for name, c, sync in trials:
+        rate, first = step_rate(c, task, data, device, sync_per_step=sync)
+        out.append((name, rate, first))
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def machine_line(device: torch.device, threads: int) -> str:
+    return (f"{device_name(device)}; {threads} threads; torch {torch.__version__}; Python {platform.python_version()}"
+            f"; load average before: {os.getloadavg()[0]:.2f}")
+
+
+def write_perf(results: Path, parts: list[TaskPerf], quick: bool, header: list[str]) -> tuple[Path, Path]:
+    """Replace this mode's sections of results/perf.md and its rows of perf.csv; keep the others."""
+    md, csv_path = results / "perf.md", results / "perf.csv"
+    mode = "--quick" if quick else "full"
+    name = lambda head: head  # noqa: E731  (a section is named by its heading text)
+    sections = files.read_markdown_sections(md, 2, name)
+    for part in parts:
+        sections[f"{part.task} ({mode})"] = "\n".join([f"## {part.task} ({mode})", "", *header, "",
+                                                      *part.lines]).rstrip() + "\n"
+    intro = ["# Speed", "", "Written by `python -m bench perf` (see `bench/perf.py` for what each number is). "
+             "Timings on shared machines are noisy: compare the ratios measured in one run.", ""]
+    files.write_text(md, "\n".join(intro + [sections[k] for k in sorted(sections)]))
+    keep = []
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            done = {(p.task, "quick" if quick else "full") for p in parts}
+            keep = [r for r in csv.DictReader(f) if (r["task"], r["mode"]) not in done]
+    rows = keep + [r for p in parts for r in p.rows]
+    keys = ["task", "mode", "what", "recipe", "seed", "target", "epoch", "train_seconds", "test", "images_per_s",
+            "gflop_per_image", "matmul_gflops", "first_step_s"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    files.write_text(csv_path, buf.getvalue())
+    return md, csv_path
+
+
+def run_perf(tasks: list[str], quick: bool, results: str | Path, root: str, device: torch.device, threads: int,
+             seeds: list[int], compile_too: bool, command: str) -> tuple[Path, Path]:
+    torch.set_num_threads(threads)
+    header = [f"- command: `{command}`", f"- machine: {machine_line(device, threads)}",
+              f"- commit: {files.git_commit()}", f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
+    parts = [measure_task(t, quick, root, device, threads, seeds, compile_too) for t in tasks]
+    return write_perf(Path(results), parts, quick, header)

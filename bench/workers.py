@@ -1,0 +1,129 @@
+"""How many runs of a grid to train at once when neither ``--workers`` nor the profile says.
+
+Small networks use a machine poorly one at a time: on a 2-core CPU one run rarely keeps both
+cores busy, and on a big GPU one small run leaves most of it idle.  The answer is measured here,
+not guessed:
+
+* CPU: a few training steps of the grid's first run are timed with every split of the cores into
+  ``workers x threads`` (each worker in its own Python thread, so that they compete for the
+  cores, caches and memory bandwidth as worker processes would), and the split with the most
+  training images per second wins.
+* CUDA: one training step gives a run's peak GPU memory; as many runs as fit in 90 % of the free
+  memory (each also pays for its own CUDA context), at most one per CPU core and one per run.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+from bench.config import Config
+from bench.factories import build_loss, build_model, build_optimizer
+from bench.runner import RunOptions, load_data, runtime_config
+from bench.spec import Run, Spec
+from bench.tasks import TASKS
+from bench.tasks.base import Data, Task
+from bench.train import resolve_device
+
+CUDA_CONTEXT_BYTES = 600 << 20  # what each extra process spends on its CUDA context and kernels (typical, not measured)
+
+
+def _step_fn(cfg: Config, task: Task, data: Data, device: torch.device):
+    """A closure doing one training step of ``cfg`` on a fixed batch of ``data`` (built in the calling thread)."""
+    model = build_model(cfg, **task.model_kwargs(data.info)).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt, _ = build_optimizer(cfg, model, 1)
+    loss_fn = build_loss(cfg)
+    bs = min(cfg.train.batch_size, len(data.train))
+    x, y = data.train.x[:bs].to(device), data.train.y[:bs].to(device)
+    if bs == 1:  # batch norm cannot train on one sample
+        x, y = x.repeat(2, *[1] * (x.dim() - 1)), y.repeat(2, *[1] * (y.dim() - 1))
+
+    def step() -> int:
+        loss = loss_fn(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return len(x)
+
+    return step
+
+
+def cpu_throughput(cfg: Config, task: Task, data: Data, workers: int, threads: int, seconds: float = 1.5) -> float:
+    """Training images per second of ``workers`` concurrent loops of ``threads`` threads each, over about
+    ``seconds`` of wall time after one warm-up step per loop."""
+    counts = [0] * workers
+    ready, stop = threading.Barrier(workers + 1), threading.Event()
+
+    def loop(i: int) -> None:
+        torch.set_num_threads(threads)  # per thread: OpenMP's thread count is a per-thread setting
+        step = _step_fn(cfg, task, data, torch.device("cpu"))
+        step()
+        ready.wait()
+        while not stop.is_set():
+            counts[i] += step()
+
+    before = torch.get_num_threads()
+    pool = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(workers)]
+    for t in pool:
+        t.start()
+    ready.wait()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in pool:
+        t.join()
+    dt = time.perf_counter() - t0
+    torch.set_num_threads(before)
+    return sum(counts) / dt
+
+
+def choose_cpu_workers(cfg: Config, task: Task, data: Data, n_runs: int, cores: int | None = None) -> tuple[int, str]:
+    """(workers, the measurements that chose it) among the splits of ``cores`` into workers x threads."""
+    cores = cores or os.cpu_count() or 1
+    splits = [(w, cores // w) for w in range(1, min(cores, n_runs) + 1) if cores % w == 0]
+    if len(splits) == 1:
+        return 1, "one run or one core"
+    rate = {w: cpu_throughput(cfg, task, data, w, t) for w, t in splits}
+    best = max(rate, key=rate.get)
+    return best, ", ".join(f"{w}x{t} threads {rate[w]:,.0f} img/s" for w, t in splits)
+
+
+def choose_cuda_workers(cfg: Config, task: Task, data: Data, device: torch.device, n_runs: int) -> tuple[int, str]:
+    """(workers, why) from one training step's peak memory and the GPU's free memory."""
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    _step_fn(cfg, task, data, device)()
+    torch.cuda.synchronize(device)
+    data_bytes = sum(s.x.nbytes + s.y.nbytes for s in (data.train, data.val, data.test))
+    per_run = torch.cuda.max_memory_allocated(device) - base + data_bytes + CUDA_CONTEXT_BYTES
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    n = cuda_workers(free, per_run, n_runs, os.cpu_count() or 1)
+    return n, f"{free / 2**30:.1f} GiB free, about {per_run / 2**30:.2f} GiB per run"
+
+
+def cuda_workers(free: int, per_run: int, n_runs: int, cores: int) -> int:
+    """Runs that fit in 90 % of ``free`` bytes at ``per_run`` each, at most one per core and one per run."""
+    return max(1, min(n_runs, cores, int(0.9 * free) // max(1, per_run)))
+
+
+def choose_workers(cfg: Config, task: Task, data: Data, device: torch.device, n_runs: int) -> tuple[int, str]:
+    """Workers for a grid of ``n_runs`` runs like ``cfg`` on ``device`` (``data`` on the CPU), and why."""
+    if n_runs <= 1:
+        return 1, "one run"
+    if device.type == "cuda":
+        return choose_cuda_workers(cfg, task, data, device, n_runs)
+    return choose_cpu_workers(cfg, task, data, n_runs)
+
+
+def grid_workers(spec: Spec, todo: list[Run], opts: RunOptions, cache: dict[str, Data]) -> tuple[int, str]:
+    """:func:`choose_workers` for the runs ``todo`` of ``spec``, timed on its first run (the preflight's
+    CPU copy of the data in ``cache`` is reused)."""
+    cfg = runtime_config(todo[0], opts)
+    task = TASKS[spec.task]
+    data = load_data(cache, task, cfg, torch.device("cpu"))
+    return choose_workers(cfg, task, data, resolve_device(cfg.train.device, "train.device"), len(todo))
