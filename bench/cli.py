@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "extrapolate (a 2-core CPU in under 10 minutes)")
     f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="seeds of the fast rung")
     f.add_argument("--compile", action="store_true", help="also time torch.compile (and CUDA graphs on a GPU)")
+    f.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time one epoch of every run of each full spec, sequential vs concurrent workers "
+                        "(default: on a GPU only)")
     f.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else ./data)")
     f.add_argument("--results", default="results", help="results folder (default: results)")
     f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -207,10 +210,11 @@ def cmd_perf(args: argparse.Namespace) -> int:
     for t in tasks:
         TASKS[t].prepare(Path(root), download=False)
     for path in run_perf(tasks, args.quick, args.results, root, device, args.threads or os.cpu_count() or 1,
-                         args.seeds, args.compile, "python -m bench " + " ".join(sys.argv[1:])):
+                         args.seeds, args.compile, "python -m bench " + " ".join(sys.argv[1:]), args.grid):
         print(f"wrote {path}", file=sys.stderr)
-    for path in write_summary(args.results, groups=[]):  # the summary's link to perf.md
-        print(f"wrote {path}", file=sys.stderr)
+    if (Path(args.results) / "summary.md").exists():
+        for path in write_summary(args.results, groups=[]):  # the summary's link to perf.md (no table is rebuilt)
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -2,11 +2,11 @@
 
 For each task, on the device it runs on, in one process:
 
-1. **Time to quality.** The spec's ``fast`` rung trains on each seed until its validation metric
-   has reached every target (the spec's ``target``, the report's best number, plus a stretch
-   target for MNIST), one validation pass per epoch; the weights of the first epoch reaching a
-   target are then scored once on the test split.  Seconds count training steps only (data
-   loading and validation are left out).
+1. **Time to quality.** The spec's ``fast`` rung trains on each seed through its budget, one
+   validation pass per epoch.  For each target (the spec's ``target``, the report's best number,
+   plus a stretch target for MNIST) the first epoch whose validation metric reaches it is
+   recorded; its weights, and the best epoch's at the end, are then scored once on the test
+   split.  Seconds count training steps only (data loading and validation are left out).
 2. **Throughput.** Training images per second of those runs, and the training FLOPs they did
    (counted by ``FlopCounterMode`` on one step) per second, as a share of what a large dense
    matmul reaches on the same device and threads (utilization).
@@ -14,8 +14,10 @@ For each task, on the device it runs on, in one process:
    mode trains it to the target; ``--quick`` times a fixed number of its steps and extrapolates to
    the epochs the same recipe needs, measured by training that recipe in the harness loop (same
    network, optimizer, schedule and batch size: only the loop and data path differ).
-4. **The speed choices**: channels-last on and off, a host sync per step or once per epoch, and
-   (``--compile``) ``torch.compile``, each timed on the fast recipe's training step.
+4. **The speed choices**: channels-last on and off, bf16 autocast on and off, a host sync per step
+   or once per epoch, and (``--compile``) ``torch.compile``, each timed on the fast recipe's step.
+5. **The grid** (on a GPU, or with ``--grid``): one epoch of every run of the full spec, one run
+   after another and then with several workers at once.
 
 Results go to ``results/perf.md`` and ``results/perf.csv`` (sections of other tasks and modes are
 kept), and ``results/summary.md`` links to them.
@@ -27,6 +29,7 @@ import io
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,17 +41,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import files
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model
+from bench.inference import precision
 from bench.reference import datasets_for, train_reference
-from bench.runner import load_data
+from bench.runner import RunOptions, load_data, run_grid, run_workers
 from bench.spec import Spec, load_spec, resolve_spec_path
+from bench.store import RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data, Task
-from bench.train import device_name, new_state, run_epoch, setup
+from bench.train import device_name, new_state, run_epoch, setup, train_step
+from bench.workers import grid_workers
 
 FAST = "fast"  # the rung `bench perf` times: the recipe that reaches the report's number fastest
 STRETCH = {"mnist": 0.995}  # targets beyond the report's, per task
 QUICK_STEPS = {"mnist": 200, "warwick": 10}  # reference steps timed by --quick
-QUICK_PROXY_EPOCHS = {"mnist": 12, "warwick": 40}  # most epochs --quick trains the report's recipe in the harness
+QUICK_PROXY_EPOCHS = {"mnist": 12, "warwick": 30}  # most epochs --quick trains the report's recipe in the harness
 
 
 # --------------------------------------------------------------------------- measuring pieces
@@ -81,69 +87,70 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 2048, 
 
 def step_rate(cfg: Config, task: Task, data: Data, device: torch.device, *, sync_per_step: bool = False,
               seconds: float = 2.0) -> tuple[float, float]:
-    """(training images per second, seconds to the first step) of ``cfg``'s training step on batches of ``data``,
-    with ``cfg.train.channels_last`` / ``compile`` as set, and a ``.item()`` after each step when ``sync_per_step``."""
+    """(training images per second, seconds of the first step) of the training loop's step on ``cfg``'s batches
+    of ``data`` (channels-last, compile and autocast as ``cfg`` says), reading the loss after every step when
+    ``sync_per_step`` (as a textbook loop's ``loss.item()`` does) instead of once every 8 steps."""
     t = setup(cfg, task, data, device)
-    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    bs = cfg.train.batch_size
-    n, images, t0 = len(data.train), 0, time.perf_counter()
-    first = None
+    bs, n = cfg.train.batch_size, len(data.train)
     total = torch.zeros((), device=device)
-    i = 0
+    first, images, i, t0 = None, 0, 0, time.perf_counter()
     while True:
         idx = torch.arange(i, i + bs, device=device) % n
+        i += bs
         x, y = task.augment(data.train.x[idx], data.train.y[idx], cfg, t.aug_gen)
-        loss = t.loss_fn(t.forward(x.contiguous(memory_format=layout)).float(), y)
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.optimizer.step()
+        loss, _ = train_step(t, x, y, cfg)
         if sync_per_step:
             loss.item()
-        else:
-            total += loss.detach()
-        i += bs
+        total += loss
         if first is None:  # compilation and warm-up happen here
             total.item()
-            first = time.perf_counter() - t0
-            t0, images = time.perf_counter(), 0
+            first, t0 = time.perf_counter() - t0, time.perf_counter()
             continue
         images += bs
         if images % (8 * bs) == 0:
             total.item()
             if time.perf_counter() - t0 >= seconds:
-                break
-    return images / (time.perf_counter() - t0), first
+                return images / (time.perf_counter() - t0), first
 
 
 @dataclass
 class SeedRun:
-    """One seed of the fast recipe trained to its targets."""
+    """One seed of a recipe trained towards its targets."""
 
     seed: int
     hits: dict[float, tuple[int, float, float]] = field(default_factory=dict)  # target -> (epoch, train s, test)
     epochs: int = 0
     images: int = 0
     train_seconds: float = 0.0
+    best_epoch: int = 0  # by validation, over every epoch trained
+    test: float | None = None  # of the best epoch's weights, when the recipe ran to its end
 
 
-def train_to_targets(cfg: Config, task: Task, data: Data, device: torch.device, targets: list[float]) -> SeedRun:
-    """Train ``cfg`` epoch by epoch until the validation metric has reached every target (or ``train.epochs``);
-    the weights of the first epoch reaching each target are scored on the test split at the end."""
+def train_to_targets(cfg: Config, task: Task, data: Data, device: torch.device, targets: list[float],
+                     to_the_end: bool = False) -> SeedRun:
+    """Train ``cfg`` epoch by epoch until the validation metric has reached every target, or through all its
+    ``train.epochs`` when ``to_the_end``; the weights of the first epoch reaching each target (and, to the end,
+    those of the best epoch) are scored once on the test split afterwards."""
     t = setup(cfg, task, data, device)
     state, snapshots = new_state(), {}
     out = SeedRun(cfg.seed)
-    while state["epoch"] < cfg.train.epochs and len(snapshots) < len(targets):
+    while state["epoch"] < cfg.train.epochs and (to_the_end or len(snapshots) < len(targets)):
         row = run_epoch(t, data, task, cfg, state)
         for target in targets:
             if target not in snapshots and row["val_metric"] >= target:
                 snapshots[target] = (row["epoch"], row["train_seconds"],
                                      {k: v.detach().clone() for k, v in t.model.state_dict().items()})
-    out.epochs, out.train_seconds = state["epoch"], state["train_seconds"]
+    out.epochs, out.train_seconds, out.best_epoch = state["epoch"], state["train_seconds"], state["best_epoch"]
     out.images = out.epochs * (len(data.train) - (1 if len(data.train) % cfg.train.batch_size == 1 else 0))
-    for target, (epoch, seconds, weights) in snapshots.items():
+
+    def test_of(weights: dict[str, torch.Tensor]) -> float:
         t.model.load_state_dict(weights)
-        test = task.evaluate(t.model, data.test, cfg, t.loss_fn, final=False)[task.metric]
-        out.hits[target] = (epoch, seconds, test)
+        return task.evaluate(t.model, data.test, cfg, t.loss_fn, final=False)[task.metric]
+
+    for target, (epoch, seconds, weights) in snapshots.items():
+        out.hits[target] = (epoch, seconds, test_of(weights))
+    if to_the_end:
+        out.test = test_of(state["best_state"])
     return out
 
 
@@ -178,7 +185,7 @@ def report_rung(spec: Spec) -> str:
 
 
 def measure_task(task_name: str, quick: bool, root: str, device: torch.device, threads: int, seeds: list[int],
-                 compile_too: bool, log: Any = sys.stderr) -> TaskPerf:
+                 compile_too: bool, grid: bool = False, log: Any = sys.stderr) -> TaskPerf:
     spec = load_spec(resolve_spec_path(task_name))
     task = TASKS[spec.task]
     metric = task.metrics[0]
@@ -195,7 +202,7 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
         cfg = rung(spec, FAST, seed, root, str(device), threads)
         data = load_data(cache, task, cfg, device)
         print(f"perf {spec.task}: {FAST} seed {seed} to {', '.join(map(fmt, targets))} ...", file=log, flush=True)
-        runs.append(train_to_targets(cfg, task, data, device, targets))
+        runs.append(train_to_targets(cfg, task, data, device, targets, to_the_end=True))
     fast_cfg = rung(spec, FAST, seeds[0], root, str(device), threads)
     fast_data = load_data(cache, task, fast_cfg, device)
     flops_img = _flops_per_image(fast_cfg, task, fast_data, device)
@@ -261,6 +268,17 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
             out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "time_to_target",
                              "recipe": FAST, "seed": r.seed, "target": target, "epoch": e, "train_seconds": s,
                              "test": test, "images_per_s": r.images / r.train_seconds})
+    end_s = [r.train_seconds for r in runs]
+    confirmed = sum(r.test >= spec.target for r in runs)
+    table.append([f"{fmt(spec.target)} on test", f"`{FAST}` to its end ({fast_cfg.train.epochs} epochs, best "
+                  "validation epoch)", f"{confirmed} of {len(runs)}", f"{sum(r.best_epoch for r in runs) / len(runs):.1f}",
+                  f"{sum(end_s) / len(end_s):.1f} ({min(end_s):.1f}–{max(end_s):.1f})",
+                  ", ".join(fmt(r.test) for r in runs), f"{ref_time / (sum(end_s) / len(end_s)):.1f}×"
+                  + ("" if ref_reached else " (at least)")])
+    for r in runs:
+        out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "recipe_end", "recipe": FAST,
+                         "seed": r.seed, "target": spec.target, "epoch": r.best_epoch, "train_seconds": r.train_seconds,
+                         "test": r.test, "images_per_s": r.images / r.train_seconds})
     table.append([fmt(spec.target), f"`{ref_name}` (textbook loop)", "1 of 1" if ref_reached else "0 of 1",
                   f"{ref_epochs}" if ref_epochs else f"not in {ref_budget}",
                   f"{ref_time:.0f}" + (" (extrapolated)" if quick else "") + ("" if ref_reached else f", {ref_budget} epochs"),
@@ -296,6 +314,12 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
     for c, r, f in choices:
         out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "choice", "recipe": c,
                          "images_per_s": r, "first_step_s": f})
+    if grid:  # 5. the grid on one device, sequential vs concurrent
+        print(f"perf {spec.task}: one epoch of every run of the full grid, sequential then concurrent ...", file=log,
+              flush=True)
+        lines, rows = grid_speedup(spec.path, root, device, None)
+        out.lines += lines
+        out.rows += [{**r, "mode": "quick" if quick else "full"} for r in rows]
     return out
 
 
@@ -318,8 +342,9 @@ def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_
             setattr(c.train, k, v)
         return c
 
-    trials = [("default (channels-last, one sync per epoch)", variant(), False),
+    trials = [(f"default (channels-last, {precision(cfg, device)}, one sync per epoch)", variant(), False),
               ("contiguous (NCHW) layout", variant(channels_last=False), False),
+              ("fp32 (no bf16 autocast)", variant(amp=False), False),
               ("a .item() sync after every step", variant(), True)]
     if compile_too:
         trials.append(("torch.compile", variant(compile="default"), False))
@@ -330,6 +355,34 @@ def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_
         rate, first = step_rate(c, task, data, device, sync_per_step=sync)
         out.append((name, rate, first))
     return out
+
+
+def grid_speedup(spec_path: str | Path, root: str, device: torch.device,
+                 workers: int | None) -> tuple[list[str], list[dict]]:
+    """One epoch of every run of the task's full spec, trained one after another and then by several workers
+    at once (``workers``, else as many as ``bench run`` would choose), each into a scratch results folder;
+    wall times include each worker's start-up and data loading, as a real grid pays them."""
+    spec = load_spec(spec_path, None, ["train.epochs=1", "train.patience=null"])
+    runs = spec.runs()
+    opts = RunOptions(root, str(device), progress=False)
+    walls = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("sequential", "concurrent"):
+            store = RunStore(Path(tmp) / mode)
+            store.write_group(spec)
+            t0 = time.perf_counter()
+            if mode == "sequential":
+                run_grid(spec, runs, store.results, opts)
+            else:
+                n = workers or grid_workers(spec, runs, opts, {})[0]
+                run_workers(spec, runs, store.results, opts, n)
+            walls[mode] = time.perf_counter() - t0
+    lines = [f"Grid: one epoch of each of the {len(runs)} runs of the full `{spec.name}` spec on this device: "
+             f"{walls['sequential']:.0f} s one after another, {walls['concurrent']:.0f} s with {n} workers at once "
+             f"({walls['sequential'] / walls['concurrent']:.1f}× faster).", ""]
+    rows = [{"task": spec.task, "what": f"grid_{m}", "recipe": f"{len(runs)} runs x 1 epoch",
+             "workers": n if m == "concurrent" else 1, "train_seconds": w} for m, w in walls.items()]
+    return lines, rows
 
 
 # --------------------------------------------------------------------------- files
@@ -359,7 +412,7 @@ def write_perf(results: Path, parts: list[TaskPerf], quick: bool, header: list[s
             keep = [r for r in csv.DictReader(f) if (r["task"], r["mode"]) not in done]
     rows = keep + [r for p in parts for r in p.rows]
     keys = ["task", "mode", "what", "recipe", "seed", "target", "epoch", "train_seconds", "test", "images_per_s",
-            "gflop_per_image", "matmul_gflops", "first_step_s"]
+            "gflop_per_image", "matmul_gflops", "first_step_s", "workers"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -369,9 +422,12 @@ def write_perf(results: Path, parts: list[TaskPerf], quick: bool, header: list[s
 
 
 def run_perf(tasks: list[str], quick: bool, results: str | Path, root: str, device: torch.device, threads: int,
-             seeds: list[int], compile_too: bool, command: str) -> tuple[Path, Path]:
+             seeds: list[int], compile_too: bool, command: str, grid: bool | None = None) -> tuple[Path, Path]:
+    """Measure ``tasks`` and write perf.md / perf.csv; ``grid`` (default: on a GPU) adds the grid's wall time
+    sequential vs concurrent."""
+    grid = device.type == "cuda" if grid is None else grid
     torch.set_num_threads(threads)
     header = [f"- command: `{command}`", f"- machine: {machine_line(device, threads)}",
               f"- commit: {files.git_commit()}", f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
-    parts = [measure_task(t, quick, root, device, threads, seeds, compile_too) for t in tasks]
+    parts = [measure_task(t, quick, root, device, threads, seeds, compile_too, grid) for t in tasks]
     return write_perf(Path(results), parts, quick, header)

@@ -144,7 +144,8 @@ def _delta(v: dict[str, Any], by_seed: dict[str, dict[int, float]], metric: Metr
 def provenance(runs: list[StoredRun]) -> dict[str, str]:
     rs = [r.result for r in runs]
     return {
-        "devices": ", ".join(sorted({r.get("device_name", "?") for r in rs})),
+        "devices": ", ".join(sorted({r.get("device_name", "?") + (f", {r['precision']}" if r.get("precision") else "")
+                                     for r in rs})),
         "commits": ", ".join(sorted({_short_commit(str(r.get("commit", "?"))) for r in rs})),
         "torch": ", ".join(sorted({r.get("torch", "?") for r in rs})),
         "finished": max((r.get("finished", "") for r in rs), default=""),

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bench import files
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
-from bench.inference import autocast
+from bench.inference import autocast, precision
 from bench.models import count_parameters
 from bench.plots import plot_run_curves
 from bench.spec import DEVICE_RE
@@ -157,6 +157,19 @@ def save_progress(last: Path, t: Trainer, state: dict[str, Any], key: str, devic
     })
 
 
+def train_step(t: Trainer, x: Tensor, y: Tensor, cfg: Config) -> tuple[Tensor, Tensor]:
+    """One optimizer step on the batch ``x`` (N, C, H, W), ``y``; returns the (loss, logits), detached.
+    The scheduler is the caller's (per step in training, not at all when only timing steps)."""
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    with autocast(cfg, x.device):
+        logits = t.forward(x.contiguous(memory_format=layout))
+        loss = t.loss_fn(logits.float(), y)
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t.optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def train_one_epoch(t: Trainer, split: Split, task: Task, cfg: Config) -> dict[str, float]:
     """One pass over a seeded permutation of the training split, drawn by index on the device.
 
@@ -166,7 +179,6 @@ def train_one_epoch(t: Trainer, split: Split, task: Task, cfg: Config) -> dict[s
     device = split.x.device
     n, bs = len(split), cfg.train.batch_size
     perm = torch.randperm(n, generator=t.order_gen).to(device)
-    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     # Drop a last batch of one sample: batch norm cannot train on it.
     stop = n - 1 if n % bs == 1 and n > 1 else n
     tot_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -174,15 +186,10 @@ def train_one_epoch(t: Trainer, split: Split, task: Task, cfg: Config) -> dict[s
     for i in range(0, stop, bs):
         idx = perm[i : i + bs]
         x, y = task.augment(split.x[idx], split.y[idx], cfg, t.aug_gen)
-        with autocast(cfg, device):
-            logits = t.forward(x.contiguous(memory_format=layout))
-            loss = t.loss_fn(logits.float(), y)
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.optimizer.step()
+        loss, logits = train_step(t, x, y, cfg)
         t.scheduler.step()
-        tot_loss += loss.detach() * len(idx)
-        tot_score += task.train_score(logits.detach().float(), y) * len(idx)
+        tot_loss += loss * len(idx)
+        tot_score += task.train_score(logits.float(), y) * len(idx)
     return {"train_loss": tot_loss.item() / stop, "train_metric": tot_score.item() / stop}
 
 
@@ -295,6 +302,7 @@ def finish(run_dir: Path, t: Trainer, state: dict[str, Any], cfg: Config, task: 
         "params": count_parameters(t.model),
         "device": str(device),
         "device_name": device_name(device),
+        "precision": precision(cfg, device),
         "torch": torch.__version__, "commit": files.git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

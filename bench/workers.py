@@ -16,37 +16,28 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from bench.config import Config
-from bench.factories import build_loss, build_model, build_optimizer
 from bench.runner import RunOptions, load_data, runtime_config
 from bench.spec import Run, Spec
 from bench.tasks import TASKS
 from bench.tasks.base import Data, Task
-from bench.train import resolve_device
+from bench.train import resolve_device, setup, train_step
 
 CUDA_CONTEXT_BYTES = 600 << 20  # what each extra process spends on its CUDA context and kernels (typical, not measured)
 
 
-def _step_fn(cfg: Config, task: Task, data: Data, device: torch.device):
-    """A closure doing one training step of ``cfg`` on a fixed batch of ``data`` (built in the calling thread)."""
-    model = build_model(cfg, **task.model_kwargs(data.info)).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt, _ = build_optimizer(cfg, model, 1)
-    loss_fn = build_loss(cfg)
-    bs = min(cfg.train.batch_size, len(data.train))
+def _step_fn(cfg: Config, task: Task, data: Data, device: torch.device) -> Callable[[], int]:
+    """A closure doing one training step of ``cfg`` (the training loop's own) on a fixed batch of ``data``."""
+    t = setup(cfg, task, data, device)
+    bs = max(2, min(cfg.train.batch_size, len(data.train)))  # batch norm cannot train on one sample
     x, y = data.train.x[:bs].to(device), data.train.y[:bs].to(device)
-    if bs == 1:  # batch norm cannot train on one sample
-        x, y = x.repeat(2, *[1] * (x.dim() - 1)), y.repeat(2, *[1] * (y.dim() - 1))
 
     def step() -> int:
-        loss = loss_fn(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(t, x, y, cfg)
         return len(x)
 
     return step
@@ -59,8 +50,8 @@ def cpu_throughput(cfg: Config, task: Task, data: Data, workers: int, threads: i
     ready, stop = threading.Barrier(workers + 1), threading.Event()
 
     def loop(i: int) -> None:
-        torch.set_num_threads(threads)  # per thread: OpenMP's thread count is a per-thread setting
         step = _step_fn(cfg, task, data, torch.device("cpu"))
+        torch.set_num_threads(threads)  # per thread (OpenMP's count is a per-thread setting), after setup's own
         step()
         ready.wait()
         while not stop.is_set():

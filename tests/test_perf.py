@@ -7,16 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_spec
 from torch import nn
 
 from bench.config import ConfigError
-from bench.perf import TaskPerf, matmul_flops_per_s, report_rung, step_rate, train_to_targets, training_flops, write_perf
+from bench.perf import (
+    TaskPerf,
+    grid_speedup,
+    matmul_flops_per_s,
+    report_rung,
+    step_rate,
+    train_to_targets,
+    training_flops,
+    write_perf,
+)
 from bench.reference import check_recipe, train_reference
 from bench.spec import load_spec, run_key, split_overrides
 from bench.tasks import TASKS
 from bench.train import HISTORY_KEYS, read_history, time_to_target
 from bench.workers import choose_cpu_workers, cuda_workers
+from tests.helpers import write_spec
 
 # --------------------------------------------------------------------------- FLOPs
 
@@ -137,13 +146,15 @@ def tiny_mnist(tmp_path, data_root, **train):
 def test_train_to_targets_stops_once_every_target_is_reached_and_scores_test(tmp_path, data_root):
     cfg, task, data = tiny_mnist(tmp_path, data_root, epochs=5)
     out = train_to_targets(cfg, task, data, torch.device("cpu"), [0.1, 0.2])
-    assert out.epochs == 1  # both reached after the first epoch
+    assert out.epochs == 1 and out.test is None  # both reached after the first epoch; not run to the end
     assert set(out.hits) == {0.1, 0.2}
     epoch, seconds, test = out.hits[0.1]
     assert epoch == 1 and 0 < seconds and 0.2 < test <= 1.0
     assert out.images == 1000
     never = train_to_targets(cfg.copy(seed=1), task, data, torch.device("cpu"), [1.01])  # unreachable
     assert never.epochs == 5 and never.hits == {}
+    end = train_to_targets(cfg, task, data, torch.device("cpu"), [0.1], to_the_end=True)
+    assert end.epochs == 5 and 1 <= end.best_epoch <= 5 and 0.2 < end.test <= 1.0 and end.hits[0.1][0] == 1
 
 
 def test_step_rate_with_and_without_the_speed_choices(tmp_path, data_root):
@@ -197,3 +208,11 @@ def test_cpu_workers_are_measured_over_every_split(tmp_path, data_root):
     n, why = choose_cpu_workers(cfg, task, data, n_runs=4, cores=2)
     assert n in (1, 2) and "1x2 threads" in why and "2x1 threads" in why
     assert choose_cpu_workers(cfg, task, data, n_runs=1, cores=2) == (1, "one run or one core")
+
+
+def test_grid_speedup_trains_every_run_both_ways(tmp_path, data_root):
+    spec = write_spec(tmp_path / "g.yaml", seeds=[0, 1])
+    lines, rows = grid_speedup(spec, str(data_root), torch.device("cpu"), workers=2)
+    assert "one epoch of each of the 4 runs of the full `g` spec" in lines[0] and "with 2 workers at once" in lines[0]
+    assert [(r["what"], r["workers"]) for r in rows] == [("grid_sequential", 1), ("grid_concurrent", 2)]
+    assert all(r["train_seconds"] > 0 for r in rows)

@@ -50,7 +50,7 @@ def bench_env(data_root: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_mnist_quick_profile_meets_its_promises(data_root, tmp_path):
     best, mean_acc = run_quick_profile("mnist", data_root, tmp_path, max_minutes=15, metric="acc")
-    assert mean_acc >= 0.99, (best, mean_acc)
+    assert mean_acc >= 0.994, (best, mean_acc)  # issue 10: the quick profile's best rung reaches 99.4 % on test
     # ... and its export matches on the whole test set.
     meta = export_best("mnist", data_root, tmp_path)
     assert meta["parity"]["n"] == 10000 and meta["parity"]["agreement"] >= 0.999
@@ -68,3 +68,25 @@ def test_warwick_quick_profile_meets_its_promises(data_root, tmp_path):
     assert (tmp_path / "figures" / "warwick-quick-outlines.png").stat().st_size > 10_000
     meta = export_best("warwick", data_root, tmp_path)
     assert meta["parity"]["n"] == 60 and abs(meta["parity"]["metric_diff"]) <= 1e-3
+
+
+@pytest.mark.slow
+def test_perf_quick_mnist_reaches_the_report_number_and_writes_a_complete_file(data_root, tmp_path):
+    """`bench perf --quick --task mnist` as the README gives it: under 10 minutes on a 2-core CPU, every seed of the
+    fast rung reaches 99.2 % on validation (confirmed on test), and the file names its machine, commit and command."""
+    import csv
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "bench", "perf", "--quick", "--task", "mnist", "--results", str(tmp_path)],
+                   cwd=REPO, env=bench_env(data_root), check=True)
+    assert (time.perf_counter() - t0) / 60 < 10
+    text = (tmp_path / "perf.md").read_text()
+    for needle in ("## mnist (--quick)", "- command: `python -m bench perf --quick --task mnist", "- machine: ",
+                   "- commit: ", "`fast` (harness)", "(textbook loop)", "utilization of matmul peak", "× reference"):
+        assert needle in text, needle
+    rows = list(csv.DictReader(open(tmp_path / "perf.csv")))
+    hits = [r for r in rows if r["what"] == "time_to_target" and r["recipe"] == "fast" and float(r["target"]) == 0.992]
+    assert len(hits) == 3 and all(r["epoch"] for r in hits)  # every seed reached it on validation
+    assert sum(float(r["test"]) for r in hits) / 3 >= 0.99
+    ref = [r for r in rows if r["what"] == "time_to_target" and r["recipe"].startswith("reference:")]
+    assert len(ref) == 1 and float(ref[0]["train_seconds"]) > max(float(r["train_seconds"]) for r in hits)
