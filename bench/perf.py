@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import files
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model
-from bench.inference import precision
+from bench.inference import amp_enabled, precision
 from bench.reference import datasets_for, train_reference
 from bench.runner import RunOptions, load_data, run_grid, run_workers
 from bench.spec import Spec, load_spec, resolve_spec_path
@@ -184,143 +184,149 @@ def report_rung(spec: Spec) -> str:
     return max(reported, key=lambda v: v.reported).name
 
 
+@dataclass
+class Reference:
+    """The report's recipe in the textbook loop: its time to the target (or to its budget) and its speed."""
+
+    rung: str
+    seconds: float  # to the target, else through ``budget`` epochs
+    epochs: int | None  # the first epoch reaching the target; None: not within ``budget``
+    budget: int
+    source: str  # how ``seconds`` was obtained
+    rate: float  # textbook loop, training images/s
+    harness_rate: float | None = None  # the same recipe in the harness loop (--quick), images/s
+
+
+def measure_reference(spec: Spec, task: Task, cfg: Config, quick: bool, device: torch.device,
+                      cache: dict[str, Data], log: Any) -> Reference:
+    """Train (full mode) or time and extrapolate (``quick``) the report's recipe ``cfg`` in the textbook loop."""
+    name = report_rung(spec)
+    print(f"perf {spec.task}: reference ({name} in a textbook loop) ...", file=log, flush=True)
+    data = datasets_for(spec.task, cfg.data.root)
+    if not quick:
+        ref = train_reference(spec.task, cfg, device, target=spec.target, data=data)
+        hit = next((h for h in ref.history if h["val_metric"] >= spec.target), None)
+        return Reference(name, hit["train_seconds"] if hit else ref.train_seconds, hit and hit["epoch"],
+                         len(ref.history), f"the textbook loop trained to the target (at most {cfg.train.epochs} epochs)",
+                         ref.images / ref.train_seconds)
+    ref = train_reference(spec.task, cfg, device, max_steps=QUICK_STEPS[spec.task], data=data)
+    print(f"perf {spec.task}: epochs the report's recipe needs ({name} in the harness loop) ...", file=log, flush=True)
+    proxy_cfg = cfg.copy()
+    proxy_cfg.train.epochs, proxy_cfg.train.patience = min(cfg.train.epochs, QUICK_PROXY_EPOCHS[spec.task]), None
+    proxy = train_to_targets(proxy_cfg, task, load_data(cache, task, proxy_cfg, device), device, [spec.target])
+    epochs = proxy.hits[spec.target][0] if spec.target in proxy.hits else None
+    source = (f"{name} trained in the harness loop to the target (same network, optimizer, schedule and batch size; "
+              f"at most {proxy.epochs} epochs) times the textbook loop's seconds per epoch from {ref.steps} timed steps")
+    return Reference(name, ref.seconds_per_epoch * (epochs or proxy.epochs), epochs, proxy.epochs, source,
+                     ref.images / ref.train_seconds, proxy.images / proxy.train_seconds)
+
+
 def measure_task(task_name: str, quick: bool, root: str, device: torch.device, threads: int, seeds: list[int],
                  compile_too: bool, grid: bool = False, log: Any = sys.stderr) -> TaskPerf:
+    """Every measurement of one task (see the module docstring), as markdown lines and perf.csv rows."""
     spec = load_spec(resolve_spec_path(task_name))
     task = TASKS[spec.task]
-    metric = task.metrics[0]
     if spec.target is None:
         raise ConfigError(f"{spec.path}: no `target` (the report's best number) to time")
     targets = [spec.target, *[t for t in [STRETCH.get(spec.task)] if t is not None]]
-    fmt = lambda v: f"{metric.format(v)}{' ' + metric.unit if metric.unit else ''}"  # noqa: E731
-    out = TaskPerf(spec.task)
+    mode = "quick" if quick else "full"
     cache: dict[str, Data] = {}
-
-    # 1-2. the fast rung to its targets, per seed
     runs = []
-    for seed in seeds:
+    for seed in seeds:  # 1. time to quality
         cfg = rung(spec, FAST, seed, root, str(device), threads)
-        data = load_data(cache, task, cfg, device)
-        print(f"perf {spec.task}: {FAST} seed {seed} to {', '.join(map(fmt, targets))} ...", file=log, flush=True)
-        runs.append(train_to_targets(cfg, task, data, device, targets, to_the_end=True))
+        print(f"perf {spec.task}: {FAST} seed {seed} ...", file=log, flush=True)
+        runs.append(train_to_targets(cfg, task, load_data(cache, task, cfg, device), device, targets, to_the_end=True))
     fast_cfg = rung(spec, FAST, seeds[0], root, str(device), threads)
     fast_data = load_data(cache, task, fast_cfg, device)
-    flops_img = _flops_per_image(fast_cfg, task, fast_data, device)
-    dtype = torch.bfloat16 if device.type == "cuda" and fast_cfg.train.amp else torch.float32
-    peak = matmul_flops_per_s(device, dtype)
-    images = sum(r.images for r in runs)
-    seconds = sum(r.train_seconds for r in runs)
-    fast_rate = images / seconds
-
-    # 3. the reference: the report's recipe, textbook loop
-    ref_name = report_rung(spec)
-    ref_cfg = rung(spec, ref_name, seeds[0], root, str(device), threads)
-    print(f"perf {spec.task}: reference ({ref_name} in a textbook loop) ...", file=log, flush=True)
-    ref_data = datasets_for(spec.task, root)
-    if quick:
-        ref = train_reference(spec.task, ref_cfg, device, max_steps=QUICK_STEPS[spec.task], data=ref_data)
-        print(f"perf {spec.task}: epochs the report's recipe needs ({ref_name} in the harness loop) ...", file=log,
-              flush=True)
-        proxy_cfg = ref_cfg.copy()
-        proxy_cfg.train.epochs = min(proxy_cfg.train.epochs, QUICK_PROXY_EPOCHS[spec.task])
-        proxy_cfg.train.patience = None
-        proxy = train_to_targets(proxy_cfg, task, load_data(cache, task, proxy_cfg, device), device, [spec.target])
-        ref_epochs = proxy.hits.get(spec.target, (None,))[0]
-        ref_budget = proxy.epochs
-        ref_source = (f"{ref_name} trained in the harness loop to the target (same network, optimizer, schedule, batch "
-                      f"size), at most {ref_budget} epochs; the textbook loop's time per epoch from {ref.steps} timed steps")
-        ref_time = ref.seconds_per_epoch * (ref_epochs or ref_budget)
-        ref_reached = ref_epochs is not None
-        ref_rate = ref.images / ref.train_seconds
-        proxy_rate = proxy.images / proxy.train_seconds
-    else:
-        ref = train_reference(spec.task, ref_cfg, device, target=spec.target, data=ref_data)
-        hit = next((h for h in ref.history if h["val_metric"] >= spec.target), None)
-        ref_epochs = hit["epoch"] if hit else None
-        ref_budget = len(ref.history)
-        ref_time = hit["train_seconds"] if hit else ref.train_seconds
-        ref_reached = hit is not None
-        ref_source = f"the textbook loop trained to the target (at most {ref_cfg.train.epochs} epochs)"
-        ref_rate = ref.images / ref.train_seconds
-        proxy_rate = None
-    ref_flops_img = _flops_per_image(ref_cfg, task, load_data(cache, task, ref_cfg, device), device)
-
-    # 4. the speed choices, timed on the fast recipe's step
-    choices = _choices(fast_cfg, task, fast_data, device, compile_too)
-
-    # ---- rows and text
-    head = ["target (val, then test)", "recipe", "seeds reaching it", "epoch (mean)", "train s: mean (range)",
-            "test at that epoch", "× reference"]
-    table = []
-    for target in targets:
-        hits = [r.hits[target] for r in runs if target in r.hits]
-        secs = [h[1] for h in hits]
-        mean_s = sum(secs) / len(secs) if secs else None
-        ratio = ""
-        if target == spec.target and mean_s:
-            ratio = f"{ref_time / mean_s:.1f}×" + ("" if ref_reached else " (at least)")
-        table.append([fmt(target), f"`{FAST}` (harness)", f"{len(hits)} of {len(runs)}",
-                      f"{sum(h[0] for h in hits) / len(hits):.1f}" if hits else "–",
-                      f"{mean_s:.1f} ({min(secs):.1f}–{max(secs):.1f})" if secs else "not reached",
-                      ", ".join(fmt(h[2]) for h in hits) or "–", ratio])
-        for r in runs:
-            e, s, test = r.hits.get(target, (None, None, None))
-            out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "time_to_target",
-                             "recipe": FAST, "seed": r.seed, "target": target, "epoch": e, "train_seconds": s,
-                             "test": test, "images_per_s": r.images / r.train_seconds})
-    end_s = [r.train_seconds for r in runs]
-    confirmed = sum(r.test >= spec.target for r in runs)
-    table.append([f"{fmt(spec.target)} on test", f"`{FAST}` to its end ({fast_cfg.train.epochs} epochs, best "
-                  "validation epoch)", f"{confirmed} of {len(runs)}", f"{sum(r.best_epoch for r in runs) / len(runs):.1f}",
-                  f"{sum(end_s) / len(end_s):.1f} ({min(end_s):.1f}–{max(end_s):.1f})",
-                  ", ".join(fmt(r.test) for r in runs), f"{ref_time / (sum(end_s) / len(end_s)):.1f}×"
-                  + ("" if ref_reached else " (at least)")])
-    for r in runs:
-        out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "recipe_end", "recipe": FAST,
-                         "seed": r.seed, "target": spec.target, "epoch": r.best_epoch, "train_seconds": r.train_seconds,
-                         "test": r.test, "images_per_s": r.images / r.train_seconds})
-    table.append([fmt(spec.target), f"`{ref_name}` (textbook loop)", "1 of 1" if ref_reached else "0 of 1",
-                  f"{ref_epochs}" if ref_epochs else f"not in {ref_budget}",
-                  f"{ref_time:.0f}" + (" (extrapolated)" if quick else "") + ("" if ref_reached else f", {ref_budget} epochs"),
-                  "–", "1.0×"])
-    out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "time_to_target",
-                     "recipe": f"reference:{ref_name}", "seed": seeds[0], "target": spec.target, "epoch": ref_epochs,
-                     "train_seconds": ref_time, "test": None, "images_per_s": ref_rate})
-    out.lines += [files.markdown_table(head, table), "",
-                  f"Reference time: {ref_source}. \"× reference\" = reference seconds / harness seconds to the report's "
-                  "number" + ("" if ref_reached else "; the reference did not reach it, so the ratio is a lower bound") + ".",
-                  ""]
-    tp_head = ["loop", "recipe", "images/s", "training GFLOP / image", "achieved GFLOP/s", "utilization of matmul peak"]
-    tp = [["harness", f"`{FAST}`", f"{fast_rate:,.0f}", f"{flops_img / 1e9:.4f}", f"{fast_rate * flops_img / 1e9:.1f}",
-           f"{fast_rate * flops_img / peak:.1%}"]]
-    if proxy_rate:
-        tp.append(["harness", f"`{ref_name}`", f"{proxy_rate:,.0f}", f"{ref_flops_img / 1e9:.4f}",
-                   f"{proxy_rate * ref_flops_img / 1e9:.1f}", f"{proxy_rate * ref_flops_img / peak:.1%}"])
-    tp.append(["textbook", f"`{ref_name}`", f"{ref_rate:,.0f}", f"{ref_flops_img / 1e9:.4f}",
-               f"{ref_rate * ref_flops_img / 1e9:.1f}", f"{ref_rate * ref_flops_img / peak:.1%}"])
-    out.lines += [files.markdown_table(tp_head, tp, ["left", "left", "right", "right", "right", "right"]), "",
-                  f"Matmul peak: {peak / 1e9:,.0f} GFLOP/s ({_dtype_name(dtype)} 2048×2048 matmuls on the same device and "
-                  f"threads). FLOPs per image: `FlopCounterMode` on one training step (forward and backward), divided by "
-                  f"the batch." + (f" Same recipe, harness loop / textbook loop: {proxy_rate / ref_rate:.1f}× the images "
-                                   "per second." if proxy_rate else ""), ""]
-    for name, rate in [("harness", fast_rate), ("reference", ref_rate)]:
-        out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "throughput",
-                         "recipe": FAST if name == "harness" else f"reference:{ref_name}", "images_per_s": rate,
-                         "gflop_per_image": (flops_img if name == "harness" else ref_flops_img) / 1e9,
-                         "matmul_gflops": peak / 1e9})
-    out.lines += [files.markdown_table(["choice (fast recipe's training step)", "images/s", "vs default", "first step s"],
-                                       [[c, f"{r:,.0f}", f"{r / choices[0][1]:.2f}×", f"{f:.2f}"]
-                                        for c, r, f in choices], ["left", "right", "right", "right"]), ""]
-    for c, r, f in choices:
-        out.rows.append({"task": spec.task, "mode": "quick" if quick else "full", "what": "choice", "recipe": c,
-                         "images_per_s": r, "first_step_s": f})
+    ref_cfg = rung(spec, report_rung(spec), seeds[0], root, str(device), threads)
+    ref = measure_reference(spec, task, ref_cfg, quick, device, cache, log)  # 3. the reference
+    dtype = torch.bfloat16 if amp_enabled(fast_cfg, device) else torch.float32  # 2. throughput
+    peaks = {d: matmul_flops_per_s(device, d) for d in {dtype, torch.float32}}
+    flops = {FAST: _flops_per_image(fast_cfg, task, fast_data, device),
+             ref.rung: _flops_per_image(ref_cfg, task, load_data(cache, task, ref_cfg, device), device)}
+    choices = _choices(fast_cfg, task, fast_data, device, compile_too)  # 4. the speed choices
+    out = TaskPerf(spec.task)
+    for lines, rows in (_quality_table(spec, task, fast_cfg, runs, targets, ref, quick),
+                        _throughput_table(spec, runs, ref, flops, peaks, dtype),
+                        _choices_table(spec, choices)):
+        out.lines += lines
+        out.rows += [{"task": spec.task, "mode": mode, **r} for r in rows]
     if grid:  # 5. the grid on one device, sequential vs concurrent
         print(f"perf {spec.task}: one epoch of every run of the full grid, sequential then concurrent ...", file=log,
               flush=True)
         lines, rows = grid_speedup(spec.path, root, device, None)
         out.lines += lines
-        out.rows += [{**r, "mode": "quick" if quick else "full"} for r in rows]
+        out.rows += [{**r, "mode": mode} for r in rows]
     return out
+
+
+def _quality_table(spec: Spec, task: Task, fast_cfg: Config, runs: list[SeedRun], targets: list[float], ref: Reference,
+                   quick: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    metric = task.metrics[0]
+    fmt = lambda v: f"{metric.format(v)}{' ' + metric.unit if metric.unit else ''}"  # noqa: E731
+    lower = "" if ref.epochs else " (at least)"  # the reference never reached it: the ratio is a lower bound
+    head = ["target", "recipe", "seeds reaching it", "epoch (mean)", "train s: mean (range)", "test of those weights",
+            "× reference"]
+    table, rows = [], []
+    for target in targets:
+        hits = [r.hits[target] for r in runs if target in r.hits]
+        secs = [h[1] for h in hits]
+        ratio = f"{ref.seconds / (sum(secs) / len(secs)):.1f}×{lower}" if target == spec.target and secs else ""
+        table.append([f"{fmt(target)} on validation", f"`{FAST}` (harness)", f"{len(hits)} of {len(runs)}",
+                      f"{sum(h[0] for h in hits) / len(hits):.1f}" if hits else "–",
+                      f"{sum(secs) / len(secs):.1f} ({min(secs):.1f}–{max(secs):.1f})" if secs else "not reached",
+                      ", ".join(fmt(h[2]) for h in hits) or "–", ratio])
+        for r in runs:
+            epoch, seconds, test = r.hits.get(target, (None, None, None))
+            rows.append({"what": "time_to_target", "recipe": FAST, "seed": r.seed, "target": target, "epoch": epoch,
+                         "train_seconds": seconds, "test": test, "images_per_s": r.images / r.train_seconds})
+    end = [r.train_seconds for r in runs]
+    table.append([f"{fmt(spec.target)} on test", f"`{FAST}` to its end ({fast_cfg.train.epochs} epochs, best validation "
+                  "epoch)", f"{sum(r.test >= spec.target for r in runs)} of {len(runs)}",
+                  f"{sum(r.best_epoch for r in runs) / len(runs):.1f}",
+                  f"{sum(end) / len(end):.1f} ({min(end):.1f}–{max(end):.1f})", ", ".join(fmt(r.test) for r in runs),
+                  f"{ref.seconds / (sum(end) / len(end)):.1f}×{lower}"])
+    rows += [{"what": "recipe_end", "recipe": FAST, "seed": r.seed, "target": spec.target, "epoch": r.best_epoch,
+              "train_seconds": r.train_seconds, "test": r.test, "images_per_s": r.images / r.train_seconds} for r in runs]
+    table.append([f"{fmt(spec.target)} on validation", f"`{ref.rung}` (textbook loop)", f"{int(bool(ref.epochs))} of 1",
+                  f"{ref.epochs}" if ref.epochs else f"not in {ref.budget}",
+                  f"{ref.seconds:.0f}{' (extrapolated)' if quick else ''}" + ("" if ref.epochs else f", {ref.budget} epochs"),
+                  "–", "1.0×"])
+    rows.append({"what": "time_to_target", "recipe": f"reference:{ref.rung}", "target": spec.target,
+                 "epoch": ref.epochs, "train_seconds": ref.seconds, "images_per_s": ref.rate})
+    note = (f"Reference: {ref.source}. × reference = reference seconds / harness seconds"
+            + ("; the reference did not reach the target, so the ratios are lower bounds" if not ref.epochs else "") + ".")
+    return [files.markdown_table(head, table), "", note, ""], rows
+
+
+def _throughput_table(spec: Spec, runs: list[SeedRun], ref: Reference, flops: dict[str, float],
+                      peaks: dict[torch.dtype, float], dtype: torch.dtype) -> tuple[list[str], list[dict[str, Any]]]:
+    """Images/s and FLOP/s of each loop, against the matmul peak of the precision it computes in."""
+    fast_rate = sum(r.images for r in runs) / sum(r.train_seconds for r in runs)
+    entries = [("harness", FAST, fast_rate, dtype)]
+    if ref.harness_rate:
+        entries.append(("harness", ref.rung, ref.harness_rate, dtype))
+    entries.append(("textbook", ref.rung, ref.rate, torch.float32))
+    table = [[loop, f"`{recipe}`", _dtype_name(d), f"{rate:,.0f}", f"{flops[recipe] / 1e9:.4f}",
+              f"{rate * flops[recipe] / 1e9:.1f}", f"{rate * flops[recipe] / peaks[d]:.1%}"]
+             for loop, recipe, rate, d in entries]
+    rows = [{"what": f"throughput_{loop}", "recipe": recipe, "images_per_s": rate,
+             "gflop_per_image": flops[recipe] / 1e9, "matmul_gflops": peaks[d] / 1e9} for loop, recipe, rate, d in entries]
+    peak_text = ", ".join(f"{p / 1e9:,.0f} GFLOP/s in {_dtype_name(d)}" for d, p in peaks.items())
+    same = (f" Same recipe, harness loop / textbook loop: {ref.harness_rate / ref.rate:.1f}× the images per second."
+            if ref.harness_rate else "")
+    head = ["loop", "recipe", "precision", "images/s", "training GFLOP / image", "achieved GFLOP/s",
+            "utilization of matmul peak"]
+    return [files.markdown_table(head, table, ["left", "left", "left", "right", "right", "right", "right"]), "",
+            f"Matmul peak: {peak_text} (2048×2048 matmuls, same device and threads). FLOPs per image: "
+            f"`FlopCounterMode` on one training step (forward and backward) divided by the batch.{same}", ""], rows
+
+
+def _choices_table(spec: Spec, choices: list[tuple[str, float, float]]) -> tuple[list[str], list[dict[str, Any]]]:
+    table = [[c, f"{r:,.0f}", f"{r / choices[0][1]:.2f}×", f"{f:.2f}"] for c, r, f in choices]
+    rows = [{"what": "choice", "recipe": c, "images_per_s": r, "first_step_s": f} for c, r, f in choices]
+    head = [f"speed choice (the `{FAST}` rung's training step)", "images/s", "vs default", "first step s"]
+    return [files.markdown_table(head, table, ["left", "right", "right", "right"]), ""], rows
 
 
 def _flops_per_image(cfg: Config, task: Task, data: Data, device: torch.device) -> float:
@@ -352,7 +358,14 @@ def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_
             trials.append(("torch.compile + CUDA graphs", variant(compile="reduce-overhead"), False))
     out = []
     for name, c, sync in trials:
-        rate, first = step_rate(c, task, data, device, sync_per_step=sync)
+        try:
+            rate, first = step_rate(c, task, data, device, sync_per_step=sync)
+        except Exception as e:  # torch.compile needs a working C++ (CPU) or Triton (GPU) toolchain
+            if c.train.compile == "off":
+                raise
+            print(f"perf: {name} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                  file=sys.stderr)
+            rate, first = float("nan"), float("nan")
         out.append((name, rate, first))
     return out
 

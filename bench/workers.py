@@ -43,19 +43,22 @@ def _step_fn(cfg: Config, task: Task, data: Data, device: torch.device) -> Calla
     return step
 
 
-def cpu_throughput(cfg: Config, task: Task, data: Data, workers: int, threads: int, seconds: float = 1.5) -> float:
-    """Training images per second of ``workers`` concurrent loops of ``threads`` threads each, over about
-    ``seconds`` of wall time after one warm-up step per loop."""
-    counts = [0] * workers
+def cpu_throughput(cfg: Config, task: Task, data: Data, workers: int, threads: int, seconds: float = 1.5,
+                   warmup: int = 3) -> float:
+    """Training images per second of ``workers`` concurrent loops of ``threads`` threads each: images of the
+    steps finished within about ``seconds`` after ``warmup`` steps per loop, over the time the last of them ended."""
+    images, ended = [0] * workers, [0.0] * workers
     ready, stop = threading.Barrier(workers + 1), threading.Event()
 
     def loop(i: int) -> None:
         step = _step_fn(cfg, task, data, torch.device("cpu"))
         torch.set_num_threads(threads)  # per thread (OpenMP's count is a per-thread setting), after setup's own
-        step()
+        for _ in range(warmup):  # kernel selection and caches for this shape
+            step()
         ready.wait()
         while not stop.is_set():
-            counts[i] += step()
+            images[i] += step()
+            ended[i] = time.perf_counter()
 
     before = torch.get_num_threads()
     pool = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(workers)]
@@ -67,9 +70,8 @@ def cpu_throughput(cfg: Config, task: Task, data: Data, workers: int, threads: i
     stop.set()
     for t in pool:
         t.join()
-    dt = time.perf_counter() - t0
     torch.set_num_threads(before)
-    return sum(counts) / dt
+    return sum(images) / (max(ended) - t0)
 
 
 def choose_cpu_workers(cfg: Config, task: Task, data: Data, n_runs: int, cores: int | None = None) -> tuple[int, str]:

@@ -40,7 +40,7 @@ def fake_store(tmp_path: Path, overrides: list[str] | None = None, acc: dict | N
     return tmp_path / "results"
 
 
-def fake_runs(store: RunStore, spec, acc: dict, runs: list | None = None) -> None:
+def fake_runs(store: RunStore, spec, acc: dict, runs: list | None = None, val: dict | None = None) -> None:
     store.write_group(spec)
     for run in runs if runs is not None else spec.runs():
         d = store.path(run)
@@ -49,7 +49,7 @@ def fake_runs(store: RunStore, spec, acc: dict, runs: list | None = None) -> Non
                                        "1,1.0,0.5,0.9,0.6,0.001,1.0\n2,0.5,0.8,0.4,0.9,0.001,1.0\n")
         files.write_json(d / "result.json", {
             "key": run.key, "variant": run.variant.name, "seed": run.seed,
-            "test": {"acc": acc[run.variant.name][run.seed], "loss": 0.1}, "val_best": VAL[run.variant.name],
+            "test": {"acc": acc[run.variant.name][run.seed], "loss": 0.1}, "val_best": (val or VAL)[run.variant.name],
             "best_epoch": 2, "epochs_run": 2, "train_time_s": 12.0, "params": 1234, "device_name": "CPU: test",
             "torch": "2.x", "commit": "abcdef1234567890", "finished": "2026-01-01T00:00:00"})
 
@@ -162,3 +162,23 @@ def test_a_stated_commit_is_marked_as_stated(tmp_path, monkeypatch):
     assert files.git_commit() not in ("unknown", "")  # this checkout
     monkeypatch.setenv("BENCH_COMMIT", "0123456789abcdef")
     assert files.git_commit(tmp_path) == files.git_commit() == "0123456789abcdef (stated)"  # wins over git, marked
+
+
+def test_time_to_target_column_reads_each_runs_metrics(tmp_path):
+    """A spec with `target` gains a column: mean first epoch and training seconds over the seeds that reached it."""
+    path = write_spec(tmp_path / "t.yaml", seeds=[0, 1], target=0.95,
+                      variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}])
+    store, spec = RunStore(tmp_path / "results"), load_spec(path)
+    fake_runs(store, spec, {"a": [0.96, 0.97], "b": [0.9, 0.9]}, val={"a": 0.96, "b": 0.9})
+    for seed, rows in ((0, "1,1,0.5,1,0.90,0.1,5.0,4.0\n2,1,0.5,1,0.951,0.1,5.0,8.5\n"),  # reaches 0.95 at epoch 2
+                       (1, "1,1,0.5,1,0.96,0.1,5.0,3.5\n")):  # at epoch 1
+        (store.path(next(r for r in spec.runs(["a"]) if r.seed == seed)) / "metrics.csv").write_text(
+            "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time,train_seconds\n" + rows)
+    table = group_table(store.read_group("t"), store.finished("t"))[0]
+    column = "to val 95.00 %: epoch, train s"
+    assert list(table[column]) == ["1.5 · 6 s", "not reached"]  # (2 + 1) / 2 epochs, (8.5 + 3.5) / 2 s
+    (store.path(next(r for r in spec.runs(["a"]) if r.seed == 1)) / "metrics.csv").write_text(
+        "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time,train_seconds\n1,1,0.5,1,0.5,0.1,5.0,3.5\n")
+    assert group_table(store.read_group("t"), store.finished("t"))[0][column][0] == "2 · 8 s (1 of 2 seeds)"
+    text = _summary(store.results)
+    assert "the report's best number, the spec's `target`" in text
