@@ -2,11 +2,12 @@
 
 For each task, on the device it runs on, in one process:
 
-1. **Time to quality.** The spec's ``fast`` rung trains on each seed through its budget, one
-   validation pass per epoch.  For each target (the spec's ``target``, the report's best number,
-   plus a stretch target for MNIST) the first epoch whose validation metric reaches it is
-   recorded; its weights, and the best epoch's at the end, are then scored once on the test
-   split.  Seconds count training steps only (data loading and validation are left out).
+1. **Time to quality.** The spec's ``fast`` rung trains on each seed, one validation pass per
+   epoch.  For each target (the spec's ``target``, the report's best number, plus a stretch
+   target for MNIST) the first epoch whose validation metric reaches it is recorded, and its
+   weights are scored once on the test split afterwards.  ``--quick`` stops a seed once every
+   target is reached; the full mode trains the recipe to its end and also scores its best
+   epoch on test.  Seconds count training steps only (data loading and validation are left out).
 2. **Throughput.** Training images per second of those runs, and the training FLOPs they did
    (counted by ``FlopCounterMode`` on one step) per second, as a share of what a large dense
    matmul reaches on the same device and threads (utilization).
@@ -53,8 +54,8 @@ from bench.workers import grid_workers
 
 FAST = "fast"  # the rung `bench perf` times: the recipe that reaches the report's number fastest
 STRETCH = {"mnist": 0.995}  # targets beyond the report's, per task
-QUICK_STEPS = {"mnist": 200, "warwick": 10}  # reference steps timed by --quick
-QUICK_PROXY_EPOCHS = {"mnist": 12, "warwick": 30}  # most epochs --quick trains the report's recipe in the harness
+QUICK_STEPS = {"mnist": 120, "warwick": 10}  # reference steps timed by --quick
+QUICK_PROXY_EPOCHS = {"mnist": 12, "warwick": 100}  # most epochs --quick trains the report's recipe in the harness
 
 
 # --------------------------------------------------------------------------- measuring pieces
@@ -123,14 +124,14 @@ class SeedRun:
     images: int = 0
     train_seconds: float = 0.0
     best_epoch: int = 0  # by validation, over every epoch trained
-    test: float | None = None  # of the best epoch's weights, when the recipe ran to its end
+    test: float | None = None  # of the best epoch's weights, when the recipe ran through all its epochs
 
 
 def train_to_targets(cfg: Config, task: Task, data: Data, device: torch.device, targets: list[float],
                      to_the_end: bool = False) -> SeedRun:
     """Train ``cfg`` epoch by epoch until the validation metric has reached every target, or through all its
-    ``train.epochs`` when ``to_the_end``; the weights of the first epoch reaching each target (and, to the end,
-    those of the best epoch) are scored once on the test split afterwards."""
+    ``train.epochs`` when ``to_the_end``; the weights of the first epoch reaching each target (and, when every
+    epoch was trained, those of the best epoch) are scored once on the test split afterwards."""
     t = setup(cfg, task, data, device)
     state, snapshots = new_state(), {}
     out = SeedRun(cfg.seed)
@@ -149,7 +150,7 @@ def train_to_targets(cfg: Config, task: Task, data: Data, device: torch.device, 
 
     for target, (epoch, seconds, weights) in snapshots.items():
         out.hits[target] = (epoch, seconds, test_of(weights))
-    if to_the_end:
+    if state["epoch"] == cfg.train.epochs:
         out.test = test_of(state["best_state"])
     return out
 
@@ -184,6 +185,10 @@ def report_rung(spec: Spec) -> str:
     return max(reported, key=lambda v: v.reported).name
 
 
+def _say(log: Any, text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} perf {text}", file=log, flush=True)
+
+
 @dataclass
 class Reference:
     """The report's recipe in the textbook loop: its time to the target (or to its budget) and its speed."""
@@ -201,7 +206,7 @@ def measure_reference(spec: Spec, task: Task, cfg: Config, quick: bool, device: 
                       cache: dict[str, Data], log: Any) -> Reference:
     """Train (full mode) or time and extrapolate (``quick``) the report's recipe ``cfg`` in the textbook loop."""
     name = report_rung(spec)
-    print(f"perf {spec.task}: reference ({name} in a textbook loop) ...", file=log, flush=True)
+    _say(log, f"{spec.task}: reference ({name} in a textbook loop) ...")
     data = datasets_for(spec.task, cfg.data.root)
     if not quick:
         ref = train_reference(spec.task, cfg, device, target=spec.target, data=data)
@@ -210,7 +215,7 @@ def measure_reference(spec: Spec, task: Task, cfg: Config, quick: bool, device: 
                          len(ref.history), f"the textbook loop trained to the target (at most {cfg.train.epochs} epochs)",
                          ref.images / ref.train_seconds)
     ref = train_reference(spec.task, cfg, device, max_steps=QUICK_STEPS[spec.task], data=data)
-    print(f"perf {spec.task}: epochs the report's recipe needs ({name} in the harness loop) ...", file=log, flush=True)
+    _say(log, f"{spec.task}: epochs the report's recipe needs ({name} in the harness loop) ...")
     proxy_cfg = cfg.copy()
     proxy_cfg.train.epochs, proxy_cfg.train.patience = min(cfg.train.epochs, QUICK_PROXY_EPOCHS[spec.task]), None
     proxy = train_to_targets(proxy_cfg, task, load_data(cache, task, proxy_cfg, device), device, [spec.target])
@@ -234,14 +239,16 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
     runs = []
     for seed in seeds:  # 1. time to quality
         cfg = rung(spec, FAST, seed, root, str(device), threads)
-        print(f"perf {spec.task}: {FAST} seed {seed} ...", file=log, flush=True)
-        runs.append(train_to_targets(cfg, task, load_data(cache, task, cfg, device), device, targets, to_the_end=True))
+        _say(log, f"{spec.task}: {FAST} seed {seed} ...")
+        # --quick stops a seed once it reached every target; the full mode also trains the recipe to its end.
+        runs.append(train_to_targets(cfg, task, load_data(cache, task, cfg, device), device, targets,
+                                     to_the_end=not quick))
     fast_cfg = rung(spec, FAST, seeds[0], root, str(device), threads)
     fast_data = load_data(cache, task, fast_cfg, device)
     ref_cfg = rung(spec, report_rung(spec), seeds[0], root, str(device), threads)
     ref = measure_reference(spec, task, ref_cfg, quick, device, cache, log)  # 3. the reference
     dtype = torch.bfloat16 if amp_enabled(fast_cfg, device) else torch.float32  # 2. throughput
-    peaks = {d: matmul_flops_per_s(device, d) for d in {dtype, torch.float32}}
+    peaks = {d: matmul_flops_per_s(device, d, seconds=0.5) for d in {dtype, torch.float32}}
     flops = {FAST: _flops_per_image(fast_cfg, task, fast_data, device),
              ref.rung: _flops_per_image(ref_cfg, task, load_data(cache, task, ref_cfg, device), device)}
     choices = _choices(fast_cfg, task, fast_data, device, compile_too)  # 4. the speed choices
@@ -252,8 +259,7 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
         out.lines += lines
         out.rows += [{"task": spec.task, "mode": mode, **r} for r in rows]
     if grid:  # 5. the grid on one device, sequential vs concurrent
-        print(f"perf {spec.task}: one epoch of every run of the full grid, sequential then concurrent ...", file=log,
-              flush=True)
+        _say(log, f"{spec.task}: one epoch of every run of the full grid, sequential then concurrent ...")
         lines, rows = grid_speedup(spec.path, root, device, None)
         out.lines += lines
         out.rows += [{**r, "mode": mode} for r in rows]
@@ -280,6 +286,8 @@ def _quality_table(spec: Spec, task: Task, fast_cfg: Config, runs: list[SeedRun]
             epoch, seconds, test = r.hits.get(target, (None, None, None))
             rows.append({"what": "time_to_target", "recipe": FAST, "seed": r.seed, "target": target, "epoch": epoch,
                          "train_seconds": seconds, "test": test, "images_per_s": r.images / r.train_seconds})
+    if any(r.test is None for r in runs):  # stopped at the targets (--quick): no end-of-recipe row
+        return _reference_rows(spec, ref, quick, fmt, head, table, rows)
     end = [r.train_seconds for r in runs]
     table.append([f"{fmt(spec.target)} on test", f"`{FAST}` to its end ({fast_cfg.train.epochs} epochs, best validation "
                   "epoch)", f"{sum(r.test >= spec.target for r in runs)} of {len(runs)}",
@@ -288,6 +296,11 @@ def _quality_table(spec: Spec, task: Task, fast_cfg: Config, runs: list[SeedRun]
                   f"{ref.seconds / (sum(end) / len(end)):.1f}×{lower}"])
     rows += [{"what": "recipe_end", "recipe": FAST, "seed": r.seed, "target": spec.target, "epoch": r.best_epoch,
               "train_seconds": r.train_seconds, "test": r.test, "images_per_s": r.images / r.train_seconds} for r in runs]
+    return _reference_rows(spec, ref, quick, fmt, head, table, rows)
+
+
+def _reference_rows(spec: Spec, ref: Reference, quick: bool, fmt: Any, head: list[str], table: list[list[str]],
+                    rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     table.append([f"{fmt(spec.target)} on validation", f"`{ref.rung}` (textbook loop)", f"{int(bool(ref.epochs))} of 1",
                   f"{ref.epochs}" if ref.epochs else f"not in {ref.budget}",
                   f"{ref.seconds:.0f}{' (extrapolated)' if quick else ''}" + ("" if ref.epochs else f", {ref.budget} epochs"),
@@ -359,7 +372,7 @@ def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_
     out = []
     for name, c, sync in trials:
         try:
-            rate, first = step_rate(c, task, data, device, sync_per_step=sync)
+            rate, first = step_rate(c, task, data, device, sync_per_step=sync, seconds=1.0)
         except Exception as e:  # torch.compile needs a working C++ (CPU) or Triton (GPU) toolchain
             if c.train.compile == "off":
                 raise
