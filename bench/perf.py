@@ -220,8 +220,9 @@ def measure_reference(spec: Spec, task: Task, cfg: Config, quick: bool, device: 
     proxy_cfg.train.epochs, proxy_cfg.train.patience = min(cfg.train.epochs, QUICK_PROXY_EPOCHS[spec.task]), None
     proxy = train_to_targets(proxy_cfg, task, load_data(cache, task, proxy_cfg, device), device, [spec.target])
     epochs = proxy.hits[spec.target][0] if spec.target in proxy.hits else None
-    source = (f"{name} trained in the harness loop to the target (same network, optimizer, schedule and batch size; "
-              f"at most {proxy.epochs} epochs) times the textbook loop's seconds per epoch from {ref.steps} timed steps")
+    source = (f"the epochs {name} needs, measured by training it in the harness loop (same network, optimizer, "
+              f"schedule and batch size; at most {proxy_cfg.train.epochs} epochs), times the textbook loop's seconds "
+              f"per epoch from {ref.steps} timed steps")
     return Reference(name, ref.seconds_per_epoch * (epochs or proxy.epochs), epochs, proxy.epochs, source,
                      ref.images / ref.train_seconds, proxy.images / proxy.train_seconds)
 
