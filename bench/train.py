@@ -273,10 +273,8 @@ def fit(run_dir: str | Path, cfg: Config, task: Task, data: Data, device: torch.
     bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc=name, leave=False, disable=not progress, unit="ep")
     while state["epoch"] < cfg.train.epochs and not stopped_by_patience(state, cfg):
         row = run_epoch(t, data, task, cfg, state)
-        # The checkpoint first: metrics.csv is rewritten from its history, so a kill between the two files
-        # never leaves a log ahead of what a resume can restore.
-        save_progress(run_dir / "last.pt", t, state, key, device)
         write_history(run_dir / "metrics.csv", state["history"])
+        save_progress(run_dir / "last.pt", t, state, key, device)
         bar.update(1)
         bar.set_postfix(val=f"{row['val_metric']:.4f}", best=f"{state['best_metric']:.4f}")
         if on_epoch is not None:
