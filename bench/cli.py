@@ -74,6 +74,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if getattr(args, "workers", None) is not None and args.workers < 1:
         p.error(f"--workers: must be >= 1, got {args.workers}")
+    if args.command == "perf" and any(s < 0 for s in args.seeds):
+        p.error(f"--seeds: must be >= 0, got {args.seeds}")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         p.error(f"--threads: must be >= 1, got {args.threads}")
     if getattr(args, "trials", None) is not None and args.trials < 1:
@@ -213,7 +215,8 @@ def cmd_perf(args: argparse.Namespace) -> int:
                          args.seeds, args.compile, "python -m bench " + " ".join(sys.argv[1:]), args.grid):
         print(f"wrote {path}", file=sys.stderr)
     if (Path(args.results) / "summary.md").exists():
-        for path in write_summary(args.results, groups=[]):  # the summary's link to perf.md (no table is rebuilt)
+        # the summary's link to perf.md (no table is rebuilt)
+        for path in write_summary(args.results, groups=[], refresh_published=True):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

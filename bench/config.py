@@ -92,7 +92,8 @@ class TrainCfg:
     threads: PosInt | None = None  # torch CPU threads; None -> torch default
     # How fast, not what: these two change only floating-point rounding, so they are left out of the run key.
     channels_last: bool = True  # NHWC memory layout for the network and its inputs (faster convolutions: results/perf.md)
-    compile: Literal["off", "default", "reduce-overhead"] = "off"  # torch.compile the step; reduce-overhead: + CUDA graphs
+    # torch.compile the training step ("none": not; not "off", which YAML reads as false); reduce-overhead: + CUDA graphs
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
 
 
 @dataclass

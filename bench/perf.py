@@ -375,7 +375,7 @@ def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_
         try:
             rate, first = step_rate(c, task, data, device, sync_per_step=sync, seconds=1.0)
         except Exception as e:  # torch.compile needs a working C++ (CPU) or Triton (GPU) toolchain
-            if c.train.compile == "off":
+            if c.train.compile == "none":
                 raise
             print(f"perf: {name} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                   file=sys.stderr)

@@ -110,6 +110,7 @@ def group_table(meta: dict[str, Any], runs: list[StoredRun]) -> tuple[pd.DataFra
         if meta.get("target") is not None:
             hits = format_time_to_target(runs_of(runs, v["name"]), meta["target"]) if rs else ""
             row[target_column(meta["target"], primary)] = hits
+        if rs:
             row["params"] = f"{rs[0]['params']:,}"
         rows.append(row)
     return pd.DataFrame(rows).fillna(""), best, clipped
@@ -166,7 +167,7 @@ def group_command(meta: dict[str, Any]) -> str:
 
 
 def write_summary(results_dir: str | Path = "results", command: str | None = None,
-                  groups: list[str] | None = None) -> list[Path]:
+                  groups: list[str] | None = None, refresh_published: bool = False) -> list[Path]:
     """Rebuild, from ``results_dir/runs``, the sections of ``results_dir/summary.md`` (published groups)
     and the ad-hoc groups' own summary.md files: all of them, or only those of ``groups`` (a command
     that trained one group rewrites that group's table and no other's).  Returns the files that changed."""
@@ -174,7 +175,11 @@ def write_summary(results_dir: str | Path = "results", command: str | None = Non
     command = command or "python -m " + " ".join(["bench", *sys.argv[1:]])
     stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}` at code commit {files.git_commit()}"
     only = None if groups is None else set(groups)
-    written = [_write_published(store, stamp, only)]
+    # results/summary.md is rewritten for published groups (or when asked, for its links) only: an experiment
+    # never touches it.
+    written = []
+    if only is None or only & set(store.groups("published")) or refresh_published:
+        written.append(_write_published(store, stamp, only))
     for group in store.groups("adhoc"):
         if only is None or group in only:
             written.append(_write_adhoc(store, group, stamp))

@@ -113,7 +113,7 @@ def setup(cfg: Config, task: Task, data: Data, device: torch.device) -> Trainer:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg)
     optimizer, scheduler = build_optimizer(cfg, model, steps_per_epoch(len(data.train), cfg.train.batch_size))
-    forward = model if cfg.train.compile == "off" else torch.compile(model, mode=cfg.train.compile)
+    forward = model if cfg.train.compile == "none" else torch.compile(model, mode=cfg.train.compile)
     return Trainer(model, loss_fn, optimizer, scheduler, torch.Generator().manual_seed(cfg.seed),
                    torch.Generator(device=device).manual_seed(cfg.seed + 1), forward)
 

@@ -191,7 +191,7 @@ def test_speed_keys_change_neither_the_run_key_nor_the_group(tmp_path):
     assert run_key(fast) == run_key(cfg)
     config, runtime = split_overrides(["train.channels_last=false", "train.compile=reduce-overhead", "optim.lr=0.1"])
     assert config == ["optim.lr=0.1"] and runtime == {"channels_last": False, "compile": "reduce-overhead"}
-    with pytest.raises(ConfigError, match="train.compile.*'off', 'default', 'reduce-overhead'"):
+    with pytest.raises(ConfigError, match="train.compile.*'none', 'default', 'reduce-overhead'"):
         split_overrides(["train.compile=fast"])
 
 

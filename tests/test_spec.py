@@ -136,7 +136,7 @@ def test_exponent_floats_as_people_type_them(tmp_path):
     ({"profiles": {"quick": {"as_written": ["fats"]}}}, "profiles.quick.as_written: unknown variant 'fats'"),
     ({"target": 99.2}, "target: acc must be in [0, 1] as the spec writes it (e.g. 0.992 for 99.2 %), got 99.2"),
     ({"target": "high"}, "target: expected float"),
-    ({"variants": [{"name": "a", "set": {"train.compile": "max"}}]}, "train.compile: expected one of 'off', 'default'"),
+    ({"variants": [{"name": "a", "set": {"train.compile": "max"}}]}, "train.compile: expected one of 'none', 'default'"),
     ({"search": {"trials": 0, "space": {"optim.lr": {"low": 0.1, "high": 1.0}}}}, "search.trials: must be >= 1"),
     ({"name": "my spec"}, "name: 'my spec' must be a folder name"),
 ])

@@ -182,3 +182,22 @@ def test_time_to_target_column_reads_each_runs_metrics(tmp_path):
     assert group_table(store.read_group("t"), store.finished("t"))[0][column][0] == "2 · 8 s (1 of 2 seeds)"
     text = _summary(store.results)
     assert "the report's best number, the spec's `target`" in text
+
+
+def test_a_partial_group_with_a_target_builds_its_table(tmp_path):
+    """Rungs without runs yet leave their cells empty (a subset once crashed on the parameter count)."""
+    path = write_spec(tmp_path / "p.yaml", seeds=[0], target=0.95,
+                      variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}])
+    store, spec = RunStore(tmp_path / "results"), load_spec(path)
+    fake_runs(store, spec, {"a": [0.96], "b": [0.9]}, runs=spec.runs(["a"]), val={"a": 0.96, "b": 0.9})
+    table = group_table(store.read_group("p"), store.finished("p"))[0]
+    assert list(table["seeds"]) == [1, 0] and list(table["params"]) == ["1,234", ""]
+
+
+def test_an_experiment_alone_writes_no_published_summary(tmp_path):
+    path = write_spec(tmp_path / "e.yaml", seeds=[0])
+    spec = place_in_group(load_spec(path, overrides=["optim.lr=0.5"]), load_spec(path))
+    store = RunStore(tmp_path / "results")
+    fake_runs(store, spec, {"a": [0.9], "b": [0.9]}, val={"a": 0.9, "b": 0.9})
+    written = write_summary(store.results, groups=[spec.group])
+    assert written == [store.root / spec.group / "summary.md"] and not (store.results / "summary.md").exists()
