@@ -103,7 +103,7 @@ def test_two_workers_share_a_grid_and_each_run_is_trained_once(data_root, tmp_pa
     assert sorted((r.variant, r.seed) for r in finished) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     for r in finished:
         assert json.loads((r.dir / "config.json").read_text())["config"]["train"]["threads"] == 1
-    assert (res / "runs" / group / "summary.md").exists() and not (res / "summary.md").read_text().count("## w")
+    assert (res / "runs" / group / "summary.md").exists() and not (res / "summary.md").exists()  # an experiment only
 
 
 def _bench(args: list[str], cwd: Path) -> subprocess.Popen:
