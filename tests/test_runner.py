@@ -167,7 +167,9 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(data_root, tmp_path, worker
             "--workers", workers]
     p = subprocess.Popen([sys.executable, "-m", "bench", *args, "--no-progress"], cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)  # its own process group, as a terminal's job is
+                         text=True, start_new_session=True,  # its own process group, as a terminal's job is
+                         # ... with Ctrl-C's default action, whatever an earlier in-process test left this process with
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(p, lambda: _epochs(runs / "seed-0" / "metrics.csv") >= 1)
     time.sleep(0.5)  # let the checkpoint of that epoch be written
     os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: SIGINT to every process of the foreground group
