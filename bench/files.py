@@ -6,6 +6,8 @@ half of one.  Named ``files`` (not ``io``) so that it never shadows the standard
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -50,6 +52,25 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
 
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as strings; no rows when the file is missing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: str | Path, columns: list[str], rows: list[dict[str, Any]], extra: str = "raise") -> None:
+    """``rows`` under a header of ``columns``, written atomically; ``extra="ignore"`` drops keys not in ``columns``
+    (``"raise"``: such a key is an error)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction=extra)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def write_text_if_changed(path: str | Path, text: str) -> bool:

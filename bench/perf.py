@@ -25,8 +25,6 @@ kept), and ``results/summary.md`` links to them.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import platform
 import sys
@@ -432,19 +430,11 @@ def write_perf(results: Path, parts: list[TaskPerf], quick: bool, header: list[s
     intro = ["# Speed", "", "Written by `python -m bench perf` (see `bench/perf.py` for what each number is). "
              "Timings on shared machines are noisy: compare the ratios measured in one run.", ""]
     files.write_text(md, "\n".join(intro + [sections[k] for k in sorted(sections)]))
-    keep = []
-    if csv_path.exists():
-        with open(csv_path, newline="") as f:
-            done = {(p.task, "quick" if quick else "full") for p in parts}
-            keep = [r for r in csv.DictReader(f) if (r["task"], r["mode"]) not in done]
-    rows = keep + [r for p in parts for r in p.rows]
+    done = {(p.task, "quick" if quick else "full") for p in parts}
+    keep = [r for r in files.read_csv(csv_path) if (r["task"], r["mode"]) not in done]
     keys = ["task", "mode", "what", "recipe", "seed", "target", "epoch", "train_seconds", "test", "images_per_s",
             "gflop_per_image", "matmul_gflops", "first_step_s", "workers"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    files.write_text(csv_path, buf.getvalue())
+    files.write_csv(csv_path, keys, keep + [r for p in parts for r in p.rows], extra="ignore")
     return md, csv_path
 
 

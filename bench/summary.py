@@ -33,7 +33,7 @@ from bench.plots import plot_spec_curves
 from bench.store import RunStore, StoredRun
 from bench.tasks import TASKS
 from bench.tasks.base import Metric, Task
-from bench.train import read_history, time_to_target
+from bench.train import time_to_target
 
 INTRO = ("Every number below is read from the stored runs of that spec. Mean ± sample std over the seeds shown; "
          "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
@@ -127,7 +127,7 @@ def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
 def format_time_to_target(runs: list[StoredRun], target: float) -> str:
     """``3 · 41 s``: mean over seeds of the first epoch whose validation metric reached ``target`` and of the
     training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all."""
-    reached = [hit for hit in (time_to_target(read_history(r.dir / "metrics.csv"), target) for r in runs) if hit]
+    reached = [hit for hit in (time_to_target(files.read_csv(r.dir / "metrics.csv"), target) for r in runs) if hit]
     if not reached:
         return "not reached"
     epoch, seconds = (sum(h[i] for h in reached) / len(reached) for i in (0, 1))

@@ -8,8 +8,6 @@ data chooses the best epoch; the test split is evaluated once, at the end.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import platform
 import random
@@ -234,19 +232,7 @@ def stopped_by_patience(state: dict[str, Any], cfg: Config) -> bool:
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_KEYS)
-    w.writeheader()
-    w.writerows(history)
-    files.write_text(path, buf.getvalue())
-
-
-def read_history(path: Path) -> list[dict[str, str]]:
-    """The rows of a run's metrics.csv as strings (no rows when the file is missing)."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    files.write_csv(path, HISTORY_KEYS, history)
 
 
 def fit(run_dir: str | Path, cfg: Config, task: Task, data: Data, device: torch.device, key: str,

@@ -3,8 +3,6 @@ and batch) and ``<results>/deployment.md``, the deployment table that ``bench su
 ``results/summary.md``."""
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from pathlib import Path
@@ -21,11 +19,7 @@ ROW_KEY = ("model", "engine", "provider", "precision", "batch")
 
 
 def read_latency_csv(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    return files.read_csv(path)
 
 
 def update_latency_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
@@ -44,12 +38,8 @@ def update_latency_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
         return f is not None and (str(r.get("source_run")) != f[0] or str(r.get("precision")) not in f[1])
 
     old = [r for r in read_latency_csv(path) if not stale(r)]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for r in old + rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    files.write_text(path, buf.getvalue())
+    files.write_csv(path, CSV_COLUMNS, [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+                                        for r in old + rows], extra="ignore")
     return Path(path)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bench.config import ConfigError
+from bench.files import read_csv
 from bench.perf import (
     TaskPerf,
     grid_speedup,
@@ -23,7 +24,7 @@ from bench.perf import (
 from bench.reference import check_recipe, train_reference
 from bench.spec import load_spec, run_key, split_overrides
 from bench.tasks import TASKS
-from bench.train import HISTORY_KEYS, read_history, time_to_target
+from bench.train import HISTORY_KEYS, time_to_target
 from bench.workers import choose_cpu_workers, cuda_workers
 from tests.helpers import write_spec
 
@@ -71,13 +72,13 @@ def row(epoch: int, val: float, epoch_time: float, train_seconds: float | str) -
 def test_time_to_target_reads_the_first_epoch_that_reaches_it(tmp_path):
     path = write_metrics(tmp_path / "metrics.csv", [row(1, 0.97, 12.0, 10.0), row(2, 0.991, 12.0, 20.5),
                                                     row(3, 0.993, 12.0, 31.0), row(4, 0.990, 12.0, 41.0)])
-    history = read_history(path)
+    history = read_csv(path)
     assert time_to_target(history, 0.992) == (3, 31.0)
     assert time_to_target(history, 0.991) == (2, 20.5)  # reaching means >=
     assert time_to_target(history, 0.97) == (1, 10.0)
     assert time_to_target(history, 0.999) is None
     assert time_to_target([], 0.5) is None
-    assert read_history(tmp_path / "missing.csv") == []
+    assert read_csv(tmp_path / "missing.csv") == []
 
 
 def test_time_to_target_of_an_old_history_sums_whole_epochs(tmp_path):
@@ -85,7 +86,7 @@ def test_time_to_target_of_an_old_history_sums_whole_epochs(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time\n"
                     "1,1,0.5,1,0.90,0.1,7.5\n2,1,0.5,1,0.95,0.1,8.0\n")
-    assert time_to_target(read_history(path), 0.95) == (2, 15.5)
+    assert time_to_target(read_csv(path), 0.95) == (2, 15.5)
 
 
 # --------------------------------------------------------------------------- the reference loop
