@@ -190,7 +190,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"no trial has finished yet ({best['trials']} started, {best['pruned']} pruned)")
         return 0
     metric = TASKS[spec.task].metrics[0]
-    print(f"best {best['metric']}: {metric.format(best['value'])}{' ' + metric.unit if metric.unit else ''} after "
+    print(f"best {best['metric']}: {metric.show(best['value'])} after "
           f"{best['trials']} trials ({best['pruned']} pruned); params: {best['params']}")
     print(f"wrote {Path(args.results) / 'optuna' / (spec.group + '-best.yaml')}")
     return 0

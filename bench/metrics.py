@@ -76,6 +76,10 @@ class Metric:
             return "–"
         return f"{value * self.scale:.{self.digits if digits is None else digits}f}"
 
+    def show(self, value: float | None) -> str:
+        """:meth:`format` with the unit, as text says it: ``99.20 %``, ``0.8800``."""
+        return f"{self.format(value)}{' ' + self.unit if self.unit else ''}"
+
 
 # --------------------------------------------------------------------------- classification
 

@@ -268,7 +268,7 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
 def _quality_table(spec: Spec, task: Task, fast_cfg: Config, runs: list[SeedRun], targets: list[float], ref: Reference,
                    quick: bool) -> tuple[list[str], list[dict[str, Any]]]:
     metric = task.metrics[0]
-    fmt = lambda v: f"{metric.format(v)}{' ' + metric.unit if metric.unit else ''}"  # noqa: E731
+    fmt = metric.show
     lower = "" if ref.epochs else " (at least)"  # the reference never reached it: the ratio is a lower bound
     head = ["target", "recipe", "seeds reaching it", "epoch (mean)", "train s: mean (range)", "test of those weights",
             "× reference"]

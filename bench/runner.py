@@ -142,8 +142,8 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
 def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool) -> None:
     """One line per finished run on stdout (the progress bars are on stderr), for logs and pipes."""
     m = task.metrics[0]
-    line = (f"done {run.spec} {run.variant.name} seed {run.seed}: {m.label} {m.format(result['test'].get(m.key))}"
-            f"{' ' + m.unit if m.unit else ''} (val {m.format(result['val_best'])}), {result['epochs_run']} epochs, "
+    line = (f"done {run.spec} {run.variant.name} seed {run.seed}: {m.label} {m.show(result['test'].get(m.key))}"
+            f" (val {m.format(result['val_best'])}), {result['epochs_run']} epochs, "
             f"{result['train_time_s']:.0f} s")
     if progress:
         tqdm.write(line, file=sys.stdout)

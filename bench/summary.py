@@ -117,7 +117,7 @@ def group_table(meta: dict[str, Any], runs: list[StoredRun]) -> tuple[pd.DataFra
 
 
 def target_column(target: float, metric: Metric) -> str:
-    return f"to val {metric.format(target)}{' ' + metric.unit if metric.unit else ''}: epoch, train s"
+    return f"to val {metric.show(target)}: epoch, train s"
 
 
 def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
@@ -289,7 +289,7 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
     if meta.get("target") is not None:
         primary = task.metrics[0]
         out += [f"*{target_column(meta['target'], primary)}*: the first epoch whose validation metric reached "
-                f"{primary.format(meta['target'])}{' ' + primary.unit if primary.unit else ''} (the report's best number, "
+                f"{primary.show(meta['target'])} (the report's best number, "
                 "the spec's `target`) and the seconds of training steps until its end (evaluation not counted), "
                 "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.", ""]
     out += _curves(meta, runs, fig_dir, task)

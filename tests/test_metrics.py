@@ -206,3 +206,11 @@ def test_object_hausdorff_matches_scipy_on_realistic_masks():
             p |= (rr - r0 - dr) ** 2 + (cc - c0 - dc) ** 2 <= (rad - 1) ** 2
         p[rng.random((96, 96)) < 0.002] = True
         assert M.object_hausdorff(p, g) == pytest.approx(_reference_object_hausdorff(p, g), rel=1e-9)
+
+
+def test_metric_shows_its_value_with_its_unit():
+    from bench.metrics import Metric
+
+    pct = Metric("acc", "test accuracy", unit="%", scale=100.0, digits=2)
+    assert (pct.show(0.992), pct.show(None)) == ("99.20 %", "– %")
+    assert Metric("dice", "pixel Dice", digits=4).show(0.88) == "0.8800"
