@@ -47,7 +47,7 @@ from bench.spec import Spec, load_spec, resolve_spec_path
 from bench.store import RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data, Task
-from bench.train import device_name, new_state, run_epoch, setup, train_step
+from bench.train import device_name, images_per_epoch, new_state, run_epoch, setup, snapshot, train_step
 from bench.workers import grid_workers
 
 FAST = "fast"  # the rung `bench perf` times: the recipe that reaches the report's number fastest
@@ -137,10 +137,9 @@ def train_to_targets(cfg: Config, task: Task, data: Data, device: torch.device, 
         row = run_epoch(t, data, task, cfg, state)
         for target in targets:
             if target not in snapshots and row["val_metric"] >= target:
-                snapshots[target] = (row["epoch"], row["train_seconds"],
-                                     {k: v.detach().clone() for k, v in t.model.state_dict().items()})
+                snapshots[target] = (row["epoch"], row["train_seconds"], snapshot(t.model))
     out.epochs, out.train_seconds, out.best_epoch = state["epoch"], state["train_seconds"], state["best_epoch"]
-    out.images = out.epochs * (len(data.train) - (1 if len(data.train) % cfg.train.batch_size == 1 else 0))
+    out.images = out.epochs * images_per_epoch(len(data.train), cfg.train.batch_size)
 
     def test_of(weights: dict[str, torch.Tensor]) -> float:
         t.model.load_state_dict(weights)

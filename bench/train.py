@@ -80,9 +80,18 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def images_per_epoch(n: int, batch_size: int) -> int:
+    """Training images of an epoch over ``n``: all but a last batch of one sample (batch norm cannot train on it)."""
+    return n - 1 if n % batch_size == 1 and n > 1 else n
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    stop = n - 1 if n % batch_size == 1 and n > 1 else n
-    return -(-stop // batch_size)
+    return -(-images_per_epoch(n, batch_size) // batch_size)
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of the model's weights and buffers, unchanged by further training."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @dataclass
@@ -177,8 +186,7 @@ def train_one_epoch(t: Trainer, split: Split, task: Task, cfg: Config) -> dict[s
     device = split.x.device
     n, bs = len(split), cfg.train.batch_size
     perm = torch.randperm(n, generator=t.order_gen).to(device)
-    # Drop a last batch of one sample: batch norm cannot train on it.
-    stop = n - 1 if n % bs == 1 and n > 1 else n
+    stop = images_per_epoch(n, bs)
     tot_loss = torch.zeros((), dtype=torch.float64, device=device)
     tot_score = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, stop, bs):
@@ -204,7 +212,7 @@ def run_epoch(t: Trainer, data: Data, task: Task, cfg: Config, state: dict[str, 
     state["train_seconds"] = state.get("train_seconds", 0.0) + (t1 - t0)  # last.pt files of older runs lack it
     if val[task.metric] > state["best_metric"]:
         state.update(best_metric=val[task.metric], best_epoch=state["epoch"], bad_epochs=0,
-                     best_state={k: v.detach().clone() for k, v in t.model.state_dict().items()})
+                     best_state=snapshot(t.model))
     else:
         state["bad_epochs"] += 1
     row = {"epoch": state["epoch"], **tr, "val_loss": val["loss"], "val_metric": val[task.metric], "lr": lr,
