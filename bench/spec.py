@@ -288,7 +288,7 @@ def split_overrides(items: list[str]) -> tuple[list[str], dict[str, Any]]:
         else:
             config.append(item)
     types = typing.get_type_hints(TrainCfg, include_extras=True)
-    for key in ("threads", "channels_last", "compile"):
+    for key in SPEED_KEYS:
         if key in runtime:
             runtime[key] = check_value(runtime[key], types[key], f"--set train.{key}")
     for key in ("device", "data_root"):
@@ -347,8 +347,8 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
         seeds = check_value(seeds_override, list[NonNegInt], "--seeds")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: need a non-empty list of distinct integers, got {seeds}")
-    variants = _resolve_variants(raw["variants"], task, base, [(prof.leaves, f"profiles.{profile}.set"),
-                                                               (cli_leaves, "--set")], prof.as_written)
+    variants = _resolve_variants(raw["variants"], task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written),
+                                                               (cli_leaves, "--set", [])])
     search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves)
     if prof.variants is not None:
         variants = [v for v in variants if v.name in prof.variants]
@@ -401,11 +401,11 @@ def _read_profiles(profiles: Any, profile: str | None, task: str, base: dict[str
     return chosen
 
 
-def _resolve_variants(rawv: Any, task: str, base: dict[str, Any], overlays: list[tuple[dict[str, Any], str]],
-                      as_written: list[str] = ()) -> list[Variant]:
+def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
+                      overlays: list[tuple[dict[str, Any], str, list[str]]]) -> list[Variant]:
     """The ladder: each variant builds on the previous one, or on ``from:``; then every overlay
-    (the profile's ``set``, then ``--set``) is applied to each resolved config, except the profile's
-    to the variants named in ``as_written``."""
+    ``(leaves, where, spared)`` (the profile's ``set`` sparing its ``as_written`` variants, then ``--set``)
+    is applied to each resolved config but those of the variants it spares."""
     if not isinstance(rawv, list) or not rawv:
         raise ConfigError("variants: expected a non-empty list")
     metric = TASKS[task].metrics[0]
@@ -437,8 +437,8 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any], overlays: list
         build_config(task, cfg_raw, f"{vw}.set")
         resolved[vname] = cfg_raw
         final = cfg_raw
-        for k, (overlay, ow) in enumerate(overlays):
-            if not (k == 0 and vname in as_written):
+        for overlay, ow, spared in overlays:
+            if vname not in spared:
                 final = apply_set(final, overlay, ow)
         reported = v.get("reported")
         if reported is not None:
