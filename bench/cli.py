@@ -8,6 +8,8 @@ status 2 before anything is trained or written; Ctrl-C ends with one line saying
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -78,6 +80,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--seeds: must be >= 0, got {args.seeds}")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         p.error(f"--threads: must be >= 1, got {args.threads}")
+    for flag in ("heartbeat", "grace_period"):
+        if getattr(args, flag, 1) < 1:
+            p.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    if getattr(args, "retries", 0) < 0:
+        p.error(f"--retries: must be >= 0, got {args.retries}")
     if getattr(args, "trials", None) is not None and args.trials < 1:
         p.error(f"--trials: must be >= 1, got {args.trials}")
     return args
@@ -97,6 +104,19 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the spec's train.device, auto = CUDA if present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars; one line per finished run still goes "
                                                               "to stdout")
+    p.add_argument("--storage", default=os.environ.get("BENCH_STORAGE") or None, metavar="URL",
+                   help="share the work with every process started with the same URL and results folder, on any machine: "
+                        "a database for Optuna (postgresql://USER[:PASSWORD]@HOST[:PORT]/DB; sqlite:///PATH on one "
+                        "machine); default: $BENCH_STORAGE, else this machine alone (run: kernel locks; tune: "
+                        "results/optuna/<spec>.db)")
+    p.add_argument("--heartbeat", type=int, default=10, metavar="S",
+                   help="with --storage: seconds between a worker's heartbeats (default: 10)")
+    p.add_argument("--grace-period", type=int, default=60, metavar="S",
+                   help="with --storage: seconds without a heartbeat after which a worker counts as dead and its run "
+                        "is queued again, to resume from its last epoch (default: 60)")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="with --storage: times a dead worker's run is queued again (default: 2; a run that fails by "
+                        "itself is recorded as failed and not retried)")
 
 
 def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked for, RunOptions, download)
@@ -116,8 +136,21 @@ def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked fo
     root, default_root = resolve_data_root(args.data_root or runtime.get("data_root"))
     _check_results_folder(Path(args.results))
     opts = RunOptions(root, device, runtime.get("threads"), not args.no_progress, runtime.get("channels_last"),
-                      runtime.get("compile"))
+                      runtime.get("compile"), _storage(args))
     return group, asked.seeds, opts, args.download or default_root
+
+
+def _storage(args: argparse.Namespace, default_url: str = ""):  # -> StorageOptions | None
+    """--storage (else ``default_url``; None when both are empty) with the heartbeat flags, checked by
+    connecting to it now: a wrong URL is one error before any data is read."""
+    from bench.storage import StorageOptions, open_storage
+
+    if not (args.storage or default_url):
+        return None
+    opts = StorageOptions(args.storage or default_url, args.heartbeat, args.grace_period, args.retries)
+    if args.storage:
+        open_storage(opts)
+    return opts
 
 
 def _check_results_folder(path: Path) -> None:
@@ -130,7 +163,7 @@ def _check_results_folder(path: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import ConfigError
     from bench.registry import unknown_name_message
-    from bench.runner import preflight, run_grid, run_workers
+    from bench.runner import RunsFailed, preflight, run_grid, run_workers
     from bench.store import RunStore
     from bench.summary import write_summary
     from bench.workers import grid_workers
@@ -159,40 +192,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{workers} worker{'s' if workers > 1 else ''} at once, measured ({why}); --workers N to choose",
               file=sys.stderr)
     workers = min(workers or 1, max(1, len(todo)))
+    failed = None
+    # A SIGTERM (Slurm's preemption, `timeout`, `kill`) ends like Ctrl-C: the run in hand is released at once.
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if workers > 1:
             run_workers(spec, todo, args.results, opts, workers)
-        else:
+        elif todo:
             run_grid(spec, todo, args.results, opts, cache)
+    except RunsFailed as e:
+        failed = str(e).splitlines()
     except KeyboardInterrupt:
         started = [f"{r.variant.name} seed {r.seed} from epoch {store.epochs_done(r) + 1}"
                    for r in todo if store.result(r) is None and store.epochs_done(r)]
         print("interrupted; run the same command to resume" + (f" ({'; '.join(started)})" if started else ""),
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, term)
     if not args.no_summary:
         for path in write_summary(args.results, "python -m bench " + " ".join(sys.argv[1:]), groups=[spec.group]):
             print(f"wrote {path}", file=sys.stderr)
+    if failed:
+        print(f"error: {_count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
+              f"same command to try them again):", file=sys.stderr)
+        for line in failed:
+            print(f"error:   {line}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from bench.tasks import TASKS
-    from bench.tune import tune
+    from bench.tune import study_file, tune
 
     spec, seeds, opts, download = _load(args)
     try:
-        best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download)
+        # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
+        storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")
+        best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage)
     except KeyboardInterrupt as e:
         print(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if best["value"] is None:
-        print(f"no trial has finished yet ({best['trials']} started, {best['pruned']} pruned)")
+        print(f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned)")
         return 0
     metric = TASKS[spec.task].metrics[0]
     print(f"best {best['metric']}: {metric.show(best['value'])} after "
-          f"{best['trials']} trials ({best['pruned']} pruned); params: {best['params']}")
-    print(f"wrote {Path(args.results) / 'optuna' / (spec.group + '-best.yaml')}")
+          f"{best['trials']} finished trials ({best['pruned']} pruned, {best['failed']} failed); params: {best['params']}")
+    for path in best["written"]:
+        print(f"wrote {path}")
     return 0
 
 

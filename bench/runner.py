@@ -1,9 +1,11 @@
 """Trains a spec's grid of (variant, seed) runs, skipping finished ones.
 
-Which runs remain, who trains each and where results go is the run store's business
-(``bench/store.py``); this module only loops: claim a run, train it, record it.  Several
-worker processes (``--workers N``) run the same loop over the same list and share it through
-the store's kernel locks.
+Which runs remain and where results go is the run store's business (``bench/store.py``), who
+trains which run is the grid's (``bench/grid.py``: kernel locks on one machine, an Optuna study
+in a database across machines); this module only loops: claim a run, train it, record how it
+ended.  Several worker processes (``--workers N``) run the same loop over the same grid.  A run
+that fails for its own reason (a diverged loss, out of memory) is recorded as failed and the
+loop goes on; :class:`RunsFailed` names them at the end.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from tqdm.auto import tqdm
 
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
+from bench.grid import LocalGrid, StudyGrid
 from bench.spec import Run, Spec
+from bench.storage import StorageOptions
 from bench.store import RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
@@ -39,6 +43,7 @@ class RunOptions:
     progress: bool = True  # progress bars (stderr)
     channels_last: bool | None = None  # --set train.channels_last; None: the config's
     compile: str | None = None  # --set train.compile; None: the config's
+    storage: StorageOptions | None = None  # --storage: share the grid through this database; None: kernel locks
 
 
 def resolve_data_root(cli_root: str | None, default: str = "data") -> tuple[str, bool]:
@@ -47,22 +52,23 @@ def resolve_data_root(cli_root: str | None, default: str = "data") -> tuple[str,
     return str(Path(given or default).expanduser().resolve()), not given
 
 
-def load_data(cache: dict[str, Data], task: Any, cfg: Any, device: torch.device) -> Data:
+def load_data(cache: dict[str, Data], task: Any, cfg: Any, device: torch.device, test: bool = True) -> Data:
     """``cfg``'s data on ``device`` from ``cache`` (which holds one data set at a time), loading it when
-    missing; a CPU copy already there (the preflight's) serves a CPU run without reading the files again."""
-    key = data_key(cfg, device)
+    missing; a CPU copy already there (the preflight's) serves a CPU run without reading the files again.
+    ``test=False``: without the test split (tuning)."""
+    key = data_key(cfg, device, test)
     if key not in cache:
-        cpu_copy = cache.get(data_key(cfg, torch.device("cpu")))
+        cpu_copy = cache.get(data_key(cfg, torch.device("cpu"), test))
         cache.clear()
-        cache[key] = cpu_copy if device.type == "cpu" and cpu_copy else task.load(cfg, device)
+        cache[key] = cpu_copy if device.type == "cpu" and cpu_copy else task.load(cfg, device, test)
     return cache[key]
 
 
-def data_key(cfg: Any, device: torch.device) -> str:
-    return json.dumps([asdict(cfg.data), str(device)], sort_keys=True)
+def data_key(cfg: Any, device: torch.device, test: bool = True) -> str:
+    return json.dumps([asdict(cfg.data), str(device), test], sort_keys=True)
 
 
-def preflight(spec: Spec, runs: list[Run], opts: RunOptions, download: bool = False) -> dict[str, Data]:
+def preflight(spec: Spec, runs: list[Run], opts: RunOptions, download: bool = False, test: bool = True) -> dict[str, Data]:
     """Before anything trains or is written: check each run's device, the task's files (fetching them when ``download``),
     load every distinct data configuration of ``runs`` once on the CPU, and build each variant's
     network, loss and optimizer and run them on two training images, so that broken data, an
@@ -72,13 +78,13 @@ def preflight(spec: Spec, runs: list[Run], opts: RunOptions, download: bool = Fa
     task = TASKS[spec.task]
     for run in runs:  # a device this machine lacks is the first thing to say
         resolve_device(runtime_config(run, opts).train.device, "train.device")
-    task.prepare(Path(opts.data_root), download)
+    task.prepare(Path(opts.data_root), download, test)
     cpu, loaded, tried = torch.device("cpu"), {}, set()
     for run in runs:
         cfg = runtime_config(run, opts)
-        key = data_key(cfg, cpu)
+        key = data_key(cfg, cpu, test)
         if key not in loaded:
-            loaded[key] = task.load(cfg, cpu)
+            loaded[key] = task.load(cfg, cpu, test)
         if run.variant.name not in tried:
             tried.add(run.variant.name)
             _try_one_step(run, cfg, task, loaded[key])
@@ -112,31 +118,49 @@ def runtime_config(run: Run, opts: RunOptions) -> Any:
     return cfg
 
 
+class RunsFailed(Exception):
+    """Some runs of the grid failed for their own reasons (recorded in their result.json); the others finished."""
+
+
+def open_grid(spec: Spec, runs: list[Run], store: RunStore, opts: RunOptions) -> LocalGrid | StudyGrid:
+    return StudyGrid(store, spec, runs, opts.storage) if opts.storage else LocalGrid(store, runs)
+
+
 def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions,
-             cache: dict[str, Data] | None = None) -> None:
-    """Train every run of ``runs`` that is not finished and not claimed by another process."""
+             cache: dict[str, Data] | None = None, enqueue: bool = True) -> None:
+    """Train every run of ``runs`` that is not finished and not claimed by another process (with
+    ``opts.storage``, first queue the unfinished ones in the grid's study unless ``enqueue`` is False:
+    a parent process did it for its workers).  Raises :class:`RunsFailed` when some run failed."""
     store = RunStore(results_dir)
     task = TASKS[spec.task]
     cache = cache if cache is not None else {}
-    todo = store.todo(runs)
-    grid = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{spec.group} runs", disable=not opts.progress,
-                unit="run")
-    for run in todo:
+    grid = open_grid(spec, runs, store, opts)
+    if enqueue and isinstance(grid, StudyGrid):
+        grid.enqueue()
+    failed = []
+    bar = tqdm(total=len(runs), initial=len(runs) - len(store.todo(runs)), desc=f"{spec.group} runs",
+               disable=not opts.progress, unit="run")
+    for run in grid.claims():
         cfg = runtime_config(run, opts)
         device = resolve_device(cfg.train.device, "train.device")
-        with store.claim(run) as mine:
-            if not mine:
-                continue
-            meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed,
-                    "name": f"{run.variant.name}/s{run.seed}"}
+        meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
+        try:
             result = fit(store.path(run), cfg, task, load_data(cache, task, cfg, device), device, run.key, meta,
                          opts.progress)
-            store.record(run, result)
-        grid.update(1)
-        report_finished(run, result, task, opts.progress)
+        except Exception as e:  # the run's own failure: recorded; the other runs go on
+            error = f"{type(e).__name__}: {e}"
+            grid.failed(run, error)
+            failed.append(f"{run.variant.name} seed {run.seed}: {error}")
+            print(f"failed {run.spec} {run.variant.name} seed {run.seed}: {error}", file=sys.stderr, flush=True)
+        else:
+            grid.done(run, result)
+            bar.update(1)
+            report_finished(run, result, task, opts.progress)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    grid.close()
+    bar.close()
+    if failed:
+        raise RunsFailed("\n".join(failed))
 
 
 def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool) -> None:
@@ -151,14 +175,46 @@ def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool)
         print(line, flush=True)
 
 
+def gpu_slots(n: int, visible: list[str]) -> list[str | None]:
+    """The GPU each of ``n`` workers sees (its CUDA_VISIBLE_DEVICES): round-robin over ``visible``, so
+    with more workers than GPUs several small runs share each GPU; all None with fewer than two GPUs."""
+    return [visible[i % len(visible)] for i in range(n)] if len(visible) > 1 else [None] * n
+
+
+def visible_gpus(opts: RunOptions) -> list[str]:
+    """The GPUs workers are spread over: those this process sees, unless a device was named (cpu, cuda:N)."""
+    if opts.device not in (None, "auto", "cuda") or not torch.cuda.is_available():
+        return []
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [g.strip() for g in given.split(",") if g.strip()] if given else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _worker(spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions, gpu: str | None) -> None:
+    """One worker process: its GPU first (CUDA reads CUDA_VISIBLE_DEVICES when it starts), then the grid's loop."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the parent's terminate(): let the grid release its run
+    try:
+        run_grid(spec, runs, results_dir, opts, enqueue=False)
+    except RunsFailed:
+        sys.exit(3)  # already said, run by run; the parent reads the failures from the store
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions, n: int) -> None:
-    """Train ``runs`` with ``n`` processes of one thread-share each (cores // n); they share the
-    grid through the store's locks.  Raises SystemExit naming the exit codes when a worker failed."""
+    """Train ``runs`` with ``n`` processes of one thread-share each (cores // n), spread over the GPUs when there
+    are several; they share the grid (kernel locks, or the study of ``opts.storage``, queued here once).
+    Raises RunsFailed when runs failed, SystemExit naming the exit codes when a worker crashed."""
     threads = max(1, (os.cpu_count() or 1) // n)
-    opts = dataclasses.replace(opts, threads=threads, progress=False)
-    print(f"{n} workers x {threads} threads", file=sys.stderr)
+    slots = gpu_slots(n, visible_gpus(opts))
+    opts = dataclasses.replace(opts, threads=threads, progress=False, device="cuda" if slots[0] else opts.device)
+    print(f"{n} workers x {threads} threads" + (f" on GPUs {','.join(s or '' for s in slots)}" if slots[0] else ""),
+          file=sys.stderr)
+    if opts.storage:
+        StudyGrid(RunStore(results_dir), spec, runs, opts.storage).enqueue()
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    procs = [ctx.Process(target=run_grid, args=(spec, runs, str(results_dir), opts), daemon=False) for _ in range(n)]
+    procs = [ctx.Process(target=_worker, args=(spec, runs, str(results_dir), opts, gpu), daemon=False) for gpu in slots]
     # The workers ignore Ctrl-C (an ignored signal stays ignored in a spawned child): the terminal sends it to
     # every process of the group, and a worker caught half-way through starting up would print a traceback.
     # This process stops them instead; each run's last completed epoch is on disk, so nothing is lost.
@@ -182,6 +238,8 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     finally:
         signal.signal(signal.SIGTERM, term)
     codes = [p.exitcode for p in procs]
-    if any(codes):
+    if any(c not in (0, 3) for c in codes):
         raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")
-
+    if 3 in codes:
+        failed = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in RunStore(results_dir).failed(spec.group)]
+        raise RunsFailed("\n".join(failed) or "a worker's runs failed; see above")

@@ -42,7 +42,8 @@ from bench.registry import unknown_name_message
 from bench.tasks import TASKS
 
 SPEC_KEYS = ["name", "description", "task", "target", "seeds", "base", "variants", "profiles", "search"]
-SEARCH_KEYS = ["variant", "trials", "space"]
+SEARCH_KEYS = ["variant", "trials", "space", "tuned"]
+TUNED = "tuned"  # the variant `bench tune` writes into the file named by `search.tuned`
 DIST_KEYS = ["low", "high", "log", "step", "choices"]
 VARIANT_KEYS = ["name", "from", "set", "reported", "note"]
 PROFILE_KEYS = ["seeds", "set", "variants", "as_written", "workers", "description"]
@@ -91,6 +92,7 @@ class Spec:
     workers: int | None = None  # runs trained at once (a profile's `workers:`; --workers overrides; None: measured)
     target: float | None = None  # the report's best number: the table's time-to-target column reads it
     overrides: dict[str, Any] = field(default_factory=dict)  # --set leaves applied to every variant
+    tuned: dict[str, Any] | None = None  # the study behind the `tuned` variant (its file's `study:`), when there is one
     group_name: str | None = None  # an ad-hoc group's name (see place_in_group); None: the published group
 
     @property
@@ -347,14 +349,40 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
         seeds = check_value(seeds_override, list[NonNegInt], "--seeds")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: need a non-empty list of distinct integers, got {seeds}")
-    variants = _resolve_variants(raw["variants"], task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written),
-                                                               (cli_leaves, "--set", [])])
+    tuned_variant, tuned = read_tuned(raw.get("search"), path)
+    rawv = raw["variants"] + [tuned_variant] if tuned_variant and isinstance(raw["variants"], list) else raw["variants"]
+    variants = _resolve_variants(rawv, task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written),
+                                                    (cli_leaves, "--set", [])])
     search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves)
-    if prof.variants is not None:
-        variants = [v for v in variants if v.name in prof.variants]
+    if prof.variants is not None:  # a profile's list keeps the search's result: it is what the search was for
+        variants = [v for v in variants if v.name in prof.variants or v.name == TUNED]
     return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
                 description=str(raw.get("description", "")), search=search, workers=prof.workers, overrides=cli_leaves,
-                target=_check_target(raw.get("target"), task))
+                target=_check_target(raw.get("target"), task), tuned=tuned)
+
+
+def tuned_path(spec_path: str | Path, search: Any) -> Path | None:
+    """The file ``search.tuned`` names, relative to the spec's folder; None when the spec names none."""
+    name = search.get("tuned") if isinstance(search, dict) else None
+    return Path(spec_path).parent / str(name) if name else None
+
+
+def read_tuned(search: Any, spec_path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the raw `tuned` variant, its study's summary) from the file ``search.tuned`` names, or (None, None)
+    while the file does not exist yet (``bench tune`` writes it)."""
+    path = tuned_path(spec_path, search)
+    if path is None or not path.exists():
+        return None, None
+    try:
+        raw = files.load_yaml(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"search.tuned: cannot read {path} ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("variant"), dict) or not isinstance(raw.get("study"), dict):
+        raise ConfigError(f"search.tuned: {path} is not a file written by `bench tune` (expected `study:` and "
+                          f"`variant:` mappings); delete it and tune again")
+    if raw["variant"].get("name") != TUNED:
+        raise ConfigError(f"search.tuned: {path}: variant.name must be {TUNED!r}")
+    return raw["variant"], raw["study"]
 
 
 def _check_target(raw: Any, task: str) -> float | None:
@@ -465,7 +493,9 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
     if raw is None:
         return None
     _check_mapping(raw, SEARCH_KEYS, "search")
-    names = [v.name for v in variants]
+    if "tuned" in raw:
+        check_value(raw["tuned"], str, "search.tuned")
+    names = [v.name for v in variants if v.name != TUNED]  # the search's own result is not searched again
     vname = check_value(raw.get("variant", names[-1]), str, "search.variant")
     if vname not in names:
         raise ConfigError(f"search.variant: {unknown_name_message('variant', vname, names)}")
@@ -494,7 +524,7 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
                 ends = [dist["low"], dist["high"]]
         for end in ends:
             build_config(task, apply_set(base, {str(path): end}, "search.space"), "search.space")
-    return {"variant": vname, "trials": trials, "space": space}
+    return {"variant": vname, "trials": trials, "space": space, "tuned": raw.get("tuned")}
 
 
 # --------------------------------------------------------------------------- groups

@@ -14,7 +14,8 @@ A group's role is ``published`` (a spec and profile as written: its table is in
 :func:`bench.spec.place_in_group`) or ``study`` (the trials of ``bench tune``).  A run is
 *finished and current* when its result.json and config.json carry the key the group's
 definition expects for that (variant, seed).  Summary, exporters, tune and the runner all ask
-this module; a database-backed store (several machines) replaces this class behind the same methods.
+this module.  Several machines share the same folders (a shared file system); which of them trains
+which run is then decided by an Optuna study in a database (``bench/grid.py``), not by the locks here.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class RunStore:
         files.write_json(self.root / spec.group / GROUP_FILE, {
             "name": spec.name, "group": spec.group, "role": role, "published_group": spec.published_group,
             "path": spec.path, "task": spec.task, "profile": spec.profile, "seeds": spec.seeds,
-            "overrides": spec.overrides, "description": spec.description, "target": spec.target,
+            "overrides": spec.overrides, "description": spec.description, "target": spec.target, "tuned": spec.tuned,
             "variants": [{"name": v.name, "parent": v.parent, "ablation": v.ablation, "change": v.change,
                           "reported": v.reported, "dir": slug(v.name)} for v in spec.variants],
             "runs": [{"variant": r.variant.name, "seed": r.seed, "key": r.key} for r in spec.runs()],
@@ -184,12 +185,18 @@ class RunStore:
                 f.truncate(0)  # who holds it, for a human looking at a busy grid
                 f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}) + "\n")
                 f.flush()
-                self._set_aside_other_config(run)
-                for tmp in self.path(run).glob(".*.tmp"):  # leftovers of a write killed before its rename
-                    tmp.unlink(missing_ok=True)
+                self.take_over(run)
                 yield True
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def take_over(self, run: Run) -> None:
+        """Make the run's folder ready for the process that now holds the run (by lock or by database claim):
+        another config's folder is kept aside, half-written files of a killed writer are removed; a
+        ``last.pt`` of this config stays, so training resumes after its last completed epoch."""
+        self._set_aside_other_config(run)
+        for tmp in self.path(run).glob(".*.tmp"):  # leftovers of a write killed before its rename
+            tmp.unlink(missing_ok=True)
 
     def _set_aside_other_config(self, run: Run) -> None:
         d = self.path(run)
@@ -208,6 +215,28 @@ class RunStore:
         d = self.path(run)
         files.write_json(d / "result.json", {"status": "finished", **result})
         (d / "last.pt").unlink(missing_ok=True)  # resume state is not needed once the result is in
+
+    def record_failure(self, run: Run, error: str) -> None:
+        """Write a result.json with ``status: failed`` and the error: the run counts as unfinished (a rerun
+        of the command tries it again) and the summary lists it; its last.pt stays for that rerun."""
+        files.write_json(self.path(run) / "result.json", {"status": "failed", "key": run.key, "variant": run.variant.name,
+                                                          "seed": run.seed, "error": error,
+                                                          "failed": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def failed(self, group: str) -> list[dict[str, Any]]:
+        """result.json of the group's runs whose last attempt failed with the config the group expects."""
+        meta = self.read_group(group)
+        expected = {(r["variant"], r["seed"]): r["key"] for r in meta.get("runs", [])}
+        out = []
+        for v in meta["variants"]:
+            for d in sorted((self.root / group / v["dir"]).glob("seed-*/result.json")):
+                try:
+                    res = files.read_json(d)
+                except (OSError, ValueError):
+                    continue
+                if res.get("status") == "failed" and expected.get((v["name"], res.get("seed"))) == res.get("key"):
+                    out.append(res)
+        return out
 
     def load(self, run: StoredRun) -> LoadedRun:
         return load_run(run.dir)

@@ -278,6 +278,8 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
         out.append("- overrides: " + (", ".join(f"`{k}={files.yaml_scalar(v)}`" for k, v in meta["overrides"].items())
                                       or "none") + f"; seeds {', '.join(map(str, meta['seeds']))}")
     out += _missing_line(meta, runs)
+    out += [f"- **failed**: {r['variant']} seed {r['seed']}: {r['error'].splitlines()[0][:300]}"
+            for r in store.failed(meta["group"])]
     out += ["", f"<!-- bench: runs {' '.join(sorted(_run_ids(runs)))} -->", ""]
     if meta.get("description"):
         out += [meta["description"], ""]
@@ -292,12 +294,32 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
                 f"{primary.show(meta['target'])} (the report's best number, "
                 "the spec's `target`) and the seconds of training steps until its end (evaluation not counted), "
                 "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.", ""]
+    out += _tuned_block(meta, runs, fig_dir)
     out += _curves(meta, runs, fig_dir, task)
     if best:
         best_run = max((r for r in runs if r.variant == best), key=lambda r: r.result["val_best"])
         for caption, png in _figures(best_run, store, fig_dir / meta["group"].replace("@", "-"), task):
             out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _tuned_block(meta: dict[str, Any], runs: list[StoredRun], fig_dir: Path) -> list[str]:
+    """Where the `tuned` rung came from: its Optuna study's size, pruned and failed trials, wall time, figures."""
+    study = meta.get("tuned")
+    if not study or not any(r.variant == "tuned" for r in runs):
+        return []
+    minutes = f"{study['wall_time_s'] / 60:.1f} min" if study.get("wall_time_s") is not None else "unknown time"
+    out = [f"*tuned*: the best trial ({study['best_trial']}, {study['metric']} {study['value']:.4f} on seed "
+           f"{study['seed']}) of the Optuna study `{study['name']}` (profile `{study.get('profile') or 'full'}`): "
+           f"{study['finished']} finished trials, {study['pruned']} of them pruned, {study['failed']} failed; the search "
+           f"took {minutes} on {study['workers']} worker(s) on {study['hosts']} machine(s), commit "
+           f"{_short_commit(study.get('commit') or '')}. Trials are scored on the validation split only; the test "
+           f"split is read when the tuned rung is trained like the others, on every seed.", ""]
+    for name in study.get("figures", []):
+        png = fig_dir.parent / name
+        if png.exists():
+            out += [f"![{Path(name).stem}]({_rel(png, fig_dir.parent)})", ""]
+    return out
 
 
 def _missing_line(meta: dict[str, Any], runs: list[StoredRun]) -> list[str]:

@@ -8,6 +8,7 @@ data chooses the best epoch; the test split is evaluated once, at the end.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import random
@@ -199,12 +200,19 @@ def train_one_epoch(t: Trainer, split: Split, task: Task, cfg: Config) -> dict[s
     return {"train_loss": tot_loss.item() / stop, "train_metric": tot_score.item() / stop}
 
 
+class Diverged(RuntimeError):
+    """The training loss stopped being a finite number."""
+
+
 def run_epoch(t: Trainer, data: Data, task: Task, cfg: Config, state: dict[str, Any]) -> dict[str, float]:
     """Train one epoch, score it on validation, update ``state`` (best weights, patience); its history row."""
     t0 = time.perf_counter()
     lr = t.optimizer.param_groups[0]["lr"]
     tr = train_one_epoch(t, data.train, task, cfg)  # returns after the device has finished (it reads the loss)
     t1 = time.perf_counter()
+    if not math.isfinite(tr["train_loss"]):  # every later epoch would be NaN too, and "best" would be epoch 1
+        raise Diverged(f"epoch {state['epoch'] + 1}: the training loss is {tr['train_loss']} (diverged; a lower "
+                       f"optim.lr or gradient clipping may help)")
     val = task.evaluate(t.model, data.val, cfg, t.loss_fn, final=False)
     dt = time.perf_counter() - t0
     state["epoch"] += 1

@@ -1,11 +1,16 @@
-"""Shared fixtures: the data root and small synthetic WARWICK-style data sets."""
+"""Shared fixtures: the data root, small synthetic WARWICK-style data sets and a throwaway PostgreSQL server."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# tests/ itself is on sys.path (a rootdir conftest without __init__.py), so this works under both `pytest` and
+# `python -m pytest`; `tests.postgres` would need the repository root there too.
+from postgres import NO_POSTGRES_ENV, PostgresMissing, PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,3 +69,34 @@ def make_warwick():
 def synthetic_warwick(tmp_path: Path) -> Path:
     """A fresh tiny synthetic data set (6 train, 3 test pairs of 32x32) in a tmp folder."""
     return write_warwick(tmp_path / "WARWICK")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the session's own (tests/postgres.py), started on first use, stopped and removed at the end.
+
+    $BENCH_NO_POSTGRES=1 skips the tests that use it; without the server binaries they fail, saying what to install.
+    """
+    if os.environ.get(NO_POSTGRES_ENV) == "1":
+        pytest.skip(f"{NO_POSTGRES_ENV}=1: no PostgreSQL server")
+    try:
+        server = PostgresServer()
+    except PostgresMissing as e:
+        pytest.fail(str(e), pytrace=False)
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """``postgresql://postgres@127.0.0.1:PORT/bench_test``: one database shared by the whole session."""
+    return postgres_server.create_database("bench_test")
+
+
+@pytest.fixture
+def fresh_db(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a new, uniquely named, empty database on the session's server (dropped after the test),
+    so that tests do not see each other's Optuna studies."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url.rsplit("/", 1)[1])

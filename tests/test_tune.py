@@ -11,6 +11,7 @@ import yaml
 from bench.cli import main
 from bench.config import ConfigError
 from bench.spec import load_spec
+from bench.store import RunStore
 from tests.helpers import TINY_MNIST_BASE, write_spec
 
 SPACE = {"optim.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}, "train.batch_size": {"choices": [32, 64]}}
@@ -27,7 +28,7 @@ def test_tune_runs_resumes_without_repeating_and_never_touches_test(data_root, t
     args = ["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress"]
     assert main(args) == 0
     out, err = capsys.readouterr()
-    assert "best validation acc (seed 0): " in out and "after 2 trials" in out and ": new" in err
+    assert "best validation acc (seed 0): " in out and "after 2 finished trials (" in out and ": new" in err
     first = _trials(res, "t")
     assert len(first) == 2
     for r in first:
@@ -39,13 +40,13 @@ def test_tune_runs_resumes_without_repeating_and_never_touches_test(data_root, t
     # (the seeded sampler used to restart and propose trial 0's parameters again).
     assert main([*args, "--trials", "4"]) == 0
     out, err = capsys.readouterr()
-    assert "after 4 trials" in out and "continuing after 2 finished trials" in err
+    assert "after 4 finished trials" in out and "continuing after 2 finished trials" in err
     lrs = [r["search_params"]["optim.lr"] for r in _trials(res, "t")]
     assert len(lrs) == 4 and len(set(lrs)) == 4
     # A different budget is a different study, not a continuation whose best only had more data.
     assert main([*args, "--set", "data.train_subset=500", "--trials", "1"]) == 0
     out, err = capsys.readouterr()
-    assert "after 1 trials" in out and ": new" in err
+    assert "after 1 finished trials" in out and ": new" in err
 
 
 def test_pruning_stops_a_hopeless_trial(data_root, tmp_path, capsys):
@@ -66,7 +67,7 @@ def test_pruning_stops_a_hopeless_trial(data_root, tmp_path, capsys):
         study.enqueue_trial({"optim.lr": lr})
     assert main(["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
                  "--trials", "4"]) == 0
-    assert "(1 pruned)" in capsys.readouterr().out
+    assert "(1 pruned, 0 failed)" in capsys.readouterr().out
     pruned = [r for r in _trials(res, "pr") if r["status"] == "pruned"]
     assert len(pruned) == 1 and pruned[0]["search_params"]["optim.lr"] == 1e-7 and pruned[0]["epochs_run"] < 3
 
@@ -113,7 +114,7 @@ def test_interrupted_trial_resumes_with_its_parameters(data_root, tmp_path, caps
     monkeypatch.undo()
     assert main(args) == 0
     out, err = capsys.readouterr()
-    assert "resuming trial 0 from epoch 3" in err and "after 2 trials" in out  # the failed try and its resumption
+    assert "resuming trial 0 from epoch 3" in err and "after 1 finished trials (0 pruned, 1 failed)" in out
     (trial,) = _trials(res, "i")
     assert trial["epochs_run"] == 3 and trial["status"] == "finished"
 
@@ -122,3 +123,37 @@ def test_searched_keys_cannot_be_set(tmp_path, capsys):
     path = write_spec(tmp_path / "k.yaml", search={"variant": "a", "space": SPACE})
     assert main(["tune", str(path), "--set", "optim.lr=0.05", "--results", str(tmp_path)]) == 2
     assert "--set optim.lr: the study searches this key" in capsys.readouterr().err
+
+
+def test_tune_writes_the_tuned_rung_that_run_trains_beside_the_others(data_root, tmp_path, capsys):
+    # Tuning reads no test file: the data root here holds only MNIST's two training files.
+    train_only = tmp_path / "data" / "MNIST" / "raw"
+    train_only.mkdir(parents=True)
+    for p in (Path(data_root) / "MNIST" / "raw").iterdir():
+        if p.name.startswith("train-"):
+            (train_only / p.name).symlink_to(p)
+    path = write_spec(tmp_path / "tt.yaml", seeds=[0, 1],
+                      search={"variant": "a", "trials": 3, "space": SPACE, "tuned": "tt.tuned.yaml"})
+    res = tmp_path / "results"
+    assert main(["tune", str(path), "--data-root", str(tmp_path / "data"), "--results", str(res), "--no-progress"]) == 0
+    assert "tt.tuned.yaml" in capsys.readouterr().out
+    written = yaml.safe_load((tmp_path / "tt.tuned.yaml").read_text())
+    assert written["study"]["finished"] == 3 and written["study"]["workers"] == 1
+    assert written["variant"]["from"] == "a" and set(written["variant"]["set"]) == set(SPACE)
+    history = res / written["study"]["figures"][0]
+    assert history.name == "tune-tt-history.png" and history.stat().st_size > 1000
+
+    spec = load_spec(path)
+    tuned = spec.variants[-1]
+    assert tuned.name == "tuned" and tuned.parent == "a" and [v.name for v in spec.variants] == ["a", "b", "tuned"]
+    assert tuned.config.optim["lr"] == written["variant"]["set"]["optim.lr"]
+    # Without the test files a run cannot report its test metric: a clear error, nothing trained.
+    assert main(["run", str(path), "--data-root", str(tmp_path / "data"), "--results", str(res), "--no-progress",
+                 "--variants", "tuned", "--workers", "1"]) == 2
+    assert "t10k-images-idx3-ubyte" in capsys.readouterr().err
+    assert main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
+                 "--workers", "1"]) == 0
+    summary = (res / "summary.md").read_text()
+    assert "| tuned" in summary and "Optuna study" in summary and "3 finished trials" in summary
+    assert "](figures/tune-tt-history.png)" in summary
+    assert {(r.variant, r.seed) for r in RunStore(res).finished("tt") if r.variant == "tuned"} == {("tuned", 0), ("tuned", 1)}

@@ -33,7 +33,7 @@ class SquaresTask(ClassificationTask):
     metrics = (Metric("acc", "test accuracy", unit="%", scale=100.0, digits=1),)
     classes = ["left", "right"]
 
-    def load(self, cfg: Config, device: torch.device) -> Data:
+    def load(self, cfg: Config, device: torch.device, test: bool = True) -> Data:
         train, test = self.raw_images("", "train"), self.raw_images("", "test")
         n_val = round(len(train.targets) * cfg.data.val_fraction)
         mean, std = float(train.images[n_val:].mean() / 255), float(train.images[n_val:].std() / 255)

@@ -88,7 +88,7 @@ class DataInfo:
 class Data:
     train: Split
     val: Split
-    test: Split
+    test: Split | None  # None when loaded for tuning, which never reads the test split
     info: DataInfo
 
 
@@ -140,11 +140,13 @@ class Task:
 
     # ----------------------------------------------------------------------- data
 
-    def prepare(self, root: Path, download: bool) -> None:
+    def prepare(self, root: Path, download: bool, test: bool = True) -> None:
         """Check the files under ``root`` before anything runs (DataError naming every broken file);
-        fetch them first when ``download`` and the task knows where from."""
+        fetch them first when ``download`` and the task knows where from.  ``test=False`` (tuning)
+        neither checks nor reads the test split's files."""
 
-    def load(self, cfg: Config, device: torch.device) -> Data:
+    def load(self, cfg: Config, device: torch.device, test: bool = True) -> Data:
+        """Train, validation and (unless ``test=False``: its files are never opened) test splits on ``device``."""
         raise NotImplementedError
 
     def raw_images(self, root: str | Path, split: str) -> ImageSet:

@@ -63,11 +63,12 @@ def read_idx(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def check_files(root: str | Path) -> dict[str, np.ndarray]:
-    """Read and check the four files; one DataError naming every missing or broken file."""
+def check_files(root: str | Path, test: bool = True) -> dict[str, np.ndarray]:
+    """Read and check the four files (the two training files with ``test=False``); one DataError naming
+    every missing or broken file."""
     raw = raw_folder(root)
     arrays, problems, missing = {}, [], []
-    for stem, shape in FILES.items():
+    for stem, shape in _needed(test).items():
         path = _find(raw, stem)
         if path is None:
             missing.append(stem)
@@ -86,13 +87,19 @@ def check_files(root: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_mnist_arrays(root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _needed(test: bool) -> dict[str, tuple[int, ...]]:
+    return FILES if test else {k: v for k, v in FILES.items() if not k.startswith("t10k")}
+
+
+def load_mnist_arrays(root: str | Path, test: bool = True) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(train_x uint8 (60000, 28, 28), train_y int64 (60000,), test_x (10000, 28, 28), test_y) from
-    ``root/MNIST/raw``, checked (never downloads: see :meth:`MnistTask.prepare`)."""
-    a = check_files(root)
-    t = lambda k: torch.from_numpy(a[k].copy())  # noqa: E731  (frombuffer arrays are read-only)
+    ``root/MNIST/raw``, checked (never downloads: see :meth:`MnistTask.prepare`); the test pair is
+    None, its files unread, with ``test=False``."""
+    a = check_files(root, test)
+    t = lambda k: torch.from_numpy(a[k].copy()) if k in a else None  # noqa: E731  (frombuffer arrays are read-only)
+    sy = t("t10k-labels-idx1-ubyte")
     return (t("train-images-idx3-ubyte"), t("train-labels-idx1-ubyte").long(),
-            t("t10k-images-idx3-ubyte"), t("t10k-labels-idx1-ubyte").long())
+            t("t10k-images-idx3-ubyte"), sy.long() if sy is not None else None)
 
 
 def _download(root: Path) -> None:
@@ -132,22 +139,22 @@ class MnistTask(ClassificationTask):
         if cfg.data.channels not in (None, [0]):
             raise ConfigError(f"{where}.data.channels: MNIST images have one channel; leave it unset (or [0])")
 
-    def prepare(self, root: Path, download: bool) -> None:
+    def prepare(self, root: Path, download: bool, test: bool = True) -> None:
         """Check the four files; with ``download`` fetch the missing ones first (torchvision's mirrors)."""
         raw = raw_folder(root)
-        if download and any(_find(raw, s) is None for s in FILES):
+        if download and any(_find(raw, s) is None for s in _needed(test)):
             _download(Path(root))
         try:
-            check_files(root)
+            check_files(root, test)
         except DataError as e:
             if not any(_find(raw, s) for s in FILES):
                 raise DataError(f"no MNIST files under {raw}: point --data-root (or $BENCH_DATA) at a folder that holds "
                                 f"MNIST/raw, or add --download to fetch them into {raw}") from None
             raise e
 
-    def load(self, cfg: Config, device: torch.device) -> Data:
+    def load(self, cfg: Config, device: torch.device, test: bool = True) -> Data:
         assert cfg.data.root is not None, "resolve the data root before loading"
-        tx, ty, sx, sy = load_mnist_arrays(cfg.data.root)
+        tx, ty, sx, sy = load_mnist_arrays(cfg.data.root, test)
         tr, va = split_indices(len(tx), cfg.data.val_fraction, cfg.data.split_seed)
         if cfg.data.train_subset is not None:
             if cfg.data.train_subset > len(tr):
@@ -164,11 +171,11 @@ class MnistTask(ClassificationTask):
             return ((x.float() / 255 - mean) / std).unsqueeze(1).to(device)
 
         info = DataInfo(source=str(raw_folder(cfg.data.root)), channels=[0], source_channels=1, mean=[mean], std=[std],
-                        image_size=[28, 28], n_train=len(tr), n_val=len(va), n_test=len(sx), classes=self.classes)
+                        image_size=[28, 28], n_train=len(tr), n_val=len(va), n_test=len(sx) if test else 0, classes=self.classes)
         return Data(
             train=Split(prep(tx[tr]), ty[tr].to(device)),
             val=Split(prep(tx[va]), ty[va].to(device)),
-            test=Split(prep(sx), sy.to(device)),
+            test=Split(prep(sx), sy.to(device)) if test else None,
             info=info,
         )
 

@@ -164,11 +164,12 @@ def display_images(x: Tensor, info: DataInfo) -> np.ndarray:
 # --------------------------------------------------------------------------- the task
 
 
-def read_both(root: str | Path) -> tuple[Path, dict[str, tuple[list[str], np.ndarray, np.ndarray]]]:
-    """(the data folder, {"Train": pairs, "Test": pairs}); one DataError naming every broken file of both."""
+def read_both(root: str | Path, test: bool = True) -> tuple[Path, dict[str, tuple[list[str], np.ndarray, np.ndarray]]]:
+    """(the data folder, {"Train": pairs, "Test": pairs}); one DataError naming every broken file of both
+    (``test=False``: Train only, Test/ is not opened)."""
     folder = find_folder(root)
     read, problems = {}, []
-    for sub in ("Train", "Test"):  # check both before failing: every broken file in one message
+    for sub in ("Train", "Test") if test else ("Train",):  # check both before failing: every broken file in one message
         try:
             read[sub] = read_pairs(folder / sub)
         except DataError as e:
@@ -195,15 +196,15 @@ class WarwickTask(Task):
     augmentations = ("flips", "rotate", "translate", "scale", "elastic", "intensity")
     supports_tta = True
 
-    def prepare(self, root: Path, download: bool) -> None:
-        read_both(root)  # there is no public mirror to fetch from: the files must be there
+    def prepare(self, root: Path, download: bool, test: bool = True) -> None:
+        read_both(root, test)  # there is no public mirror to fetch from: the files must be there
 
-    def load(self, cfg: Config, device: torch.device) -> Data:
+    def load(self, cfg: Config, device: torch.device, test: bool = True) -> Data:
         assert cfg.data.root is not None, "resolve the data root before loading"
-        folder, read = read_both(cfg.data.root)
-        (tr_names, tr_img, tr_mask), (te_names, te_img, te_mask) = read["Train"], read["Test"]
+        folder, read = read_both(cfg.data.root, test)
+        (tr_names, tr_img, tr_mask), (te_names, te_img, te_mask) = read["Train"], read.get("Test", ([], None, None))
         n_src = tr_img.shape[3]
-        if te_img.shape[3] != n_src:
+        if test and te_img.shape[3] != n_src:
             raise DataError(f"{folder / 'Test'}: images have {te_img.shape[3]} channels, Train/ has {n_src}")
 
         if cfg.data.channels is not None:
@@ -243,7 +244,7 @@ class WarwickTask(Task):
         info = DataInfo(source=str(folder), channels=channels, source_channels=int(n_src), mean=mean.tolist(),
                         std=std.tolist(), image_size=list(tr_img.shape[1:3]), n_train=len(tr), n_val=len(va),
                         n_test=len(te_names), val_names=[tr_names[i] for i in va])
-        return Data(pick(tr), pick(va), prep(te_img, te_mask, [f"Test/{n}" for n in te_names]), info)
+        return Data(pick(tr), pick(va), prep(te_img, te_mask, [f"Test/{n}" for n in te_names]) if test else None, info)
 
     def raw_images(self, root: str | Path, split: str) -> ImageSet:
         names, images, masks = read_pairs(find_folder(root) / ("Test" if split == "test" else "Train"))

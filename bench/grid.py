@@ -1,0 +1,174 @@
+"""Who trains which run of a grid: the claims that the runner's loop takes one at a time.
+
+Two ways to share a grid, one interface (``claims()`` yields a run while this process holds it;
+``done``/``failed`` say how it ended):
+
+* :class:`LocalGrid` -- worker processes of one machine: the run store's kernel lock per run
+  folder (released by the kernel when a worker dies, so a rerun picks the run up).
+* :class:`StudyGrid` -- workers on any number of machines sharing a database (``--storage``):
+  the grid is an Optuna study named ``grid:<group>`` with one enqueued trial per run (its
+  ``user_attrs`` name the run folder and config key).  Claiming a run is Optuna's own
+  ``WAITING -> RUNNING`` transition; a worker beats while it trains; a worker that stops beating
+  has its trial failed and queued again by the storage's retry callback, and whoever claims the
+  retry resumes from the run's ``last.pt`` on the shared results folder.  A worker with nothing
+  left to claim waits while other trials of the grid are running, so that it is there to take
+  over a dead worker's run, and leaves when none is.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+
+from bench.spec import Run, Spec
+from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage
+from bench.store import RunStore
+
+State = optuna.trial.TrialState
+
+
+class LocalGrid:
+    """Runs of one machine's grid, claimed through the run store's kernel locks."""
+
+    def __init__(self, store: RunStore, runs: list[Run]):
+        self.store, self.runs = store, runs
+
+    def claims(self) -> Iterator[Run]:
+        for run in self.store.todo(self.runs):
+            with self.store.claim(run) as mine:
+                if mine:
+                    yield run
+
+    def done(self, run: Run, result: dict[str, Any]) -> None:
+        self.store.record(run, result)
+
+    def failed(self, run: Run, error: str) -> None:
+        self.store.record_failure(run, error)
+
+
+def study_name(spec: Spec) -> str:
+    return f"grid:{spec.group}"
+
+
+def _ident(run: Run) -> dict[str, Any]:
+    return {"run": str(run.rel_dir), "key": run.key}
+
+
+class StudyGrid:
+    """Runs of a grid shared by workers on several machines through an Optuna study (see the module doc)."""
+
+    def __init__(self, store: RunStore, spec: Spec, runs: list[Run], storage: StorageOptions, poll: float | None = None):
+        self.store, self.runs = store, runs
+        self.storage = open_storage(storage)
+        self.study = optuna.create_study(study_name=study_name(spec), storage=self.storage, load_if_exists=True,
+                                         direction="maximize")
+        self.poll = poll if poll is not None else storage.heartbeat
+        self._mine: dict[tuple[str, str], Run] = {(str(r.rel_dir), r.key): r for r in runs}
+        self._outcome: dict[str, tuple[str, Any]] = {}  # run folder -> ("done", val_best) | ("failed", error)
+
+    def _trials(self, *states: State) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=states or None)
+
+    def enqueue(self) -> int:
+        """Queue a trial for every unfinished run that has none waiting, running or complete (a run whose last
+        attempt failed for its own reason is queued again: rerunning the command is how a human retries it).
+        Returns how many were queued.  Two workers starting together may queue a run twice; the claim
+        keeps the duplicate from training (see :meth:`_is_duplicate`)."""
+        live = {(t.user_attrs.get("run"), t.user_attrs.get("key"))
+                for t in self._trials(State.WAITING, State.RUNNING, State.COMPLETE)}
+        todo = [r for r in self.store.todo(self.runs) if (str(r.rel_dir), r.key) not in live]
+        for run in todo:
+            self.study.enqueue_trial({}, user_attrs=_ident(run))
+        return len(todo)
+
+    def claims(self) -> Iterator[Run]:
+        while True:
+            fail_stale_trials(self.study)  # a dead worker's run is queued again (by the storage's retry callback)
+            claimed = self._claim_next()
+            if claimed is None:
+                if not any(self._run_of(t) for t in self._trials(State.RUNNING)):
+                    return
+                time.sleep(self.poll)  # stay to take over if one of them dies
+                continue
+            trial, run = claimed
+            result = self.store.result(run)
+            if result is not None:  # its worker died after writing result.json, before telling the study
+                self.study.tell(trial.number, result["val_best"])
+                continue
+            self.store.take_over(run)
+            self.storage.set_trial_user_attr(trial._trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
+            key = str(run.rel_dir)
+            try:
+                with heartbeat(self.storage, trial._trial_id):
+                    yield run  # the caller trains it and calls done() or failed()
+            finally:
+                self._tell(trial, self._outcome.pop(key, None))
+
+    def _run_of(self, trial: optuna.trial.FrozenTrial) -> Run | None:
+        return self._mine.get((trial.user_attrs.get("run"), trial.user_attrs.get("key")))
+
+    def _claim_next(self) -> tuple[optuna.trial.FrozenTrial, Run] | None:
+        """Take the oldest waiting trial of one of this worker's runs (Optuna's own claim: the storage lets one
+        ``WAITING -> RUNNING`` update win); None when there is none."""
+        for trial in self._trials(State.WAITING):
+            run = self._run_of(trial)
+            if run is None:  # a run of another subset (--variants) or of another config of the spec
+                continue
+            try:
+                if not self.storage.set_trial_state_values(trial._trial_id, state=State.RUNNING):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            if self._is_duplicate(trial):
+                self.storage.set_trial_user_attr(trial._trial_id, "duplicate", True)
+                self.study.tell(trial.number, state=State.FAIL)
+                continue
+            return trial, run
+        return None
+
+    def _is_duplicate(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Another trial of the same run that is complete, or waiting or running with a smaller number, owns it:
+        the oldest live trial of a run trains it, whatever order the claims happen in."""
+        ident = (trial.user_attrs.get("run"), trial.user_attrs.get("key"))
+        for t in self._trials(State.WAITING, State.RUNNING, State.COMPLETE):
+            if t.number != trial.number and (t.user_attrs.get("run"), t.user_attrs.get("key")) == ident:
+                if t.state == State.COMPLETE or t.number < trial.number:
+                    return True
+        return False
+
+    def done(self, run: Run, result: dict[str, Any]) -> None:
+        self.store.record(run, result)
+        self._outcome[str(run.rel_dir)] = ("done", result["val_best"])
+
+    def failed(self, run: Run, error: str) -> None:
+        """The run's own failure (diverged, out of memory, a bug): recorded and failed in the study, which the
+        retry callback leaves alone (it only retries trials whose worker stopped beating)."""
+        self.store.record_failure(run, error)
+        self._outcome[str(run.rel_dir)] = ("failed", error)
+
+    def _tell(self, trial: optuna.trial.FrozenTrial, outcome: tuple[str, Any] | None) -> None:
+        """Tell the study how the held trial ended, after its heartbeat stopped."""
+        if outcome is None:  # neither done nor failed: interrupted (Ctrl-C, SIGTERM)
+            self._release(trial)
+        elif outcome[0] == "done":
+            self.study.tell(trial.number, outcome[1])
+        else:
+            self.storage.set_trial_user_attr(trial._trial_id, "error", outcome[1][:2000])
+            self.study.tell(trial.number, state=State.FAIL)
+
+    def _release(self, trial: optuna.trial.FrozenTrial) -> None:
+        """Fail an interrupted trial and queue it again at once (the same retry a dead worker's trial gets
+        after its grace period), so another worker resumes it from its last epoch."""
+        try:
+            self.study.tell(trial.number, state=State.FAIL)
+        except Exception as e:  # the database went away too: the heartbeat's grace period will do it
+            print(f"warning: could not release trial {trial.number}: {e}", file=sys.stderr)
+            return
+        callback = self.storage.get_heartbeat_stale_trial_callback()
+        if callback is not None:
+            callback(self.study, self.study.get_trials(deepcopy=False)[trial.number])

@@ -1,0 +1,118 @@
+"""The database that coordinates workers on several machines: Optuna's RDB storage (PostgreSQL,
+or SQLite on one machine).
+
+Optuna already solves what a shared grid needs: a trial is claimed by one process through the
+database (a row update that only one ``WAITING -> RUNNING`` transition wins), a live worker
+records a heartbeat every ``heartbeat`` seconds, a trial whose heartbeat is older than ``grace``
+seconds is failed by whoever looks next, and a retry callback queues it again with the same
+attributes, at most ``retries`` times.  This module only opens that storage from a URL and turns
+every way of getting the URL wrong into one :class:`ConfigError` that names it.
+"""
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from bench.config import ConfigError
+
+BACKENDS = ("postgresql", "sqlite")
+CONNECT_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """``--storage URL --heartbeat S --grace-period S --retries N`` (picklable: workers reopen it)."""
+
+    url: str
+    heartbeat: int = 10  # seconds between a running trial's heartbeats
+    grace: int = 60  # seconds without a heartbeat after which a trial's worker counts as dead
+    retries: int = 2  # times a dead worker's run is queued again (its own errors are never retried)
+
+    def check(self) -> None:
+        if self.heartbeat < 1 or self.grace <= self.heartbeat or self.retries < 0:
+            raise ConfigError(f"--heartbeat {self.heartbeat}, --grace-period {self.grace}, --retries {self.retries}: "
+                              f"need heartbeat >= 1 s, a grace period longer than the heartbeat, retries >= 0")
+
+
+def shown(url: str) -> str:
+    """``url`` with its password hidden, for messages, logs and the summary."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide
+        return url
+
+
+def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
+    """Connect (creating Optuna's tables when the database is new); ConfigError naming the URL when
+    it is malformed, of another kind of database, unreachable or refused."""
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    opts.check()
+    where = f"--storage {shown(opts.url)}"
+    try:
+        url = sqlalchemy.engine.make_url(opts.url)
+    except Exception:
+        raise ConfigError(f"{where}: not a database URL; expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
+                          f"or sqlite:///PATH") from None
+    backend = url.get_backend_name()
+    if backend not in BACKENDS:
+        raise ConfigError(f"{where}: unsupported database {backend!r}; use one of {', '.join(BACKENDS)}")
+    engine_kwargs: dict = {}
+    if backend == "postgresql":
+        if not url.database:
+            raise ConfigError(f"{where}: no database name; expected postgresql://USER@HOST[:PORT]/DATABASE")
+        # A firewalled host would otherwise hang for the kernel's TCP timeout (minutes) before saying anything.
+        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
+    elif not url.database or not Path(url.database).expanduser().resolve().parent.is_dir():
+        raise ConfigError(f"{where}: expected sqlite:///PATH with PATH in an existing folder")
+    for attempt in range(4):
+        try:
+            return _rdb(opts, engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers started together on a new database (a job array) race to create Optuna's tables; PostgreSQL
+            # lets one win and fails the others' CREATE TABLE.  A moment later the tables are there: try again.
+            if attempt == 3:
+                raise ConfigError(f"{where}: could not create Optuna's tables (other workers kept racing)") from None
+            time.sleep(0.5 + random.random())
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"{where}: the database driver is not installed ({e}); pip install 'psycopg[binary]' "
+                              f"(or psycopg2-binary, with a postgresql+psycopg2:// URL)") from None
+        except Exception as e:  # sqlalchemy's OperationalError & co.: the server's own words are the useful part
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()
+            raise ConfigError(f"{where}: cannot use this database: {reason[0] if reason else type(e).__name__}") from None
+    raise AssertionError("unreachable")
+
+
+def _rdb(opts: StorageOptions, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():  # the heartbeat API is marked experimental; it is what Optuna runs at scale
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            opts.url, engine_kwargs=engine_kwargs, heartbeat_interval=opts.heartbeat, grace_period=opts.grace,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=opts.retries))
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the study's trials whose worker stopped beating; the retry callback queues them again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextmanager
+def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
+    """Beat for ``trial_id`` while the block runs: Optuna's own heartbeat thread, the one
+    ``study.optimize`` uses (a no-op on a storage without heartbeats)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with get_heartbeat_thread(trial_id, storage):
+        yield

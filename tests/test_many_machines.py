@@ -1,0 +1,185 @@
+"""Grids and studies shared through a real PostgreSQL server (tests/postgres.py starts one): every run
+trained once by two workers, a SIGKILLed worker's run resumed by the other, exactly N tuning trials,
+a killed SQLite study resumed, bad URLs refused before anything is trained or written."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from bench.runner import gpu_slots
+from bench.spec import load_spec
+from tests.helpers import TINY_MNIST_BASE, write_spec
+
+REPO = Path(__file__).resolve().parents[1]
+State = optuna.trial.TrialState
+FAST_BEAT = ["--heartbeat", "1", "--grace-period", "3"]  # a dead worker is noticed within seconds
+
+
+def _bench(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bench", *args, "--no-progress"], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(*procs: subprocess.Popen, timeout: float = 300) -> list[str]:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+    return outs
+
+
+def _wait_for(ready, p: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None and not ready():
+        time.sleep(0.05)
+    assert p.poll() is None and ready(), p.communicate()[0]
+
+
+def _grid_trials(url: str, group: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=f"grid:{group}", storage=url).get_trials(deepcopy=False)
+
+
+def _spec(tmp_path: Path, name: str, epochs: int = 1, **kw) -> Path:
+    base = copy.deepcopy(TINY_MNIST_BASE)
+    base["train"].update(epochs=epochs, threads=1, deterministic=True)
+    base["data"]["train_subset"] = 400
+    return write_spec(tmp_path / f"{name}.yaml", base=base, **kw)
+
+
+def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_root, tmp_path, fresh_db):
+    path = _spec(tmp_path, "g", seeds=[0, 1], variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}},
+                                                         {"name": "c", "set": {"model.dropout": 0.0}}])
+    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
+            "--workers", "1", *FAST_BEAT]
+    outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))
+    done = [line for out in outs for line in out.splitlines() if line.startswith("done ")]
+    assert len(done) == 6 and len({line.split(":")[0] for line in done}) == 6, outs  # every run, each once
+    trials = _grid_trials(fresh_db, "g")
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    assert len(complete) == 6 and len({t.user_attrs["run"] for t in complete}) == 6
+    assert len({t.user_attrs["worker"] for t in complete}) == 2, "both workers trained"
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "| a" in summary and "| c" in summary and "incomplete" not in summary
+
+    out = _finish(_bench(args, tmp_path))[0]  # the same command again: nothing queued, nothing trained
+    assert "6 already done" in out and "done " not in out.replace("already done", "")
+    assert len(_grid_trials(fresh_db, "g")) == len(trials)
+
+
+def test_a_sigkilled_worker_run_is_resumed_by_the_other_and_ends_as_if_uninterrupted(data_root, tmp_path, fresh_db):
+    path = _spec(tmp_path, "k", epochs=5, seeds=[0, 1], variants=[{"name": "a"}])
+    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "cut"), "--storage", fresh_db,
+            "--workers", "1", *FAST_BEAT]
+    seed0 = tmp_path / "cut" / "runs" / "k" / "a" / "seed-0"
+    first = _bench(args, tmp_path)  # alone at first: it claims seed 0, the oldest trial
+    _wait_for(lambda: (seed0 / "last.pt").exists(), first)
+    second = _bench(args, tmp_path)
+    time.sleep(1.0)
+    first.send_signal(signal.SIGKILL)  # mid-run: no chance to release anything
+    first.wait()
+    assert not (seed0 / "result.json").exists()
+    out = _finish(second)[0]
+    assert "resuming a/s0 from epoch" in out and "done k a seed 0" in out and "done k a seed 1" in out, out
+    trials = _grid_trials(fresh_db, "k")
+    seed0_trials = [t for t in trials if t.user_attrs["run"].endswith("seed-0")]
+    assert [t.state for t in seed0_trials] == [State.FAIL, State.COMPLETE]  # failed by heartbeat, then retried
+    assert seed0_trials[1].system_attrs["failed_trial"] == seed0_trials[0].number
+
+    whole = subprocess.run([sys.executable, "-m", "bench", "run", str(path), "--data-root", str(data_root), "--results",
+                            str(tmp_path / "whole"), "--seeds", "0", "--no-progress"], cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    resumed = json.loads((seed0 / "result.json").read_text())
+    ref = json.loads((tmp_path / "whole" / "runs" / "k" / "a" / "seed-0" / "result.json").read_text())
+    assert resumed["test"] == ref["test"] and resumed["best_epoch"] == ref["best_epoch"] and resumed["epochs_run"] == 5
+
+
+def test_a_run_that_fails_by_itself_is_recorded_and_not_retried(data_root, tmp_path, fresh_db):
+    # SGD at lr 1e12 without batch norm overflows in the first epoch: the run's own failure, not a dead worker's.
+    boom = {"optim": {"name": "sgd", "lr": 1.0e12}, "model.batch_norm": False}
+    path = _spec(tmp_path, "f", variants=[{"name": "ok"}, {"name": "boom", "set": boom}])
+    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
+            "--workers", "1", *FAST_BEAT]
+    p = _bench(args, tmp_path)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 1 and "Traceback" not in out, out
+    assert "error: 1 run failed" in out and "boom seed 0: Diverged: epoch 1: the training loss is" in out
+    res = json.loads((tmp_path / "r" / "runs" / "f" / "boom" / "seed-0" / "result.json").read_text())
+    assert res["status"] == "failed" and res["error"].startswith("Diverged")
+    trials = _grid_trials(fresh_db, "f")
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]  # failed once, nothing queued again
+    assert "Diverged" in next(t for t in trials if t.state == State.FAIL).user_attrs["error"]
+    assert "**failed**: boom seed 0: Diverged" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_two_tuning_workers_end_with_exactly_the_trials_asked_for(data_root, tmp_path, fresh_db):
+    space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
+    path = _spec(tmp_path, "t", variants=[{"name": "a"}], search={"variant": "a", "space": space})
+    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
+            "--trials", "8", *FAST_BEAT]
+    outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))
+    (name,) = optuna.get_all_study_names(storage=fresh_db)
+    trials = optuna.load_study(study_name=name, storage=fresh_db).get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (State.COMPLETE, State.PRUNED)]
+    assert len(finished) == 8, [t.state for t in trials]
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state == State.FAIL)  # only a lost race is failed
+    assert len({t.user_attrs["worker"] for t in finished}) == 2
+    assert all("after 8 finished trials" in out for out in outs), outs
+
+
+def test_a_killed_sqlite_study_resumes_its_trial(data_root, tmp_path):
+    space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
+    path = _spec(tmp_path, "s", epochs=6, variants=[{"name": "a"}], search={"variant": "a", "space": space})
+    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--trials", "2"]
+    p = _bench(args, tmp_path)
+    _wait_for(lambda: any((tmp_path / "r" / "runs").glob("*--tune-*/trial-0000/seed-0/last.pt")), p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    out = _finish(_bench([*args, "--heartbeat", "1", "--grace-period", "2"], tmp_path))[0]
+    assert "resuming trial 0 from epoch" in out and "after 2 finished trials" in out, out
+    db = f"sqlite:///{tmp_path / 'r' / 'optuna' / 's.db'}"
+    (name,) = optuna.get_all_study_names(storage=db)
+    states = [t.state for t in optuna.load_study(study_name=name, storage=db).get_trials(deepcopy=False)]
+    assert states.count(State.COMPLETE) + states.count(State.PRUNED) == 2 and states.count(State.FAIL) == 1
+
+
+@pytest.mark.parametrize("url, says", [
+    ("postgresql://bench:s3cret@127.0.0.1:1/bench", "cannot use this database"),  # nothing listens on port 1
+    ("not a url", "not a database URL"),
+    ("mysql://u@localhost/db", "unsupported database 'mysql'"),
+    ("postgresql://u@127.0.0.1:5432", "no database name"),
+    ("sqlite:////no/such/folder/x.db", "PATH in an existing folder"),
+])
+def test_a_bad_storage_url_is_one_error_before_anything_is_written(url, says, data_root, tmp_path):
+    path = _spec(tmp_path, "b")
+    for command in ("run", "tune"):
+        p = _bench([command, str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"),
+                    "--storage", url], tmp_path)
+        out = p.communicate(timeout=60)[0]
+        assert p.returncode == 2 and "Traceback" not in out, out
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--storage" in errors[0] and says in errors[0], out
+        assert "s3cret" not in out
+        assert not (tmp_path / "r").exists()
+
+
+def test_workers_are_spread_over_the_gpus_round_robin():
+    assert gpu_slots(5, ["0", "1"]) == ["0", "1", "0", "1", "0"]  # several small runs share each GPU
+    assert gpu_slots(3, ["2", "5", "7", "1"]) == ["2", "5", "7"]
+    assert gpu_slots(2, ["0"]) == [None, None]  # one GPU: nothing to spread
+    assert gpu_slots(2, []) == [None, None]
+
+
+def test_spec_without_search_file_has_no_tuned_variant(tmp_path):
+    space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
+    path = _spec(tmp_path, "n", variants=[{"name": "a"}], search={"variant": "a", "space": space, "tuned": "n.tuned.yaml"})
+    assert [v.name for v in load_spec(path).variants] == ["a"]
