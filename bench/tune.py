@@ -5,7 +5,11 @@ paths).  Each trial trains that variant with seed ``seeds[0]`` and is scored on 
 *validation* split only (the test split is never evaluated), with median pruning after
 every epoch.  Trials are runs of the run store (group ``<spec>[@profile]--tune-<variant>-<study key>``).
 
-The study lives in ``results/optuna/<spec>[@profile].db`` (SQLite).  Its name carries a hash of
+The study lives in ``results/optuna/<spec>[@profile].db`` (SQLite), or in the database of
+``--storage URL``, which any number of processes on any number of machines share: each asks the
+study for a trial, beats while it trains it, and the study ends with exactly ``--trials`` finished
+trials (see :func:`_run_trial`); a trial whose worker stopped beating is queued again with its
+parameters and resumed in its first folder.  Its name carries a hash of
 the tuned variant's configuration without the searched keys (the budget: epochs, data,
 ``--set`` overrides), so a search with a different budget is a different study rather than
 a continuation whose "best" trial might only have had more data.  Re-running continues the
@@ -14,7 +18,9 @@ the study (a fixed seed would draw trial 0's parameters again), and a trial whos
 parameters equal a finished one's reuses its value instead of training it again.  The best
 trial is written as a ready-to-paste variant (with ``from:`` naming the tuned variant) to
 ``results/optuna/<group>-best.yaml``, ``<group>`` being the group ``bench run`` would use with the
-same options (the spec's own, or an ad-hoc one named after ``--set`` overrides).
+same options (the spec's own, or an ad-hoc one named after ``--set`` overrides); for the spec as
+written, also as the variant ``tuned`` into the file the spec's ``search.tuned`` names, which
+``bench run`` then trains beside the hand-made rungs.  Tuning never opens the test split's files.
 """
 from __future__ import annotations
 

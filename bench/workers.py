@@ -91,17 +91,21 @@ def choose_cuda_workers(cfg: Config, task: Task, data: Data, device: torch.devic
     base = torch.cuda.memory_allocated(device)
     _step_fn(cfg, task, data, device)()
     torch.cuda.synchronize(device)
-    data_bytes = sum(s.x.nbytes + s.y.nbytes for s in (data.train, data.val, data.test))
+    data_bytes = sum(s.x.nbytes + s.y.nbytes for s in (data.train, data.val, data.test) if s is not None)
     per_run = torch.cuda.max_memory_allocated(device) - base + data_bytes + CUDA_CONTEXT_BYTES
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    n = cuda_workers(free, per_run, n_runs, os.cpu_count() or 1)
-    return n, f"{free / 2**30:.1f} GiB free, about {per_run / 2**30:.2f} GiB per run"
+    # Workers are spread over every GPU of the machine (bench.runner.gpu_slots) unless a device index was named.
+    gpus = torch.cuda.device_count() if device.index is None else 1
+    n = cuda_workers(free, per_run, n_runs, os.cpu_count() or 1, gpus)
+    return n, (f"{free / 2**30:.1f} GiB free, about {per_run / 2**30:.2f} GiB per run"
+               + (f", {gpus} GPUs" if gpus > 1 else ""))
 
 
-def cuda_workers(free: int, per_run: int, n_runs: int, cores: int) -> int:
-    """Runs that fit in 90 % of ``free`` bytes at ``per_run`` each, at most one per core and one per run."""
-    return max(1, min(n_runs, cores, int(0.9 * free) // max(1, per_run)))
+def cuda_workers(free: int, per_run: int, n_runs: int, cores: int, gpus: int = 1) -> int:
+    """Runs that fit in 90 % of ``free`` bytes (of one GPU) at ``per_run`` each, on each of ``gpus`` GPUs; at most
+    one per core and one per run."""
+    return max(1, min(n_runs, cores, gpus * (int(0.9 * free) // max(1, per_run))))
 
 
 def choose_workers(cfg: Config, task: Task, data: Data, device: torch.device, n_runs: int) -> tuple[int, str]:

@@ -201,6 +201,7 @@ def test_cuda_workers_fill_free_memory_within_cores_and_runs():
     assert cuda_workers(free=80 * gib, per_run=2 * gib, n_runs=30, cores=16) == 16  # cores bind
     assert cuda_workers(free=10 * gib, per_run=2 * gib, n_runs=30, cores=16) == 4  # 90 % of 10 GiB / 2 GiB
     assert cuda_workers(free=80 * gib, per_run=2 * gib, n_runs=3, cores=16) == 3  # runs bind
+    assert cuda_workers(free=10 * gib, per_run=2 * gib, n_runs=30, cores=16, gpus=2) == 8  # 4 on each of 2 GPUs
     assert cuda_workers(free=1 * gib, per_run=2 * gib, n_runs=3, cores=16) == 1  # never fewer than one
 
 
