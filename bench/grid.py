@@ -109,6 +109,17 @@ class StudyGrid:
             finally:
                 self._tell(trial, self._outcome.pop(key, None))
 
+    def abandoned(self) -> list[str]:
+        """This worker's runs left unfinished because their workers kept dying: the last trial of each failed by
+        heartbeat after ``--retries`` retries, so nobody will take it up until the command is run again."""
+        last: dict[tuple[str, str], optuna.trial.FrozenTrial] = {}
+        for t in self._trials():
+            if self._run_of(t) is not None and not t.user_attrs.get("duplicate"):
+                last[(t.user_attrs["run"], t.user_attrs["key"])] = t
+        return [f"{t.user_attrs['run']}: its worker stopped beating {len(t.system_attrs.get('retry_history', [])) + 1} "
+                f"times (--retries exhausted); run the same command to try again from its last epoch"
+                for t in last.values() if t.state == State.FAIL and "error" not in t.user_attrs]
+
     def _run_of(self, trial: optuna.trial.FrozenTrial) -> Run | None:
         return self._mine.get((trial.user_attrs.get("run"), trial.user_attrs.get("key")))
 

@@ -159,6 +159,8 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
+    if isinstance(grid, StudyGrid):
+        failed += grid.abandoned()
     if failed:
         raise RunsFailed("\n".join(failed))
 

@@ -183,3 +183,16 @@ def test_spec_without_search_file_has_no_tuned_variant(tmp_path):
     space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
     path = _spec(tmp_path, "n", variants=[{"name": "a"}], search={"variant": "a", "space": space, "tuned": "n.tuned.yaml"})
     assert [v.name for v in load_spec(path).variants] == ["a"]
+
+
+def test_a_run_whose_workers_keep_dying_is_reported_once_retries_are_exhausted(data_root, tmp_path, fresh_db):
+    path = _spec(tmp_path, "d", epochs=50, variants=[{"name": "a"}])
+    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
+            "--workers", "1", "--heartbeat", "1", "--grace-period", "2", "--retries", "0"]
+    first = _bench(args, tmp_path)
+    _wait_for(lambda: (tmp_path / "r" / "runs" / "d" / "a" / "seed-0" / "last.pt").exists(), first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = _bench(args, tmp_path)  # finds the run held by a dead worker, no retry left: it says so and fails
+    out = second.communicate(timeout=120)[0]
+    assert second.returncode == 1 and "d/a/seed-0: its worker stopped beating 1 times (--retries exhausted)" in out, out
