@@ -260,7 +260,7 @@ def load_spec(path: str | Path, profile: str | None = None, overrides: list[str]
     try:
         raw = files.load_yaml(path.read_text())
     except FileNotFoundError:
-        shipped = sorted(p.stem for p in Path("ablations").glob("*.yaml"))
+        shipped = sorted(p.stem for p in Path("ablations").glob("*.yaml") if not p.stem.endswith(".tuned"))  # not specs
         hint = (f"; specs in ablations/: {', '.join(shipped)}" if shipped else
                 "; a short name is looked up in ./ablations: run from the repository, or give the spec's path")
         raise ConfigError(f"{path}: spec file not found{hint}") from None
