@@ -74,6 +74,14 @@ def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_
     assert "6 already done" in out and "done " not in out.replace("already done", "")
     assert len(_grid_trials(fresh_db, "g")) == len(trials)
 
+    # The same grid on one machine, without the database: the same numbers, run by run.
+    alone = tmp_path / "alone"
+    _finish(_bench([*args[:5], str(alone), "--workers", "1"], tmp_path))
+    for run in load_spec(path).runs():
+        shared = json.loads((tmp_path / "r" / "runs" / run.rel_dir / "result.json").read_text())
+        own = json.loads((alone / "runs" / run.rel_dir / "result.json").read_text())
+        assert shared["test"] == own["test"] and shared["val_best"] == own["val_best"], run.rel_dir
+
 
 def test_a_sigkilled_worker_run_is_resumed_by_the_other_and_ends_as_if_uninterrupted(data_root, tmp_path, fresh_db):
     path = _spec(tmp_path, "k", epochs=5, seeds=[0, 1], variants=[{"name": "a"}])
