@@ -211,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, term)
     if not args.no_summary:
-        for path in write_summary(args.results, "python -m bench " + " ".join(sys.argv[1:]), groups=[spec.group]):
+        for path in write_summary(args.results, _command(), groups=[spec.group]):
             print(f"wrote {path}", file=sys.stderr)
     if failed:
         print(f"error: {_count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
@@ -280,6 +280,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for path in write_summary(args.results):
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _command() -> str:
+    """This command line for the summary's provenance, with a storage URL's password hidden."""
+    from bench.storage import shown
+
+    return shown("python -m bench " + " ".join(sys.argv[1:]))
 
 
 def _count(n: int, noun: str) -> str:

@@ -65,6 +65,7 @@ class StudyGrid:
     def __init__(self, store: RunStore, spec: Spec, runs: list[Run], storage: StorageOptions, poll: float | None = None):
         self.store, self.runs = store, runs
         self.storage = open_storage(storage)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner says what happens, in its own lines
         self.study = optuna.create_study(study_name=study_name(spec), storage=self.storage, load_if_exists=True,
                                          direction="maximize")
         self.poll = poll if poll is not None else storage.heartbeat
@@ -75,13 +76,22 @@ class StudyGrid:
         return self.study.get_trials(deepcopy=False, states=states or None)
 
     def enqueue(self) -> int:
-        """Queue a trial for every unfinished run that has none waiting, running or complete (a run whose last
-        attempt failed for its own reason is queued again: rerunning the command is how a human retries it).
-        Returns how many were queued.  Two workers starting together may queue a run twice; the claim
-        keeps the duplicate from training (see :meth:`_is_duplicate`)."""
-        live = {(t.user_attrs.get("run"), t.user_attrs.get("key"))
-                for t in self._trials(State.WAITING, State.RUNNING, State.COMPLETE)}
+        """Queue a trial for every run unfinished *in the results folder* that has none waiting or running (a run
+        whose last attempt failed for its own reason is queued again: rerunning the command is how a human retries
+        it).  The folder, not the study, says what is finished; a run the study has complete but the folder lacks is
+        trained again, with a warning (a deleted run, or a --results that is not the shared folder).  Returns how
+        many were queued.  Two workers starting together may queue a run twice; the claim keeps the duplicate from
+        training (see :meth:`_is_duplicate`)."""
+        trials = self._trials()
+        live = {(t.user_attrs.get("run"), t.user_attrs.get("key")) for t in trials
+                if t.state in (State.WAITING, State.RUNNING)}
+        complete = {(t.user_attrs.get("run"), t.user_attrs.get("key")) for t in trials if t.state == State.COMPLETE}
         todo = [r for r in self.store.todo(self.runs) if (str(r.rel_dir), r.key) not in live]
+        lost = [r for r in todo if (str(r.rel_dir), r.key) in complete]
+        if lost:
+            print(f"warning: the study {self.study.study_name} has {len(lost)} of these runs finished, but "
+                  f"{self.store.results} does not hold them (e.g. {lost[0].rel_dir}); they are trained again here. Is "
+                  f"--results the folder every worker shares?", file=sys.stderr)
         for run in todo:
             self.study.enqueue_trial({}, user_attrs=_ident(run))
         return len(todo)
@@ -118,7 +128,7 @@ class StudyGrid:
                 last[(t.user_attrs["run"], t.user_attrs["key"])] = t
         return [f"{t.user_attrs['run']}: its worker stopped beating {len(t.system_attrs.get('retry_history', [])) + 1} "
                 f"times (--retries exhausted); run the same command to try again from its last epoch"
-                for t in last.values() if t.state == State.FAIL and "error" not in t.user_attrs]
+                for t in last.values() if t.state == State.FAIL and not {"error", "interrupted"} & set(t.user_attrs)]
 
     def _run_of(self, trial: optuna.trial.FrozenTrial) -> Run | None:
         return self._mine.get((trial.user_attrs.get("run"), trial.user_attrs.get("key")))
@@ -143,14 +153,12 @@ class StudyGrid:
         return None
 
     def _is_duplicate(self, trial: optuna.trial.FrozenTrial) -> bool:
-        """Another trial of the same run that is complete, or waiting or running with a smaller number, owns it:
-        the oldest live trial of a run trains it, whatever order the claims happen in."""
+        """Another trial of the same run, waiting or running with a smaller number, owns it: the oldest live trial
+        of a run trains it, whatever order the claims happen in (a run already finished in the folder is told
+        complete by :meth:`claims` without training)."""
         ident = (trial.user_attrs.get("run"), trial.user_attrs.get("key"))
-        for t in self._trials(State.WAITING, State.RUNNING, State.COMPLETE):
-            if t.number != trial.number and (t.user_attrs.get("run"), t.user_attrs.get("key")) == ident:
-                if t.state == State.COMPLETE or t.number < trial.number:
-                    return True
-        return False
+        return any(t.number < trial.number and (t.user_attrs.get("run"), t.user_attrs.get("key")) == ident
+                   for t in self._trials(State.WAITING, State.RUNNING))
 
     def done(self, run: Run, result: dict[str, Any]) -> None:
         self.store.record(run, result)
@@ -173,13 +181,12 @@ class StudyGrid:
             self.study.tell(trial.number, state=State.FAIL)
 
     def _release(self, trial: optuna.trial.FrozenTrial) -> None:
-        """Fail an interrupted trial and queue it again at once (the same retry a dead worker's trial gets
-        after its grace period), so another worker resumes it from its last epoch."""
+        """Fail an interrupted trial (Ctrl-C, SIGTERM: a scheduler's preemption) and queue its run again at once,
+        so another worker resumes it from its last epoch.  A clean stop is not a death: it does not count
+        against --retries."""
         try:
             self.study.tell(trial.number, state=State.FAIL)
+            self.storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            self.study.enqueue_trial({}, user_attrs={"run": trial.user_attrs["run"], "key": trial.user_attrs["key"]})
         except Exception as e:  # the database went away too: the heartbeat's grace period will do it
             print(f"warning: could not release trial {trial.number}: {e}", file=sys.stderr)
-            return
-        callback = self.storage.get_heartbeat_stale_trial_callback()
-        if callback is not None:
-            callback(self.study, self.study.get_trials(deepcopy=False)[trial.number])

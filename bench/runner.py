@@ -240,7 +240,10 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     finally:
         signal.signal(signal.SIGTERM, term)
     codes = [p.exitcode for p in procs]
-    if any(c not in (0, 3) for c in codes):
+    if any(c not in (0, 3) for c in codes) and opts.storage and not RunStore(results_dir).todo(runs):
+        print(f"note: a worker died (exit codes {codes}); the others took over its run: every run is finished",
+              file=sys.stderr)
+    elif any(c not in (0, 3) for c in codes):
         raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")
     if 3 in codes:
         failed = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in RunStore(results_dir).failed(spec.group)]

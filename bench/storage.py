@@ -11,6 +11,7 @@ every way of getting the URL wrong into one :class:`ConfigError` that names it.
 from __future__ import annotations
 
 import random
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -41,14 +42,13 @@ class StorageOptions:
                               f"need heartbeat >= 1 s, a grace period longer than the heartbeat, retries >= 0")
 
 
-def shown(url: str) -> str:
-    """``url`` with its password hidden, for messages, logs and the summary."""
-    import sqlalchemy
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)(.*)@")  # greedy: an unescaped "@" in it too
 
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: nothing to hide
-        return url
+
+def shown(text: str) -> str:
+    """``text`` (a URL, or a command line holding one) with any URL's password hidden, for messages, logs and the
+    summary; by pattern, not by parsing, so a malformed URL (a bad port, an unescaped ``@``) hides it too."""
+    return " ".join(_PASSWORD.sub(r"\1***@", word) for word in text.split(" "))
 
 
 def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:

@@ -13,8 +13,8 @@ parameters and resumed in its first folder.  Its name carries a hash of
 the tuned variant's configuration without the searched keys (the budget: epochs, data,
 ``--set`` overrides), so a search with a different budget is a different study rather than
 a continuation whose "best" trial might only have had more data.  Re-running continues the
-study: the sampler is seeded with the spec's seed *and* the number of trials already in
-the study (a fixed seed would draw trial 0's parameters again), and a trial whose
+study: the sampler is seeded with the spec's seed *and* the trial's number (a fixed seed would
+draw trial 0's parameters again, and two workers would draw the same ones), and a trial whose
 parameters equal a finished one's reuses its value instead of training it again.  The best
 trial is written as a ready-to-paste variant (with ``from:`` naming the tuned variant) to
 ``results/optuna/<group>-best.yaml``, ``<group>`` being the group ``bench run`` would use with the
@@ -103,8 +103,6 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     rdb = open_storage(storage)
     study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
-    # A fixed seed would restart the sampler's random stream and draw the finished trials' parameters again.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     study.set_user_attr("spec", spec.path)
     study.set_user_attr("overrides", spec.overrides)
     store = RunStore(results_dir)
@@ -155,6 +153,10 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train:
         trial.set_user_attr("surplus", True)
         study.tell(trial, state=State.FAIL)
         return
+    # The sampler draws when the trial suggests its parameters, after ask() gave it its number.  Seeded by that
+    # number, a resumed study never draws a finished trial's parameters again, and workers asking at the same
+    # moment (same study, same history) draw different ones; constant_liar keeps TPE away from running trials.
+    study.sampler = optuna.samplers.TPESampler(seed=train.seed + trial.number, constant_liar=True)
     if "run_of_trial" not in trial.user_attrs:  # a retry copies the attributes, so it trains in the same folder
         trial.set_user_attr("run_of_trial", trial.number)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -269,6 +271,16 @@ def plot_study(study: optuna.Study, prefix: Path) -> list[str]:
     return out
 
 
+def _same_tuned(path: Path, study: dict[str, Any], variant: dict[str, Any]) -> bool:
+    """Whether ``path`` already says this (apart from when and at which commit it was written)."""
+    try:
+        old = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("written", "commit")}  # noqa: E731
+    return isinstance(old, dict) and old.get("variant") == variant and strip(old.get("study") or {}) == strip(study)
+
+
 def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, storage: str, out: Path,
                 results_dir: Path) -> dict[str, Any]:
     """Write ``<group>-best.yaml`` (the study's summary as comments, then the best trial as a variant) and, for
@@ -305,6 +317,8 @@ def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, st
                           f"failed; {minutes} on {counts['workers']} worker{'s' if counts['workers'] != 1 else ''}), "
                           f"trial {best.number}"),
                  "set": dict(best.params)}
+        if _same_tuned(target, study_info, tuned):  # a rerun of a finished study: keep the committed file as it is
+            return {**summary, "params": dict(best.params), "written": [str(p) for p in written]}
         files.write_text(target, f"# Written by `python -m bench tune {spec.path}"
                                  f"{' --profile ' + spec.profile if spec.profile else ''}`: the best trial of its study "
                                  f"(validation split only). `bench run` trains the `tuned` variant on the spec's seeds.\n"

@@ -74,6 +74,12 @@ def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_
     assert "6 already done" in out and "done " not in out.replace("already done", "")
     assert len(_grid_trials(fresh_db, "g")) == len(trials)
 
+    # The results folder, not the study, says what is finished: a run deleted there is trained again, with a warning.
+    import shutil
+    shutil.rmtree(tmp_path / "r" / "runs" / "g" / "b" / "seed-1")
+    out = _finish(_bench(args, tmp_path))[0]
+    assert "does not hold them (e.g. g/b/seed-1)" in out and "done g b seed 1" in out and out.count("done g ") == 1
+
     # The same grid on one machine, without the database: the same numbers, run by run.
     alone = tmp_path / "alone"
     _finish(_bench([*args[:5], str(alone), "--workers", "1"], tmp_path))
@@ -141,6 +147,7 @@ def test_two_tuning_workers_end_with_exactly_the_trials_asked_for(data_root, tmp
     assert len(finished) == 8, [t.state for t in trials]
     assert all(t.user_attrs.get("surplus") for t in trials if t.state == State.FAIL)  # only a lost race is failed
     assert len({t.user_attrs["worker"] for t in finished}) == 2
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == 8  # workers asking at once draw different points
     assert all("after 8 finished trials" in out for out in outs), outs
 
 
@@ -204,3 +211,27 @@ def test_a_run_whose_workers_keep_dying_is_reported_once_retries_are_exhausted(d
     second = _bench(args, tmp_path)  # finds the run held by a dead worker, no retry left: it says so and fails
     out = second.communicate(timeout=120)[0]
     assert second.returncode == 1 and "d/a/seed-0: its worker stopped beating 1 times (--retries exhausted)" in out, out
+
+
+def test_sigterm_queues_the_run_again_at_once_without_using_a_retry(data_root, tmp_path, fresh_db):
+    path = _spec(tmp_path, "t", epochs=12, variants=[{"name": "a"}])
+    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
+            "--workers", "1", "--retries", "0"]  # the default 60 s grace: only an explicit release is fast here
+    first = _bench(args, tmp_path)
+    _wait_for(lambda: (tmp_path / "r" / "runs" / "t" / "a" / "seed-0" / "last.pt").exists(), first)
+    first.send_signal(signal.SIGTERM)  # what Slurm sends a preempted job
+    assert first.wait(timeout=60) == 130
+    out = _finish(_bench(args, tmp_path))[0]
+    assert "resuming a/s0 from epoch" in out and "done t a seed 0" in out, out
+    states = [t.state.name for t in _grid_trials(fresh_db, "t")]
+    assert states == ["FAIL", "COMPLETE"]
+
+
+def test_passwords_are_hidden_wherever_a_url_is_shown():
+    from bench.storage import shown
+
+    assert shown("postgresql://bench:s3cret@db:5432/bench") == "postgresql://bench:***@db:5432/bench"
+    assert shown("postgresql://bench:p@ss@db:abc/bench") == "postgresql://bench:***@db:abc/bench"  # malformed too
+    cmd = "python -m bench run mnist --storage postgresql+psycopg://u:pw@h/db --workers 2"
+    assert shown(cmd) == "python -m bench run mnist --storage postgresql+psycopg://u:***@h/db --workers 2"
+    assert shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and shown("postgresql://u@h/db") == "postgresql://u@h/db"
