@@ -107,8 +107,11 @@ class StudyGrid:
                 continue
             trial, run = claimed
             result = self.store.result(run)
-            if result is not None:  # its worker died after writing result.json, before telling the study
-                self.study.tell(trial.number, result["val_best"])
+            if result is not None:  # finished in the folder: a duplicate of a complete trial, or its worker died
+                if self._is_duplicate(trial, State.COMPLETE):  # after writing result.json, before telling the study
+                    self._fail_duplicate(trial)
+                else:
+                    self.study.tell(trial.number, result["val_best"])
                 continue
             self.store.take_over(run)
             self.storage.set_trial_user_attr(trial._trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -145,20 +148,23 @@ class StudyGrid:
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
-            if self._is_duplicate(trial):
-                self.storage.set_trial_user_attr(trial._trial_id, "duplicate", True)
-                self.study.tell(trial.number, state=State.FAIL)
+            if self._is_duplicate(trial, State.WAITING, State.RUNNING):
+                self._fail_duplicate(trial)
                 continue
             return trial, run
         return None
 
-    def _is_duplicate(self, trial: optuna.trial.FrozenTrial) -> bool:
-        """Another trial of the same run, waiting or running with a smaller number, owns it: the oldest live trial
-        of a run trains it, whatever order the claims happen in (a run already finished in the folder is told
-        complete by :meth:`claims` without training)."""
+    def _fail_duplicate(self, trial: optuna.trial.FrozenTrial) -> None:
+        self.storage.set_trial_user_attr(trial._trial_id, "duplicate", True)
+        self.study.tell(trial.number, state=State.FAIL)
+
+    def _is_duplicate(self, trial: optuna.trial.FrozenTrial, *states: State) -> bool:
+        """Another trial of the same run in one of ``states`` with a smaller number owns it.  Claims check waiting and
+        running ones: the oldest live trial of a run trains it, whatever order the claims happen in; a run already
+        finished in the folder checks complete ones, so that the study counts each run once."""
         ident = (trial.user_attrs.get("run"), trial.user_attrs.get("key"))
         return any(t.number < trial.number and (t.user_attrs.get("run"), t.user_attrs.get("key")) == ident
-                   for t in self._trials(State.WAITING, State.RUNNING))
+                   for t in self._trials(*states))
 
     def done(self, run: Run, result: dict[str, Any]) -> None:
         self.store.record(run, result)

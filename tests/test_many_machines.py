@@ -235,3 +235,26 @@ def test_passwords_are_hidden_wherever_a_url_is_shown():
     cmd = "python -m bench run mnist --storage postgresql+psycopg://u:pw@h/db --workers 2"
     assert shown(cmd) == "python -m bench run mnist --storage postgresql+psycopg://u:***@h/db --workers 2"
     assert shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and shown("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_a_run_queued_twice_is_trained_once_and_counted_once(tmp_path):
+    # Two workers starting together may both queue a run; whichever copy is claimed second is failed as a duplicate.
+    from bench.grid import StudyGrid
+    from bench.storage import StorageOptions
+    from bench.store import RunStore
+
+    spec = load_spec(_spec(tmp_path, "q", variants=[{"name": "a"}]))
+    (run,) = spec.runs()
+    store = RunStore(tmp_path / "r")
+    grid = StudyGrid(store, spec, [run], StorageOptions(f"sqlite:///{tmp_path / 'grid.db'}"), poll=0.01)
+    grid.enqueue()
+    grid.study.enqueue_trial({}, user_attrs={"run": str(run.rel_dir), "key": run.key})  # the other worker's copy
+    trained = []
+    for claimed in grid.claims():
+        trained.append(claimed)
+        store.path(claimed).mkdir(parents=True)
+        (store.path(claimed) / "config.json").write_text(json.dumps({"key": claimed.key}))
+        grid.done(claimed, {"key": claimed.key, "val_best": 0.5, "test": {}})
+    assert trained == [run]
+    trials = grid.study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [State.COMPLETE, State.FAIL] and trials[1].user_attrs["duplicate"]
