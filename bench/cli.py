@@ -227,6 +227,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from bench.tune import study_file, tune
 
     spec, seeds, opts, download = _load(args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) ends like Ctrl-C: trial requeued
     try:
         # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
         storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")

@@ -191,8 +191,8 @@ class StudyGrid:
         so another worker resumes it from its last epoch.  A clean stop is not a death: it does not count
         against --retries."""
         try:
+            self.storage.set_trial_user_attr(trial._trial_id, "interrupted", True)  # before tell: a finished trial is frozen
             self.study.tell(trial.number, state=State.FAIL)
-            self.storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
             self.study.enqueue_trial({}, user_attrs={"run": trial.user_attrs["run"], "key": trial.user_attrs["key"]})
         except Exception as e:  # the database went away too: the heartbeat's grace period will do it
             print(f"warning: could not release trial {trial.number}: {e}", file=sys.stderr)

@@ -42,13 +42,17 @@ class StorageOptions:
                               f"need heartbeat >= 1 s, a grace period longer than the heartbeat, retries >= 0")
 
 
-_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)(.*)@")  # greedy: an unescaped "@" in it too
+# user:password@ after a scheme (greedy up to the last "@" of the word: an unescaped "@" in the password too); in text
+# without any scheme (a URL missing its "//"), any word:secret@.
+_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)\S*@")
+_BARE = re.compile(r"([^\s:/@=]+:)[^\s@]*@")
 
 
 def shown(text: str) -> str:
-    """``text`` (a URL, or a command line holding one) with any URL's password hidden, for messages, logs and the
-    summary; by pattern, not by parsing, so a malformed URL (a bad port, an unescaped ``@``) hides it too."""
-    return " ".join(_PASSWORD.sub(r"\1***@", word) for word in text.split(" "))
+    """``text`` (a URL, a command line holding one as ``--storage URL`` or ``--storage=URL``, or a driver's message)
+    with any password hidden, for messages, logs and the summary; by pattern, not by parsing, so a malformed URL
+    (a bad port, an unescaped ``@``, a missing ``//``) hides it too."""
+    return _PASSWORD.sub(r"\1***@", text) if "://" in text else _BARE.sub(r"\1***@", text)
 
 
 def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
@@ -89,7 +93,11 @@ def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
                               f"(or psycopg2-binary, with a postgresql+psycopg2:// URL)") from None
         except Exception as e:  # sqlalchemy's OperationalError & co.: the server's own words are the useful part
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()
-            raise ConfigError(f"{where}: cannot use this database: {reason[0] if reason else type(e).__name__}") from None
+            if attempt < 3 and reason and "already exists" in reason[0]:  # SQLite's side of the same race
+                time.sleep(0.5 + random.random())
+                continue
+            raise ConfigError(f"{where}: cannot use this database: "
+                              f"{shown(reason[0]) if reason else type(e).__name__}") from None
     raise AssertionError("unreachable")
 
 

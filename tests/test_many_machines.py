@@ -221,6 +221,8 @@ def test_sigterm_queues_the_run_again_at_once_without_using_a_retry(data_root, t
     _wait_for(lambda: (tmp_path / "r" / "runs" / "t" / "a" / "seed-0" / "last.pt").exists(), first)
     first.send_signal(signal.SIGTERM)  # what Slurm sends a preempted job
     assert first.wait(timeout=60) == 130
+    # Queued again at once, for any worker already waiting (not only for a command that starts later).
+    assert [t.state.name for t in _grid_trials(fresh_db, "t")] == ["FAIL", "WAITING"]
     out = _finish(_bench(args, tmp_path))[0]
     assert "resuming a/s0 from epoch" in out and "done t a seed 0" in out, out
     states = [t.state.name for t in _grid_trials(fresh_db, "t")]
@@ -234,6 +236,8 @@ def test_passwords_are_hidden_wherever_a_url_is_shown():
     assert shown("postgresql://bench:p@ss@db:abc/bench") == "postgresql://bench:***@db:abc/bench"  # malformed too
     cmd = "python -m bench run mnist --storage postgresql+psycopg://u:pw@h/db --workers 2"
     assert shown(cmd) == "python -m bench run mnist --storage postgresql+psycopg://u:***@h/db --workers 2"
+    assert shown("run x --storage=postgresql://u:pw@h/db") == "run x --storage=postgresql://u:***@h/db"
+    assert shown("postgresql//u:pw@h/db") == "postgresql//u:***@h/db"  # no "://": still hidden
     assert shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and shown("postgresql://u@h/db") == "postgresql://u@h/db"
 
 
