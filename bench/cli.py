@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -163,7 +162,7 @@ def _check_results_folder(path: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import ConfigError
     from bench.registry import unknown_name_message
-    from bench.runner import RunsFailed, preflight, run_grid, run_workers
+    from bench.runner import RunsFailed, preflight, run_grid, run_workers, sigterm_as_ctrl_c
     from bench.store import RunStore
     from bench.summary import write_summary
     from bench.workers import grid_workers
@@ -193,13 +192,12 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     workers = min(workers or 1, max(1, len(todo)))
     failed = None
-    # A SIGTERM (Slurm's preemption, `timeout`, `kill`) ends like Ctrl-C: the run in hand is released at once.
-    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        if workers > 1:
-            run_workers(spec, todo, args.results, opts, workers)
-        elif todo:
-            run_grid(spec, todo, args.results, opts, cache)
+        with sigterm_as_ctrl_c():  # Slurm's preemption ends like Ctrl-C: the run in hand is released at once
+            if workers > 1:
+                run_workers(spec, todo, args.results, opts, workers)
+            elif todo:
+                run_grid(spec, todo, args.results, opts, cache)
     except RunsFailed as e:
         failed = str(e).splitlines()
     except KeyboardInterrupt:
@@ -208,8 +206,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("interrupted; run the same command to resume" + (f" ({'; '.join(started)})" if started else ""),
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, term)
     if not args.no_summary:
         for path in write_summary(args.results, _command(), groups=[spec.group]):
             print(f"wrote {path}", file=sys.stderr)
@@ -223,15 +219,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from bench.runner import sigterm_as_ctrl_c
     from bench.tasks import TASKS
     from bench.tune import study_file, tune
 
     spec, seeds, opts, download = _load(args)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) ends like Ctrl-C: trial requeued
     try:
         # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
         storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")
-        best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage)
+        with sigterm_as_ctrl_c():  # preemption ends like Ctrl-C: the trial is queued again
+            best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage)
     except KeyboardInterrupt as e:
         print(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED

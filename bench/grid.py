@@ -109,7 +109,7 @@ class StudyGrid:
             result = self.store.result(run)
             if result is not None:  # finished in the folder: a duplicate of a complete trial, or its worker died
                 if self._is_duplicate(trial, State.COMPLETE):  # after writing result.json, before telling the study
-                    self._fail_duplicate(trial)
+                    self._fail(trial, duplicate=True)
                 else:
                     self.study.tell(trial.number, result["val_best"])
                 continue
@@ -149,13 +149,15 @@ class StudyGrid:
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             if self._is_duplicate(trial, State.WAITING, State.RUNNING):
-                self._fail_duplicate(trial)
+                self._fail(trial, duplicate=True)
                 continue
             return trial, run
         return None
 
-    def _fail_duplicate(self, trial: optuna.trial.FrozenTrial) -> None:
-        self.storage.set_trial_user_attr(trial._trial_id, "duplicate", True)
+    def _fail(self, trial: optuna.trial.FrozenTrial, **attrs: Any) -> None:
+        """Fail ``trial``, saying why in its user attributes; they are set first: a finished trial is frozen."""
+        for name, value in attrs.items():
+            self.storage.set_trial_user_attr(trial._trial_id, name, value)
         self.study.tell(trial.number, state=State.FAIL)
 
     def _is_duplicate(self, trial: optuna.trial.FrozenTrial, *states: State) -> bool:
@@ -183,16 +185,14 @@ class StudyGrid:
         elif outcome[0] == "done":
             self.study.tell(trial.number, outcome[1])
         else:
-            self.storage.set_trial_user_attr(trial._trial_id, "error", outcome[1][:2000])
-            self.study.tell(trial.number, state=State.FAIL)
+            self._fail(trial, error=outcome[1][:2000])
 
     def _release(self, trial: optuna.trial.FrozenTrial) -> None:
         """Fail an interrupted trial (Ctrl-C, SIGTERM: a scheduler's preemption) and queue its run again at once,
         so another worker resumes it from its last epoch.  A clean stop is not a death: it does not count
         against --retries."""
         try:
-            self.storage.set_trial_user_attr(trial._trial_id, "interrupted", True)  # before tell: a finished trial is frozen
-            self.study.tell(trial.number, state=State.FAIL)
+            self._fail(trial, interrupted=True)
             self.study.enqueue_trial({}, user_attrs={"run": trial.user_attrs["run"], "key": trial.user_attrs["key"]})
         except Exception as e:  # the database went away too: the heartbeat's grace period will do it
             print(f"warning: could not release trial {trial.number}: {e}", file=sys.stderr)

@@ -15,6 +15,8 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,17 @@ def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool)
         print(line, flush=True)
 
 
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Inside the block a SIGTERM (a scheduler's preemption, ``timeout``, ``kill``, a parent's terminate()) raises
+    KeyboardInterrupt like Ctrl-C, so the run in hand is released and what resumes is said; restored afterwards."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def gpu_slots(n: int, visible: list[str]) -> list[str | None]:
     """The GPU each of ``n`` workers sees (its CUDA_VISIBLE_DEVICES): round-robin over ``visible``, so
     with more workers than GPUs several small runs share each GPU; all None with fewer than two GPUs."""
@@ -195,9 +208,9 @@ def _worker(spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions, gpu
     """One worker process: its GPU first (CUDA reads CUDA_VISIBLE_DEVICES when it starts), then the grid's loop."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the parent's terminate(): let the grid release its run
     try:
-        run_grid(spec, runs, results_dir, opts, enqueue=False)
+        with sigterm_as_ctrl_c():  # the parent's terminate(): let the grid release its run
+            run_grid(spec, runs, results_dir, opts, enqueue=False)
     except RunsFailed:
         sys.exit(3)  # already said, run by run; the parent reads the failures from the store
     except KeyboardInterrupt:
@@ -227,24 +240,23 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     finally:
         signal.signal(signal.SIGINT, default)
     # A SIGTERM (a scheduler, `timeout`, `kill`) stops the workers the same way instead of orphaning them.
-    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for p in procs:
-            p.join()
+        with sigterm_as_ctrl_c():
+            for p in procs:
+                p.join()
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
         for p in procs:
             p.join()
         raise
-    finally:
-        signal.signal(signal.SIGTERM, term)
-    codes = [p.exitcode for p in procs]
-    if any(c not in (0, 3) for c in codes) and opts.storage and not RunStore(results_dir).todo(runs):
+    codes, store = [p.exitcode for p in procs], RunStore(results_dir)
+    crashed = any(c not in (0, 3) for c in codes)
+    if crashed and opts.storage and not store.todo(runs):
         print(f"note: a worker died (exit codes {codes}); the others took over its run: every run is finished",
               file=sys.stderr)
-    elif any(c not in (0, 3) for c in codes):
+    elif crashed:
         raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")
     if 3 in codes:
-        failed = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in RunStore(results_dir).failed(spec.group)]
+        failed = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in store.failed(spec.group)]
         raise RunsFailed("\n".join(failed) or "a worker's runs failed; see above")

@@ -317,11 +317,11 @@ def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, st
                           f"failed; {minutes} on {counts['workers']} worker{'s' if counts['workers'] != 1 else ''}), "
                           f"trial {best.number}"),
                  "set": dict(best.params)}
-        if _same_tuned(target, study_info, tuned):  # a rerun of a finished study: keep the committed file as it is
-            return {**summary, "params": dict(best.params), "written": [str(p) for p in written]}
-        files.write_text(target, f"# Written by `python -m bench tune {spec.path}"
-                                 f"{' --profile ' + spec.profile if spec.profile else ''}`: the best trial of its study "
-                                 f"(validation split only). `bench run` trains the `tuned` variant on the spec's seeds.\n"
-                         + yaml.safe_dump({"study": study_info, "variant": tuned}, sort_keys=False))
-        written.append(target)
+        if not _same_tuned(target, study_info, tuned):  # a rerun of a finished study keeps the committed file
+            files.write_text(target, f"# Written by `python -m bench tune {spec.path}"
+                                     f"{' --profile ' + spec.profile if spec.profile else ''}`: the best trial of its "
+                                     f"study (validation split only). `bench run` trains the `tuned` variant on the "
+                                     f"spec's seeds.\n" + yaml.safe_dump({"study": study_info, "variant": tuned},
+                                                                         sort_keys=False))
+            written.append(target)
     return {**summary, "params": dict(best.params), "written": [str(p) for p in written]}
