@@ -130,16 +130,17 @@ def dihedral_tta(
 ) -> Tensor:
     """Test-time augmentation over the dihedral group.
 
-    x: (N, C, H, W).  Runs ``model`` on every shape-preserving D4 transform of ``x``
-    (8 for square images, 4 otherwise), applies ``activation`` (sigmoid -> probabilities;
-    None -> raw logits), maps each output back with the inverse transform and returns
-    their mean: (N, K, H, W).  For dense outputs only (segmentation).
+    x: (N, C, H, W).  Runs ``model`` on each of the 8 D4 transforms of ``x`` (identity, 3
+    rotations by 90 degrees, 4 reflections), applies ``activation`` (sigmoid -> probabilities;
+    None -> raw logits), maps each output back with the inverse transform and returns their mean
+    in that order: (N, K, H, W).  For dense outputs of fully convolutional networks (segmentation):
+    a rotated non-square image is a (W, H) input whose output is rotated back.  The exported TTA
+    graph (``exporters.export.DihedralTTA``) computes the same sum in the same order.
     """
-    elements = dihedral_elements(*x.shape[-2:])
     total = None
-    for e in elements:
+    for e in range(8):
         out = model(dihedral(x, e))
         out = activation(out) if activation is not None else out
         out = dihedral_inverse(out.float(), e)
         total = out if total is None else total + out
-    return total / len(elements)
+    return total / 8

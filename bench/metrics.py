@@ -64,11 +64,18 @@ class Metric:
     higher_is_better: bool = True
     low: float = 0.0  # the values it can take (confidence intervals are clipped to them)
     high: float = 1.0
+    short: str = ""  # a shorter label for narrow table headers (default: label)
 
     @property
     def column(self) -> str:
         """The summary's column name, e.g. ``test accuracy (%)``."""
         return f"{self.label} ({self.unit})" if self.unit else self.label
+
+    @property
+    def header(self) -> str:
+        """The main table's narrower column name, e.g. ``test acc. (%)``."""
+        label = self.short or self.label
+        return f"{label} ({self.unit})" if self.unit else label
 
     def format(self, value: float | None, digits: int | None = None) -> str:
         """``value`` scaled and rounded as the summary shows it; an en dash when missing."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.axes import Axes
@@ -22,7 +23,7 @@ _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # 0.9 and 2, not 9x10^-1 and 2x10
 def _figure(ncols: int, size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
     fig = Figure(figsize=size)
     FigureCanvasAgg(fig)
-    return fig, list(fig.subplots(1, ncols))
+    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
 
 
 def _save(fig: Figure, png_path: str | Path) -> None:
@@ -83,3 +84,56 @@ def plot_spec_curves(curves: dict[str, list[pd.DataFrame]], png_path: str | Path
     _epoch_axes(ax)
     ax[1].legend(fontsize=7, loc="lower right")
     _save(fig, png_path)
+
+
+def plot_tradeoff(points: list[tuple[str, float, float, float]], front: list[int], png_path: str | Path,
+                  metric: Metric, xlabel: str, title: str) -> None:
+    """Test metric against latency, one labelled point per rung.
+
+    points: (rung, latency ms, mean metric, std over seeds); error bars are the std (none for one seed);
+    ``front``: the indices of the Pareto-optimal points, joined by a step line.  Log-scale latency.
+    Labels of points that sit close together are stacked so that they do not overlap."""
+    fig, (ax,) = _figure(1, (7.5, 4.8))
+    xs = [p[1] for p in points]
+    ys = [p[2] * metric.scale for p in points]
+    for i, (_, x, _, sd) in enumerate(points):
+        on = i in front
+        ax.errorbar([x], [ys[i]], yerr=None if sd != sd else [sd * metric.scale], fmt="o",
+                    color="tab:red" if on else "tab:blue", ms=6 if on else 5, capsize=3, zorder=3 if on else 2)
+    if len(front) > 1:
+        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="tab:red", alpha=0.5, lw=1.2,
+                label="Pareto front")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_PLAIN)
+    ax.xaxis.set_minor_formatter(_PLAIN)
+    lo, hi = min(xs), max(xs)
+    ax.set_xlim(lo / 1.25, hi * 1.6)  # room for the labels on the right
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric.column + " (mean ± std over seeds)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    for i, dy in _label_offsets(ax.transData.transform(list(zip(xs, ys, strict=True)))).items():
+        ax.annotate(points[i][0], (xs[i], ys[i]), textcoords="offset pixels", xytext=(7, dy), fontsize=8,
+                    va="center", arrowprops={"arrowstyle": "-", "lw": 0.5, "alpha": 0.5} if abs(dy) > 6 else None)
+    _save(fig, png_path)
+
+
+def _label_offsets(xy_px: Any, near: float = 40.0, gap: float = 11.0) -> dict[int, float]:
+    """Vertical pixel offsets of the labels of points at pixel positions ``xy_px`` (N, 2): points within ``near``
+    pixels horizontally form a column whose labels are pushed apart to ``gap`` pixels, in the points' order."""
+    order = sorted(range(len(xy_px)), key=lambda i: (xy_px[i][0], xy_px[i][1]))
+    offsets: dict[int, float] = {}
+    column: list[int] = []
+    for i in order + [None]:  # type: ignore[list-item]
+        if i is not None and column and xy_px[i][0] - xy_px[column[0]][0] <= near:
+            column.append(i)
+            continue
+        placed: list[float] = []
+        for j in sorted(column, key=lambda k: xy_px[k][1]):
+            y = xy_px[j][1] if not placed else max(xy_px[j][1], placed[-1] + gap)
+            placed.append(y)
+            offsets[j] = y - xy_px[j][1]
+        column = [i] if i is not None else []
+    return offsets

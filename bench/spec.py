@@ -57,9 +57,10 @@ class Variant:
     index: int
     parent: str | None  # the variant this one changes (None for the first)
     ablation: bool  # True when `from:` named a parent (a leave-one-out check)
-    change: str  # what it changed, for the summary table
+    change: str  # what it changed, in full (note and every key it sets), for the list under the summary table
     reported: float | None
     config: Config  # resolved; seed is set per run
+    label: str = ""  # what it changed in at most LABEL_MAX characters, for the table itself (see short_label)
 
 
 @dataclass
@@ -185,8 +186,28 @@ def apply_set(cfg: dict[str, Any], leaves: dict[str, Any], where: str) -> dict[s
 
 
 def describe(leaves: dict[str, Any]) -> str:
-    """``optim.lr=0.001, model.batch_norm=true``: what a variant sets, for the summary table."""
-    return ", ".join(f"{k}={files.yaml_scalar(v)}" for k, v in leaves.items())
+    """``optim.lr=0.001, model.batch_norm=true``: what a variant sets, for the summary (floats to 4 significant
+    digits: a tuned ``optim.lr=0.00797856995992107`` reads as 0.007979; the exact values are in the run's config)."""
+    def show(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else files.yaml_scalar(v)
+    return ", ".join(f"{k}={show(v)}" for k, v in leaves.items())
+
+
+LABEL_MAX = 50  # characters of the summary table's change column: the table fits a screen without scrolling
+
+
+def short_label(text: str, limit: int = LABEL_MAX) -> str:
+    """``text`` in at most ``limit`` characters: as it is when it fits, else without its parenthetical
+    remarks, else its first clause (up to ``:``, ``;`` or ``,``), else cut at a word with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    bare = re.sub(r"\s*\([^()]*\)", "", text).strip()
+    if len(bare) <= limit:
+        return bare
+    first = re.split(r"[:;,]", bare, maxsplit=1)[0].strip()
+    if first and len(first) <= limit:
+        return first
+    return bare[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"
 
 
 # --------------------------------------------------------------------------- building configs
@@ -225,6 +246,9 @@ def config_from_dict(d: dict[str, Any], where: str = "config") -> Config:
     """Rebuild (and re-validate) a Config saved with ``Config.to_dict``, e.g. a run's config.json."""
     d = dict(d)
     task, seed = d.pop("task"), d.pop("seed", 0)
+    train = d.get("train")
+    if isinstance(train, dict) and train.get("compile") in ("off", False):  # runs saved before ade6f6a said "off"
+        d["train"] = {**train, "compile": "none"}
     return build_config(task, d, where, seed)
 
 
@@ -477,10 +501,12 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
         change = describe(leaves) if leaves else ("(base)" if parent is None else "(no change)")
         if ablation:
             change = f"{parent} with {change}"
+        label = change
         if v.get("note"):
-            note = check_value(v["note"], str, f"{vw}.note")
+            note = label = check_value(v["note"], str, f"{vw}.note")
             change = f"{note}: {change}" if leaves else note
-        variants.append(Variant(vname, i, parent, ablation, change, reported, build_config(task, final, vw)))
+        variants.append(Variant(vname, i, parent, ablation, change, reported, build_config(task, final, vw),
+                                short_label(label)))
         prev = vname
     return variants
 

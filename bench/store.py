@@ -43,6 +43,7 @@ from bench.tasks import TASKS
 from bench.tasks.base import DataInfo, Task
 
 GROUP_FILE = "spec.json"
+COSTS_FILE = "costs.json"  # per group: exporters.onnx rungs
 ROLES = ("published", "adhoc", "study")
 _SEED_DIR = re.compile(r"seed-(\d+)")
 
@@ -91,7 +92,7 @@ class RunStore:
             "name": spec.name, "group": spec.group, "role": role, "published_group": spec.published_group,
             "path": spec.path, "task": spec.task, "profile": spec.profile, "seeds": spec.seeds,
             "overrides": spec.overrides, "description": spec.description, "target": spec.target, "tuned": spec.tuned,
-            "variants": [{"name": v.name, "parent": v.parent, "ablation": v.ablation, "change": v.change,
+            "variants": [{"name": v.name, "parent": v.parent, "ablation": v.ablation, "change": v.change, "label": v.label,
                           "reported": v.reported, "dir": slug(v.name)} for v in spec.variants],
             "runs": [{"variant": r.variant.name, "seed": r.seed, "key": r.key} for r in spec.runs()],
             **extra,
@@ -121,6 +122,15 @@ class RunStore:
             return []
         names = sorted(p.parent.name for p in self.root.glob(f"*/{GROUP_FILE}"))
         return [g for g in names if role is None or self.read_group(g)["role"] == role]
+
+    def write_costs(self, group: str, costs: dict[str, Any]) -> None:
+        """The deployment cost of the group's rungs (``exporters.onnx rungs``), kept beside its runs."""
+        files.write_json(self.root / group / COSTS_FILE, costs)
+
+    def read_costs(self, group: str) -> dict[str, Any] | None:
+        """The group's ``costs.json``, None when its rungs were never exported and timed."""
+        path = self.root / group / COSTS_FILE
+        return files.read_json(path) if path.exists() else None
 
     # ----------------------------------------------------------------------- runs
 

@@ -21,6 +21,7 @@ import math
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ import torch
 from scipy import stats
 
 from bench import files
-from bench.plots import plot_spec_curves
+from bench.pareto import pareto_front
+from bench.plots import plot_spec_curves, plot_tradeoff
+from bench.spec import short_label
 from bench.store import RunStore, StoredRun
 from bench.tasks import TASKS
 from bench.tasks.base import Metric, Task
@@ -79,41 +82,142 @@ def format_count(x: float) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
-def group_table(meta: dict[str, Any], runs: list[StoredRun]) -> tuple[pd.DataFrame, str | None, bool]:
-    """(the table, the best variant by mean validation metric, whether a CI was clipped)."""
+@dataclass
+class Table:
+    """A markdown table: headers, rows of strings and each column's alignment (numbers right)."""
+
+    headers: list[str]
+    rows: list[list[str]]
+    align: list[str]
+
+    def markdown(self) -> str:
+        return files.markdown_table(self.headers, self.rows, self.align)
+
+    def width(self) -> int:
+        """Characters a reader sees across the rendered table: each column's widest cell plus about 3 characters of
+        cell padding.  :data:`MAX_TABLE_WIDTH` bounds it for the main table."""
+        cols = zip(self.headers, *self.rows, strict=True)
+        return sum(max(len(c) for c in col) + 3 for col in cols)
+
+
+# About what a 1280-pixel-wide rendering shows of a markdown table without scrolling: ~8 pixels a character at a
+# code host's 16-pixel font, and each cell's 26 pixels of padding counted as 3 characters.
+MAX_TABLE_WIDTH = 160
+
+
+def _table(rows: list[dict[str, str]], right: set[str]) -> Table:
+    headers = list(dict.fromkeys(k for r in rows for k in r))
+    return Table(headers, [[r.get(h, "") for h in headers] for r in rows],
+                 ["right" if h in right else "left" for h in headers])
+
+
+@dataclass
+class GroupTables:
+    """The tables of one group's section: the main table (metric, change against the parent, deployment cost),
+    the training/statistics table, the secondary metrics table (tasks with several metrics), and what they need."""
+
+    main: Table
+    training: Table
+    secondary: Table | None
+    best: str | None
+    clipped: bool
+    costs_shown: bool
+
+
+def group_tables(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, Any] | None = None) -> GroupTables:
+    """The section's tables; the best variant is the one with the highest mean validation metric."""
     task = TASKS[meta["task"]]
     primary = task.metrics[0]
     results = {v["name"]: [r.result for r in runs if r.variant == v["name"]] for v in meta["variants"]}
     by_seed = {name: {r["seed"]: r["test"][primary.key] for r in rs} for name, rs in results.items()}
     val_means = {name: sum(r["val_best"] for r in rs) / len(rs) for name, rs in results.items() if rs}
     best = max(val_means, key=val_means.get) if val_means else None
-    rows, clipped = [], False
+    reported = any(v.get("reported") is not None for v in meta["variants"])
+    cost_cols = _cost_columns(meta, runs, costs)
+    main, training, secondary, clipped = [], [], [], False
     for v in meta["variants"]:
         rs = results[v["name"]]
-        row: dict[str, Any] = {"variant": v["name"] + (" ★" if v["name"] == best else ""), "change": v["change"],
-                               "seeds": len(rs)}
+        name = v["name"] + (" ★" if v["name"] == best else "")
+        row: dict[str, str] = {"variant": name, "change": v.get("label") or short_label(v["change"]), "n": str(len(rs))}
+        more: dict[str, str] = {"variant": name}
         if rs:
             m, sd, hw = mean_ci([r["test"][primary.key] for r in rs])
-            row[primary.column] = f"{primary.format(m)} ± {primary.format(sd)}"
-            row["95% CI"] = format_ci(m, hw, primary)
-            clipped |= row["95% CI"].endswith(CLIPPED)
-            row["Δ (paired)"] = _delta(v, by_seed, primary) if v["parent"] else ""
-            for metric in task.metrics[1:]:
-                mk, sk, _ = mean_ci([r["test"][metric.key] for r in rs])
-                row[metric.column] = f"{metric.format(mk)} ± {metric.format(sk)}"
-            row["val (mean)"] = primary.format(val_means[v["name"]])
-        row["reported"] = primary.format(v["reported"]) if v.get("reported") is not None else ""
-        if rs:
+            row[primary.header] = f"{primary.format(m)} ± {primary.format(sd)}"
+            row[DELTA] = _delta(v, by_seed, primary) if v["parent"] else ""
+            more["val (mean)"] = primary.format(val_means[v["name"]])
+            more["95% CI"] = format_ci(m, hw, primary)
+            clipped |= more["95% CI"].endswith(CLIPPED)
             ran, best_ep = (sum(r[k] for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
-            row["epochs (best)"] = f"{format_count(ran)} ({format_count(best_ep)})"
-            row["train time (s)"] = f"{sum(r['train_time_s'] for r in rs) / len(rs):.0f}"
-        if meta.get("target") is not None:
-            hits = format_time_to_target(runs_of(runs, v["name"]), meta["target"]) if rs else ""
-            row[target_column(meta["target"], primary)] = hits
-        if rs:
-            row["params"] = f"{rs[0]['params']:,}"
-        rows.append(row)
-    return pd.DataFrame(rows).fillna(""), best, clipped
+            more["epochs (best)"] = f"{format_count(ran)} ({format_count(best_ep)})"
+            more["train s"] = f"{sum(r['train_time_s'] for r in rs) / len(rs):.0f}"
+            if meta.get("target") is not None:
+                more[target_column(meta["target"], primary)] = format_time_to_target(runs_of(runs, v["name"]), meta["target"])
+            if len(task.metrics) > 1:
+                sec = {"variant": name, "n": str(len(rs))}
+                for metric in task.metrics[1:]:
+                    mk, sk, _ = mean_ci([r["test"][metric.key] for r in rs])
+                    sec[metric.column] = f"{metric.format(mk)} ± {metric.format(sk)}"
+                secondary.append(sec)
+        else:
+            row[primary.header] = "not run"
+        if reported:
+            row["report"] = primary.format(v["reported"]) if v.get("reported") is not None else ""
+        row["params"] = format_params(rs[0]["params"]) if rs else ""
+        row.update(cost_cols.get(v["name"], {}))
+        main.append(row)
+        training.append(more)
+    numeric = {primary.header, DELTA, "val (mean)", "report", "params", "n", "95% CI", "epochs (best)", "train s",
+               "MFLOP", "GFLOP", *COST_HEADERS.values(), *(m.column for m in task.metrics)}
+    if meta.get("target") is not None:
+        numeric.add(target_column(meta["target"], primary))
+    return GroupTables(_table(main, numeric), _table(training, numeric), _table(secondary, numeric) if secondary else None,
+                       best, clipped, bool(cost_cols))
+
+
+DELTA = "Δ (p)"
+LATENCY_TOLERANCE = 0.1  # relative: the same network timed twice in one run differs by a few percent
+COST_HEADERS = {"cpu/fp32": "ORT ms", "cpu/int8": "INT8 ms", "cuda/fp32": "CUDA ms"}
+
+
+def format_params(n: int) -> str:
+    """``1,234``, ``145k``, ``1.9M``: parameter counts as the table shows them (exact counts: result.json)."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else f"{n:,}"
+
+
+def flops_unit(costs: dict[str, Any]) -> tuple[str, float, int]:
+    """(column header, divisor, decimals) for the FLOPs per image of a group's rungs: MFLOP, or GFLOP from 10 G."""
+    most = max((r.get("flops_per_image", 0) for r in costs.get("rungs", {}).values()), default=0)
+    return ("GFLOP", 1e9, 1) if most >= 1e10 else ("MFLOP", 1e6, 1)
+
+
+def _cost_columns(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, Any] | None) -> dict[str, dict[str, str]]:
+    """Per variant, its deployment cost cells from ``costs.json`` (see ``exporters.rungs``): FLOPs per image and
+    batch-1 p50 latency per provider/precision measured.  ``not run`` for a rung without finished runs, ``–`` for
+    one whose export is missing or was made from a run that is no longer current.  Empty without costs."""
+    if not costs:
+        return {}
+    rungs = costs.get("rungs", {})
+    columns = [c for c in ("cpu/fp32", "cpu/int8", "cuda/fp32") if any(c in r.get("latency", {}) for r in rungs.values())]
+    keys = {(r.variant, r.key) for r in runs}
+    unit, scale, digits = flops_unit(costs)
+    out = {}
+    for v in meta["variants"]:
+        rec = rungs.get(v["name"])
+        if not any(r.variant == v["name"] for r in runs):
+            cells = dict.fromkeys(["flops", *columns], "not run")
+        elif rec is None or (v["name"], rec["key"]) not in keys:
+            cells = dict.fromkeys(["flops", *columns], "–")
+        else:
+            lat = rec.get("latency", {})
+            cells = {"flops": f"{rec['flops_per_image'] / scale:.{digits}f}",
+                     **{c: format_ms(lat[c]["p50_ms"]) if c in lat else "–" for c in columns}}
+        out[v["name"]] = {(unit if k == "flops" else COST_HEADERS[k]): x for k, x in cells.items()}
+    return out
+
+
+def format_ms(ms: float) -> str:
+    """Three significant digits, never scientific: ``0.113``, ``4.27``, ``38.6``, ``1235``."""
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.{2 - int(math.floor(math.log10(ms)))}f}" if ms > 0 else "0"
 
 
 def target_column(target: float, metric: Metric) -> str:
@@ -136,10 +240,11 @@ def format_time_to_target(runs: list[StoredRun], target: float) -> str:
 
 
 def _delta(v: dict[str, Any], by_seed: dict[str, dict[int, float]], metric: Metric) -> str:
+    """``+0.21 (p=0.044)``: the mean paired change against the parent over the seeds both have."""
     d, p, n = paired_test(by_seed[v["name"]], by_seed.get(v["parent"], {}))
-    ref = f"vs {v['parent']}" if v["ablation"] else "vs prev"
     p_text = "–" if math.isnan(p) else f"{p:.3f}"
-    return "–" if n == 0 else f"{d * metric.scale:+.{metric.digits}f} {ref}, p={p_text} (n={n})"
+    shared = "" if n == len(by_seed[v["name"]]) else f", {n} seeds shared"
+    return "–" if n == 0 else f"{d * metric.scale:+.{metric.digits}f} (p={p_text}{shared})"
 
 
 def provenance(runs: list[StoredRun]) -> dict[str, str]:
@@ -264,7 +369,9 @@ def _group_of_heading(heading: str) -> str | None:
 def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, fig_dir: Path, stamp: str) -> str:
     """Markdown for one group: provenance, table, learning curves, the task's figures."""
     task = TASKS[meta["task"]]
-    table, best, clipped = group_table(meta, runs)
+    costs = store.read_costs(meta["group"])
+    tables = group_tables(meta, runs, costs)
+    best = tables.best
     prov = provenance(runs)
     out = [
         f"## {meta['group']} ({meta['task']}, spec `{meta['path']}`, profile `{meta['profile'] or 'full'}`)",
@@ -274,6 +381,9 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
         f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
         f"- table generated: {stamp}",
     ]
+    if tables.costs_shown and costs:
+        out.append(f"- deployment cost: `{costs.get('command') or 'python -m exporters.onnx rungs'}` at commit "
+                   f"{_short_commit(str(costs.get('commit', '?')))}, {costs['measured'][:16]}")
     if meta["role"] == "adhoc":
         out.append("- overrides: " + (", ".join(f"`{k}={files.yaml_scalar(v)}`" for k, v in meta["overrides"].items())
                                       or "none") + f"; seeds {', '.join(map(str, meta['seeds']))}")
@@ -283,17 +393,32 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
     out += ["", f"<!-- bench: runs {' '.join(sorted(_run_ids(runs)))} -->", ""]
     if meta.get("description"):
         out += [meta["description"], ""]
-    out += [files.markdown_table(list(table.columns), table.values.tolist()), ""]
-    if clipped:
-        primary = task.metrics[0]
+    primary = task.metrics[0]
+    out += [tables.main.markdown(), ""]
+    named = [f"{v['name']}: {v['parent']}" for i, v in enumerate(meta["variants"])
+             if v["parent"] and (i == 0 or meta["variants"][i - 1]["name"] != v["parent"])]
+    out += [f"*{primary.header}*: mean ± sample std over the *n* seeds. *{DELTA}*: the mean paired change against the "
+            "rung it builds on, the row above" + (f" unless named here ({'; '.join(named)})" if named else "")
+            + ", and the paired t-test's p. ★: the best mean validation metric (the test set chose nothing)."
+            + (" *report*: the report's number." if "report" in tables.main.headers else ""), ""]
+    if tables.costs_shown and costs:
+        out += _cost_legend(costs), ""
+        out += _tradeoff(meta, runs, costs, fig_dir, primary)
+    elif runs:
+        out += [f"Deployment cost per rung: `python -m exporters.onnx rungs {meta['path']}"
+                + (f" --profile {meta['profile']}`" if meta["profile"] else "`") + " adds it to this table.", ""]
+    out += _details(meta)
+    out += ["Training and statistics of each rung:", "", tables.training.markdown(), ""]
+    if tables.clipped:
         out += [f"{CLIPPED} The t-interval reaches outside the metric's range and is shown cut to "
                 f"[{primary.format(primary.low)}, {primary.format(primary.high)}] (few seeds make it wide).", ""]
     if meta.get("target") is not None:
-        primary = task.metrics[0]
         out += [f"*{target_column(meta['target'], primary)}*: the first epoch whose validation metric reached "
                 f"{primary.show(meta['target'])} (the report's best number, "
                 "the spec's `target`) and the seconds of training steps until its end (evaluation not counted), "
                 "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.", ""]
+    if tables.secondary is not None:
+        out += ["Secondary test metrics (mean ± std over the seeds):", "", tables.secondary.markdown(), ""]
     out += _tuned_block(meta, runs, fig_dir)
     out += _curves(meta, runs, fig_dir, task)
     if best:
@@ -301,6 +426,51 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
         for caption, png in _figures(best_run, store, fig_dir / meta["group"].replace("@", "-"), task):
             out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _cost_legend(costs: dict[str, Any]) -> str:
+    gpu = f"; *CUDA ms*: the CUDA execution provider on {costs['gpu']}" if costs.get("gpu") else ""
+    tta = [v for v, r in costs["rungs"].items() if r.get("tta")]
+    return (f"Deployment cost: the best seed (by validation) of each rung exported to ONNX, checked against PyTorch "
+            f"on the whole test set, and timed together: *{flops_unit(costs)[0]}* per image of the exported graph"
+            + (f" (the TTA graphs of {', '.join(tta)} run the network 8 times and count it)" if tta else "")
+            + f", *ORT ms* the p50 of batch-1 calls on {costs['engine']} (CPU provider, "
+            f"{costs['threads']} thread, fp32) on {costs['cpu']}"
+            + ("; *INT8 ms* the same for its static INT8 copy" if any("cpu/int8" in r.get("latency", {})
+                                                                     for r in costs["rungs"].values()) else "")
+            + f"{gpu}; load average {costs['load_avg_1m']} during the timings. "
+            f"Exact parameter counts and FLOPs: `runs/{costs['group']}/costs.json`.")
+
+
+def _tradeoff(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, Any], fig_dir: Path,
+              metric: Metric) -> list[str]:
+    """The trade-off figure (test metric against batch-1 latency, Pareto front) and the front in words."""
+    keys = {(r.variant, r.key) for r in runs}
+    points = []
+    for v in meta["variants"]:
+        rec = costs["rungs"].get(v["name"])
+        lat = (rec or {}).get("latency", {}).get("cpu/fp32")
+        if rec is None or lat is None or (v["name"], rec["key"]) not in keys:
+            continue
+        m, sd, _ = mean_ci([r.result["test"][metric.key] for r in runs if r.variant == v["name"]])
+        points.append((v["name"], lat["p50_ms"], m, sd))
+    if len(points) < 2:
+        return []
+    front = pareto_front([(p[1], p[2]) for p in points], metric.higher_is_better, LATENCY_TOLERANCE)
+    png = fig_dir / f"{meta['group'].replace('@', '-')}-tradeoff.png"
+    plot_tradeoff(points, front, png, metric, f"ONNX Runtime batch-1 p50 latency (ms, log scale; {costs['cpu']})",
+                  f"{meta['group']}: {metric.label} against latency, Pareto front in red")
+    names = ", ".join(f"{points[i][0]} ({points[i][1]:.3f} ms, {metric.format(points[i][2])})" for i in front)
+    return [f"![trade-off of {meta['group']}]({_rel(png, fig_dir.parent)})", "",
+            f"Pareto front (no other rung is better on test at no more latency; latencies within "
+            f"{LATENCY_TOLERANCE:.0%} count as equal, the timing noise of one network): {names}.", ""]
+
+
+def _details(meta: dict[str, Any]) -> list[str]:
+    """Every rung's full change (note and every key it sets), collapsed under the table."""
+    lines = [f"- **{v['name']}**" + (f" (from {v['parent']})" if v.get("ablation") else "") + f": {v['change']}"
+             for v in meta["variants"]]
+    return ["<details><summary>What each rung changes, in full</summary>", "", *lines, "", "</details>", ""]
 
 
 def _tuned_block(meta: dict[str, Any], runs: list[StoredRun], fig_dir: Path) -> list[str]:

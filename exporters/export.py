@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import files
+from bench.augment import dihedral, dihedral_inverse, dihedral_tta
+from bench.config import ConfigError
 from bench.runner import resolve_data_root
 from bench.store import LoadedRun, load_run
 from bench.tasks.base import ImageSet
@@ -63,10 +65,70 @@ class PadAndCrop(nn.Module):
         return self.net.body(F.pad(x, (0, pw, 0, ph), mode="reflect"))[..., :h, :w]
 
 
-def export_graph(model: nn.Module, example: Tensor, segmentation: bool) -> Any:
+TTA_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before the TTA graph turns them back into logits
+
+
+class DihedralTTA(nn.Module):
+    """Export form of test-time augmentation: the mean over the 8 flips/rotations of the input.
+
+    Segmentation: ``bench.augment.dihedral_tta`` (the harness's own TTA: sigmoid of each
+    transform's output, mapped back, summed in the same order, / 8), then turned back into a logit,
+    ``log(p) - log(1 - p)`` with ``p`` clamped to [:data:`TTA_EPS`, 1 - eps], so that the graph's output
+    means what a plain export's does: ``sigmoid(output)`` is the (TTA) foreground probability and a
+    user's code needs no change.  (N, C, H, W) -> (N, 1, H, W).
+    Classification (square inputs only): the mean of the 8 softmaxes, returned as its log (again
+    ``softmax(output)`` is the averaged probability).  (N, C, S, S) -> (N, K).
+    """
+
+    def __init__(self, net: nn.Module, segmentation: bool):
+        super().__init__()
+        self.net, self.segmentation = net, segmentation
+
+    def forward(self, x: Tensor) -> Tensor:
+        total = None
+        for e in range(8):
+            out = self.net(dihedral(x, e)).float()
+            p = dihedral_inverse(torch.sigmoid(out), e) if self.segmentation else torch.softmax(out, 1)
+            total = p if total is None else total + p
+        p = total / 8
+        if self.segmentation:
+            p = p.clamp(TTA_EPS, 1 - TTA_EPS)
+            return torch.log(p) - torch.log1p(-p)
+        return torch.log(p.clamp_min(TTA_EPS))
+
+
+def reference_forward(model: nn.Module, kind: str, tta: bool) -> Any:
+    """What parity compares the graph with, (N, C, H, W) -> logits: the network; with ``tta``, for segmentation the
+    harness's own TTA evaluation (``bench.augment.dihedral_tta``, the function that scored the run), as a logit;
+    for classification (no TTA in the harness) :class:`DihedralTTA` in PyTorch."""
+    model.eval()
+    if not tta:
+        return model
+    if kind == "classification":
+        return DihedralTTA(model, False).eval()
+
+    def harness_tta(x: Tensor) -> Tensor:
+        p = dihedral_tta(model, x).clamp(TTA_EPS, 1 - TTA_EPS)
+        return torch.log(p) - torch.log1p(-p)
+    return harness_tta
+
+
+def tta_refusal(kind: str, input_size: tuple[int, int] | list[int]) -> str | None:
+    """Why a TTA graph cannot be made for this model (None when it can): flips and rotations by 90 degrees
+    of a fixed-size classification input must give an input of the same shape."""
+    h, w = (int(v) for v in input_size)
+    if kind == "classification" and h != w:
+        return (f"--tta averages the 8 flips/rotations of the input, but this classification model takes {h}x{w} "
+                f"images: a rotation by 90 degrees gives {w}x{h}, which it cannot take; export without --tta")
+    return None
+
+
+def export_graph(model: nn.Module, example: Tensor, segmentation: bool, tta: bool = False) -> Any:
     """``torch.onnx.export`` (the dynamo exporter) with a dynamic batch axis, plus dynamic H, W for
-    segmentation; returns the ``onnx.ModelProto``."""
+    segmentation; with ``tta`` the graph is :class:`DihedralTTA` of the network.  Returns the ``onnx.ModelProto``."""
     net: nn.Module = PadAndCrop(model) if segmentation else model
+    if tta:
+        net = DihedralTTA(net, segmentation)
     net.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     dims: dict[int, Any] = {0: batch}
@@ -92,10 +154,12 @@ class Exported:
     inputs: np.ndarray  # normalized test inputs (N, C, H, W) float32
     test: ImageSet
     data_root: str
+    tta: bool = False  # the graph averages the 8 flips/rotations (DihedralTTA)
 
     @property
     def model(self) -> nn.Module:
-        return self.run.model
+        """What the graph computes, as a PyTorch module: the network, or its :class:`DihedralTTA`."""
+        return DihedralTTA(self.run.model, self.meta.kind == "segmentation").eval() if self.tta else self.run.model
 
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -117,33 +181,58 @@ def source_of(run_dir: Path, results_dir: Path) -> str:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None = None,
-               results_dir: str | Path | None = None, name: str | None = None) -> Exported:
+               results_dir: str | Path | None = None, name: str | None = None, tta: bool | None = None) -> Exported:
     """Export, check and verify one run; returns the :class:`Exported` (raises ExportError/ParityError,
-    leaving no file behind, when anything fails)."""
+    leaving no file behind, when anything fails; ConfigError when ``tta`` cannot apply to the model).
+
+    ``tta``: export the :class:`DihedralTTA` graph (None: when the run's own test metric used TTA,
+    ``eval.tta``), so that the shipped file reproduces the metric the run reported."""
     run = load_run(run_dir)
+    tta = bool(run.config.eval.tta) if tta is None else tta
+    if tta and (why := tta_refusal(run.task.kind, run.info.image_size)):
+        raise ConfigError(f"{run_dir}: {why}")
     source = source_of(run.run_dir, Path(results_dir) if results_dir else results_dir_of(run.run_dir))
     exporter = f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {OPSET}"
-    props = metadata_for(run, source, exporter)
+    props = metadata_for(run, source, exporter, tta)
     meta = ModelMeta.from_props(props, where=str(run_dir))
     root = resolve_data_root(data_root, default=run.config.data.root or "data")[0]  # else the run's own root
     test = run.task.raw_images(root, "test")
-    proto, export_s = _graph(run, meta, test, props, source)
+    proto, export_s = _graph(run, meta, test, props, source, tta)
     path = Path(out_dir) / f"{name or run.task.name}.onnx"
-    parity, inputs = _write_verified(proto, path, run, meta, test)
+    parity, inputs = _write_verified(proto, path, run, meta, test, tta)
+    graph = DihedralTTA(run.model, run.task.kind == "segmentation").eval() if tta else run.model
     record = {
         "onnx": path.name, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "task": run.task.name, "kind": run.task.kind, "source_run": source, "config_hash": run.key,
         "variant": (run.result or {}).get("variant"), "seed": (run.result or {}).get("seed"),
         "val_best": (run.result or {}).get("val_best"), "run_test": (run.result or {}).get("test"),
-        "run_tta": bool(run.config.eval.tta), "opset": OPSET, "exporter": exporter, "export_seconds": export_s,
-        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_root": root,
+        "run_tta": bool(run.config.eval.tta), "tta": tta, "opset": OPSET, "exporter": exporter,
+        "export_seconds": export_s, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_root": root,
         "params": sum(p.numel() for p in run.model.parameters()),
-        "flops_per_image": count_flops(run.model, torch.from_numpy(inputs[:1])),
+        "flops_per_image": count_flops(graph, torch.from_numpy(inputs[:1])),
         "metadata": props, "parity": parity,
     }
     record_path = path.with_suffix(".json")
     files.write_json(record_path, record)
-    return Exported(path, record_path, record, meta, run, inputs, test, root)
+    return Exported(path, record_path, record, meta, run, inputs, test, root, tta)
+
+
+def load_exported(record_path: Path, results_dir: Path, data_root: str | None = None) -> Exported | None:
+    """An earlier export read back from its record (``<name>.json`` beside ``<name>.onnx``), with its run and test
+    inputs; None when the record, the file (by its sha256) or the run folder is gone or unreadable."""
+    try:
+        rec = files.read_json(record_path)
+        path = record_path.with_name(rec["onnx"])
+        if hashlib.sha256(path.read_bytes()).hexdigest() != rec["sha256"]:
+            return None
+        run_dir = Path(rec["source_run"])
+        run = load_run(run_dir if run_dir.is_absolute() else results_dir / run_dir)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    meta = ModelMeta.from_props(rec["metadata"], where=str(path))
+    root = resolve_data_root(data_root, default=rec.get("data_root") or run.config.data.root or "data")[0]
+    test = run.task.raw_images(root, "test")
+    return Exported(path, record_path, rec, meta, run, meta.normalize(test.images), test, root, bool(rec.get("tta")))
 
 
 def results_dir_of(run_dir: Path) -> Path:
@@ -154,18 +243,20 @@ def results_dir_of(run_dir: Path) -> Path:
     return Path("results")
 
 
-def _graph(run: LoadedRun, meta: ModelMeta, test: ImageSet, props: dict[str, str], source: str) -> tuple[Any, float]:
+def _graph(run: LoadedRun, meta: ModelMeta, test: ImageSet, props: dict[str, str], source: str,
+           tta: bool) -> tuple[Any, float]:
     """(the checked ModelProto with its metadata, seconds the export took)."""
     example = torch.from_numpy(meta.normalize(test.images[:2]))  # batch 2: a batch of 1 would specialize the axis
     t0 = time.perf_counter()
     try:
-        proto = export_graph(run.model, example, run.task.kind == "segmentation")
+        proto = export_graph(run.model, example, run.task.kind == "segmentation", tta)
     except Exception as e:  # the exporter's own errors are many and long; keep the cause
         raise ExportError(f"{run.run_dir}: torch.onnx.export failed: {type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - t0
     onnx.helper.set_model_props(proto, props)
     proto.doc_string = (f"bench {run.task.name} model from {source} (config {run.key}); preprocessing in "
-                        f"metadata_props (normalization is not part of the graph)")
+                        f"metadata_props (normalization is not part of the graph)"
+                        + ("; the graph averages the 8 flips/rotations of its input (TTA)" if tta else ""))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
@@ -174,7 +265,7 @@ def _graph(run: LoadedRun, meta: ModelMeta, test: ImageSet, props: dict[str, str
 
 
 def _write_verified(proto: Any, path: Path, run: LoadedRun, meta: ModelMeta,
-                    test: ImageSet) -> tuple[dict[str, Any], np.ndarray]:
+                    test: ImageSet, tta: bool) -> tuple[dict[str, Any], np.ndarray]:
     """Write ``proto`` to a temp file, verify it on the whole test set, then rename it to ``path``;
     on any failure nothing is left (not even a folder this call created).  Returns (the parity report,
     the normalized test inputs (N, C, H, W))."""
@@ -187,7 +278,7 @@ def _write_verified(proto: Any, path: Path, run: LoadedRun, meta: ModelMeta,
             f.write(proto.SerializeToString())
         files.make_readable(tmp)
         t0 = time.perf_counter()
-        parity, inputs = verify(tmp, run.model, run.task, meta, test)
+        parity, inputs = verify(tmp, reference_forward(run.model, meta.kind, tta), run.task, meta, test, tta)
         parity["seconds"] = time.perf_counter() - t0
         os.replace(tmp, path)
         path.with_name(path.stem + ".int8.onnx").unlink(missing_ok=True)  # quantized from the previous export

@@ -59,7 +59,8 @@ KEYS: dict[str, str] = {
     "activation": "`softmax` (class probabilities) or `sigmoid` (foreground probability per pixel)",
     "classes": "JSON list of class names, index = logit position (classification)",
     "threshold": "foreground when the sigmoid probability is above this (segmentation)",
-    "tta": "`false`: the graph is one forward pass (no test-time augmentation)",
+    "tta": "`true`: the graph averages the probabilities of the 8 flips/rotations of its input and returns them as "
+           "logits (apply the activation as usual); `false`: one forward pass",
     "run_tta": "`true` when the source run's reported test metric averaged 8 flips/rotations",
     "source_run": "the run folder, relative to the results folder (`runs/<spec>/<variant>/seed-<k>`)",
     "config_hash": "the run's key: hash of its resolved config",
@@ -76,7 +77,7 @@ def _j(x: Any) -> str:
     return json.dumps(x)
 
 
-def metadata_for(run: LoadedRun, source_run: str, exporter: str) -> dict[str, str]:
+def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = False) -> dict[str, str]:
     """The ``metadata_props`` of an exported run (all values strings): the generic keys, then the
     task's preprocessing keys, then the run's provenance."""
     task, info, result = run.task, run.info, run.result
@@ -98,7 +99,7 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str) -> dict[str, st
         "output_name": "logits",
         "output_shape": _j(["batch", 1, "height", "width"] if seg else ["batch", len(info.classes or [])]),
         "activation": "sigmoid" if seg else "softmax",
-        "tta": "false",
+        "tta": "true" if tta else "false",
         "run_tta": "true" if run.config.eval.tta else "false",
         "source_run": source_run,
         "config_hash": run.key,

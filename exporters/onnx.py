@@ -1,6 +1,7 @@
 """Export finished runs to ONNX, verify them on the test set, benchmark them on ONNX Runtime.
 
     python -m exporters.onnx best [--results results] [--task mnist|warwick] [--groups G ...] [--int8] [--no-bench]
+    python -m exporters.onnx rungs SPEC [--profile P] [--int8]   # every rung's cost: see exporters.rungs
     python -m exporters.onnx RUN_DIR [--out DIR] ...
 
 Only ``best`` of the published groups, written to the default ``<results>/onnx``, is the shipped
@@ -12,8 +13,11 @@ model: its ``deployment.md`` is embedded in ``results/summary.md``.  Any other e
 profile as written; ``--groups`` names others, e.g. an ad-hoc experiment, explicitly) the
 run with the highest validation metric (``val_best`` in result.json; the test set never
 chooses); ties go to the run with fewer parameters, then to one whose test metric used no
-TTA (the exported graph is a single forward pass), then to the first run folder in
-alphabetical order.  Which runs are finished and current is the run store's answer.
+TTA (its graph is one forward pass instead of 8), then to the first run folder in
+alphabetical order.  A run whose test metric used TTA is exported as the TTA graph (the
+shipped file computes the metric that was reported) unless ``--no-tta``; ``--tta`` exports
+the TTA graph of any run (segmentation, or classification with square inputs).
+Which runs are finished and current is the run store's answer.
 Exporting, checking and verifying one run is :mod:`exporters.export`.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from bench import files
 from bench.config import ConfigError
+from bench.spec import load_spec, resolve_spec_path
 from bench.store import RunStore
 from bench.summary import write_summary
 from bench.tasks import TASKS
@@ -33,7 +38,8 @@ from bench.tasks.base import DataError
 from exporters import benchmark as bm
 from exporters import report
 from exporters.export import Exported, ExportError, export_run, results_dir_of
-from exporters.parity import ParityError
+from exporters.parity import ParityError, gap_text
+from exporters.rungs import measure_rungs
 
 
 @dataclass
@@ -75,7 +81,7 @@ def _parity_line(rec: dict) -> str:
     p = rec["parity"]
     agree = (f"identical predictions {100 * p['agreement']:.2f} %" if "agreement" in p
              else f"pixel agreement {100 * p['pixel_agreement']:.3f} %")
-    return (f"parity on {p['n']} test images: max |Δlogit| {p['max_abs_logit_diff']:.2e}, {agree}, "
+    return (f"parity on {p['n']} test images: {gap_text(p)}, {agree}, "
             f"{p['metric']} ORT {p['metric_ort']:.4f} vs PyTorch {p['metric_torch']:.4f} (run's own test: "
             f"{(rec.get('run_test') or {}).get(p['metric'], float('nan')):.4f}{', with TTA' if rec['run_tta'] else ''})")
 
@@ -83,7 +89,14 @@ def _parity_line(rec: dict) -> str:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m exporters.onnx", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="`best` (the best finished run of each task) or a run folder")
+    p.add_argument("target", help="`best` (the best finished run of each task), `rungs` (every rung of SPEC) or a run folder")
+    p.add_argument("spec", nargs="?", help="with `rungs`: the spec (path or short name, e.g. mnist)")
+    p.add_argument("--profile", help="with `rungs`: the spec's profile (its published group)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="export the graph that averages the 8 flips/rotations (--no-tta: one forward pass); "
+                        "default: TTA exactly when the run's own test metric used it (eval.tta)")
+    p.add_argument("--force", action="store_true", help="with `rungs`: export again even when the run and code are "
+                                                        "unchanged")
     p.add_argument("--results", help="results folder (default: results; for a RUN_DIR the folder holding its runs/)")
     p.add_argument("--task", choices=sorted(TASKS), help="with `best`: only this task")
     p.add_argument("--groups", nargs="+", help="with `best`: choose among the runs of these groups (folders under "
@@ -94,11 +107,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static, QDQ) and benchmark it")
     p.add_argument("--no-bench", action="store_true", help="export and verify only; no latency benchmark")
     p.add_argument("--threads", type=int, help="benchmark threads for both engines (default: 1 at batch 1, all cores at "
-                                                  "the large batch)")
+                                                  "the large batch; `rungs`: 1)")
     p.add_argument("--repeats", type=int,
                    help="timed calls per engine and batch (default: 200 at batch 1, 30 at the large batch)")
     p.add_argument("--no-summary", action="store_true", help="do not rebuild <results>/summary.md")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.target == "rungs") != (args.spec is not None):
+        p.error("`rungs` takes a SPEC (e.g. `rungs mnist --profile quick`); `best` and a run folder take none")
+    if args.profile and args.target != "rungs":
+        p.error("--profile goes with `rungs`")
+    for name in ("threads", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
 
 
 def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
@@ -129,12 +150,13 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
     return results, [c.run_dir for _, c in chosen if c is not None], published
 
 
-def export_all(run_dirs: list[Path], out_dir: Path, data_root: str | None, results: Path) -> tuple[list[Exported], int]:
+def export_all(run_dirs: list[Path], out_dir: Path, data_root: str | None, results: Path,
+               tta: bool | None = None) -> tuple[list[Exported], int]:
     """Export every run; a failed export does not stop the others.  (exports, exit status so far)."""
     done, status = [], 0
     for rd in run_dirs:
         try:
-            ex = export_run(rd, out_dir, data_root, results)
+            ex = export_run(rd, out_dir, data_root, results, tta=tta)
         except (ParityError, ExportError) as e:
             print(f"error: {e}\nno file written for this export", file=sys.stderr)
             status = max(status, 1)
@@ -162,6 +184,8 @@ def benchmark_all(done: list[Exported], reports: Path, args: argparse.Namespace)
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an export failed its check or parity, 2 usage or data error (the others still run)."""
     args = _parse_args(argv)
+    if args.target == "rungs":
+        return rungs_main(args, argv)
     try:
         results, run_dirs, published = choose_runs(args)
     except (ConfigError, OSError, ValueError) as e:  # also unreadable result/config files
@@ -173,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     shipped = published and args.out is None
     out_dir = Path(args.out) if args.out else results / ("onnx" if published else "onnx-adhoc")
     reports = results if shipped else out_dir
-    done, status = export_all(run_dirs, out_dir, args.data_root, results)
+    done, status = export_all(run_dirs, out_dir, args.data_root, results, args.tta)
     if not done:
         return status
     benchmark_all(done, reports, args)
@@ -182,6 +206,35 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
         # re-embed the deployment table; rebuild no group's table unless there is no summary yet
         for path in write_summary(results, command, groups=[] if (results / "summary.md").is_file() else None):
+            print(f"wrote {path}", file=sys.stderr)
+    return status
+
+
+def rungs_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``rungs SPEC``: every rung's cost (exporters.rungs), then the group's table rebuilt with it."""
+    if args.groups or args.task or args.out or args.no_bench:
+        print("error: `rungs` exports the spec's own group into <results>/onnx/rungs: --groups, --task, --out and "
+              "--no-bench do not apply", file=sys.stderr)
+        return 2
+    results = Path(args.results or "results")
+    command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        spec = load_spec(resolve_spec_path(args.spec), args.profile)
+        if spec.group not in RunStore(results).groups("published"):
+            raise ConfigError(f"no runs of {spec.group} under {results / 'runs'}; train them first: "
+                              f"python -m bench run {args.spec}" + (f" --profile {args.profile}" if args.profile else ""))
+        doc, status = measure_rungs(spec, results, args.data_root, args.tta, args.int8, args.threads or 1,
+                                    args.repeats, args.force, command)
+    except (ConfigError, DataError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for variant, rec in doc["rungs"].items():
+        lat = ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rec.get("latency", {}).items())
+        print(f"{spec.group} {variant}: {rec['params']:,} params, {rec['flops_per_image'] / 1e6:.2f} MFLOP/image, "
+              f"batch-1 p50 {lat or 'not timed'}", file=sys.stderr)
+    print(f"wrote {RunStore(results).root / spec.group / 'costs.json'}", file=sys.stderr)
+    if not args.no_summary:
+        for path in write_summary(results, command, groups=[spec.group]):
             print(f"wrote {path}", file=sys.stderr)
     return status
 

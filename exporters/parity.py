@@ -10,21 +10,27 @@ Tolerances (an export outside them is an error; see :data:`TOLERANCE`):
 * classification: identical predicted classes on at least 99.9 % of the test images;
 * segmentation: ``|Dice_ort - Dice_torch| <= 1e-3`` (mean per-image Dice of the masks
   thresholded at the metadata's ``threshold``).
+
+A TTA graph (``--tta``) is compared with the harness's own TTA evaluation (segmentation: the
+function that scored the run) and checked on probabilities instead of logits,
+``max |p_ort - p_torch| <= 1e-4``: its logits are ``log(p / (1 - p))`` of clamped probabilities,
+whose last float32 bits near p = 0 or 1 swing the logit by a few hundredths without changing
+any mask.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from bench.tasks.base import ImageSet, Task
 from exporters.metadata import ModelMeta
 from exporters.runtime import run_batched, session
 
-TOLERANCE = {"logit_rtol": 1e-3, "min_agreement": 0.999, "max_dice_diff": 1e-3}
+TOLERANCE = {"logit_rtol": 1e-3, "tta_prob_atol": 1e-4, "min_agreement": 0.999, "max_dice_diff": 1e-3}
 EVAL_BATCH = {"classification": 500, "segmentation": 8}
 
 
@@ -33,11 +39,16 @@ class ParityError(RuntimeError):
 
 
 @torch.inference_mode()
-def torch_logits(model: nn.Module, x: np.ndarray, batch: int) -> np.ndarray:
-    """PyTorch eager logits of ``x`` (N, C, H, W) float32, in eval mode on the CPU."""
-    model.eval()
+def torch_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, batch: int) -> np.ndarray:
+    """PyTorch eager logits of ``x`` (N, C, H, W) float32 on the CPU (``forward``: a model in eval mode)."""
     t = torch.from_numpy(x)
-    return torch.cat([model(t[i : i + batch]).float() for i in range(0, len(t), batch)]).numpy()
+    return torch.cat([forward(t[i : i + batch]).float() for i in range(0, len(t), batch)]).numpy()
+
+
+def probabilities(meta: ModelMeta, logits: np.ndarray) -> np.ndarray:
+    """The activation the metadata names: softmax over classes or per-pixel sigmoid."""
+    t = torch.from_numpy(logits)
+    return (torch.softmax(t, 1) if meta.kind == "classification" else torch.sigmoid(t)).numpy()
 
 
 def agreement(meta: ModelMeta, a: np.ndarray, b: np.ndarray) -> float:
@@ -49,7 +60,7 @@ def agreement(meta: ModelMeta, a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare(task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.ndarray,
-            targets: np.ndarray) -> dict[str, Any]:
+            targets: np.ndarray, tta: bool = False) -> dict[str, Any]:
     """Parity numbers of two sets of logits of the same images (no checks)."""
     v_ort = task.score_outputs(ort_logits, targets, meta.threshold)
     v_ref = task.score_outputs(ref_logits, targets, meta.threshold)
@@ -57,15 +68,29 @@ def compare(task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.
                            "logit_scale": float(np.abs(ref_logits).max()),
                            "metric": task.metric, "metric_ort": v_ort, "metric_torch": v_ref, "metric_diff": v_ort - v_ref}
     out["agreement" if meta.kind == "classification" else "pixel_agreement"] = agreement(meta, ort_logits, ref_logits)
+    if tta:
+        out["tta"] = True
+        out["max_abs_prob_diff"] = float(np.abs(probabilities(meta, ort_logits) - probabilities(meta, ref_logits)).max())
     return out
+
+
+def gap_text(report: dict[str, Any]) -> str:
+    """The checked difference of a :func:`compare` report, for messages: ``max |Δlogit| 2.1e-05`` (``|Δp|`` for TTA)."""
+    if report.get("tta"):
+        return f"max |Δp| {report['max_abs_prob_diff']:.1e}"
+    return f"max |Δlogit| {report['max_abs_logit_diff']:.1e}"
 
 
 def check(meta: ModelMeta, report: dict[str, Any]) -> list[str]:
     """The tolerance violations of a :func:`compare` report (empty when it passes)."""
     bad = []
-    atol = TOLERANCE["logit_rtol"] * max(1.0, report["logit_scale"])
-    if not report["max_abs_logit_diff"] <= atol:  # also catches NaN
-        bad.append(f"max |logit difference| {report['max_abs_logit_diff']:.3g} > {atol:.3g}")
+    if report.get("tta"):
+        if not report["max_abs_prob_diff"] <= TOLERANCE["tta_prob_atol"]:  # also catches NaN
+            bad.append(f"max |probability difference| {report['max_abs_prob_diff']:.3g} > {TOLERANCE['tta_prob_atol']}")
+    else:
+        atol = TOLERANCE["logit_rtol"] * max(1.0, report["logit_scale"])
+        if not report["max_abs_logit_diff"] <= atol:  # also catches NaN
+            bad.append(f"max |logit difference| {report['max_abs_logit_diff']:.3g} > {atol:.3g}")
     if meta.kind == "classification" and not report["agreement"] >= TOLERANCE["min_agreement"]:
         bad.append(f"identical predictions {100 * report['agreement']:.3f} % < {100 * TOLERANCE['min_agreement']:.1f} %")
     if meta.kind == "segmentation" and not abs(report["metric_diff"]) <= TOLERANCE["max_dice_diff"]:
@@ -73,13 +98,14 @@ def check(meta: ModelMeta, report: dict[str, Any]) -> list[str]:
     return bad
 
 
-def verify(onnx_path: str | Path, model: nn.Module, task: Task, meta: ModelMeta,
-           data: ImageSet) -> tuple[dict[str, Any], np.ndarray]:
-    """Run the whole test set through ONNX Runtime (CPU) and PyTorch; raise :class:`ParityError`
-    outside :data:`TOLERANCE`.  Returns (parity report, the normalized inputs (N, C, H, W))."""
+def verify(onnx_path: str | Path, reference: Callable[[torch.Tensor], torch.Tensor], task: Task, meta: ModelMeta,
+           data: ImageSet, tta: bool = False) -> tuple[dict[str, Any], np.ndarray]:
+    """Run the whole test set through ONNX Runtime (CPU) and ``reference`` (PyTorch: the network in eval mode,
+    or with ``tta`` the TTA evaluation, see :func:`exporters.export.reference_forward`); raise
+    :class:`ParityError` outside :data:`TOLERANCE`.  Returns (parity report, the normalized inputs (N, C, H, W))."""
     x = meta.normalize(data.images)
     bs = EVAL_BATCH[meta.kind]
-    report = compare(task, meta, run_batched(session(onnx_path), x, bs), torch_logits(model, x, bs), data.targets)
+    report = compare(task, meta, run_batched(session(onnx_path), x, bs), torch_logits(reference, x, bs), data.targets, tta)
     report["tolerance"] = dict(TOLERANCE)
     bad = check(meta, report)
     if bad:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import files
+from exporters.parity import gap_text
 
 CSV_COLUMNS = [
     "model", "source_run", "engine", "provider", "precision", "batch", "threads", "spinning", "warmup", "repeats",
@@ -137,11 +138,20 @@ def _parity_note(rec: dict[str, Any]) -> str:
              else f"pixel agreement {100 * par['pixel_agreement']:.3f} %")
     run_metric = (rec.get("run_test") or {}).get(par["metric"])
     return (f"- **{rec['task']}** `{rec['onnx']}` from `{rec['source_run']}` (config {rec['config_hash']}, val "
-            f"{rec['val_best']:.4f}): parity on {par['n']} test images max |Δlogit| {par['max_abs_logit_diff']:.1e}, "
+            f"{rec['val_best']:.4f}): parity on {par['n']} test images {gap_text(par)}, "
             f"{agree}; {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch {par['metric_torch']:.4f}"
-            + (f" (the run's reported test {par['metric']} {run_metric:.4f}"
-               + (" used 8-fold TTA; the export is one forward pass)" if rec.get("run_tta") else ")")
+            + (f" (the run's reported test {par['metric']} {run_metric:.4f}{_tta_words(rec)})"
                if run_metric is not None else ""))
+
+
+def _tta_words(rec: dict[str, Any]) -> str:
+    """How the run's metric and the exported graph stand with respect to TTA."""
+    run_tta, graph_tta = bool(rec.get("run_tta")), bool(rec.get("tta"))
+    if run_tta and graph_tta:
+        return ", with 8-fold TTA, which the exported graph computes too"
+    if run_tta:
+        return " used 8-fold TTA; this export is one forward pass (`--no-tta`)"
+    return "; the exported graph averages 8 flips/rotations (`--tta`), the run did not" if graph_tta else ""
 
 
 def _int8_note(rec: dict[str, Any], mine: list[dict[str, Any]]) -> list[str]:

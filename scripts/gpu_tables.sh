@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The standing GPU work in one go: both full specs (every rung, 3 seeds), the export and benchmark of the best
-# models, and `bench perf`, each step's wall time logged to results/gpu_tables.log.
+# models and of every rung (cost columns, trade-off figure), and `bench perf`, each step's wall time logged to results/gpu_tables.log.
 #
 #   BENCH_DATA=/path/to/data scripts/gpu_tables.sh [--quick-perf]
 #
@@ -23,4 +23,6 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee
 step python -m bench run ablations/mnist.yaml --no-progress
 step python -m bench run ablations/warwick.yaml --no-progress
 step python -m exporters.onnx best --int8
+step python -m exporters.onnx rungs ablations/mnist.yaml --int8     # every rung's cost; CUDA provider too
+step python -m exporters.onnx rungs ablations/warwick.yaml --int8
 step "${perf[@]}"

@@ -112,8 +112,8 @@ def test_warwick_export_has_dynamic_height_and_width(runs, tmp_path):
 def test_broken_export_fails_parity_and_leaves_no_file(runs, tmp_path, monkeypatch, capsys):
     real = export.export_graph
 
-    def broken(model, example, segmentation):  # perturb the first weight tensor of the exported graph
-        proto = real(model, example, segmentation)
+    def broken(model, example, segmentation, tta=False):  # perturb the first weight tensor of the exported graph
+        proto = real(model, example, segmentation, tta)
         init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
         w = onnx.numpy_helper.to_array(init).copy()
         init.CopyFrom(onnx.numpy_helper.from_array(w + 0.5 * np.abs(w).max(), init.name))

@@ -11,7 +11,7 @@ import pytest
 from bench import files
 from bench.spec import load_spec, place_in_group
 from bench.store import RunStore
-from bench.summary import group_table, mean_ci, paired_test, write_summary
+from bench.summary import Table, group_tables, mean_ci, paired_test, write_summary
 from tests.helpers import write_spec
 
 
@@ -58,16 +58,23 @@ def test_summary_table(tmp_path):
     results = fake_store(tmp_path)
     text = _summary(results, command="python -m bench summary")
     assert "incomplete" not in text
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    rows, more = (table_rows(text, n) for n in (0, 1))  # the main table, the training/statistics table
     assert re.search(r"\|\s+3\s+\|\s+98.20 ± 0.20\s+\|", rows["a"])  # 3 seeds, mean ± sd
     assert re.search(r"\|\s+98.20\s+\|", rows["a"])  # the report's number beside it, in the table's format
-    # b - a per seed: 1.0, 0.9, 1.1 points -> +1.00 vs prev
-    assert "+1.00 vs prev" in rows["b"] and "(n=3)" in rows["b"]
-    assert "-1.00 vs a" in rows["c ★"]  # the leave-one-out compares with its `from`, and is best by validation
-    assert "[97.70, 98.70]" in rows["a"]  # 98.2 +- 4.3027 * 0.2 / sqrt 3
+    # b - a per seed: 1.0, 0.9, 1.1 points -> +1.00 against the row above
+    assert "+1.00 (p=" in rows["b"]
+    assert "-1.00 (p=" in rows["c ★"]  # the leave-one-out compares with its `from`, and is best by validation
+    assert "the row above unless named here (c: a)" in text
+    assert "[97.70, 98.70]" in more["a"]  # 98.2 +- 4.3027 * 0.2 / sqrt 3
     assert "CPU: test" in text and "abcdef123456" in text and "`python -m bench summary`" in text
     png = results / "figures" / "demo-curves.png"
     assert png.stat().st_size > 1000 and "figures/demo-curves.png" in text
+
+
+def table_rows(text: str, n: int) -> dict[str, str]:
+    """The rows of the n-th table of rungs (``| variant ...``) of ``text`` by their first cell."""
+    tables = [block for block in text.split("\n\n") if block.startswith("| variant")]
+    return {line.split("|")[1].strip(): line for line in tables[n].splitlines()[2:]}
 
 
 def test_summary_ignores_results_of_an_old_config(tmp_path):
@@ -100,14 +107,13 @@ def test_reported_number_is_shown_in_the_metric_s_own_format():
     for task, reported, shown in (("warwick", 0.66, "0.6600"), ("warwick", 0.88, "0.8800"), ("mnist", 0.982, "98.20")):
         meta = {"task": task, "variants": [{"name": "a", "change": "", "parent": None, "ablation": False,
                                             "reported": reported}]}
-        table, _, _ = group_table(meta, [])
-        assert table.loc[0, "reported"] == shown  # as the table's own numbers (0.66 once showed as 0.7)
+        assert column(group_tables(meta, []).main, "report") == [shown]  # as the table's own numbers (0.66 once showed as 0.7)
 
 
 def test_interval_is_clipped_to_the_metric_s_range_and_counts_are_integers(tmp_path):
     results = fake_store(tmp_path, acc={"a": [0.95, 0.999, 0.90], "b": [0.990, 0.991, 0.995], "c": [0.97, 0.972, 0.974]})
     text = _summary(results)
-    row_a = next(line for line in text.splitlines() if line.startswith("| a "))
+    row_a = table_rows(text, 1)["a"]
     assert "100.00]†" in row_a and "101" not in row_a  # 94.97 + 4.30 * 4.95 / sqrt 3 > 100 %
     assert "† The t-interval reaches outside the metric's range and is shown cut to [0.00, 100.00]" in text
     assert re.search(r"\|\s+2 \(2\)\s+\|", row_a)  # epochs "2 (2)", not "2.0 (2.0)"
@@ -174,12 +180,12 @@ def test_time_to_target_column_reads_each_runs_metrics(tmp_path):
                        (1, "1,1,0.5,1,0.96,0.1,5.0,3.5\n")):  # at epoch 1
         (store.path(next(r for r in spec.runs(["a"]) if r.seed == seed)) / "metrics.csv").write_text(
             "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time,train_seconds\n" + rows)
-    table = group_table(store.read_group("t"), store.finished("t"))[0]
-    column = "to val 95.00 %: epoch, train s"
-    assert list(table[column]) == ["1.5 · 6 s", "not reached"]  # (2 + 1) / 2 epochs, (8.5 + 3.5) / 2 s
+    table = group_tables(store.read_group("t"), store.finished("t")).training
+    target = "to val 95.00 %: epoch, train s"
+    assert column(table, target) == ["1.5 · 6 s", "not reached"]  # (2 + 1) / 2 epochs, (8.5 + 3.5) / 2 s
     (store.path(next(r for r in spec.runs(["a"]) if r.seed == 1)) / "metrics.csv").write_text(
         "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time,train_seconds\n1,1,0.5,1,0.5,0.1,5.0,3.5\n")
-    assert group_table(store.read_group("t"), store.finished("t"))[0][column][0] == "2 · 8 s (1 of 2 seeds)"
+    assert column(group_tables(store.read_group("t"), store.finished("t")).training, target)[0] == "2 · 8 s (1 of 2 seeds)"
     text = _summary(store.results)
     assert "the report's best number, the spec's `target`" in text
 
@@ -190,8 +196,14 @@ def test_a_partial_group_with_a_target_builds_its_table(tmp_path):
                       variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}])
     store, spec = RunStore(tmp_path / "results"), load_spec(path)
     fake_runs(store, spec, {"a": [0.96], "b": [0.9]}, runs=spec.runs(["a"]), val={"a": 0.96, "b": 0.9})
-    table = group_table(store.read_group("p"), store.finished("p"))[0]
-    assert list(table["seeds"]) == [1, 0] and list(table["params"]) == ["1,234", ""]
+    table = group_tables(store.read_group("p"), store.finished("p")).main
+    assert column(table, "n") == ["1", "0"] and column(table, "params") == ["1,234", ""]
+    assert column(table, "test acc. (%)") == ["96.00 ± –", "not run"]
+
+
+def column(table: Table, header: str) -> list[str]:
+    """One column of a summary table, top to bottom."""
+    return [row[table.headers.index(header)] for row in table.rows]
 
 
 def test_an_experiment_alone_writes_no_published_summary(tmp_path):

@@ -197,7 +197,7 @@ class ClassificationTask(Task):
     and ``preprocessing``."""
 
     kind = "classification"
-    metrics = (Metric("acc", "test accuracy", unit="%", scale=100.0, digits=2),)
+    metrics = (Metric("acc", "test accuracy", unit="%", scale=100.0, digits=2, short="test acc."),)
     default_loss = "ce"
     losses = ("ce",)
     classes: list[str] = []

@@ -1,0 +1,203 @@
+"""Deployment cost of every rung of a spec: export, verify and time the best seed of each variant.
+
+    python -m exporters.onnx rungs ablations/mnist.yaml --profile quick [--int8] [--no-tta]
+
+For each variant of the spec (and profile) as written, the finished run with the best validation
+metric is exported to ``<results>/onnx/rungs/<group>/<variant>.onnx`` and checked for parity on the
+whole test set, as ``best`` does; a variant whose metric used TTA is exported as the TTA graph
+(``--no-tta``: one forward pass), so that its latency is what its metric costs.  An export is
+reused while its source run (its best.pt) and the code that makes the graph are unchanged (see
+:func:`fingerprint`); ``--force`` redoes them.
+
+Latency is always measured again, for every rung together in one process: ONNX Runtime, batch 1,
+one thread (``--threads``), one test image, the calls of all rungs interleaved in chunks (see
+:func:`exporters.benchmark.time_calls`), so that the rungs are compared under the same load.  The
+result goes to ``<results>/runs/<group>/costs.json`` (beside the group's runs, like them not
+committed), from which ``bench summary`` adds the cost columns and the trade-off figure to the
+group's table.  A variant without a finished run is "not run", not an error.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from bench import files
+from bench.spec import Spec, slug
+from bench.store import RunStore
+from bench.train import device_name
+from exporters import export as export_module
+from exporters import metadata as metadata_module
+from exporters import parity as parity_module
+from exporters.benchmark import add_int8, time_calls
+from exporters.export import OPSET, Exported, export_run, load_exported, source_of
+from exporters.runtime import PROVIDERS, available_providers, session
+
+REPEATS = 200
+WARMUP = 10
+MAX_SECONDS = 240.0
+
+
+@dataclass
+class Rung:
+    """A variant of the spec and the run chosen to stand for it (None when none is finished)."""
+
+    variant: str
+    run_dir: Path | None
+    seed: int | None = None
+    val: float | None = None
+
+
+def choose(spec: Spec, store: RunStore) -> list[Rung]:
+    """Per variant, the finished current run with the highest validation metric (ties: lower seed)."""
+    out = []
+    for v in spec.variants:
+        done = [(r, res) for r in spec.runs([v.name]) if (res := store.result(r)) is not None]
+        done = [(r, res) for r, res in done if isinstance(res.get("val_best"), (int, float))]
+        if not done:
+            out.append(Rung(v.name, None))
+            continue
+        run, res = min(done, key=lambda d: (-d[1]["val_best"], d[0].seed))
+        out.append(Rung(v.name, store.path(run), run.seed, float(res["val_best"])))
+    return out
+
+
+def fingerprint(run_dir: Path, tta: bool, model_module: str, task_module: str) -> str:
+    """What an export depends on: the run's best.pt, the TTA choice, torch and the opset, and the source of the
+    modules that build, describe and check the graph (the model's and the task's included)."""
+    h = hashlib.sha256((run_dir / "best.pt").read_bytes())
+    h.update(f"tta={tta};torch={torch.__version__};opset={OPSET}".encode())
+    for mod in (export_module, metadata_module, parity_module, sys.modules[model_module], sys.modules[task_module]):
+        h.update(Path(inspect.getsourcefile(mod) or "").read_bytes())
+    h.update(Path(inspect.getsourcefile(sys.modules["bench.augment"]) or "").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def export_rung(rung: Rung, out_dir: Path, results: Path, data_root: str | None, tta: bool | None,
+                force: bool) -> tuple[Exported, bool]:
+    """(the export of ``rung``'s run, whether it was reused).  Raises what :func:`export_run` raises."""
+    assert rung.run_dir is not None
+    name = slug(rung.variant)
+    record_path = out_dir / f"{name}.json"
+    ex = None if force or not record_path.exists() else load_exported(record_path, results, data_root)
+    if ex is not None:
+        want_tta = bool(ex.run.config.eval.tta) if tta is None else tta
+        fp = fingerprint(rung.run_dir, want_tta, type(ex.run.model).__module__, type(ex.run.task).__module__)
+        if ex.record.get("fingerprint") == fp and ex.record.get("source_run") == source_of(rung.run_dir, results):
+            return ex, True
+    ex = export_run(rung.run_dir, out_dir, data_root, results, name=name, tta=tta)
+    ex.record["fingerprint"] = fingerprint(rung.run_dir, ex.tta, type(ex.run.model).__module__,
+                                           type(ex.run.task).__module__)
+    files.write_json(ex.record_path, ex.record)
+    return ex, False
+
+
+def time_rungs(exports: dict[str, Exported], threads: int, repeats: int | None,
+               providers: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Batch-1 latency of every export (and its INT8 file) on every provider, all calls interleaved:
+    {variant: {"cpu/fp32": {"p50_ms", "p90_ms", "p99_ms", "calls"}, ...}}."""
+    provs = providers or [p for p in available_providers() if p == "cpu" or torch.cuda.is_available()]
+    fns: dict[str, Any] = {}
+    for variant, ex in exports.items():
+        x = np.ascontiguousarray(ex.inputs[:1])
+        paths = {"fp32": ex.path}
+        if ex.record.get("int8") and (ex.path.parent / ex.record["int8"]["onnx"]).exists():
+            paths["int8"] = ex.path.parent / ex.record["int8"]["onnx"]
+        for prov in provs:
+            for prec, path in paths.items():
+                if prov != "cpu" and prec == "int8":
+                    continue  # QDQ int8 targets the CPU kernels
+                try:
+                    sess = session(path, prov, threads)
+                except Exception as e:  # e.g. the CUDA provider cannot start: keep the CPU numbers
+                    print(f"warning: {prov} session of {path} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
+                if sess.get_providers()[0] != PROVIDERS[prov]:
+                    print(f"warning: {path}: onnxruntime fell back from {prov} to {sess.get_providers()[0]}; "
+                          "not timed", file=sys.stderr)
+                    continue
+                fns[f"{variant}|{prov}/{prec}"] = (lambda s=sess, feed={ex.meta.input_name: x}: s.run(None, feed))
+    times = time_calls(fns, WARMUP, repeats or REPEATS, max_seconds=MAX_SECONDS)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, t in times.items():
+        variant, column = key.split("|")
+        p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
+        out.setdefault(variant, {})[column] = {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "calls": len(t)}
+    return out
+
+
+def rung_record(ex: Exported, rung: Rung, reused: bool) -> dict[str, Any]:
+    """What the summary shows of one exported rung."""
+    rec = ex.record
+    par = rec["parity"]
+    return {
+        "run": rec["source_run"], "key": rec["config_hash"], "seed": rung.seed, "val_best": rung.val,
+        "onnx": (ex.path.parent.name + "/" + ex.path.name), "tta": bool(rec.get("tta")), "run_tta": bool(rec["run_tta"]),
+        "params": int(rec["params"]), "flops_per_image": int(rec["flops_per_image"]),
+        "metric": par["metric"], "metric_ort": par["metric_ort"], "metric_torch": par["metric_torch"],
+        "int8_metric_ort": (rec.get("int8") or {}).get("metric_ort"), "export_reused": reused,
+        "exported": rec["exported"],
+    }
+
+
+def measure_rungs(spec: Spec, results: Path, data_root: str | None = None, tta: bool | None = None,
+                  int8: bool = False, threads: int = 1, repeats: int | None = None, force: bool = False,
+                  command: str = "") -> tuple[dict[str, Any], int]:
+    """Export (or reuse) every rung's best run, time them together and write ``runs/<group>/costs.json``.
+
+    Returns (the costs document, exit status: 0, or 1 when an export failed its check or parity).  Raises
+    ConfigError (usage: a ``--tta`` the model cannot take, no group) before anything is written."""
+    store = RunStore(results)
+    rungs = choose(spec, store)
+    out_dir = results / "onnx" / "rungs" / spec.group
+    exports: dict[str, Exported] = {}
+    records: dict[str, dict[str, Any]] = {}
+    status = 0
+    for rung in rungs:
+        if rung.run_dir is None:
+            print(f"{spec.group} {rung.variant}: not run (no finished run of the spec as written)", file=sys.stderr)
+            continue
+        try:
+            ex, reused = export_rung(rung, out_dir, results, data_root, tta, force)
+        except (parity_module.ParityError, export_module.ExportError) as e:
+            print(f"error: {rung.variant}: {e}", file=sys.stderr)
+            status = 1
+            continue
+        if int8 and not (ex.record.get("int8") and (out_dir / ex.record["int8"]["onnx"]).exists()):
+            add_int8(ex)
+        exports[rung.variant] = ex
+        records[rung.variant] = rung_record(ex, rung, reused)
+        print(f"{spec.group} {rung.variant}: {'reused' if reused else 'exported'} {ex.path} (seed {rung.seed}"
+              f"{', TTA graph' if ex.tta else ''}; {par_line(ex.record)})", file=sys.stderr)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    timings = time_rungs(exports, threads, repeats) if exports else {}
+    for variant, cols in timings.items():
+        records[variant]["latency"] = cols
+    cuda = "cuda" in {c.split("/")[0] for cols in timings.values() for c in cols}
+    doc = {
+        "group": spec.group, "spec": spec.path, "profile": spec.profile, "command": command,
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 1),
+        "batch": 1, "threads": threads, "engine": f"onnxruntime {ort.__version__}", "torch": torch.__version__,
+        "cpu": device_name(torch.device("cpu")), "gpu": device_name(torch.device("cuda")) if cuda else None,
+        "load_avg_1m": f"{load0:.2f}-{os.getloadavg()[0]:.2f}", "commit": files.git_commit(),
+        "not_run": [r.variant for r in rungs if r.run_dir is None],
+        "rungs": records,
+    }
+    store.write_costs(spec.group, doc)
+    return doc, status
+
+
+def par_line(rec: dict[str, Any]) -> str:
+    par = rec["parity"]
+    return (f"parity {parity_module.gap_text(par)}, {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch "
+            f"{par['metric_torch']:.4f}")

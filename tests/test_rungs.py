@@ -1,0 +1,205 @@
+"""Every rung's deployment cost: the TTA graph, `exporters.onnx rungs`, the Pareto front, the readable table."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.augment import dihedral_tta
+from bench.pareto import pareto_front
+from bench.spec import LABEL_MAX, load_spec, short_label
+from bench.store import RunStore, StoredRun
+from bench.summary import MAX_TABLE_WIDTH, group_tables
+from exporters import export
+from exporters import onnx as ox
+from exporters.metadata import ModelMeta
+from exporters.runtime import run_batched, session
+from tests.helpers import TINY_MNIST_BASE, train, write_spec
+
+SEG_BASE = {
+    "model": {"name": "unet", "batch_norm": True, "dropout": 0.0, "width": 4, "depth": 2},
+    "optim": {"name": "adam", "lr": 1.0e-2},
+    "loss": {"name": "bce"},
+    "train": {"epochs": 2, "batch_size": 4, "threads": 2, "amp": False},  # fp32: the run's own number is exact
+    "eval": {"tta": True},
+}
+MNIST_BASE = copy.deepcopy(TINY_MNIST_BASE)
+MNIST_BASE["train"]["epochs"] = 1
+MNIST_BASE["data"]["train_subset"] = 500
+
+
+@pytest.fixture(scope="module")
+def seg(tmp_path_factory, make_warwick) -> dict[str, Path]:
+    """A tiny U-Net trained with TTA on synthetic 32x32 glands; its test Dice used TTA."""
+    tmp = tmp_path_factory.mktemp("tta")
+    root = make_warwick(tmp / "data" / "WARWICK", n_train=8, n_test=4).parent
+    spec = load_spec(write_spec(tmp / "seg.yaml", task="warwick", base=SEG_BASE, variants=[{"name": "tta"}]))
+    train(spec, tmp / "results", root)
+    return {"results": tmp / "results", "run": tmp / "results/runs/seg/tta/seed-0", "data": root}
+
+
+def test_tta_graph_reproduces_the_harness_tta_evaluation(seg, tmp_path):
+    ex = export.export_run(seg["run"], tmp_path / "onnx", str(seg["data"]), seg["results"])  # auto: the run used TTA
+    assert ex.tta and ex.record["tta"] and ModelMeta.from_onnx(ex.path).raw["tta"] == "true"
+    par = ex.record["parity"]
+    assert par["tta"] and par["max_abs_prob_diff"] <= 1e-4
+    # the file's Dice is the run's reported (TTA) Dice, through plain ORT code and the metadata alone
+    result = json.loads((seg["run"] / "result.json").read_text())
+    logits = run_batched(session(ex.path), ex.inputs, 2)
+    dice = ex.run.task.score_outputs(logits, ex.test.targets, ex.meta.threshold)
+    assert dice == pytest.approx(result["test"]["dice"], abs=1e-3) and dice == pytest.approx(par["metric_torch"], abs=1e-6)
+    # sigmoid(output) is the harness's own TTA probability, also on a non-square input the graph was not traced on
+    x = np.random.default_rng(0).standard_normal((2, 2, 24, 40)).astype(np.float32)
+    out = session(ex.path).run(None, {"input": x})[0]
+    with torch.inference_mode():
+        ref = dihedral_tta(ex.run.model.eval(), torch.from_numpy(x)).numpy()
+    assert out.shape == (2, 1, 24, 40) and np.abs(1 / (1 + np.exp(-out)) - ref).max() < 1e-4
+    # one forward pass when asked: another graph, another (non-TTA) number, one eighth of the FLOPs
+    plain = export.export_run(seg["run"], tmp_path / "plain", str(seg["data"]), seg["results"], tta=False)
+    assert not plain.tta and ModelMeta.from_onnx(plain.path).raw["tta"] == "false"
+    assert ex.record["flops_per_image"] == 8 * plain.record["flops_per_image"]
+    assert plain.record["parity"]["metric_torch"] != pytest.approx(par["metric_torch"], abs=1e-9)
+
+
+def test_best_exports_the_tta_graph_unless_told_otherwise(seg, tmp_path, capsys):
+    base = ["best", "--results", str(seg["results"]), "--data-root", str(seg["data"]), "--no-bench", "--no-summary"]
+    assert ox.main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert ModelMeta.from_onnx(tmp_path / "a/warwick.onnx").raw["tta"] == "true"
+    assert "which the exported graph computes too" in (tmp_path / "a/deployment.md").read_text()
+    assert ox.main([*base, "--out", str(tmp_path / "b"), "--no-tta"]) == 0
+    assert ModelMeta.from_onnx(tmp_path / "b/warwick.onnx").raw["tta"] == "false"
+
+
+def test_tta_refused_for_a_non_square_classification_input(monkeypatch, tmp_path, capsys, data_root):
+    assert export.tta_refusal("classification", (28, 28)) is None and export.tta_refusal("segmentation", (20, 30)) is None
+    why = export.tta_refusal("classification", (28, 32))
+    assert "28x32" in why and "rotation by 90 degrees gives 32x28" in why and "without --tta" in why
+    spec = load_spec(write_spec(tmp_path / "m.yaml", base=MNIST_BASE, variants=[{"name": "a"}]))
+    train(spec, tmp_path / "results", data_root)
+    monkeypatch.setattr(export, "tta_refusal", lambda kind, size: why)
+    out = tmp_path / "out"
+    code = ox.main([str(tmp_path / "results/runs/m/a/seed-0"), "--tta", "--out", str(out), "--data-root", str(data_root),
+                    "--no-bench", "--no-summary"])
+    assert code == 2 and "rotation by 90 degrees" in capsys.readouterr().err and not out.exists()
+
+
+def test_classification_tta_graph_matches_pytorch(tmp_path, data_root):
+    spec = load_spec(write_spec(tmp_path / "m.yaml", base=MNIST_BASE, variants=[{"name": "a"}]))
+    train(spec, tmp_path / "results", data_root)
+    ex = export.export_run(tmp_path / "results/runs/m/a/seed-0", tmp_path / "o", str(data_root), tmp_path / "results",
+                           tta=True)
+    assert ex.tta and ex.record["parity"]["max_abs_prob_diff"] <= 1e-4 and ex.record["parity"]["agreement"] >= 0.999
+
+
+def test_rungs_costs_not_run_reuse_and_summary(tmp_path, data_root, capsys):
+    spec_path = write_spec(tmp_path / "r.yaml", base=MNIST_BASE, variants=[
+        {"name": "a", "note": "the base"}, {"name": "b", "set": {"model.hidden": 64}}, {"name": "c", "set": {"optim.lr": 1e-3}}])
+    spec = load_spec(spec_path)
+    res = tmp_path / "results"
+    train(spec, res, data_root, runs=spec.runs(["a", "b"]))  # c is never trained
+    args = ["rungs", str(spec_path), "--results", str(res), "--data-root", str(data_root), "--repeats", "20", "--int8"]
+    assert ox.main(args) == 0
+    err = capsys.readouterr().err
+    assert "r c: not run" in err
+    costs = json.loads((res / "runs/r/costs.json").read_text())
+    assert set(costs["rungs"]) == {"a", "b"} and costs["not_run"] == ["c"] and costs["batch"] == 1
+    for v in ("a", "b"):
+        rec = costs["rungs"][v]
+        assert rec["latency"]["cpu/fp32"]["p50_ms"] > 0 and rec["latency"]["cpu/int8"]["calls"] >= 10
+        assert (res / "onnx/rungs/r" / f"{v}.onnx").exists() and not rec["export_reused"]
+    assert costs["rungs"]["b"]["params"] > costs["rungs"]["a"]["params"]
+    assert costs["rungs"]["b"]["flops_per_image"] > costs["rungs"]["a"]["flops_per_image"]
+    text = (res / "summary.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| variant") and "| change" in line)
+    assert "MFLOP" in header and "ORT ms" in header and "INT8 ms" in header
+    row_c = next(line for line in text.splitlines() if line.startswith("| c "))
+    assert row_c.count("not run") == 4  # the metric and the three cost columns
+    assert (res / "figures/r-tradeoff.png").exists() and "Pareto front" in text
+    # a second call reuses both exports (same best.pt, same code) but times them again
+    assert ox.main(args) == 0
+    again = json.loads((res / "runs/r/costs.json").read_text())
+    assert all(again["rungs"][v]["export_reused"] for v in ("a", "b")) and again["measured"] >= costs["measured"]
+    # new weights in b's best.pt: b is exported again, a is not
+    ck = torch.load(res / "runs/r/b/seed-0/best.pt", weights_only=True)
+    name = next(k for k, t in ck["state_dict"].items() if t.is_floating_point())
+    ck["state_dict"][name] = ck["state_dict"][name] * 1.001
+    torch.save(ck, res / "runs/r/b/seed-0/best.pt")
+    assert ox.main(args) == 0
+    third = json.loads((res / "runs/r/costs.json").read_text())
+    assert third["rungs"]["a"]["export_reused"] and not third["rungs"]["b"]["export_reused"]
+
+
+def test_rungs_of_a_spec_without_runs_is_an_error(tmp_path, capsys):
+    spec_path = write_spec(tmp_path / "none.yaml", base=MNIST_BASE)
+    assert ox.main(["rungs", str(spec_path), "--results", str(tmp_path / "results")]) == 2
+    assert "no runs of none under" in capsys.readouterr().err and not (tmp_path / "results").exists()
+    with pytest.raises(SystemExit):
+        ox.main(["rungs"])  # no spec
+
+
+def test_pareto_front_on_hand_made_points():
+    pts = [(1.0, 0.90), (2.0, 0.95), (1.5, 0.92), (3.0, 0.94), (1.0, 0.80), (4.0, 0.99), (float("nan"), 1.0)]
+    assert pareto_front(pts) == [0, 2, 1, 5]  # (3.0, 0.94) is beaten by (2.0, 0.95); (1.0, 0.80) by (1.0, 0.90)
+    assert pareto_front([(1.0, 5.0), (2.0, 4.0), (3.0, 6.0)], higher_is_better=False) == [0, 1]
+    assert pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # equal points are all on the front
+    # timings of one network within the tolerance count as equal cost: the better one dominates
+    same_net = [(0.113, 0.9946), (0.112, 0.9877), (0.276, 0.9910)]
+    assert pareto_front(same_net) == [1, 0]
+    assert pareto_front(same_net, cost_tolerance=0.1) == [0]
+
+
+def test_short_labels():
+    assert short_label("optim.lr=0.001") == "optim.lr=0.001"
+    assert short_label("Optuna best of 16 trials (4 pruned, 0 failed; 4.4 min on 2 workers), trial 12") == \
+        "Optuna best of 16 trials, trial 12"
+    long = "word " * 30
+    cut = short_label(long)
+    assert len(cut) <= LABEL_MAX and cut.endswith("…")
+
+
+@pytest.mark.parametrize("name", ["mnist", "warwick"])
+@pytest.mark.parametrize("profile", [None, "quick"])
+def test_committed_specs_tables_fit_a_screen(name, profile, tmp_path):
+    """The width rule on the committed specs: every change label fits without being cut, and the main table, with
+    every cost column and the widest plausible numbers, stays within MAX_TABLE_WIDTH characters."""
+    spec = load_spec(Path("ablations") / f"{name}.yaml", profile)
+    store = RunStore(tmp_path)
+    store.write_group(spec)
+    meta = store.read_group(spec.group)
+    for v in spec.variants:
+        assert len(v.label) <= LABEL_MAX and not v.label.endswith("…"), (v.name, v.label)
+    metric_keys = ["acc"] if spec.task == "mnist" else ["dice", "dice_pooled", "iou", "obj_f1", "obj_dice", "obj_hausdorff"]
+    runs, rungs = [], {}
+    for v in spec.variants:
+        for seed in spec.seeds:
+            test = {k: (0.1 + 0.8 * (seed % 2) if k != "obj_hausdorff" else 123.45) for k in metric_keys}
+            result = {"seed": seed, "key": f"k{v.name}{seed}", "val_best": 0.5, "test": test, "params": 12_345_678,
+                      "epochs_run": 100, "best_epoch": 88.5, "train_time_s": 12345.0}
+            runs.append(StoredRun(spec.group, v.name, seed, result["key"], tmp_path, result))
+        rungs[v.name] = {"key": f"k{v.name}{spec.seeds[0]}", "tta": True, "flops_per_image": 123_456_789_012,
+                         "latency": {c: {"p50_ms": 1234.567} for c in ("cpu/fp32", "cpu/int8", "cuda/fp32")}}
+    tables = group_tables(meta, runs, {"rungs": rungs})
+    assert tables.costs_shown and {"ORT ms", "INT8 ms", "CUDA ms", "GFLOP"} <= set(tables.main.headers)
+    assert tables.main.width() <= MAX_TABLE_WIDTH, (tables.main.width(), tables.main.markdown().splitlines()[2])
+    numeric = [h for h in tables.main.headers if h not in ("variant", "change")]
+    assert all(tables.main.align[tables.main.headers.index(h)] == "right" for h in numeric)
+
+
+def test_published_quick_tables_fit_a_screen():
+    """The committed results/summary.md: every main table of a quick section obeys the width rule."""
+    text = Path("results/summary.md").read_text()
+    for section in text.split("\n## ")[1:]:
+        if not section.startswith(("mnist@quick", "warwick@quick")):
+            continue
+        table = [line for line in section.split("\n\n") if line.startswith("| variant") and "| change" in line]
+        assert table, section[:60]
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[0].splitlines() if "---" not in line
+                and ":--" not in line and "--:" not in line]
+        width = sum(max(len(c) for c in col) + 3 for col in zip(*rows, strict=True))
+        assert width <= MAX_TABLE_WIDTH and "MFLOP" in rows[0] and "ORT ms" in rows[0], (section[:40], width)
+        assert not math.isnan(width)
