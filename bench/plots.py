@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from bench import files
 from bench.metrics import Metric
@@ -105,9 +105,9 @@ def plot_tradeoff(points: list[tuple[str, float, float, float]], front: list[int
                 label="Pareto front")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(_PLAIN)
-    ax.xaxis.set_minor_formatter(_PLAIN)
     lo, hi = min(xs), max(xs)
+    ax.xaxis.set_major_formatter(_PLAIN)
+    ax.xaxis.set_minor_formatter(_PLAIN if hi / lo < 10 else NullFormatter())  # within a decade, label the minor ticks
     ax.set_xlim(lo / 1.25, hi * 1.6)  # room for the labels on the right
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric.column + " (mean ± std over seeds)")

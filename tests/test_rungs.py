@@ -196,7 +196,7 @@ def test_published_quick_tables_fit_a_screen():
     for section in text.split("\n## ")[1:]:
         if not section.startswith(("mnist@quick", "warwick@quick")):
             continue
-        table = [line for line in section.split("\n\n") if line.startswith("| variant") and "| change" in line]
+        table = [b.strip() for b in section.split("\n\n") if b.strip().startswith("| variant") and "| change" in b]
         assert table, section[:60]
         rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[0].splitlines() if "---" not in line
                 and ":--" not in line and "--:" not in line]
