@@ -173,6 +173,8 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
     if origin in (list, tuple):
         args = typing.get_args(tp)
         return f"list of {_type_name(args[0])}" if args else "list"
@@ -281,8 +283,8 @@ def check_factory_kwargs(
     missing = [n for n in needs if not var_kw and (n not in params or params[n].kind not in keyword)]
     if missing:
         raise ConfigError(f"{where}.name: the factory {getattr(fn, '__qualname__', fn)}{sig} must take the keyword "
-                          f"argument{'s' if len(missing) > 1 else ''} {', '.join(missing)} (the harness supplies "
-                          f"{', '.join(needs)})")
+                          f"argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}: the harness passes "
+                          f"{', '.join(needs)} to every {where.rpartition('.')[2] or 'factory'} factory")
     out = {}
     for key, value in raw.items():
         if key not in names and not var_kw:

@@ -97,9 +97,10 @@ class ImageFolderTask(ClassificationTask):
 
     # ----------------------------------------------------------------------- files
 
-    def files(self, cfg: Config, root: Path, test: bool = True) -> tuple[list[str], dict[str, tuple[list[Path], np.ndarray]]]:
-        """(class names, {"train": (paths, labels), "test": ...}) with the seeded test split drawn when the
-        folder is one set; DataError listing every problem of the layout (test files unread with ``test=False``)."""
+    def files(self, cfg: Config, root: Path, test: bool = True,
+              ) -> tuple[list[str], dict[str, tuple[list[Path], np.ndarray]], list[str]]:
+        """(class names, {"train": (paths, labels), "test": ...}, problems of the layout) with the seeded test
+        split drawn when the folder is one set (test files unread with ``test=False``)."""
         fraction = check_test_fraction(cfg, root, DEFAULT_TEST_FRACTION)
         given = split_folders(root)
         classes, paths, labels, problems = scan_classes(given[0] if given else root)
@@ -108,39 +109,43 @@ class ImageFolderTask(ClassificationTask):
             _, tp, tl, more = scan_classes(given[1], classes)
             problems += more
             out["test"] = (tp, np.array(tl, dtype=np.int64))
-        if problems:
-            raise DataError("\n".join(problems))
-        if fraction is not None:
+        if fraction is not None and paths:
             keep, drawn = seeded_split(out["train"][1], fraction, cfg.data.split_seed + 2, "test")
             pick = lambda idx: ([paths[i] for i in idx], out["train"][1][idx])  # noqa: E731
             out = {"train": pick(keep), **({"test": pick(drawn)} if test else {})}
-        return classes, out
+        if not paths or (test and not out["test"][0]):
+            raise DataError("\n".join(problems))
+        return classes, out, problems
 
-    def decode_all(self, cfg: Config, root: Path, split_paths: dict[str, list[Path]],
+    def decode_all(self, cfg: Config, root: Path, split_paths: dict[str, list[Path]], problems: list[str],
                    ) -> tuple[str, tuple[int, int], dict[str, np.ndarray]]:
         """(PIL mode, [H, W], {split: uint8 (N, H, W, C)}): every file decoded and resized, or one DataError
-        naming every unreadable file and every file whose size differs (when no data.image_size resizes them)."""
-        raw, problems = {}, []
+        naming the layout's ``problems``, every unreadable file and every file whose size differs (when no
+        data.image_size resizes them)."""
+        raw: dict[str, list[tuple[Path, np.ndarray]]] = {}
+        problems = list(problems)
         for split, paths in split_paths.items():
             raw[split] = []
             for p in paths:
                 try:
-                    raw[split].append(decode(p, MODES[cfg.data.color] if cfg.data.color else None))
+                    raw[split].append((p, decode(p, MODES[cfg.data.color] if cfg.data.color else None)))
                 except DataError as e:
                     problems.append(str(e))
+        size = image_size(cfg)
+        if size is None and any(raw.values()):  # the most common size is the rule; every other file is named
+            size = Counter(a.shape[:2] for pairs in raw.values() for _, a in pairs).most_common(1)[0][0]
+            odd = [(p, a.shape) for pairs in raw.values() for p, a in pairs if a.shape[:2] != size]
+            fix = "set data.image_size to resize them all"
+            if len(odd) <= 10:
+                problems += [f"{p}: {w}x{h} pixels, the other images are {size[1]}x{size[0]}; {fix}" for p, (h, w, _) in odd]
+            else:  # a folder of varied sizes, not a few stray files: say so in one line
+                sizes = Counter(f"{w}x{h}" for _, (h, w, _) in odd)
+                problems.append(f"{root}: {len(odd)} images are not {size[1]}x{size[0]} like the others "
+                                f"({', '.join(f'{k}: {n}' for k, n in sizes.most_common())}; e.g. {odd[0][0]}); {fix}")
         if problems:
             raise DataError("\n".join(problems))
-        mode = MODES[cfg.data.color] if cfg.data.color else ("RGB" if any(a.shape[2] == 3 for a in raw["train"]) else "L")
-        size = image_size(cfg)
-        if size is None:
-            shapes = Counter(a.shape[:2] for arrs in raw.values() for a in arrs)
-            size = shapes.most_common(1)[0][0]
-            for split, paths in split_paths.items():
-                problems += [f"{p}: {a.shape[1]}x{a.shape[0]} pixels, the other images are {size[1]}x{size[0]}; set "
-                             f"data.image_size to resize them all" for p, a in zip(paths, raw[split], strict=True)
-                             if a.shape[:2] != size]
-            if problems:
-                raise DataError("\n".join(problems))
+        assert size is not None
+        mode = MODES[cfg.data.color] if cfg.data.color else ("RGB" if any(a.shape[2] == 3 for _, a in raw["train"]) else "L")
         c = 3 if mode == "RGB" else 1
 
         def as_mode(a: np.ndarray) -> np.ndarray:  # a greyscale file in an RGB set, or (data.color: grey) the reverse
@@ -148,19 +153,19 @@ class ImageFolderTask(ClassificationTask):
                 return a
             return np.repeat(a, 3, axis=2) if c == 3 else np.asarray(Image.fromarray(a).convert("L"))[:, :, None]
 
-        out = {split: np.stack([pad_and_resize(as_mode(a), size) for a in arrs]) if arrs
-               else np.zeros((0, *size, c), np.uint8) for split, arrs in raw.items()}
+        out = {split: np.stack([pad_and_resize(as_mode(a), size) for _, a in pairs]) if pairs
+               else np.zeros((0, *size, c), np.uint8) for split, pairs in raw.items()}
         return mode, (int(size[0]), int(size[1])), out
 
     # ----------------------------------------------------------------------- the task
 
     def load(self, cfg: Config, device: torch.device, test: bool = True) -> Data:
         root = data_folder(cfg)
-        classes, split_files = self.files(cfg, root, test)
+        classes, split_files, problems = self.files(cfg, root, test)
         tr_paths, tr_labels = split_files["train"]
         fit, va = seeded_split(tr_labels, cfg.data.val_fraction, cfg.data.split_seed, "validation")
         fit = subset(fit, cfg)
-        mode, size, arrays = self.decode_all(cfg, root, {k: v[0] for k, v in split_files.items()})
+        mode, size, arrays = self.decode_all(cfg, root, {k: v[0] for k, v in split_files.items()}, problems)
         x_tr, mean, std = normalize(arrays["train"], arrays["train"][fit])
         rel = lambda ps, idx: [str(ps[i].relative_to(root)) for i in idx]  # noqa: E731
 
@@ -186,9 +191,9 @@ class ImageFolderTask(ClassificationTask):
         cfg = Config(task=self.name, model={}, data=copy.copy(self.data_cfg))
         cfg.data.root = str(root)
         root = data_folder(cfg)
-        _, split_files = self.files(cfg, root, test=split == "test")
+        _, split_files, problems = self.files(cfg, root, test=split == "test")
         paths, labels = split_files[split]
-        _, _, arrays = self.decode_all(cfg, root, {"train": split_files["train"][0], split: paths})
+        _, _, arrays = self.decode_all(cfg, root, {"train": split_files["train"][0], split: paths}, problems)
         return ImageSet(arrays[split], labels, [str(p.relative_to(root)) for p in paths])
 
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from bench.config import PosInt, UnitFloat  # optional: Annotated ranges, checked before anything trains
 
-def tiny_cnn(in_channels: int, num_classes: int, *, width: int = 8, batch_norm: bool = False,
-             dropout: float = 0.0) -> nn.Module:
+
+def tiny_cnn(in_channels: int, num_classes: int, *, width: PosInt = 8, batch_norm: bool = False,
+             dropout: UnitFloat = 0.0) -> nn.Module:
     """Two 3x3 conv blocks (``width``, ``2 * width`` channels), each halving the size, then global average
     pooling and a linear layer: (N, in_channels, H, W) -> (N, num_classes), any H, W >= 4."""
 
