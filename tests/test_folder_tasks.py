@@ -270,3 +270,16 @@ def test_broken_data_stops_the_command_before_anything_is_written(shapes: Path, 
     err = capfd.readouterr().err
     assert rc == 2 and f"error: {root / 'masks' / '005.png'}: label is not binary" in err
     assert not res.exists()
+
+
+def test_image_folder_augments_the_images_it_says_it_does(shapes: Path):
+    task = TASKS["image_folder"]
+    cfg = config("image_folder", shapes / "classify", image_size=32)
+    data = task.load(cfg, CPU)
+    x, y = data.train.x[:8], data.train.y[:8]
+    for key in task.augmentations:
+        on = config("image_folder", shapes / "classify", image_size=32)
+        setattr(on.augment, key, True if key == "flips" else 0.2)
+        ax, ay = task.augment(x, y, on, torch.Generator().manual_seed(0))
+        assert ax.shape == x.shape and torch.equal(ay, y) and not torch.equal(ax, x), key
+    assert task.augment(x, y, cfg, torch.Generator())[0] is x

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
+from bench.augment import augment_batch
 from bench.config import Config, ConfigError
 from bench.tasks.base import ClassificationTask, Data, DataError, DataInfo, ImageSet, Split
 from bench.tasks.folders import (
@@ -195,6 +197,13 @@ class ImageFolderTask(ClassificationTask):
         paths, labels = split_files[split]
         _, _, arrays = self.decode_all(cfg, root, {"train": split_files["train"][0], split: paths}, problems)
         return ImageSet(arrays[split], labels, [str(p.relative_to(root)) for p in paths])
+
+    def augment(self, x: Tensor, y: Tensor, cfg: Config, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The batch's images (N, C, H, W) augmented on their device; the labels (N,) are unchanged."""
+        a = cfg.augment
+        if not any(getattr(a, k) for k in self.augmentations):
+            return x, y
+        return augment_batch(x, None, a, gen)[0], y
 
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
         # The training images were padded to a square with their background and resized, as the `resize`
