@@ -283,3 +283,15 @@ def test_image_folder_augments_the_images_it_says_it_does(shapes: Path):
         ax, ay = task.augment(x, y, on, torch.Generator().manual_seed(0))
         assert ax.shape == x.shape and torch.equal(ay, y) and not torch.equal(ax, x), key
     assert task.augment(x, y, cfg, torch.Generator())[0] is x
+
+
+def test_mask_folder_with_warwicks_rule_reads_warwick_as_the_warwick_task_does(data_root: Path):
+    """WARWICK is mask_folder with its naming rule: the same tensors, names, split and statistics."""
+    folder = data_root / "WARWICK"
+    ours = TASKS["mask_folder"].load(config("mask_folder", folder, images="image_*.png", masks="label_*.png"), CPU)
+    cfg = config("warwick", data_root)
+    theirs = TASKS["warwick"].load(cfg, CPU)
+    for split in ("train", "val", "test"):
+        a, b = getattr(ours, split), getattr(theirs, split)
+        assert a.names == b.names and torch.equal(a.x, b.x) and torch.equal(a.y, b.y), split
+    assert ours.info.to_dict() == {**theirs.info.to_dict(), "source": str(folder)}
