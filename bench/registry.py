@@ -7,8 +7,9 @@ choice with the closest match first.
 A registry with an entry-point ``group`` (models: ``bench.models``, tasks: ``bench.tasks``) also
 takes a user's own piece without editing the package: an import path ``package.module:attr``
 (found from the current folder, then installed packages) or a name an installed package
-declares in that entry-point group.  Both are looked up on first use and kept in the dict, so
-``REGISTRY[name]`` works for them everywhere (workers, summaries and exports included).
+declares in that entry-point group.  Both are looked up on first use and kept beside the dict (which
+lists the registered names only), so ``REGISTRY[name]`` works for them everywhere (workers, summaries
+and exports included).
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class Registry(dict):
         self.kind = kind
         self.group = group
         self.adapt = adapt or _callable
+        self.found: dict[str, Any] = {}  # import paths and entry points already looked up
 
     def register(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: ``@MODELS.register()`` adds a function under its own name."""
@@ -108,6 +110,8 @@ class Registry(dict):
         """The entry of ``name``: registered, an import path, or an entry point; UnknownName otherwise."""
         if name in self:
             return self[name]
+        if name in self.found:
+            return self.found[name]
         if self.group is not None:
             if is_import_path(name):
                 obj = import_object(name)
@@ -122,8 +126,8 @@ class Registry(dict):
             else:
                 raise UnknownName(unknown_name_message(self.kind, name, self.names()) +
                                   f" (or an import path package.module:name, or an entry point of group {self.group})")
-            self[name] = self.adapt(obj, where)
-            return self[name]
+            self.found[name] = self.adapt(obj, where)
+            return self.found[name]
         raise UnknownName(unknown_name_message(self.kind, name, self))
 
     def __missing__(self, name: str) -> Any:  # REGISTRY[name] finds import paths and entry points too

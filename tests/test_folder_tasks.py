@@ -225,8 +225,9 @@ def test_a_network_declared_as_an_entry_point_is_found_by_name(monkeypatch):
         assert "shapes_cnn" in MODELS.names()
         with pytest.raises(ConfigError, match="unknown model 'shapes_cn'; valid choices \\(closest first\\): shapes_cnn"):
             check_section("model", {"name": "shapes_cn"}, "base.model")
+        assert "shapes_cnn" not in MODELS  # the dict lists the registered names only
     finally:
-        MODELS.pop("shapes_cnn", None)
+        MODELS.found.pop("shapes_cnn", None)
 
 
 # --------------------------------------------------------------------------- end to end
