@@ -25,6 +25,8 @@ def _as_task(obj: Any, where: str) -> Task:
     if not isinstance(obj, Task):
         raise UnknownName(f"{where}: {getattr(obj, '__qualname__', type(obj).__name__)} is not a bench.tasks.base.Task "
                           f"subclass")
+    if not obj.name:
+        raise UnknownName(f"{where}: the task must set `name` (its tables and exported files are named after it)")
     if obj.kind not in ("classification", "segmentation") or not obj.metrics:
         raise UnknownName(f"{where}: the task must set `kind` ('classification' or 'segmentation') and `metrics` "
                           f"(subclass ClassificationTask to get both)")

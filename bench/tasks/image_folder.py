@@ -116,7 +116,7 @@ class ImageFolderTask(ClassificationTask):
             pick = lambda idx: ([paths[i] for i in idx], out["train"][1][idx])  # noqa: E731
             out = {"train": pick(keep), **({"test": pick(drawn)} if test else {})}
         if not paths or (test and not out["test"][0]):
-            raise DataError("\n".join(problems))
+            raise DataError("\n".join(problems or [f"{root}: no test images"]))
         return classes, out, problems
 
     def decode_all(self, cfg: Config, root: Path, split_paths: dict[str, list[Path]], problems: list[str],
