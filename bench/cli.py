@@ -303,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary, "perf": cmd_perf}
     # Imported after parsing: --help and --version answer without loading torch.
     from bench.config import ConfigError
+    from bench.registry import UnknownName
     from bench.tasks.base import DataError
 
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, UnknownName) as e:  # UnknownName: a stored run's task or model that no longer imports
         # User errors: their message names the file and the key or file at fault, so a traceback would only hide it.
         for line in str(e).splitlines():  # one `error:` line per problem (a data check lists every broken file)
             print(f"error: {line}", file=sys.stderr)

@@ -78,6 +78,16 @@ class DataCfg:
     split_seed: NonNegInt = 0  # the validation split is fixed by this seed, not by the run seed
     train_subset: PosInt | None = None  # use only this many training images (quick profiles, tests)
     channels: list[NonNegInt] | None = None  # input channels to keep; None -> task default
+    # The folder tasks' own keys (image_folder, mask_folder; see README "Your own data").  Left out of a saved
+    # config while unset (FOLDER_KEYS), so the configs and run keys of the other tasks are what they were.
+    image_size: PosInt | list[PosInt] | None = None  # image_folder: resize to [H, W] (or N: N x N); None: as the files
+    color: Literal["grey", "rgb"] | None = None  # decode images as greyscale or RGB; None: RGB when any file is colour
+    test_fraction: Annotated[float, OpenUnit] | None = None  # one folder, no train/ + test/: share drawn as the test split
+    images: str | None = None  # mask_folder: where an image is, e.g. "images/*" or "image_*.png"; * is the pair's id
+    masks: str | None = None  # mask_folder: where its mask is, e.g. "masks/*" or "label_*.png"
+
+
+FOLDER_KEYS = ("image_size", "color", "test_fraction", "images", "masks")
 
 
 @dataclass
@@ -131,7 +141,11 @@ class Config:
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in FOLDER_KEYS:  # unset: absent, as before these keys existed (the run key hashes this dict)
+            if d["data"][key] is None:
+                del d["data"][key]
+        return d
 
     def copy(self, **changes: Any) -> Config:
         """A deep copy with top-level ``changes`` (e.g. ``seed``): runs never share a section, so
@@ -159,6 +173,8 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
     if origin in (list, tuple):
         args = typing.get_args(tp)
         return f"list of {_type_name(args[0])}" if args else "list"
@@ -242,19 +258,40 @@ def build_section(cls: type, raw: Any, where: str) -> Any:
 
 
 def check_factory_kwargs(
-    fn: Callable[..., Any], raw: dict[str, Any], where: str, skip: tuple[str, ...] = ()
+    fn: Callable[..., Any], raw: dict[str, Any], where: str, skip: tuple[str, ...] = (), needs: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """Check ``raw`` (without ``name``) against the keyword parameters of factory ``fn``.
 
     Parameters listed in ``skip`` are supplied by the harness (e.g. ``params`` of an
-    optimizer) and may not be set from a spec.
+    optimizer) and may not be set from a spec; those in ``needs`` the harness passes, so ``fn``
+    must take them (a user's factory that does not is an error here, not a TypeError mid-run).
+    A parameter without a default must be set.  A factory taking ``**kwargs`` accepts any other
+    key, unchecked.
     """
-    sig = inspect.signature(fn)
-    hints = typing.get_type_hints(fn, include_extras=True)
-    params = [p for p in sig.parameters if p not in skip and sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}.name: cannot read the factory's signature ({e})") from None
+    try:  # a class's keyword arguments are its __init__'s
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn, include_extras=True)
+    except Exception:  # a user's annotations that do not resolve (names imported under TYPE_CHECKING): types unchecked
+        hints = {}
+    params = sig.parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [p for p in params if p not in skip and params[p].kind in keyword]
+    missing = [n for n in needs if not var_kw and (n not in params or params[n].kind not in keyword)]
+    if missing:
+        raise ConfigError(f"{where}.name: the factory {getattr(fn, '__qualname__', fn)}{sig} must take the keyword "
+                          f"argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}: the harness passes "
+                          f"{', '.join(needs)} to every {where.rpartition('.')[2] or 'factory'} factory")
     out = {}
     for key, value in raw.items():
-        if key not in params:
-            raise ConfigError(unknown_key_message(where, str(key), params))
+        if key not in names and not var_kw:
+            raise ConfigError(unknown_key_message(where, str(key), names))
         out[key] = check_value(value, hints.get(key, Any), f"{where}.{key}")
+    unset = [n for n in names if params[n].default is inspect.Parameter.empty and n not in raw]
+    if unset:
+        raise ConfigError(f"{where}: missing {', '.join(map(repr, unset))}: the factory {getattr(fn, '__qualname__', fn)} "
+                          f"has no default for {'them' if len(unset) > 1 else 'it'}")
     return out

@@ -17,7 +17,7 @@ from bench.config import Config, ConfigError, check_factory_kwargs, check_value
 from bench.losses import LOSSES, LossFn
 from bench.models import MODELS
 from bench.optim import OPTIMIZERS, SCHEDULERS
-from bench.registry import Registry, unknown_name_message
+from bench.registry import Registry, UnknownName
 
 REGISTRIES: dict[str, Registry] = {"model": MODELS, "optim": OPTIMIZERS, "sched": SCHEDULERS, "loss": LOSSES}
 
@@ -45,11 +45,13 @@ def check_section(section: str, raw: Any, where: str, default_name: str | None =
     raw = dict(raw)
     name = raw.pop("name", None) or default_name
     if name is None:
-        raise ConfigError(f"{where}: missing 'name'; valid choices: {', '.join(sorted(reg))}")
+        raise ConfigError(f"{where}: missing 'name'; valid choices: {', '.join(reg.names())}")
     name = check_value(name, str, f"{where}.name")
-    if name not in reg:
-        raise ConfigError(f"{where}.name: {unknown_name_message(reg.kind, name, reg)}")
-    return {"name": name, **check_factory_kwargs(reg[name], raw, where, HARNESS_ARGS[section])}
+    try:
+        fn = reg.get_or_raise(name)
+    except UnknownName as e:
+        raise ConfigError(f"{where}.name: {e}") from None
+    return {"name": name, **check_factory_kwargs(fn, raw, where, HARNESS_ARGS[section], needs=HARNESS_ARGS[section])}
 
 
 def build_model(cfg: Config, **task_args: Any) -> nn.Module:

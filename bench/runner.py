@@ -108,7 +108,8 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
 def runtime_config(run: Run, opts: RunOptions) -> Any:
     """The run's config with where it runs filled in (a copy: the run's own config stays as the spec made it)."""
     cfg = run.config.copy()
-    cfg.data.root = cfg.data.root or opts.data_root
+    # The spec's own root first; absolute either way, so the run's config.json finds it from any folder later.
+    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else opts.data_root
     if opts.device:
         cfg.train.device = opts.device
     if opts.threads:

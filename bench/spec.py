@@ -38,7 +38,7 @@ from bench.config import (
     unknown_key_message,
 )
 from bench.factories import check_section
-from bench.registry import unknown_name_message
+from bench.registry import UnknownName, unknown_name_message
 from bench.tasks import TASKS
 
 SPEC_KEYS = ["name", "description", "task", "target", "seeds", "base", "variants", "profiles", "search"]
@@ -215,9 +215,10 @@ def short_label(text: str, limit: int = LABEL_MAX) -> str:
 
 def build_config(task: str, raw: dict[str, Any], where: str, seed: int = 0) -> Config:
     """Validate a config dict (sections as in :class:`Config`) and build the Config."""
-    if task not in TASKS:
-        raise ConfigError(f"{where}: {unknown_name_message('task', task, TASKS)}")
-    task_obj = TASKS[task]
+    try:
+        task_obj = TASKS.get_or_raise(task)
+    except UnknownName as e:
+        raise ConfigError(f"{where}: {e}") from None
     kwargs: dict[str, Any] = {}
     for section, value in raw.items():
         if section not in CONFIG_SECTIONS:
@@ -358,6 +359,10 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
     if slug(name) != name or name.startswith("."):
         raise ConfigError(f"name: {name!r} must be a folder name (letters, digits, + . _ = -)")
     task = check_value(raw["task"], str, "task")
+    try:
+        TASKS.get_or_raise(task)  # a user's task by import path is imported here, before the sections that need it
+    except UnknownName as e:
+        raise ConfigError(f"task: {e}") from None
     base = raw["base"]
     if not isinstance(base, dict):
         raise ConfigError(f"base: expected a mapping, got {type(base).__name__}")

@@ -276,7 +276,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise FileNotFoundError(f"{run_dir}: no best.pt (is this a finished run folder?)")
     ck = torch.load(best, map_location="cpu", weights_only=True)
     cfg = config_from_dict(ck["config"], where=str(best))
-    task = TASKS[cfg.task]
+    task = TASKS[cfg.task].for_config(cfg)  # a folder task finds the run's files by its data settings
     info = DataInfo.from_dict(ck["data_info"])
     model = build_model(cfg, **task.model_kwargs(info))
     model.load_state_dict(ck["state_dict"])

@@ -195,7 +195,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
     exporter = f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {OPSET}"
     props = metadata_for(run, source, exporter, tta)
     meta = ModelMeta.from_props(props, where=str(run_dir))
-    root = resolve_data_root(data_root, default=run.config.data.root or "data")[0]  # else the run's own root
+    own = run.config.data.root if run.task.data_keys else None  # a folder task's root is its data set, not $BENCH_DATA
+    root = resolve_data_root(data_root or own, default=run.config.data.root or "data")[0]  # else the run's own root
     test = run.task.raw_images(root, "test")
     proto, export_s = _graph(run, meta, test, props, source, tta)
     path = Path(out_dir) / f"{name or run.task.name}.onnx"

@@ -101,7 +101,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--task", choices=sorted(TASKS), help="with `best`: only this task")
     p.add_argument("--groups", nargs="+", help="with `best`: choose among the runs of these groups (folders under "
                                                "runs/), ad-hoc ones included; default: every published group")
-    p.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the run's own data root, else ./data)")
+    p.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the run's own data root, else ./data; "
+                                        "image_folder and mask_folder runs: the run's own data set's folder)")
     p.add_argument("--out", help="output folder (default: <results>/onnx for `best` of the published groups, else "
                                  "<results>/onnx-adhoc; its deployment.md and latency.csv go beside the files)")
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static, QDQ) and benchmark it")

@@ -224,7 +224,7 @@ def read_image(path: Path, mode: str) -> np.ndarray:
 
 
 def _border(gray: np.ndarray) -> np.ndarray:
-    """(2H + 2W,) the outermost row and column on each side of (H, W) ``gray``."""
+    """(2H + 2W,) the outermost row and column on each side of (H, W) ``gray`` ((2H + 2W, 3) for (H, W, 3) RGB)."""
     return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
 
 
@@ -236,15 +236,17 @@ def light_on_dark(gray: np.ndarray, meta: Any) -> np.ndarray:
 
 
 def pad_and_resize(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``resize`` policy: (H, W) uint8 -> ``size`` uint8, padded to a square with the background, bilinear."""
-    h, w = gray.shape
+    """``resize`` policy: (H, W) uint8 -> ``size`` uint8, padded to a square with the background, bilinear
+    ((H, W, 3) RGB likewise, the background per channel: ``image_folder`` trains on images prepared so)."""
+    h, w = gray.shape[:2]
     th, tw = size
     if (h, w) == (th, tw):
         return gray
     side = max(h, w)
     if h != w:  # pad to a square with the background (the border's median) so the digit keeps its shape
-        bg = int(np.median(_border(gray)))
-        sq = np.full((side, side), bg, np.uint8)
+        bg = np.median(_border(gray), axis=0).astype(np.uint8)
+        sq = np.empty((side, side, *gray.shape[2:]), np.uint8)
+        sq[...] = bg
         sq[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = gray
         gray = sq
     return np.asarray(Image.fromarray(gray).resize((tw, th), Image.Resampling.BILINEAR))
@@ -362,7 +364,7 @@ def _prepare(gray: np.ndarray, meta: Any) -> tuple[np.ndarray, bool]:
 
 
 def classify(sess: Any, meta: Any, gray: np.ndarray) -> tuple[str, float]:
-    """(class name, softmax probability) of one (H, W) uint8 greyscale image; raises :class:`BlankImage`
+    """(class name, softmax probability) of one (H, W) uint8 greyscale (or (H, W, 3) RGB) image; raises :class:`BlankImage`
     (carrying that answer) when the ``mnist`` policy found no ink, so the caller can say so."""
     image, inked = _prepare(gray, meta)
     x = meta.normalize(image[None])
@@ -496,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[Path] = []
     for k, inp in enumerate(inputs):
         try:
-            img = read_image(inp.path, "L" if not seg else meta.color_mode)
+            img = read_image(inp.path, meta.color_mode or "L")
             if seg:
                 name = names[k]
                 if name is None:  # its header did not open a moment ago: changed under us

@@ -13,7 +13,8 @@ LAYERS = [
     ["bench.metrics", "bench.losses", "bench.optim", "bench.augment", "bench.inference", "bench.plots",
      "bench.seg_figures", "bench.models", "bench.models.classification", "bench.models.segmentation"],  # pieces
     ["bench.factories"],  # config sections -> objects
-    ["bench.tasks", "bench.tasks.base", "bench.tasks.mnist", "bench.tasks.warwick"],  # data and metrics per task
+    ["bench.tasks", "bench.tasks.base", "bench.tasks.mnist", "bench.tasks.warwick", "bench.tasks.folders",
+     "bench.tasks.image_folder", "bench.tasks.mask_folder"],  # data and metrics per task
     ["bench.spec"],  # specs resolved into validated configs
     ["bench.train", "bench.reference"],  # the training loop (and the textbook loop it is timed against)
     ["bench.store", "bench.storage"],  # the run store, and the database that coordinates machines

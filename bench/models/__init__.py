@@ -2,7 +2,9 @@
 
 Factories take ``in_channels`` and ``num_classes`` (supplied by the task) plus typed
 keyword hyperparameters, which a spec may set and the validator checks (ranges included).
-A new network is a factory in one of these modules (or a new one) plus a line below.
+A new network is a factory in one of these modules (or a new one) plus a line below, or, without
+editing the package, a factory of the user's own named by import path (``my_nets:build_net``) or
+declared in the entry-point group ``bench.models`` (see ``bench/registry.py``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ MODELS: Registry = Registry("model", {
     "mnist_resnet": mnist_resnet,
     "encdec": encdec,
     "unet": unet,
-})
+}, group="bench.models")
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

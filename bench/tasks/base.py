@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bench.config import Config, ConfigError
+from bench.config import FOLDER_KEYS, Config, ConfigError
 from bench.inference import batched_outputs
 from bench.metrics import Metric, accuracy
 
@@ -117,6 +117,7 @@ class Task:
     default_val_fraction: float = 0.1
     augmentations: tuple[str, ...] = ()  # AugmentCfg keys this task implements; others must stay off
     supports_tta: bool = False
+    data_keys: tuple[str, ...] = ()  # the folder keys of DataCfg (config.FOLDER_KEYS) this task reads; others must stay unset
 
     @property
     def metric(self) -> str:
@@ -137,6 +138,17 @@ class Task:
                                   f"supported: {', '.join(self.augmentations) or 'none'}")
         if cfg.eval.tta and not self.supports_tta:
             raise ConfigError(f"{where}.eval.tta: task {self.name!r} has no test-time augmentation")
+        for key in FOLDER_KEYS:
+            if key not in self.data_keys and getattr(cfg.data, key) is not None:
+                raise ConfigError(f"{where}.data.{key}: task {self.name!r} does not read it"
+                                  + (f"; it reads {', '.join(self.data_keys)}" if self.data_keys else
+                                     " (it is for the folder tasks image_folder and mask_folder)"))
+
+    def for_config(self, cfg: Config) -> Task:
+        """This task as it reads ``cfg``'s data: the same object, except for tasks whose file layout is
+        configured (the folder tasks), which return a copy that knows ``cfg.data``, so that
+        :meth:`raw_images` finds the run's files from the data root alone (exports, ``bench perf``)."""
+        return self
 
     # ----------------------------------------------------------------------- data
 

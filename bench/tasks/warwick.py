@@ -22,7 +22,6 @@ evaluated once per run.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,8 @@ from bench.inference import Forward, batched_outputs
 from bench.metrics import dice_per_image, segmentation_report
 from bench.seg_figures import draw_outlines
 from bench.tasks.base import Data, DataError, DataInfo, Figure, ImageSet, LossFn, Metric, Split, Task
+from bench.tasks.folders import IMAGE_SUFFIXES
 
-_PAIR_RE = re.compile(r"^(image|label)_(.+)\.png$")
 # Largest number of pixels per evaluation forward pass: keeps memory bounded for big images.
 _EVAL_PIXELS = 1 << 22
 
@@ -56,8 +55,9 @@ def find_folder(root: str | Path) -> Path:
     raise DataError(f"{root}: no WARWICK data: expected {root / 'WARWICK'}/{{Train,Test}}/ or {root}/{{Train,Test}}/")
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """(H, W, C) uint8 array of an image file (C = 3 for colour, 1 for greyscale)."""
+def _read_image(path: Path, mode: str | None = None) -> np.ndarray:
+    """(H, W, C) uint8 array of an image file (C = 3 for colour, 1 for greyscale; ``mode`` ``L`` or ``RGB``:
+    converted to it)."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later
@@ -65,14 +65,16 @@ def _read_image(path: Path) -> np.ndarray:
                 im = im.convert(im.mode[:-1])  # drop alpha
             elif im.mode not in ("RGB", "L"):
                 im = im.convert("RGB")
+            if mode is not None and im.mode != mode:
+                im = im.convert(mode)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:  # any decoder failure is a data error about this one file
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _read_label(path: Path) -> np.ndarray:
-    """(H, W) bool gland mask of a label file whose values are in {0, 255}."""
+def _read_label(path: Path, ones: bool = False) -> np.ndarray:
+    """(H, W) bool gland mask of a label file whose values are in {0, 255} (or, with ``ones``, in {0, 1})."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -86,53 +88,84 @@ def _read_label(path: Path) -> np.ndarray:
             raise DataError(f"{path}: label must be single-channel (greyscale), got {arr.shape[2]} different channels")
         arr = arr[:, :, 0]
     values = np.unique(arr)
-    if not set(values.tolist()) <= {0, 255}:
+    if not (set(values.tolist()) <= {0, 255} or (ones and set(values.tolist()) <= {0, 1})):
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-        raise DataError(f"{path}: label is not binary: values must be 0 or 255, found {shown}")
-    return arr == 255
+        raise DataError(f"{path}: label is not binary: values must be 0 or 255{' (or 0 or 1)' if ones else ''}, "
+                        f"found {shown}")
+    return arr > 0
 
 
-def read_pairs(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Read every ``image_<id>.png`` / ``label_<id>.png`` pair of ``folder``, sorted by id.
+def match_files(folder: Path, pattern: str) -> tuple[dict[str, Path], list[str]]:
+    """({id: file}, problems) of the files of ``folder`` that ``pattern`` names: a path relative to ``folder``
+    whose file name holds one ``*``, the pair's id (``label_*.png``, ``masks/*``).  A name with nothing after
+    the ``*`` matches any image file by its stem (``masks/*``: ``masks/01.png``, id ``01``), so images and
+    masks may have different formats; two such files with the same id are a problem."""
+    sub, _, name = pattern.rpartition("/")
+    d = folder / sub if sub else folder
+    prefix, _, suffix = name.partition("*")
+    out: dict[str, Path] = {}
+    problems = []
+    for p in sorted(d.iterdir()) if d.is_dir() else []:
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        n = p.name if suffix else p.stem
+        if suffix and not n.endswith(suffix) or not suffix and p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        n = n[: len(n) - len(suffix)] if suffix else n
+        if not n.startswith(prefix) or len(n) == len(prefix):
+            continue
+        key = n[len(prefix):]
+        if key in out:
+            problems.append(f"{p}: same id {key!r} as {out[key].name}; keep one file per id")
+        else:
+            out[key] = p
+    return out, problems
 
-    Returns (image file names, images uint8 (N, H, W, C), masks bool (N, H, W)).
+
+def read_pairs(folder: Path, images: str = "image_*.png", masks: str = "label_*.png", ones: bool = False,
+               mode: str | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Read every image / mask pair of ``folder`` (``images`` and ``masks``: see :func:`match_files`; WARWICK's
+    ``image_<id>.png`` / ``label_<id>.png`` by default), sorted by id; ``ones``: masks of 0/1 are binary too;
+    ``mode`` (``L`` or ``RGB``): images converted to it.
+
+    Returns (image file names relative to ``folder``, images uint8 (N, H, W, C), masks bool (N, H, W)).
     Raises one DataError listing every problem of the folder, one line per file (unpaired,
     unreadable, mis-sized or non-binary), or saying the folder has no pairs, so a user fixes
     a broken copy in one pass rather than one file per run.
     """
-    files: dict[str, dict[str, Path]] = {"image": {}, "label": {}}
-    for p in sorted(folder.iterdir()):
-        m = _PAIR_RE.match(p.name)
-        if m and p.is_file():
-            files[m.group(1)][m.group(2)] = p
+    files: dict[str, dict[str, Path]] = {}
     problems: list[str] = []
-    for kind, other in (("image", "label"), ("label", "image")):
+    for kind, pattern in (("image", images), ("label", masks)):
+        files[kind], dup = match_files(folder, pattern)
+        problems += dup
+    for kind, other, pattern in (("image", "label", masks), ("label", "image", images)):
         for key in sorted(set(files[kind]) - set(files[other])):
-            problems.append(f"{folder / f'{other}_{key}.png'}: missing (needed for {files[kind][key]})")
+            partner = pattern.replace("*", key) + ("" if pattern.partition("*")[2] else ".*")
+            problems.append(f"{folder / partner}: missing (needed for {files[kind][key]})")
     ids = sorted(set(files["image"]) & set(files["label"]), key=lambda k: (len(k), k))  # image_2 before image_10
     if not ids and not problems:
-        raise DataError(f"{folder}: no image_<id>.png / label_<id>.png pairs found")
-    images, masks, names = [], [], []
+        raise DataError(f"{folder}: no {images.replace('*', '<id>')} / {masks.replace('*', '<id>')} pairs found")
+    images_, masks_, names = [], [], []
     for key in ids:
         try:
-            img, lab = _read_image(files["image"][key]), _read_label(files["label"][key])
+            img, lab = _read_image(files["image"][key], mode), _read_label(files["label"][key], ones)
         except DataError as e:
             problems.append(str(e))
             continue
         if img.shape[:2] != lab.shape:
             problems.append(f"{files['label'][key]}: size {lab.shape[1]}x{lab.shape[0]} differs from its image "
                             f"{files['image'][key].name} ({img.shape[1]}x{img.shape[0]})")
-        elif images and img.shape != images[0].shape:
-            (h, w, c), (h0, w0, c0) = img.shape, images[0].shape
+        elif images_ and img.shape != images_[0].shape:
+            (h, w, c), (h0, w0, c0) = img.shape, images_[0].shape
             problems.append(f"{files['image'][key]}: {w}x{h} with {c} channels differs from {names[0]} "
                             f"({w0}x{h0} with {c0}); all images of a folder must share one size")
         else:
-            images.append(img)
-            masks.append(lab)
-            names.append(files["image"][key].name)
+            images_.append(img)
+            masks_.append(lab)
+            names.append(str(files["image"][key].relative_to(folder)))
     if problems:
         raise DataError("\n".join(problems))
-    return names, np.stack(images), np.stack(masks)
+    return names, np.stack(images_), np.stack(masks_)
 
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +197,10 @@ def display_images(x: Tensor, info: DataInfo) -> np.ndarray:
 # --------------------------------------------------------------------------- the task
 
 
-def read_both(root: str | Path, test: bool = True) -> tuple[Path, dict[str, tuple[list[str], np.ndarray, np.ndarray]]]:
+Pairs = tuple[list[str], np.ndarray, np.ndarray]  # (image names, images uint8 (N, H, W, C), masks bool (N, H, W))
+
+
+def read_both(root: str | Path, test: bool = True) -> tuple[Path, dict[str, Pairs]]:
     """(the data folder, {"Train": pairs, "Test": pairs}); one DataError naming every broken file of both
     (``test=False``: Train only, Test/ is not opened)."""
     folder = find_folder(root)
@@ -199,13 +235,19 @@ class WarwickTask(Task):
     def prepare(self, root: Path, download: bool, test: bool = True) -> None:
         read_both(root, test)  # there is no public mirror to fetch from: the files must be there
 
-    def load(self, cfg: Config, device: torch.device, test: bool = True) -> Data:
+    def read_splits(self, cfg: Config, test: bool = True) -> tuple[Path, Pairs, Pairs | None, tuple[str, str]]:
+        """(the data folder, the training pairs, the test pairs (None with ``test=False``), the prefixes that
+        make their names relative to the folder); one DataError naming every broken file of both."""
         assert cfg.data.root is not None, "resolve the data root before loading"
         folder, read = read_both(cfg.data.root, test)
-        (tr_names, tr_img, tr_mask), (te_names, te_img, te_mask) = read["Train"], read.get("Test", ([], None, None))
+        return folder, read["Train"], read.get("Test"), ("Train/", "Test/")
+
+    def load(self, cfg: Config, device: torch.device, test: bool = True) -> Data:
+        folder, train, test_pairs, (tr_prefix, te_prefix) = self.read_splits(cfg, test)
+        (tr_names, tr_img, tr_mask), (te_names, te_img, te_mask) = train, test_pairs or ([], None, None)
         n_src = tr_img.shape[3]
         if test and te_img.shape[3] != n_src:
-            raise DataError(f"{folder / 'Test'}: images have {te_img.shape[3]} channels, Train/ has {n_src}")
+            raise DataError(f"{folder / te_prefix}: images have {te_img.shape[3]} channels, {tr_prefix} has {n_src}")
 
         if cfg.data.channels is not None:
             channels = list(cfg.data.channels)
@@ -239,12 +281,12 @@ class WarwickTask(Task):
             return Split(x.contiguous().to(device), y.to(device), names)
 
         def pick(idx: np.ndarray) -> Split:
-            return prep(tr_img[idx], tr_mask[idx], [f"Train/{tr_names[i]}" for i in idx])
+            return prep(tr_img[idx], tr_mask[idx], [f"{tr_prefix}{tr_names[i]}" for i in idx])
 
         info = DataInfo(source=str(folder), channels=channels, source_channels=int(n_src), mean=mean.tolist(),
                         std=std.tolist(), image_size=list(tr_img.shape[1:3]), n_train=len(tr), n_val=len(va),
                         n_test=len(te_names), val_names=[tr_names[i] for i in va])
-        return Data(pick(tr), pick(va), prep(te_img, te_mask, [f"Test/{n}" for n in te_names]) if test else None, info)
+        return Data(pick(tr), pick(va), prep(te_img, te_mask, [f"{te_prefix}{n}" for n in te_names]) if test else None, info)
 
     def raw_images(self, root: str | Path, split: str) -> ImageSet:
         names, images, masks = read_pairs(find_folder(root) / ("Test" if split == "test" else "Train"))
