@@ -32,6 +32,7 @@ from bench.tasks import TASKS
 from bench.tasks.base import DataError
 from exporters import benchmark as bm
 from exporters import report
+from exporters import tracking as mlflow_tracking
 from exporters.export import Exported, ExportError, export_run, results_dir_of
 from exporters.parity import ParityError
 
@@ -98,6 +99,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int,
                    help="timed calls per engine and batch (default: 200 at batch 1, 30 at the large batch)")
     p.add_argument("--no-summary", action="store_true", help="do not rebuild <results>/summary.md")
+    mlflow_tracking.add_argument(p)
     return p.parse_args(argv)
 
 
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         results, run_dirs, published = choose_runs(args)
+        tracker = mlflow_tracking.tracker(args, results)  # a missing extra or a bad --mlflow URI: before any export
     except (ConfigError, OSError, ValueError) as e:  # also unreadable result/config files
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if not done:
         return status
     benchmark_all(done, reports, args)
+    status = max(status, mlflow_tracking.log_exports(tracker, done))
     print(f"wrote {report.write_deployment_md(reports, out_dir)}", file=sys.stderr)
     if shipped and not args.no_summary and (results / "runs").is_dir():
         command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
