@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +59,16 @@ def mlflow_uri(value: str | bool | None, results: str | Path, where: str = "--ml
     if value is True or value == "":
         return f"sqlite:///{(Path(results) / DB_FILE).resolve()}"
     uri = str(value)
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    scheme = match.group(1).split("+", 1)[0].lower() if match else ""  # postgresql+psycopg -> postgresql
     if scheme not in SCHEMES:
         raise ConfigError(f"{where} {uri}: not a tracking URI MLflow can write to; give sqlite:///PATH.db (a file on "
                           f"this machine), http(s)://HOST:PORT (an MLflow server) or a database URL "
                           f"({', '.join(s + '://' for s in SCHEMES[1:4])}); a plain folder is no longer an MLflow store")
-    if scheme == "sqlite" and not uri.startswith("sqlite:///") or uri.rstrip("/") == "sqlite:":
+    if scheme == "sqlite" and (not uri.startswith("sqlite:///") or uri.endswith("/")):
         raise ConfigError(f"{where} {uri}: a SQLite tracking URI is sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    if scheme != "sqlite" and "://" not in uri:
+        raise ConfigError(f"{where} {uri}: expected {scheme}://...")
     return uri
 
 
