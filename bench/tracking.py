@@ -33,6 +33,7 @@ from typing import Any
 
 from bench import files
 from bench.config import ConfigError
+from bench.storage import shown as _shown  # a URI with its password hidden
 
 INSTALL = "pip install -e '.[mlflow]'"
 DB_FILE, ARTIFACTS = "mlflow.db", "mlartifacts"  # the default store, under the results folder
@@ -94,14 +95,13 @@ class Tracker:
 
     @classmethod
     def for_uri(cls, uri: str, results: str | Path) -> Tracker:
-        """A tracker whose artifacts go to ``<results>/mlartifacts`` for the default store, beside the database for
-        another SQLite file, and wherever the server says for a server or a database URL."""
-        if uri.startswith("sqlite:///"):
-            db = Path(uri.removeprefix("sqlite:///"))
-            default = (Path(results) / DB_FILE).resolve()
-            root = (Path(results) if db.resolve() == default else db.parent) / ARTIFACTS
-            return cls(uri, root.resolve().as_uri())
-        return cls(uri)
+        """A tracker whose new experiments keep their artifacts in ``mlartifacts/`` beside the database for a SQLite
+        file (``<results>/mlartifacts`` for the default store), wherever the server says for a server, and in
+        ``<results>/mlartifacts`` for a database URL (MLflow's own default would be ``./mlruns`` of the current folder)."""
+        if uri.split(":", 1)[0] in ("http", "https", "databricks"):
+            return cls(uri)
+        folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(results)
+        return cls(uri, (folder / ARTIFACTS).resolve().as_uri())
 
     # ------------------------------------------------------------------ connecting
 
@@ -113,7 +113,7 @@ class Tracker:
         if not create and self.uri.startswith("sqlite:///") and not Path(self.uri.removeprefix("sqlite:///")).exists():
             return
         try:
-            with _few_retries():
+            with _mlflow_env():
                 client = self._client()
                 client.search_experiments(max_results=1)
                 for meta in groups:
@@ -190,7 +190,7 @@ class Tracker:
         superseded) are skipped.  A failure is one warning (``warn``), else raised."""
         ids = []
         try:
-            with _few_retries():
+            with _mlflow_env():
                 client = self._client()
                 by_group: dict[Path, list[Path]] = {}
                 for d in run_dirs:
@@ -228,7 +228,7 @@ class Tracker:
     def log_artifacts(self, run_dir: Path, paths: list[Path], artifact_path: str) -> str:
         """Attach ``paths`` (e.g. an exported ONNX file) to the MLflow run of ``run_dir``, logging the run first if MLflow
         lacks it; returns its run id.  Raises when the run cannot be logged."""
-        with _few_retries():
+        with _mlflow_env():
             ids = self.log_dirs([run_dir], warn=False)
             if not ids:
                 raise ConfigError(f"{run_dir}: not a finished run; nothing to attach {artifact_path} files to")
@@ -333,11 +333,13 @@ def _search(client: Any, exp_id: str, query: str, order_by: list[str] | None = N
             return out
 
 
-class _few_retries:
-    """MLflow retries an unreachable server for minutes by default; while checking and logging, a few seconds
-    (unless the user set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``..._TIMEOUT`` themselves)."""
+class _mlflow_env:
+    """MLflow's settings while bench checks and logs, unless the user set them: MLflow retries an unreachable server
+    for minutes by default (here: a few seconds), and prints two "View run" lines to stdout for every run it ends on a
+    server (stdout is bench's one line per finished run; the summary line names the store instead)."""
 
-    SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
     def __enter__(self) -> None:
         self.set = [k for k in self.SETTINGS if k not in os.environ]
@@ -351,10 +353,3 @@ class _few_retries:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def _shown(uri: str) -> str:
-    """``uri`` with a password hidden (postgresql://user:***@host/db)."""
-    from bench.storage import shown
-
-    return shown(uri)
