@@ -63,13 +63,14 @@ def mlflow_uri(value: str | bool | None, results: str | Path, where: str = "--ml
     match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
     scheme = match.group(1).split("+", 1)[0].lower() if match else ""  # postgresql+psycopg -> postgresql
     if scheme not in SCHEMES:
-        raise ConfigError(f"{where} {uri}: not a tracking URI MLflow can write to; give sqlite:///PATH.db (a file on "
-                          f"this machine), http(s)://HOST:PORT (an MLflow server) or a database URL "
-                          f"({', '.join(s + '://' for s in SCHEMES[1:4])}); a plain folder is no longer an MLflow store")
+        raise ConfigError(f"{where} {_shown(uri)}: not a tracking URI MLflow can write to; give sqlite:///PATH.db (a file "
+                          f"on this machine), http(s)://HOST:PORT (an MLflow server) or a database URL "
+                          f"({', '.join(s + '://' for s in SCHEMES[1:4])}); a folder or file: URI is no longer an MLflow "
+                          f"store")
     if scheme == "sqlite" and (not uri.startswith("sqlite:///") or uri.endswith("/")):
         raise ConfigError(f"{where} {uri}: a SQLite tracking URI is sqlite:///relative/path.db or sqlite:////absolute/path.db")
     if scheme != "sqlite" and "://" not in uri:
-        raise ConfigError(f"{where} {uri}: expected {scheme}://...")
+        raise ConfigError(f"{where} {_shown(uri)}: expected {scheme}://...")
     return uri
 
 
