@@ -23,6 +23,7 @@ something is logged: importing this module loads nothing of it.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -39,8 +40,7 @@ INSTALL = "pip install -e '.[mlflow]'"
 DB_FILE, ARTIFACTS = "mlflow.db", "mlartifacts"  # the default store, under the results folder
 # Schemes of tracking stores MLflow can write to.  A plain folder (or file:) is refused: MLflow 3 keeps that
 # backend in maintenance mode and raises on it, so say it up front.
-SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
-LOCAL_SCHEMES = ("sqlite",)  # stores on this machine's disk: artifacts go beside them, not to ./mlruns
+SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https")
 
 
 def mlflow_uri(value: str | bool | None, results: str | Path, where: str = "--mlflow") -> str | None:
@@ -50,9 +50,7 @@ def mlflow_uri(value: str | bool | None, results: str | Path, where: str = "--ml
     if value is None or value is False:
         return None
     try:
-        import importlib.util
-
-        missing = importlib.util.find_spec("mlflow") is None
+        missing = importlib.util.find_spec("mlflow") is None  # found, not imported: that waits for the first run
     except (ImportError, ValueError):  # a broken or half-removed install
         missing = True
     if missing:
@@ -99,7 +97,7 @@ class Tracker:
         """A tracker whose new experiments keep their artifacts in ``mlartifacts/`` beside the database for a SQLite
         file (``<results>/mlartifacts`` for the default store), wherever the server says for a server, and in
         ``<results>/mlartifacts`` for a database URL (MLflow's own default would be ``./mlruns`` of the current folder)."""
-        if uri.split(":", 1)[0] in ("http", "https", "databricks"):
+        if uri.split(":", 1)[0] in ("http", "https"):
             return cls(uri)
         folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(results)
         return cls(uri, (folder / ARTIFACTS).resolve().as_uri())
@@ -159,9 +157,9 @@ class Tracker:
             return cached
         exp_id = self._experiment(client, str(meta.get("name") or meta["group"]))
         query = f"tags.kind = 'group' and tags.`group` = '{meta['group']}'"
-        found = _search(client, exp_id, query, order_by=["attributes.start_time ASC"])
+        found = _search(client, exp_id, query)
         if found:
-            parent = found[0].info.run_id
+            parent = _oldest(found)
         else:
             tags = {"kind": "group", "group": meta["group"], "role": meta.get("role", "published"),
                     "spec": str(meta.get("path", "")), **({"profile": meta["profile"]} if meta.get("profile") else {}),
@@ -172,7 +170,7 @@ class Tracker:
 
             mine = client.create_run(exp_id, tags=tags, run_name=meta["group"]).info.run_id
             client.set_terminated(mine, RunStatus.to_string(RunStatus.FINISHED))
-            parent = _search(client, exp_id, query, order_by=["attributes.start_time ASC"])[0].info.run_id
+            parent = _oldest(_search(client, exp_id, query))
             if parent != mine:
                 client.delete_run(mine)
         _PARENTS[(self.uri, meta["group"])] = exp_id, parent
@@ -278,7 +276,7 @@ def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], d: Pat
     variant, seed = config.get("variant") or d.parent.name, config.get("seed", d.name.removeprefix("seed-"))
     tags = {"kind": "run", "group": meta["group"], "config_key": key, "spec": str(meta.get("path", "")),
             "spec_name": str(meta.get("name", "")), "role": meta.get("role", "published"), "variant": str(variant),
-            "seed": str(seed), "status": result.get("status", "finished"), "run_dir": str(d.resolve()),
+            "seed": str(seed), "state": result.get("status", "finished"), "run_dir": str(d.resolve()),
             "mlflow.parentRunId": parent}
     for tag, field in (("commit", "commit"), ("device", "device"), ("device_name", "device_name"),
                        ("precision", "precision"), ("torch", "torch")):
@@ -323,11 +321,16 @@ def flatten(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _search(client: Any, exp_id: str, query: str, order_by: list[str] | None = None) -> list[Any]:
+def _oldest(runs: list[Any]) -> str:
+    """The id of the run created first (ties by id), the one every process agrees on."""
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+
+
+def _search(client: Any, exp_id: str, query: str) -> list[Any]:
     """Every run of ``exp_id`` matching ``query`` (all pages), deleted ones left out."""
     out, token = [], None
     while True:
-        page = client.search_runs([exp_id], query, max_results=1000, order_by=order_by, page_token=token)
+        page = client.search_runs([exp_id], query, max_results=1000, page_token=token)
         out += list(page)
         token = page.token
         if not token:
