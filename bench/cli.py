@@ -326,9 +326,10 @@ def _command() -> str:
 
 
 def _shown_uri(uri: str) -> str:
+    """A tracking URI for messages: its password hidden; for a SQLite file, how to browse it."""
     from bench.storage import shown
 
-    return shown(uri)
+    return shown(uri) + (f" (browse: mlflow ui --backend-store-uri {uri})" if uri.startswith("sqlite:") else "")
 
 
 def _count(n: int, noun: str) -> str:
