@@ -108,6 +108,13 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
                         "a database for Optuna (postgresql://USER[:PASSWORD]@HOST[:PORT]/DB; sqlite:///PATH on one "
                         "machine); default: $BENCH_STORAGE, else this machine alone (run: kernel locks; tune: "
                         "results/optuna/<spec>.db)")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--mlflow", nargs="?", const=True, default=None, metavar="URI",
+                   help="log every finished run to MLflow (params, tags, per-epoch metrics, test metrics, curves): to URI "
+                        "(sqlite:///PATH.db, http(s)://HOST:PORT, a database URL), or without one to "
+                        "sqlite:///<results>/mlflow.db; needs the extra: pip install -e '.[mlflow]' (default: the spec's "
+                        "`tracking:` section, else off)")
+    m.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow, whatever the spec's `tracking:` says")
     p.add_argument("--heartbeat", type=int, default=10, metavar="S",
                    help="with --storage: seconds between a worker's heartbeats (default: 10)")
     p.add_argument("--grace-period", type=int, default=60, metavar="S",
@@ -118,8 +125,8 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
                         "itself is recorded as failed and not retried)")
 
 
-def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked for, RunOptions, download)
-    """The spec placed in the group its runs belong to, and how to run them."""
+def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked for, RunOptions, download, Tracker | None)
+    """The spec placed in the group its runs belong to, how to run them, and where to log them (MLflow)."""
     from bench.runner import RunOptions, resolve_data_root
     from bench.spec import load_spec, place_in_group, resolve_spec_path, split_overrides
     from bench.train import resolve_device
@@ -134,9 +141,22 @@ def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked fo
         resolve_device(device)  # a device this machine lacks is an error now, not after loading the data
     root, default_root = resolve_data_root(args.data_root or runtime.get("data_root"))
     _check_results_folder(Path(args.results))
+    tracker = _tracker(args, group.mlflow, f"{path}: tracking.mlflow")
     opts = RunOptions(root, device, runtime.get("threads"), not args.no_progress, runtime.get("channels_last"),
-                      runtime.get("compile"), _storage(args))
-    return group, asked.seeds, opts, args.download or default_root
+                      runtime.get("compile"), _storage(args), after_run=(tracker,) if tracker else ())
+    return group, asked.seeds, opts, args.download or default_root, tracker
+
+
+def _tracker(args: argparse.Namespace, spec_value: bool | str | None = None, spec_where: str = ""):  # -> Tracker | None
+    """The MLflow tracker that --mlflow [URI] (else the spec's ``tracking.mlflow``) asks for; None when off.  Checks
+    that mlflow is installed and that the URI is one it can write to, without connecting yet."""
+    from bench.tracking import Tracker, mlflow_uri
+
+    if getattr(args, "no_mlflow", False):
+        return None
+    given = args.mlflow is not None
+    uri = mlflow_uri(args.mlflow if given else spec_value, args.results, "--mlflow" if given else spec_where)
+    return Tracker.for_uri(uri, args.results) if uri else None
 
 
 def _storage(args: argparse.Namespace, default_url: str = ""):  # -> StorageOptions | None
@@ -167,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.summary import write_summary
     from bench.workers import grid_workers
 
-    spec, seeds, opts, download = _load(args)
+    spec, seeds, opts, download, tracker = _load(args)
     names = [v.name for v in spec.variants]
     for n in args.variants or []:
         if n not in names:
@@ -184,6 +204,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{'todo' if run in todo else 'done'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
         return 0
     cache = preflight(spec, todo, opts, download) if todo else {}
+    if tracker:  # the last check: connect, and make the group's parent run before workers start
+        from bench.tracking import group_meta
+
+        tracker.check([group_meta(spec)])
     store.write_group(spec)  # the group's definition: its whole scope, whatever subset this command trains
     workers = args.workers or spec.workers
     if workers is None and len(todo) > 1:
@@ -206,6 +230,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("interrupted; run the same command to resume" + (f" ({'; '.join(started)})" if started else ""),
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    if tracker:  # runs finished before (without --mlflow, or whose logging failed) are logged now
+        logged = tracker.log_dirs([store.path(r) for r in runs if store.result(r) is not None])
+        print(f"MLflow: {_count(len(logged), 'run')} of {spec.group} in {_shown_uri(tracker.uri)}", file=sys.stderr)
     if not args.no_summary:
         for path in write_summary(args.results, _command(), groups=[spec.group]):
             print(f"wrote {path}", file=sys.stderr)
@@ -223,7 +250,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from bench.tasks import TASKS
     from bench.tune import study_file, tune
 
-    spec, seeds, opts, download = _load(args)
+    spec, seeds, opts, download, tracker = _load(args)
+    if tracker:  # a server or database is reached now; a new SQLite file is made by the first trial, not before
+        tracker.check(create=False)
     try:
         # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
         storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")
@@ -232,6 +261,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         print(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if tracker:  # trials finished before (without --mlflow, or whose logging failed) are logged now
+        from bench.store import RunStore
+
+        store = RunStore(args.results)
+        for group in store.groups("study"):
+            if store.read_group(group).get("study") == best["study"]:
+                n = tracker.log_group(args.results, group)
+                print(f"MLflow: {_count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}",
+                      file=sys.stderr)
     if best["value"] is None:
         print(f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned)")
         return 0
@@ -285,6 +323,13 @@ def _command() -> str:
     from bench.storage import shown
 
     return shown("python -m bench " + " ".join(sys.argv[1:]))
+
+
+def _shown_uri(uri: str) -> str:
+    """A tracking URI for messages: its password hidden; for a SQLite file, how to browse it."""
+    from bench.storage import shown
+
+    return shown(uri) + (f" (browse: mlflow ui --backend-store-uri {uri})" if uri.startswith("sqlite:") else "")
 
 
 def _count(n: int, noun: str) -> str:

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +46,9 @@ class RunOptions:
     channels_last: bool | None = None  # --set train.channels_last; None: the config's
     compile: str | None = None  # --set train.compile; None: the config's
     storage: StorageOptions | None = None  # --storage: share the grid through this database; None: kernel locks
+    # Called as hook(store, run) in the process that trained the run, once its result is recorded (e.g. MLflow
+    # logging, bench/tracking.py); plain picklable objects: --workers processes receive them too.
+    after_run: tuple[Callable[[RunStore, Run], None], ...] = ()
 
 
 def resolve_data_root(cli_root: str | None, default: str = "data") -> tuple[str, bool]:
@@ -157,6 +160,8 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
             print(f"failed {run.spec} {run.variant.name} seed {run.seed}: {error}", file=sys.stderr, flush=True)
         else:
             grid.done(run, result)
+            for hook in opts.after_run:  # while the run is still this process's (its claim is held)
+                hook(store, run)
             bar.update(1)
             report_finished(run, result, task, opts.progress)
         if device.type == "cuda":

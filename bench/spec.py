@@ -41,7 +41,8 @@ from bench.factories import check_section
 from bench.registry import UnknownName, unknown_name_message
 from bench.tasks import TASKS
 
-SPEC_KEYS = ["name", "description", "task", "target", "seeds", "base", "variants", "profiles", "search"]
+SPEC_KEYS = ["name", "description", "task", "target", "seeds", "base", "variants", "profiles", "search", "tracking"]
+TRACKING_KEYS = ["mlflow"]
 SEARCH_KEYS = ["variant", "trials", "space", "tuned"]
 TUNED = "tuned"  # the variant `bench tune` writes into the file named by `search.tuned`
 DIST_KEYS = ["low", "high", "log", "step", "choices"]
@@ -95,6 +96,7 @@ class Spec:
     overrides: dict[str, Any] = field(default_factory=dict)  # --set leaves applied to every variant
     tuned: dict[str, Any] | None = None  # the study behind the `tuned` variant (its file's `study:`), when there is one
     group_name: str | None = None  # an ad-hoc group's name (see place_in_group); None: the published group
+    mlflow: bool | str | None = None  # `tracking: {mlflow: true | URI}`: log the runs to MLflow (bench/tracking.py)
 
     @property
     def published_group(self) -> str:
@@ -387,7 +389,22 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
         variants = [v for v in variants if v.name in prof.variants or v.name == TUNED]
     return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
                 description=str(raw.get("description", "")), search=search, workers=prof.workers, overrides=cli_leaves,
-                target=_check_target(raw.get("target"), task), tuned=tuned)
+                target=_check_target(raw.get("target"), task), tuned=tuned, mlflow=_check_tracking(raw.get("tracking")))
+
+
+def _check_tracking(raw: Any) -> bool | str | None:
+    """``tracking: {mlflow: true | URI}``: where the runs are logged besides the run store (not part of any run's
+    config or key; the URI itself is checked by bench.tracking when a command uses it)."""
+    if raw is None:
+        return None
+    _check_mapping(raw, TRACKING_KEYS, "tracking")
+    value = raw.get("mlflow")
+    if value is None or isinstance(value, bool):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"tracking.mlflow: expected true, false or a tracking URI (e.g. sqlite:///results/mlflow.db), "
+                          f"got {value!r}")
+    return value
 
 
 def tuned_path(spec_path: str | Path, search: Any) -> Path | None:

@@ -220,8 +220,12 @@ class _Trainer:
         except optuna.TrialPruned:
             self.store.record(run, {"key": run.key, **meta, "status": "pruned",
                                     "epochs_run": self.store.epochs_done(run), "val_best": max(best)})
+            for hook in self.opts.after_run:
+                hook(self.store, run)
             raise
         self.store.record(run, res)
+        for hook in self.opts.after_run:  # before the study hears of it: a finished study has every trial's hook done
+            hook(self.store, run)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return res["val_best"]

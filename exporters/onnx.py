@@ -37,6 +37,7 @@ from bench.tasks import TASKS
 from bench.tasks.base import DataError
 from exporters import benchmark as bm
 from exporters import report
+from exporters import tracking as mlflow_tracking
 from exporters.export import Exported, ExportError, export_run, results_dir_of
 from exporters.parity import ParityError, gap_text
 from exporters.rungs import measure_rungs
@@ -112,6 +113,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int,
                    help="timed calls per engine and batch (default: 200 at batch 1, 30 at the large batch)")
     p.add_argument("--no-summary", action="store_true", help="do not rebuild <results>/summary.md")
+    mlflow_tracking.add_argument(p)
     args = p.parse_args(argv)
     if (args.target == "rungs") != (args.spec is not None):
         p.error("`rungs` takes a SPEC (e.g. `rungs mnist --profile quick`); `best` and a run folder take none")
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return rungs_main(args, argv)
     try:
         results, run_dirs, published = choose_runs(args)
+        tracker = mlflow_tracking.tracker(args, results)  # a missing extra or a bad --mlflow URI: before any export
     except (ConfigError, OSError, ValueError) as e:  # also unreadable result/config files
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if not done:
         return status
     benchmark_all(done, reports, args)
+    status = max(status, mlflow_tracking.log_exports(tracker, done))
     print(f"wrote {report.write_deployment_md(reports, out_dir)}", file=sys.stderr)
     if shipped and not args.no_summary and (results / "runs").is_dir():
         command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -213,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def rungs_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     """``rungs SPEC``: every rung's cost (exporters.rungs), then the group's table rebuilt with it."""
-    if args.groups or args.task or args.out or args.no_bench:
-        print("error: `rungs` exports the spec's own group into <results>/onnx/rungs: --groups, --task, --out and "
-              "--no-bench do not apply", file=sys.stderr)
+    if args.groups or args.task or args.out or args.no_bench or args.mlflow:
+        print("error: `rungs` exports the spec's own group into <results>/onnx/rungs: --groups, --task, --out, "
+              "--no-bench and --mlflow do not apply", file=sys.stderr)
         return 2
     results = Path(args.results or "results")
     command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
