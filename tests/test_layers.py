@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Bottom to top; a module may import modules of its own layer or below, never above.
 LAYERS = [
     ["bench", "bench.registry", "bench.files", "bench.config"],  # config and files
-    ["bench.metrics", "bench.losses", "bench.optim", "bench.augment", "bench.inference", "bench.plots",
+    ["bench.metrics", "bench.losses", "bench.optim", "bench.augment", "bench.inference", "bench.plots", "bench.pareto",
      "bench.seg_figures", "bench.models", "bench.models.classification", "bench.models.segmentation"],  # pieces
     ["bench.factories"],  # config sections -> objects
     ["bench.tasks", "bench.tasks.base", "bench.tasks.mnist", "bench.tasks.warwick", "bench.tasks.folders",
@@ -22,7 +22,8 @@ LAYERS = [
     ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
     ["bench.summary", "bench.perf"],  # the published tables and speed measurements
     ["exporters", "exporters.runtime", "exporters.metadata", "exporters.parity", "exporters.export",
-     "exporters.benchmark", "exporters.report", "exporters.predict", "exporters.tracking", "exporters.onnx"],  # deployment
+     "exporters.benchmark", "exporters.report", "exporters.rungs", "exporters.predict", "exporters.tracking",
+     "exporters.onnx"],  # deployment
     ["bench.cli", "bench.__main__"],  # the command line
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
