@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from bench import files
 from bench.metrics import Metric
@@ -106,9 +106,11 @@ def plot_tradeoff(points: list[tuple[str, float, float, float]], front: list[int
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
     lo, hi = min(xs), max(xs)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.1, 0.2, 0.5, 1, 2, 5, ...: a few labels a decade
     ax.xaxis.set_major_formatter(_PLAIN)
-    ax.xaxis.set_minor_formatter(_PLAIN if hi / lo < 10 else NullFormatter())  # within a decade, label the minor ticks
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(lo / 1.25, hi * 1.6)  # room for the labels on the right
+    ax.margins(y=0.08)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric.column + " (mean ± std over seeds)")
     ax.set_title(title, fontsize=10)

@@ -199,16 +199,27 @@ LABEL_MAX = 50  # characters of the summary table's change column: the table fit
 
 
 def short_label(text: str, limit: int = LABEL_MAX) -> str:
-    """``text`` in at most ``limit`` characters: as it is when it fits, else without its parenthetical
-    remarks, else its first clause (up to ``:``, ``;`` or ``,``), else cut at a word with an ellipsis."""
+    """``text`` in at most ``limit`` characters: as it is when it fits, else without its parenthetical remarks,
+    else as many of its clauses (split at ``:``, ``;`` or ``,`` outside brackets, so a list value stays whole) as fit,
+    then ``…``; a first clause too long for that is cut at a word, then ``…``."""
     if len(text) <= limit:
         return text
     bare = re.sub(r"\s*\([^()]*\)", "", text).strip()
     if len(bare) <= limit:
         return bare
-    first = re.split(r"[:;,]", bare, maxsplit=1)[0].strip()
-    if first and len(first) <= limit:
-        return first
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(bare):
+        depth += 1 if ch in "[{" else -1 if ch in "]}" else 0
+        if ch in ":;," and depth == 0:
+            parts.append(bare[start : i + 1])
+            start = i + 1
+    kept = ""
+    for part in parts:
+        if len(kept + part) + 2 > limit:
+            break
+        kept += part
+    if kept:
+        return kept.rstrip() + " …"
     return bare[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"
 
 

@@ -106,7 +106,14 @@ MAX_TABLE_WIDTH = 160
 
 
 def _table(rows: list[dict[str, str]], right: set[str]) -> Table:
-    headers = list(dict.fromkeys(k for r in rows for k in r))
+    """Columns in the order the rows name them, wherever they first appear (a first row without runs has fewer cells:
+    its gaps are filled from the rows below, in place)."""
+    headers: list[str] = []
+    for r in rows:
+        for i, k in enumerate(r):
+            if k not in headers:
+                before = [h for h in list(r)[:i] if h in headers]  # after the last of its predecessors already placed
+                headers.insert(headers.index(before[-1]) + 1 if before else 0, k)
     return Table(headers, [[r.get(h, "") for h in headers] for r in rows],
                  ["right" if h in right else "left" for h in headers])
 
@@ -185,9 +192,9 @@ def format_params(n: int) -> str:
 
 
 def flops_unit(costs: dict[str, Any]) -> tuple[str, float, int]:
-    """(column header, divisor, decimals) for the FLOPs per image of a group's rungs: MFLOP, or GFLOP from 10 G."""
+    """(column header, divisor, decimals) for the FLOPs per image of a group's rungs: MFLOP, or GFLOP from 1 G."""
     most = max((r.get("flops_per_image", 0) for r in costs.get("rungs", {}).values()), default=0)
-    return ("GFLOP", 1e9, 1) if most >= 1e10 else ("MFLOP", 1e6, 1)
+    return ("GFLOP", 1e9, 2) if most >= 1e9 else ("MFLOP", 1e6, 1)
 
 
 def _cost_columns(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, Any] | None) -> dict[str, dict[str, str]]:
@@ -200,6 +207,8 @@ def _cost_columns(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, 
     columns = [c for c in ("cpu/fp32", "cpu/int8", "cuda/fp32") if any(c in r.get("latency", {}) for r in rungs.values())]
     keys = {(r.variant, r.key) for r in runs}
     unit, scale, digits = flops_unit(costs)
+    decimals = {c: ms_decimals([r["latency"][c]["p50_ms"] for r in rungs.values() if c in r.get("latency", {})])
+                for c in columns}
     out = {}
     for v in meta["variants"]:
         rec = rungs.get(v["name"])
@@ -210,14 +219,16 @@ def _cost_columns(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, 
         else:
             lat = rec.get("latency", {})
             cells = {"flops": f"{rec['flops_per_image'] / scale:.{digits}f}",
-                     **{c: format_ms(lat[c]["p50_ms"]) if c in lat else "–" for c in columns}}
+                     **{c: f"{lat[c]['p50_ms']:.{decimals[c]}f}" if c in lat else "–" for c in columns}}
         out[v["name"]] = {(unit if k == "flops" else COST_HEADERS[k]): x for k, x in cells.items()}
     return out
 
 
-def format_ms(ms: float) -> str:
-    """Three significant digits, never scientific: ``0.113``, ``4.27``, ``38.6``, ``1235``."""
-    return f"{ms:.0f}" if ms >= 100 else f"{ms:.{2 - int(math.floor(math.log10(ms)))}f}" if ms > 0 else "0"
+def ms_decimals(values: list[float]) -> int:
+    """One number of decimals for a column of latencies: three significant digits for its smallest value
+    (``0.0703`` -> 4, ``2.18`` -> 2, ``38.6`` -> 1), at most 4 and at least 0."""
+    low = min((v for v in values if v > 0), default=1.0)
+    return max(0, min(4, 2 - int(math.floor(math.log10(low)))))
 
 
 def target_column(target: float, metric: Metric) -> str:
@@ -404,7 +415,7 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
     if tables.costs_shown and costs:
         out += _cost_legend(costs), ""
         out += _tradeoff(meta, runs, costs, fig_dir, primary)
-    elif runs:
+    elif runs and meta["role"] == "published":
         out += [f"Deployment cost per rung: `python -m exporters.onnx rungs {meta['path']}"
                 + (f" --profile {meta['profile']}`" if meta["profile"] else "`") + " adds it to this table.", ""]
     out += _details(meta)

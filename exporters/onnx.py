@@ -111,14 +111,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="benchmark threads for both engines (default: 1 at batch 1, all cores at "
                                                   "the large batch; `rungs`: 1)")
     p.add_argument("--repeats", type=int,
-                   help="timed calls per engine and batch (default: 200 at batch 1, 30 at the large batch)")
+                   help="timed calls per engine and batch (default: 200 at batch 1, 30 at the large batch; a "
+                        "benchmark stops after 60 s once every engine has a tenth of them)")
     p.add_argument("--no-summary", action="store_true", help="do not rebuild <results>/summary.md")
     mlflow_tracking.add_argument(p)
     args = p.parse_args(argv)
     if (args.target == "rungs") != (args.spec is not None):
         p.error("`rungs` takes a SPEC (e.g. `rungs mnist --profile quick`); `best` and a run folder take none")
-    if args.profile and args.target != "rungs":
-        p.error("--profile goes with `rungs`")
+    if (args.profile or args.force) and args.target != "rungs":
+        p.error("--profile and --force go with `rungs`")
+    if args.target == "rungs" and args.tta is not None:
+        p.error("`rungs` pairs each rung's reported metric with the cost of the graph that computes it: a rung is "
+                "exported with TTA exactly when its metric used it (eval.tta), so --tta/--no-tta do not apply")
     for name in ("threads", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -228,7 +232,7 @@ def rungs_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         if spec.group not in RunStore(results).groups("published"):
             raise ConfigError(f"no runs of {spec.group} under {results / 'runs'}; train them first: "
                               f"python -m bench run {args.spec}" + (f" --profile {args.profile}" if args.profile else ""))
-        doc, status = measure_rungs(spec, results, args.data_root, args.tta, args.int8, args.threads or 1,
+        doc, status = measure_rungs(spec, results, args.data_root, args.int8, args.threads or 1,
                                     args.repeats, args.force, command)
     except (ConfigError, DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

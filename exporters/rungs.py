@@ -1,11 +1,11 @@
 """Deployment cost of every rung of a spec: export, verify and time the best seed of each variant.
 
-    python -m exporters.onnx rungs ablations/mnist.yaml --profile quick [--int8] [--no-tta]
+    python -m exporters.onnx rungs ablations/mnist.yaml --profile quick [--int8]
 
 For each variant of the spec (and profile) as written, the finished run with the best validation
 metric is exported to ``<results>/onnx/rungs/<group>/<variant>.onnx`` and checked for parity on the
-whole test set, as ``best`` does; a variant whose metric used TTA is exported as the TTA graph
-(``--no-tta``: one forward pass), so that its latency is what its metric costs.  An export is
+whole test set, as ``best`` does; a variant whose metric used TTA is exported as the TTA graph,
+and only such a variant, so that each latency is what the metric beside it costs.  An export is
 reused while its source run (its best.pt) and the code that makes the graph are unchanged (see
 :func:`fingerprint`); ``--force`` redoes them.
 
@@ -82,19 +82,17 @@ def fingerprint(run_dir: Path, tta: bool, model_module: str, task_module: str) -
     return h.hexdigest()[:16]
 
 
-def export_rung(rung: Rung, out_dir: Path, results: Path, data_root: str | None, tta: bool | None,
-                force: bool) -> tuple[Exported, bool]:
+def export_rung(rung: Rung, out_dir: Path, results: Path, data_root: str | None, force: bool) -> tuple[Exported, bool]:
     """(the export of ``rung``'s run, whether it was reused).  Raises what :func:`export_run` raises."""
     assert rung.run_dir is not None
     name = slug(rung.variant)
     record_path = out_dir / f"{name}.json"
     ex = None if force or not record_path.exists() else load_exported(record_path, results, data_root)
     if ex is not None:
-        want_tta = bool(ex.run.config.eval.tta) if tta is None else tta
-        fp = fingerprint(rung.run_dir, want_tta, type(ex.run.model).__module__, type(ex.run.task).__module__)
+        fp = fingerprint(rung.run_dir, bool(ex.run.config.eval.tta), type(ex.run.model).__module__, type(ex.run.task).__module__)
         if ex.record.get("fingerprint") == fp and ex.record.get("source_run") == source_of(rung.run_dir, results):
             return ex, True
-    ex = export_run(rung.run_dir, out_dir, data_root, results, name=name, tta=tta)
+    ex = export_run(rung.run_dir, out_dir, data_root, results, name=name)  # TTA graph exactly when the run used TTA
     ex.record["fingerprint"] = fingerprint(rung.run_dir, ex.tta, type(ex.run.model).__module__,
                                            type(ex.run.task).__module__)
     files.write_json(ex.record_path, ex.record)
@@ -149,13 +147,13 @@ def rung_record(ex: Exported, rung: Rung, reused: bool) -> dict[str, Any]:
     }
 
 
-def measure_rungs(spec: Spec, results: Path, data_root: str | None = None, tta: bool | None = None,
-                  int8: bool = False, threads: int = 1, repeats: int | None = None, force: bool = False,
+def measure_rungs(spec: Spec, results: Path, data_root: str | None = None, int8: bool = False, threads: int = 1,
+                  repeats: int | None = None, force: bool = False,
                   command: str = "") -> tuple[dict[str, Any], int]:
     """Export (or reuse) every rung's best run, time them together and write ``runs/<group>/costs.json``.
 
     Returns (the costs document, exit status: 0, or 1 when an export failed its check or parity).  Raises
-    ConfigError (usage: a ``--tta`` the model cannot take, no group) before anything is written."""
+    ConfigError (usage, data) before anything is written."""
     store = RunStore(results)
     rungs = choose(spec, store)
     out_dir = results / "onnx" / "rungs" / spec.group
@@ -167,7 +165,7 @@ def measure_rungs(spec: Spec, results: Path, data_root: str | None = None, tta: 
             print(f"{spec.group} {rung.variant}: not run (no finished run of the spec as written)", file=sys.stderr)
             continue
         try:
-            ex, reused = export_rung(rung, out_dir, results, data_root, tta, force)
+            ex, reused = export_rung(rung, out_dir, results, data_root, force)
         except (parity_module.ParityError, export_module.ExportError) as e:
             print(f"error: {rung.variant}: {e}", file=sys.stderr)
             status = 1

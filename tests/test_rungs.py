@@ -160,6 +160,38 @@ def test_short_labels():
     long = "word " * 30
     cut = short_label(long)
     assert len(cut) <= LABEL_MAX and cut.endswith("…")
+    # a key list is cut between whole keys (a list value stays whole) and says that something was left out
+    keys = "model.widths=[24, 48, 48, 96, 96], model.hidden=256, optim.lr=0.001, optim.weight_decay=0.0001"
+    assert short_label(keys).startswith("model.widths=[24, 48, 48, 96, 96],") and short_label(keys).endswith(" …")
+    assert len(short_label(keys)) <= LABEL_MAX
+
+
+def test_table_columns_keep_their_order_and_decimals(tmp_path):
+    """A first rung without runs does not move the Δ column; a latency column has one number of decimals."""
+    spec = load_spec(write_spec(tmp_path / "o.yaml", base=MNIST_BASE, seeds=[0], variants=[
+        {"name": "a", "reported": 0.9}, {"name": "b", "set": {"optim.lr": 1e-3}}, {"name": "c", "set": {"optim.lr": 1e-4}}]))
+    store = RunStore(tmp_path)
+    store.write_group(spec)
+    meta = store.read_group(spec.group)
+    runs = [StoredRun(spec.group, v, 0, f"k{v}", tmp_path, {"seed": 0, "key": f"k{v}", "val_best": 0.5,
+                                                           "test": {"acc": 0.9}, "params": 1000, "epochs_run": 1,
+                                                           "best_epoch": 1, "train_time_s": 1.0}) for v in ("b", "c")]
+    lat = {"b": 0.0703, "c": 0.111}
+    costs = {"rungs": {v: {"key": f"k{v}", "flops_per_image": 1e6, "latency": {"cpu/fp32": {"p50_ms": ms}}}
+                       for v, ms in lat.items()}}
+    main = group_tables(meta, runs, costs).main
+    assert main.headers == ["variant", "change", "n", "test acc. (%)", "Δ (p)", "report", "params", "MFLOP", "ORT ms"]
+    ms = [row[main.headers.index("ORT ms")] for row in main.rows]
+    assert ms == ["not run", "0.0703", "0.1110"]
+
+
+def test_rungs_refuses_tta_choices_and_best_refuses_force(tmp_path, capsys):
+    for args in (["rungs", "mnist", "--tta"], ["rungs", "mnist", "--no-tta"], ["best", "--force"]):
+        with pytest.raises(SystemExit) as e:
+            ox.main(args)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "exported with TTA exactly when its metric used it" in err and "--force go with `rungs`" in err
 
 
 @pytest.mark.parametrize("name", ["mnist", "warwick"])
