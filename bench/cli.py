@@ -96,7 +96,8 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every variant, e.g. --set train.epochs=2 (repeatable); such runs "
                         "go to an ad-hoc group of their own")
-    p.add_argument("--data-root", help="data folder holding MNIST/raw and WARWICK/ (default: $BENCH_DATA, else ./data)")
+    p.add_argument("--data-root", help="data folder: MNIST/raw and WARWICK/, or a folder task's own data "
+                                          "(default: $BENCH_DATA, else ./data; a spec's data.root wins)")
     p.add_argument("--download", action="store_true",
                    help="fetch missing MNIST files into the data root (done anyway when it is the default ./data)")
     p.add_argument("--results", default="results", help="results folder (default: results)")

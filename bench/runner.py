@@ -98,13 +98,26 @@ def preflight(spec: Spec, runs: list[Run], opts: RunOptions, download: bool = Fa
 
 def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
     """Build the run's objects and compute the loss of two training images; ConfigError when that fails."""
+    where = f"variant {run.variant.name!r} (model.name={cfg.model['name']})"
     try:
-        model = build_model(cfg, **task.model_kwargs(data.info))
+        kwargs = task.model_kwargs(data.info)
+        model = build_model(cfg, **kwargs)
         build_optimizer(cfg, model, 1)
         x, y = task.augment(data.train.x[:2], data.train.y[:2], cfg, torch.Generator().manual_seed(0))
-        build_loss(cfg)(model(x).float(), y)
+        out = model(x)
     except Exception as e:  # whatever the factories or the forward pass raise, the config is at fault
-        raise ConfigError(f"variant {run.variant.name!r}: this config does not run on {task.name} data: "
+        raise ConfigError(f"{where}: this config does not run on {task.name} data: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    # A network of the wrong width may still "train" (5 logits for 3 classes reach 0 %): say so before anything runs.
+    want = (x.shape[0], kwargs.get("num_classes"), *(x.shape[-2:] if task.kind == "segmentation" else ()))
+    if "num_classes" in kwargs and tuple(out.shape) != want:
+        layout = "(N, classes)" if task.kind == "classification" else "(N, 1, H, W) at the input's height and width"
+        raise ConfigError(f"{where}: the network returns {tuple(out.shape)} for a batch of {tuple(x.shape)}; "
+                          f"{task.name} needs {want}, {layout} (it was built with {kwargs})")
+    try:
+        build_loss(cfg)(out.float(), y)
+    except Exception as e:
+        raise ConfigError(f"{where}: this config does not run on {task.name} data: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 

@@ -162,7 +162,7 @@ class Tracker:
             parent = _oldest(found)
         else:
             tags = {"kind": "group", "group": meta["group"], "role": meta.get("role", "published"),
-                    "spec": str(meta.get("path", "")), **({"profile": meta["profile"]} if meta.get("profile") else {}),
+                    "spec": str(meta.get("path", "")), "profile": meta.get("profile") or "full",
                     **({"study": meta["study"]} if meta.get("study") else {})}
             if meta.get("overrides"):
                 tags["overrides"] = json.dumps(meta["overrides"])
@@ -282,8 +282,7 @@ def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], d: Pat
                        ("precision", "precision"), ("torch", "torch")):
         if result.get(field):
             tags[tag] = str(result[field])
-    if meta.get("profile"):
-        tags["profile"] = meta["profile"]
+    tags["profile"] = meta.get("profile") or "full"  # as the summary names a spec without a profile
     if "trial" in result:  # a tuning trial: its number and the study it belongs to
         tags["trial"] = str(result["trial"])
         tags["study"] = str(meta.get("study", ""))

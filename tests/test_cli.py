@@ -175,8 +175,9 @@ def test_experiment_seeds_among_the_spec_s_are_one_group_and_runtime_sets_are_no
 
 
 @pytest.mark.parametrize("setting, expected", [
-    ("model.widths=[8,8]", "variant 'a': this config does not run on mnist data: ValueError: mnist_cnn needs 5 conv widths"),
-    ("model.name=unet", "variant 'a': this config does not run on mnist data"),
+    ("model.widths=[8,8]",
+     "variant 'a' (model.name=mnist_cnn): this config does not run on mnist data: ValueError: mnist_cnn needs 5 conv widths"),
+    ("model.name=unet", "variant 'a' (model.name=unet): "),
 ])
 def test_a_config_that_cannot_work_stops_before_anything_is_written(data_root, tmp_path, capsys, setting, expected):
     path = write_spec(tmp_path / "w.yaml", variants=[{"name": "a"}])
@@ -218,3 +219,19 @@ def test_an_experiment_leaves_the_published_summary_alone(data_root, tmp_path, c
     assert main([*args, "--set", "optim.lr=0.01"]) == 0
     assert (res / "summary.md").read_bytes() == published  # not even its "table generated" line
     assert "optim.lr=0.01" in (res / "runs" / "x--optim.lr=0.01" / "summary.md").read_text()
+
+
+def test_a_network_of_the_wrong_width_stops_before_training(data_root, tmp_path, capsys, monkeypatch):
+    """5 logits for MNIST's 10 classes would train (to nonsense); the shape is checked first, naming what it needs."""
+    (tmp_path / "wrongnets.py").write_text(
+        "from torch import nn\n\n"
+        "def five(in_channels: int, num_classes: int) -> nn.Module:\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, 5))\n")
+    monkeypatch.chdir(tmp_path)
+    path = write_spec(tmp_path / "w.yaml", base={**TINY_MNIST_BASE, "model": {"name": "wrongnets:five"}},
+                      variants=[{"name": "a"}])
+    res = tmp_path / "r"
+    assert main(["run", str(path), "--data-root", str(data_root), "--results", str(res)]) == 2
+    err = capsys.readouterr().err
+    assert "variant 'a' (model.name=wrongnets:five): the network returns (2, 5)" in err and "mnist needs (2, 10)" in err
+    assert not res.exists()

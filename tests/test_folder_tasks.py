@@ -179,6 +179,19 @@ def test_every_broken_pair_of_a_mask_folder_is_named_in_one_error(shapes: Path, 
     assert any(f"{root / 'images' / '003.png'}: not a readable image" in x for x in lines)
 
 
+def test_a_naming_rule_that_matches_nothing_is_one_line(shapes: Path, tmp_path: Path):
+    root = copy(shapes / "segment", tmp_path / "s")
+    with pytest.raises(DataError) as err:
+        TASKS["mask_folder"].load(config("mask_folder", root, images="imgs/*"), CPU)  # a typo in the rule
+    assert str(err.value) == (f"{root}: the images rule 'imgs/*' matches no file (while the other side has 8); "
+                              "check data.images and the folder")
+    shutil.rmtree(root / "masks")
+    (root / "masks").mkdir()
+    with pytest.raises(DataError) as err:
+        TASKS["mask_folder"].load(config("mask_folder", root), CPU)
+    assert len(str(err.value).splitlines()) == 1 and "the masks rule 'masks/*' matches no file" in str(err.value)
+
+
 # --------------------------------------------------------------------------- spec checks
 
 

@@ -138,6 +138,11 @@ def read_pairs(folder: Path, images: str = "image_*.png", masks: str = "label_*.
     for kind, pattern in (("image", images), ("label", masks)):
         files[kind], dup = match_files(folder, pattern)
         problems += dup
+    for kind, pattern in (("image", images), ("label", masks)):
+        if not files[kind] and files["label" if kind == "image" else "image"]:  # one line, not one per partner
+            what = "images" if kind == "image" else "masks"
+            raise DataError(f"{folder}: the {what} rule {pattern!r} matches no file (while the other side has "
+                            f"{len(files['label' if kind == 'image' else 'image'])}); check data.{what} and the folder")
     for kind, other, pattern in (("image", "label", masks), ("label", "image", images)):
         for key in sorted(set(files[kind]) - set(files[other])):
             partner = pattern.replace("*", key) + ("" if pattern.partition("*")[2] else ".*")
@@ -157,8 +162,9 @@ def read_pairs(folder: Path, images: str = "image_*.png", masks: str = "label_*.
                             f"{files['image'][key].name} ({img.shape[1]}x{img.shape[0]})")
         elif images_ and img.shape != images_[0].shape:
             (h, w, c), (h0, w0, c0) = img.shape, images_[0].shape
+            what = "size" if (h, w) != (h0, w0) else "number of channels"
             problems.append(f"{files['image'][key]}: {w}x{h} with {c} channels differs from {names[0]} "
-                            f"({w0}x{h0} with {c0}); all images of a folder must share one size")
+                            f"({w0}x{h0} with {c0}); all images of a folder must share one {what}")
         else:
             images_.append(img)
             masks_.append(lab)
