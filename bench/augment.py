@@ -135,7 +135,7 @@ def dihedral_tta(
     None -> raw logits), maps each output back with the inverse transform and returns their mean
     in that order: (N, K, H, W).  For dense outputs of fully convolutional networks (segmentation):
     a rotated non-square image is a (W, H) input whose output is rotated back.  The exported TTA
-    graph (``exporters.export.DihedralTTA``) computes the same sum in the same order.
+    graph (``exporters.export.DihedralTTA``) is this function, traced.
     """
     total = None
     for e in range(8):

@@ -205,16 +205,16 @@ def _cost_columns(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, 
         return {}
     rungs = costs.get("rungs", {})
     columns = [c for c in ("cpu/fp32", "cpu/int8", "cuda/fp32") if any(c in r.get("latency", {}) for r in rungs.values())]
-    keys = {(r.variant, r.key) for r in runs}
+    current = current_costs(costs, runs)
     unit, scale, digits = flops_unit(costs)
     decimals = {c: ms_decimals([r["latency"][c]["p50_ms"] for r in rungs.values() if c in r.get("latency", {})])
                 for c in columns}
     out = {}
     for v in meta["variants"]:
-        rec = rungs.get(v["name"])
+        rec = current.get(v["name"])
         if not any(r.variant == v["name"] for r in runs):
             cells = dict.fromkeys(["flops", *columns], "not run")
-        elif rec is None or (v["name"], rec["key"]) not in keys:
+        elif rec is None:
             cells = dict.fromkeys(["flops", *columns], "–")
         else:
             lat = rec.get("latency", {})
@@ -222,6 +222,12 @@ def _cost_columns(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, 
                      **{c: f"{lat[c]['p50_ms']:.{decimals[c]}f}" if c in lat else "–" for c in columns}}
         out[v["name"]] = {(unit if k == "flops" else COST_HEADERS[k]): x for k, x in cells.items()}
     return out
+
+
+def current_costs(costs: dict[str, Any], runs: list[StoredRun]) -> dict[str, dict[str, Any]]:
+    """The rungs of ``costs.json`` whose export came from a run of the variant that is still current."""
+    keys = {(r.variant, r.key) for r in runs}
+    return {v: rec for v, rec in costs.get("rungs", {}).items() if (v, rec.get("key")) in keys}
 
 
 def ms_decimals(values: list[float]) -> int:
@@ -456,12 +462,11 @@ def _cost_legend(costs: dict[str, Any]) -> str:
 def _tradeoff(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, Any], fig_dir: Path,
               metric: Metric) -> list[str]:
     """The trade-off figure (test metric against batch-1 latency, Pareto front) and the front in words."""
-    keys = {(r.variant, r.key) for r in runs}
+    current = current_costs(costs, runs)
     points = []
     for v in meta["variants"]:
-        rec = costs["rungs"].get(v["name"])
-        lat = (rec or {}).get("latency", {}).get("cpu/fp32")
-        if rec is None or lat is None or (v["name"], rec["key"]) not in keys:
+        lat = current.get(v["name"], {}).get("latency", {}).get("cpu/fp32")
+        if lat is None:
             continue
         m, sd, _ = mean_ci([r.result["test"][metric.key] for r in runs if r.variant == v["name"]])
         points.append((v["name"], lat["p50_ms"], m, sd))

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import files
-from bench.augment import dihedral, dihedral_inverse, dihedral_tta
+from bench.augment import dihedral, dihedral_tta
 from bench.config import ConfigError
 from bench.runner import resolve_data_root
 from bench.store import LoadedRun, load_run
@@ -72,8 +72,8 @@ class DihedralTTA(nn.Module):
     """Export form of test-time augmentation: the mean over the 8 flips/rotations of the input.
 
     Segmentation: ``bench.augment.dihedral_tta`` (the harness's own TTA: sigmoid of each
-    transform's output, mapped back, summed in the same order, / 8), then turned back into a logit,
-    ``log(p) - log(1 - p)`` with ``p`` clamped to [:data:`TTA_EPS`, 1 - eps], so that the graph's output
+    transform's output, mapped back, summed in the same order, / 8), then turned back into a logit
+    (:func:`_logit`), so that the graph's output
     means what a plain export's does: ``sigmoid(output)`` is the (TTA) foreground probability and a
     user's code needs no change.  (N, C, H, W) -> (N, 1, H, W).
     Classification (square inputs only): the mean of the 8 softmaxes, returned as its log (again
@@ -85,32 +85,27 @@ class DihedralTTA(nn.Module):
         self.net, self.segmentation = net, segmentation
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.segmentation:  # the very function that scored the run
+            return _logit(dihedral_tta(self.net, x))
         total = None
         for e in range(8):
-            out = self.net(dihedral(x, e)).float()
-            p = dihedral_inverse(torch.sigmoid(out), e) if self.segmentation else torch.softmax(out, 1)
+            p = torch.softmax(self.net(dihedral(x, e)).float(), 1)  # a class does not move with the image
             total = p if total is None else total + p
-        p = total / 8
-        if self.segmentation:
-            p = p.clamp(TTA_EPS, 1 - TTA_EPS)
-            return torch.log(p) - torch.log1p(-p)
-        return torch.log(p.clamp_min(TTA_EPS))
+        return torch.log((total / 8).clamp_min(TTA_EPS))
 
 
-def reference_forward(model: nn.Module, kind: str, tta: bool) -> Any:
-    """What parity compares the graph with, (N, C, H, W) -> logits: the network; with ``tta``, for segmentation the
-    harness's own TTA evaluation (``bench.augment.dihedral_tta``, the function that scored the run), as a logit;
-    for classification (no TTA in the harness) :class:`DihedralTTA` in PyTorch."""
+def _logit(p: Tensor) -> Tensor:
+    """``log(p / (1 - p))`` of ``p`` clamped to [:data:`TTA_EPS`, 1 - eps]: finite, and ``sigmoid`` gives ``p`` back."""
+    p = p.clamp(TTA_EPS, 1 - TTA_EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def graph_module(model: nn.Module, kind: str, tta: bool) -> nn.Module:
+    """What an export's graph computes, as a PyTorch module in eval mode: the network, or its :class:`DihedralTTA`
+    (segmentation: the harness's own TTA evaluation, as a logit).  Parity compares the graph with it, the benchmark
+    times it, and its FLOPs are the export's."""
     model.eval()
-    if not tta:
-        return model
-    if kind == "classification":
-        return DihedralTTA(model, False).eval()
-
-    def harness_tta(x: Tensor) -> Tensor:
-        p = dihedral_tta(model, x).clamp(TTA_EPS, 1 - TTA_EPS)
-        return torch.log(p) - torch.log1p(-p)
-    return harness_tta
+    return DihedralTTA(model, kind == "segmentation").eval() if tta else model
 
 
 def tta_refusal(kind: str, input_size: tuple[int, int] | list[int]) -> str | None:
@@ -158,8 +153,8 @@ class Exported:
 
     @property
     def model(self) -> nn.Module:
-        """What the graph computes, as a PyTorch module: the network, or its :class:`DihedralTTA`."""
-        return DihedralTTA(self.run.model, self.meta.kind == "segmentation").eval() if self.tta else self.run.model
+        """What the graph computes, as a PyTorch module: see :func:`graph_module`."""
+        return graph_module(self.run.model, self.meta.kind, self.tta)
 
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -195,13 +190,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
     exporter = f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {OPSET}"
     props = metadata_for(run, source, exporter, tta)
     meta = ModelMeta.from_props(props, where=str(run_dir))
-    own = run.config.data.root if run.task.data_keys else None  # a folder task's root is its data set, not $BENCH_DATA
-    root = resolve_data_root(data_root or own, default=run.config.data.root or "data")[0]  # else the run's own root
+    root = test_data_root(run, data_root)
     test = run.task.raw_images(root, "test")
     proto, export_s = _graph(run, meta, test, props, source, tta)
     path = Path(out_dir) / f"{name or run.task.name}.onnx"
     parity, inputs = _write_verified(proto, path, run, meta, test, tta)
-    graph = DihedralTTA(run.model, run.task.kind == "segmentation").eval() if tta else run.model
     record = {
         "onnx": path.name, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "task": run.task.name, "kind": run.task.kind, "source_run": source, "config_hash": run.key,
@@ -210,12 +203,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
         "run_tta": bool(run.config.eval.tta), "tta": tta, "opset": OPSET, "exporter": exporter,
         "export_seconds": export_s, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_root": root,
         "params": sum(p.numel() for p in run.model.parameters()),
-        "flops_per_image": count_flops(graph, torch.from_numpy(inputs[:1])),
+        "flops_per_image": count_flops(graph_module(run.model, run.task.kind, tta), torch.from_numpy(inputs[:1])),
         "metadata": props, "parity": parity,
     }
     record_path = path.with_suffix(".json")
     files.write_json(record_path, record)
     return Exported(path, record_path, record, meta, run, inputs, test, root, tta)
+
+
+def test_data_root(run: LoadedRun, data_root: str | None) -> str:
+    """Where a run's test images are read for its export: ``data_root`` ($BENCH_DATA or --data-root), else the run's
+    own root; a folder task's own root always (it is the data set itself, not a folder holding several)."""
+    own = run.config.data.root if run.task.data_keys else None
+    return resolve_data_root(data_root or own, default=run.config.data.root or "data")[0]
 
 
 def load_exported(record_path: Path, results_dir: Path, data_root: str | None = None) -> Exported | None:
@@ -231,7 +231,7 @@ def load_exported(record_path: Path, results_dir: Path, data_root: str | None = 
     except (OSError, ValueError, KeyError, RuntimeError):
         return None
     meta = ModelMeta.from_props(rec["metadata"], where=str(path))
-    root = resolve_data_root(data_root, default=rec.get("data_root") or run.config.data.root or "data")[0]
+    root = test_data_root(run, data_root)
     test = run.task.raw_images(root, "test")
     return Exported(path, record_path, rec, meta, run, meta.normalize(test.images), test, root, bool(rec.get("tta")))
 
@@ -279,7 +279,7 @@ def _write_verified(proto: Any, path: Path, run: LoadedRun, meta: ModelMeta,
             f.write(proto.SerializeToString())
         files.make_readable(tmp)
         t0 = time.perf_counter()
-        parity, inputs = verify(tmp, reference_forward(run.model, meta.kind, tta), run.task, meta, test, tta)
+        parity, inputs = verify(tmp, graph_module(run.model, meta.kind, tta), run.task, meta, test, tta)
         parity["seconds"] = time.perf_counter() - t0
         os.replace(tmp, path)
         path.with_name(path.stem + ".int8.onnx").unlink(missing_ok=True)  # quantized from the previous export

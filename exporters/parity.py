@@ -101,7 +101,7 @@ def check(meta: ModelMeta, report: dict[str, Any]) -> list[str]:
 def verify(onnx_path: str | Path, reference: Callable[[torch.Tensor], torch.Tensor], task: Task, meta: ModelMeta,
            data: ImageSet, tta: bool = False) -> tuple[dict[str, Any], np.ndarray]:
     """Run the whole test set through ONNX Runtime (CPU) and ``reference`` (PyTorch: the network in eval mode,
-    or with ``tta`` the TTA evaluation, see :func:`exporters.export.reference_forward`); raise
+    or with ``tta`` the TTA evaluation, see :func:`exporters.export.graph_module`); raise
     :class:`ParityError` outside :data:`TOLERANCE`.  Returns (parity report, the normalized inputs (N, C, H, W))."""
     x = meta.normalize(data.images)
     bs = EVAL_BATCH[meta.kind]

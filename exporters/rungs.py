@@ -33,14 +33,14 @@ import torch
 
 from bench import files
 from bench.spec import Spec, slug
-from bench.store import RunStore
+from bench.store import LoadedRun, RunStore
 from bench.train import device_name
 from exporters import export as export_module
 from exporters import metadata as metadata_module
 from exporters import parity as parity_module
 from exporters.benchmark import add_int8, time_calls
 from exporters.export import OPSET, Exported, export_run, load_exported, source_of
-from exporters.runtime import PROVIDERS, available_providers, session
+from exporters.runtime import available_providers, provider_session
 
 REPEATS = 200
 WARMUP = 10
@@ -71,14 +71,15 @@ def choose(spec: Spec, store: RunStore) -> list[Rung]:
     return out
 
 
-def fingerprint(run_dir: Path, tta: bool, model_module: str, task_module: str) -> str:
-    """What an export depends on: the run's best.pt, the TTA choice, torch and the opset, and the source of the
+def fingerprint(run: LoadedRun, tta: bool) -> str:
+    """What an export of ``run`` depends on: its best.pt, the TTA choice, torch and the opset, and the source of the
     modules that build, describe and check the graph (the model's and the task's included)."""
-    h = hashlib.sha256((run_dir / "best.pt").read_bytes())
+    h = hashlib.sha256((run.run_dir / "best.pt").read_bytes())
     h.update(f"tta={tta};torch={torch.__version__};opset={OPSET}".encode())
-    for mod in (export_module, metadata_module, parity_module, sys.modules[model_module], sys.modules[task_module]):
+    modules = (export_module, metadata_module, parity_module, sys.modules["bench.augment"],
+               sys.modules[type(run.model).__module__], sys.modules[type(run.task).__module__])
+    for mod in modules:
         h.update(Path(inspect.getsourcefile(mod) or "").read_bytes())
-    h.update(Path(inspect.getsourcefile(sys.modules["bench.augment"]) or "").read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -88,13 +89,11 @@ def export_rung(rung: Rung, out_dir: Path, results: Path, data_root: str | None,
     name = slug(rung.variant)
     record_path = out_dir / f"{name}.json"
     ex = None if force or not record_path.exists() else load_exported(record_path, results, data_root)
-    if ex is not None:
-        fp = fingerprint(rung.run_dir, bool(ex.run.config.eval.tta), type(ex.run.model).__module__, type(ex.run.task).__module__)
-        if ex.record.get("fingerprint") == fp and ex.record.get("source_run") == source_of(rung.run_dir, results):
-            return ex, True
+    if (ex is not None and ex.record.get("fingerprint") == fingerprint(ex.run, bool(ex.run.config.eval.tta))
+            and ex.record.get("source_run") == source_of(rung.run_dir, results)):
+        return ex, True
     ex = export_run(rung.run_dir, out_dir, data_root, results, name=name)  # TTA graph exactly when the run used TTA
-    ex.record["fingerprint"] = fingerprint(rung.run_dir, ex.tta, type(ex.run.model).__module__,
-                                           type(ex.run.task).__module__)
+    ex.record["fingerprint"] = fingerprint(ex.run, ex.tta)
     files.write_json(ex.record_path, ex.record)
     return ex, False
 
@@ -115,13 +114,9 @@ def time_rungs(exports: dict[str, Exported], threads: int, repeats: int | None,
                 if prov != "cpu" and prec == "int8":
                     continue  # QDQ int8 targets the CPU kernels
                 try:
-                    sess = session(path, prov, threads)
-                except Exception as e:  # e.g. the CUDA provider cannot start: keep the CPU numbers
-                    print(f"warning: {prov} session of {path} failed: {type(e).__name__}: {e}", file=sys.stderr)
-                    continue
-                if sess.get_providers()[0] != PROVIDERS[prov]:
-                    print(f"warning: {path}: onnxruntime fell back from {prov} to {sess.get_providers()[0]}; "
-                          "not timed", file=sys.stderr)
+                    sess = provider_session(path, prov, threads)
+                except Exception as e:  # e.g. the CUDA provider cannot start or fell back: keep the CPU numbers
+                    print(f"warning: {path} not timed on {prov}: {type(e).__name__}: {e}", file=sys.stderr)
                     continue
                 fns[f"{variant}|{prov}/{prec}"] = (lambda s=sess, feed={ex.meta.input_name: x}: s.run(None, feed))
     times = time_calls(fns, WARMUP, repeats or REPEATS, max_seconds=MAX_SECONDS)

@@ -36,6 +36,15 @@ def session(path: str | Path, provider: str = "cpu", threads: int | None = None,
     return ort.InferenceSession(str(path), so, providers=providers)
 
 
+def provider_session(path: str | Path, provider: str, threads: int | None = None) -> Any:
+    """:func:`session` on exactly ``provider``: RuntimeError when onnxruntime fell back to another one (a timing of
+    the CPU provider must not be reported as CUDA's)."""
+    sess = session(path, provider, threads)
+    if sess.get_providers()[0] != PROVIDERS[provider]:
+        raise RuntimeError(f"onnxruntime fell back from {provider} to {sess.get_providers()[0]}")
+    return sess
+
+
 def run_batched(sess: Any, x: np.ndarray, batch: int) -> np.ndarray:
     """The session's first output for all of ``x`` (N, ...), ``batch`` images per call; float32."""
     name = sess.get_inputs()[0].name
