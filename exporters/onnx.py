@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if shipped and not args.no_summary and (results / "runs").is_dir():
         command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
         # re-embed the deployment table; rebuild no group's table unless there is no summary yet
-        for path in write_summary(results, command, groups=[] if (results / "summary.md").is_file() else None):
+        have = (results / "summary.md").is_file()
+        for path in write_summary(results, command, groups=[] if have else None, refresh_published=have):
             print(f"wrote {path}", file=sys.stderr)
     return status
 

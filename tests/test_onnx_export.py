@@ -165,6 +165,12 @@ def test_best_is_chosen_by_validation_among_published_runs(runs, tmp_path, capsy
     assert rec["source_run"] == "runs/g/high-val/seed-0" and rec["val_best"] == 0.95
     assert re.search(r"\| mnist +\| ORT CPU fp32 +\|", (res / "deployment.md").read_text())
     assert "## Deployment (ONNX Runtime)" in (res / "summary.md").read_text()  # the summary embeds the table
+    # a later `best` re-embeds its new table in the existing summary (it once left the first one there)
+    summary = res / "summary.md"
+    summary.write_text(summary.read_text().split("## Deployment (ONNX Runtime)")[0] + "## Deployment (ONNX Runtime)\n\nSTALE\n")
+    assert ox.main(["best", "--results", str(res), "--task", "mnist", "--data-root", str(runs["mnist_data"]),
+                    "--no-bench"]) == 0
+    assert "STALE" not in summary.read_text() and (res / "deployment.md").read_text().strip() in summary.read_text()
     # exporting anything else (a chosen run, an ad-hoc group) never replaces the shipped model or its table
     shipped = [(res / f).read_bytes() for f in ("onnx/mnist.onnx", "deployment.md", "summary.md")]
     adhoc_run = res / "runs" / adhoc.group / "high-val" / "seed-0"
