@@ -267,12 +267,19 @@ def _delta(v: dict[str, Any], by_seed: dict[str, dict[int, float]], metric: Metr
 def provenance(runs: list[StoredRun]) -> dict[str, str]:
     rs = [r.result for r in runs]
     return {
-        "devices": ", ".join(sorted({r.get("device_name", "?") + (f", {r['precision']}" if r.get("precision") else "")
-                                     for r in rs})),
+        "devices": "; ".join(sorted({r.get("device_name", "?") + _precisions(r) for r in rs})),
         "commits": ", ".join(sorted({_short_commit(str(r.get("commit", "?"))) for r in rs})),
         "torch": ", ".join(sorted({r.get("torch", "?") for r in rs})),
         "finished": max((r.get("finished", "") for r in rs), default=""),
     }
+
+
+def _precisions(result: dict[str, Any]) -> str:
+    """``, bf16 autocast training, fp32 evaluation``; a record from before evaluation was always fp32 computed
+    both in its one ``precision``."""
+    train = result.get("train_precision") or result.get("precision")
+    evaluation = result.get("eval_precision") or result.get("precision")
+    return f", {train} training, {evaluation} evaluation" if train else ""
 
 
 def _short_commit(commit: str) -> str:

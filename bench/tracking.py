@@ -279,7 +279,8 @@ def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], d: Pat
             "seed": str(seed), "state": result.get("status", "finished"), "run_dir": str(d.resolve()),
             "mlflow.parentRunId": parent}
     for tag, field in (("commit", "commit"), ("device", "device"), ("device_name", "device_name"),
-                       ("precision", "precision"), ("torch", "torch")):
+                       ("train_precision", "train_precision"),
+                       ("eval_precision", "eval_precision"), ("torch", "torch")):
         if result.get(field):
             tags[tag] = str(result[field])
     tags["profile"] = meta.get("profile") or "full"  # as the summary names a spec without a profile

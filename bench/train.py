@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from bench import files
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
-from bench.inference import autocast, precision
+from bench.inference import EVAL_PRECISION, autocast, precision
 from bench.models import count_parameters
 from bench.plots import plot_run_curves
 from bench.spec import DEVICE_RE
@@ -304,7 +304,7 @@ def finish(run_dir: Path, t: Trainer, state: dict[str, Any], cfg: Config, task: 
         "params": count_parameters(t.model),
         "device": str(device),
         "device_name": device_name(device),
-        "precision": precision(cfg, device),
+        "train_precision": precision(cfg, device), "eval_precision": EVAL_PRECISION,
         "torch": torch.__version__, "commit": files.git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -78,8 +78,9 @@ def test_mnist_export_checks_metadata_parity_and_dynamic_batch(runs, mnist_expor
     par = ex.record["parity"]
     assert par["n"] == 10000 and par["agreement"] >= TOLERANCE["min_agreement"]
     assert par["max_abs_logit_diff"] <= 1e-3 * max(1, par["logit_scale"])
-    # A user's own ORT code (metadata normalization on the raw test images) reproduces the run's test accuracy.
-    assert par["metric_ort"] == pytest.approx(result["test"]["acc"], abs=2e-4)
+    # A user's own ORT code (metadata normalization on the raw test images) reproduces the run's test accuracy
+    # exactly: evaluation runs in fp32, as the graph does.
+    assert par["metric_ort"] == result["test"]["acc"]
     assert json.loads(ex.record_path.read_text())["sha256"] == ex.record["sha256"]
     assert not list(ex.path.parent.glob(".*"))  # no temp files left
 
@@ -90,6 +91,20 @@ def test_mnist_export_checks_metadata_parity_and_dynamic_batch(runs, mnist_expor
         with torch.inference_mode():
             ref = ex.model(torch.from_numpy(x)).numpy()
         assert out.shape == (n, 10) and np.abs(out - ref).max() < 1e-3
+
+
+def test_reported_metric_is_the_fp32_graphs_when_training_in_bf16(tmp_path, data_root, monkeypatch):
+    """bf16 autocast trains the run (forced on, as on a CPU with AMX or AVX512-BF16), yet validation and test run
+    in fp32: the exported graph's accuracy on the raw test images equals the reported one, image for image."""
+    import bench.inference
+
+    monkeypatch.setattr(bench.inference, "cpu_has_bf16", lambda: True)
+    res = tmp_path / "results"
+    train(load_spec(write_spec(tmp_path / "bf.yaml", base=MNIST_BASE, variants=[{"name": "a"}])), res, data_root)
+    result = json.loads((res / "runs/bf/a/seed-0/result.json").read_text())
+    assert (result["train_precision"], result["eval_precision"]) == ("bf16 autocast", "fp32")
+    ex = ox.export_run(res / "runs/bf/a/seed-0", tmp_path / "onnx", str(data_root), res)
+    assert ex.record["parity"]["metric_ort"] == result["test"]["acc"]
 
 
 def test_warwick_export_has_dynamic_height_and_width(runs, tmp_path):

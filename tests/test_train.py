@@ -114,3 +114,17 @@ def test_cosine_and_onecycle_shapes():
             opt.step()
             sched.step()
         assert max(lrs) == pytest.approx(1.0, rel=0.05) and lrs[-1] < 0.05
+
+
+def test_evaluation_is_fp32_inside_an_autocast_region():
+    """batched_outputs computes in fp32 even when its caller runs under bf16 autocast (as training steps do)."""
+    from bench.inference import batched_outputs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    x = torch.randn(20, 1, 12, 12)
+    with torch.no_grad():
+        ref = model.eval()(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = batched_outputs(model, x, batch=7)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)

@@ -222,7 +222,7 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:
-        logits = batched_outputs(model, split.x, cfg, cfg.train.eval_batch_size)
+        logits = batched_outputs(model, split.x, cfg.train.eval_batch_size)
         return {"loss": loss_fn(logits, split.y).item(), "acc": accuracy(logits, split.y).item()}
 
     def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:

@@ -317,7 +317,7 @@ class WarwickTask(Task):
         """``fn(model, batch)`` over the split in eval mode, batched by ``train.eval_batch_size``
         and at most ~4M pixels per pass (bounded memory for large images); float32."""
         h, w = split.x.shape[-2:]
-        return batched_outputs(model, split.x, cfg, max(1, min(cfg.train.eval_batch_size, _EVAL_PIXELS // (h * w))), fn)
+        return batched_outputs(model, split.x, max(1, min(cfg.train.eval_batch_size, _EVAL_PIXELS // (h * w))), fn)
 
     def predict_proba(self, model: nn.Module, split: Split, cfg: Config, tta: bool | None = None) -> Tensor:
         """Foreground probabilities (N, 1, H, W) float32; ``tta`` (default ``cfg.eval.tta``)
