@@ -267,7 +267,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         store = RunStore(args.results)
         for group in store.groups("study"):
-            if store.read_group(group).get("study") == best["study"]:
+            if store.read_group(group).extra.get("study") == best["study"]:
                 n = tracker.log_group(args.results, group)
                 print(f"MLflow: {_count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}",
                       file=sys.stderr)

@@ -111,7 +111,7 @@ class StudyGrid:
                 if self._is_duplicate(trial, State.COMPLETE):  # after writing result.json, before telling the study
                     self._fail(trial, duplicate=True)
                 else:
-                    self.study.tell(trial.number, result["val_best"])
+                    self.study.tell(trial.number, result.val_best)
                 continue
             self.store.take_over(run)
             self.storage.set_trial_user_attr(trial._trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")

@@ -277,5 +277,5 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     elif crashed:
         raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")
     if 3 in codes:
-        failed = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in store.failed(spec.group)]
+        failed = [f"{r.variant} seed {r.seed}: {r.error}" for r in store.failed(spec.group)]
         raise RunsFailed("\n".join(failed) or "a worker's runs failed; see above")

@@ -198,8 +198,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
     record = {
         "onnx": path.name, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "task": run.task.name, "kind": run.task.kind, "source_run": source, "config_hash": run.key,
-        "variant": (run.result or {}).get("variant"), "seed": (run.result or {}).get("seed"),
-        "val_best": (run.result or {}).get("val_best"), "run_test": (run.result or {}).get("test"),
+        "variant": run.result and run.result.variant, "seed": run.result and run.result.seed,
+        "val_best": run.result and run.result.val_best, "run_test": run.result and run.result.test,
         "run_tta": bool(run.config.eval.tta), "tta": tta, "opset": OPSET, "exporter": exporter,
         "export_seconds": export_s, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_root": root,
         "params": sum(p.numel() for p in run.model.parameters()),

@@ -65,10 +65,10 @@ def finished_runs(results_dir: str | Path, groups: list[str] | None = None) -> l
     for group in groups if groups is not None else store.groups("published"):
         meta = store.read_group(group)
         for run in store.finished(group):
-            val = run.result.get("val_best")
+            val = run.result.val_best
             if isinstance(val, (int, float)) and math.isfinite(val) and (run.dir / "best.pt").exists():
                 tta = bool(files.read_json(run.dir / "config.json")["config"].get("eval", {}).get("tta"))
-                out.append(Candidate(run.dir, meta["task"], float(val), int(run.result.get("params", 0)), tta))
+                out.append(Candidate(run.dir, meta.task, float(val), int(run.result.params or 0), tta))
     return out
 
 
@@ -153,7 +153,7 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
     for c in (c for _, c in chosen if c is not None):
         print(f"{c.task}: best of {sum(x.task == c.task for x in cands)} finished runs by validation metric: "
               f"{c.run_dir} (val {c.val:.4f})", file=sys.stderr)
-    published = args.groups is None or all(store.read_group(g)["role"] == "published" for g in args.groups)
+    published = args.groups is None or all(store.read_group(g).role == "published" for g in args.groups)
     return results, [c.run_dir for _, c in chosen if c is not None], published
 
 

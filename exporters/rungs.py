@@ -62,12 +62,12 @@ def choose(spec: Spec, store: RunStore) -> list[Rung]:
     out = []
     for v in spec.variants:
         done = [(r, res) for r in spec.runs([v.name]) if (res := store.result(r)) is not None]
-        done = [(r, res) for r, res in done if isinstance(res.get("val_best"), (int, float))]
+        done = [(r, res) for r, res in done if isinstance(res.val_best, (int, float))]
         if not done:
             out.append(Rung(v.name, None))
             continue
-        run, res = min(done, key=lambda d: (-d[1]["val_best"], d[0].seed))
-        out.append(Rung(v.name, store.path(run), run.seed, float(res["val_best"])))
+        run, res = min(done, key=lambda d: (-d[1].val_best, d[0].seed))
+        out.append(Rung(v.name, store.path(run), run.seed, float(res.val_best)))
     return out
 
 

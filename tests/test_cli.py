@@ -162,7 +162,7 @@ def test_an_experiment_cannot_take_over_another_group(tmp_path, capsys):
         assert main(["run", str(path), "--set", "optim.lr=0.5", "--group", group, "--results", str(res),
                      "--data-root", "/nonexistent"]) == 2
         assert expected in capsys.readouterr().err
-    assert RunStore(res).read_group("other")["role"] == "published"
+    assert RunStore(res).read_group("other").role == "published"
 
 
 def test_experiment_seeds_among_the_spec_s_are_one_group_and_runtime_sets_are_no_experiment(tmp_path, capsys):
