@@ -29,7 +29,7 @@ from bench.factories import build_loss, build_model, build_optimizer
 from bench.grid import LocalGrid, StudyGrid
 from bench.spec import Run, Spec
 from bench.storage import StorageOptions
-from bench.store import RunStore
+from bench.store import LoadedRun, RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
 from bench.train import fit, resolve_device
@@ -55,6 +55,13 @@ def resolve_data_root(cli_root: str | None, default: str = "data") -> tuple[str,
     """(absolute data root, whether it is the default): --data-root, else $BENCH_DATA, else ``default``."""
     given = cli_root or os.environ.get("BENCH_DATA")
     return str(Path(given or default).expanduser().resolve()), not given
+
+
+def run_data_root(run: LoadedRun, data_root: str | None) -> str:
+    """Where a stored run's data is read again (rescore, export): ``data_root`` ($BENCH_DATA or --data-root), else
+    the run's own root; a folder task's own root always (it is the data set itself, not a folder holding several)."""
+    own = run.config.data.root if run.task.data_keys else None
+    return resolve_data_root(data_root or own, default=run.config.data.root or "data")[0]
 
 
 def load_data(cache: dict[str, Data], task: Any, cfg: Any, device: torch.device, test: bool = True) -> Data:

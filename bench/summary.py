@@ -9,11 +9,11 @@ figure.  The best variant is picked by mean *validation* metric, never by test.
 written).  An ad-hoc group (runs with ``--set`` overrides, see ``bench.spec.place_in_group``)
 gets its own ``runs/<group>/summary.md`` and never touches the published file.
 
-Run folders are not committed, so one results folder rarely holds every group's runs (the
-MNIST table may come from a CPU, the WARWICK one from a GPU session).  A rebuild therefore
-keeps, verbatim, the sections of groups whose runs are not here, and also a section that
-reports runs this folder lacks (a partial re-run here never replaces a fuller table made
-elsewhere) unless the group is complete here; delete a section by hand to drop it.
+The records of published groups are in git (bench/records.py), so any clone rebuilds every section from
+them; the task's figures, which need checkpoints, are kept in ``runs/<group>/figures.json``.  A section
+whose records are not here (made before records were committed) is kept verbatim, and so is a section
+that reports runs this folder lacks (a partial re-run here never replaces a fuller table made elsewhere)
+unless the group is complete here; delete a section by hand to drop it.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ INTRO = ("Every number below is read from the stored runs of that spec. Mean ± 
          "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
          "both rungs share, with a paired t-test p-value (with 2-3 seeds the test has little power: read it as a "
          "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing.")
+FIGURES_FILE = "figures.json"  # per group: the captions of the task's figures, for a rebuild without checkpoints
 CLIPPED = "†"  # marks a confidence interval cut at the metric's range
 _MARKER = re.compile(r"<!-- bench: runs (.*?) -->")
 
@@ -445,7 +446,7 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     out += _curves(meta, runs, fig_dir, task)
     if best:
         best_run = max((r for r in runs if r.variant == best), key=lambda r: r.result.val_best)
-        for caption, png in _figures(best_run, store, fig_dir / meta.group.replace("@", "-"), task):
+        for caption, png in _figures(best_run, store, fig_dir / meta.group.replace("@", "-"), task, fig_dir.parent):
             out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
     return "\n".join(out).rstrip() + "\n"
 
@@ -538,18 +539,28 @@ def _curves(meta: GroupRecord, runs: list[StoredRun], fig_dir: Path, task: Task)
     return [f"![learning curves of {meta.group}]({_rel(png, fig_dir.parent)})", ""]
 
 
-def _figures(run: StoredRun, store: RunStore, out_prefix: Path, task: Task) -> list[tuple[str, Path]]:
-    """The task's figures of the best run, rebuilt from its best.pt and its data (skipped, with a
-    note, when either is no longer there)."""
+def _figures(run: StoredRun, store: RunStore, out_prefix: Path, task: Task, base: Path) -> list[tuple[str, Path]]:
+    """The task's figures of the best run, rebuilt from its best.pt and its data.  Checkpoints are not in git, so
+    the figures drawn last (``runs/<group>/figures.json``, in git) stand in while they show this same run; without
+    either, none (with a note)."""
     def load() -> tuple[Any, Any, Any]:
         loaded = store.load(run)
         return loaded.model, loaded.config, task.load(loaded.config, torch.device("cpu"))  # its own data root
 
+    drawn = store.root / run.group / FIGURES_FILE
+    ident = f"{run.variant}/{run.seed}/{run.key}"
+    if not (run.dir / "best.pt").exists() and drawn.exists():
+        old = files.read_json(drawn)
+        figs = [(caption, base / rel) for caption, rel in old["figures"]]
+        if old["run"] == ident and all(png.exists() for _, png in figs):
+            return figs
     try:
-        return list(task.summary_figures(load, out_prefix, f"{run.dir.parent.name}, {run.dir.name}"))
+        figs = list(task.summary_figures(load, out_prefix, f"{run.dir.parent.name}, {run.dir.name}"))
     except (OSError, ValueError, KeyError) as e:
         print(f"note: no figures for {run.dir}: {e}", file=sys.stderr)
         return []
+    files.write_json(drawn, {"run": ident, "figures": [[caption, _rel(png, base)] for caption, png in figs]})
+    return figs
 
 
 def _rel(path: Path, base: Path) -> str:

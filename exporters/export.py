@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import files
 from bench.augment import dihedral, dihedral_tta
 from bench.config import ConfigError
-from bench.runner import resolve_data_root
+from bench.runner import run_data_root
 from bench.store import LoadedRun, load_run
 from bench.tasks.base import ImageSet
 from exporters.metadata import ModelMeta, metadata_for
@@ -214,8 +214,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
 def test_data_root(run: LoadedRun, data_root: str | None) -> str:
     """Where a run's test images are read for its export: ``data_root`` ($BENCH_DATA or --data-root), else the run's
     own root; a folder task's own root always (it is the data set itself, not a folder holding several)."""
-    own = run.config.data.root if run.task.data_keys else None
-    return resolve_data_root(data_root or own, default=run.config.data.root or "data")[0]
+    return run_data_root(run, data_root)
 
 
 def load_exported(record_path: Path, results_dir: Path, data_root: str | None = None) -> Exported | None:
