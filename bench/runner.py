@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bench import usable_cores
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
 from bench.grid import LocalGrid, StudyGrid
@@ -240,7 +241,7 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     """Train ``runs`` with ``n`` processes of one thread-share each (cores // n), spread over the GPUs when there
     are several; they share the grid (kernel locks, or the study of ``opts.storage``, queued here once).
     Raises RunsFailed when runs failed, SystemExit naming the exit codes when a worker crashed."""
-    threads = max(1, (os.cpu_count() or 1) // n)
+    threads = max(1, usable_cores() // n)
     slots = gpu_slots(n, visible_gpus(opts))
     opts = dataclasses.replace(opts, threads=threads, progress=False, device="cuda" if slots[0] else opts.device)
     print(f"{n} workers x {threads} threads" + (f" on GPUs {','.join(s or '' for s in slots)}" if slots[0] else ""),

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bench import files
+from bench import files, usable_cores
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
 from bench.inference import EVAL_PRECISION, autocast, precision
@@ -65,10 +65,10 @@ def device_name(device: torch.device) -> str:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+                    return f"CPU: {line.split(':', 1)[1].strip()} ({usable_cores()} cores)"
     except OSError:
         pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"CPU: {platform.processor() or platform.machine()} ({usable_cores()} cores)"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

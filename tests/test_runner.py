@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,3 +187,15 @@ def test_cli_rejects_bad_override_before_training(bad, tmp_path):
     out = p.communicate(timeout=60)[0]
     assert p.returncode == 2 and "Traceback" not in out and ("unknown key" in out or "must be" in out)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="taskset (util-linux) is not installed")
+def test_core_count_is_the_affinity_not_the_machine(tmp_path):
+    """Under ``taskset -c 0`` (as under Slurm's --cpus-per-task=1) every core count sees one core: the workers'
+    choice does not time splits of cores the process may not use, and the machine line says 1 core."""
+    code = ("import torch; from bench import usable_cores; from bench.workers import choose_cpu_workers; "
+            "from bench.train import device_name; "
+            "print(usable_cores(), choose_cpu_workers(None, None, None, n_runs=4)[1], device_name(torch.device('cpu')))")
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("1 one run or one core CPU: ") and out.strip().endswith("(1 cores)"), out
