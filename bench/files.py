@@ -1,4 +1,4 @@
-"""Files: atomic writes, JSON, markdown sections, and the checkout's commit.
+"""Files: atomic writes, JSON, markdown sections, the checkout's commit, and what a bad image file raises.
 
 Every result file is written to a temp file in the same folder, fsynced, then renamed
 (``os.replace``): a run killed at any moment leaves either the old file or the new one, never
@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 from tabulate import tabulate
+
+# What PIL raises for a file that is not a decodable image: unrecognized (UnidentifiedImageError, an OSError), truncated
+# or corrupt (OSError, ValueError, SyntaxError from a plugin's parser), or a pixel count past its bomb limit.  Anything
+# else while decoding is a bug of ours and keeps its traceback.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _umask() -> int:

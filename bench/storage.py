@@ -65,7 +65,7 @@ def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
     where = f"--storage {shown(opts.url)}"
     try:
         url = sqlalchemy.engine.make_url(opts.url)
-    except Exception:
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # not a URL; a port that is no number
         raise ConfigError(f"{where}: not a database URL; expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
                           f"or sqlite:///PATH") from None
     backend = url.get_backend_name()
@@ -91,7 +91,11 @@ def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
         except ModuleNotFoundError as e:
             raise ConfigError(f"{where}: the database driver is not installed ({e}); pip install 'psycopg[binary]' "
                               f"(or psycopg2-binary, with a postgresql+psycopg2:// URL)") from None
-        except Exception as e:  # sqlalchemy's OperationalError & co.: the server's own words are the useful part
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, RuntimeError) as e:
+            # The driver's errors (unreachable, refused, no such database) and Optuna's (a schema of another Optuna
+            # version is a RuntimeError): the server's own words are the useful part.  Anything else is a bug.
+            if isinstance(e, RuntimeError) and "table schema" not in str(e):
+                raise
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()
             if attempt < 3 and reason and "already exists" in reason[0]:  # SQLite's side of the same race
                 time.sleep(0.5 + random.random())

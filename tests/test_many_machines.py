@@ -262,3 +262,22 @@ def test_a_run_queued_twice_is_trained_once_and_counted_once(tmp_path):
     assert trained == [run]
     trials = grid.study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [State.COMPLETE, State.FAIL] and trials[1].user_attrs["duplicate"]
+
+
+def test_a_bug_while_opening_the_storage_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the driver's and Optuna's storage errors are "cannot use this database"; a programming error inside
+    (here a TypeError) is not reported as bad input."""
+    from bench.config import ConfigError
+    from bench.storage import StorageOptions, open_storage
+
+    folder = tmp_path / "a-folder.db"
+    folder.mkdir()  # SQLite cannot open a folder: the driver's own error, one line naming the URL
+    with pytest.raises(ConfigError, match=f"--storage sqlite:///{folder}: cannot use this database"):
+        open_storage(StorageOptions(f"sqlite:///{folder}"))
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug of ours")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(TypeError, match="a bug of ours"):
+        open_storage(StorageOptions(f"sqlite:///{tmp_path / 'grid.db'}"))
