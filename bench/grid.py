@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +52,13 @@ class LocalGrid:
         self.store.record_failure(run, error)
 
 
+def retry_history(trial: optuna.trial.FrozenTrial) -> list[int]:
+    """The numbers of the trials ``trial`` retries (Optuna's retry callback records them; empty for a first try)."""
+    with warnings.catch_warnings():  # marked experimental since Optuna 3.0, unchanged since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
 def study_name(spec: Spec) -> str:
     return f"grid:{spec.group}"
 
@@ -69,6 +77,7 @@ class StudyGrid:
         self.study = optuna.create_study(study_name=study_name(spec), storage=self.storage, load_if_exists=True,
                                          direction="maximize")
         self.poll = poll if poll is not None else storage.heartbeat
+        self.retries = storage.retries
         self._mine: dict[tuple[str, str], Run] = {(str(r.rel_dir), r.key): r for r in runs}
         self._outcome: dict[str, tuple[str, Any]] = {}  # run folder -> ("done", val_best) | ("failed", error)
 
@@ -123,15 +132,18 @@ class StudyGrid:
                 self._tell(trial, self._outcome.pop(key, None))
 
     def abandoned(self) -> list[str]:
-        """This worker's runs left unfinished because their workers kept dying: the last trial of each failed by
-        heartbeat after ``--retries`` retries, so nobody will take it up until the command is run again."""
+        """This worker's runs left unfinished because their workers kept dying: not finished in the folder, and the
+        last trial of each failed by heartbeat after ``--retries`` retries, so nobody will take it up until the command
+        is run again.  A stale trial with retries left is not abandoned even before its retry is queued (another
+        worker's ``fail_stale_trials`` fails it first and queues the retry a moment later)."""
         last: dict[tuple[str, str], optuna.trial.FrozenTrial] = {}
         for t in self._trials():
             if self._run_of(t) is not None and not t.user_attrs.get("duplicate"):
                 last[(t.user_attrs["run"], t.user_attrs["key"])] = t
-        return [f"{t.user_attrs['run']}: its worker stopped beating {len(t.system_attrs.get('retry_history', [])) + 1} "
-                f"times (--retries exhausted); run the same command to try again from its last epoch"
-                for t in last.values() if t.state == State.FAIL and not {"error", "interrupted"} & set(t.user_attrs)]
+        return [f"{t.user_attrs['run']}: its worker stopped beating {len(retry_history(t)) + 1} times (--retries "
+                f"exhausted); run the same command to try again from its last epoch"
+                for t in last.values() if t.state == State.FAIL and not {"error", "interrupted"} & set(t.user_attrs)
+                and len(retry_history(t)) >= self.retries and self.store.result(self._run_of(t)) is None]
 
     def _run_of(self, trial: optuna.trial.FrozenTrial) -> Run | None:
         return self._mine.get((trial.user_attrs.get("run"), trial.user_attrs.get("key")))

@@ -277,6 +277,16 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
               file=sys.stderr)
     elif crashed:
         raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")
-    if 3 in codes:
-        failed = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in store.failed(spec.group)]
-        raise RunsFailed("\n".join(failed) or "a worker's runs failed; see above")
+    # From the records, not the exit codes: a worker may have failed a run that another one then finished.
+    failed = failures(spec, runs, store, opts.storage)
+    if failed:
+        raise RunsFailed("\n".join(failed))
+
+
+def failures(spec: Spec, runs: list[Run], store: RunStore, storage: StorageOptions | None) -> list[str]:
+    """One line naming each run of ``runs`` that failed: its record says so (a result.json with status failed and
+    the run's key), or, sharing the grid through ``storage``, its workers kept dying until --retries ran out."""
+    keys = {(r.variant.name, r.seed): r.key for r in runs}
+    out = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in store.failed(spec.group)
+           if keys.get((r["variant"], r["seed"])) == r["key"]]
+    return out + (StudyGrid(store, spec, runs, storage).abandoned() if storage else [])

@@ -281,3 +281,42 @@ def test_a_bug_while_opening_the_storage_keeps_its_traceback(tmp_path, monkeypat
     monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
     with pytest.raises(TypeError, match="a bug of ours"):
         open_storage(StorageOptions(f"sqlite:///{tmp_path / 'grid.db'}"))
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_run_counts_as_failed_only_when_its_record_says_so_or_its_retries_ran_out(tmp_path):
+    """The false failure seen with two machines, one SIGKILLed: a survivor's fail_stale_trials fails the dead
+    worker's trial and queues its retry a moment later; in between, the other survivor saw a failed last trial and
+    counted the run as failed, with no record to name.  Now: a stale trial with retries left is not a failure, one
+    whose retries ran out is (named), a run whose record says failed is (named), a run finished in the folder is not."""
+    from bench.grid import StudyGrid
+    from bench.runner import failures
+    from bench.storage import StorageOptions
+    from bench.store import RunStore
+
+    spec = load_spec(_spec(tmp_path, "f", variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}]))
+    run_a, run_b = spec.runs()
+    store, storage = RunStore(tmp_path / "r"), StorageOptions(f"sqlite:///{tmp_path / 'grid.db'}", retries=1)
+    store.write_group(spec)
+    grid = StudyGrid(store, spec, [run_a, run_b], storage, poll=0.01)
+    grid.enqueue()
+    study, State = grid.study, optuna.trial.TrialState
+
+    def dies(number: int) -> optuna.trial.FrozenTrial:  # claimed, then failed by another worker's fail_stale_trials
+        trial_id = study.trials[number]._trial_id
+        grid.storage.set_trial_state_values(trial_id, state=State.RUNNING)
+        grid.storage.set_trial_state_values(trial_id, state=State.FAIL)
+        return study.trials[number]
+
+    first = dies(0)  # run a's worker is SIGKILLed: the window before the retry is queued
+    assert grid.abandoned() == [] and failures(spec, [run_a, run_b], store, storage) == []
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, first)  # the retry is queued (trial 2)
+    dies(2)  # and its worker dies too: --retries 1 ran out
+    (line,) = failures(spec, [run_a, run_b], store, storage)
+    assert line.startswith(f"{run_a.rel_dir}: its worker stopped beating 2 times (--retries exhausted)")
+    store.record_failure(run_b, "RuntimeError: the loss diverged")
+    assert failures(spec, [run_b], store, storage) == ["b seed 0: RuntimeError: the loss diverged"]
+    store.path(run_a).mkdir(parents=True, exist_ok=True)  # run a finished after all (its worker died after writing it)
+    (store.path(run_a) / "config.json").write_text(json.dumps({"key": run_a.key}))
+    store.record(run_a, {"key": run_a.key, "val_best": 0.5, "test": {}})
+    assert failures(spec, [run_a, run_b], store, storage) == ["b seed 0: RuntimeError: the loss diverged"]
