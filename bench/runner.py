@@ -10,9 +10,11 @@ loop goes on; :class:`RunsFailed` names them at the end.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bench import usable_cores
+from bench import files, usable_cores
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
 from bench.grid import LocalGrid, StudyGrid
@@ -167,6 +169,8 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
         try:
             result = fit(store.path(run), cfg, task, load_data(cache, task, cfg, device), device, run.key, meta,
                          opts.progress)
+        except files.DiskFull:  # not the run's fault, and every other run would fail the same way: stop here
+            raise
         except Exception as e:  # the run's own failure: recorded; the other runs go on
             error = f"{type(e).__name__}: {e}"
             grid.failed(run, error)
@@ -233,6 +237,8 @@ def _worker(spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions, gpu
             run_grid(spec, runs, results_dir, opts, enqueue=False)
     except RunsFailed:
         sys.exit(3)  # already said, run by run; the parent reads the failures from the store
+    except files.DiskFull:
+        sys.exit(errno.ENOSPC)  # the parent says it, once
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -271,6 +277,8 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
             p.join()
         raise
     codes, store = [p.exitcode for p in procs], RunStore(results_dir)
+    if errno.ENOSPC in codes:
+        raise files.DiskFull(Path(results_dir), shutil.disk_usage(results_dir).free)
     crashed = any(c not in (0, 3) for c in codes)
     if crashed and opts.storage and not store.todo(runs):
         print(f"note: a worker died (exit codes {codes}); the others took over its run: every run is finished",
