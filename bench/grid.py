@@ -29,6 +29,7 @@ import optuna
 from bench.spec import Run, Spec
 from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage
 from bench.store import RunStore
+from bench.tasks import TASKS
 
 State = optuna.trial.TrialState
 
@@ -75,7 +76,7 @@ class StudyGrid:
         self.storage = open_storage(storage)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner says what happens, in its own lines
         self.study = optuna.create_study(study_name=study_name(spec), storage=self.storage, load_if_exists=True,
-                                         direction="maximize")
+                                         direction=TASKS[spec.task].metrics[0].direction)
         self.poll = poll if poll is not None else storage.heartbeat
         self.retries = storage.retries
         self._mine: dict[tuple[str, str], Run] = {(str(r.rel_dir), r.key): r for r in runs}

@@ -101,7 +101,8 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or StorageOptions(f"sqlite:///{study_file(results_dir, spec).resolve()}")
     rdb = open_storage(storage)
-    study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
+    study = optuna.create_study(study_name=name, storage=rdb, direction=TASKS[spec.task].metrics[0].direction,
+                                load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
     study.set_user_attr("spec", spec.path)
     study.set_user_attr("overrides", spec.overrides)
@@ -219,7 +220,8 @@ class _Trainer:
                       on_epoch=report, test=False)
         except optuna.TrialPruned:
             self.store.record(run, {"key": run.key, **meta, "status": "pruned",
-                                    "epochs_run": self.store.epochs_done(run), "val_best": max(best)})
+                                    "epochs_run": self.store.epochs_done(run),
+                                    "val_best": self.task.metrics[0].best(best)})
             for hook in self.opts.after_run:
                 hook(self.store, run)
             raise
