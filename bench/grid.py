@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 
 from bench.spec import Run, Spec
-from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage
+from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, trial_id
 from bench.store import RunStore
 from bench.tasks import TASKS
 
@@ -124,10 +124,10 @@ class StudyGrid:
                     self.study.tell(trial.number, result["val_best"])
                 continue
             self.store.take_over(run)
-            self.storage.set_trial_user_attr(trial._trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
+            self.storage.set_trial_user_attr(self._id(trial), "worker", f"{socket.gethostname()}:{os.getpid()}")
             key = str(run.rel_dir)
             try:
-                with heartbeat(self.storage, trial._trial_id):
+                with heartbeat(self.storage, self._id(trial)):
                     yield run  # the caller trains it and calls done() or failed()
             finally:
                 self._tell(trial, self._outcome.pop(key, None))
@@ -146,6 +146,9 @@ class StudyGrid:
                 for t in last.values() if t.state == State.FAIL and not {"error", "interrupted"} & set(t.user_attrs)
                 and len(retry_history(t)) >= self.retries and self.store.result(self._run_of(t)) is None]
 
+    def _id(self, trial: optuna.trial.FrozenTrial) -> int:
+        return trial_id(self.storage, self.study, trial)
+
     def _run_of(self, trial: optuna.trial.FrozenTrial) -> Run | None:
         return self._mine.get((trial.user_attrs.get("run"), trial.user_attrs.get("key")))
 
@@ -157,7 +160,7 @@ class StudyGrid:
             if run is None:  # a run of another subset (--variants) or of another config of the spec
                 continue
             try:
-                if not self.storage.set_trial_state_values(trial._trial_id, state=State.RUNNING):
+                if not self.storage.set_trial_state_values(self._id(trial), state=State.RUNNING):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
@@ -170,7 +173,7 @@ class StudyGrid:
     def _fail(self, trial: optuna.trial.FrozenTrial, **attrs: Any) -> None:
         """Fail ``trial``, saying why in its user attributes; they are set first: a finished trial is frozen."""
         for name, value in attrs.items():
-            self.storage.set_trial_user_attr(trial._trial_id, name, value)
+            self.storage.set_trial_user_attr(self._id(trial), name, value)
         self.study.tell(trial.number, state=State.FAIL)
 
     def _is_duplicate(self, trial: optuna.trial.FrozenTrial, *states: State) -> bool:

@@ -120,11 +120,25 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def trial_id(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.trial.BaseTrial) -> int:
+    """The storage's id of ``trial`` of ``study``, which the storage's per-trial methods take: looked up through the
+    storage's interface (the trial's own ``_trial_id`` is private)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+
+
 @contextmanager
 def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
     """Beat for ``trial_id`` while the block runs: Optuna's own heartbeat thread, the one
-    ``study.optimize`` uses (a no-op on a storage without heartbeats)."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
+    ``study.optimize`` uses (a no-op on a storage without heartbeats).
 
+    Optuna has no public way to beat for a trial that ``study.optimize`` does not run (its docs: the heartbeat "will
+    not work" with ask and tell), so this is bench's one use of a private Optuna name;
+    tests/test_many_machines.py checks that it still beats."""
+    try:
+        from optuna.storages._heartbeat import get_heartbeat_thread
+    except ImportError as e:
+        raise RuntimeError(f"optuna {optuna.__version__} no longer has optuna.storages._heartbeat.get_heartbeat_thread, "
+                           f"which bench.storage.heartbeat uses (tested with Optuna 4.9 to 5.0): {e}") from e
     with get_heartbeat_thread(trial_id, storage):
         yield

@@ -41,7 +41,7 @@ from bench import files
 from bench.config import ConfigError, config_hash
 from bench.runner import RunOptions, load_data, preflight, runtime_config
 from bench.spec import TUNED, Run, Spec, Variant, apply_set, build_config, describe, run_key, slug, tuned_path
-from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, shown
+from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, shown, trial_id
 from bench.store import RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
@@ -162,7 +162,7 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train:
         trial.set_user_attr("run_of_trial", trial.number)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     try:
-        with heartbeat(storage, trial._trial_id):
+        with heartbeat(storage, trial_id(storage, study, trial)):
             value = train(trial)
     except optuna.TrialPruned:
         study.tell(trial, state=State.PRUNED)

@@ -291,7 +291,7 @@ def test_a_run_counts_as_failed_only_when_its_record_says_so_or_its_retries_ran_
     whose retries ran out is (named), a run whose record says failed is (named), a run finished in the folder is not."""
     from bench.grid import StudyGrid
     from bench.runner import failures
-    from bench.storage import StorageOptions
+    from bench.storage import StorageOptions, trial_id
     from bench.store import RunStore
 
     spec = load_spec(_spec(tmp_path, "f", variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}]))
@@ -303,9 +303,9 @@ def test_a_run_counts_as_failed_only_when_its_record_says_so_or_its_retries_ran_
     study, State = grid.study, optuna.trial.TrialState
 
     def dies(number: int) -> optuna.trial.FrozenTrial:  # claimed, then failed by another worker's fail_stale_trials
-        trial_id = study.trials[number]._trial_id
-        grid.storage.set_trial_state_values(trial_id, state=State.RUNNING)
-        grid.storage.set_trial_state_values(trial_id, state=State.FAIL)
+        tid = trial_id(grid.storage, study, study.trials[number])
+        grid.storage.set_trial_state_values(tid, state=State.RUNNING)
+        grid.storage.set_trial_state_values(tid, state=State.FAIL)
         return study.trials[number]
 
     first = dies(0)  # run a's worker is SIGKILLed: the window before the retry is queued
@@ -320,3 +320,23 @@ def test_a_run_counts_as_failed_only_when_its_record_says_so_or_its_retries_ran_
     (store.path(run_a) / "config.json").write_text(json.dumps({"key": run_a.key}))
     store.record(run_a, {"key": run_a.key, "val_best": 0.5, "test": {}})
     assert failures(spec, [run_a, run_b], store, storage) == ["b seed 0: RuntimeError: the loss diverged"]
+
+
+def test_the_private_heartbeat_optuna_lends_still_beats(tmp_path):
+    """bench.storage.heartbeat is bench's one use of a private Optuna name (no public heartbeat serves ask and tell).
+    On an Optuna that moved or changed it, this fails saying so: a held trial must outlive the grace period, and
+    one nobody beats for must not."""
+    from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, trial_id
+
+    storage = open_storage(StorageOptions(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat=1, grace=2))
+    study = optuna.create_study(study_name="beat", storage=storage)
+    held, left = study.ask(), study.ask()  # both RUNNING; the second one beats once and stops
+    with heartbeat(storage, trial_id(storage, study, left)):
+        pass
+    with heartbeat(storage, trial_id(storage, study, held)):
+        time.sleep(3.5)
+        fail_stale_trials(study)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[held.number] == optuna.trial.TrialState.RUNNING, (
+        f"optuna {optuna.__version__}: bench.storage.heartbeat no longer records heartbeats (see its docstring)")
+    assert states[left.number] == optuna.trial.TrialState.FAIL
