@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench import __version__
+from bench import __version__, usable_cores
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -291,7 +291,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
-    import os
 
     from bench.perf import run_perf
     from bench.runner import resolve_data_root
@@ -305,7 +304,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
     tasks = list(dict.fromkeys(args.task or ["mnist", "warwick"]))
     for t in tasks:
         TASKS[t].prepare(Path(root), download=False)
-    for path in run_perf(tasks, args.quick, args.results, root, device, args.threads or os.cpu_count() or 1,
+    for path in run_perf(tasks, args.quick, args.results, root, device, args.threads or usable_cores(),
                          args.seeds, args.compile, "python -m bench " + " ".join(sys.argv[1:]), args.grid):
         print(f"wrote {path}", file=sys.stderr)
     if (Path(args.results) / "summary.md").exists():

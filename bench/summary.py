@@ -134,13 +134,13 @@ class GroupTables:
 
 
 def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any] | None = None) -> GroupTables:
-    """The section's tables; the best variant is the one with the highest mean validation metric."""
+    """The section's tables; the best variant is the one with the best mean validation metric."""
     task = TASKS[meta.task]
     primary = task.metrics[0]
     results = {v.name: [r.result for r in runs if r.variant == v.name] for v in meta.variants}
     by_seed = {name: {r.seed: r.test[primary.key] for r in rs} for name, rs in results.items()}
     val_means = {name: sum(r.val_best for r in rs) / len(rs) for name, rs in results.items() if rs}
-    best = max(val_means, key=val_means.get) if val_means else None
+    best = min(val_means, key=lambda name: primary.rank(val_means[name])) if val_means else None
     reported = any(v.reported is not None for v in meta.variants)
     cost_cols = _cost_columns(meta, runs, costs)
     main, training, secondary, clipped = [], [], [], False
@@ -160,7 +160,8 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
             more["epochs (best)"] = f"{format_count(ran)} ({format_count(best_ep)})"
             more["train s"] = f"{sum(r.train_time_s for r in rs) / len(rs):.0f}"
             if meta.target is not None:
-                more[target_column(meta.target, primary)] = format_time_to_target(runs_of(runs, v.name), meta.target)
+                more[target_column(meta.target, primary)] = format_time_to_target(
+                    runs_of(runs, v.name), meta.target, primary)
             if len(task.metrics) > 1:
                 sec = {"variant": name, "n": str(len(rs))}
                 for metric in task.metrics[1:]:
@@ -247,10 +248,11 @@ def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
     return [r for r in runs if r.variant == variant]
 
 
-def format_time_to_target(runs: list[StoredRun], target: float) -> str:
+def format_time_to_target(runs: list[StoredRun], target: float, metric: Metric | None = None) -> str:
     """``3 · 41 s``: mean over seeds of the first epoch whose validation metric reached ``target`` and of the
     training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all."""
-    reached = [hit for hit in (time_to_target(files.read_csv(r.dir / "metrics.csv"), target) for r in runs) if hit]
+    reached = [hit for hit in (time_to_target(files.read_csv(r.dir / "metrics.csv"), target, metric) for r in runs)
+               if hit]
     if not reached:
         return "not reached"
     epoch, seconds = (sum(h[i] for h in reached) / len(reached) for i in (0, 1))
@@ -445,7 +447,7 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     out += _tuned_block(meta, runs, fig_dir)
     out += _curves(meta, runs, fig_dir, task)
     if best:
-        best_run = max((r for r in runs if r.variant == best), key=lambda r: r.result.val_best)
+        best_run = min((r for r in runs if r.variant == best), key=lambda r: task.metrics[0].rank(r.result.val_best))
         for caption, png in _figures(best_run, store, fig_dir / meta.group.replace("@", "-"), task, fig_dir.parent):
             out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
     return "\n".join(out).rstrip() + "\n"
