@@ -322,6 +322,7 @@ def test_a_run_counts_as_failed_only_when_its_record_says_so_or_its_retries_ran_
     assert failures(spec, [run_a, run_b], store, storage) == ["b seed 0: RuntimeError: the loss diverged"]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_the_private_heartbeat_optuna_lends_still_beats(tmp_path):
     """bench.storage.heartbeat is bench's one use of a private Optuna name (no public heartbeat serves ask and tell).
     On an Optuna that moved or changed it, this fails saying so: a held trial must outlive the grace period, and
