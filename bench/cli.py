@@ -249,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from bench.runner import sigterm_as_ctrl_c
     from bench.tasks import TASKS
-    from bench.tune import study_file, tune
+    from bench.tune import TrialsFailing, study_file, tune
 
     spec, seeds, opts, download, tracker = _load(args)
     if tracker:  # a server or database is reached now; a new SQLite file is made by the first trial, not before
@@ -262,6 +262,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         print(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TrialsFailing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if tracker:  # trials finished before (without --mlflow, or whose logging failed) are logged now
         from bench.store import RunStore
 
@@ -272,11 +275,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 print(f"MLflow: {_count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}",
                       file=sys.stderr)
     if best["value"] is None:
-        print(f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned)")
+        print(f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned, "
+              f"{best['failed']} failed)")
         return 0
     metric = TASKS[spec.task].metrics[0]
-    print(f"best {best['metric']}: {metric.show(best['value'])} after "
-          f"{best['trials']} finished trials ({best['pruned']} pruned, {best['failed']} failed); params: {best['params']}")
+    print(f"best {best['metric']}: {metric.show(best['value'])} after {best['trials']} finished trials "
+          f"({best['pruned']} pruned, {best['failed']} failed{_requeued(best['requeued'])}); params: {best['params']}")
+    for reason, n in best["failures"].items():
+        print(f"  failed {n}x: {reason}")
     for path in best["written"]:
         print(f"wrote {path}")
     return 0
@@ -331,6 +337,10 @@ def _shown_uri(uri: str) -> str:
     from bench.storage import shown
 
     return shown(uri) + (f" (browse: mlflow ui --backend-store-uri {uri})" if uri.startswith("sqlite:") else "")
+
+
+def _requeued(n: int) -> str:
+    return f", {n} requeued (stopped by Ctrl-C or a dead worker, then resumed)" if n else ""
 
 
 def _count(n: int, noun: str) -> str:

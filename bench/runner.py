@@ -32,7 +32,7 @@ from bench.storage import StorageOptions
 from bench.store import RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
-from bench.train import fit, resolve_device
+from bench.train import fit, resolve_device, steps_per_epoch
 
 
 @dataclass
@@ -102,9 +102,12 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
     try:
         kwargs = task.model_kwargs(data.info)
         model = build_model(cfg, **kwargs)
-        build_optimizer(cfg, model, 1)
+        # The real number of batches: a schedule that cannot run on them (a one-cycle too short) is said now.
+        build_optimizer(cfg, model, steps_per_epoch(len(data.train), cfg.train.batch_size))
         x, y = task.augment(data.train.x[:2], data.train.y[:2], cfg, torch.Generator().manual_seed(0))
         out = model(x)
+    except ConfigError as e:  # a factory's own check names its key
+        raise ConfigError(f"variant {run.variant.name!r}: {e}") from None
     except Exception as e:  # whatever the factories or the forward pass raise, the config is at fault
         raise ConfigError(f"{where}: this config does not run on {task.name} data: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

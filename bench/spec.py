@@ -43,7 +43,7 @@ from bench.tasks import TASKS
 
 SPEC_KEYS = ["name", "description", "task", "target", "seeds", "base", "variants", "profiles", "search", "tracking"]
 TRACKING_KEYS = ["mlflow"]
-SEARCH_KEYS = ["variant", "trials", "space", "tuned"]
+SEARCH_KEYS = ["variant", "trials", "space", "tuned", "profile"]
 TUNED = "tuned"  # the variant `bench tune` writes into the file named by `search.tuned`
 DIST_KEYS = ["low", "high", "log", "step", "choices"]
 VARIANT_KEYS = ["name", "from", "set", "reported", "note"]
@@ -395,7 +395,8 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
     rawv = raw["variants"] + [tuned_variant] if tuned_variant and isinstance(raw["variants"], list) else raw["variants"]
     variants = _resolve_variants(rawv, task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written),
                                                     (cli_leaves, "--set", [])])
-    search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves)
+    search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves,
+                           profiles=list(raw["profiles"]) if isinstance(raw.get("profiles"), dict) else [])
     if prof.variants is not None:  # a profile's list keeps the search's result: it is what the search was for
         variants = [v for v in variants if v.name in prof.variants or v.name == TUNED]
     return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
@@ -544,8 +545,10 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
     return variants
 
 
-def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any]) -> dict[str, Any] | None:
-    """Validate ``search: {variant, trials, space: {PATH: {low, high[, log, step]} | {choices: [...]}}}``.
+def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any],
+                  profiles: list[str] = ()) -> dict[str, Any] | None:
+    """Validate ``search: {variant, trials, space: {PATH: {low, high[, log, step]} | {choices: [...]}}, tuned, profile}``;
+    ``profile`` (one of ``profiles``; none: the full budget) is the budget of the study that writes ``tuned``.
 
     Every path is checked by building the tuned variant's config with the range's ends.
     """
@@ -554,6 +557,8 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
     _check_mapping(raw, SEARCH_KEYS, "search")
     if "tuned" in raw:
         check_value(raw["tuned"], str, "search.tuned")
+    if raw.get("profile") is not None and raw["profile"] not in profiles:  # the budget of the published study
+        raise ConfigError(f"search.profile: {unknown_name_message('profile', str(raw['profile']), profiles)}")
     names = [v.name for v in variants if v.name != TUNED]  # the search's own result is not searched again
     vname = check_value(raw.get("variant", names[-1]), str, "search.variant")
     if vname not in names:
@@ -583,7 +588,7 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
                 ends = [dist["low"], dist["high"]]
         for end in ends:
             build_config(task, apply_set(base, {str(path): end}, "search.space"), "search.space")
-    return {"variant": vname, "trials": trials, "space": space, "tuned": raw.get("tuned")}
+    return {"variant": vname, "trials": trials, "space": space, "tuned": raw.get("tuned"), "profile": raw.get("profile")}
 
 
 # --------------------------------------------------------------------------- groups

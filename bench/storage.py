@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -124,3 +125,17 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[N
 
     with get_heartbeat_thread(trial_id, storage):
         yield
+
+
+def where_it_ran(url: str) -> str:
+    """Where a study ran, for a file in git: the kind of database, its host and name (an SQLite file's path on
+    this machine) and never a user or password; a record for a reader, not a URL to continue from."""
+    import sqlalchemy.exc
+
+    try:
+        u = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # shown as given, password hidden: the record is still written
+        return shown(url)
+    if u.get_backend_name() == "sqlite":
+        return f"SQLite file {u.database} on {socket.gethostname()}"
+    return f"{u.get_backend_name()} database {u.database} on {u.host or 'localhost'}{f':{u.port}' if u.port else ''}"

@@ -502,12 +502,17 @@ def _tuned_block(meta: dict[str, Any], runs: list[StoredRun], fig_dir: Path) -> 
     if not study or not any(r.variant == "tuned" for r in runs):
         return []
     minutes = f"{study['wall_time_s'] / 60:.1f} min" if study.get("wall_time_s") is not None else "unknown time"
+    failures = study.get("failures") or {}
+    why = f" ({'; '.join(f'{n}x {r}' for r, n in failures.items())})" if failures else ""
+    requeued = f", {study['requeued']} requeued after an interruption" if study.get("requeued") else ""
+    trials = f"; every trial: `{study['trials_csv']}` beside the spec" if study.get("trials_csv") else ""
     out = [f"*tuned*: the best trial ({study['best_trial']}, {study['metric']} {study['value']:.4f} on seed "
            f"{study['seed']}) of the Optuna study `{study['name']}` (profile `{study.get('profile') or 'full'}`): "
-           f"{study['finished']} finished trials, {study['pruned']} of them pruned, {study['failed']} failed; the search "
-           f"took {minutes} on {study['workers']} worker(s) on {study['hosts']} machine(s), commit "
-           f"{_short_commit(study.get('commit') or '')}. Trials are scored on the validation split only; the test "
-           f"split is read when the tuned rung is trained like the others, on every seed.", ""]
+           f"{study['finished']} finished trials, {study['pruned']} of them pruned, {study['failed']} failed{why}"
+           f"{requeued}; the search took {minutes} on {study['workers']} worker(s) at once on {study['hosts']} "
+           f"machine(s), commit {_short_commit(study.get('commit') or '')}{trials}. Trials are scored on the "
+           f"validation split only; the test split is read when the tuned rung is trained like the others, on every "
+           f"seed.", ""]
     for name in study.get("figures", []):
         png = fig_dir.parent / name
         if png.exists():
