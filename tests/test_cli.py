@@ -178,9 +178,12 @@ def test_experiment_seeds_among_the_spec_s_are_one_group_and_runtime_sets_are_no
     ("model.widths=[8,8]",
      "variant 'a' (model.name=mnist_cnn): this config does not run on mnist data: ValueError: mnist_cnn needs 5 conv widths"),
     ("model.name=unet", "variant 'a' (model.name=unet): "),
+    # 980 training images in one batch of 1,024, 2 epochs: a one-cycle of 2 steps, whose PyTorch form divides by zero
+    ("train.batch_size=1024", "variant 'a': sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches) with "
+                              "pct_start 0.3 warms up over 0.6 steps"),
 ])
 def test_a_config_that_cannot_work_stops_before_anything_is_written(data_root, tmp_path, capsys, setting, expected):
-    path = write_spec(tmp_path / "w.yaml", variants=[{"name": "a"}])
+    path = write_spec(tmp_path / "w.yaml", variants=[{"name": "a", "set": {"sched": {"name": "onecycle"}}}])
     res = tmp_path / "r"
     assert main(["run", str(path), "--set", setting, "--data-root", str(data_root), "--results", str(res)]) == 2
     err = capsys.readouterr().err
