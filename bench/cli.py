@@ -143,6 +143,8 @@ def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked fo
     root, default_root = resolve_data_root(args.data_root or runtime.get("data_root"))
     _check_results_folder(Path(args.results))
     tracker = _tracker(args, group.mlflow, f"{path}: tracking.mlflow")
+    if tracker:  # before --storage is opened (which creates Optuna's tables) and before MLflow creates its own
+        tracker.check_own_database(args.storage)
     opts = RunOptions(root, device, runtime.get("threads"), not args.no_progress, runtime.get("channels_last"),
                       runtime.get("compile"), _storage(args), after_run=(tracker,) if tracker else ())
     return group, asked.seeds, opts, args.download or default_root, tracker
@@ -252,11 +254,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from bench.tune import TrialsFailing, study_file, tune
 
     spec, seeds, opts, download, tracker = _load(args)
+    # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
+    storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")
     if tracker:  # a server or database is reached now; a new SQLite file is made by the first trial, not before
+        tracker.check_own_database(storage.url)
         tracker.check(create=False)
     try:
-        # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
-        storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")
         with sigterm_as_ctrl_c():  # preemption ends like Ctrl-C: the trial is queued again
             best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage)
     except KeyboardInterrupt as e:

@@ -262,3 +262,25 @@ def test_a_run_queued_twice_is_trained_once_and_counted_once(tmp_path):
     assert trained == [run]
     trials = grid.study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [State.COMPLETE, State.FAIL] and trials[1].user_attrs["duplicate"]
+
+
+def test_mlflow_is_refused_the_optuna_database_before_creating_anything(tmp_path, fresh_db, capsys):
+    import sqlalchemy
+
+    from bench.cli import main
+
+    pytest.importorskip("mlflow")
+    path = write_spec(tmp_path / "m.yaml")
+
+    def tables() -> list[str]:
+        engine = sqlalchemy.create_engine(fresh_db)
+        try:
+            return sorted(sqlalchemy.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+
+    assert main(["run", str(path), "--dry-run", "--storage", fresh_db]) == 0  # Optuna's tables
+    before = tables()
+    assert main(["run", str(path), "--results", str(tmp_path / "r"), "--storage", fresh_db, "--mlflow", fresh_db]) == 2
+    assert f"this is the database of --storage {fresh_db} (Optuna's)" in capsys.readouterr().err
+    assert tables() == before and len(before) > 5
