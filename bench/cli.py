@@ -211,7 +211,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from bench.tracking import group_meta
 
         tracker.check([group_meta(spec)])
-    store.write_group(spec)  # the group's definition: its whole scope, whatever subset this command trains
+    # The group's definition: its whole scope, whatever subset this command trains; a data root given on the command
+    # line too, so that the summary's command for the group runs as recorded.
+    store.write_group(spec, **({"data_root": opts.data_root} if args.data_root else {}))
     workers = args.workers or spec.workers
     if workers is None and len(todo) > 1:
         workers, why = grid_workers(spec, todo, opts, cache)

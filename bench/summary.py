@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -286,12 +287,17 @@ def _short_commit(commit: str) -> str:
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "") + (" (stated)" if commit.endswith("(stated)") else "")
 
 
-def group_command(meta: dict[str, Any]) -> str:
-    """The command that makes this group's runs, with every override that makes it ad hoc."""
-    cmd = f"python -m bench run {meta['path']}" + (f" --profile {meta['profile']}" if meta["profile"] else "")
+def group_command(meta: dict[str, Any], results: str | Path = "results") -> str:
+    """The command that makes this group's runs, with every override that makes it ad hoc, and the data root and
+    results folder it was given when they are not the defaults (a spec of one's own data needs them)."""
+    cmd = f"python -m bench run {shlex.quote(meta['path'])}" + (f" --profile {meta['profile']}" if meta["profile"] else "")
     if meta["role"] == "adhoc":
-        cmd += "".join(f" --set {k}={files.yaml_scalar(v)}" for k, v in (meta.get("overrides") or {}).items())
-        cmd += f" --seeds {' '.join(map(str, meta['seeds']))} --group {meta['group']}"
+        cmd += "".join(f" --set {shlex.quote(f'{k}={files.yaml_scalar(v)}')}" for k, v in (meta.get("overrides") or {}).items())
+        cmd += f" --seeds {' '.join(map(str, meta['seeds']))} --group {shlex.quote(meta['group'])}"
+    if meta.get("data_root"):
+        cmd += f" --data-root {shlex.quote(meta['data_root'])}"
+    if Path(results) != Path("results"):
+        cmd += f" --results {shlex.quote(str(results))}"
     return cmd
 
 
@@ -400,7 +406,7 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
     out = [
         f"## {meta['group']} ({meta['task']}, spec `{meta['path']}`, profile `{meta['profile'] or 'full'}`)",
         "",
-        f"- command: `{group_command(meta)}`",
+        f"- command: `{group_command(meta, store.results)}`",
         f"- machine: {prov['devices']}; torch {prov['torch']}",
         f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
         f"- table generated: {stamp}",

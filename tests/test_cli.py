@@ -238,3 +238,25 @@ def test_a_network_of_the_wrong_width_stops_before_training(data_root, tmp_path,
     err = capsys.readouterr().err
     assert "variant 'a' (model.name=wrongnets:five): the network returns (2, 5)" in err and "mnist needs (2, 10)" in err
     assert not res.exists()
+
+
+def test_every_recorded_command_runs_as_recorded(data_root, tmp_path, capsys, monkeypatch):
+    import re
+    import shlex
+
+    monkeypatch.delenv("BENCH_DATA", raising=False)  # the data root is only on the command line
+    base = {**TINY_MNIST_BASE, "train": {**TINY_MNIST_BASE["train"], "epochs": 1}}
+    path = write_spec(tmp_path / "toy.yaml", base=base, variants=[{"name": "a"}],
+                      profiles={"small": {"set": {"data.train_subset": 300}}})
+    res = tmp_path / "out"
+    args = ["run", str(path), "--profile", "small", "--data-root", str(data_root), "--results", str(res), "--no-progress"]
+    for extra, summary in (([], res / "summary.md"),
+                           (["--set", "train.epochs=2"], res / "runs" / "toy@small--train.epochs=2" / "summary.md")):
+        assert main([*args, *extra]) == 0
+        capsys.readouterr()
+        command = re.search(r"^- command: `(.*)`$", summary.read_text(), re.M).group(1)
+        assert f"--data-root {data_root}" in command and f"--results {res}" in command
+        argv = shlex.split(command)
+        assert argv[:3] == ["python", "-m", "bench"]
+        assert main(argv[3:]) == 0  # the group it names is the one its runs are in: nothing left to train
+        assert "1 run, 1 already done" in capsys.readouterr().err
