@@ -232,13 +232,24 @@ def test_sigterm_queues_the_run_again_at_once_without_using_a_retry(data_root, t
 def test_passwords_are_hidden_wherever_a_url_is_shown():
     from bench.storage import shown
 
-    assert shown("postgresql://bench:s3cret@db:5432/bench") == "postgresql://bench:***@db:5432/bench"
-    assert shown("postgresql://bench:p@ss@db:abc/bench") == "postgresql://bench:***@db:abc/bench"  # malformed too
+    assert shown("postgresql://bench:s3cret@db:5432/bench") == "postgresql://***@db:5432/bench"
+    assert shown("postgresql://bench:p@ss@db:abc/bench") == "postgresql://***@db:abc/bench"  # malformed too
     cmd = "python -m bench run mnist --storage postgresql+psycopg://u:pw@h/db --workers 2"
-    assert shown(cmd) == "python -m bench run mnist --storage postgresql+psycopg://u:***@h/db --workers 2"
-    assert shown("run x --storage=postgresql://u:pw@h/db") == "run x --storage=postgresql://u:***@h/db"
+    assert shown(cmd) == "python -m bench run mnist --storage postgresql+psycopg://***@h/db --workers 2"
+    assert shown("run x --storage=postgresql://u:pw@h/db") == "run x --storage=postgresql://***@h/db"
     assert shown("postgresql//u:pw@h/db") == "postgresql//u:***@h/db"  # no "://": still hidden
-    assert shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and shown("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and shown("postgresql://u@h/db") == "postgresql://***@h/db"
+
+
+def test_an_unescaped_at_in_a_password_is_refused_without_showing_it(tmp_path):
+    from bench.config import ConfigError
+    from bench.storage import StorageOptions, open_storage, where_it_ran
+
+    with pytest.raises(ConfigError) as e:
+        open_storage(StorageOptions("postgresql://bench:p@ss@127.0.0.1/bench"))
+    assert str(e.value) == ("--storage postgresql://***@127.0.0.1/bench: an unescaped '@' in the user or password; "
+                            "percent-encode it as %40")
+    assert where_it_ran("postgresql://bench:p@ss@127.0.0.1:5433/bench") == "postgresql database bench on 127.0.0.1:5433"
 
 
 def test_a_run_queued_twice_is_trained_once_and_counted_once(tmp_path):
@@ -268,6 +279,7 @@ def test_mlflow_is_refused_the_optuna_database_before_creating_anything(tmp_path
     import sqlalchemy
 
     from bench.cli import main
+    from bench.storage import shown
 
     pytest.importorskip("mlflow")
     path = write_spec(tmp_path / "m.yaml")
@@ -282,5 +294,5 @@ def test_mlflow_is_refused_the_optuna_database_before_creating_anything(tmp_path
     assert main(["run", str(path), "--dry-run", "--storage", fresh_db]) == 0  # Optuna's tables
     before = tables()
     assert main(["run", str(path), "--results", str(tmp_path / "r"), "--storage", fresh_db, "--mlflow", fresh_db]) == 2
-    assert f"this is the database of --storage {fresh_db} (Optuna's)" in capsys.readouterr().err
+    assert f"this is the database of --storage {shown(fresh_db)} (Optuna's)" in capsys.readouterr().err
     assert tables() == before and len(before) > 5
