@@ -117,6 +117,16 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
+def yaml_error(path: str | Path, e: Exception) -> str:
+    """One line for a YAML syntax error: ``FILE:LINE:COLUMN: not valid YAML: what the parser found``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    return f"{where}: not valid YAML: {what}" + (
+        f" ({context}{f' begun at line {start.line + 1}' if start is not None else ''})" if context else "")
+
+
 def yaml_scalar(value: Any) -> str:
     """``value`` as one would type it after ``--set KEY=`` (YAML flow style): ``0.001``, ``[8, 16]``, ``true``."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

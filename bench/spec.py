@@ -35,6 +35,7 @@ from bench.config import (
     build_section,
     check_value,
     config_hash,
+    raise_all,
     unknown_key_message,
 )
 from bench.factories import check_section
@@ -226,6 +227,18 @@ def short_label(text: str, limit: int = LABEL_MAX) -> str:
 # --------------------------------------------------------------------------- building configs
 
 
+def _build_section(task_obj: Any, section: str, value: Any, sw: str, where: str) -> Any:
+    """One checked section of a config: a registry section's dict, or its dataclass."""
+    if section not in CONFIG_SECTIONS:
+        raise ConfigError(unknown_key_message(where, section, CONFIG_SECTIONS))
+    if section in REGISTRY_SECTIONS:
+        default = task_obj.default_loss if section == "loss" else None
+        if section == "loss" and isinstance(value, dict) and value.get("name") == "default":
+            value = {k: v for k, v in value.items() if k != "name"}
+        return check_section(section, value, sw, default)
+    return build_section(SECTION_TYPES[section], value, sw)
+
+
 def build_config(task: str, raw: dict[str, Any], where: str, seed: int = 0) -> Config:
     """Validate a config dict (sections as in :class:`Config`) and build the Config."""
     try:
@@ -233,17 +246,13 @@ def build_config(task: str, raw: dict[str, Any], where: str, seed: int = 0) -> C
     except UnknownName as e:
         raise ConfigError(f"{where}: {e}") from None
     kwargs: dict[str, Any] = {}
-    for section, value in raw.items():
-        if section not in CONFIG_SECTIONS:
-            raise ConfigError(unknown_key_message(where, section, CONFIG_SECTIONS))
-        sw = f"{where}.{section}"
-        if section in REGISTRY_SECTIONS:
-            default = task_obj.default_loss if section == "loss" else None
-            if section == "loss" and isinstance(value, dict) and value.get("name") == "default":
-                value = {k: v for k, v in value.items() if k != "name"}
-            kwargs[section] = check_section(section, value, sw, default)
-        else:
-            kwargs[section] = build_section(SECTION_TYPES[section], value, sw)
+    errors = []
+    for section, value in raw.items():  # every section's problems at once (--set optim.lr=-1 --set train.epochs=abc)
+        try:
+            kwargs[section] = _build_section(task_obj, section, value, f"{where}.{section}", where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise_all(errors)
     if "model" not in kwargs:
         raise ConfigError(f"{where}: missing 'model' section")
     kwargs.setdefault("loss", {"name": task_obj.default_loss})
@@ -305,11 +314,11 @@ def load_spec(path: str | Path, profile: str | None = None, overrides: list[str]
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the spec file ({e})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(files.yaml_error(path, e)) from None
     try:
         return _build_spec(raw, path, profile, parse_overrides(overrides or []), seeds)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    except ConfigError as e:  # each problem on its own line, each naming the file
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(e).splitlines())) from None
 
 
 # --set keys that say where and how fast a run runs, not what it computes: they act like --device,
@@ -347,7 +356,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = files.load_yaml(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
     return out
 
 
@@ -433,8 +443,10 @@ def read_tuned(search: Any, spec_path: Path) -> tuple[dict[str, Any] | None, dic
         return None, None
     try:
         raw = files.load_yaml(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
         raise ConfigError(f"search.tuned: cannot read {path} ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"search.tuned: {files.yaml_error(path, e)}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("variant"), dict) or not isinstance(raw.get("study"), dict):
         raise ConfigError(f"search.tuned: {path} is not a file written by `bench tune` (expected `study:` and "
                           f"`variant:` mappings); delete it and tune again")
