@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from pathlib import Path
 
 from bench import __version__
@@ -17,8 +18,15 @@ from bench import __version__
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one error line naming the (sub)command and where its options are listed, instead of a usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description="Ablation benchmark harness for CNNs.")
+    p = _Parser(prog="python -m bench", description="Ablation benchmark harness for CNNs.")
     p.add_argument("--version", action="version", version=f"bench {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -71,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    p = _Parser(prog=f"python -m bench {args.command}")  # a value's error names the subcommand, like argparse's own
+    if unknown:  # argparse would blame the top-level parser
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "workers", None) is not None and args.workers < 1:
         p.error(f"--workers: must be >= 1, got {args.workers}")
     if args.command == "perf" and any(s < 0 for s in args.seeds):

@@ -260,3 +260,17 @@ def test_every_recorded_command_runs_as_recorded(data_root, tmp_path, capsys, mo
         assert argv[:3] == ["python", "-m", "bench"]
         assert main(argv[3:]) == 0  # the group it names is the one its runs are in: nothing left to train
         assert "1 run, 1 already done" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["tune", "m.yaml", "--trials", "0"], "error: python -m bench tune: --trials: must be >= 1, got 0 "
+                                          "(options: python -m bench tune --help)"),
+    (["run", "m.yaml", "--frob"], "error: python -m bench run: unrecognized arguments: --frob "
+                                  "(options: python -m bench run --help)"),
+    (["run", "m.yaml", "--workers", "two"], "error: python -m bench run: argument --workers: invalid int value: 'two' "
+                                            "(options: python -m bench run --help)"),
+])
+def test_an_argument_error_is_one_line_naming_the_subcommand(argv, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [expected]
