@@ -9,6 +9,7 @@ loop goes on; :class:`RunsFailed` names them at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bench import files
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
 from bench.grid import LocalGrid, StudyGrid
@@ -167,8 +169,11 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
         device = resolve_device(cfg.train.device, "train.device")
         meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
         try:
-            result = fit(store.path(run), cfg, task, load_data(cache, task, cfg, device), device, run.key, meta,
-                         opts.progress)
+            data = load_data(cache, task, cfg, device)
+            # On the CPU, a core per thread, machine-wide: another bench process's trainers wait rather than share.
+            with files.hold_cores(cfg.train.threads or torch.get_num_threads(), _waiting_note(run)) \
+                    if device.type == "cpu" else contextlib.nullcontext():
+                result = fit(store.path(run), cfg, task, data, device, run.key, meta, opts.progress)
         except Exception as e:  # the run's own failure: recorded; the other runs go on
             error = f"{type(e).__name__}: {e}"
             grid.failed(run, error)
@@ -187,6 +192,13 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
         failed += grid.abandoned()
     if failed:
         raise RunsFailed("\n".join(failed))
+
+
+def _waiting_note(run: Run) -> Callable[[], None]:
+    def note() -> None:
+        print(f"{run.variant.name} seed {run.seed}: waiting for a free core (other bench processes on this machine "
+              f"train on all of them)", file=sys.stderr, flush=True)
+    return note
 
 
 def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool) -> None:

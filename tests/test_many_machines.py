@@ -296,3 +296,20 @@ def test_mlflow_is_refused_the_optuna_database_before_creating_anything(tmp_path
     assert main(["run", str(path), "--results", str(tmp_path / "r"), "--storage", fresh_db, "--mlflow", fresh_db]) == 2
     assert f"this is the database of --storage {shown(fresh_db)} (Optuna's)" in capsys.readouterr().err
     assert tables() == before and len(before) > 5
+
+
+def test_trainers_of_several_processes_take_turns_at_the_cores(tmp_path, monkeypatch):
+    from bench import files
+
+    monkeypatch.setenv("BENCH_CORE_SLOTS", str(tmp_path / "slots"))
+    code = (f"from bench import files; import time\nwith files.hold_cores({os.cpu_count()}):\n"
+            f" print('held', flush=True)\n time.sleep(2)")
+    other = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline() == "held\n"  # another bench process trains on every core
+    t0 = time.monotonic()
+    assert files.free_cores() == 0
+    waited = []
+    with files.hold_cores(1, lambda: waited.append(True)):
+        assert time.monotonic() - t0 > 1.5  # this one's trainer starts only once the other has let go (after 2 s)
+    assert waited == [True] and files.free_cores() == os.cpu_count()
+    other.wait()
