@@ -313,3 +313,26 @@ def test_trainers_of_several_processes_take_turns_at_the_cores(tmp_path, monkeyp
         assert time.monotonic() - t0 > 1.5  # this one's trainer starts only once the other has let go (after 2 s)
     assert waited == [True] and files.free_cores() == os.cpu_count()
     other.wait()
+
+
+def test_two_tuning_workers_record_failed_trials_and_go_on(data_root, tmp_path):
+    from bench.tune import study_key
+
+    # SGD at lr 1e30 diverges; a batch of 1,024 of the ~390 training images leaves a one-cycle 1 step: raises.
+    space = {"optim.lr": {"low": 1.0e-3, "high": 1.0e30, "log": True}, "train.batch_size": {"choices": [64, 1024]}}
+    path = _spec(tmp_path, "f", variants=[{"name": "a", "set": {"optim": {"name": "sgd", "lr": 0.05},
+                                                              "sched": {"name": "onecycle"}}}],
+                 search={"variant": "a", "space": space})
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    study = optuna.create_study(study_name=f"f/a/{study_key(load_spec(path).variants[0], space)}", storage=db,
+                                direction="maximize")
+    for lr, bs in ((1e30, 64), (0.05, 1024), (0.05, 64), (0.03, 64), (0.02, 64)):
+        study.enqueue_trial({"optim.lr": lr, "train.batch_size": bs})
+    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", db,
+            "--trials", "3", *FAST_BEAT]
+    outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))  # both end well: a failed trial is the trial's
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    assert sum(t.state in (State.COMPLETE, State.PRUNED) for t in trials) == 3
+    reasons = sorted(t.user_attrs["fail_reason"].split(":")[0] for t in trials if t.state == State.FAIL)
+    assert reasons == ["ConfigError", "Diverged"], [(t.state, t.user_attrs) for t in trials]
+    assert all("after 3 finished trials (" in out and "2 failed" in out for out in outs), outs
