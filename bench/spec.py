@@ -626,8 +626,10 @@ def place_in_group(spec: Spec, published: Spec, group: str | None = None) -> Spe
     subset = set(spec.seeds) <= set(published.seeds)  # then the scope is the spec's seeds, as for a published group
     if group is None:
         group = f"{published.group}--{_adhoc_label(spec, published, subset)}"
-    elif not group or not re.fullmatch(r"[A-Za-z0-9+._=,@-]+", group) or group.startswith("."):
-        raise ConfigError(f"--group {group!r}: must be a non-empty folder name made of letters, digits and + . _ = , @ -")
+    elif not re.fullmatch(r"[A-Za-z0-9+._=,-]+(@[A-Za-z0-9+._=,-]*--[A-Za-z0-9+._=,-]+)?", group) or group.startswith("."):
+        # "@" only as in the names bench makes (mnist@quick--train.epochs=1), never a published group's mnist@quick
+        raise ConfigError(f"--group {group!r}: must be a non-empty folder name made of letters, digits and + . _ = , - "
+                          f"(an @ only as in SPEC@PROFILE--LABEL)")
     elif group == spec.name:
         raise ConfigError(f"--group {group}: that name is the published group of {spec.path}; runs whose configs are "
                           f"not the spec's own ({_adhoc_label(spec, published, subset)}) need a group of their own")
