@@ -292,10 +292,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if best["value"] is None:
         print(f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned, "
               f"{best['failed']} failed)")
-        return 0
-    metric = TASKS[spec.task].metrics[0]
-    print(f"best {best['metric']}: {metric.show(best['value'])} after {best['trials']} finished trials "
-          f"({best['pruned']} pruned, {best['failed']} failed{_requeued(best['requeued'])}); params: {best['params']}")
+    else:
+        metric = TASKS[spec.task].metrics[0]
+        print(f"best {best['metric']}: {metric.show(best['value'])} after {best['trials']} finished trials "
+              f"({best['pruned']} pruned, {best['failed']} failed{_requeued(best['requeued'])}); "
+              f"params: {best['params']}")
     for reason, n in best["failures"].items():
         print(f"  failed {n}x: {reason}")
     for path in best["written"]:

@@ -18,9 +18,12 @@ draw trial 0's parameters again, and two workers would draw the same ones), and 
 parameters equal a finished one's reuses its value instead of training it again.  The best
 trial is written as a ready-to-paste variant (with ``from:`` naming the tuned variant) to
 ``results/optuna/<group>-best.yaml``, ``<group>`` being the group ``bench run`` would use with the
-same options (the spec's own, or an ad-hoc one named after ``--set`` overrides); for the spec as
-written, also as the variant ``tuned`` into the file the spec's ``search.tuned`` names, which
-``bench run`` then trains beside the hand-made rungs.  Tuning never opens the test split's files.
+same options (the spec's own, or an ad-hoc one named after ``--set`` overrides), with the study's trials
+as CSV and its figures beside it.  The study of the spec as written with its own budget (``search.profile``,
+``search.trials``, its first seed; see :func:`publishes`) instead writes the variant ``tuned`` into the file the
+spec's ``search.tuned`` names, its trials beside that file and its figures in results/figures; ``bench run`` then
+trains it beside the hand-made rungs.  Any exception of a trial's training fails that trial alone (its reason is
+recorded) and the study goes on.  Tuning never opens the test split's files.
 """
 from __future__ import annotations
 
@@ -399,7 +402,7 @@ def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, st
     if not counts["complete"]:
         return {"spec": spec.path, "study": study.study_name, "metric": f"validation {task.metric} (seed {seed})",
                 "value": None, "trials": counts["finished"], "pruned": counts["pruned"], "failed": counts["failed"],
-                "params": {}, "written": []}
+                "failures": counts["failures"], "params": {}, "written": []}
     best = study.best_trial
     summary = {"spec": spec.path, "group": spec.group, "study": study.study_name, "tuned_variant": variant.name,
                "overrides": spec.overrides, "metric": f"validation {task.metric} (seed {seed})", "value": best.value,
