@@ -214,3 +214,33 @@ def test_tune_writes_the_tuned_rung_that_run_trains_beside_the_others(data_root,
     assert "| tuned" in summary and "Optuna study" in summary and "3 finished trials" in summary
     assert "](figures/tune-tt-history.png)" in summary
     assert {(r.variant, r.seed) for r in RunStore(res).finished("tt") if r.variant == "tuned"} == {("tuned", 0), ("tuned", 1)}
+
+
+def test_study_summary_counts_workers_at_once_and_requeued_trials():
+    import datetime
+
+    import optuna
+
+    from bench.tune import study_summary
+
+    t = datetime.datetime(2026, 1, 1)
+
+    def trial(start: int, end: int, worker: str, state=optuna.trial.TrialState.COMPLETE, **attrs):
+        return optuna.trial.FrozenTrial(
+            number=0, state=state, value=0.5 if state == optuna.trial.TrialState.COMPLETE else None,
+            datetime_start=t + datetime.timedelta(seconds=start), datetime_complete=t + datetime.timedelta(seconds=end),
+            params={}, distributions={}, user_attrs={"worker": worker, **attrs}, system_attrs={},
+            intermediate_values={}, trial_id=0)
+
+    one_after_the_other = optuna.create_study()
+    for s, e, w in ((0, 10, "h:1"), (10, 20, "h:2"), (20, 30, "h:3")):  # three processes, never two at once
+        one_after_the_other.add_trial(trial(s, e, w))
+    assert study_summary(one_after_the_other)["workers"] == 1
+    side_by_side = optuna.create_study()
+    for s, e, w in ((0, 10, "h:1"), (5, 15, "h:2"), (10, 20, "h:1")):
+        side_by_side.add_trial(trial(s, e, w))
+    side_by_side.add_trial(trial(20, 25, "h:1", optuna.trial.TrialState.FAIL, requeued=True))  # Ctrl-C, queued again
+    side_by_side.add_trial(trial(25, 26, "h:1", optuna.trial.TrialState.FAIL, fail_reason="Diverged: epoch 1"))
+    counts = study_summary(side_by_side)
+    assert (counts["workers"], counts["failed"], counts["requeued"]) == (2, 1, 1)
+    assert counts["failures"] == {"Diverged: epoch 1": 1}
