@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bench import files
 from bench.config import ConfigError
-from bench.factories import build_loss, build_model, build_optimizer
+from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
 from bench.spec import Run, Spec
 from bench.storage import StorageOptions
@@ -124,6 +124,14 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
     except Exception as e:
         raise ConfigError(f"{where}: this config does not run on {task.name} data: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def check_schedule(cfg: Any, n_train: int) -> None:
+    """ConfigError naming the key when ``cfg``'s learning-rate schedule cannot run on ``n_train`` training images
+    (a one-cycle with too few steps), found by building it on a one-parameter optimizer."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    fn, kwargs = factory("sched", cfg.sched)
+    fn(opt, cfg.train.epochs, steps_per_epoch(n_train, cfg.train.batch_size), **kwargs)
 
 
 def runtime_config(run: Run, opts: RunOptions) -> Any:

@@ -43,7 +43,7 @@ import yaml
 
 from bench import files
 from bench.config import ConfigError, config_hash
-from bench.runner import RunOptions, load_data, preflight, runtime_config
+from bench.runner import RunOptions, check_schedule, load_data, preflight, runtime_config
 from bench.spec import TUNED, Run, Spec, Variant, apply_set, build_config, describe, run_key, slug, tuned_path
 from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, shown, where_it_ran
 from bench.store import RunStore
@@ -54,7 +54,7 @@ from bench.train import fit, resolve_device
 State = optuna.trial.TrialState
 # A worker stops after this many failed trials in a row (or --trials, when more): a search space that diverges now
 # and then goes on, a harness bug that fails every trial does not train forever.
-MIN_FAILURES_IN_A_ROW = 5
+MIN_FAILURES_IN_A_ROW = 10
 
 
 class TrialsFailing(Exception):
@@ -108,6 +108,8 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     runs = [r for r in spec.runs([variant.name]) if r.seed == seed]
     # Before the study exists: a bad device or data records no failure.  The test split is never read.
     cache = preflight(spec, runs, opts, download, test=False)
+    for line in _space_problems(spec, variant, runs[0], opts, cache):  # the trials drawn there will fail: say so now
+        print(f"note: {line}", file=sys.stderr)
     out = Path(results_dir) / "optuna"
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or StorageOptions(f"sqlite:///{study_file(results_dir, spec).resolve()}")
@@ -156,6 +158,25 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
               f"study has exactly its budget" + (" (run the same command to go on)" if done < target else ""),
               file=sys.stderr)
     return _write_best(spec, variant, study, seed, shown(storage.url), out, Path(results_dir), published)
+
+
+def _space_problems(spec: Spec, variant: Variant, run: Run, opts: RunOptions, cache: dict[str, Data]) -> list[str]:
+    """Values at the ends of the search space (a range's low and high, every choice) whose schedule cannot run on the
+    preflight's data, e.g. a batch size that leaves a one-cycle too few steps: trials drawn there fail (recorded, and
+    the study goes on), which the user may prefer to know before the study starts."""
+    n_train = len(next(iter(cache.values())).train)
+    base = variant.config.to_dict()
+    base.pop("task"), base.pop("seed")
+    out = []
+    for path, dist in spec.search["space"].items():
+        for end in dist.get("choices") or (dist["low"], dist["high"]):
+            cfg = runtime_config(dataclasses.replace(run, config=build_config(
+                spec.task, apply_set(base, {path: end}, "search"), "search", run.seed)), opts)
+            try:
+                check_schedule(cfg, n_train)
+            except ConfigError as e:
+                out.append(f"search.space.{path}={end}: {e}; trials drawn there will fail")
+    return out
 
 
 def study_file(results_dir: str | Path, spec: Spec) -> Path:

@@ -101,6 +101,8 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(data_root, tmp_path, 
     assert "failed 1x: Diverged: epoch 1: the training loss is nan" in out
     assert "failed 1x: ConfigError: sched.pct_start: a one-cycle of 2 steps" in out
     assert "trial 0 failed (the study goes on): Diverged" in err and "Traceback (most recent call last)" in err
+    assert ("note: search.space.train.batch_size=1024: sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches)"
+            in err and "trials drawn there will fail" in err)  # said before the study starts
     states = [t.state.name for t in optuna.load_study(study_name=name, storage=f"sqlite:///{res / 'optuna' / 'f.db'}").trials]
     assert states == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     rows = (res / "optuna" / "f-trials.csv").read_text().splitlines()
