@@ -231,7 +231,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracker.check([group_meta(spec)])
     # The group's definition: its whole scope, whatever subset this command trains; a data root given on the command
     # line too, so that the summary's command for the group runs as recorded.
-    store.write_group(spec, **({"data_root": opts.data_root} if args.data_root else {}))
+    store.write_group(spec, **({"data_root": opts.data_root} if args.data_root else {}),
+                      **({"results": args.results} if Path(args.results) != Path("results") else {}))
     workers = args.workers or spec.workers
     if workers is None and len(todo) > 1:
         workers, why = grid_workers(spec, todo, opts, cache)

@@ -288,17 +288,18 @@ def _short_commit(commit: str) -> str:
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "") + (" (stated)" if commit.endswith("(stated)") else "")
 
 
-def group_command(meta: GroupRecord, results: str | Path = "results") -> str:
+def group_command(meta: GroupRecord) -> str:
     """The command that makes this group's runs, with every override that makes it ad hoc, and the data root and
-    results folder it was given when they are not the defaults (a spec of one's own data needs them)."""
+    results folder that ``bench run`` was given when they are not the defaults (a spec of one's own data needs
+    them); from the group's record, so a section rebuilt elsewhere says the same."""
     cmd = f"python -m bench run {shlex.quote(meta.path or '')}" + (f" --profile {meta.profile}" if meta.profile else "")
     if meta.role == "adhoc":
         cmd += "".join(f" --set {shlex.quote(f'{k}={files.yaml_scalar(v)}')}" for k, v in (meta.overrides or {}).items())
         cmd += f" --seeds {' '.join(map(str, meta.seeds))} --group {shlex.quote(meta.group)}"
     if meta.extra.get("data_root"):
         cmd += f" --data-root {shlex.quote(meta.extra['data_root'])}"
-    if Path(results) != Path("results"):
-        cmd += f" --results {shlex.quote(str(results))}"
+    if meta.extra.get("results"):
+        cmd += f" --results {shlex.quote(meta.extra['results'])}"
     return cmd
 
 
@@ -407,7 +408,7 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     out = [
         f"## {meta.group} ({meta.task}, spec `{meta.path}`, profile `{meta.profile or 'full'}`)",
         "",
-        f"- command: `{group_command(meta, store.results)}`",
+        f"- command: `{group_command(meta)}`",
         f"- machine: {prov['devices']}; torch {prov['torch']}",
         f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
         f"- table generated: {stamp}",
