@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from pathlib import Path
 
 from bench import __version__, usable_cores
@@ -17,8 +18,15 @@ from bench import __version__, usable_cores
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one error line naming the (sub)command and where its options are listed, instead of a usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description="Ablation benchmark harness for CNNs.")
+    p = _Parser(prog="python -m bench", description="Ablation benchmark harness for CNNs.")
     p.add_argument("--version", action="version", version=f"bench {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -79,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    p = _Parser(prog=f"python -m bench {args.command}")  # a value's error names the subcommand, like argparse's own
+    if unknown:  # argparse would blame the top-level parser
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "workers", None) is not None and args.workers < 1:
         p.error(f"--workers: must be >= 1, got {args.workers}")
     if args.command == "perf" and any(s < 0 for s in args.seeds):
@@ -151,6 +161,8 @@ def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked fo
     root, default_root = resolve_data_root(args.data_root or runtime.get("data_root"))
     _check_results_folder(Path(args.results))
     tracker = _tracker(args, group.mlflow, f"{path}: tracking.mlflow")
+    if tracker:  # before --storage is opened (which creates Optuna's tables) and before MLflow creates its own
+        tracker.check_own_database(args.storage)
     opts = RunOptions(root, device, runtime.get("threads"), not args.no_progress, runtime.get("channels_last"),
                       runtime.get("compile"), _storage(args), after_run=(tracker,) if tracker else ())
     return group, asked.seeds, opts, args.download or default_root, tracker
@@ -217,7 +229,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from bench.tracking import group_meta
 
         tracker.check([group_meta(spec)])
-    store.write_group(spec)  # the group's definition: its whole scope, whatever subset this command trains
+    # The group's definition: its whole scope, whatever subset this command trains; a data root given on the command
+    # line too, so that the summary's command for the group runs as recorded.
+    store.write_group(spec, **({"data_root": opts.data_root} if args.data_root else {}),
+                      **({"results": args.results} if Path(args.results) != Path("results") else {}))
     workers = args.workers or spec.workers
     if workers is None and len(todo) > 1:
         workers, why = grid_workers(spec, todo, opts, cache)
@@ -257,19 +272,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from bench.runner import sigterm_as_ctrl_c
     from bench.tasks import TASKS
-    from bench.tune import study_file, tune
+    from bench.tune import TrialsFailing, study_file, tune
 
     spec, seeds, opts, download, tracker = _load(args)
+    # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
+    storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")
     if tracker:  # a server or database is reached now; a new SQLite file is made by the first trial, not before
+        tracker.check_own_database(storage.url)
         tracker.check(create=False)
     try:
-        # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
-        storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")
         with sigterm_as_ctrl_c():  # preemption ends like Ctrl-C: the trial is queued again
             best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage)
     except KeyboardInterrupt as e:
         print(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TrialsFailing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if tracker:  # trials finished before (without --mlflow, or whose logging failed) are logged now
         from bench.store import RunStore
 
@@ -280,11 +299,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 print(f"MLflow: {_count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}",
                       file=sys.stderr)
     if best["value"] is None:
-        print(f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned)")
-        return 0
-    metric = TASKS[spec.task].metrics[0]
-    print(f"best {best['metric']}: {metric.show(best['value'])} after "
-          f"{best['trials']} finished trials ({best['pruned']} pruned, {best['failed']} failed); params: {best['params']}")
+        print(f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned, "
+              f"{best['failed']} failed)")
+    else:
+        metric = TASKS[spec.task].metrics[0]
+        print(f"best {best['metric']}: {metric.show(best['value'])} after {best['trials']} finished trials "
+              f"({best['pruned']} pruned, {best['failed']} failed{_requeued(best['requeued'])}); "
+              f"params: {best['params']}")
+    for reason, n in best["failures"].items():
+        print(f"  failed {n}x: {reason}")
     for path in best["written"]:
         print(f"wrote {path}")
     return 0
@@ -379,6 +402,10 @@ def _shown_uri(uri: str) -> str:
     from bench.storage import shown
 
     return shown(uri) + (f" (browse: mlflow ui --backend-store-uri {uri})" if uri.startswith("sqlite:") else "")
+
+
+def _requeued(n: int) -> str:
+    return f", {n} requeued (stopped by Ctrl-C or a dead worker, then resumed)" if n else ""
 
 
 def _count(n: int, noun: str) -> str:

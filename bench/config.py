@@ -249,12 +249,22 @@ def build_section(cls: type, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise ConfigError(unknown_key_message(where, str(key), names))
-        kwargs[key] = check_value(value, hints[key], f"{where}.{key}")
+    kwargs, errors = {}, []
+    for key, value in raw.items():  # every wrong key of the section is said at once, one line each
+        try:
+            if key not in names:
+                raise ConfigError(unknown_key_message(where, str(key), names))
+            kwargs[key] = check_value(value, hints[key], f"{where}.{key}")
+        except ConfigError as e:
+            errors.append(str(e))
+    raise_all(errors)
     return cls(**kwargs)
+
+
+def raise_all(errors: list[str]) -> None:
+    """One ConfigError holding every problem found, one per line (the CLI prints each as its own error line)."""
+    if errors:
+        raise ConfigError("\n".join(dict.fromkeys(errors)))
 
 
 def check_factory_kwargs(
@@ -285,11 +295,15 @@ def check_factory_kwargs(
         raise ConfigError(f"{where}.name: the factory {getattr(fn, '__qualname__', fn)}{sig} must take the keyword "
                           f"argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}: the harness passes "
                           f"{', '.join(needs)} to every {where.rpartition('.')[2] or 'factory'} factory")
-    out = {}
+    out, errors = {}, []
     for key, value in raw.items():
-        if key not in names and not var_kw:
-            raise ConfigError(unknown_key_message(where, str(key), names))
-        out[key] = check_value(value, hints.get(key, Any), f"{where}.{key}")
+        try:
+            if key not in names and not var_kw:
+                raise ConfigError(unknown_key_message(where, str(key), names))
+            out[key] = check_value(value, hints.get(key, Any), f"{where}.{key}")
+        except ConfigError as e:
+            errors.append(str(e))
+    raise_all(errors)
     unset = [n for n in names if params[n].default is inspect.Parameter.empty and n not in raw]
     if unset:
         raise ConfigError(f"{where}: missing {', '.join(map(repr, unset))}: the factory {getattr(fn, '__qualname__', fn)} "

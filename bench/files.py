@@ -1,4 +1,5 @@
-"""Files: atomic writes, JSON, markdown sections, the checkout's commit, and what a bad image file raises.
+"""Files: atomic writes, JSON, markdown sections, the checkout's commit, what a bad image file raises, and the
+machine's core slots.
 
 Every result file is written to a temp file in the same folder, fsynced, then renamed
 (``os.replace``): a run killed at any moment leaves either the old file or the new one, never
@@ -9,14 +10,18 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import io
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +167,16 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
+def yaml_error(path: str | Path, e: Exception) -> str:
+    """One line for a YAML syntax error: ``FILE:LINE:COLUMN: not valid YAML: what the parser found``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    return f"{where}: not valid YAML: {what}" + (
+        f" ({context}{f' begun at line {start.line + 1}' if start is not None else ''})" if context else "")
+
+
 def yaml_scalar(value: Any) -> str:
     """``value`` as one would type it after ``--set KEY=`` (YAML flow style): ``0.001``, ``[8, 16]``, ``true``."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
@@ -212,3 +227,56 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# ----------------------------------------------------------------------------- core slots
+
+def core_slots_dir() -> Path:
+    """One lock file per core of the machine, shared by every bench process of this user ($BENCH_CORE_SLOTS to move)."""
+    return Path(os.environ.get("BENCH_CORE_SLOTS") or Path(tempfile.gettempdir()) / f"bench-cores-{os.getuid()}")
+
+
+def _lock_free_slots(n: int) -> list[Any]:
+    """Open and lock (flock, without waiting) up to ``n`` free slot files; the open files (closing one frees it)."""
+    folder = core_slots_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    held = []
+    for i in random.sample(range(os.cpu_count() or 1), os.cpu_count() or 1):
+        if len(held) == n:
+            break
+        f = open(folder / f"core-{i}", "a")  # noqa: SIM115 - held open as long as the slot is held
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(f)
+        except BlockingIOError:
+            f.close()
+    return held
+
+
+def free_cores() -> int:
+    """Cores of the machine that no bench process on it trains with now."""
+    held = _lock_free_slots(os.cpu_count() or 1)
+    for f in held:
+        f.close()
+    return len(held)
+
+
+@contextmanager
+def hold_cores(n: int, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold ``n`` of the machine's cores (at most all) while the block runs: a semaphore of kernel locks, one file
+    per core, so that bench processes started together (``bench run --storage`` twice on one machine) never train
+    with more threads than there are cores; the others wait.  All or none are taken at once (a process holding some
+    while waiting for more could wait forever on another doing the same); the kernel frees a killed holder's."""
+    n = max(1, min(n, os.cpu_count() or 1))
+    while len(held := _lock_free_slots(n)) < n:
+        for f in held:
+            f.close()
+        if on_wait is not None:
+            on_wait()
+            on_wait = None
+        time.sleep(0.2 + random.random())
+    try:
+        yield
+    finally:
+        for f in held:
+            f.close()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from bench.config import NonNegFloat, NonNegInt, OpenUnit, PosFloat, PosInt, Range, UnitFloat
+from bench.config import ConfigError, NonNegFloat, NonNegInt, OpenUnit, PosFloat, PosInt, Range, UnitFloat
 from bench.registry import Registry
 
 OPTIMIZERS: Registry = Registry("optimizer")
@@ -82,7 +82,16 @@ def cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, 
 @SCHEDULERS.register()
 def onecycle(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
              pct_start: Annotated[float, OpenUnit] = 0.3, div_factor: Annotated[float, Range(1)] = 25.0) -> LRScheduler:
-    """Super-convergence one-cycle policy peaking at the optimizer's ``lr``."""
+    """Super-convergence one-cycle policy peaking at the optimizer's ``lr``.  Its warm-up (``pct_start`` of the
+    steps) and its decay must each span more than one step: PyTorch divides by their length less one, and a
+    schedule without a warm-up is not a one-cycle; ConfigError naming the key otherwise."""
+    total = epochs * steps_per_epoch
+    if pct_start * total <= 1 or (1 - pct_start) * total <= 1:
+        need = math.floor(1 / min(pct_start, 1 - pct_start)) + 1
+        raise ConfigError(f"sched.pct_start: a one-cycle of {total} steps ({epochs} epoch{'s' if epochs != 1 else ''} x "
+                          f"{steps_per_epoch} batches) with pct_start {pct_start} warms up over {pct_start * total:.3g} "
+                          f"steps and decays over {(1 - pct_start) * total:.3g}; each needs more than one, so at least "
+                          f"{need} steps: more train.epochs or data, a smaller train.batch_size, or another pct_start")
     max_lr = [g["lr"] for g in optimizer.param_groups]
     return OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
                       pct_start=pct_start, div_factor=div_factor)

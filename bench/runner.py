@@ -9,6 +9,7 @@ loop goes on; :class:`RunsFailed` names them at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -28,14 +29,14 @@ from tqdm.auto import tqdm
 
 from bench import files, usable_cores
 from bench.config import ConfigError
-from bench.factories import build_loss, build_model, build_optimizer
+from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
 from bench.spec import Run, Spec
 from bench.storage import StorageOptions
 from bench.store import LoadedRun, RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
-from bench.train import fit, resolve_device
+from bench.train import fit, resolve_device, steps_per_epoch
 
 
 @dataclass
@@ -112,9 +113,12 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
     try:
         kwargs = task.model_kwargs(data.info)
         model = build_model(cfg, **kwargs)
-        build_optimizer(cfg, model, 1)
+        # The real number of batches: a schedule that cannot run on them (a one-cycle too short) is said now.
+        build_optimizer(cfg, model, steps_per_epoch(len(data.train), cfg.train.batch_size))
         x, y = task.augment(data.train.x[:2], data.train.y[:2], cfg, torch.Generator().manual_seed(0))
         out = model(x)
+    except ConfigError as e:  # a factory's own check names its key
+        raise ConfigError(f"variant {run.variant.name!r}: {e}") from None
     except Exception as e:  # whatever the factories or the forward pass raise, the config is at fault
         raise ConfigError(f"{where}: this config does not run on {task.name} data: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -129,6 +133,14 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
     except Exception as e:
         raise ConfigError(f"{where}: this config does not run on {task.name} data: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def check_schedule(cfg: Any, n_train: int) -> None:
+    """ConfigError naming the key when ``cfg``'s learning-rate schedule cannot run on ``n_train`` training images
+    (a one-cycle with too few steps), found by building it on a one-parameter optimizer."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    fn, kwargs = factory("sched", cfg.sched)
+    fn(opt, cfg.train.epochs, steps_per_epoch(n_train, cfg.train.batch_size), **kwargs)
 
 
 def runtime_config(run: Run, opts: RunOptions) -> Any:
@@ -174,8 +186,11 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
         device = resolve_device(cfg.train.device, "train.device")
         meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
         try:
-            result = fit(store.path(run), cfg, task, load_data(cache, task, cfg, device), device, run.key, meta,
-                         opts.progress)
+            data = load_data(cache, task, cfg, device)
+            # On the CPU, a core per thread, machine-wide: another bench process's trainers wait rather than share.
+            with files.hold_cores(cfg.train.threads or torch.get_num_threads(), _waiting_note(run)) \
+                    if device.type == "cpu" else contextlib.nullcontext():
+                result = fit(store.path(run), cfg, task, data, device, run.key, meta, opts.progress)
         except files.DiskFull:  # not the run's fault, and every other run would fail the same way: stop here
             raise
         except Exception as e:  # the run's own failure: recorded; the other runs go on
@@ -196,6 +211,13 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
         failed += grid.abandoned()
     if failed:
         raise RunsFailed("\n".join(failed))
+
+
+def _waiting_note(run: Run) -> Callable[[], None]:
+    def note() -> None:
+        print(f"{run.variant.name} seed {run.seed}: waiting for a free core (other bench processes on this machine "
+              f"train on all of them)", file=sys.stderr, flush=True)
+    return note
 
 
 def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool) -> None:

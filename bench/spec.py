@@ -35,6 +35,7 @@ from bench.config import (
     build_section,
     check_value,
     config_hash,
+    raise_all,
     unknown_key_message,
 )
 from bench.factories import check_section
@@ -43,7 +44,7 @@ from bench.tasks import TASKS
 
 SPEC_KEYS = ["name", "description", "task", "target", "seeds", "base", "variants", "profiles", "search", "tracking"]
 TRACKING_KEYS = ["mlflow"]
-SEARCH_KEYS = ["variant", "trials", "space", "tuned"]
+SEARCH_KEYS = ["variant", "trials", "space", "tuned", "profile"]
 TUNED = "tuned"  # the variant `bench tune` writes into the file named by `search.tuned`
 DIST_KEYS = ["low", "high", "log", "step", "choices"]
 VARIANT_KEYS = ["name", "from", "set", "reported", "note"]
@@ -226,6 +227,18 @@ def short_label(text: str, limit: int = LABEL_MAX) -> str:
 # --------------------------------------------------------------------------- building configs
 
 
+def _build_section(task_obj: Any, section: str, value: Any, sw: str, where: str) -> Any:
+    """One checked section of a config: a registry section's dict, or its dataclass."""
+    if section not in CONFIG_SECTIONS:
+        raise ConfigError(unknown_key_message(where, section, CONFIG_SECTIONS))
+    if section in REGISTRY_SECTIONS:
+        default = task_obj.default_loss if section == "loss" else None
+        if section == "loss" and isinstance(value, dict) and value.get("name") == "default":
+            value = {k: v for k, v in value.items() if k != "name"}
+        return check_section(section, value, sw, default)
+    return build_section(SECTION_TYPES[section], value, sw)
+
+
 def build_config(task: str, raw: dict[str, Any], where: str, seed: int = 0) -> Config:
     """Validate a config dict (sections as in :class:`Config`) and build the Config."""
     try:
@@ -233,17 +246,13 @@ def build_config(task: str, raw: dict[str, Any], where: str, seed: int = 0) -> C
     except UnknownName as e:
         raise ConfigError(f"{where}: {e}") from None
     kwargs: dict[str, Any] = {}
-    for section, value in raw.items():
-        if section not in CONFIG_SECTIONS:
-            raise ConfigError(unknown_key_message(where, section, CONFIG_SECTIONS))
-        sw = f"{where}.{section}"
-        if section in REGISTRY_SECTIONS:
-            default = task_obj.default_loss if section == "loss" else None
-            if section == "loss" and isinstance(value, dict) and value.get("name") == "default":
-                value = {k: v for k, v in value.items() if k != "name"}
-            kwargs[section] = check_section(section, value, sw, default)
-        else:
-            kwargs[section] = build_section(SECTION_TYPES[section], value, sw)
+    errors = []
+    for section, value in raw.items():  # every section's problems at once (--set optim.lr=-1 --set train.epochs=abc)
+        try:
+            kwargs[section] = _build_section(task_obj, section, value, f"{where}.{section}", where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise_all(errors)
     if "model" not in kwargs:
         raise ConfigError(f"{where}: missing 'model' section")
     kwargs.setdefault("loss", {"name": task_obj.default_loss})
@@ -305,11 +314,11 @@ def load_spec(path: str | Path, profile: str | None = None, overrides: list[str]
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the spec file ({e})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(files.yaml_error(path, e)) from None
     try:
         return _build_spec(raw, path, profile, parse_overrides(overrides or []), seeds)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    except ConfigError as e:  # each problem on its own line, each naming the file
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(e).splitlines())) from None
 
 
 # --set keys that say where and how fast a run runs, not what it computes: they act like --device,
@@ -347,7 +356,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = files.load_yaml(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
     return out
 
 
@@ -395,7 +405,8 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
     rawv = raw["variants"] + [tuned_variant] if tuned_variant and isinstance(raw["variants"], list) else raw["variants"]
     variants = _resolve_variants(rawv, task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written),
                                                     (cli_leaves, "--set", [])])
-    search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves)
+    search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves,
+                           profiles=list(raw["profiles"]) if isinstance(raw.get("profiles"), dict) else [])
     if prof.variants is not None:  # a profile's list keeps the search's result: it is what the search was for
         variants = [v for v in variants if v.name in prof.variants or v.name == TUNED]
     return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
@@ -432,8 +443,10 @@ def read_tuned(search: Any, spec_path: Path) -> tuple[dict[str, Any] | None, dic
         return None, None
     try:
         raw = files.load_yaml(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
         raise ConfigError(f"search.tuned: cannot read {path} ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"search.tuned: {files.yaml_error(path, e)}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("variant"), dict) or not isinstance(raw.get("study"), dict):
         raise ConfigError(f"search.tuned: {path} is not a file written by `bench tune` (expected `study:` and "
                           f"`variant:` mappings); delete it and tune again")
@@ -544,8 +557,10 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
     return variants
 
 
-def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any]) -> dict[str, Any] | None:
-    """Validate ``search: {variant, trials, space: {PATH: {low, high[, log, step]} | {choices: [...]}}}``.
+def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any],
+                  profiles: list[str] = ()) -> dict[str, Any] | None:
+    """Validate ``search: {variant, trials, space: {PATH: {low, high[, log, step]} | {choices: [...]}}, tuned, profile}``;
+    ``profile`` (one of ``profiles``; none: the full budget) is the budget of the study that writes ``tuned``.
 
     Every path is checked by building the tuned variant's config with the range's ends.
     """
@@ -554,6 +569,8 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
     _check_mapping(raw, SEARCH_KEYS, "search")
     if "tuned" in raw:
         check_value(raw["tuned"], str, "search.tuned")
+    if raw.get("profile") is not None and raw["profile"] not in profiles:  # the budget of the published study
+        raise ConfigError(f"search.profile: {unknown_name_message('profile', str(raw['profile']), profiles)}")
     names = [v.name for v in variants if v.name != TUNED]  # the search's own result is not searched again
     vname = check_value(raw.get("variant", names[-1]), str, "search.variant")
     if vname not in names:
@@ -583,7 +600,7 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
                 ends = [dist["low"], dist["high"]]
         for end in ends:
             build_config(task, apply_set(base, {str(path): end}, "search.space"), "search.space")
-    return {"variant": vname, "trials": trials, "space": space, "tuned": raw.get("tuned")}
+    return {"variant": vname, "trials": trials, "space": space, "tuned": raw.get("tuned"), "profile": raw.get("profile")}
 
 
 # --------------------------------------------------------------------------- groups
@@ -609,8 +626,10 @@ def place_in_group(spec: Spec, published: Spec, group: str | None = None) -> Spe
     subset = set(spec.seeds) <= set(published.seeds)  # then the scope is the spec's seeds, as for a published group
     if group is None:
         group = f"{published.group}--{_adhoc_label(spec, published, subset)}"
-    elif not group or not re.fullmatch(r"[A-Za-z0-9+._=,-]+", group) or group.startswith("."):
-        raise ConfigError(f"--group {group!r}: must be a non-empty folder name made of letters, digits and + . _ = , -")
+    elif not re.fullmatch(r"[A-Za-z0-9+._=,-]+(@[A-Za-z0-9+._=,-]*--[A-Za-z0-9+._=,-]+)?", group) or group.startswith("."):
+        # "@" only as in the names bench makes (mnist@quick--train.epochs=1), never a published group's mnist@quick
+        raise ConfigError(f"--group {group!r}: must be a non-empty folder name made of letters, digits and + . _ = , - "
+                          f"(an @ only as in SPEC@PROFILE--LABEL)")
     elif group == spec.name:
         raise ConfigError(f"--group {group}: that name is the published group of {spec.path}; runs whose configs are "
                           f"not the spec's own ({_adhoc_label(spec, published, subset)}) need a group of their own")

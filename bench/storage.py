@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -42,9 +43,9 @@ class StorageOptions:
                               f"need heartbeat >= 1 s, a grace period longer than the heartbeat, retries >= 0")
 
 
-# user:password@ after a scheme (greedy up to the last "@" of the word: an unescaped "@" in the password too); in text
-# without any scheme (a URL missing its "//"), any word:secret@.
-_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)\S*@")
+# Everything between a scheme's "://" and the last "@" of the word (user and password, an unescaped "@" in the
+# password too); in text without any scheme (a URL missing its "//"), any word:secret@.
+_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)\S*@")
 _BARE = re.compile(r"([^\s:/@=]+:)[^\s@]*@")
 
 
@@ -69,6 +70,8 @@ def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
         raise ConfigError(f"{where}: not a database URL; expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
                           f"or sqlite:///PATH") from None
     backend = url.get_backend_name()
+    if url.host and "@" in url.host:  # the driver would name the host, and with it the password's tail
+        raise ConfigError(f"{where}: an unescaped '@' in the user or password; percent-encode it as %40")
     if backend not in BACKENDS:
         raise ConfigError(f"{where}: unsupported database {backend!r}; use one of {', '.join(BACKENDS)}")
     engine_kwargs: dict = {}
@@ -142,3 +145,18 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[N
                            f"which bench.storage.heartbeat uses (tested with Optuna 4.9 to 5.0): {e}") from e
     with get_heartbeat_thread(trial_id, storage):
         yield
+
+
+def where_it_ran(url: str) -> str:
+    """Where a study ran, for a file in git: the kind of database, its host and name (an SQLite file's path on
+    this machine) and never a user or password; a record for a reader, not a URL to continue from."""
+    import sqlalchemy.exc
+
+    try:
+        u = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # shown as given, password hidden: the record is still written
+        return shown(url)
+    if u.get_backend_name() == "sqlite":
+        return f"SQLite file {u.database} on {socket.gethostname()}"
+    host = (u.host or "localhost").rsplit("@", 1)[-1]  # an unescaped "@" of a password left its tail in the host
+    return f"{u.get_backend_name()} database {u.database} on {host}{f':{u.port}' if u.port else ''}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -288,11 +289,17 @@ def _short_commit(commit: str) -> str:
 
 
 def group_command(meta: GroupRecord) -> str:
-    """The command that makes this group's runs, with every override that makes it ad hoc."""
-    cmd = f"python -m bench run {meta.path}" + (f" --profile {meta.profile}" if meta.profile else "")
+    """The command that makes this group's runs, with every override that makes it ad hoc, and the data root and
+    results folder that ``bench run`` was given when they are not the defaults (a spec of one's own data needs
+    them); from the group's record, so a section rebuilt elsewhere says the same."""
+    cmd = f"python -m bench run {shlex.quote(meta.path or '')}" + (f" --profile {meta.profile}" if meta.profile else "")
     if meta.role == "adhoc":
-        cmd += "".join(f" --set {k}={files.yaml_scalar(v)}" for k, v in (meta.overrides or {}).items())
-        cmd += f" --seeds {' '.join(map(str, meta.seeds))} --group {meta.group}"
+        cmd += "".join(f" --set {shlex.quote(f'{k}={files.yaml_scalar(v)}')}" for k, v in (meta.overrides or {}).items())
+        cmd += f" --seeds {' '.join(map(str, meta.seeds))} --group {shlex.quote(meta.group)}"
+    if meta.extra.get("data_root"):
+        cmd += f" --data-root {shlex.quote(meta.extra['data_root'])}"
+    if meta.extra.get("results"):
+        cmd += f" --results {shlex.quote(meta.extra['results'])}"
     return cmd
 
 
@@ -503,12 +510,17 @@ def _tuned_block(meta: GroupRecord, runs: list[StoredRun], fig_dir: Path) -> lis
     if not study or not any(r.variant == "tuned" for r in runs):
         return []
     minutes = f"{study['wall_time_s'] / 60:.1f} min" if study.get("wall_time_s") is not None else "unknown time"
+    failures = study.get("failures") or {}
+    why = f" ({'; '.join(f'{n}x {r}' for r, n in failures.items())})" if failures else ""
+    requeued = f", {study['requeued']} requeued after an interruption" if study.get("requeued") else ""
+    trials = f"; every trial: `{study['trials_csv']}` beside the spec" if study.get("trials_csv") else ""
     out = [f"*tuned*: the best trial ({study['best_trial']}, {study['metric']} {study['value']:.4f} on seed "
            f"{study['seed']}) of the Optuna study `{study['name']}` (profile `{study.get('profile') or 'full'}`): "
-           f"{study['finished']} finished trials, {study['pruned']} of them pruned, {study['failed']} failed; the search "
-           f"took {minutes} on {study['workers']} worker(s) on {study['hosts']} machine(s), commit "
-           f"{_short_commit(study.get('commit') or '')}. Trials are scored on the validation split only; the test "
-           f"split is read when the tuned rung is trained like the others, on every seed.", ""]
+           f"{study['finished']} finished trials, {study['pruned']} of them pruned, {study['failed']} failed{why}"
+           f"{requeued}; the search took {minutes} on {study['workers']} worker(s) at once on {study['hosts']} "
+           f"machine(s), commit {_short_commit(study.get('commit') or '')}{trials}. Trials are scored on the "
+           f"validation split only; the test split is read when the tuned rung is trained like the others, on every "
+           f"seed.", ""]
     for name in study.get("figures", []):
         png = fig_dir.parent / name
         if png.exists():

@@ -110,16 +110,38 @@ class Tracker:
         :func:`group_meta` gives them), so that a wrong URI or an unreachable server is one error before anything
         trains, and so that worker processes find them instead of racing to create them.  ConfigError when the store
         cannot be used.  ``create=False``: a SQLite file that does not exist yet is left for the first run to make."""
-        if not create and self.uri.startswith("sqlite:///") and not Path(self.uri.removeprefix("sqlite:///")).exists():
+        sqlite = Path(self.uri.removeprefix("sqlite:///")) if self.uri.startswith("sqlite:///") else None
+        if not create and sqlite is not None and not sqlite.exists():
             return
+        self.check_own_database()
+        new_file = sqlite is not None and not sqlite.exists()
         try:
-            with _mlflow_env():
+            with _mlflow_env(check=True):
                 client = self._client()
                 client.search_experiments(max_results=1)
                 for meta in groups:
                     self._parent(client, meta)
         except Exception as e:  # whatever the store's driver or the HTTP layer raises
+            if new_file:  # a store that failed leaves nothing behind: a SQLite file it began is removed
+                _CLIENTS.pop(self.uri, None)
+                sqlite.unlink(missing_ok=True)
             raise ConfigError(f"--mlflow {_shown(self.uri)}: cannot use this tracking store: {_first_line(e)}") from None
+
+    def check_own_database(self, storage: str | None = None) -> None:
+        """ConfigError, before MLflow connects (it creates its tables on connecting), when the tracking database is
+        ``storage`` (the Optuna database of --storage) or already holds another application's tables: MLflow's
+        migrations would add its own there, and fail half-way on a foreign ``alembic_version``."""
+        if self.uri.split(":", 1)[0] in ("http", "https"):
+            return
+        if storage and same_database(self.uri, storage):
+            raise ConfigError(f"--mlflow {_shown(self.uri)}: this is the database of --storage {_shown(storage)} "
+                              f"(Optuna's); give MLflow a database of its own (e.g. sqlite:///results/mlflow.db, or "
+                              f"another database on the same server)")
+        foreign = _foreign_tables(self.uri)
+        if foreign:
+            raise ConfigError(f"--mlflow {_shown(self.uri)}: this database holds another application's tables "
+                              f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}), e.g. an Optuna study's; "
+                              f"give MLflow a database of its own")
 
     def _client(self) -> Any:
         client = _CLIENTS.get(self.uri)
@@ -338,17 +360,59 @@ def _search(client: Any, exp_id: str, query: str) -> list[Any]:
             return out
 
 
+def same_database(a: str, b: str) -> bool:
+    """Whether two database URLs name the same database (driver, user and password aside)."""
+    import sqlalchemy.exc
+
+    try:
+        ua, ub = sqlalchemy.engine.make_url(a), sqlalchemy.engine.make_url(b)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return False
+    if ua.get_backend_name() != ub.get_backend_name():
+        return False
+    if ua.get_backend_name() == "sqlite":
+        return bool(ua.database and ub.database) and Path(ua.database).resolve() == Path(ub.database).resolve()
+    return (ua.host or "localhost", ua.port, ua.database) == (ub.host or "localhost", ub.port, ub.database)
+
+
+MLFLOW_TABLES = {"experiments", "runs", "alembic_version"}  # an MLflow store has these (and more) once created
+
+
+def _foreign_tables(uri: str) -> list[str]:
+    """Tables of an existing tracking database that show it belongs to another application (an MLflow store has
+    ``experiments``; an empty or missing database has none); [] when it cannot be inspected (the check that follows
+    says why)."""
+    import sqlalchemy
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []  # inspecting would create the file
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5} if uri.startswith("postgresql") else {})
+        try:
+            tables = sqlalchemy.inspect(engine).get_table_names()
+        finally:
+            engine.dispose()
+    except (sqlalchemy.exc.SQLAlchemyError, ModuleNotFoundError):
+        return []
+    return [] if not tables or "experiments" in tables else sorted(set(tables) - MLFLOW_TABLES) or sorted(tables)
+
+
 class _mlflow_env:
     """MLflow's settings while bench checks and logs, unless the user set them: MLflow retries an unreachable server
-    for minutes by default (here: a few seconds), and prints two "View run" lines to stdout for every run it ends on a
-    server (stdout is bench's one line per finished run; the summary line names the store instead)."""
+    for minutes by default (here: a few seconds; when checking before anything runs, one try of 5 s), and prints two
+    "View run" lines to stdout for every run it ends on a server (stdout is bench's one line per finished run; the
+    summary line names the store instead)."""
 
     SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+    CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+    def __init__(self, check: bool = False):
+        self.settings = self.SETTINGS | (self.CHECK if check else {})
 
     def __enter__(self) -> None:
-        self.set = [k for k in self.SETTINGS if k not in os.environ]
-        os.environ.update({k: self.SETTINGS[k] for k in self.set})
+        self.set = [k for k in self.settings if k not in os.environ]
+        os.environ.update({k: self.settings[k] for k in self.set})
 
     def __exit__(self, *exc: Any) -> None:
         for k in self.set:
@@ -356,5 +420,11 @@ class _mlflow_env:
 
 
 def _first_line(e: BaseException) -> str:
+    """The useful part of an error: for a server that cannot be reached, urllib3's cause alone (its whole message
+    repeats the URL three times)."""
     text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    cause = re.search(r"Caused by \w+\(\"[^\"]*?\): (.*)$", line)
+    if cause:
+        return "cannot reach the server: " + re.sub(r"\"\)+$", "", cause.group(1))
+    return line[:300]

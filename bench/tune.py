@@ -18,9 +18,12 @@ draw trial 0's parameters again, and two workers would draw the same ones), and 
 parameters equal a finished one's reuses its value instead of training it again.  The best
 trial is written as a ready-to-paste variant (with ``from:`` naming the tuned variant) to
 ``results/optuna/<group>-best.yaml``, ``<group>`` being the group ``bench run`` would use with the
-same options (the spec's own, or an ad-hoc one named after ``--set`` overrides); for the spec as
-written, also as the variant ``tuned`` into the file the spec's ``search.tuned`` names, which
-``bench run`` then trains beside the hand-made rungs.  Tuning never opens the test split's files.
+same options (the spec's own, or an ad-hoc one named after ``--set`` overrides), with the study's trials
+as CSV and its figures beside it.  The study of the spec as written with its own budget (``search.profile``,
+``search.trials``, its first seed; see :func:`publishes`) instead writes the variant ``tuned`` into the file the
+spec's ``search.tuned`` names, its trials beside that file and its figures in results/figures; ``bench run`` then
+trains it beside the hand-made rungs.  Any exception of a trial's training fails that trial alone (its reason is
+recorded) and the study goes on.  Tuning never opens the test split's files.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,15 +43,22 @@ import yaml
 
 from bench import files
 from bench.config import ConfigError, config_hash
-from bench.runner import RunOptions, load_data, preflight, runtime_config
+from bench.runner import RunOptions, check_schedule, load_data, preflight, runtime_config
 from bench.spec import TUNED, Run, Spec, Variant, apply_set, build_config, describe, run_key, slug, tuned_path
-from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, shown, trial_id
+from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, shown, trial_id, where_it_ran
 from bench.store import RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
 from bench.train import fit, resolve_device
 
 State = optuna.trial.TrialState
+# A worker stops after this many failed trials in a row (or --trials, when more): a search space that diverges now
+# and then goes on, a harness bug that fails every trial does not train forever.
+MIN_FAILURES_IN_A_ROW = 10
+
+
+class TrialsFailing(Exception):
+    """Every one of the last trials of this process failed: the study stops (each failure is recorded in it)."""
 
 
 def suggest(trial: optuna.Trial, path: str, dist: dict[str, Any]) -> Any:
@@ -97,6 +108,8 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     runs = [r for r in spec.runs([variant.name]) if r.seed == seed]
     # Before the study exists: a bad device or data records no failure.  The test split is never read.
     cache = preflight(spec, runs, opts, download, test=False)
+    for line in _space_problems(spec, variant, runs[0], opts, cache):  # the trials drawn there will fail: say so now
+        print(f"note: {line}", file=sys.stderr)
     out = Path(results_dir) / "optuna"
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or StorageOptions(f"sqlite:///{study_file(results_dir, spec).resolve()}")
@@ -114,7 +127,7 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
           + ("" if done < target else f"; it already has {done} of --trials {target}: ask for more to go on"),
           file=sys.stderr)
     train = _Trainer(spec, variant, seed, group, store, opts, cache)
-    t0, waiting = time.monotonic(), False
+    t0, waiting, failures = time.monotonic(), False, []
     while timeout is None or time.monotonic() - t0 < timeout:
         fail_stale_trials(study)  # a dead worker's trial is queued again, to resume from its last epoch
         done, running = _finished(study), len(study.get_trials(deepcopy=False, states=(State.RUNNING,)))
@@ -128,8 +141,43 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
             time.sleep(poll if poll is not None else storage.heartbeat)
             continue
         waiting = False
-        _run_trial(study, rdb, train, target)
-    return _write_best(spec, variant, study, seed, shown(storage.url), out, Path(results_dir))
+        reason = _run_trial(study, rdb, train, target)
+        failures = failures + [reason] if reason else []
+        if len(failures) >= max(MIN_FAILURES_IN_A_ROW, target):
+            raise TrialsFailing(f"the last {len(failures)} trials of study {name} all failed (last: {failures[-1]}); "
+                                f"their tracebacks are above: fix the cause (or the search space), then run the same "
+                                f"command to go on")
+    published, done = publishes(spec, seed, trials), _finished(study)
+    tuned_file = tuned_path(spec.path, spec.search)
+    if tuned_file is not None and not published:
+        print(f"an experiment ({why_experiment(spec, seed, trials)}): its best goes to {out}/, not to {tuned_file}, "
+              f"which only `python -m bench tune {spec.path}"
+              f"{' --profile ' + spec.search['profile'] if spec.search.get('profile') else ''}` writes", file=sys.stderr)
+    elif tuned_file is not None and done != target:
+        published = False
+        print(f"the study has {done} finished trials, the spec's budget is {target}: {tuned_file} is written once the "
+              f"study has exactly its budget" + (" (run the same command to go on)" if done < target else ""),
+              file=sys.stderr)
+    return _write_best(spec, variant, study, seed, shown(storage.url), out, Path(results_dir), published)
+
+
+def _space_problems(spec: Spec, variant: Variant, run: Run, opts: RunOptions, cache: dict[str, Data]) -> list[str]:
+    """Values at the ends of the search space (a range's low and high, every choice) whose schedule cannot run on the
+    preflight's data, e.g. a batch size that leaves a one-cycle too few steps: trials drawn there fail (recorded, and
+    the study goes on), which the user may prefer to know before the study starts."""
+    n_train = len(next(iter(cache.values())).train)
+    base = variant.config.to_dict()
+    base.pop("task"), base.pop("seed")
+    out = []
+    for path, dist in spec.search["space"].items():
+        for end in dist.get("choices") or (dist["low"], dist["high"]):
+            cfg = runtime_config(dataclasses.replace(run, config=build_config(
+                spec.task, apply_set(base, {path: end}, "search"), "search", run.seed)), opts)
+            try:
+                check_schedule(cfg, n_train)
+            except ConfigError as e:
+                out.append(f"search.space.{path}={end}: {e}; trials drawn there will fail")
+    return out
 
 
 def study_file(results_dir: str | Path, spec: Spec) -> Path:
@@ -142,8 +190,10 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED)))
 
 
-def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train: _Trainer, target: int) -> None:
-    """Ask the study for a trial (a queued retry first), train it while beating, tell the study how it ended.
+def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train: _Trainer, target: int) -> str | None:
+    """Ask the study for a trial (a queued retry first), train it while beating, tell the study how it ended;
+    the reason when the trial failed (any exception of its training is the trial's: recorded, and the study
+    goes on), else None.  Ctrl-C and SIGTERM (KeyboardInterrupt) queue it again and stop the study.
 
     Several workers may ask at the same moment for the last trial; the storage numbers trials in
     order, so a trial with ``target`` live (finished or running) trials before it is surplus: it is
@@ -153,7 +203,7 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train:
     if sum(t.number < trial.number for t in before) >= target:
         trial.set_user_attr("surplus", True)
         study.tell(trial, state=State.FAIL)
-        return
+        return None
     # The sampler draws when the trial suggests its parameters, after ask() gave it its number.  Seeded by that
     # number, a resumed study never draws a finished trial's parameters again, and workers asking at the same
     # moment (same study, same history) draw different ones; constant_liar keeps TPE away from running trials.
@@ -167,16 +217,32 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train:
     except optuna.TrialPruned:
         study.tell(trial, state=State.PRUNED)
     except KeyboardInterrupt:
+        trial.set_user_attr("requeued", True)  # not a failure of the trial: it goes on in the next run
         study.tell(trial, state=State.FAIL)
         run_of = trial.user_attrs.get("run_of_trial", trial.number)
         study.enqueue_trial(trial.params, user_attrs={"run_of_trial": run_of})  # the next run continues it
         done = train.store.epochs_done(train.run) if train.run else 0
         raise KeyboardInterrupt(f"trial {run_of} from epoch {done + 1}") from None
-    except BaseException:
+    except Exception as e:  # the trial's own failure (a diverged loss, a schedule its batch size cannot run, a bug)
+        reason = failure_reason(e)
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=State.FAIL)
+        # The whole traceback for the log: a bug of the harness must not hide behind a one-line reason.
+        print(f"trial {trial.number} failed (the study goes on): {reason}\n{traceback.format_exc().rstrip()}",
+              file=sys.stderr, flush=True)
+        return reason
+    except BaseException:  # SystemExit and the like: the process is ending, not the trial
         study.tell(trial, state=State.FAIL)
         raise
     else:
         study.tell(trial, value)
+    return None
+
+
+def failure_reason(e: BaseException) -> str:
+    """``Type: first line of the message``: what a failed trial records (the traceback goes to stderr)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 class _Trainer:
@@ -225,6 +291,9 @@ class _Trainer:
             for hook in self.opts.after_run:
                 hook(self.store, run)
             raise
+        except Exception as e:  # recorded like a failed run of a grid; the study records it too (_run_trial)
+            self.store.record_failure(run, failure_reason(e))
+            raise
         self.store.record(run, res)
         for hook in self.opts.after_run:  # before the study hears of it: a finished study has every trial's hook done
             hook(self.store, run)
@@ -234,17 +303,39 @@ class _Trainer:
 
 
 def study_summary(study: optuna.Study) -> dict[str, Any]:
-    """Counts and wall time of a study, over every worker that shared it (surplus trials of a race for the last
-    slot are not counted as failures: they never trained)."""
-    trials = study.get_trials(deepcopy=False)
-    states = [t.state for t in trials if not t.user_attrs.get("surplus")]
+    """Counts and wall time of a study, over every worker that shared it.  ``failed`` counts the trials that failed by
+    themselves (their reasons in ``failures``, most frequent first); a trial stopped by Ctrl-C or a dead worker and
+    queued again is ``requeued``, and surplus trials of a race for the last slot are not counted: neither trained.
+    ``workers`` is the most that trained at once, ``hosts`` the machines that took part."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}  # Optuna's retry of a dead worker's
+    requeued = [t for t in trials if t.state == State.FAIL and (t.user_attrs.get("requeued") or t.number in retried)]
+    failed = [t for t in trials if t.state == State.FAIL and t not in requeued]
+    reasons: dict[str, int] = {}
+    for t in failed:
+        reason = t.user_attrs.get("fail_reason", "no reason recorded")
+        reasons[reason] = reasons.get(reason, 0) + 1
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     workers = {t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}
+    states = [t.state for t in trials]
     return {"finished": states.count(State.COMPLETE) + states.count(State.PRUNED), "complete": states.count(State.COMPLETE),
-            "pruned": states.count(State.PRUNED), "failed": states.count(State.FAIL),
+            "pruned": states.count(State.PRUNED), "failed": len(failed), "requeued": len(requeued),
+            "failures": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
             "wall_time_s": round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else None,
-            "workers": len(workers), "hosts": len({w.rsplit(":", 1)[0] for w in workers})}
+            "workers": most_at_once([(t.datetime_start, t.datetime_complete) for t in trials
+                                     if "worker" in t.user_attrs and t.datetime_start and t.datetime_complete]),
+            "hosts": len({w.rsplit(":", 1)[0] for w in workers})}
+
+
+def most_at_once(spans: list[tuple[Any, Any]]) -> int:
+    """The most of the (start, end) spans that overlap at one moment (an end and a start at the same moment do not)."""
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
 
 
 def plot_study(study: optuna.Study, prefix: Path) -> list[str]:
@@ -287,21 +378,60 @@ def _same_tuned(path: Path, study: dict[str, Any], variant: dict[str, Any]) -> b
     return isinstance(old, dict) and old.get("variant") == variant and strip(old.get("study") or {}) == strip(study)
 
 
+def publishes(spec: Spec, seed: int, trials: int | None) -> bool:
+    """Whether this tune is the study behind the spec's published ``tuned`` rung: the spec as written (no --set),
+    its ``search.profile`` (none: the full budget), its first seed and its ``search.trials``.  Any other tune is an
+    experiment, whose best goes beside its study (results/optuna/) and never over the spec's tuned file."""
+    return (tuned_path(spec.path, spec.search) is not None and not spec.adhoc and spec.profile == spec.search.get("profile")
+            and seed == spec.seeds[0] and trials in (None, spec.search["trials"]))
+
+
+def why_experiment(spec: Spec, seed: int, trials: int | None) -> str:
+    """What makes a tune an experiment rather than the published study (see :func:`publishes`)."""
+    reasons = ([f"--set {', '.join(spec.overrides)}"] if spec.adhoc else []) + (
+        [f"profile {spec.profile or 'full'}, not the search's {spec.search.get('profile') or 'full'}"]
+        if spec.profile != spec.search.get("profile") else []) + (
+        [f"seed {seed}, not the spec's {spec.seeds[0]}"] if seed != spec.seeds[0] else []) + (
+        [f"--trials {trials}, not the spec's {spec.search['trials']}"] if trials not in (None, spec.search["trials"]) else [])
+    return "; ".join(reasons)
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> None:
+    """One row per trial: number, state (``requeued`` for a trial stopped by Ctrl-C or a dead worker and queued
+    again), validation value, seconds, parameters, worker and a failed trial's reason; a small file for git."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    params = list(dict.fromkeys(k for t in trials for k in t.params))
+    rows = []
+    for t in trials:
+        requeued = t.state == State.FAIL and (t.user_attrs.get("requeued") or t.number in retried)
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        rows.append({"number": t.number, "state": "requeued" if requeued else t.state.name.lower(),
+                     "value": t.value, "seconds": None if seconds is None else round(seconds, 1),
+                     **{k: t.params.get(k) for k in params}, "worker": t.user_attrs.get("worker"),
+                     "reason": t.user_attrs.get("fail_reason")})
+    files.write_csv(path, ["number", "state", "value", "seconds", *params, "worker", "reason"], rows)
+
+
 def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, storage: str, out: Path,
-                results_dir: Path) -> dict[str, Any]:
-    """Write ``<group>-best.yaml`` (the study's summary as comments, then the best trial as a variant) and, for
-    the spec as written (no --set), the spec's ``search.tuned`` file, whose ``tuned`` variant ``bench run`` trains
-    beside the hand-made rungs, with the study's figures in results/figures."""
+                results_dir: Path, published: bool) -> dict[str, Any]:
+    """Write ``<group>-best.yaml`` (the study's summary as comments, then the best trial as a variant), and beside it
+    the study's trials as CSV and its figures.  For the study that ``published`` the spec's rung (see
+    :func:`publishes`), the spec's ``search.tuned`` file instead takes the figures (results/figures) and the trials
+    (``<tuned file>.trials.csv`` beside it): its ``tuned`` variant is what ``bench run`` trains beside the hand-made
+    rungs, and file, figures and trials change together or not at all."""
     task = TASKS[spec.task]
     counts = study_summary(study)
     if not counts["complete"]:
         return {"spec": spec.path, "study": study.study_name, "metric": f"validation {task.metric} (seed {seed})",
-                "value": None, "trials": counts["finished"], "pruned": counts["pruned"], "params": {}}
+                "value": None, "trials": counts["finished"], "pruned": counts["pruned"], "failed": counts["failed"],
+                "failures": counts["failures"], "params": {}, "written": []}
     best = study.best_trial
     summary = {"spec": spec.path, "group": spec.group, "study": study.study_name, "tuned_variant": variant.name,
                "overrides": spec.overrides, "metric": f"validation {task.metric} (seed {seed})", "value": best.value,
                "trials": counts["finished"], "complete": counts["complete"], "pruned": counts["pruned"],
-               "failed": counts["failed"], "storage": storage}
+               "failed": counts["failed"], "requeued": counts["requeued"], "failures": counts["failures"],
+               "storage": storage}
     suggestion = {"name": f"{variant.name}-tuned", "from": variant.name,
                   "note": f"Optuna best of {summary['trials']} trials (validation {task.metric} {best.value:.4f})",
                   "set": dict(best.params)}
@@ -311,23 +441,31 @@ def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, st
     files.write_text(out / f"{spec.group}-best.yaml", text)
     written = [out / f"{spec.group}-best.yaml"]
     target = tuned_path(spec.path, spec.search)
-    if target is not None and not spec.adhoc:
+    if not published or target is None:
+        write_trials_csv(study, out / f"{spec.group}-trials.csv")
+        written += [out / f"{spec.group}-trials.csv"] + [out / n for n in plot_study(study, out / spec.group)]
+        return {**summary, "params": dict(best.params), "written": [str(p) for p in written]}
+    trials_csv = target.with_name(f"{target.stem}.trials.csv")
+    study_info = {"name": study.study_name, "ran_in": where_it_ran(storage), "profile": spec.profile, "seed": seed,
+                  "metric": f"validation {task.metric}", "best_trial": best.number, "value": round(best.value, 6),
+                  **counts, "trials_csv": trials_csv.name,
+                  "figures": [f"figures/tune-{spec.published_group.replace('@', '-')}-{k}.png"
+                              for k in ("history", "importance")],
+                  "commit": files.git_commit(), "written": time.strftime("%Y-%m-%d %H:%M %Z")}
+    minutes = f"{counts['wall_time_s'] / 60:.1f} min" if counts["wall_time_s"] is not None else "?"
+    tuned = {"name": TUNED, "from": variant.name,
+             "note": (f"Optuna best of {counts['finished']} trials ({counts['pruned']} pruned, {counts['failed']} "
+                      f"failed; {minutes} on {counts['workers']} worker{'s' if counts['workers'] != 1 else ''} at "
+                      f"once), trial {best.number}"),
+             "set": dict(best.params)}
+    if not _same_tuned(target, study_info, tuned):  # a rerun of a finished study keeps the committed file
         prefix = results_dir / "figures" / f"tune-{spec.published_group.replace('@', '-')}"
-        study_info = {"name": study.study_name, "storage": storage, "profile": spec.profile, "seed": seed,
-                      "metric": f"validation {task.metric}", "best_trial": best.number, "value": round(best.value, 6),
-                      **counts, "figures": [f"figures/{n}" for n in plot_study(study, prefix)],
-                      "commit": files.git_commit(), "written": time.strftime("%Y-%m-%d %H:%M %Z")}
-        minutes = f"{counts['wall_time_s'] / 60:.1f} min" if counts["wall_time_s"] is not None else "?"
-        tuned = {"name": TUNED, "from": variant.name,
-                 "note": (f"Optuna best of {counts['finished']} trials ({counts['pruned']} pruned, {counts['failed']} "
-                          f"failed; {minutes} on {counts['workers']} worker{'s' if counts['workers'] != 1 else ''}), "
-                          f"trial {best.number}"),
-                 "set": dict(best.params)}
-        if not _same_tuned(target, study_info, tuned):  # a rerun of a finished study keeps the committed file
-            files.write_text(target, f"# Written by `python -m bench tune {spec.path}"
-                                     f"{' --profile ' + spec.profile if spec.profile else ''}`: the best trial of its "
-                                     f"study (validation split only). `bench run` trains the `tuned` variant on the "
-                                     f"spec's seeds.\n" + yaml.safe_dump({"study": study_info, "variant": tuned},
-                                                                         sort_keys=False))
-            written.append(target)
+        study_info["figures"] = [f"figures/{n}" for n in plot_study(study, prefix)]
+        write_trials_csv(study, trials_csv)
+        files.write_text(target, f"# Written by `python -m bench tune {spec.path}"
+                                 f"{' --profile ' + spec.profile if spec.profile else ''}`: the best trial of its "
+                                 f"study (validation split only; every trial in {trials_csv.name}). `bench run` trains "
+                                 f"the `tuned` variant on the spec's seeds.\n"
+                                 + yaml.safe_dump({"study": study_info, "variant": tuned}, sort_keys=False))
+        written += [target, trials_csv]
     return {**summary, "params": dict(best.params), "written": [str(p) for p in written]}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench import usable_cores
+from bench import files, usable_cores
 from bench.config import Config
 from bench.runner import RunOptions, load_data, runtime_config
 from bench.spec import Run, Spec
@@ -108,13 +108,15 @@ def cuda_workers(free: int, per_run: int, n_runs: int, cores: int, gpus: int = 1
     return max(1, min(n_runs, cores, gpus * (int(0.9 * free) // max(1, per_run))))
 
 
-def choose_workers(cfg: Config, task: Task, data: Data, device: torch.device, n_runs: int) -> tuple[int, str]:
-    """Workers for a grid of ``n_runs`` runs like ``cfg`` on ``device`` (``data`` on the CPU), and why."""
+def choose_workers(cfg: Config, task: Task, data: Data, device: torch.device, n_runs: int,
+                   cores: int | None = None) -> tuple[int, str]:
+    """Workers for a grid of ``n_runs`` runs like ``cfg`` on ``device`` (``data`` on the CPU), and why; on the CPU,
+    over ``cores`` cores (default: all)."""
     if n_runs <= 1:
         return 1, "one run"
     if device.type == "cuda":
         return choose_cuda_workers(cfg, task, data, device, n_runs)
-    return choose_cpu_workers(cfg, task, data, n_runs)
+    return choose_cpu_workers(cfg, task, data, n_runs, cores)
 
 
 def grid_workers(spec: Spec, todo: list[Run], opts: RunOptions, cache: dict[str, Data]) -> tuple[int, str]:
@@ -123,4 +125,10 @@ def grid_workers(spec: Spec, todo: list[Run], opts: RunOptions, cache: dict[str,
     cfg = runtime_config(todo[0], opts)
     task = TASKS[spec.task]
     data = load_data(cache, task, cfg, torch.device("cpu"))
-    return choose_workers(cfg, task, data, resolve_device(cfg.train.device, "train.device"), len(todo))
+    # Over the cores no other bench process of this machine trains with now (bench.files.hold_cores): two commands
+    # started together each find all of them free, and their trainers then take turns at the cores.
+    total = usable_cores()
+    free = min(files.free_cores(), total)
+    workers, why = choose_workers(cfg, task, data, resolve_device(cfg.train.device, "train.device"), len(todo),
+                                  max(1, free))
+    return workers, why + (f"; {free} of {total} cores free" if free < total else "")

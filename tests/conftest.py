@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # relative (BENCH_DATA=../shared/data), and tests run commands from other directories.
     if os.environ.get("BENCH_DATA"):
         os.environ["BENCH_DATA"] = str(Path(os.environ["BENCH_DATA"]).expanduser().resolve())
+    # The tests' trainers take turns at the cores among themselves (bench.files.hold_cores), not with a long training
+    # job of the same user on this machine, which would hold them for hours.
+    os.environ["BENCH_CORE_SLOTS"] = tempfile.mkdtemp(prefix="bench-test-cores-")
 
 
 @pytest.fixture(scope="session")

@@ -181,9 +181,12 @@ def test_experiment_seeds_among_the_spec_s_are_one_group_and_runtime_sets_are_no
     ("model.widths=[8,8]",
      "variant 'a' (model.name=mnist_cnn): this config does not run on mnist data: ValueError: mnist_cnn needs 5 conv widths"),
     ("model.name=unet", "variant 'a' (model.name=unet): "),
+    # 980 training images in one batch of 1,024, 2 epochs: a one-cycle of 2 steps, whose PyTorch form divides by zero
+    ("train.batch_size=1024", "variant 'a': sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches) with "
+                              "pct_start 0.3 warms up over 0.6 steps"),
 ])
 def test_a_config_that_cannot_work_stops_before_anything_is_written(data_root, tmp_path, capsys, setting, expected):
-    path = write_spec(tmp_path / "w.yaml", variants=[{"name": "a"}])
+    path = write_spec(tmp_path / "w.yaml", variants=[{"name": "a", "set": {"sched": {"name": "onecycle"}}}])
     res = tmp_path / "r"
     assert main(["run", str(path), "--set", setting, "--data-root", str(data_root), "--results", str(res)]) == 2
     err = capsys.readouterr().err
@@ -238,6 +241,42 @@ def test_a_network_of_the_wrong_width_stops_before_training(data_root, tmp_path,
     err = capsys.readouterr().err
     assert "variant 'a' (model.name=wrongnets:five): the network returns (2, 5)" in err and "mnist needs (2, 10)" in err
     assert not res.exists()
+
+
+def test_every_recorded_command_runs_as_recorded(data_root, tmp_path, capsys, monkeypatch):
+    import re
+    import shlex
+
+    monkeypatch.delenv("BENCH_DATA", raising=False)  # the data root is only on the command line
+    base = {**TINY_MNIST_BASE, "train": {**TINY_MNIST_BASE["train"], "epochs": 1}}
+    path = write_spec(tmp_path / "toy.yaml", base=base, variants=[{"name": "a"}],
+                      profiles={"small": {"set": {"data.train_subset": 300}}})
+    res = tmp_path / "out"
+    args = ["run", str(path), "--profile", "small", "--data-root", str(data_root), "--results", str(res), "--no-progress"]
+    for extra, summary in (([], res / "summary.md"),
+                           (["--set", "train.epochs=2"], res / "runs" / "toy@small--train.epochs=2" / "summary.md")):
+        assert main([*args, *extra]) == 0
+        capsys.readouterr()
+        command = re.search(r"^- command: `(.*)`$", summary.read_text(), re.M).group(1)
+        assert f"--data-root {data_root}" in command and f"--results {res}" in command
+        argv = shlex.split(command)
+        assert argv[:3] == ["python", "-m", "bench"]
+        assert main(argv[3:]) == 0  # the group it names is the one its runs are in: nothing left to train
+        assert "1 run, 1 already done" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["tune", "m.yaml", "--trials", "0"], "error: python -m bench tune: --trials: must be >= 1, got 0 "
+                                          "(options: python -m bench tune --help)"),
+    (["run", "m.yaml", "--frob"], "error: python -m bench run: unrecognized arguments: --frob "
+                                  "(options: python -m bench run --help)"),
+    (["run", "m.yaml", "--workers", "two"], "error: python -m bench run: argument --workers: invalid int value: 'two' "
+                                            "(options: python -m bench run --help)"),
+])
+def test_an_argument_error_is_one_line_naming_the_subcommand(argv, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [expected]
 
 
 def test_group_refuses_any_spec_s_published_group_before_writing(tmp_path, capsys, monkeypatch):

@@ -232,13 +232,24 @@ def test_sigterm_queues_the_run_again_at_once_without_using_a_retry(data_root, t
 def test_passwords_are_hidden_wherever_a_url_is_shown():
     from bench.storage import shown
 
-    assert shown("postgresql://bench:s3cret@db:5432/bench") == "postgresql://bench:***@db:5432/bench"
-    assert shown("postgresql://bench:p@ss@db:abc/bench") == "postgresql://bench:***@db:abc/bench"  # malformed too
+    assert shown("postgresql://bench:s3cret@db:5432/bench") == "postgresql://***@db:5432/bench"
+    assert shown("postgresql://bench:p@ss@db:abc/bench") == "postgresql://***@db:abc/bench"  # malformed too
     cmd = "python -m bench run mnist --storage postgresql+psycopg://u:pw@h/db --workers 2"
-    assert shown(cmd) == "python -m bench run mnist --storage postgresql+psycopg://u:***@h/db --workers 2"
-    assert shown("run x --storage=postgresql://u:pw@h/db") == "run x --storage=postgresql://u:***@h/db"
+    assert shown(cmd) == "python -m bench run mnist --storage postgresql+psycopg://***@h/db --workers 2"
+    assert shown("run x --storage=postgresql://u:pw@h/db") == "run x --storage=postgresql://***@h/db"
     assert shown("postgresql//u:pw@h/db") == "postgresql//u:***@h/db"  # no "://": still hidden
-    assert shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and shown("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and shown("postgresql://u@h/db") == "postgresql://***@h/db"
+
+
+def test_an_unescaped_at_in_a_password_is_refused_without_showing_it(tmp_path):
+    from bench.config import ConfigError
+    from bench.storage import StorageOptions, open_storage, where_it_ran
+
+    with pytest.raises(ConfigError) as e:
+        open_storage(StorageOptions("postgresql://bench:p@ss@127.0.0.1/bench"))
+    assert str(e.value) == ("--storage postgresql://***@127.0.0.1/bench: an unescaped '@' in the user or password; "
+                            "percent-encode it as %40")
+    assert where_it_ran("postgresql://bench:p@ss@127.0.0.1:5433/bench") == "postgresql database bench on 127.0.0.1:5433"
 
 
 def test_a_run_queued_twice_is_trained_once_and_counted_once(tmp_path):
@@ -262,6 +273,69 @@ def test_a_run_queued_twice_is_trained_once_and_counted_once(tmp_path):
     assert trained == [run]
     trials = grid.study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [State.COMPLETE, State.FAIL] and trials[1].user_attrs["duplicate"]
+
+
+def test_mlflow_is_refused_the_optuna_database_before_creating_anything(tmp_path, fresh_db, capsys):
+    import sqlalchemy
+
+    from bench.cli import main
+    from bench.storage import shown
+
+    pytest.importorskip("mlflow")
+    path = write_spec(tmp_path / "m.yaml")
+
+    def tables() -> list[str]:
+        engine = sqlalchemy.create_engine(fresh_db)
+        try:
+            return sorted(sqlalchemy.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+
+    assert main(["run", str(path), "--dry-run", "--storage", fresh_db]) == 0  # Optuna's tables
+    before = tables()
+    assert main(["run", str(path), "--results", str(tmp_path / "r"), "--storage", fresh_db, "--mlflow", fresh_db]) == 2
+    assert f"this is the database of --storage {shown(fresh_db)} (Optuna's)" in capsys.readouterr().err
+    assert tables() == before and len(before) > 5
+
+
+def test_trainers_of_several_processes_take_turns_at_the_cores(tmp_path, monkeypatch):
+    from bench import files
+
+    monkeypatch.setenv("BENCH_CORE_SLOTS", str(tmp_path / "slots"))
+    code = (f"from bench import files; import time\nwith files.hold_cores({os.cpu_count()}):\n"
+            f" print('held', flush=True)\n time.sleep(2)")
+    other = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline() == "held\n"  # another bench process trains on every core
+    t0 = time.monotonic()
+    assert files.free_cores() == 0
+    waited = []
+    with files.hold_cores(1, lambda: waited.append(True)):
+        assert time.monotonic() - t0 > 1.5  # this one's trainer starts only once the other has let go (after 2 s)
+    assert waited == [True] and files.free_cores() == os.cpu_count()
+    other.wait()
+
+
+def test_two_tuning_workers_record_failed_trials_and_go_on(data_root, tmp_path):
+    from bench.tune import study_key
+
+    # SGD at lr 1e30 diverges; a batch of 1,024 of the ~390 training images leaves a one-cycle 1 step: raises.
+    space = {"optim.lr": {"low": 1.0e-3, "high": 1.0e30, "log": True}, "train.batch_size": {"choices": [64, 1024]}}
+    path = _spec(tmp_path, "f", variants=[{"name": "a", "set": {"optim": {"name": "sgd", "lr": 0.05},
+                                                              "sched": {"name": "onecycle"}}}],
+                 search={"variant": "a", "space": space})
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    study = optuna.create_study(study_name=f"f/a/{study_key(load_spec(path).variants[0], space)}", storage=db,
+                                direction="maximize")
+    for lr, bs in ((1e30, 64), (0.05, 1024), (0.05, 64), (0.03, 64), (0.02, 64)):
+        study.enqueue_trial({"optim.lr": lr, "train.batch_size": bs})
+    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", db,
+            "--trials", "3", *FAST_BEAT]
+    outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))  # both end well: a failed trial is the trial's
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    assert sum(t.state in (State.COMPLETE, State.PRUNED) for t in trials) == 3
+    reasons = sorted(t.user_attrs["fail_reason"].split(":")[0] for t in trials if t.state == State.FAIL)
+    assert reasons == ["ConfigError", "Diverged"], [(t.state, t.user_attrs) for t in trials]
+    assert all("after 3 finished trials (" in out and "2 failed" in out for out in outs), outs
 
 
 def test_a_bug_while_opening_the_storage_keeps_its_traceback(tmp_path, monkeypatch):

@@ -163,9 +163,11 @@ def test_unknown_profile_and_bad_override(tmp_path):
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):
     bad = tmp_path / "broken.yaml"
-    bad.write_text("task: [mnist\n")
-    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+    bad.write_text("name: b\ntask: mnist\nbase:\n  model: {name: mnist_cnn\n  optim: x\n")
+    with pytest.raises(ConfigError) as e:
         load_spec(bad)
+    assert str(e.value) == (f"{bad}:5:8: not valid YAML: expected ',' or '}}', but got ':' (while parsing a flow "
+                            f"mapping begun at line 4)")  # one line: the file, line and column
     with pytest.raises(ConfigError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")
 
@@ -190,3 +192,12 @@ def test_a_profile_leaves_its_as_written_variants_alone(tmp_path):
     assert (b.train.epochs, b.data.train_subset) == (2, 1000)  # the base's budget, as the spec writes it
     assert a.optim["lr"] == b.optim["lr"] == 0.02
     assert spec.target == 0.95 and spec.workers is None  # no `workers:`: measured when the grid starts
+
+
+def test_every_problem_of_the_overrides_is_said_at_once(tmp_path):
+    path = write_spec(tmp_path / "m.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_spec(path, overrides=["optim.lr=-1", "train.epochs=abc", "train.batch_size=0"])
+    assert str(e.value).splitlines() == [f"{path}: --set.optim.lr: must be > 0, got -1.0",
+                                         f"{path}: --set.train.epochs: expected int, got str 'abc'",
+                                         f"{path}: --set.train.batch_size: must be >= 1, got 0"]

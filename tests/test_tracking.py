@@ -132,18 +132,61 @@ def test_runs_are_logged_once_with_params_metrics_and_artifacts(data_root, tmp_p
 
 
 def test_bad_tracking_uris_are_errors_before_anything_is_written(data_root, tmp_path, capsys, monkeypatch):
+    import time
+
     pytest.importorskip("mlflow")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     path = write_spec(tmp_path / "g.yaml", base=BASE)
     res = tmp_path / "results"
     args = ["run", str(path), "--results", str(res), "--data-root", str(data_root), "--no-progress"]
     for uri, message in ((str(tmp_path / "folder"), "not a tracking URI MLflow can write to"),
                          ("sqlite:x.db", "a SQLite tracking URI is sqlite:///"),
-                         ("http://127.0.0.1:9", "cannot use this tracking store")):  # nobody listens on port 9
+                         # nobody listens on port 9: one try, and urllib3's cause alone
+                         ("http://127.0.0.1:9", "cannot use this tracking store: cannot reach the server: Failed to "
+                                                "establish a new connection: [Errno 111] Connection refused")):
+        t0 = time.monotonic()
         assert main([*args, "--mlflow", uri]) == 2
         [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-        assert message in err and err.startswith(f"error: --mlflow {uri}")
-        assert not (res / "runs" / "g").exists()
+        assert message in err and err.startswith(f"error: --mlflow {uri}") and (len(err) < 200 or "http" not in uri)
+        assert time.monotonic() - t0 < 30 and not (res / "runs" / "g").exists()
+
+
+def _tables(db: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return sorted(r[0] for r in con.execute("select name from sqlite_master where type = 'table'"))
+
+
+def test_mlflow_never_writes_into_optuna_s_database(data_root, tmp_path, capsys):
+    import optuna
+
+    pytest.importorskip("mlflow")
+    path = write_spec(tmp_path / "o.yaml", base=BASE)
+    db = tmp_path / "optuna.db"
+    optuna.create_study(storage=f"sqlite:///{db}", study_name="someone's")
+    before = _tables(db)
+    res = tmp_path / "results"
+    args = ["run", str(path), "--results", str(res), "--data-root", str(data_root), "--no-progress",
+            "--mlflow", f"sqlite:///{db}"]
+    for extra, message in (([], "this database holds another application's tables (studies, "),
+                           (["--storage", f"sqlite:///{db}"], f"this is the database of --storage sqlite:///{db} (Optuna's)")):
+        assert main([*args, *extra]) == 2
+        [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert err.startswith(f"error: --mlflow sqlite:///{db}: {message}")
+        assert _tables(db) == before and not res.exists()
+
+
+def test_a_new_tracking_file_that_fails_is_removed(tmp_path, monkeypatch):
+    from bench.tracking import Tracker
+
+    pytest.importorskip("mlflow")
+    monkeypatch.setattr(Tracker, "_parent", lambda *a: 1 / 0)  # MLflow made its tables, then something went wrong
+    tracker = Tracker.for_uri(f"sqlite:///{tmp_path / 'm.db'}", tmp_path)
+    with pytest.raises(ConfigError, match="cannot use this tracking store: division by zero"):
+        tracker.check([{"group": "g"}])
+    assert not (tmp_path / "m.db").exists()
 
 
 def test_tune_logs_every_trial_under_its_study(data_root, tmp_path, capsys):

@@ -72,6 +72,56 @@ def test_pruning_stops_a_hopeless_trial(data_root, tmp_path, capsys):
     assert len(pruned) == 1 and pruned[0]["search_params"]["optim.lr"] == 1e-7 and pruned[0]["epochs_run"] < 3
 
 
+def _failing_space_spec(tmp_path: Path, space: dict, name: str) -> tuple[Path, str]:
+    """A spec whose trials train with SGD under a one-cycle schedule (2 epochs), and its study's name."""
+    from bench.tune import study_key
+
+    base = copy.deepcopy(TINY_MNIST_BASE)
+    base.update(optim={"name": "sgd", "lr": 0.05}, sched={"name": "onecycle", "pct_start": 0.3})
+    path = write_spec(tmp_path / f"{name}.yaml", base=base, search={"variant": "a", "space": space})
+    return path, f"{name}/a/{study_key(load_spec(path).variants[0], space)}"
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(data_root, tmp_path, capsys):
+    import optuna
+
+    # SGD at lr 1e30 diverges (NaN loss); a batch of 1,024 of the 980 training images leaves a one-cycle 2 steps: raises.
+    space = {"optim.lr": {"low": 1.0e-3, "high": 1.0e30, "log": True}, "train.batch_size": {"choices": [64, 1024]}}
+    path, name = _failing_space_spec(tmp_path, space, "f")
+    res = tmp_path / "results"
+    (res / "optuna").mkdir(parents=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{res / 'optuna' / 'f.db'}", direction="maximize")
+    for params in ({"optim.lr": 1e30, "train.batch_size": 64}, {"optim.lr": 0.05, "train.batch_size": 1024},
+                   {"optim.lr": 0.05, "train.batch_size": 64}, {"optim.lr": 0.03, "train.batch_size": 64}):
+        study.enqueue_trial(params)
+    assert main(["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
+                 "--trials", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "after 2 finished trials (0 pruned, 2 failed)" in out  # --trials counts complete and pruned trials
+    assert "failed 1x: Diverged: epoch 1: the training loss is nan" in out
+    assert "failed 1x: ConfigError: sched.pct_start: a one-cycle of 2 steps" in out
+    assert "trial 0 failed (the study goes on): Diverged" in err and "Traceback (most recent call last)" in err
+    assert ("note: search.space.train.batch_size=1024: sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches)"
+            in err and "trials drawn there will fail" in err)  # said before the study starts
+    states = [t.state.name for t in optuna.load_study(study_name=name, storage=f"sqlite:///{res / 'optuna' / 'f.db'}").trials]
+    assert states == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    rows = (res / "optuna" / "f-trials.csv").read_text().splitlines()
+    assert rows[0] == "number,state,value,seconds,optim.lr,train.batch_size,worker,reason"
+    assert rows[1].startswith("0,fail,,") and "Diverged" in rows[1] and rows[3].startswith("2,complete,0.")
+    assert [r["status"] for r in _trials(res, "f")] == ["failed", "failed", "finished", "finished"]
+
+
+def test_a_study_whose_every_trial_fails_stops(data_root, tmp_path, capsys):
+    from bench.tune import MIN_FAILURES_IN_A_ROW
+
+    path, _ = _failing_space_spec(tmp_path, {"train.batch_size": {"choices": [1024, 2048]}}, "g")
+    assert main(["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "results"),
+                 "--no-progress", "--trials", "1"]) == 1
+    err = capsys.readouterr().err
+    assert (f"error: the last {MIN_FAILURES_IN_A_ROW} trials of study g/a/" in err
+            and "all failed (last: ConfigError: sched.pct_start" in err)
+
+
 @pytest.mark.parametrize("search, expected", [
     ({"space": {"optim.lrr": {"low": 0.1, "high": 1.0}}}, "search.space.optim: unknown key 'lrr'"),
     ({"space": {"optim.lr": {"low": 1.0, "high": 0.1}}}, "need low < high"),
@@ -114,7 +164,7 @@ def test_interrupted_trial_resumes_with_its_parameters(data_root, tmp_path, caps
     monkeypatch.undo()
     assert main(args) == 0
     out, err = capsys.readouterr()
-    assert "resuming trial 0 from epoch 3" in err and "after 1 finished trials (0 pruned, 1 failed)" in out
+    assert "resuming trial 0 from epoch 3" in err and "after 1 finished trials (0 pruned, 0 failed, 1 requeued" in out
     (trial,) = _trials(res, "i")
     assert trial["epochs_run"] == 3 and trial["status"] == "finished"
 
@@ -135,10 +185,19 @@ def test_tune_writes_the_tuned_rung_that_run_trains_beside_the_others(data_root,
     path = write_spec(tmp_path / "tt.yaml", seeds=[0, 1],
                       search={"variant": "a", "trials": 3, "space": SPACE, "tuned": "tt.tuned.yaml"})
     res = tmp_path / "results"
-    assert main(["tune", str(path), "--data-root", str(tmp_path / "data"), "--results", str(res), "--no-progress"]) == 0
+    args = ["tune", str(path), "--data-root", str(tmp_path / "data"), "--results", str(res), "--no-progress"]
+    # Another budget is an experiment: its best, trials and figures go beside its study, never over the spec's file.
+    assert main([*args, "--trials", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "an experiment (--trials 2, not the spec's 3): its best goes to" in err and "tt.tuned.yaml" not in out
+    assert not (tmp_path / "tt.tuned.yaml").exists() and not (res / "figures").exists()
+    assert (res / "optuna" / "tt-trials.csv").exists() and (res / "optuna" / "tt-best.yaml").exists()
+    assert main(args) == 0  # the spec's own budget: the same study goes on to its 3 trials and publishes
     assert "tt.tuned.yaml" in capsys.readouterr().out
     written = yaml.safe_load((tmp_path / "tt.tuned.yaml").read_text())
     assert written["study"]["finished"] == 3 and written["study"]["workers"] == 1
+    assert written["study"]["ran_in"].startswith("SQLite file ") and "storage" not in written["study"]
+    assert len((tmp_path / written["study"]["trials_csv"]).read_text().splitlines()) == 1 + 3
     assert written["variant"]["from"] == "a" and set(written["variant"]["set"]) == set(SPACE)
     history = res / written["study"]["figures"][0]
     assert history.name == "tune-tt-history.png" and history.stat().st_size > 1000
@@ -157,3 +216,33 @@ def test_tune_writes_the_tuned_rung_that_run_trains_beside_the_others(data_root,
     assert "| tuned" in summary and "Optuna study" in summary and "3 finished trials" in summary
     assert "](figures/tune-tt-history.png)" in summary
     assert {(r.variant, r.seed) for r in RunStore(res).finished("tt") if r.variant == "tuned"} == {("tuned", 0), ("tuned", 1)}
+
+
+def test_study_summary_counts_workers_at_once_and_requeued_trials():
+    import datetime
+
+    import optuna
+
+    from bench.tune import study_summary
+
+    t = datetime.datetime(2026, 1, 1)
+
+    def trial(start: int, end: int, worker: str, state=optuna.trial.TrialState.COMPLETE, **attrs):
+        return optuna.trial.FrozenTrial(
+            number=0, state=state, value=0.5 if state == optuna.trial.TrialState.COMPLETE else None,
+            datetime_start=t + datetime.timedelta(seconds=start), datetime_complete=t + datetime.timedelta(seconds=end),
+            params={}, distributions={}, user_attrs={"worker": worker, **attrs}, system_attrs={},
+            intermediate_values={}, trial_id=0)
+
+    one_after_the_other = optuna.create_study()
+    for s, e, w in ((0, 10, "h:1"), (10, 20, "h:2"), (20, 30, "h:3")):  # three processes, never two at once
+        one_after_the_other.add_trial(trial(s, e, w))
+    assert study_summary(one_after_the_other)["workers"] == 1
+    side_by_side = optuna.create_study()
+    for s, e, w in ((0, 10, "h:1"), (5, 15, "h:2"), (10, 20, "h:1")):
+        side_by_side.add_trial(trial(s, e, w))
+    side_by_side.add_trial(trial(20, 25, "h:1", optuna.trial.TrialState.FAIL, requeued=True))  # Ctrl-C, queued again
+    side_by_side.add_trial(trial(25, 26, "h:1", optuna.trial.TrialState.FAIL, fail_reason="Diverged: epoch 1"))
+    counts = study_summary(side_by_side)
+    assert (counts["workers"], counts["failed"], counts["requeued"]) == (2, 1, 1)
+    assert counts["failures"] == {"Diverged: epoch 1": 1}
