@@ -176,8 +176,8 @@ def report(group: str, rows: list[Comparison], metric: Metric, tolerance: float 
     rule = (f"{num(tolerance)} (--tolerance)" if tolerance is not None else
             f"max({TOLERANCE_SDS:g} x sqrt(2) x the rung's seed std, {num(TOLERANCE_FLOOR)}); the floor alone "
             f"for a rung with one seed")
-    lines = [f"{group}: test {metric.label}{' (' + metric.unit + ')' if metric.unit else ''}, re-trained vs recorded; "
-             f"tolerance {rule}",
+    lines = [f"{group}: {metric.column}, re-trained vs recorded; tolerance {rule}; within the seed spread: "
+             f"|diff| <= sqrt(2) x seed std (how far two seeds lie apart, typically)",
              f"{'variant':<20} {'seed':>4} {'recorded':>10} {'new':>10} {'diff':>10} {'seed std (n)':>14} "
              f"{'|diff|/std':>10} {'tolerance':>10}  verdict"]
     for r in rows:
