@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the recorded train.device)")
     x.add_argument("--tolerance", type=float, metavar="X",
                    help="largest |new - recorded| allowed, in the metric's own units (0.005 = half a point of "
-                        "accuracy); default: max(3 x sqrt(2) x the rung's seed std, 0.005)")
+                        "accuracy); default: max(3 x sqrt(2) x the rung's seed std, 0.01)")
     x.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
