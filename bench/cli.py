@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench {run,tune,perf,summary,reproduce,predict}``.
+"""Command line: ``python -m bench {run,tune,perf,summary,rescore,reproduce,predict}``.
 
 YAML specs set the defaults; flags override them (``--set optim.lr=0.01``), and the
 resolved config is saved beside every run's results.  User errors (a bad spec, a bad
@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench import __version__
+from bench import __version__, usable_cores
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("summary", help="rebuild results/summary.md (and ad-hoc groups' summaries) from the stored runs")
     s.add_argument("--results", default="results", help="results folder (default: results)")
+
+    c = sub.add_parser("rescore", help="score a group's stored runs again from their best.pt with today's evaluation "
+                                       "and metric code (no training), then rebuild its table")
+    c.add_argument("group", metavar="GROUP|SPEC", help="a group under <results>/runs (mnist@quick), or a spec (a YAML path "
+                                                       "or a name under ablations/) whose published group is meant")
+    c.add_argument("--profile", help="with a spec: its profile, e.g. quick")
+    c.add_argument("--results", default="results", help="results folder (default: results)")
+    c.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the runs' own)")
 
     x = sub.add_parser("reproduce", help="re-train a group's recorded runs in a temporary folder and compare their test "
                                          "metric with the record; exit 1 when one is off by more than the tolerance")
@@ -283,7 +291,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         store = RunStore(args.results)
         for group in store.groups("study"):
-            if store.read_group(group).get("study") == best["study"]:
+            if store.read_group(group).extra.get("study") == best["study"]:
                 n = tracker.log_group(args.results, group)
                 print(f"MLflow: {_count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}",
                       file=sys.stderr)
@@ -299,7 +307,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
-    import os
 
     from bench.perf import run_perf
     from bench.runner import resolve_data_root
@@ -313,7 +320,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
     tasks = list(dict.fromkeys(args.task or ["mnist", "warwick"]))
     for t in tasks:
         TASKS[t].prepare(Path(root), download=False)
-    for path in run_perf(tasks, args.quick, args.results, root, device, args.threads or os.cpu_count() or 1,
+    for path in run_perf(tasks, args.quick, args.results, root, device, args.threads or usable_cores(),
                          args.seeds, args.compile, "python -m bench " + " ".join(sys.argv[1:]), args.grid):
         print(f"wrote {path}", file=sys.stderr)
     if (Path(args.results) / "summary.md").exists():
@@ -333,6 +340,47 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for path in write_summary(args.results):
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from bench.config import ConfigError
+    from bench.rescore import rescore_group
+    from bench.summary import write_summary
+
+    group = _group_named(args.group, args.profile, Path(args.results))
+    done = rescore_group(args.results, group, args.data_root)
+    if not done:
+        raise ConfigError(f"{group}: no finished runs under {Path(args.results) / 'runs' / group}")
+    missing = [r.run for r in done if r.new is None]
+    for path in write_summary(args.results, groups=[group]):
+        print(f"wrote {path}", file=sys.stderr)
+    changed = sum(r.changed for r in done)
+    print(f"{group}: {_count(len(done) - len(missing), 'run')} rescored, {changed} with new metrics")
+    if missing:  # checkpoints are not in git: only runs trained in this results folder have one
+        print(f"error: {_count(len(missing), 'run')} of {group} kept their old numbers: no best.pt (checkpoints are "
+              f"not in git; `python -m bench run` trains them here): "
+              + ", ".join(f"{r.variant} seed {r.seed}" for r in missing), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _group_named(name: str, profile: str | None, results: Path) -> str:
+    """The group that ``name`` means: a group folder under ``results/runs``, else a spec's published group."""
+    from bench.config import ConfigError
+    from bench.spec import load_spec, resolve_spec_path
+    from bench.store import RunStore
+
+    store = RunStore(results)
+    if profile is None and name in store.groups():
+        return name
+    try:
+        group = load_spec(resolve_spec_path(name), profile).published_group
+    except ConfigError as e:
+        raise ConfigError(f"{name}: neither a group under {store.root} ({', '.join(store.groups()) or 'none'}) "
+                          f"nor a spec ({str(e).splitlines()[0]})") from None
+    if group not in store.groups():
+        raise ConfigError(f"{name}: its group {group} has no runs under {store.root}")
+    return group
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -371,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return predict_main(argv[1:])
     args = _parse_args(argv)
-    handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary, "perf": cmd_perf,
+    handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary, "perf": cmd_perf, "rescore": cmd_rescore,
                 "reproduce": cmd_reproduce}
     # Imported after parsing: --help and --version answer without loading torch.
     from bench.config import ConfigError

@@ -1,16 +1,19 @@
-"""Files: atomic writes, JSON, markdown sections, and the checkout's commit.
+"""Files: atomic writes, JSON, markdown sections, the checkout's commit, and what a bad image file raises.
 
 Every result file is written to a temp file in the same folder, fsynced, then renamed
 (``os.replace``): a run killed at any moment leaves either the old file or the new one, never
-half of one.  Named ``files`` (not ``io``) so that it never shadows the standard module.
+half of one; a write that fails for want of space raises :class:`DiskFull`.  Named ``files`` (not
+``io``) so that it never shadows the standard module.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -18,7 +21,40 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 from tabulate import tabulate
+
+# What PIL raises for a file that is not a decodable image: unrecognized (UnidentifiedImageError, an OSError), truncated
+# or corrupt (OSError, ValueError, SyntaxError from a plugin's parser), or a pixel count past its bomb limit.  Anything
+# else while decoding is a bug of ours and keeps its traceback.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+# A writer that wraps the OS's "no space left" in its own error (torch.save: RuntimeError "[enforce fail at
+# inline_container.cc] unexpected pos") is taken for a full disk when less than this is free as it fails.
+NEARLY_FULL_BYTES = 64 << 20
+
+
+class DiskFull(OSError):
+    """A write failed because the file system holding ``folder`` is full; nothing else will fit there either."""
+
+    def __init__(self, folder: Path, free: int):
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        self.folder, self.free = folder, free
+
+    def __str__(self) -> str:
+        return (f"{self.folder}: no space left on the device ({self.free / 2**20:.1f} MiB free); what was saved is "
+                f"kept: free some space and run the same command to resume")
+
+
+def _disk_full(folder: Path, error: BaseException) -> DiskFull | None:
+    """A DiskFull for ``error``, raised while writing into ``folder``, when it means the disk is full (None when
+    it does not, or already is one)."""
+    if isinstance(error, DiskFull) or not isinstance(error, (OSError, RuntimeError)):
+        return None
+    free = shutil.disk_usage(folder).free
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(folder, free)
+    return DiskFull(folder, free) if isinstance(error, RuntimeError) and free < NEARLY_FULL_BYTES else None
 
 
 def _umask() -> int:
@@ -34,10 +70,16 @@ def make_readable(path: str | Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write ``path`` by calling ``write(f)`` on a temp file, then renaming it into place."""
+    """Write ``path`` by calling ``write(f)`` on a temp file, then renaming it into place; :class:`DiskFull` when the
+    disk is full (the previous ``path``, if any, stays as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # no inode left
+        if (full := _disk_full(path.parent, e)) is None:
+            raise
+        raise full from e
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -45,8 +87,11 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
             os.fsync(f.fileno())
         make_readable(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(path.parent, e)  # while the partial temp file still takes its space
         Path(tmp).unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
         raise
 
 

@@ -20,14 +20,16 @@ import os
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import optuna
 
 from bench.spec import Run, Spec
-from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage
+from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, trial_id
 from bench.store import RunStore
+from bench.tasks import TASKS
 
 State = optuna.trial.TrialState
 
@@ -51,6 +53,13 @@ class LocalGrid:
         self.store.record_failure(run, error)
 
 
+def retry_history(trial: optuna.trial.FrozenTrial) -> list[int]:
+    """The numbers of the trials ``trial`` retries (Optuna's retry callback records them; empty for a first try)."""
+    with warnings.catch_warnings():  # marked experimental since Optuna 3.0, unchanged since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
 def study_name(spec: Spec) -> str:
     return f"grid:{spec.group}"
 
@@ -67,8 +76,9 @@ class StudyGrid:
         self.storage = open_storage(storage)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner says what happens, in its own lines
         self.study = optuna.create_study(study_name=study_name(spec), storage=self.storage, load_if_exists=True,
-                                         direction="maximize")
+                                         direction=TASKS[spec.task].metrics[0].direction)
         self.poll = poll if poll is not None else storage.heartbeat
+        self.retries = storage.retries
         self._mine: dict[tuple[str, str], Run] = {(str(r.rel_dir), r.key): r for r in runs}
         self._outcome: dict[str, tuple[str, Any]] = {}  # run folder -> ("done", val_best) | ("failed", error)
 
@@ -111,27 +121,33 @@ class StudyGrid:
                 if self._is_duplicate(trial, State.COMPLETE):  # after writing result.json, before telling the study
                     self._fail(trial, duplicate=True)
                 else:
-                    self.study.tell(trial.number, result["val_best"])
+                    self.study.tell(trial.number, result.val_best)
                 continue
             self.store.take_over(run)
-            self.storage.set_trial_user_attr(trial._trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
+            self.storage.set_trial_user_attr(self._id(trial), "worker", f"{socket.gethostname()}:{os.getpid()}")
             key = str(run.rel_dir)
             try:
-                with heartbeat(self.storage, trial._trial_id):
+                with heartbeat(self.storage, self._id(trial)):
                     yield run  # the caller trains it and calls done() or failed()
             finally:
                 self._tell(trial, self._outcome.pop(key, None))
 
     def abandoned(self) -> list[str]:
-        """This worker's runs left unfinished because their workers kept dying: the last trial of each failed by
-        heartbeat after ``--retries`` retries, so nobody will take it up until the command is run again."""
+        """This worker's runs left unfinished because their workers kept dying: not finished in the folder, and the
+        last trial of each failed by heartbeat after ``--retries`` retries, so nobody will take it up until the command
+        is run again.  A stale trial with retries left is not abandoned even before its retry is queued (another
+        worker's ``fail_stale_trials`` fails it first and queues the retry a moment later)."""
         last: dict[tuple[str, str], optuna.trial.FrozenTrial] = {}
         for t in self._trials():
             if self._run_of(t) is not None and not t.user_attrs.get("duplicate"):
                 last[(t.user_attrs["run"], t.user_attrs["key"])] = t
-        return [f"{t.user_attrs['run']}: its worker stopped beating {len(t.system_attrs.get('retry_history', [])) + 1} "
-                f"times (--retries exhausted); run the same command to try again from its last epoch"
-                for t in last.values() if t.state == State.FAIL and not {"error", "interrupted"} & set(t.user_attrs)]
+        return [f"{t.user_attrs['run']}: its worker stopped beating {len(retry_history(t)) + 1} times (--retries "
+                f"exhausted); run the same command to try again from its last epoch"
+                for t in last.values() if t.state == State.FAIL and not {"error", "interrupted"} & set(t.user_attrs)
+                and len(retry_history(t)) >= self.retries and self.store.result(self._run_of(t)) is None]
+
+    def _id(self, trial: optuna.trial.FrozenTrial) -> int:
+        return trial_id(self.storage, self.study, trial)
 
     def _run_of(self, trial: optuna.trial.FrozenTrial) -> Run | None:
         return self._mine.get((trial.user_attrs.get("run"), trial.user_attrs.get("key")))
@@ -144,7 +160,7 @@ class StudyGrid:
             if run is None:  # a run of another subset (--variants) or of another config of the spec
                 continue
             try:
-                if not self.storage.set_trial_state_values(trial._trial_id, state=State.RUNNING):
+                if not self.storage.set_trial_state_values(self._id(trial), state=State.RUNNING):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
@@ -157,7 +173,7 @@ class StudyGrid:
     def _fail(self, trial: optuna.trial.FrozenTrial, **attrs: Any) -> None:
         """Fail ``trial``, saying why in its user attributes; they are set first: a finished trial is frozen."""
         for name, value in attrs.items():
-            self.storage.set_trial_user_attr(trial._trial_id, name, value)
+            self.storage.set_trial_user_attr(self._id(trial), name, value)
         self.study.tell(trial.number, state=State.FAIL)
 
     def _is_duplicate(self, trial: optuna.trial.FrozenTrial, *states: State) -> bool:

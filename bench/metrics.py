@@ -40,6 +40,7 @@ Object-level segmentation (GlaS contest, Sirinukunwattana et al. 2017)
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,34 @@ class Metric:
     def show(self, value: float | None) -> str:
         """:meth:`format` with the unit, as text says it: ``99.20 %``, ``0.8800``."""
         return f"{self.format(value)}{' ' + self.unit if self.unit else ''}"
+
+    # The direction, for everything that picks a best (epoch, seed, rung, shipped run, trial) or meets a target.
+
+    @property
+    def direction(self) -> str:
+        """Optuna's word for it: ``maximize`` or ``minimize``."""
+        return "maximize" if self.higher_is_better else "minimize"
+
+    @property
+    def worst(self) -> float:
+        """A value that any real one beats: where a search for the best starts."""
+        return -math.inf if self.higher_is_better else math.inf
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is strictly better than ``b``."""
+        return a > b if self.higher_is_better else a < b
+
+    def reaches(self, value: float, target: float) -> bool:
+        """Whether ``value`` is at least as good as ``target``."""
+        return value >= target if self.higher_is_better else value <= target
+
+    def best(self, values: Iterable[float]) -> float:
+        """The best of ``values``."""
+        return max(values) if self.higher_is_better else min(values)
+
+    def rank(self, value: float) -> float:
+        """A sort key that puts the best value first (ascending)."""
+        return -value if self.higher_is_better else value
 
 
 # --------------------------------------------------------------------------- classification

@@ -131,12 +131,12 @@ def train_to_targets(cfg: Config, task: Task, data: Data, device: torch.device, 
     ``train.epochs`` when ``to_the_end``; the weights of the first epoch reaching each target (and, when every
     epoch was trained, those of the best epoch) are scored once on the test split afterwards."""
     t = setup(cfg, task, data, device)
-    state, snapshots = new_state(), {}
+    state, snapshots = new_state(task), {}
     out = SeedRun(cfg.seed)
     while state["epoch"] < cfg.train.epochs and (to_the_end or len(snapshots) < len(targets)):
         row = run_epoch(t, data, task, cfg, state)
         for target in targets:
-            if target not in snapshots and row["val_metric"] >= target:
+            if target not in snapshots and task.metrics[0].reaches(row["val_metric"], target):
                 snapshots[target] = (row["epoch"], row["train_seconds"], snapshot(t.model))
     out.epochs, out.train_seconds, out.best_epoch = state["epoch"], state["train_seconds"], state["best_epoch"]
     out.images = out.epochs * images_per_epoch(len(data.train), cfg.train.batch_size)

@@ -21,11 +21,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bench import files
 from bench.config import ConfigError
 from bench.metrics import Metric
+from bench.records import GroupRecord, RunRecord
 from bench.registry import unknown_name_message
 from bench.runner import RunOptions, RunsFailed, preflight, resolve_data_root, run_grid
 from bench.spec import Run, Spec, Variant, config_from_dict, run_key
@@ -61,10 +61,10 @@ class Comparison:
         return self.new is not None and abs(self.diff) <= self.tolerance
 
 
-def _test_metric(stored: StoredRun | dict[str, Any], metric: str) -> float:
-    """The recorded test metric of a stored run (or of a result dict): the one place that reads result.json."""
+def _test_metric(stored: StoredRun | RunRecord, metric: str) -> float:
+    """The recorded test metric of a stored run (or of a run record)."""
     result = stored.result if isinstance(stored, StoredRun) else stored
-    return float(result["test"][metric])
+    return float(result.test[metric])
 
 
 def default_tolerance(sd: float) -> float:
@@ -79,13 +79,13 @@ def choose_runs(store: RunStore, group: str, variants: list[str] | None, seeds: 
     if group not in groups:
         raise ConfigError(f"{store.root}: {unknown_name_message('group', group, groups) if groups else 'no groups'}")
     meta = store.read_group(group)
-    if meta["role"] == "study":
+    if meta.role == "study":
         raise ConfigError(f"{store.root / group}: a study's trials have no test metric to reproduce; choose a "
                           f"published or ad-hoc group")
     finished = store.finished(group)
     if not finished:
         raise ConfigError(f"{store.root / group}: no finished runs recorded; nothing to reproduce")
-    names = [v["name"] for v in meta["variants"]]
+    names = [v.name for v in meta.variants]
     for name in variants or []:
         if name not in names:
             raise ConfigError(f"--variants: {unknown_name_message('variant', name, names)} (group {group})")
@@ -101,7 +101,7 @@ def choose_runs(store: RunStore, group: str, variants: list[str] | None, seeds: 
     return [r for r in chosen if seeds is None or r.seed in seeds]
 
 
-def rerun_of(stored: StoredRun, meta: dict[str, Any], data_root: str | None) -> Run:
+def rerun_of(stored: StoredRun, meta: GroupRecord, data_root: str | None) -> Run:
     """The stored run as the runner's Run: its recorded config, seed and key.  The recorded data root is kept
     when it exists on this machine and ``data_root`` (--data-root) is None."""
     path = stored.dir / "config.json"
@@ -112,9 +112,8 @@ def rerun_of(stored: StoredRun, meta: dict[str, Any], data_root: str | None) -> 
     if run_key(cfg) != stored.key:  # a config section gained a key since: the rerun still uses the recorded values
         print(f"note: {path}: the config hashes to {run_key(cfg)} with this code, not to the recorded key "
               f"{stored.key}", file=sys.stderr)
-    v = next(v for v in meta["variants"] if v["name"] == stored.variant)
-    variant = Variant(v["name"], meta["variants"].index(v), v.get("parent"), bool(v.get("ablation")),
-                      v.get("change", ""), v.get("reported"), cfg, v.get("label", ""))
+    index, v = next((i, v) for i, v in enumerate(meta.variants) if v.name == stored.variant)
+    variant = Variant(v.name, index, v.parent, v.ablation, v.change, v.reported, cfg, v.label)
     return Run(stored.group, variant, stored.seed, cfg, stored.key)
 
 
@@ -136,13 +135,13 @@ def reproduce(results: str | Path, group: str, variants: list[str] | None = None
     store = RunStore(results)
     chosen = choose_runs(store, group, variants, seeds)
     meta = store.read_group(group)
-    task = TASKS[meta["task"]]
+    task = TASKS[meta.task]
     metric = task.metrics[0]
     spread = seed_spread(store.finished(group), metric.key)
     runs = [rerun_of(r, meta, data_root) for r in chosen]
     root, _ = resolve_data_root(data_root)
     opts = RunOptions(root, device, progress=progress)
-    spec = Spec(meta["name"], meta["path"], meta["task"], sorted({r.seed for r in runs}), meta.get("profile"),
+    spec = Spec(meta.name, meta.path or "", meta.task, sorted({r.seed for r in runs}), meta.profile,
                 list({r.variant.name: r.variant for r in runs}.values()), group_name=group)
     cache = preflight(spec, runs, opts)  # a device or data this machine lacks: one error before any training
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
@@ -157,13 +156,21 @@ def reproduce(results: str | Path, group: str, variants: list[str] | None = None
         for stored, run in zip(chosen, runs, strict=True):
             result = tmp_store.result(run)
             sd, n = spread[stored.variant]
-            failed = files.read_json(tmp_store.path(run) / "result.json").get("error", "") if result is None else ""
+            failed = _failure(tmp_store.path(run) / "result.json") if result is None else ""
             rows.append(Comparison(stored.variant, stored.seed, _test_metric(stored, metric.key),
                                    None if result is None else _test_metric(result, metric.key), sd, n,
                                    default_tolerance(sd) if tolerance is None else tolerance, failed))
     for line in report(group, rows, metric, tolerance):
         out(line)
     return rows
+
+
+def _failure(path: Path) -> str:
+    """The error a failed rerun recorded."""
+    try:
+        return RunRecord.from_dict(files.read_json(path)).error or ""
+    except (OSError, ValueError):  # RecordError is a ValueError
+        return ""
 
 
 def report(group: str, rows: list[Comparison], metric: Metric, tolerance: float | None) -> list[str]:

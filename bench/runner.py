@@ -10,9 +10,11 @@ loop goes on; :class:`RunsFailed` names them at the end.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -24,12 +26,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bench import files, usable_cores
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
 from bench.grid import LocalGrid, StudyGrid
 from bench.spec import Run, Spec
 from bench.storage import StorageOptions
-from bench.store import RunStore
+from bench.store import LoadedRun, RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
 from bench.train import fit, resolve_device
@@ -55,6 +58,13 @@ def resolve_data_root(cli_root: str | None, default: str = "data") -> tuple[str,
     """(absolute data root, whether it is the default): --data-root, else $BENCH_DATA, else ``default``."""
     given = cli_root or os.environ.get("BENCH_DATA")
     return str(Path(given or default).expanduser().resolve()), not given
+
+
+def run_data_root(run: LoadedRun, data_root: str | None) -> str:
+    """Where a stored run's data is read again (rescore, export): ``data_root`` ($BENCH_DATA or --data-root), else
+    the run's own root; a folder task's own root always (it is the data set itself, not a folder holding several)."""
+    own = run.config.data.root if run.task.data_keys else None
+    return resolve_data_root(data_root or own, default=run.config.data.root or "data")[0]
 
 
 def load_data(cache: dict[str, Data], task: Any, cfg: Any, device: torch.device, test: bool = True) -> Data:
@@ -167,6 +177,8 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
         try:
             result = fit(store.path(run), cfg, task, load_data(cache, task, cfg, device), device, run.key, meta,
                          opts.progress)
+        except files.DiskFull:  # not the run's fault, and every other run would fail the same way: stop here
+            raise
         except Exception as e:  # the run's own failure: recorded; the other runs go on
             error = f"{type(e).__name__}: {e}"
             grid.failed(run, error)
@@ -233,6 +245,8 @@ def _worker(spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions, gpu
             run_grid(spec, runs, results_dir, opts, enqueue=False)
     except RunsFailed:
         sys.exit(3)  # already said, run by run; the parent reads the failures from the store
+    except files.DiskFull:
+        sys.exit(errno.ENOSPC)  # the parent says it, once
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -241,7 +255,7 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     """Train ``runs`` with ``n`` processes of one thread-share each (cores // n), spread over the GPUs when there
     are several; they share the grid (kernel locks, or the study of ``opts.storage``, queued here once).
     Raises RunsFailed when runs failed, SystemExit naming the exit codes when a worker crashed."""
-    threads = max(1, (os.cpu_count() or 1) // n)
+    threads = max(1, usable_cores() // n)
     slots = gpu_slots(n, visible_gpus(opts))
     opts = dataclasses.replace(opts, threads=threads, progress=False, device="cuda" if slots[0] else opts.device)
     print(f"{n} workers x {threads} threads" + (f" on GPUs {','.join(s or '' for s in slots)}" if slots[0] else ""),
@@ -271,12 +285,24 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
             p.join()
         raise
     codes, store = [p.exitcode for p in procs], RunStore(results_dir)
+    if errno.ENOSPC in codes:
+        raise files.DiskFull(Path(results_dir), shutil.disk_usage(results_dir).free)
     crashed = any(c not in (0, 3) for c in codes)
     if crashed and opts.storage and not store.todo(runs):
         print(f"note: a worker died (exit codes {codes}); the others took over its run: every run is finished",
               file=sys.stderr)
     elif crashed:
         raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")
-    if 3 in codes:
-        failed = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in store.failed(spec.group)]
-        raise RunsFailed("\n".join(failed) or "a worker's runs failed; see above")
+    # From the records, not the exit codes: a worker may have failed a run that another one then finished.
+    failed = failures(spec, runs, store, opts.storage)
+    if failed:
+        raise RunsFailed("\n".join(failed))
+
+
+def failures(spec: Spec, runs: list[Run], store: RunStore, storage: StorageOptions | None) -> list[str]:
+    """One line naming each run of ``runs`` that failed: its record says so (a result.json with status failed and
+    the run's key), or, sharing the grid through ``storage``, its workers kept dying until --retries ran out."""
+    keys = {(r.variant.name, r.seed): r.key for r in runs}
+    out = [f"{r.variant} seed {r.seed}: {r.error}" for r in store.failed(spec.group)
+           if keys.get((r.variant, r.seed)) == r.key]
+    return out + (StudyGrid(store, spec, runs, storage).abandoned() if storage else [])

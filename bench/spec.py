@@ -614,7 +614,27 @@ def place_in_group(spec: Spec, published: Spec, group: str | None = None) -> Spe
     elif group == spec.name:
         raise ConfigError(f"--group {group}: that name is the published group of {spec.path}; runs whose configs are "
                           f"not the spec's own ({_adhoc_label(spec, published, subset)}) need a group of their own")
+    elif group in (owners := published_groups([Path("ablations"), Path(spec.path).parent])):
+        raise ConfigError(f"--group {group}: that name is the published group of {owners[group]}, which `bench run` "
+                          f"would then refuse to train; choose a name of its own")
     return dataclasses.replace(spec, group_name=group, seeds=published.seeds if subset else spec.seeds)
+
+
+def published_groups(folders: list[Path]) -> dict[str, Path]:
+    """The published group names (``name`` and ``name@profile``) of the specs in ``folders`` -> their spec file; a
+    file that is no readable spec (a tuned file, broken YAML) names none: its own command reports it."""
+    out: dict[str, Path] = {}
+    for path in sorted({p.resolve() for folder in folders for p in folder.glob("*.y*ml")}):
+        try:
+            raw = files.load_yaml(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if not isinstance(raw, dict) or path.stem.endswith(".tuned"):
+            continue
+        name = str(raw.get("name", path.stem))
+        profiles = raw.get("profiles") if isinstance(raw.get("profiles"), dict) else {}
+        out.update({g: path for g in [name, *(f"{name}@{p}" for p in profiles)]})
+    return out
 
 
 

@@ -65,7 +65,7 @@ def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
     where = f"--storage {shown(opts.url)}"
     try:
         url = sqlalchemy.engine.make_url(opts.url)
-    except Exception:
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # not a URL; a port that is no number
         raise ConfigError(f"{where}: not a database URL; expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
                           f"or sqlite:///PATH") from None
     backend = url.get_backend_name()
@@ -91,7 +91,11 @@ def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
         except ModuleNotFoundError as e:
             raise ConfigError(f"{where}: the database driver is not installed ({e}); pip install 'psycopg[binary]' "
                               f"(or psycopg2-binary, with a postgresql+psycopg2:// URL)") from None
-        except Exception as e:  # sqlalchemy's OperationalError & co.: the server's own words are the useful part
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, RuntimeError) as e:
+            # The driver's errors (unreachable, refused, no such database) and Optuna's (a schema of another Optuna
+            # version is a RuntimeError): the server's own words are the useful part.  Anything else is a bug.
+            if isinstance(e, RuntimeError) and "table schema" not in str(e):
+                raise
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()
             if attempt < 3 and reason and "already exists" in reason[0]:  # SQLite's side of the same race
                 time.sleep(0.5 + random.random())
@@ -116,11 +120,25 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def trial_id(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.trial.BaseTrial) -> int:
+    """The storage's id of ``trial`` of ``study``, which the storage's per-trial methods take: looked up through the
+    storage's interface (the trial's own ``_trial_id`` is private)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+
+
 @contextmanager
 def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
     """Beat for ``trial_id`` while the block runs: Optuna's own heartbeat thread, the one
-    ``study.optimize`` uses (a no-op on a storage without heartbeats)."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
+    ``study.optimize`` uses (a no-op on a storage without heartbeats).
 
+    Optuna has no public way to beat for a trial that ``study.optimize`` does not run (its docs: the heartbeat "will
+    not work" with ask and tell), so this is bench's one use of a private Optuna name;
+    tests/test_many_machines.py checks that it still beats."""
+    try:
+        from optuna.storages._heartbeat import get_heartbeat_thread
+    except ImportError as e:
+        raise RuntimeError(f"optuna {optuna.__version__} no longer has optuna.storages._heartbeat.get_heartbeat_thread, "
+                           f"which bench.storage.heartbeat uses (tested with Optuna 4.9 to 5.0): {e}") from e
     with get_heartbeat_thread(trial_id, storage):
         yield

@@ -38,6 +38,7 @@ from torch import nn
 from bench import files
 from bench.config import Config, ConfigError
 from bench.factories import build_model
+from bench.records import GroupRecord, RecordError, RunRecord, VariantRecord, read_record, write_record
 from bench.spec import Run, Spec, config_from_dict, slug
 from bench.tasks import TASKS
 from bench.tasks.base import DataInfo, Task
@@ -57,7 +58,7 @@ class StoredRun:
     seed: int
     key: str
     dir: Path
-    result: dict[str, Any]  # result.json
+    result: RunRecord
 
 
 @dataclass
@@ -70,7 +71,7 @@ class LoadedRun:
     task: Task
     info: DataInfo
     key: str
-    result: dict[str, Any] | None  # result.json, None while the run is unfinished
+    result: RunRecord | None  # None while the run is unfinished
 
 
 class RunStore:
@@ -88,15 +89,15 @@ class RunStore:
     def write_group(self, spec: Spec, role: str | None = None, **extra: Any) -> None:
         """Write the definition of ``spec``'s group: every run it holds, with its key."""
         role = self.check_owner(spec, role)
-        files.write_json(self.root / spec.group / GROUP_FILE, {
-            "name": spec.name, "group": spec.group, "role": role, "published_group": spec.published_group,
-            "path": spec.path, "task": spec.task, "profile": spec.profile, "seeds": spec.seeds,
-            "overrides": spec.overrides, "description": spec.description, "target": spec.target, "tuned": spec.tuned,
-            "variants": [{"name": v.name, "parent": v.parent, "ablation": v.ablation, "change": v.change, "label": v.label,
-                          "reported": v.reported, "dir": slug(v.name)} for v in spec.variants],
-            "runs": [{"variant": r.variant.name, "seed": r.seed, "key": r.key} for r in spec.runs()],
-            **extra,
-        })
+        files.write_json(self.root / spec.group / GROUP_FILE, GroupRecord(
+            name=spec.name, group=spec.group, role=role, published_group=spec.published_group, path=spec.path,
+            task=spec.task, profile=spec.profile, seeds=spec.seeds, overrides=spec.overrides,
+            description=spec.description, target=spec.target, tuned=spec.tuned,
+            variants=[VariantRecord(v.name, slug(v.name), v.parent, v.ablation, v.change, v.label, v.reported)
+                      for v in spec.variants],
+            runs=[{"variant": r.variant.name, "seed": r.seed, "key": r.key} for r in spec.runs()],
+            extra=extra,
+        ).to_dict())
 
     def check_owner(self, spec: Spec, role: str | None = None) -> str:
         """The role ``spec``'s group would be written with; ConfigError when its folder already holds another
@@ -105,23 +106,25 @@ class RunStore:
         assert role in ROLES, role
         if (self.root / spec.group / GROUP_FILE).exists():
             old = self.read_group(spec.group)
-            if (old["role"], old["name"]) != (role, spec.name):
-                raise ConfigError(f"{self.root / spec.group} holds the {old['role']} group of spec {old['name']!r} "
-                                  f"({old['path']}); a group's folder never changes hands: choose another --group")
+            if (old.role, old.name) != (role, spec.name):
+                raise ConfigError(f"{self.root / spec.group} holds the {old.role} group of spec {old.name!r} "
+                                  f"({old.path}); a group's folder never changes hands: choose another --group")
         return role
 
-    def read_group(self, group: str) -> dict[str, Any]:
-        """A group's definition; one written before roles existed is a published group."""
-        meta = files.read_json(self.root / group / GROUP_FILE)
-        meta.setdefault("role", "published")
-        return meta
+    def read_group(self, group: str) -> GroupRecord:
+        """A group's definition (in the current record format, whatever version wrote it)."""
+        path = self.root / group / GROUP_FILE
+        try:
+            return GroupRecord.from_dict(files.read_json(path))
+        except (RecordError, TypeError) as e:
+            raise ConfigError(f"{path}: not a group record this bench can read ({e})") from None
 
     def groups(self, role: str | None = None) -> list[str]:
         """Names of the groups under ``runs/`` (of one role), sorted."""
         if not self.root.is_dir():
             return []
         names = sorted(p.parent.name for p in self.root.glob(f"*/{GROUP_FILE}"))
-        return [g for g in names if role is None or self.read_group(g)["role"] == role]
+        return [g for g in names if role is None or self.read_group(g).role == role]
 
     def write_costs(self, group: str, costs: dict[str, Any]) -> None:
         """The deployment cost of the group's rungs (``exporters.onnx rungs``), kept beside its runs."""
@@ -141,21 +144,25 @@ class RunStore:
         (variant, seed).  (Groups written before definitions listed their keys accept any run
         whose result and config agree.)"""
         meta = self.read_group(group)
-        expected = {(r["variant"], r["seed"]): r["key"] for r in meta["runs"]} if "runs" in meta else None
+        expected = meta.expected_keys()
         out = []
-        for v in meta["variants"]:
-            seed_dirs = (self.root / group / v["dir"]).glob("seed-*")  # not seed-K.superseded-<key>
-            for seed, d in sorted((int(m.group(1)), d) for d in seed_dirs if (m := _SEED_DIR.fullmatch(d.name))):
+        for v in meta.variants:
+            for seed, d in self._seed_dirs(group, v.dir):
                 result = _current_result(d)
-                if result is None or (expected is not None and expected.get((v["name"], seed)) != result["key"]):
+                if result is None or (expected is not None and expected.get((v.name, seed)) != result.key):
                     continue
-                out.append(StoredRun(group, v["name"], seed, result["key"], d, result))
+                out.append(StoredRun(group, v.name, seed, result.key, d, result))
         return out
 
-    def result(self, run: Run) -> dict[str, Any] | None:
+    def _seed_dirs(self, group: str, variant_dir: str) -> list[tuple[int, Path]]:
+        """(seed, folder) of a variant's runs, by seed; not the ``seed-K.superseded-<key>`` folders set aside."""
+        dirs = (self.root / group / variant_dir).glob("seed-*")
+        return sorted((int(m.group(1)), d) for d in dirs if (m := _SEED_DIR.fullmatch(d.name)))
+
+    def result(self, run: Run) -> RunRecord | None:
         """The run's result when it is finished with this config, else None."""
         result = _current_result(self.path(run))
-        return result if result is not None and result["key"] == run.key else None
+        return result if result is not None and result.key == run.key else None
 
     def todo(self, runs: list[Run]) -> list[Run]:
         return [r for r in runs if self.result(r) is None]
@@ -223,28 +230,27 @@ class RunStore:
     def record(self, run: Run, result: dict[str, Any]) -> None:
         """Write the run's result.json (``status`` defaults to ``finished``); drop its resume state."""
         d = self.path(run)
-        files.write_json(d / "result.json", {"status": "finished", **result})
+        write_record(d, RunRecord.from_dict({"status": "finished", **result}))
         (d / "last.pt").unlink(missing_ok=True)  # resume state is not needed once the result is in
 
     def record_failure(self, run: Run, error: str) -> None:
         """Write a result.json with ``status: failed`` and the error: the run counts as unfinished (a rerun
         of the command tries it again) and the summary lists it; its last.pt stays for that rerun."""
-        files.write_json(self.path(run) / "result.json", {"status": "failed", "key": run.key, "variant": run.variant.name,
-                                                          "seed": run.seed, "error": error,
-                                                          "failed": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_record(self.path(run), RunRecord(run.key, "failed", run.variant.name, run.seed, error=error,
+                                               extra={"failed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
 
-    def failed(self, group: str) -> list[dict[str, Any]]:
+    def failed(self, group: str) -> list[RunRecord]:
         """result.json of the group's runs whose last attempt failed with the config the group expects."""
         meta = self.read_group(group)
-        expected = {(r["variant"], r["seed"]): r["key"] for r in meta.get("runs", [])}
+        expected = meta.expected_keys() or {}
         out = []
-        for v in meta["variants"]:
-            for d in sorted((self.root / group / v["dir"]).glob("seed-*/result.json")):
+        for v in meta.variants:
+            for _, d in self._seed_dirs(group, v.dir):
                 try:
-                    res = files.read_json(d)
+                    res = read_record(d)
                 except (OSError, ValueError):
                     continue
-                if res.get("status") == "failed" and expected.get((v["name"], res.get("seed"))) == res.get("key"):
+                if res.status == "failed" and expected.get((v.name, res.seed)) == res.key:
                     out.append(res)
         return out
 
@@ -252,10 +258,10 @@ class RunStore:
         return load_run(run.dir)
 
 
-def _current_result(d: Path) -> dict[str, Any] | None:
+def _current_result(d: Path) -> RunRecord | None:
     """result.json of a run folder when it is a finished run whose config.json has the same key."""
     try:
-        result = files.read_json(d / "result.json")
+        result = read_record(d)
         config_key = files.read_json(d / "config.json").get("key")
     except FileNotFoundError:
         return None
@@ -263,7 +269,7 @@ def _current_result(d: Path) -> dict[str, Any] | None:
         print(f"warning: {d}: unreadable result.json or config.json ({type(e).__name__}: {e}); the run counts as "
               f"unfinished and will be trained again", file=sys.stderr)
         return None
-    if result.get("status", "finished") != "finished" or result.get("key") != config_key:
+    if result.status != "finished" or result.key != config_key:
         return None
     return result
 
@@ -282,4 +288,4 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     model.load_state_dict(ck["state_dict"])
     model.eval()
     res = run_dir / "result.json"
-    return LoadedRun(run_dir, model, cfg, task, info, ck["key"], files.read_json(res) if res.exists() else None)
+    return LoadedRun(run_dir, model, cfg, task, info, ck["key"], read_record(run_dir) if res.exists() else None)

@@ -9,11 +9,11 @@ figure.  The best variant is picked by mean *validation* metric, never by test.
 written).  An ad-hoc group (runs with ``--set`` overrides, see ``bench.spec.place_in_group``)
 gets its own ``runs/<group>/summary.md`` and never touches the published file.
 
-Run folders are not committed, so one results folder rarely holds every group's runs (the
-MNIST table may come from a CPU, the WARWICK one from a GPU session).  A rebuild therefore
-keeps, verbatim, the sections of groups whose runs are not here, and also a section that
-reports runs this folder lacks (a partial re-run here never replaces a fuller table made
-elsewhere) unless the group is complete here; delete a section by hand to drop it.
+The records of published groups are in git (bench/records.py), so any clone rebuilds every section from
+them; the task's figures, which need checkpoints, are kept in ``runs/<group>/figures.json``.  A section
+whose records are not here (made before records were committed) is kept verbatim, and so is a section
+that reports runs this folder lacks (a partial re-run here never replaces a fuller table made elsewhere)
+unless the group is complete here; delete a section by hand to drop it.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from scipy import stats
 from bench import files
 from bench.pareto import pareto_front
 from bench.plots import plot_spec_curves, plot_tradeoff
+from bench.records import GroupRecord, RunRecord, VariantRecord
 from bench.spec import short_label
 from bench.store import RunStore, StoredRun
 from bench.tasks import TASKS
@@ -42,6 +43,7 @@ INTRO = ("Every number below is read from the stored runs of that spec. Mean ± 
          "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
          "both rungs share, with a paired t-test p-value (with 2-3 seeds the test has little power: read it as a "
          "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing.")
+FIGURES_FILE = "figures.json"  # per group: the captions of the task's figures, for a rebuild without checkpoints
 CLIPPED = "†"  # marks a confidence interval cut at the metric's range
 _MARKER = re.compile(r"<!-- bench: runs (.*?) -->")
 
@@ -131,52 +133,53 @@ class GroupTables:
     costs_shown: bool
 
 
-def group_tables(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, Any] | None = None) -> GroupTables:
-    """The section's tables; the best variant is the one with the highest mean validation metric."""
-    task = TASKS[meta["task"]]
+def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any] | None = None) -> GroupTables:
+    """The section's tables; the best variant is the one with the best mean validation metric."""
+    task = TASKS[meta.task]
     primary = task.metrics[0]
-    results = {v["name"]: [r.result for r in runs if r.variant == v["name"]] for v in meta["variants"]}
-    by_seed = {name: {r["seed"]: r["test"][primary.key] for r in rs} for name, rs in results.items()}
-    val_means = {name: sum(r["val_best"] for r in rs) / len(rs) for name, rs in results.items() if rs}
-    best = max(val_means, key=val_means.get) if val_means else None
-    reported = any(v.get("reported") is not None for v in meta["variants"])
+    results = {v.name: [r.result for r in runs if r.variant == v.name] for v in meta.variants}
+    by_seed = {name: {r.seed: r.test[primary.key] for r in rs} for name, rs in results.items()}
+    val_means = {name: sum(r.val_best for r in rs) / len(rs) for name, rs in results.items() if rs}
+    best = min(val_means, key=lambda name: primary.rank(val_means[name])) if val_means else None
+    reported = any(v.reported is not None for v in meta.variants)
     cost_cols = _cost_columns(meta, runs, costs)
     main, training, secondary, clipped = [], [], [], False
-    for v in meta["variants"]:
-        rs = results[v["name"]]
-        name = v["name"] + (" ★" if v["name"] == best else "")
-        row: dict[str, str] = {"variant": name, "change": v.get("label") or short_label(v["change"]), "n": str(len(rs))}
+    for v in meta.variants:
+        rs = results[v.name]
+        name = v.name + (" ★" if v.name == best else "")
+        row: dict[str, str] = {"variant": name, "change": v.label or short_label(v.change), "n": str(len(rs))}
         more: dict[str, str] = {"variant": name}
         if rs:
-            m, sd, hw = mean_ci([r["test"][primary.key] for r in rs])
+            m, sd, hw = mean_ci([r.test[primary.key] for r in rs])
             row[primary.header] = f"{primary.format(m)} ± {primary.format(sd)}"
-            row[DELTA] = _delta(v, by_seed, primary) if v["parent"] else ""
-            more["val (mean)"] = primary.format(val_means[v["name"]])
+            row[DELTA] = _delta(v, by_seed, primary) if v.parent else ""
+            more["val (mean)"] = primary.format(val_means[v.name])
             more["95% CI"] = format_ci(m, hw, primary)
             clipped |= more["95% CI"].endswith(CLIPPED)
-            ran, best_ep = (sum(r[k] for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
+            ran, best_ep = (sum(getattr(r, k) for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
             more["epochs (best)"] = f"{format_count(ran)} ({format_count(best_ep)})"
-            more["train s"] = f"{sum(r['train_time_s'] for r in rs) / len(rs):.0f}"
-            if meta.get("target") is not None:
-                more[target_column(meta["target"], primary)] = format_time_to_target(runs_of(runs, v["name"]), meta["target"])
+            more["train s"] = f"{sum(r.train_time_s for r in rs) / len(rs):.0f}"
+            if meta.target is not None:
+                more[target_column(meta.target, primary)] = format_time_to_target(
+                    runs_of(runs, v.name), meta.target, primary)
             if len(task.metrics) > 1:
                 sec = {"variant": name, "n": str(len(rs))}
                 for metric in task.metrics[1:]:
-                    mk, sk, _ = mean_ci([r["test"][metric.key] for r in rs])
+                    mk, sk, _ = mean_ci([r.test[metric.key] for r in rs])
                     sec[metric.column] = f"{metric.format(mk)} ± {metric.format(sk)}"
                 secondary.append(sec)
         else:
             row[primary.header] = "not run"
         if reported:
-            row["report"] = primary.format(v["reported"]) if v.get("reported") is not None else ""
-        row["params"] = format_params(rs[0]["params"]) if rs else ""
-        row.update(cost_cols.get(v["name"], {}))
+            row["report"] = primary.format(v.reported) if v.reported is not None else ""
+        row["params"] = format_params(rs[0].params) if rs else ""
+        row.update(cost_cols.get(v.name, {}))
         main.append(row)
         training.append(more)
     numeric = {primary.header, DELTA, "val (mean)", "report", "params", "n", "95% CI", "epochs (best)", "train s",
                "MFLOP", "GFLOP", *COST_HEADERS.values(), *(m.column for m in task.metrics)}
-    if meta.get("target") is not None:
-        numeric.add(target_column(meta["target"], primary))
+    if meta.target is not None:
+        numeric.add(target_column(meta.target, primary))
     return GroupTables(_table(main, numeric), _table(training, numeric), _table(secondary, numeric) if secondary else None,
                        best, clipped, bool(cost_cols))
 
@@ -197,7 +200,7 @@ def flops_unit(costs: dict[str, Any]) -> tuple[str, float, int]:
     return ("GFLOP", 1e9, 2) if most >= 1e9 else ("MFLOP", 1e6, 1)
 
 
-def _cost_columns(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, Any] | None) -> dict[str, dict[str, str]]:
+def _cost_columns(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any] | None) -> dict[str, dict[str, str]]:
     """Per variant, its deployment cost cells from ``costs.json`` (see ``exporters.rungs``): FLOPs per image and
     batch-1 p50 latency per provider/precision measured.  ``not run`` for a rung without finished runs, ``–`` for
     one whose export is missing or was made from a run that is no longer current.  Empty without costs."""
@@ -210,9 +213,9 @@ def _cost_columns(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, 
     decimals = {c: ms_decimals([r["latency"][c]["p50_ms"] for r in rungs.values() if c in r.get("latency", {})])
                 for c in columns}
     out = {}
-    for v in meta["variants"]:
-        rec = current.get(v["name"])
-        if not any(r.variant == v["name"] for r in runs):
+    for v in meta.variants:
+        rec = current.get(v.name)
+        if not any(r.variant == v.name for r in runs):
             cells = dict.fromkeys(["flops", *columns], "not run")
         elif rec is None:
             cells = dict.fromkeys(["flops", *columns], "–")
@@ -220,7 +223,7 @@ def _cost_columns(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, 
             lat = rec.get("latency", {})
             cells = {"flops": f"{rec['flops_per_image'] / scale:.{digits}f}",
                      **{c: f"{lat[c]['p50_ms']:.{decimals[c]}f}" if c in lat else "–" for c in columns}}
-        out[v["name"]] = {(unit if k == "flops" else COST_HEADERS[k]): x for k, x in cells.items()}
+        out[v.name] = {(unit if k == "flops" else COST_HEADERS[k]): x for k, x in cells.items()}
     return out
 
 
@@ -245,10 +248,11 @@ def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
     return [r for r in runs if r.variant == variant]
 
 
-def format_time_to_target(runs: list[StoredRun], target: float) -> str:
+def format_time_to_target(runs: list[StoredRun], target: float, metric: Metric | None = None) -> str:
     """``3 · 41 s``: mean over seeds of the first epoch whose validation metric reached ``target`` and of the
     training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all."""
-    reached = [hit for hit in (time_to_target(files.read_csv(r.dir / "metrics.csv"), target) for r in runs) if hit]
+    reached = [hit for hit in (time_to_target(files.read_csv(r.dir / "metrics.csv"), target, metric) for r in runs)
+               if hit]
     if not reached:
         return "not reached"
     epoch, seconds = (sum(h[i] for h in reached) / len(reached) for i in (0, 1))
@@ -256,42 +260,39 @@ def format_time_to_target(runs: list[StoredRun], target: float) -> str:
     return f"{format_count(epoch)} · {seconds:.0f} s{partial}"
 
 
-def _delta(v: dict[str, Any], by_seed: dict[str, dict[int, float]], metric: Metric) -> str:
+def _delta(v: VariantRecord, by_seed: dict[str, dict[int, float]], metric: Metric) -> str:
     """``+0.21 (p=0.044)``: the mean paired change against the parent over the seeds both have."""
-    d, p, n = paired_test(by_seed[v["name"]], by_seed.get(v["parent"], {}))
+    d, p, n = paired_test(by_seed[v.name], by_seed.get(v.parent, {}))
     p_text = "–" if math.isnan(p) else f"{p:.3f}"
-    shared = "" if n == len(by_seed[v["name"]]) else f", {n} seeds shared"
+    shared = "" if n == len(by_seed[v.name]) else f", {n} seeds shared"
     return "–" if n == 0 else f"{d * metric.scale:+.{metric.digits}f} (p={p_text}{shared})"
 
 
 def provenance(runs: list[StoredRun]) -> dict[str, str]:
     rs = [r.result for r in runs]
     return {
-        "devices": "; ".join(sorted({r.get("device_name", "?") + _precisions(r) for r in rs})),
-        "commits": ", ".join(sorted({_short_commit(str(r.get("commit", "?"))) for r in rs})),
-        "torch": ", ".join(sorted({r.get("torch", "?") for r in rs})),
-        "finished": max((r.get("finished", "") for r in rs), default=""),
+        "devices": "; ".join(sorted({(r.device_name or "?") + _precisions(r) for r in rs})),
+        "commits": ", ".join(sorted({_short_commit(r.commit or "?") for r in rs})),
+        "torch": ", ".join(sorted({r.torch or "?" for r in rs})),
+        "finished": max((r.finished or "" for r in rs), default=""),
     }
 
 
-def _precisions(result: dict[str, Any]) -> str:
-    """``, bf16 autocast training, fp32 evaluation``; a record from before evaluation was always fp32 computed
-    both in its one ``precision``."""
-    train = result.get("train_precision") or result.get("precision")
-    evaluation = result.get("eval_precision") or result.get("precision")
-    return f", {train} training, {evaluation} evaluation" if train else ""
+def _precisions(result: RunRecord) -> str:
+    """``, bf16 autocast training, fp32 evaluation``."""
+    return f", {result.train_precision} training, {result.eval_precision} evaluation" if result.train_precision else ""
 
 
 def _short_commit(commit: str) -> str:
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "") + (" (stated)" if commit.endswith("(stated)") else "")
 
 
-def group_command(meta: dict[str, Any]) -> str:
+def group_command(meta: GroupRecord) -> str:
     """The command that makes this group's runs, with every override that makes it ad hoc."""
-    cmd = f"python -m bench run {meta['path']}" + (f" --profile {meta['profile']}" if meta["profile"] else "")
-    if meta["role"] == "adhoc":
-        cmd += "".join(f" --set {k}={files.yaml_scalar(v)}" for k, v in (meta.get("overrides") or {}).items())
-        cmd += f" --seeds {' '.join(map(str, meta['seeds']))} --group {meta['group']}"
+    cmd = f"python -m bench run {meta.path}" + (f" --profile {meta.profile}" if meta.profile else "")
+    if meta.role == "adhoc":
+        cmd += "".join(f" --set {k}={files.yaml_scalar(v)}" for k, v in (meta.overrides or {}).items())
+        cmd += f" --seeds {' '.join(map(str, meta.seeds))} --group {meta.group}"
     return cmd
 
 
@@ -325,10 +326,10 @@ def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> Path
         if not runs:
             continue
         old = _runs_in(sections.get(group))
-        complete = "runs" in meta and len(runs) == len(meta["runs"])
+        complete = meta.runs is not None and len(runs) == len(meta.runs)
         if group in sections and not complete and (old is None or not old <= _run_ids(runs)):
             print(f"note: kept the {group} section of {path}: it reports runs this results folder does not hold "
-                  f"({len(runs)} of {len(meta.get('runs', []))} runs here); copy their run folders here, finish the "
+                  f"({len(runs)} of {len(meta.runs or [])} runs here); copy their run folders here, finish the "
                   f"group, or delete the section to rebuild it", file=sys.stderr)
             continue
         sections[group] = group_section(meta, runs, store, store.results / "figures", stamp)
@@ -345,8 +346,8 @@ def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> Path
 def _write_adhoc(store: RunStore, group: str, stamp: str) -> Path | None:
     meta, runs = store.read_group(group), store.finished(group)
     path = store.root / group / "summary.md"
-    note = (f"Ad-hoc group: runs of `{meta['path']}` with overrides, kept apart from the published table "
-            f"`{meta['published_group']}` in results/summary.md.")
+    note = (f"Ad-hoc group: runs of `{meta.path}` with overrides, kept apart from the published table "
+            f"`{meta.published_group}` in results/summary.md.")
     body = group_section(meta, runs, store, store.root / group / "figures", stamp) if runs else "No finished runs yet.\n"
     return path if files.write_text_if_changed(path, "\n".join([f"# {group}", "", note, "", INTRO, "", body])) else None
 
@@ -390,15 +391,15 @@ def _group_of_heading(heading: str) -> str | None:
     return head[0] if len(head) == 2 and ", spec `" in head[1] else None
 
 
-def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, fig_dir: Path, stamp: str) -> str:
+def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig_dir: Path, stamp: str) -> str:
     """Markdown for one group: provenance, table, learning curves, the task's figures."""
-    task = TASKS[meta["task"]]
-    costs = store.read_costs(meta["group"])
+    task = TASKS[meta.task]
+    costs = store.read_costs(meta.group)
     tables = group_tables(meta, runs, costs)
     best = tables.best
     prov = provenance(runs)
     out = [
-        f"## {meta['group']} ({meta['task']}, spec `{meta['path']}`, profile `{meta['profile'] or 'full'}`)",
+        f"## {meta.group} ({meta.task}, spec `{meta.path}`, profile `{meta.profile or 'full'}`)",
         "",
         f"- command: `{group_command(meta)}`",
         f"- machine: {prov['devices']}; torch {prov['torch']}",
@@ -408,19 +409,19 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
     if tables.costs_shown and costs:
         out.append(f"- deployment cost: `{costs.get('command') or 'python -m exporters.onnx rungs'}` at commit "
                    f"{_short_commit(str(costs.get('commit', '?')))}, {costs['measured'][:16]}")
-    if meta["role"] == "adhoc":
-        out.append("- overrides: " + (", ".join(f"`{k}={files.yaml_scalar(v)}`" for k, v in meta["overrides"].items())
-                                      or "none") + f"; seeds {', '.join(map(str, meta['seeds']))}")
+    if meta.role == "adhoc":
+        out.append("- overrides: " + (", ".join(f"`{k}={files.yaml_scalar(v)}`" for k, v in meta.overrides.items())
+                                      or "none") + f"; seeds {', '.join(map(str, meta.seeds))}")
     out += _missing_line(meta, runs)
-    out += [f"- **failed**: {r['variant']} seed {r['seed']}: {r['error'].splitlines()[0][:300]}"
-            for r in store.failed(meta["group"])]
+    out += [f"- **failed**: {r.variant} seed {r.seed}: {(r.error or '').splitlines()[0][:300]}"
+            for r in store.failed(meta.group)]
     out += ["", f"<!-- bench: runs {' '.join(sorted(_run_ids(runs)))} -->", ""]
-    if meta.get("description"):
-        out += [meta["description"], ""]
+    if meta.description:
+        out += [meta.description, ""]
     primary = task.metrics[0]
     out += [tables.main.markdown(), ""]
-    named = [f"{v['name']}: {v['parent']}" for i, v in enumerate(meta["variants"])
-             if v["parent"] and (i == 0 or meta["variants"][i - 1]["name"] != v["parent"])]
+    named = [f"{v.name}: {v.parent}" for i, v in enumerate(meta.variants)
+             if v.parent and (i == 0 or meta.variants[i - 1].name != v.parent)]
     out += [f"*{primary.header}*: mean ± sample std over the *n* seeds. *{DELTA}*: the mean paired change against the "
             "rung it builds on, the row above" + (f" unless named here ({'; '.join(named)})" if named else "")
             + ", and the paired t-test's p. ★: the best mean validation metric (the test set chose nothing)."
@@ -428,17 +429,17 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
     if tables.costs_shown and costs:
         out += _cost_legend(costs), ""
         out += _tradeoff(meta, runs, costs, fig_dir, primary)
-    elif runs and meta["role"] == "published":
-        out += [f"Deployment cost per rung: `python -m exporters.onnx rungs {meta['path']}"
-                + (f" --profile {meta['profile']}`" if meta["profile"] else "`") + " adds it to this table.", ""]
+    elif runs and meta.role == "published":
+        out += [f"Deployment cost per rung: `python -m exporters.onnx rungs {meta.path}"
+                + (f" --profile {meta.profile}`" if meta.profile else "`") + " adds it to this table.", ""]
     out += _details(meta)
     out += ["Training and statistics of each rung:", "", tables.training.markdown(), ""]
     if tables.clipped:
         out += [f"{CLIPPED} The t-interval reaches outside the metric's range and is shown cut to "
                 f"[{primary.format(primary.low)}, {primary.format(primary.high)}] (few seeds make it wide).", ""]
-    if meta.get("target") is not None:
-        out += [f"*{target_column(meta['target'], primary)}*: the first epoch whose validation metric reached "
-                f"{primary.show(meta['target'])} (the report's best number, "
+    if meta.target is not None:
+        out += [f"*{target_column(meta.target, primary)}*: the first epoch whose validation metric reached "
+                f"{primary.show(meta.target)} (the report's best number, "
                 "the spec's `target`) and the seconds of training steps until its end (evaluation not counted), "
                 "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.", ""]
     if tables.secondary is not None:
@@ -446,8 +447,8 @@ def group_section(meta: dict[str, Any], runs: list[StoredRun], store: RunStore, 
     out += _tuned_block(meta, runs, fig_dir)
     out += _curves(meta, runs, fig_dir, task)
     if best:
-        best_run = max((r for r in runs if r.variant == best), key=lambda r: r.result["val_best"])
-        for caption, png in _figures(best_run, store, fig_dir / meta["group"].replace("@", "-"), task):
+        best_run = min((r for r in runs if r.variant == best), key=lambda r: task.metrics[0].rank(r.result.val_best))
+        for caption, png in _figures(best_run, store, fig_dir / meta.group.replace("@", "-"), task, fig_dir.parent):
             out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
     return "\n".join(out).rstrip() + "\n"
 
@@ -466,39 +467,39 @@ def _cost_legend(costs: dict[str, Any]) -> str:
             f"Exact parameter counts and FLOPs: `runs/{costs['group']}/costs.json`.")
 
 
-def _tradeoff(meta: dict[str, Any], runs: list[StoredRun], costs: dict[str, Any], fig_dir: Path,
+def _tradeoff(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any], fig_dir: Path,
               metric: Metric) -> list[str]:
     """The trade-off figure (test metric against batch-1 latency, Pareto front) and the front in words."""
     current = current_costs(costs, runs)
     points = []
-    for v in meta["variants"]:
-        lat = current.get(v["name"], {}).get("latency", {}).get("cpu/fp32")
+    for v in meta.variants:
+        lat = current.get(v.name, {}).get("latency", {}).get("cpu/fp32")
         if lat is None:
             continue
-        m, sd, _ = mean_ci([r.result["test"][metric.key] for r in runs if r.variant == v["name"]])
-        points.append((v["name"], lat["p50_ms"], m, sd))
+        m, sd, _ = mean_ci([r.result.test[metric.key] for r in runs if r.variant == v.name])
+        points.append((v.name, lat["p50_ms"], m, sd))
     if len(points) < 2:
         return []
     front = pareto_front([(p[1], p[2]) for p in points], metric.higher_is_better, LATENCY_TOLERANCE)
-    png = fig_dir / f"{meta['group'].replace('@', '-')}-tradeoff.png"
+    png = fig_dir / f"{meta.group.replace('@', '-')}-tradeoff.png"
     plot_tradeoff(points, front, png, metric, f"ONNX Runtime batch-1 p50 latency (ms, log scale; {costs['cpu']})",
-                  f"{meta['group']}: {metric.label} against latency, Pareto front in red")
+                  f"{meta.group}: {metric.label} against latency, Pareto front in red")
     names = ", ".join(f"{points[i][0]} ({points[i][1]:.3f} ms, {metric.format(points[i][2])})" for i in front)
-    return [f"![trade-off of {meta['group']}]({_rel(png, fig_dir.parent)})", "",
+    return [f"![trade-off of {meta.group}]({_rel(png, fig_dir.parent)})", "",
             f"Pareto front (no other rung is better on test at no more latency; latencies within "
             f"{LATENCY_TOLERANCE:.0%} count as equal, the timing noise of one network): {names}.", ""]
 
 
-def _details(meta: dict[str, Any]) -> list[str]:
+def _details(meta: GroupRecord) -> list[str]:
     """Every rung's full change (note and every key it sets), collapsed under the table."""
-    lines = [f"- **{v['name']}**" + (f" (from {v['parent']})" if v.get("ablation") else "") + f": {v['change']}"
-             for v in meta["variants"]]
+    lines = [f"- **{v.name}**" + (f" (from {v.parent})" if v.ablation else "") + f": {v.change}"
+             for v in meta.variants]
     return ["<details><summary>What each rung changes, in full</summary>", "", *lines, "", "</details>", ""]
 
 
-def _tuned_block(meta: dict[str, Any], runs: list[StoredRun], fig_dir: Path) -> list[str]:
+def _tuned_block(meta: GroupRecord, runs: list[StoredRun], fig_dir: Path) -> list[str]:
     """Where the `tuned` rung came from: its Optuna study's size, pruned and failed trials, wall time, figures."""
-    study = meta.get("tuned")
+    study = meta.tuned
     if not study or not any(r.variant == "tuned" for r in runs):
         return []
     minutes = f"{study['wall_time_s'] / 60:.1f} min" if study.get("wall_time_s") is not None else "unknown time"
@@ -515,43 +516,53 @@ def _tuned_block(meta: dict[str, Any], runs: list[StoredRun], fig_dir: Path) -> 
     return out
 
 
-def _missing_line(meta: dict[str, Any], runs: list[StoredRun]) -> list[str]:
+def _missing_line(meta: GroupRecord, runs: list[StoredRun]) -> list[str]:
     """``- **incomplete**: n of m runs finished; missing ...`` when the group's scope is not all here."""
-    seeds = meta.get("seeds") or []
+    seeds = meta.seeds or []
     have = {(r.variant, r.seed) for r in runs}
-    missing = {v["name"]: [s for s in seeds if (v["name"], s) not in have] for v in meta["variants"]}
+    missing = {v.name: [s for s in seeds if (v.name, s) not in have] for v in meta.variants}
     missing = {k: m for k, m in missing.items() if m}
     if not missing:
         return []
-    n_all = len(seeds) * len(meta["variants"])
+    n_all = len(seeds) * len(meta.variants)
     return [f"- **incomplete**: {n_all - sum(map(len, missing.values()))} of {n_all} runs finished; missing "
             + "; ".join(f"{k} seed {', '.join(map(str, m))}" for k, m in missing.items())]
 
 
-def _curves(meta: dict[str, Any], runs: list[StoredRun], fig_dir: Path, task: Task) -> list[str]:
+def _curves(meta: GroupRecord, runs: list[StoredRun], fig_dir: Path, task: Task) -> list[str]:
     curves: dict[str, list[pd.DataFrame]] = {}
     for r in runs:
         if (r.dir / "metrics.csv").exists():
             curves.setdefault(r.variant, []).append(pd.read_csv(r.dir / "metrics.csv"))
     if not curves:
         return []
-    png = fig_dir / f"{meta['group'].replace('@', '-')}-curves.png"
+    png = fig_dir / f"{meta.group.replace('@', '-')}-curves.png"
     plot_spec_curves(curves, png, task.metrics[0])
-    return [f"![learning curves of {meta['group']}]({_rel(png, fig_dir.parent)})", ""]
+    return [f"![learning curves of {meta.group}]({_rel(png, fig_dir.parent)})", ""]
 
 
-def _figures(run: StoredRun, store: RunStore, out_prefix: Path, task: Task) -> list[tuple[str, Path]]:
-    """The task's figures of the best run, rebuilt from its best.pt and its data (skipped, with a
-    note, when either is no longer there)."""
+def _figures(run: StoredRun, store: RunStore, out_prefix: Path, task: Task, base: Path) -> list[tuple[str, Path]]:
+    """The task's figures of the best run, rebuilt from its best.pt and its data.  Checkpoints are not in git, so
+    the figures drawn last (``runs/<group>/figures.json``, in git) stand in while they show this same run; without
+    either, none (with a note)."""
     def load() -> tuple[Any, Any, Any]:
         loaded = store.load(run)
         return loaded.model, loaded.config, task.load(loaded.config, torch.device("cpu"))  # its own data root
 
+    drawn = store.root / run.group / FIGURES_FILE
+    ident = f"{run.variant}/{run.seed}/{run.key}"
+    if not (run.dir / "best.pt").exists() and drawn.exists():
+        old = files.read_json(drawn)
+        figs = [(caption, base / rel) for caption, rel in old["figures"]]
+        if old["run"] == ident and all(png.exists() for _, png in figs):
+            return figs
     try:
-        return list(task.summary_figures(load, out_prefix, f"{run.dir.parent.name}, {run.dir.name}"))
+        figs = list(task.summary_figures(load, out_prefix, f"{run.dir.parent.name}, {run.dir.name}"))
     except (OSError, ValueError, KeyError) as e:
         print(f"note: no figures for {run.dir}: {e}", file=sys.stderr)
         return []
+    files.write_json(drawn, {"run": ident, "figures": [[caption, _rel(png, base)] for caption, png in figs]})
+    return figs
 
 
 def _rel(path: Path, base: Path) -> str:

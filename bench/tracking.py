@@ -34,6 +34,7 @@ from typing import Any
 
 from bench import files
 from bench.config import ConfigError
+from bench.records import GroupRecord, read_record
 from bench.storage import shown as _shown  # a URI with its password hidden
 
 INSTALL = "pip install -e '.[mlflow]'"
@@ -196,7 +197,7 @@ class Tracker:
                     by_group.setdefault(Path(d).parent.parent, []).append(Path(d))
                 for group_dir, dirs in by_group.items():
                     group = group_dir.name
-                    meta = files.read_json(group_dir / "spec.json") | {"group": group}
+                    meta = GroupRecord.from_dict(files.read_json(group_dir / "spec.json")).to_dict() | {"group": group}
                     exp_id, parent = self._parent(client, meta)
                     logged = self._logged(client, exp_id, group)
                     for d in dirs:
@@ -253,11 +254,11 @@ def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], d: Pat
     from mlflow.entities import Metric, Param, RunStatus
 
     try:
-        result, config = files.read_json(d / "result.json"), files.read_json(d / "config.json")
+        result, config = read_record(d), files.read_json(d / "config.json")
     except (OSError, ValueError):
         return None
-    key = result.get("key")
-    if result.get("status", "finished") not in ("finished", "pruned") or key != config.get("key"):
+    key = result.key
+    if result.status not in ("finished", "pruned") or key != config.get("key"):
         return None
     expected = {(r["variant"], r["seed"]): r["key"] for r in meta.get("runs", [])}
     if meta.get("role") != "study" and expected and expected.get((config.get("variant"), config.get("seed"))) != key:
@@ -271,32 +272,32 @@ def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], d: Pat
         client.delete_run(r.info.run_id)
     end = int((d / "result.json").stat().st_mtime * 1000)
     history = files.read_csv(d / "metrics.csv")
-    seconds = result.get("train_time_s") or sum(float(r["epoch_time"]) for r in history)
-    start = end - int(1000 * (seconds + (result.get("test_time_s") or 0)))
+    seconds = result.train_time_s or sum(float(r["epoch_time"]) for r in history)
+    start = end - int(1000 * (seconds + (result.test_time_s or 0)))
     variant, seed = config.get("variant") or d.parent.name, config.get("seed", d.name.removeprefix("seed-"))
     tags = {"kind": "run", "group": meta["group"], "config_key": key, "spec": str(meta.get("path", "")),
             "spec_name": str(meta.get("name", "")), "role": meta.get("role", "published"), "variant": str(variant),
-            "seed": str(seed), "state": result.get("status", "finished"), "run_dir": str(d.resolve()),
+            "seed": str(seed), "state": result.status, "run_dir": str(d.resolve()),
             "mlflow.parentRunId": parent}
     for tag, field in (("commit", "commit"), ("device", "device"), ("device_name", "device_name"),
                        ("train_precision", "train_precision"),
                        ("eval_precision", "eval_precision"), ("torch", "torch")):
-        if result.get(field):
-            tags[tag] = str(result[field])
+        if getattr(result, field):
+            tags[tag] = str(getattr(result, field))
     tags["profile"] = meta.get("profile") or "full"  # as the summary names a spec without a profile
-    if "trial" in result:  # a tuning trial: its number and the study it belongs to
-        tags["trial"] = str(result["trial"])
+    if "trial" in result.extra:  # a tuning trial: its number and the study it belongs to
+        tags["trial"] = str(result.extra["trial"])
         tags["study"] = str(meta.get("study", ""))
-    name = f"trial-{int(result['trial']):04d}" if "trial" in result else f"{variant}/s{seed}"
+    name = f"trial-{int(result.extra['trial']):04d}" if "trial" in result.extra else f"{variant}/s{seed}"
     run_id = client.create_run(exp_id, start_time=start, tags=tags, run_name=name).info.run_id
     params = [Param(k, v) for k, v in flatten(config["config"]).items()]
     metrics = []
     for row in history:  # one point per epoch, at the epoch's end
         step, at = int(row["epoch"]), start + int(1000 * float(row.get("train_seconds") or 0))
         metrics += [Metric(k, float(v), at, step) for k, v in row.items() if k != "epoch" and v not in ("", None)]
-    final = {f"test_{k}": v for k, v in (result.get("test") or {}).items()}
-    final |= {k: result[k] for k in ("val_best", "best_epoch", "epochs_run", "train_time_s", "test_time_s", "params")
-              if isinstance(result.get(k), (int, float))}
+    final = {f"test_{k}": v for k, v in result.test.items()}
+    final |= {k: getattr(result, k) for k in ("val_best", "best_epoch", "epochs_run", "train_time_s", "test_time_s", "params")
+              if isinstance(getattr(result, k), (int, float))}
     metrics += [Metric(k, float(v), end, 0) for k, v in final.items() if isinstance(v, (int, float))]
     for i in range(0, max(len(params), len(metrics)), 100):  # MLflow takes at most 100 params, 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])

@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bench import files
+from bench import files, usable_cores
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
 from bench.inference import EVAL_PRECISION, autocast, precision
 from bench.models import count_parameters
 from bench.plots import plot_run_curves
 from bench.spec import DEVICE_RE
-from bench.tasks.base import Data, LossFn, Split, Task
+from bench.tasks.base import Data, LossFn, Metric, Split, Task
 
 # One row per epoch in metrics.csv.  epoch_time: training and validation of that epoch;
 # train_seconds: training steps only, summed from the first epoch (what time-to-target reads).
@@ -65,10 +65,10 @@ def device_name(device: torch.device) -> str:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+                    return f"CPU: {line.split(':', 1)[1].strip()} ({usable_cores()} cores)"
     except OSError:
         pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"CPU: {platform.processor() or platform.machine()} ({usable_cores()} cores)"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -126,10 +126,10 @@ def setup(cfg: Config, task: Task, data: Data, device: torch.device) -> Trainer:
                    torch.Generator(device=device).manual_seed(cfg.seed + 1), forward)
 
 
-def new_state() -> dict[str, Any]:
+def new_state(task: Task) -> dict[str, Any]:
     """Progress of a run: epochs done, early-stopping bookkeeping, best weights, history, and time:
     ``train_time`` counts training and validation, ``train_seconds`` the training steps alone."""
-    return {"epoch": 0, "best_metric": -float("inf"), "best_epoch": 0, "bad_epochs": 0, "best_state": None,
+    return {"epoch": 0, "best_metric": task.metrics[0].worst, "best_epoch": 0, "bad_epochs": 0, "best_state": None,
             "history": [], "train_time": 0.0, "train_seconds": 0.0}
 
 
@@ -218,7 +218,7 @@ def run_epoch(t: Trainer, data: Data, task: Task, cfg: Config, state: dict[str, 
     state["epoch"] += 1
     state["train_time"] += dt
     state["train_seconds"] = state.get("train_seconds", 0.0) + (t1 - t0)  # last.pt files of older runs lack it
-    if val[task.metric] > state["best_metric"]:
+    if task.metrics[0].better(val[task.metric], state["best_metric"]):
         state.update(best_metric=val[task.metric], best_epoch=state["epoch"], bad_epochs=0,
                      best_state=snapshot(t.model))
     else:
@@ -229,8 +229,9 @@ def run_epoch(t: Trainer, data: Data, task: Task, cfg: Config, state: dict[str, 
     return row
 
 
-def time_to_target(history: list[dict[str, Any]], target: float) -> tuple[int, float] | None:
-    """(first epoch whose validation metric reaches ``target``, training seconds until the end of that
+def time_to_target(history: list[dict[str, Any]], target: float, metric: Metric | None = None) -> tuple[int, float] | None:
+    """(first epoch whose validation metric reaches ``target`` (is at least as good, by ``metric``'s direction;
+    higher is better without one), training seconds until the end of that
     epoch) from a run's history rows (``metrics.csv``); None when no epoch reaches it.  Seconds count
     the training steps only (``train_seconds``); histories written before that column existed give
     the sum of whole epochs (``epoch_time``: training and validation)."""
@@ -238,7 +239,8 @@ def time_to_target(history: list[dict[str, Any]], target: float) -> tuple[int, f
     for row in history:
         spent += float(row["epoch_time"])
         seconds = float(row["train_seconds"]) if row.get("train_seconds") not in (None, "") else spent
-        if float(row["val_metric"]) >= target:
+        value = float(row["val_metric"])
+        if metric.reaches(value, target) if metric else value >= target:
             return int(row["epoch"]), seconds
     return None
 
@@ -268,7 +270,7 @@ def fit(run_dir: str | Path, cfg: Config, task: Task, data: Data, device: torch.
     run_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(run_dir / "config.json", {"key": key, **meta, "config": cfg.to_dict(), "data_info": data.info.to_dict()})
     t = setup(cfg, task, data, device)
-    state = restore(run_dir / "last.pt", t, key, device) or new_state()
+    state = restore(run_dir / "last.pt", t, key, device) or new_state(task)
     if state["epoch"]:
         tqdm.write(f"resuming {name} from epoch {state['epoch'] + 1} ({state['epoch']} of {cfg.train.epochs} done)",
                    file=sys.stderr)

@@ -41,7 +41,7 @@ from bench import files
 from bench.config import ConfigError, config_hash
 from bench.runner import RunOptions, load_data, preflight, runtime_config
 from bench.spec import TUNED, Run, Spec, Variant, apply_set, build_config, describe, run_key, slug, tuned_path
-from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, shown
+from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, shown, trial_id
 from bench.store import RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
@@ -101,7 +101,8 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or StorageOptions(f"sqlite:///{study_file(results_dir, spec).resolve()}")
     rdb = open_storage(storage)
-    study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
+    study = optuna.create_study(study_name=name, storage=rdb, direction=TASKS[spec.task].metrics[0].direction,
+                                load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
     study.set_user_attr("spec", spec.path)
     study.set_user_attr("overrides", spec.overrides)
@@ -161,7 +162,7 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train:
         trial.set_user_attr("run_of_trial", trial.number)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     try:
-        with heartbeat(storage, trial._trial_id):
+        with heartbeat(storage, trial_id(storage, study, trial)):
             value = train(trial)
     except optuna.TrialPruned:
         study.tell(trial, state=State.PRUNED)
@@ -219,7 +220,8 @@ class _Trainer:
                       on_epoch=report, test=False)
         except optuna.TrialPruned:
             self.store.record(run, {"key": run.key, **meta, "status": "pruned",
-                                    "epochs_run": self.store.epochs_done(run), "val_best": max(best)})
+                                    "epochs_run": self.store.epochs_done(run),
+                                    "val_best": self.task.metrics[0].best(best)})
             for hook in self.opts.after_run:
                 hook(self.store, run)
             raise

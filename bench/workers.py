@@ -13,13 +13,13 @@ not guessed:
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
+from bench import usable_cores
 from bench.config import Config
 from bench.runner import RunOptions, load_data, runtime_config
 from bench.spec import Run, Spec
@@ -76,7 +76,7 @@ def cpu_throughput(cfg: Config, task: Task, data: Data, workers: int, threads: i
 
 def choose_cpu_workers(cfg: Config, task: Task, data: Data, n_runs: int, cores: int | None = None) -> tuple[int, str]:
     """(workers, the measurements that chose it) among the splits of ``cores`` into workers x threads."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     splits = [(w, cores // w) for w in range(1, min(cores, n_runs) + 1) if cores % w == 0]
     if len(splits) == 1:
         return 1, "one run or one core"
@@ -97,7 +97,7 @@ def choose_cuda_workers(cfg: Config, task: Task, data: Data, device: torch.devic
     free, _ = torch.cuda.mem_get_info(device)
     # Workers are spread over every GPU of the machine (bench.runner.gpu_slots) unless a device index was named.
     gpus = torch.cuda.device_count() if device.index is None else 1
-    n = cuda_workers(free, per_run, n_runs, os.cpu_count() or 1, gpus)
+    n = cuda_workers(free, per_run, n_runs, usable_cores(), gpus)
     return n, (f"{free / 2**30:.1f} GiB free, about {per_run / 2**30:.2f} GiB per run"
                + (f", {gpus} GPUs" if gpus > 1 else ""))
 

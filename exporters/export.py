@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import files
 from bench.augment import dihedral, dihedral_tta
 from bench.config import ConfigError
-from bench.runner import resolve_data_root
+from bench.runner import run_data_root
 from bench.store import LoadedRun, load_run
 from bench.tasks.base import ImageSet
 from exporters.metadata import ModelMeta, metadata_for
@@ -198,8 +198,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
     record = {
         "onnx": path.name, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "task": run.task.name, "kind": run.task.kind, "source_run": source, "config_hash": run.key,
-        "variant": (run.result or {}).get("variant"), "seed": (run.result or {}).get("seed"),
-        "val_best": (run.result or {}).get("val_best"), "run_test": (run.result or {}).get("test"),
+        "variant": run.result and run.result.variant, "seed": run.result and run.result.seed,
+        "val_best": run.result and run.result.val_best, "run_test": run.result and run.result.test,
         "run_tta": bool(run.config.eval.tta), "tta": tta, "opset": OPSET, "exporter": exporter,
         "export_seconds": export_s, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_root": root,
         "params": sum(p.numel() for p in run.model.parameters()),
@@ -214,8 +214,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
 def test_data_root(run: LoadedRun, data_root: str | None) -> str:
     """Where a run's test images are read for its export: ``data_root`` ($BENCH_DATA or --data-root), else the run's
     own root; a folder task's own root always (it is the data set itself, not a folder holding several)."""
-    own = run.config.data.root if run.task.data_keys else None
-    return resolve_data_root(data_root or own, default=run.config.data.root or "data")[0]
+    return run_data_root(run, data_root)
 
 
 def load_exported(record_path: Path, results_dir: Path, data_root: str | None = None) -> Exported | None:

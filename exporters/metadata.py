@@ -110,9 +110,8 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
     if seg:  # the graph pads to a multiple of 2**depth by reflection, which needs at least that many pixels
         meta["min_size"] = str(int(getattr(run.model, "multiple", 1)))
     if result is not None:
-        meta.update(variant=str(result.get("variant", "")), seed=str(result.get("seed", "")),
-                    val_metric=_j({task.metric: result.get("val_best")}),
-                    test_metric=_j({task.metric: result.get("test", {}).get(task.metric)}))
+        meta.update(variant=str(result.variant or ""), seed=str("" if result.seed is None else result.seed),
+                    val_metric=_j({task.metric: result.val_best}), test_metric=_j({task.metric: result.test.get(task.metric)}))
     return meta
 
 

@@ -11,8 +11,8 @@ model: its ``deployment.md`` is embedded in ``results/summary.md``.  Any other e
 
 ``best`` picks, per task, among the finished runs of the *published* groups (a spec and
 profile as written; ``--groups`` names others, e.g. an ad-hoc experiment, explicitly) the
-run with the highest validation metric (``val_best`` in result.json; the test set never
-chooses); ties go to the run with fewer parameters, then to one whose test metric used no
+run with the best validation metric (``val_best`` in result.json: the highest, or the lowest for a metric where
+lower is better; the test set never chooses); ties go to the run with fewer parameters, then to one whose test metric used no
 TTA (its graph is one forward pass instead of 8), then to the first run folder in
 alphabetical order.  A run whose test metric used TTA is exported as the TTA graph (the
 shipped file computes the metric that was reported) unless ``--no-tta``; ``--tta`` exports
@@ -54,7 +54,7 @@ class Candidate:
     tta: bool
 
     def rank(self) -> tuple[float, int, bool, str]:
-        return (-self.val, self.params, self.tta, str(self.run_dir))
+        return (TASKS[self.task].metrics[0].rank(self.val), self.params, self.tta, str(self.run_dir))
 
 
 def finished_runs(results_dir: str | Path, groups: list[str] | None = None) -> list[Candidate]:
@@ -65,15 +65,15 @@ def finished_runs(results_dir: str | Path, groups: list[str] | None = None) -> l
     for group in groups if groups is not None else store.groups("published"):
         meta = store.read_group(group)
         for run in store.finished(group):
-            val = run.result.get("val_best")
+            val = run.result.val_best
             if isinstance(val, (int, float)) and math.isfinite(val) and (run.dir / "best.pt").exists():
                 tta = bool(files.read_json(run.dir / "config.json")["config"].get("eval", {}).get("tta"))
-                out.append(Candidate(run.dir, meta["task"], float(val), int(run.result.get("params", 0)), tta))
+                out.append(Candidate(run.dir, meta.task, float(val), int(run.result.params or 0), tta))
     return out
 
 
 def pick_best(cands: list[Candidate], task: str) -> Candidate | None:
-    """The ``task`` run with the highest validation metric (ties: see the module docstring)."""
+    """The ``task`` run with the best validation metric (ties: see the module docstring)."""
     mine = [c for c in cands if c.task == task]
     return min(mine, key=Candidate.rank) if mine else None
 
@@ -153,7 +153,7 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
     for c in (c for _, c in chosen if c is not None):
         print(f"{c.task}: best of {sum(x.task == c.task for x in cands)} finished runs by validation metric: "
               f"{c.run_dir} (val {c.val:.4f})", file=sys.stderr)
-    published = args.groups is None or all(store.read_group(g)["role"] == "published" for g in args.groups)
+    published = args.groups is None or all(store.read_group(g).role == "published" for g in args.groups)
     return results, [c.run_dir for _, c in chosen if c is not None], published
 
 

@@ -197,7 +197,7 @@ def opens_as_image(path: Path) -> bool:
     try:
         with Image.open(path):
             return True
-    except Exception:
+    except files.IMAGE_ERRORS:
         return False
 
 
@@ -213,7 +213,7 @@ def read_image(path: Path, mode: str) -> np.ndarray:
             arr = np.asarray(im.convert(mode), dtype=np.uint8)
     except UnidentifiedImageError:
         raise ImageError("not an image file (unrecognized format)") from None
-    except Exception as e:  # truncated or corrupt file, decoder error
+    except files.IMAGE_ERRORS as e:  # truncated or corrupt file, decoder error
         raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
     if arr.size == 0:
         raise ImageError("empty image")

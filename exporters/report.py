@@ -4,11 +4,10 @@ and batch) and ``<results>/deployment.md``, the deployment table that ``bench su
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from bench import files
+from bench import files, usable_cores
 from exporters.parity import gap_text
 
 CSV_COLUMNS = [
@@ -177,5 +176,5 @@ def _machine_note(mine: list[dict[str, Any]]) -> list[str]:
     return ["Measured on " + "; ".join(f"{c} with onnxruntime {o}, torch {t}" for c, o, t in machines)
             + "; threads (both engines): " + ", ".join(f"{t} at batch {b}" for b, t in threads)
             + f"; 1-minute load average during the timings {min(loads):.2f}–{max(loads):.2f} "
-            f"(on {os.cpu_count()} logical CPUs; other jobs add noise); {min(r['timestamp'] for r in mine)[:16]} to "
+            f"(on {usable_cores()} logical CPUs; other jobs add noise); {min(r['timestamp'] for r in mine)[:16]} to "
             f"{max(r['timestamp'] for r in mine)[:16]}. Raw numbers: `latency.csv`.", ""]

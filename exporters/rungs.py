@@ -34,6 +34,7 @@ import torch
 from bench import files
 from bench.spec import Spec, slug
 from bench.store import LoadedRun, RunStore
+from bench.tasks import TASKS
 from bench.train import device_name
 from exporters import export as export_module
 from exporters import metadata as metadata_module
@@ -58,16 +59,16 @@ class Rung:
 
 
 def choose(spec: Spec, store: RunStore) -> list[Rung]:
-    """Per variant, the finished current run with the highest validation metric (ties: lower seed)."""
-    out = []
+    """Per variant, the finished current run with the best validation metric (ties: lower seed)."""
+    metric, out = TASKS[spec.task].metrics[0], []
     for v in spec.variants:
         done = [(r, res) for r in spec.runs([v.name]) if (res := store.result(r)) is not None]
-        done = [(r, res) for r, res in done if isinstance(res.get("val_best"), (int, float))]
+        done = [(r, res) for r, res in done if isinstance(res.val_best, (int, float))]
         if not done:
             out.append(Rung(v.name, None))
             continue
-        run, res = min(done, key=lambda d: (-d[1]["val_best"], d[0].seed))
-        out.append(Rung(v.name, store.path(run), run.seed, float(res["val_best"])))
+        run, res = min(done, key=lambda d: (metric.rank(d[1].val_best), d[0].seed))
+        out.append(Rung(v.name, store.path(run), run.seed, float(res.val_best)))
     return out
 
 

@@ -10,6 +10,8 @@ import yaml
 from bench.cli import main
 from tests.helpers import TINY_MNIST_BASE, write_spec
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_misspelt_key_fails_at_once_naming_file_and_key(tmp_path, capsys):
     path = write_spec(tmp_path / "typo.yaml", variants=[{"name": "a", "set": {"model": {"batchnorm": True}}}])
@@ -150,7 +152,8 @@ def test_spec_file_is_yaml_with_reported_numbers():
 
 def test_an_experiment_cannot_take_over_another_group(tmp_path, capsys):
     res = tmp_path / "r"
-    other = write_spec(tmp_path / "other.yaml")
+    (tmp_path / "elsewhere").mkdir()  # a spec in another folder: only the results folder knows its group
+    other = write_spec(tmp_path / "elsewhere" / "other.yaml")
     from bench.spec import load_spec
     from bench.store import RunStore
 
@@ -162,7 +165,7 @@ def test_an_experiment_cannot_take_over_another_group(tmp_path, capsys):
         assert main(["run", str(path), "--set", "optim.lr=0.5", "--group", group, "--results", str(res),
                      "--data-root", "/nonexistent"]) == 2
         assert expected in capsys.readouterr().err
-    assert RunStore(res).read_group("other")["role"] == "published"
+    assert RunStore(res).read_group("other").role == "published"
 
 
 def test_experiment_seeds_among_the_spec_s_are_one_group_and_runtime_sets_are_no_experiment(tmp_path, capsys):
@@ -234,4 +237,24 @@ def test_a_network_of_the_wrong_width_stops_before_training(data_root, tmp_path,
     assert main(["run", str(path), "--data-root", str(data_root), "--results", str(res)]) == 2
     err = capsys.readouterr().err
     assert "variant 'a' (model.name=wrongnets:five): the network returns (2, 5)" in err and "mnist needs (2, 10)" in err
+    assert not res.exists()
+
+
+def test_group_refuses_any_spec_s_published_group_before_writing(tmp_path, capsys, monkeypatch):
+    """``--group warwick`` on an MNIST experiment would make runs/warwick an ad-hoc MNIST group that ``bench run
+    warwick`` then refuses: any spec's published group is refused, trained or not, and nothing is written."""
+    monkeypatch.chdir(REPO)  # ablations/ holds the shipped specs
+    res = tmp_path / "r"
+    for group in ("warwick", "mnist"):
+        assert main(["run", "mnist", "--set", "optim.lr=0.5", "--group", group, "--results", str(res),
+                     "--data-root", "/nonexistent"]) == 2
+        err = capsys.readouterr().err
+        assert f"--group {group}: that name is the published group of " in err and f"ablations/{group}.yaml" in err
+    # a spec beside the experiment's own, with a profile
+    path = write_spec(tmp_path / "p.yaml")
+    write_spec(tmp_path / "q.yaml", profiles={"quick": {"seeds": [0]}})
+    from bench.spec import published_groups
+    assert {"q", "q@quick", "p"} <= set(published_groups([tmp_path]))
+    assert main(["run", str(path), "--set", "optim.lr=0.5", "--group", "q", "--results", str(res)]) == 2
+    assert "--group q: that name is the published group of" in capsys.readouterr().err
     assert not res.exists()

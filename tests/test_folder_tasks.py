@@ -309,3 +309,35 @@ def test_mask_folder_with_warwicks_rule_reads_warwick_as_the_warwick_task_does(d
         a, b = getattr(ours, split), getattr(theirs, split)
         assert a.names == b.names and torch.equal(a.x, b.x) and torch.equal(a.y, b.y), split
     assert ours.info.to_dict() == {**theirs.info.to_dict(), "source": str(folder)}
+
+
+def test_a_bad_image_is_a_data_error_and_a_bug_while_decoding_keeps_its_traceback(tmp_path, monkeypatch):
+    """PIL's own errors (unrecognized, truncated) name the file; anything else raised while decoding is a bug and
+    is not reported as a bad image."""
+    import PIL.Image
+
+    from bench.tasks import warwick
+    from bench.tasks.folders import decode
+    from exporters import predict
+
+    good, cut, text = tmp_path / "good.png", tmp_path / "cut.png", tmp_path / "text.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    cut.write_bytes(good.read_bytes()[:200])
+    text.write_text("not an image")
+    for path in (cut, text):
+        with pytest.raises(DataError, match=f"{path}: not a readable image"):
+            decode(path, None)
+        with pytest.raises(DataError, match=f"{path}: not a readable image"):
+            warwick._read_image(path)
+        with pytest.raises(predict.ImageError, match="not a"):
+            predict.read_image(path, "RGB")
+    assert not predict.opens_as_image(text) and predict.opens_as_image(good)
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug of ours")
+
+    monkeypatch.setattr(PIL.Image, "open", bug)
+    for call in (lambda: decode(good, None), lambda: warwick._read_image(good), lambda: warwick._read_label(good),
+                 lambda: predict.read_image(good, "RGB"), lambda: predict.opens_as_image(good)):
+        with pytest.raises(TypeError, match="a bug of ours"):
+            call()

@@ -17,10 +17,10 @@ LAYERS = [
      "bench.tasks.image_folder", "bench.tasks.mask_folder"],  # data and metrics per task
     ["bench.spec"],  # specs resolved into validated configs
     ["bench.train", "bench.reference"],  # the training loop (and the textbook loop it is timed against)
-    ["bench.store", "bench.storage", "bench.tracking"],  # the run store, the database that coordinates machines, MLflow
+    ["bench.records", "bench.store", "bench.storage", "bench.tracking"],  # records, run store, machines DB, MLflow
     ["bench.grid"],  # who trains which run: kernel locks, or a study in that database
     ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
-    ["bench.summary", "bench.perf", "bench.reproduce"],  # the published tables and speed measurements
+    ["bench.summary", "bench.perf", "bench.rescore", "bench.reproduce"],  # the published tables and speed measurements
     ["exporters", "exporters.runtime", "exporters.metadata", "exporters.parity", "exporters.export",
      "exporters.benchmark", "exporters.report", "exporters.rungs", "exporters.predict", "exporters.tracking",
      "exporters.onnx"],  # deployment

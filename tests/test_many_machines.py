@@ -262,3 +262,81 @@ def test_a_run_queued_twice_is_trained_once_and_counted_once(tmp_path):
     assert trained == [run]
     trials = grid.study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [State.COMPLETE, State.FAIL] and trials[1].user_attrs["duplicate"]
+
+
+def test_a_bug_while_opening_the_storage_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the driver's and Optuna's storage errors are "cannot use this database"; a programming error inside
+    (here a TypeError) is not reported as bad input."""
+    from bench.config import ConfigError
+    from bench.storage import StorageOptions, open_storage
+
+    folder = tmp_path / "a-folder.db"
+    folder.mkdir()  # SQLite cannot open a folder: the driver's own error, one line naming the URL
+    with pytest.raises(ConfigError, match=f"--storage sqlite:///{folder}: cannot use this database"):
+        open_storage(StorageOptions(f"sqlite:///{folder}"))
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug of ours")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(TypeError, match="a bug of ours"):
+        open_storage(StorageOptions(f"sqlite:///{tmp_path / 'grid.db'}"))
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_run_counts_as_failed_only_when_its_record_says_so_or_its_retries_ran_out(tmp_path):
+    """The false failure seen with two machines, one SIGKILLed: a survivor's fail_stale_trials fails the dead
+    worker's trial and queues its retry a moment later; in between, the other survivor saw a failed last trial and
+    counted the run as failed, with no record to name.  Now: a stale trial with retries left is not a failure, one
+    whose retries ran out is (named), a run whose record says failed is (named), a run finished in the folder is not."""
+    from bench.grid import StudyGrid
+    from bench.runner import failures
+    from bench.storage import StorageOptions, trial_id
+    from bench.store import RunStore
+
+    spec = load_spec(_spec(tmp_path, "f", variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}]))
+    run_a, run_b = spec.runs()
+    store, storage = RunStore(tmp_path / "r"), StorageOptions(f"sqlite:///{tmp_path / 'grid.db'}", retries=1)
+    store.write_group(spec)
+    grid = StudyGrid(store, spec, [run_a, run_b], storage, poll=0.01)
+    grid.enqueue()
+    study, State = grid.study, optuna.trial.TrialState
+
+    def dies(number: int) -> optuna.trial.FrozenTrial:  # claimed, then failed by another worker's fail_stale_trials
+        tid = trial_id(grid.storage, study, study.trials[number])
+        grid.storage.set_trial_state_values(tid, state=State.RUNNING)
+        grid.storage.set_trial_state_values(tid, state=State.FAIL)
+        return study.trials[number]
+
+    first = dies(0)  # run a's worker is SIGKILLed: the window before the retry is queued
+    assert grid.abandoned() == [] and failures(spec, [run_a, run_b], store, storage) == []
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, first)  # the retry is queued (trial 2)
+    dies(2)  # and its worker dies too: --retries 1 ran out
+    (line,) = failures(spec, [run_a, run_b], store, storage)
+    assert line.startswith(f"{run_a.rel_dir}: its worker stopped beating 2 times (--retries exhausted)")
+    store.record_failure(run_b, "RuntimeError: the loss diverged")
+    assert failures(spec, [run_b], store, storage) == ["b seed 0: RuntimeError: the loss diverged"]
+    store.path(run_a).mkdir(parents=True, exist_ok=True)  # run a finished after all (its worker died after writing it)
+    (store.path(run_a) / "config.json").write_text(json.dumps({"key": run_a.key}))
+    store.record(run_a, {"key": run_a.key, "val_best": 0.5, "test": {}})
+    assert failures(spec, [run_a, run_b], store, storage) == ["b seed 0: RuntimeError: the loss diverged"]
+
+
+def test_the_private_heartbeat_optuna_lends_still_beats(tmp_path):
+    """bench.storage.heartbeat is bench's one use of a private Optuna name (no public heartbeat serves ask and tell).
+    On an Optuna that moved or changed it, this fails saying so: a held trial must outlive the grace period, and
+    one nobody beats for must not."""
+    from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, trial_id
+
+    storage = open_storage(StorageOptions(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat=1, grace=2))
+    study = optuna.create_study(study_name="beat", storage=storage)
+    held, left = study.ask(), study.ask()  # both RUNNING; the second one beats once and stops
+    with heartbeat(storage, trial_id(storage, study, left)):
+        pass
+    with heartbeat(storage, trial_id(storage, study, held)):
+        time.sleep(3.5)
+        fail_stale_trials(study)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[held.number] == optuna.trial.TrialState.RUNNING, (
+        f"optuna {optuna.__version__}: bench.storage.heartbeat no longer records heartbeats (see its docstring)")
+    assert states[left.number] == optuna.trial.TrialState.FAIL

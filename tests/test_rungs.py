@@ -12,6 +12,7 @@ import torch
 
 from bench.augment import dihedral_tta
 from bench.pareto import pareto_front
+from bench.records import RunRecord
 from bench.spec import LABEL_MAX, load_spec, short_label
 from bench.store import RunStore, StoredRun
 from bench.summary import MAX_TABLE_WIDTH, group_tables
@@ -52,7 +53,7 @@ def test_tta_graph_reproduces_the_harness_tta_evaluation(seg, tmp_path):
     result = json.loads((seg["run"] / "result.json").read_text())
     logits = run_batched(session(ex.path), ex.inputs, 2)
     dice = ex.run.task.score_outputs(logits, ex.test.targets, ex.meta.threshold)
-    assert dice == pytest.approx(result["test"]["dice"], abs=1e-3) and dice == pytest.approx(par["metric_torch"], abs=1e-6)
+    assert dice == pytest.approx(result["test"]["dice"], abs=1e-4) and dice == pytest.approx(par["metric_torch"], abs=1e-6)
     # sigmoid(output) is the harness's own TTA probability, also on a non-square input the graph was not traced on
     x = np.random.default_rng(0).standard_normal((2, 2, 24, 40)).astype(np.float32)
     out = session(ex.path).run(None, {"input": x})[0]
@@ -173,9 +174,9 @@ def test_table_columns_keep_their_order_and_decimals(tmp_path):
     store = RunStore(tmp_path)
     store.write_group(spec)
     meta = store.read_group(spec.group)
-    runs = [StoredRun(spec.group, v, 0, f"k{v}", tmp_path, {"seed": 0, "key": f"k{v}", "val_best": 0.5,
-                                                           "test": {"acc": 0.9}, "params": 1000, "epochs_run": 1,
-                                                           "best_epoch": 1, "train_time_s": 1.0}) for v in ("b", "c")]
+    runs = [StoredRun(spec.group, v, 0, f"k{v}", tmp_path, RunRecord(f"k{v}", seed=0, val_best=0.5, test={"acc": 0.9},
+                                                                     params=1000, epochs_run=1, best_epoch=1,
+                                                                     train_time_s=1.0)) for v in ("b", "c")]
     lat = {"b": 0.0703, "c": 0.111}
     costs = {"rungs": {v: {"key": f"k{v}", "flops_per_image": 1e6, "latency": {"cpu/fp32": {"p50_ms": ms}}}
                        for v, ms in lat.items()}}
@@ -210,9 +211,9 @@ def test_committed_specs_tables_fit_a_screen(name, profile, tmp_path):
     for v in spec.variants:
         for seed in spec.seeds:
             test = {k: (0.1 + 0.8 * (seed % 2) if k != "obj_hausdorff" else 123.45) for k in metric_keys}
-            result = {"seed": seed, "key": f"k{v.name}{seed}", "val_best": 0.5, "test": test, "params": 12_345_678,
-                      "epochs_run": 100, "best_epoch": 88.5, "train_time_s": 12345.0}
-            runs.append(StoredRun(spec.group, v.name, seed, result["key"], tmp_path, result))
+            result = RunRecord(f"k{v.name}{seed}", seed=seed, val_best=0.5, test=test, params=12_345_678, epochs_run=100,
+                               best_epoch=88.5, train_time_s=12345.0)
+            runs.append(StoredRun(spec.group, v.name, seed, result.key, tmp_path, result))
         rungs[v.name] = {"key": f"k{v.name}{spec.seeds[0]}", "tta": True, "flops_per_image": 123_456_789_012,
                          "latency": {c: {"p50_ms": 1234.567} for c in ("cpu/fp32", "cpu/int8", "cuda/fp32")}}
     tables = group_tables(meta, runs, {"rungs": rungs})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,3 +187,84 @@ def test_cli_rejects_bad_override_before_training(bad, tmp_path):
     out = p.communicate(timeout=60)[0]
     assert p.returncode == 2 and "Traceback" not in out and ("unknown key" in out or "must be" in out)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="taskset (util-linux) is not installed")
+def test_core_count_is_the_affinity_not_the_machine(tmp_path):
+    """Under ``taskset -c 0`` (as under Slurm's --cpus-per-task=1) every core count sees one core: the workers'
+    choice does not time splits of cores the process may not use, and the machine line says 1 core."""
+    code = ("import torch; from bench import usable_cores; from bench.workers import choose_cpu_workers; "
+            "from bench.train import device_name; "
+            "print(usable_cores(), choose_cpu_workers(None, None, None, n_runs=4)[1], device_name(torch.device('cpu')))")
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("1 one run or one core CPU: ") and out.strip().endswith("(1 cores)"), out
+
+
+def test_a_full_disk_stops_the_grid_with_one_line_and_keeps_what_was_saved(data_root, tmp_path, monkeypatch, capsys):
+    """A save that fails for want of space (ENOSPC) stops the grid at once: one error line naming the folder and its
+    free space, exit 1, the run not recorded as failed, the other runs not started."""
+    import errno
+
+    from bench.cli import main
+
+    path = write_spec(tmp_path / "d.yaml", seeds=[0, 1], variants=[{"name": "a"}])
+    res = tmp_path / "r"
+
+    def no_space(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", no_space)
+    assert main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--workers", "1",
+                 "--no-progress"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left on the device (" in errors[0] and "MiB free)" in errors[0], errors
+    runs = res / "runs" / "d" / "a"
+    assert f"error: {runs / 'seed-0'}: " in errors[0]
+    assert not (runs / "seed-0" / "result.json").exists() and not (runs / "seed-1").exists()
+    assert not list(runs.rglob("*.tmp"))
+
+
+def test_torch_s_wrapped_full_disk_error_is_a_full_disk_only_when_the_disk_is_full(tmp_path, monkeypatch):
+    """torch.save reports ENOSPC as RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos ...");
+    a file system with (almost) nothing free as it fails makes that a DiskFull; the previous file stays."""
+    from collections import namedtuple
+
+    from bench import files
+
+    target = tmp_path / "last.pt"
+    files.torch_save(target, {"epoch": 1})
+
+    def wrapped(obj, f, *args, **kwargs):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1786112 vs 1786008")
+
+    monkeypatch.setattr(torch, "save", wrapped)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(4 << 20, (4 << 20) - 8192, 8192))
+    with pytest.raises(files.DiskFull, match=rf"{tmp_path}: no space left on the device \(0.0 MiB free\)"):
+        files.torch_save(target, {"epoch": 2})
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 30, 1 << 39))
+    with pytest.raises(RuntimeError, match="unexpected pos") as err:
+        files.torch_save(target, {"epoch": 2})
+    assert not isinstance(err.value, files.DiskFull)
+    assert torch.load(target, weights_only=True) == {"epoch": 1} and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_real_full_file_system_stops_the_grid(data_root, tmp_path):
+    """The same on a 300 KiB tmpfs (needs root to mount; skipped otherwise): torch's own error on a full disk."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        path = write_spec(tmp_path / "t.yaml", seeds=[0, 1])
+        p = _bench(["run", str(path), "--data-root", str(data_root), "--results", str(mnt / "r"), "--workers", "1"],
+                   tmp_path)
+        out = p.communicate(timeout=240)[0]
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert p.returncode == 1 and len(errors) == 1 and "no space left on the device" in errors[0], out
+        assert "Traceback" not in out and not (mnt / "r" / "runs" / "t" / "a" / "seed-1").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -28,11 +28,11 @@ def run_quick_profile(spec_name: str, data_root: Path, results: Path, max_minute
     group = f"{spec_name}@quick"
     spec = store.read_group(group)
     finished = store.finished(group)
-    assert len(finished) == len(spec["runs"])  # every rung on every seed
-    by_variant = {v["name"]: [r.result for r in finished if r.variant == v["name"]] for v in spec["variants"]}
-    best = max(by_variant, key=lambda n: sum(r["val_best"] for r in by_variant[n]) / len(by_variant[n]))
+    assert len(finished) == len(spec.runs)  # every rung on every seed
+    by_variant = {v.name: [r.result for r in finished if r.variant == v.name] for v in spec.variants}
+    best = max(by_variant, key=lambda n: sum(r.val_best for r in by_variant[n]) / len(by_variant[n]))
     assert f"{best} ★" in (results / "summary.md").read_text()
-    return best, sum(r["test"][metric] for r in by_variant[best]) / len(by_variant[best])
+    return best, sum(r.test[metric] for r in by_variant[best]) / len(by_variant[best])
 
 
 def export_best(task: str, data_root: Path, results: Path) -> dict:

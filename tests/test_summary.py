@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import files
+from bench.records import GroupRecord, VariantRecord
 from bench.spec import load_spec, place_in_group
 from bench.store import RunStore
 from bench.summary import Table, group_tables, mean_ci, paired_test, write_summary
@@ -105,8 +106,7 @@ def test_summary_keeps_sections_of_groups_whose_runs_are_elsewhere(tmp_path):
 
 def test_reported_number_is_shown_in_the_metric_s_own_format():
     for task, reported, shown in (("warwick", 0.66, "0.6600"), ("warwick", 0.88, "0.8800"), ("mnist", 0.982, "98.20")):
-        meta = {"task": task, "variants": [{"name": "a", "change": "", "parent": None, "ablation": False,
-                                            "reported": reported}]}
+        meta = GroupRecord("t", "t", task, [VariantRecord("a", "a", reported=reported)])
         assert column(group_tables(meta, []).main, "report") == [shown]  # as the table's own numbers (0.66 once showed as 0.7)
 
 

@@ -55,3 +55,20 @@ class SquaresTask(ClassificationTask):
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
         return {"color_mode": "L", "resize_policy": "resize", "invert": "never", "resample": "bilinear",
                 "classes": json.dumps(self.classes)}
+
+
+class SquaresErrorTask(SquaresTask):
+    """The same task scored by its error rate, a metric where lower is better (like a loss)."""
+
+    name = "squares_error"
+    metrics = (Metric("err", "test error", unit="%", scale=100.0, digits=1, higher_is_better=False),)
+
+    def train_score(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 1 - super().train_score(logits, y)
+
+    def evaluate(self, model, split, cfg, loss_fn, *, final):
+        scores = super().evaluate(model, split, cfg, loss_fn, final=final)
+        return {"loss": scores["loss"], "err": 1 - scores["acc"]}
+
+    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
+        return 1 - super().score_outputs(logits, targets, threshold)

@@ -121,7 +121,7 @@ class Task:
 
     @property
     def metric(self) -> str:
-        """Key of the primary metric (higher is better)."""
+        """Key of the primary metric (``metrics[0]``, whose ``higher_is_better`` says which way is better)."""
         return self.metrics[0].key
 
     # ----------------------------------------------------------------------- configuration

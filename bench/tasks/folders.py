@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from bench import files
 from bench.config import Config, ConfigError
 from bench.tasks.base import DataError
 
@@ -65,7 +66,7 @@ def decode(path: Path, mode: str | None) -> np.ndarray:
             arr = np.asarray(im.convert(mode or ("L" if grey else "RGB")), dtype=np.uint8)
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image (unrecognized format)") from None
-    except Exception as e:  # truncated or corrupt file, decoder error
+    except files.IMAGE_ERRORS as e:  # truncated or corrupt file, decoder error
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if arr.size == 0:
         raise DataError(f"{path}: empty image")

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from bench.augment import augment_batch, dihedral_tta
 from bench.config import Config, ConfigError
+from bench.files import IMAGE_ERRORS
 from bench.inference import Forward, batched_outputs
 from bench.metrics import dice_per_image, segmentation_report
 from bench.seg_figures import draw_outlines
@@ -68,7 +69,7 @@ def _read_image(path: Path, mode: str | None = None) -> np.ndarray:
             if mode is not None and im.mode != mode:
                 im = im.convert(mode)
             arr = np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # any decoder failure is a data error about this one file
+    except IMAGE_ERRORS as e:  # any decoder failure is a data error about this one file
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -81,7 +82,7 @@ def _read_label(path: Path, ones: bool = False) -> np.ndarray:
             if im.mode == "1":
                 return np.asarray(im, dtype=bool)
             arr = np.asarray(im.convert("L") if im.mode == "P" else im)
-    except Exception as e:
+    except IMAGE_ERRORS as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if arr.ndim == 3:
         if arr.shape[2] > 1 and not (arr == arr[:, :, :1]).all():
