@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench {run,tune,perf,summary,rescore,predict}``.
+"""Command line: ``python -m bench {run,tune,perf,summary,rescore,reproduce,predict}``.
 
 YAML specs set the defaults; flags override them (``--set optim.lr=0.01``), and the
 resolved config is saved beside every run's results.  User errors (a bad spec, a bad
@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", help="with a spec: its profile, e.g. quick")
     c.add_argument("--results", default="results", help="results folder (default: results)")
     c.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the runs' own)")
+
+    x = sub.add_parser("reproduce", help="re-train a group's recorded runs in a temporary folder and compare their test "
+                                         "metric with the record; exit 1 when one is off by more than the tolerance")
+    x.add_argument("group", help="a group under <results>/runs, e.g. mnist@quick or warwick")
+    x.add_argument("--variants", nargs="+", metavar="NAME", help="only these variants (default: every finished run)")
+    x.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="only these seeds")
+    x.add_argument("--results", default="results", help="results folder holding the group (default: results)")
+    x.add_argument("--data-root", help="data folder (default: the recorded one where it exists, else $BENCH_DATA, "
+                                       "else ./data)")
+    x.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the recorded train.device)")
+    x.add_argument("--tolerance", type=float, metavar="X",
+                   help="largest |new - recorded| allowed, in the metric's own units (0.005 = half a point of "
+                        "accuracy); default: max(3 x sqrt(2) x the rung's seed std, 0.01)")
+    x.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -102,6 +116,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     if getattr(args, "retries", 0) < 0:
         p.error(f"--retries: must be >= 0, got {args.retries}")
+    if getattr(args, "tolerance", None) is not None and not args.tolerance >= 0:
+        p.error(f"--tolerance: must be >= 0, got {args.tolerance}")
     if getattr(args, "trials", None) is not None and args.trials < 1:
         p.error(f"--trials: must be >= 1, got {args.trials}")
     return args
@@ -390,6 +406,15 @@ def _group_named(name: str, profile: str | None, results: Path) -> str:
     return group
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bench.reproduce import reproduce
+
+    _check_results_folder(Path(args.results))
+    rows = reproduce(args.results, args.group, args.variants, args.seeds, args.data_root, args.tolerance, args.device,
+                     not args.no_progress)
+    return 0 if all(r.ok for r in rows) else 1
+
+
 def _command() -> str:
     """This command line for the summary's provenance, with a storage URL's password hidden."""
     from bench.storage import shown
@@ -421,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return predict_main(argv[1:])
     args = _parse_args(argv)
-    handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary, "perf": cmd_perf, "rescore": cmd_rescore}
+    handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary, "perf": cmd_perf, "rescore": cmd_rescore,
+                "reproduce": cmd_reproduce}
     # Imported after parsing: --help and --version answer without loading torch.
     from bench.config import ConfigError
     from bench.registry import UnknownName

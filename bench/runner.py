@@ -150,8 +150,9 @@ def runtime_config(run: Run, opts: RunOptions) -> Any:
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else opts.data_root
     if opts.device:
         cfg.train.device = opts.device
-    if opts.threads:
-        cfg.train.threads = opts.threads
+    # The thread count is recorded (config.json) even when none was asked for: a CPU run's rounding depends on it
+    # (how reductions are split), so `bench reproduce` gives an identical run only with the same count.
+    cfg.train.threads = opts.threads or cfg.train.threads or torch.get_num_threads()
     if opts.channels_last is not None:
         cfg.train.channels_last = opts.channels_last
     if opts.compile is not None:

@@ -118,7 +118,7 @@ def _umask() -> int:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["tune", "--help"], ["summary", "--help"],
-                                  ["predict", "--help"]])
+                                  ["reproduce", "--help"], ["predict", "--help"]])
 def test_help_describes_every_option(argv, capsys):
     try:
         code = main(argv)

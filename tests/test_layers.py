@@ -20,7 +20,7 @@ LAYERS = [
     ["bench.records", "bench.store", "bench.storage", "bench.tracking"],  # records, run store, machines DB, MLflow
     ["bench.grid"],  # who trains which run: kernel locks, or a study in that database
     ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
-    ["bench.summary", "bench.perf", "bench.rescore"],  # the published tables and speed measurements
+    ["bench.summary", "bench.perf", "bench.rescore", "bench.reproduce"],  # the published tables and speed measurements
     ["exporters", "exporters.runtime", "exporters.metadata", "exporters.parity", "exporters.export",
      "exporters.benchmark", "exporters.report", "exporters.rungs", "exporters.predict", "exporters.tracking",
      "exporters.onnx"],  # deployment
