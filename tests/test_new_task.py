@@ -78,7 +78,7 @@ def test_a_lower_is_better_metric_picks_the_lowest_everywhere(monkeypatch, tmp_p
     assert bench(["run", str(path), "--results", str(res), "--no-progress", "--workers", "1", "--no-summary"]) == 0
     store, spec = RunStore(res), load_spec(path)
     runs = list(store.finished("se"))
-    val = {(r.variant, r.result["seed"]): r.result["val_best"] for r in runs}
+    val = {(r.variant, r.result.seed): r.result.val_best for r in runs}
     means = {v: (val[v, 0] + val[v, 1]) / 2 for v in ("crawl", "learn")}
     assert means["learn"] < means["crawl"]  # a rung that learns has the lower error, and is the best rung
     assert group_tables(store.read_group("se"), runs).best == "learn"
