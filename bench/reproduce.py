@@ -117,6 +117,24 @@ def rerun_of(stored: StoredRun, meta: GroupRecord, data_root: str | None) -> Run
     return Run(stored.group, variant, stored.seed, cfg, stored.key)
 
 
+def retrain(meta: GroupRecord, chosen: list[StoredRun], into: str | Path, data_root: str | None = None,
+            device: str | None = None, progress: bool = True) -> tuple[RunStore, list[Run]]:
+    """Train the stored runs ``chosen`` of the group ``meta`` again, each from its own record, into the results
+    folder ``into`` (same group, variant and seed folders); (that folder's store, the runs).  A run that fails is
+    recorded there as failed (``store.result(run)`` is None)."""
+    runs = [rerun_of(r, meta, data_root) for r in chosen]
+    root, _ = resolve_data_root(data_root)
+    opts = RunOptions(root, device, progress=progress)
+    spec = Spec(meta.name, meta.path or "", meta.task, sorted({r.seed for r in runs}), meta.profile,
+                list({r.variant.name: r.variant for r in runs}.values()), group_name=meta.group)
+    cache = preflight(spec, runs, opts)  # a device or data this machine lacks: one error before any training
+    try:
+        run_grid(spec, runs, into, opts, cache)
+    except RunsFailed:
+        pass  # said run by run; the caller sees each failure in the store
+    return RunStore(into), runs
+
+
 def seed_spread(finished: list[StoredRun], metric: str) -> dict[str, tuple[float, int]]:
     """Per variant: (sample std of the test metric over its recorded seeds, number of seeds); nan for one seed."""
     out: dict[str, tuple[float, int]] = {}
@@ -138,20 +156,10 @@ def reproduce(results: str | Path, group: str, variants: list[str] | None = None
     task = TASKS[meta.task]
     metric = task.metrics[0]
     spread = seed_spread(store.finished(group), metric.key)
-    runs = [rerun_of(r, meta, data_root) for r in chosen]
-    root, _ = resolve_data_root(data_root)
-    opts = RunOptions(root, device, progress=progress)
-    spec = Spec(meta.name, meta.path or "", meta.task, sorted({r.seed for r in runs}), meta.profile,
-                list({r.variant.name: r.variant for r in runs}.values()), group_name=group)
-    cache = preflight(spec, runs, opts)  # a device or data this machine lacks: one error before any training
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
-        tmp_store = RunStore(tmp)
-        print(f"re-training {len(runs)} run{'s' if len(runs) > 1 else ''} of {group} in {tmp} (deleted afterwards)",
+        print(f"re-training {len(chosen)} run{'s' if len(chosen) > 1 else ''} of {group} in {tmp} (deleted afterwards)",
               file=sys.stderr)
-        try:
-            run_grid(spec, runs, tmp, opts, cache)
-        except RunsFailed:
-            pass  # said run by run; each shows as failed below
+        tmp_store, runs = retrain(meta, chosen, tmp, data_root, device, progress)
         rows = []
         for stored, run in zip(chosen, runs, strict=True):
             result = tmp_store.result(run)

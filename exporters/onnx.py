@@ -30,6 +30,8 @@ from pathlib import Path
 
 from bench import files
 from bench.config import ConfigError
+from bench.records import read_record
+from bench.reproduce import retrain
 from bench.spec import load_spec, resolve_spec_path
 from bench.store import RunStore
 from bench.summary import write_summary
@@ -41,6 +43,8 @@ from exporters import tracking as mlflow_tracking
 from exporters.export import Exported, ExportError, export_run, results_dir_of
 from exporters.parity import ParityError, gap_text
 from exporters.rungs import measure_rungs
+
+RETRAINED = "retrained"  # <results>/retrained/runs/...: runs trained again here for their checkpoints
 
 
 @dataclass
@@ -66,7 +70,7 @@ def finished_runs(results_dir: str | Path, groups: list[str] | None = None) -> l
         meta = store.read_group(group)
         for run in store.finished(group):
             val = run.result.val_best
-            if isinstance(val, (int, float)) and math.isfinite(val) and (run.dir / "best.pt").exists():
+            if isinstance(val, (int, float)) and math.isfinite(val):
                 tta = bool(files.read_json(run.dir / "config.json")["config"].get("eval", {}).get("tta"))
                 out.append(Candidate(run.dir, meta.task, float(val), int(run.result.params or 0), tta))
     return out
@@ -154,7 +158,39 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
         print(f"{c.task}: best of {sum(x.task == c.task for x in cands)} finished runs by validation metric: "
               f"{c.run_dir} (val {c.val:.4f})", file=sys.stderr)
     published = args.groups is None or all(store.read_group(g).role == "published" for g in args.groups)
-    return results, [c.run_dir for _, c in chosen if c is not None], published
+    return results, [with_checkpoint(c.run_dir, results, args.data_root) for _, c in chosen if c is not None], published
+
+
+def _current_key(run_dir: Path) -> str | None:
+    try:
+        return read_record(run_dir).key
+    except (OSError, ValueError):
+        return None
+
+
+def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path:
+    """``run_dir`` when it holds its best.pt; else the same run trained again from its record (config, seed, thread
+    count) into ``<results>/retrained``, once, and that folder: records come from git, checkpoints do not."""
+    if (run_dir / "best.pt").exists():
+        return run_dir
+    store = RunStore(results)
+    group = run_dir.parent.parent.name
+    stored = next(r for r in store.finished(group) if r.dir == run_dir)
+    done = results / RETRAINED / run_dir.relative_to(results)
+    if (done / "best.pt").exists() and _current_key(done) == stored.key:
+        return done
+    print(f"note: {run_dir} has no best.pt (checkpoints are not in git): re-training it from its record into "
+          f"{results / RETRAINED} to export it", file=sys.stderr)
+    again, (run,) = retrain(store.read_group(group), [stored], results / RETRAINED, data_root)
+    result = again.result(run)
+    if result is None:
+        raise ConfigError(f"{run_dir}: re-training it to export it failed; see above")
+    metric = TASKS[store.read_group(group).task].metrics[0]
+    old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
+    print(f"note: re-trained {group} {stored.variant} seed {stored.seed}: {metric.label} {metric.show(new)} "
+          f"({'identical to' if new == old else 'recorded'} {metric.show(old)}); exporting {again.path(run)}",
+          file=sys.stderr)
+    return again.path(run)
 
 
 def export_all(run_dirs: list[Path], out_dir: Path, data_root: str | None, results: Path,

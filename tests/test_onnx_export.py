@@ -236,3 +236,24 @@ def test_latency_csv_int8_and_deployment_table(mnist_export, tmp_path, monkeypat
 def test_flops_of_a_known_network():
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
     assert bm.count_flops(net, torch.zeros(1, 1, 8, 8)) == 2 * (4 * 8 * 8 * 9 + 256 * 10)
+
+
+def test_best_retrains_a_run_whose_checkpoint_is_not_here(runs, tmp_path, capsys):
+    """Records come from git, checkpoints do not: `best` trains the chosen run again from its record (once), says so,
+    and ships that; on the machine and thread count that made the record, the rerun is identical."""
+    res = tmp_path / "results"
+    shutil.copytree(runs["results"] / "runs" / "tm", res / "runs" / "tm")
+    run_dir = res / "runs" / "tm" / "a" / "seed-0"
+    for f in run_dir.iterdir():  # what a clone has: the records
+        if f.name not in ("config.json", "result.json", "metrics.csv"):
+            f.unlink()
+    args = ["best", "--results", str(res), "--task", "mnist", "--data-root", str(runs["mnist_data"]), "--no-bench",
+            "--no-summary"]
+    assert ox.main(args) == 0
+    err = capsys.readouterr().err
+    assert "has no best.pt (checkpoints are not in git): re-training it" in err and "identical to" in err
+    rec = json.loads((res / "onnx" / "mnist.json").read_text())
+    assert rec["source_run"] == "retrained/runs/tm/a/seed-0"
+    recorded = json.loads((run_dir / "result.json").read_text())["test"]["acc"]
+    assert rec["parity"]["metric_ort"] == recorded and not (run_dir / "best.pt").exists()  # the record is untouched
+    assert ox.main(args) == 0 and "re-training" not in capsys.readouterr().err  # the checkpoint is kept for next time
