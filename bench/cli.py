@@ -222,6 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import RunsFailed, preflight, run_grid, run_workers, sigterm_as_ctrl_c
     from bench.store import RunStore
     from bench.summary import write_summary
+    from bench.tasks import TASKS
     from bench.workers import grid_workers
 
     spec, seeds, opts, download, tracker = _load(args)
@@ -247,7 +248,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracker.check([group_meta(spec)])
     # The group's definition: its whole scope, whatever subset this command trains; a data root given on the command
     # line too, so that the summary's command for the group runs as recorded.
-    store.write_group(spec, **({"data_root": opts.data_root} if args.data_root else {}),
+    # (Only for a task that reads a data set of its own: MNIST and WARWICK are found wherever $BENCH_DATA says.)
+    own_data = bool(TASKS[spec.task].data_keys)
+    store.write_group(spec, **({"data_root": opts.data_root} if args.data_root and own_data else {}),
                       **({"results": args.results} if Path(args.results) != Path("results") else {}))
     workers = args.workers or spec.workers
     if workers is None and len(todo) > 1:
@@ -380,8 +383,8 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     changed = sum(r.changed for r in done)
     print(f"{group}: {_count(len(done) - len(missing), 'run')} rescored, {changed} with new metrics")
     if missing:  # checkpoints are not in git: only runs trained in this results folder have one
-        print(f"error: {_count(len(missing), 'run')} of {group} kept their old numbers: no best.pt (checkpoints are "
-              f"not in git; `python -m bench run` trains them here): "
+        print(f"error: {_count(len(missing), 'run')} of {group} kept their old numbers: no best.pt here (checkpoints "
+              f"are not in git: only the results folder that trained a run can rescore it): "
               + ", ".join(f"{r.variant} seed {r.seed}" for r in missing), file=sys.stderr)
         return 1
     return 0

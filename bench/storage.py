@@ -45,7 +45,8 @@ class StorageOptions:
 
 # Everything between a scheme's "://" and the last "@" of the word (user and password, an unescaped "@" in the
 # password too); in text without any scheme (a URL missing its "//"), any word:secret@.
-_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)\S*@")
+# Not after `:///` (sqlite:///results/optuna/mnist@quick.db: a path, no user), where an @ is part of a file name.
+_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?!/)\S*@")
 _BARE = re.compile(r"([^\s:/@=]+:)[^\s@]*@")
 
 

@@ -239,6 +239,7 @@ def test_passwords_are_hidden_wherever_a_url_is_shown():
     assert shown("run x --storage=postgresql://u:pw@h/db") == "run x --storage=postgresql://***@h/db"
     assert shown("postgresql//u:pw@h/db") == "postgresql//u:***@h/db"  # no "://": still hidden
     assert shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and shown("postgresql://u@h/db") == "postgresql://***@h/db"
+    assert shown("sqlite:///results/optuna/mnist@quick.db") == "sqlite:///results/optuna/mnist@quick.db"  # a path
 
 
 def test_an_unescaped_at_in_a_password_is_refused_without_showing_it(tmp_path):
