@@ -1,27 +1,32 @@
 """What fp32 evaluation costs against bf16-autocast evaluation, on the quick profiles.
 
-    python scripts/eval_cost.py [--results results] [--repeats 5]
+    python scripts/eval_cost.py [--results results] [--repeats 5] [--out results/eval_cost.md]
 
 1. Times one validation pass (the one each epoch makes) of a rung of each quick profile in fp32 (how the harness
    evaluates) and in bf16 autocast (how it evaluated before), interleaved, and prints the ratio (median of repeats).
 2. Reads the quick groups' records in ``<results>/runs`` (when there) and says what share of their wall time was
    evaluation (validation every epoch, plus the test pass), and so what fp32 evaluation added to the whole profile.
-Weights are the freshly initialised network's: evaluation time does not depend on them.
+Weights are the freshly initialised network's: evaluation time does not depend on them.  The lines are printed and
+written, under a provenance line (command, machine, commit, date), to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench import files
 from bench.factories import build_loss, build_model
 from bench.runner import resolve_data_root
 from bench.spec import load_spec
 from bench.store import RunStore
 from bench.tasks import TASKS
+from bench.train import device_name
 
 RUNGS = [("mnist", "fast"), ("warwick", "+tta")]  # the quick profiles' best rungs (the WARWICK one with 8-fold TTA)
 
@@ -77,8 +82,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="results/eval_cost.md")
     args = p.parse_args()
-    print(f"cpu threads {torch.get_num_threads()}, torch {torch.__version__}")
+    head = (f"`python {' '.join(sys.argv)}` on {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, commit {files.git_commit()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(head)
+    lines = []
     for spec_name, variant in RUNGS:
         fp32, bf16 = time_validation(spec_name, variant, args.repeats)
         line = (f"{spec_name}@quick {variant}: one validation pass fp32 {fp32 * 1e3:.0f} ms, bf16 autocast "
@@ -90,6 +99,9 @@ def main() -> None:
             line += (f"; the group's records: evaluation {ev:.0f} s of {wall:.0f} s of run time ({ev / wall:.0%}), so "
                      f"fp32 evaluation adds about {extra:.0f} s ({extra / (wall - extra):.1%}) to the profile")
         print(line, flush=True)
+        lines.append(f"- {line}")
+    files.write_text(Path(args.out), "\n".join(["# fp32 evaluation against bf16 autocast evaluation", "", head, "",
+                                                *lines, ""]))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_rescore_without_checkpoints_says_so(toy, tmp_path, capsys):
     before = (results / "runs/rec/a/seed-0/result.json").read_text()
     assert main(["rescore", "rec", "--results", str(results)]) == 1
     err = capsys.readouterr().err
-    assert "no best.pt (checkpoints are not in git" in err and "a seed 0" in err
+    assert "no best.pt here (checkpoints are not in git" in err and "a seed 0" in err
     assert (results / "runs/rec/a/seed-0/result.json").read_text() == before
     assert main(["rescore", "nope", "--results", str(results)]) == 2
     assert "neither a group" in capsys.readouterr().err
