@@ -25,7 +25,7 @@ from pathlib import Path
 from bench import files
 from bench.config import ConfigError
 from bench.metrics import Metric
-from bench.records import GroupRecord, RunRecord
+from bench.records import GroupRecord, RunRecord, read_record
 from bench.registry import unknown_name_message
 from bench.runner import RunOptions, RunsFailed, preflight, resolve_data_root, run_grid
 from bench.spec import Run, Spec, Variant, config_from_dict, run_key
@@ -164,7 +164,7 @@ def reproduce(results: str | Path, group: str, variants: list[str] | None = None
         for stored, run in zip(chosen, runs, strict=True):
             result = tmp_store.result(run)
             sd, n = spread[stored.variant]
-            failed = _failure(tmp_store.path(run) / "result.json") if result is None else ""
+            failed = _failure(tmp_store.path(run)) if result is None else ""
             rows.append(Comparison(stored.variant, stored.seed, _test_metric(stored, metric.key),
                                    None if result is None else _test_metric(result, metric.key), sd, n,
                                    default_tolerance(sd) if tolerance is None else tolerance, failed))
@@ -173,10 +173,10 @@ def reproduce(results: str | Path, group: str, variants: list[str] | None = None
     return rows
 
 
-def _failure(path: Path) -> str:
+def _failure(run_dir: Path) -> str:
     """The error a failed rerun recorded."""
     try:
-        return RunRecord.from_dict(files.read_json(path)).error or ""
+        return read_record(run_dir).error or ""
     except (OSError, ValueError):  # RecordError is a ValueError
         return ""
 

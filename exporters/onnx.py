@@ -181,11 +181,12 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
         return done
     print(f"note: {run_dir} has no best.pt (checkpoints are not in git): re-training it from its record into "
           f"{results / RETRAINED} to export it", file=sys.stderr)
-    again, (run,) = retrain(store.read_group(group), [stored], results / RETRAINED, data_root)
+    meta = store.read_group(group)
+    again, (run,) = retrain(meta, [stored], results / RETRAINED, data_root)
     result = again.result(run)
     if result is None:
         raise ConfigError(f"{run_dir}: re-training it to export it failed; see above")
-    metric = TASKS[store.read_group(group).task].metrics[0]
+    metric = TASKS[meta.task].metrics[0]
     old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
     print(f"note: re-trained {group} {stored.variant} seed {stored.seed}: {metric.label} {metric.show(new)} "
           f"({'identical to' if new == old else 'recorded'} {metric.show(old)}); exporting {again.path(run)}",

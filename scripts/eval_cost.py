@@ -69,10 +69,7 @@ def evaluation_share(results: str, group: str) -> tuple[float, float] | None:
         return None
     evaluation = wall = 0.0
     for run in store.finished(group):
-        rows = (run.dir / "metrics.csv").read_text().splitlines()[1:]
-        header = (run.dir / "metrics.csv").read_text().splitlines()[0].split(",")
-        epochs = [dict(zip(header, r.split(","), strict=True)) for r in rows]
-        train_steps = float(epochs[-1]["train_seconds"])
+        train_steps = float(files.read_csv(run.dir / "metrics.csv")[-1]["train_seconds"])
         evaluation += (run.result.train_time_s or 0) - train_steps + (run.result.test_time_s or 0)
         wall += (run.result.train_time_s or 0) + (run.result.test_time_s or 0)
     return evaluation, wall
