@@ -53,6 +53,13 @@ class Range:
         return f"{'<' if self.high_open else '<='} {self.high:g}"
 
 
+def later(default: Any) -> Any:
+    """A key added after runs were published: left out of a saved config (and so of the run key) while it
+    holds ``default``, so that every run recorded before the key existed keeps its key and stays current.
+    Its default must therefore mean what the code did before the key existed."""
+    return field(default=default, metadata={"later": True})
+
+
 class RangeError(ConfigError):
     """A number of the right type outside its :class:`Range`."""
 
@@ -78,13 +85,12 @@ class DataCfg:
     split_seed: NonNegInt = 0  # the validation split is fixed by this seed, not by the run seed
     train_subset: PosInt | None = None  # use only this many training images (quick profiles, tests)
     channels: list[NonNegInt] | None = None  # input channels to keep; None -> task default
-    # The folder tasks' own keys (image_folder, mask_folder; see README "Your own data").  Left out of a saved
-    # config while unset (FOLDER_KEYS), so the configs and run keys of the other tasks are what they were.
-    image_size: PosInt | list[PosInt] | None = None  # image_folder: resize to [H, W] (or N: N x N); None: as the files
-    color: Literal["grey", "rgb"] | None = None  # decode images as greyscale or RGB; None: RGB when any file is colour
-    test_fraction: Annotated[float, OpenUnit] | None = None  # one folder, no train/ + test/: share drawn as the test split
-    images: str | None = None  # mask_folder: where an image is, e.g. "images/*" or "image_*.png"; * is the pair's id
-    masks: str | None = None  # mask_folder: where its mask is, e.g. "masks/*" or "label_*.png"
+    # The folder tasks' own keys (image_folder, mask_folder; see README "Your own data").
+    image_size: PosInt | list[PosInt] | None = later(None)  # image_folder: resize to [H, W] (or N: N x N); None: as the files
+    color: Literal["grey", "rgb"] | None = later(None)  # decode images as greyscale or RGB; None: RGB when any file is colour
+    test_fraction: Annotated[float, OpenUnit] | None = later(None)  # one folder, no train/ + test/: share drawn as the test split
+    images: str | None = later(None)  # mask_folder: where an image is, e.g. "images/*" or "image_*.png"; * is the pair's id
+    masks: str | None = later(None)  # mask_folder: where its mask is, e.g. "masks/*" or "label_*.png"
 
 
 FOLDER_KEYS = ("image_size", "color", "test_fraction", "images", "masks")
@@ -142,9 +148,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key in FOLDER_KEYS:  # unset: absent, as before these keys existed (the run key hashes this dict)
-            if d["data"][key] is None:
-                del d["data"][key]
+        for section, cls in SECTION_TYPES.items():  # later keys at their default: absent (the run key hashes this dict)
+            for f in dataclasses.fields(cls):
+                if f.metadata.get("later") and d[section][f.name] == f.default:
+                    del d[section][f.name]
         return d
 
     def copy(self, **changes: Any) -> Config:

@@ -116,3 +116,28 @@ def test_committed_records_rebuild_the_published_summary(tmp_path):
     assert groups and all(RunStore(results).read_group(g).role == "published" for g in groups)  # no experiment in git
     write_summary(results)
     assert _unstamped((results / "summary.md").read_text()) == _unstamped(committed)
+
+
+def test_committed_runs_are_current_for_their_spec_as_written():
+    """Every committed run's key is the key its spec and profile resolve to today: a code change that adds a config
+    key (without `config.later`) or changes a default would silently make `bench run` retrain the published tables."""
+    store = RunStore(REPO / "results")
+    checked = 0
+    for group in store.groups():
+        rec = store.read_group(group)
+        if not (REPO / rec.path).exists():
+            continue
+        keys = {(r.variant.name, r.seed): r.key for r in load_spec(REPO / rec.path, rec.profile).runs()}
+        for run in store.finished(group):
+            assert keys.get((run.variant, run.seed)) == run.key, f"{group} {run.variant} seed {run.seed}"
+            checked += 1
+    if not checked:
+        pytest.skip("no run records in git yet")
+
+
+def test_a_later_key_at_its_default_leaves_the_run_key_alone():
+    from bench.config import Config, DataCfg
+    from bench.spec import run_key
+    cfg = Config(task="mnist", model={"name": "mnist_cnn"})
+    assert "images" not in cfg.to_dict()["data"]  # `later` keys at their default are not saved
+    assert run_key(cfg) != run_key(cfg.copy(data=DataCfg(images="a/*")))
