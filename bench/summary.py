@@ -251,9 +251,12 @@ def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
 
 def format_time_to_target(runs: list[StoredRun], target: float, metric: Metric | None = None) -> str:
     """``3 · 41 s``: mean over seeds of the first epoch whose validation metric reached ``target`` and of the
-    training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all."""
-    reached = [hit for hit in (time_to_target(files.read_csv(r.dir / "metrics.csv"), target, metric) for r in runs)
-               if hit]
+    training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all;
+    ``–`` for runs without epochs of their own (seed ensembles)."""
+    histories = [files.read_csv(r.dir / "metrics.csv") for r in runs]
+    if not any(histories):
+        return "–"
+    reached = [hit for hit in (time_to_target(h, target, metric) for h in histories) if hit]
     if not reached:
         return "not reached"
     epoch, seconds = (sum(h[i] for h in reached) / len(reached) for i in (0, 1))
