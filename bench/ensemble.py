@@ -25,7 +25,7 @@ from bench.config import Config
 from bench.factories import build_loss, build_model
 from bench.inference import EVAL_PRECISION
 from bench.records import read_record
-from bench.spec import Run, config_from_dict
+from bench.spec import Run, config_from_dict, ensemble_key
 from bench.tasks.base import Data, Task
 from bench.train import device_name
 
@@ -78,10 +78,18 @@ def write_checkpoint(run_dir: Path, key: str, config: dict[str, Any], data_info:
     return checkpoint
 
 
+def scored_alike(run: Run) -> str:
+    """Two ensemble runs with the same value score the same (their configs differ only in the seed, which nothing
+    evaluated depends on, and they hold the same members in the same order): e.g. every seed of an ensemble of every
+    seed, whose rows are one ensemble."""
+    return ensemble_key(run.config.copy(seed=0), [m.key for m in run.members])
+
+
 def evaluate(run: Run, run_dir: Path, member_dirs: list[Path], task: Task, data: Data, device: torch.device,
-             meta: dict[str, Any]) -> dict[str, Any]:
+             meta: dict[str, Any], scores: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the ensemble's config.json and best.pt (its members' weights) in ``run_dir``, score it on validation
-    and test with ``task.evaluate``; the result (for ``result.json``)."""
+    and test with ``task.evaluate``; the result (for ``result.json``).  ``scores`` (``test``, ``val_best``,
+    ``test_time_s`` of a run :func:`scored_alike`) are taken instead of scoring again."""
     cfg = run.config
     records = [read_record(d) for d in member_dirs]
     members = [{"run": f"{d.parent.name}/{d.name}", "seed": m.seed, "key": m.key}
@@ -92,16 +100,17 @@ def evaluate(run: Run, run_dir: Path, member_dirs: list[Path], task: Task, data:
     checkpoint = write_checkpoint(run_dir, run.key, cfg.to_dict(), data.info.to_dict(), member_dirs,
                                   [m.key for m in run.members])
     model = build_ensemble(checkpoint, cfg, task, task.model_kwargs(data.info)).to(device)
-    loss_fn = build_loss(cfg)
-    val = task.evaluate(model, data.val, cfg, loss_fn, final=False)
-    t0 = time.perf_counter()
-    test = task.evaluate(model, data.test, cfg, loss_fn, final=True)
-    test_time = time.perf_counter() - t0
+    if scores is None:
+        loss_fn = build_loss(cfg)
+        val = task.evaluate(model, data.val, cfg, loss_fn, final=False)[task.metric]
+        t0 = time.perf_counter()
+        test = task.evaluate(model, data.test, cfg, loss_fn, final=True)
+        scores = {"test": test, "val_best": val, "test_time_s": time.perf_counter() - t0}
     return {
-        "key": run.key, **meta, "test": test, "val_best": val[task.metric],
+        "key": run.key, **meta, **scores,
         # what the ensemble cost to make: its members' training, summed
         "best_epoch": sum(r.best_epoch or 0 for r in records), "epochs_run": sum(r.epochs_run or 0 for r in records),
-        "train_time_s": sum(r.train_time_s or 0.0 for r in records), "test_time_s": test_time,
+        "train_time_s": sum(r.train_time_s or 0.0 for r in records),
         "params": sum(p.numel() for p in model.parameters()), "members": members,
         "device": str(device), "device_name": device_name(device),
         "train_precision": records[0].train_precision, "eval_precision": EVAL_PRECISION,

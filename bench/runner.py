@@ -231,6 +231,7 @@ def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: Ru
     """Evaluate every ensemble run of ``runs`` (see :mod:`bench.ensemble`) whose members are finished and that no
     other process holds; RunsFailed naming those whose members are not, or whose evaluation failed."""
     store, task, cache, failed = RunStore(results_dir), TASKS[spec.task], cache if cache is not None else {}, []
+    scored: dict[str, dict[str, Any]] = {}  # the scores of each ensemble evaluated here, for its seeds alike
     for run in store.todo([r for r in runs if r.members]):
         missing = [f"{m.variant.name} seed {m.seed}" for m in run.members if store.result(m) is None]
         if missing:
@@ -245,7 +246,8 @@ def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: Ru
             try:
                 data = load_data(cache, task, cfg, device)
                 result = ensemble.evaluate(dataclasses.replace(run, config=cfg), store.path(run),
-                                           [store.path(m) for m in run.members], task, data, device, meta)
+                                           [store.path(m) for m in run.members], task, data, device, meta,
+                                           scored.get(ensemble.scored_alike(run)))
             except files.DiskFull:
                 raise
             except Exception as e:  # recorded like a run's own failure; the others go on
@@ -254,6 +256,7 @@ def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: Ru
                 failed.append(f"{run.variant.name} seed {run.seed}: {error}")
                 continue
             store.record(run, result)
+            scored[ensemble.scored_alike(run)] = {k: result[k] for k in ("test", "val_best", "test_time_s")}
             for hook in opts.after_run:
                 hook(store, run)
             report_finished(run, result, task, opts.progress)

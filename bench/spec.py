@@ -58,7 +58,8 @@ DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 class EnsembleDef:
     """A rung that trains nothing: the mean probability of ``size`` finished runs (different seeds) of the rung
     ``of`` (see :mod:`bench.ensemble`).  ``pool``: the spec's (or profile's) seeds as written, in order; the
-    ensemble of seed k is seed k of ``of`` and the ``size - 1`` seeds that follow k in ``pool``, cyclically (with
+    ensemble of seed k is seed k of ``of`` and the ``size - 1`` seeds that follow k in ``pool``, cyclically, in
+    the order of their seeds (with
     ``size`` = every seed, the same ensemble for each seed: its Δ is then the ensemble against each seed alone)."""
 
     of: str
@@ -68,7 +69,7 @@ class EnsembleDef:
     def member_seeds(self, seed: int) -> list[int]:
         pool = self.pool if seed in self.pool else [*self.pool, seed]
         i, n = pool.index(seed), self.size or len(pool)
-        return [pool[(i + j) % len(pool)] for j in range(n)]
+        return sorted(pool[(i + j) % len(pool)] for j in range(n))  # one order per set: the same set, the same sums
 
 
 @dataclass

@@ -43,8 +43,8 @@ def test_each_seeds_members_and_key(tmp_path: Path):
     spec = load_spec(spec_file(tmp_path))
     runs = {(r.variant.name, r.seed): r for r in spec.runs()}
     # seed k's ensemble: seed k and the seeds after it in the spec's list, cyclically
-    assert [[m.seed for m in runs["ens", s].members] for s in (0, 1, 2)] == [[0, 1], [1, 2], [2, 0]]
-    assert [m.seed for m in runs["ens+tta", 1].members] == [1, 2, 0]  # no size: every seed
+    assert [[m.seed for m in runs["ens", s].members] for s in (0, 1, 2)] == [[0, 1], [1, 2], [0, 2]]
+    assert [m.seed for m in runs["ens+tta", 1].members] == [0, 1, 2]  # no size: every seed
     assert all(m.key == runs["a", m.seed].key for m in runs["ens", 2].members)
     assert runs["ens", 0].config.eval.tta is False and runs["ens+tta", 0].config.eval.tta is True
     assert runs["ens", 0].variant.parent == "a" and not runs["a", 0].members
@@ -127,6 +127,8 @@ def test_an_ensemble_is_scored_from_its_members_and_recorded_like_a_run(trained)
             assert value == pytest.approx(float(dice_per_image(pred, split.y[:, 0] > 0.5).mean()), abs=1e-12)
         ens = load_run(store.path(run))  # its best.pt holds every member: export, rescore and figures load it so
         assert isinstance(ens.model, Ensemble) and len(ens.model.members) == len(run.members)
+    alike = [store.result(r) for r in spec.runs(["ens+tta"])]  # both seeds: members 0 and 1, one ensemble
+    assert alike[0].test == alike[1].test and alike[0].test_time_s == alike[1].test_time_s  # scored once
     # the summary and its paired test treat it as a rung whose parent is the one it averages
     finished = {(r.variant, r.seed) for r in store.finished(spec.group)}
     assert finished == {(v, s) for v in ("a", "ens", "ens+tta") for s in (0, 1)}
