@@ -3,6 +3,7 @@ the summary and paired tests read, and the one-graph ONNX export checked against
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,7 @@ def check_export(trained: dict, variant: str, out: Path) -> None:
     harness = member_probs(store, run, loaded.task.load(loaded.config, torch.device("cpu")).test).numpy()
     assert np.abs(1 / (1 + np.exp(-logits)) - harness).max() < 1e-4
     assert ex.record["parity"]["metric_ort"] == pytest.approx(store.result(run).test["dice"], abs=1e-9)
+    assert ex.record["parity"]["max_abs_prob_diff"] <= 1e-4  # checked on probabilities, as a TTA graph is
     assert json.loads(ex.record["metadata"]["run_tta"]) is run.config.eval.tta
     one = graph_module(load_run(store.path(run.members[0])).model, "segmentation", run.config.eval.tta)
     assert ex.record["flops_per_image"] == len(run.members) * count_flops(one, torch.from_numpy(ex.inputs[:1]))
@@ -167,3 +169,19 @@ def test_an_ensemble_exports_as_one_graph_equal_to_the_harness_evaluation(traine
 @pytest.mark.slow
 def test_an_ensemble_with_tta_exports_as_one_graph(trained, tmp_path):
     check_export(trained, "ens+tta", tmp_path)
+
+
+def test_an_ensemble_without_its_checkpoint_is_rebuilt_from_its_members(trained, tmp_path):
+    """Checkpoints are not in git: `exporters.onnx best` rebuilds an ensemble's best.pt from its members' (here all
+    present; a missing one is re-trained as for any run) into <results>/retrained, never into the group itself."""
+    results = tmp_path / "results"
+    shutil.copytree(trained["results"], results)
+    spec, store = trained["spec"], RunStore(results)
+    run = spec.runs(["ens"])[0]
+    (store.path(run) / "best.pt").unlink()
+    done = ox.with_checkpoint(store.path(run), results, str(trained["root"]))
+    assert done == results / ox.RETRAINED / store.path(run).relative_to(results) and not (store.path(run) / "best.pt").exists()
+    again, first = load_run(done), load_run(trained["results"] / store.path(run).relative_to(results))
+    assert again.key == run.key and again.result.test == store.result(run).test
+    x = first.task.load(first.config, torch.device("cpu")).test.x
+    assert torch.equal(again.model(x), first.model(x))
