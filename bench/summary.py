@@ -466,9 +466,12 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
 def _cost_legend(costs: dict[str, Any]) -> str:
     gpu = f"; *CUDA ms*: the CUDA execution provider on {costs['gpu']}" if costs.get("gpu") else ""
     tta = [v for v, r in costs["rungs"].items() if r.get("tta")]
+    ensembles = [f"{v}: {r['members']}" for v, r in costs["rungs"].items() if r.get("members")]
+    notes = ([f"the TTA graphs of {', '.join(tta)} run the network 8 times and count it"] if tta else []) + (
+        [f"a seed ensemble's graph holds all its members and counts them ({', '.join(ensembles)})"] if ensembles else [])
     return (f"Deployment cost: the best seed (by validation) of each rung exported to ONNX, checked against PyTorch "
             f"on the whole test set, and timed together: *{flops_unit(costs)[0]}* per image of the exported graph"
-            + (f" (the TTA graphs of {', '.join(tta)} run the network 8 times and count it)" if tta else "")
+            + (f" ({'; '.join(notes)})" if notes else "")
             + f", *ORT ms* the p50 of batch-1 calls on {costs['engine']} (CPU provider, "
             f"{costs['threads']} thread, fp32) on {costs['cpu']}"
             + ("; *INT8 ms* the same for its static INT8 copy" if any("cpu/int8" in r.get("latency", {})
