@@ -439,6 +439,7 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     elif runs and meta.role == "published":
         out += [f"Deployment cost per rung: `python -m exporters.onnx rungs {meta.path}"
                 + (f" --profile {meta.profile}`" if meta.profile else "`") + " adds it to this table.", ""]
+    out += _reading(store, meta.group)
     out += _details(meta)
     out += ["Training and statistics of each rung:", "", tables.training.markdown(), ""]
     if tables.clipped:
@@ -458,6 +459,13 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
         for caption, png in _figures(best_run, store, fig_dir / meta.group.replace("@", "-"), task, fig_dir.parent):
             out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _reading(store: RunStore, group: str) -> list[str]:
+    """A person's reading of the table (``runs/<group>/reading.md``, committed with the records), kept verbatim:
+    which claims hold, which rungs do not help.  The table is rebuilt by code; its interpretation is not."""
+    path = store.root / group / "reading.md"
+    return [path.read_text().strip(), ""] if path.exists() else []
 
 
 def _cost_legend(costs: dict[str, Any]) -> str:
