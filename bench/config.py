@@ -85,7 +85,7 @@ class DataCfg:
     split_seed: NonNegInt = 0  # the validation split is fixed by this seed, not by the run seed
     train_subset: PosInt | None = None  # use only this many training images (quick profiles, tests)
     channels: list[NonNegInt] | None = None  # input channels to keep; None -> task default
-    # The folder tasks' own keys (image_folder, mask_folder; see README "Your own data").
+    # The folder tasks' own keys (image_folder, mask_folder; see docs/data.md).
     image_size: PosInt | list[PosInt] | None = later(None)  # image_folder: resize to [H, W] (or N: N x N); None: as the files
     color: Literal["grey", "rgb"] | None = later(None)  # decode images as greyscale or RGB; None: RGB when any file is colour
     test_fraction: Annotated[float, OpenUnit] | None = later(None)  # one folder, no train/ + test/: share drawn as the test split

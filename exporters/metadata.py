@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # for type hints only: importing the run store would load tor
 
 FORMAT_VERSION = "1"
 
-# key -> what it holds; an export writes no other key (a test checks it), and the README's table mirrors it
+# key -> what it holds; an export writes no other key (a test checks it), and docs/deployment.md's table mirrors it
 KEYS: dict[str, str] = {
     "bench_format": "version of this metadata layout (\"1\")",
     "task": "`mnist` or `warwick`",
