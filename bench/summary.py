@@ -166,6 +166,9 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
             if len(task.metrics) > 1:
                 sec = {"variant": name, "n": str(len(rs))}
                 for metric in task.metrics[1:]:
+                    if any(metric.key not in r.test for r in rs):  # recorded before the metric existed: rescore
+                        sec[metric.column] = metric.format(None)
+                        continue
                     mk, sk, _ = mean_ci([r.test[metric.key] for r in rs])
                     sec[metric.column] = f"{metric.format(mk)} ± {metric.format(sk)}"
                 secondary.append(sec)

@@ -229,9 +229,13 @@ class WarwickTask(Task):
         Metric("dice", "pixel Dice", digits=4),  # mean over images of each image's Dice (the report's number)
         Metric("dice_pooled", "dice_pooled"),  # TP/FP/FN summed over the split first
         Metric("iou", "iou"),
-        Metric("obj_f1", "obj_f1"),
+        Metric("obj_f1", "obj_f1"),  # GlaS object metrics, mean over images of each image's value
         Metric("obj_dice", "obj_dice"),
         Metric("obj_hausdorff", "obj_hausdorff", digits=2, higher_is_better=False, high=float("inf")),  # pixels
+        # the same pooled over all objects of the split, as the GlaS contest computes them (bench/metrics.py)
+        Metric("obj_f1_pooled", "obj_f1_pooled"),
+        Metric("obj_dice_pooled", "obj_dice_pooled"),
+        Metric("obj_hausdorff_pooled", "obj_hausdorff_pooled", digits=2, higher_is_better=False, high=float("inf")),
     )
     default_loss = "bce"
     losses = ("bce", "dice", "dice_bce")
