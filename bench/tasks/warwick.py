@@ -390,10 +390,12 @@ class WarwickTask(Task):
 
     # ----------------------------------------------------------------------- figures
 
-    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
-        """Mean per-image pixel Dice of (N, 1, H, W) logits against (N, H, W) masks."""
-        masks = torch.sigmoid(torch.from_numpy(logits[:, 0])) > threshold
-        return float(dice_per_image(masks, torch.from_numpy(targets)).mean())
+    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5,
+                      post: PostProcess | None = None) -> float:
+        """Mean per-image pixel Dice of (N, 1, H, W) logits against (N, H, W) masks, the masks post-processed by
+        ``post`` (an exported model's metadata says which)."""
+        masks = (torch.sigmoid(torch.from_numpy(logits[:, 0])) > threshold).numpy()
+        return float(dice_per_image(torch.from_numpy((post or PostProcess())(masks)), torch.from_numpy(targets)).mean())
 
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
         # Any image size runs as is (the graph pads to a multiple of 2**depth); larger images are tiled
