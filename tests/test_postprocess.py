@@ -69,7 +69,7 @@ def _split(logit_masks: np.ndarray, targets: np.ndarray) -> Split:
     return Split(x, torch.from_numpy(targets[:, None].astype(np.float32)), [])
 
 
-@pytest.mark.parametrize("by", ["obj_f1", "dice"])
+@pytest.mark.parametrize("by", ["obj_f1_pooled", "dice"])
 def test_the_choice_is_made_on_validation_and_the_test_reports_it(by):
     # validation: a 10x10 gland predicted right, plus a 3x3 spurious speck: any threshold above 9 px removes the
     # speck (object F1 2/3 -> 1, Dice 200/209 -> 1); the least of them, 16, is chosen
@@ -83,7 +83,7 @@ def test_the_choice_is_made_on_validation_and_the_test_reports_it(by):
     cfg = Config(task="warwick", model={"name": "encdec"}, eval=EvalCfg(postprocess=by))
     rec = WARWICK.test_record(nn.Identity(), data, cfg, nn.BCEWithLogitsLoss())
     assert rec["postprocess"] == {"min_area": 16, "fill_holes": False, "chosen_by": by, "val": 1.0,
-                                  "val_raw": pytest.approx(2 / 3 if by == "obj_f1" else 200 / 209)}
+                                  "val_raw": pytest.approx(2 / 3 if by == "obj_f1_pooled" else 200 / 209)}
     # the test split is reported with the validation's choice (the gland removed), and before it (perfect)
     assert rec["test_raw"]["obj_f1_pooled"] == 1.0 and rec["test_raw"]["dice"] == 1.0
     assert rec["test"]["obj_f1_pooled"] == 0.0 and rec["test"]["dice"] == 0.0
@@ -118,7 +118,7 @@ BASE = {
     "optim": {"name": "adam", "lr": 1.0e-2},
     "loss": {"name": "bce"},
     "train": {"epochs": 2, "batch_size": 4, "threads": 2},
-    "eval": {"postprocess": "obj_f1"},
+    "eval": {"postprocess": "obj_f1_pooled"},
 }
 
 
@@ -134,7 +134,7 @@ def run(tmp_path_factory, make_warwick) -> dict[str, Path]:
 def test_the_record_holds_the_choice_and_both_test_metrics(run):
     r = json.loads((run["run"] / "result.json").read_text())
     post = r["postprocess"]
-    assert post["chosen_by"] == "obj_f1" and post["min_area"] in (0, 16, 32, 64, 128, 256, 512)
+    assert post["chosen_by"] == "obj_f1_pooled" and post["min_area"] in (0, 16, 32, 64, 128, 256, 512)
     assert post["val"] >= post["val_raw"]  # never worse on validation than no post-processing
     assert {"obj_f1_pooled", "obj_dice_pooled", "obj_hausdorff_pooled"} <= r["test"].keys() <= r["test_raw"].keys()
 
@@ -182,3 +182,26 @@ def test_rescore_adds_the_pooled_metrics_and_the_choice_to_an_older_record(run, 
     assert new["test"] == pytest.approx(true["test"]) and new["test_raw"] == pytest.approx(true["test_raw"])
     assert new["postprocess"] == true["postprocess"]
     assert new["history"][-1]["test"] == old["test"] and "obj_f1_pooled" not in new["history"][-1]["test"]
+
+
+def test_the_summary_shows_the_choice_and_its_paired_effect():
+    from bench.records import GroupRecord, RunRecord, VariantRecord
+    from bench.summary import postprocess_table
+
+    meta = GroupRecord("w", "w", "warwick", [VariantRecord("a", "a"), VariantRecord("b", "b", parent="a")])
+
+    def rec(seed: int, raw: tuple[float, float], post: tuple[float, float], chosen: dict) -> RunRecord:
+        return RunRecord(f"k{seed}", seed=seed, test={"dice": post[0], "obj_f1_pooled": post[1]},
+                         test_raw={"dice": raw[0], "obj_f1_pooled": raw[1]}, postprocess={**chosen, "chosen_by": "obj_f1_pooled"})
+
+    results = {"a": [RunRecord("k", seed=0, test={"dice": 0.8})],  # no post-processing: no row
+               "b": [rec(0, (0.80, 0.5), (0.81, 0.7), {"min_area": 16, "fill_holes": False}),
+                     rec(1, (0.82, 0.6), (0.82, 0.7), {"min_area": 64, "fill_holes": True})]}
+    table = postprocess_table(meta, results, WARWICK.metrics)
+    (row,) = table.rows
+    cells = dict(zip(table.headers, row, strict=True))
+    assert cells["variant"] == "b" and cells["chosen (min px, holes)"] == "16, 64 filled"
+    # pixel Dice (the primary metric): 0.81 -> 0.815, paired changes +0.01 and 0: mean +0.005, t = 1 on 1 df, p = 0.5
+    assert cells["pixel Dice before → after"] == "0.8100 → 0.8150" and cells["Δ pixel Dice (p)"] == "+0.0050 (p=0.500)"
+    # pooled object F1 (the metric that chose): changes +0.2 and +0.1: mean +0.15, t = 3 on 1 df, p = 0.205
+    assert cells["obj_f1_pooled before → after"] == "0.550 → 0.700" and cells["Δ obj_f1_pooled (p)"] == "+0.150 (p=0.205)"
