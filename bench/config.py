@@ -128,6 +128,9 @@ class AugmentCfg:
 class EvalCfg:
     tta: bool = False  # average predictions over the 8 flips/rotations
     threshold: Annotated[float, OpenUnit] = 0.5  # segmentation: probability above which a pixel is foreground
+    # segmentation: after training, choose on validation the removal of small objects and the filling of holes
+    # (bench/postprocess.py) that is best by pixel Dice (dice) or pooled object F1 (obj_f1_pooled); none: no post-processing
+    postprocess: Literal["none", "dice", "obj_f1_pooled"] = later("none")
 
 
 REGISTRY_SECTIONS = ("model", "optim", "sched", "loss")
