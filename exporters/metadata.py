@@ -11,7 +11,7 @@ where ``image`` is the file decoded in ``color_mode`` (PIL ``"L"`` or ``"RGB"``)
 
 The generic keys are written here; how an image file becomes an input (colour mode, resizing
 or tiling, inversion, classes, threshold) is the task's to say (``Task.preprocessing``).
-This module needs numpy and onnx only (no torch), so ``exporters.predict`` stays light.
+This module needs numpy, SciPy (the post-processing) and onnx only (no torch), so ``exporters.predict`` stays light.
 """
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from bench.postprocess import PostProcess
+
 if TYPE_CHECKING:  # for type hints only: importing the run store would load torch
     from bench.store import LoadedRun
 
 FORMAT_VERSION = "1"
 
-# key -> what it holds; an export writes no other key (a test checks it), and the README's table mirrors it
+# key -> what it holds; an export writes no other key (a test checks it), and docs/deployment.md's table mirrors it
 KEYS: dict[str, str] = {
     "bench_format": "version of this metadata layout (\"1\")",
     "task": "`mnist` or `warwick`",
@@ -59,6 +61,10 @@ KEYS: dict[str, str] = {
     "activation": "`softmax` (class probabilities) or `sigmoid` (foreground probability per pixel)",
     "classes": "JSON list of class names, index = logit position (classification)",
     "threshold": "foreground when the sigmoid probability is above this (segmentation)",
+    "fill_holes": "`true`: holes inside the predicted objects are filled, after `threshold` (segmentation; chosen on "
+                  "validation with `eval.postprocess`, else `false`)",
+    "min_area": "predicted objects (8-connected) of fewer pixels are removed, after `fill_holes` (segmentation; chosen "
+                "on validation with `eval.postprocess`, else `0`)",
     "tta": "`true`: the graph averages the probabilities of the 8 flips/rotations of its input and returns them as "
            "logits (apply the activation as usual); `false`: one forward pass",
     "run_tta": "`true` when the source run's reported test metric averaged 8 flips/rotations",
@@ -109,6 +115,10 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
     }
     if seg:  # the graph pads to a multiple of 2**depth by reflection, which needs at least that many pixels
         meta["min_size"] = str(int(getattr(run.model, "multiple", 1)))
+        # the post-processing the run's test metrics were computed with (chosen on validation), else none
+        post = (result.postprocess if result is not None else None) or {}
+        meta["fill_holes"] = "true" if post.get("fill_holes") else "false"
+        meta["min_area"] = str(int(post.get("min_area", 0)))
     if result is not None:
         meta.update(variant=str(result.variant or ""), seed=str("" if result.seed is None else result.seed),
                     val_metric=_j({task.metric: result.val_best}), test_metric=_j({task.metric: result.test.get(task.metric)}))
@@ -136,6 +146,7 @@ class ModelMeta:
     tile_size: tuple[int, int] | None = None
     tile_overlap: int = 0
     min_size: int = 1
+    postprocess: PostProcess = PostProcess()  # segmentation: applied to the thresholded masks
     raw: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -159,7 +170,9 @@ class ModelMeta:
                 image_size=tuple(json.loads(get("image_size"))), resize_policy=get("resize_policy"),
                 invert=get("invert", "never"), classes=classes, threshold=float(get("threshold", "0.5")),
                 tile_size=tuple(tile) if tile else None, tile_overlap=int(get("tile_overlap", "0")),
-                min_size=int(get("min_size", "1")), raw=dict(props),
+                min_size=int(get("min_size", "1")),
+                postprocess=PostProcess(int(get("min_area", "0")), json.loads(get("fill_holes", "false")) is True),
+                raw=dict(props),
             )
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{where}: malformed metadata ({e})") from None
@@ -169,6 +182,13 @@ class ModelMeta:
         """Read the metadata of an ONNX file (without loading its weights into a session)."""
         model = onnx.load(str(path), load_external_data=False)
         return cls.from_props({p.key: p.value for p in model.metadata_props}, where=str(path))
+
+    def masks(self, logits: np.ndarray) -> np.ndarray:
+        """Segmentation answers of the graph's logits, (..., H, W) -> (..., H, W) bool: probability above
+        ``threshold``, then the post-processing (``fill_holes``, ``min_area``) per (H, W) image."""
+        with np.errstate(over="ignore"):  # exp of a very negative logit: inf -> probability 0, as it should be
+            mask = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64))) > self.threshold
+        return self.postprocess(mask)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, C_src) or (N, H, W) uint8 decoded images -> (N, C, H, W) float32 network input."""

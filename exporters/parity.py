@@ -9,7 +9,8 @@ Tolerances (an export outside them is an error; see :data:`TOLERANCE`):
 * every task: ``max |logit_ort - logit_torch| <= 1e-3 * max(1, max |logit_torch|)``;
 * classification: identical predicted classes on at least 99.9 % of the test images;
 * segmentation: ``|Dice_ort - Dice_torch| <= 1e-3`` (mean per-image Dice of the masks
-  thresholded at the metadata's ``threshold``).
+  thresholded at the metadata's ``threshold`` and post-processed by its ``fill_holes`` and ``min_area``, as
+  ``bench predict`` does; the contest's pooled object F1 of those masks is reported beside it).
 
 A TTA graph (``--tta``) is compared with the harness's own TTA evaluation (segmentation: the
 function that scored the run) and checked on probabilities instead of logits,
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.metrics import object_f1_pooled
 from bench.tasks.base import ImageSet, Task
 from exporters.metadata import ModelMeta
 from exporters.runtime import run_batched, session
@@ -59,15 +61,25 @@ def agreement(meta: ModelMeta, a: np.ndarray, b: np.ndarray) -> float:
     return float((pa == pb).float().mean())
 
 
+def score(task: Task, meta: ModelMeta, logits: np.ndarray, targets: np.ndarray) -> float:
+    """The task's primary metric of an exported model's outputs, read as its metadata says (segmentation: the
+    masks post-processed as the run chose on validation)."""
+    if meta.kind == "segmentation":
+        return task.score_outputs(logits, targets, meta.threshold, post=meta.postprocess)
+    return task.score_outputs(logits, targets, meta.threshold)
+
+
 def compare(task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.ndarray,
             targets: np.ndarray, tta: bool = False) -> dict[str, Any]:
     """Parity numbers of two sets of logits of the same images (no checks)."""
-    v_ort = task.score_outputs(ort_logits, targets, meta.threshold)
-    v_ref = task.score_outputs(ref_logits, targets, meta.threshold)
+    v_ort, v_ref = score(task, meta, ort_logits, targets), score(task, meta, ref_logits, targets)
     out: dict[str, Any] = {"n": int(len(targets)), "max_abs_logit_diff": float(np.abs(ort_logits - ref_logits).max()),
                            "logit_scale": float(np.abs(ref_logits).max()),
                            "metric": task.metric, "metric_ort": v_ort, "metric_torch": v_ref, "metric_diff": v_ort - v_ref}
     out["agreement" if meta.kind == "classification" else "pixel_agreement"] = agreement(meta, ort_logits, ref_logits)
+    if meta.kind == "segmentation":  # the shipped pipeline's object F1 (GlaS, pooled), from the metadata alone
+        out["obj_f1_pooled_ort"] = object_f1_pooled(meta.masks(ort_logits[:, 0]), targets)
+        out["obj_f1_pooled_torch"] = object_f1_pooled(meta.masks(ref_logits[:, 0]), targets)
     if tta:
         out["tta"] = True
         out["max_abs_prob_diff"] = float(np.abs(probabilities(meta, ort_logits) - probabilities(meta, ref_logits)).max())

@@ -22,7 +22,9 @@ Everything about preprocessing comes from the model's metadata (see ``exporters/
 * **segmentation** (WARWICK): the image is decoded in ``color_mode`` and keeps its size: the graph
   takes any height and width (``tile`` policy).  An image larger than ``tile_size`` is cut into
   tiles overlapping by ``tile_overlap`` pixels whose logits are averaged; a side shorter than
-  ``min_size`` is edge-padded and cropped back.  Output per image: a mask (0/255) and an overlay
+  ``min_size`` is edge-padded and cropped back.  The mask is the probability above ``threshold``, with holes
+  filled when ``fill_holes`` and objects under ``min_area`` pixels removed (the post-processing the run chose on
+  validation; none in older exports).  Output per image: a mask (0/255) and an overlay
   (the image dimmed outside the predicted glands, which are outlined), plus ``<out>/predictions.csv``
   with ``file,mask,overlay,foreground_fraction`` (mask and overlay relative to ``--out``).
 
@@ -435,9 +437,7 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def segment(sess: Any, meta: Any, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mask (H, W) bool, overlay (H, W, 3) uint8) of one decoded image (H, W[, C])."""
     x = meta.normalize(img[None])
-    logits = segment_logits(sess, meta, x)
-    with np.errstate(over="ignore"):  # exp of a very negative logit: inf -> probability 0, as it should be
-        mask = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) > meta.threshold
+    mask = meta.masks(segment_logits(sess, meta, x))  # threshold, then the post-processing chosen on validation
     rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
     return mask, overlay(rgb, mask)
 

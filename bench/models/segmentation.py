@@ -6,7 +6,7 @@ Both map images ``(N, in_channels, H, W)`` to per-pixel logits ``(N, num_classes
 the next multiple inside ``forward`` and the logits are cropped back, so user images of
 odd sizes work without resizing.
 
-Default widths are chosen for a 2-core CPU (see the README's timing table): one epoch
+Default widths are chosen for a 2-core CPU (speeds: results/perf.md): one epoch
 over 68 images of 128x128 (forward + backward) takes about a second.
 """
 from __future__ import annotations

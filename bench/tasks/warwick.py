@@ -35,7 +35,8 @@ from bench.augment import augment_batch, dihedral_tta
 from bench.config import Config, ConfigError
 from bench.files import IMAGE_ERRORS
 from bench.inference import Forward, batched_outputs
-from bench.metrics import dice_per_image, segmentation_report
+from bench.metrics import dice_per_image, object_f1_pooled, segmentation_report
+from bench.postprocess import PostProcess, choose
 from bench.seg_figures import draw_outlines
 from bench.tasks.base import Data, DataError, DataInfo, Figure, ImageSet, LossFn, Metric, Split, Task
 from bench.tasks.folders import IMAGE_SUFFIXES
@@ -244,15 +245,20 @@ class WarwickTask(Task):
         Metric("dice", "pixel Dice", digits=4),  # mean over images of each image's Dice (the report's number)
         Metric("dice_pooled", "dice_pooled"),  # TP/FP/FN summed over the split first
         Metric("iou", "iou"),
-        Metric("obj_f1", "obj_f1"),
+        Metric("obj_f1", "obj_f1"),  # GlaS object metrics, mean over images of each image's value
         Metric("obj_dice", "obj_dice"),
         Metric("obj_hausdorff", "obj_hausdorff", digits=2, higher_is_better=False, high=float("inf")),  # pixels
+        # the same pooled over all objects of the split, as the GlaS contest computes them (bench/metrics.py)
+        Metric("obj_f1_pooled", "obj_f1_pooled"),
+        Metric("obj_dice_pooled", "obj_dice_pooled"),
+        Metric("obj_hausdorff_pooled", "obj_hausdorff_pooled", digits=2, higher_is_better=False, high=float("inf")),
     )
     default_loss = "bce"
     losses = ("bce", "dice", "dice_bce")
     default_val_fraction = 0.15  # 13 of the 85 training images
     augmentations = ("flips", "rotate", "translate", "scale", "elastic", "intensity")
     supports_tta = True
+    supports_postprocess = True
 
     def prepare(self, root: Path, download: bool, test: bool = True) -> None:
         read_both(root, test)  # there is no public mirror to fetch from: the files must be there
@@ -346,6 +352,13 @@ class WarwickTask(Task):
         """Binary masks (N, H, W) bool: probability > ``cfg.eval.threshold``."""
         return self.predict_proba(model, split, cfg, tta)[:, 0] > cfg.eval.threshold
 
+    def _scored(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn) -> tuple[float, Tensor, Tensor]:
+        """(the loss of the plain forward pass, predicted masks (N, H, W) bool, true masks (N, H, W) bool) of a split."""
+        logits = self._batched(model, split, cfg, lambda m, b: m(b))
+        loss = float(loss_fn(logits, split.y))
+        probs = self.predict_proba(model, split, cfg, tta=True) if cfg.eval.tta else torch.sigmoid(logits)
+        return loss, probs[:, 0] > cfg.eval.threshold, split.y[:, 0] > 0.5
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *,
                  final: bool) -> dict[str, float]:
@@ -355,20 +368,49 @@ class WarwickTask(Task):
         way the test is scored, so the best epoch and the best rung are chosen by the same rule
         that is reported (TTA costs 8 forward passes of the small validation split per epoch).
         """
-        logits = self._batched(model, split, cfg, lambda m, b: m(b))
-        loss = float(loss_fn(logits, split.y))
-        probs = self.predict_proba(model, split, cfg, tta=True) if cfg.eval.tta else torch.sigmoid(logits)
-        pred, target = probs[:, 0] > cfg.eval.threshold, split.y[:, 0] > 0.5
+        loss, pred, target = self._scored(model, split, cfg, loss_fn)
         if not final:
             return {"loss": loss, "dice": float(dice_per_image(pred, target).mean())}
         return {"loss": loss, **segmentation_report(pred, target)}
 
+    @torch.no_grad()
+    def test_record(self, model: nn.Module, data: Data, cfg: Config, loss_fn: LossFn) -> dict[str, Any]:
+        """With ``eval.postprocess``: the post-processing chosen on validation, and the test metrics with it
+        (``test``) and without it (``test_raw``), from one prediction of the test split."""
+        if cfg.eval.postprocess == "none":
+            return super().test_record(model, data, cfg, loss_fn)
+        post, chosen = self.choose_postprocess(model, data.val, cfg)
+        loss, pred, target = self._scored(model, data.test, cfg, loss_fn)
+        raw = {"loss": loss, **segmentation_report(pred, target)}
+        if post == PostProcess():
+            return {"test": raw, "test_raw": raw, "postprocess": chosen}
+        done = segmentation_report(torch.from_numpy(post(pred.cpu().numpy())), target)
+        return {"test": {"loss": loss, **done}, "test_raw": raw, "postprocess": chosen}
+
+    @torch.no_grad()
+    def choose_postprocess(self, model: nn.Module, val: Split, cfg: Config) -> tuple[PostProcess, dict[str, Any]]:
+        """(the post-processing best on the validation split by ``cfg.eval.postprocess``, what the record says of
+        it: ``min_area``, ``fill_holes``, ``chosen_by``, and its validation score ``val`` against ``val_raw``)."""
+        pred = self.predict_masks(model, val, cfg).cpu().numpy()
+        target = (val.y[:, 0] > 0.5).cpu().numpy()
+        by = cfg.eval.postprocess
+        if by == "dice":
+            def score(m: np.ndarray) -> float:
+                return float(dice_per_image(torch.from_numpy(m), torch.from_numpy(target)).mean())
+        else:
+            def score(m: np.ndarray) -> float:
+                return object_f1_pooled(m, target)
+        post, best, raw = choose(pred, score)
+        return post, {**post.to_dict(), "chosen_by": by, "val": best, "val_raw": raw}
+
     # ----------------------------------------------------------------------- figures
 
-    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
-        """Mean per-image pixel Dice of (N, 1, H, W) logits against (N, H, W) masks."""
-        masks = torch.sigmoid(torch.from_numpy(logits[:, 0])) > threshold
-        return float(dice_per_image(masks, torch.from_numpy(targets)).mean())
+    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5,
+                      post: PostProcess | None = None) -> float:
+        """Mean per-image pixel Dice of (N, 1, H, W) logits against (N, H, W) masks, the masks post-processed by
+        ``post`` (an exported model's metadata says which)."""
+        masks = (torch.sigmoid(torch.from_numpy(logits[:, 0])) > threshold).numpy()
+        return float(dice_per_image(torch.from_numpy((post or PostProcess())(masks)), torch.from_numpy(targets)).mean())
 
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
         # Any image size runs as is (the graph pads to a multiple of 2**depth); larger images are tiled
