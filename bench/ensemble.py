@@ -78,6 +78,9 @@ def write_checkpoint(run_dir: Path, key: str, config: dict[str, Any], data_info:
     return checkpoint
 
 
+SCORES = ("test", "test_raw", "postprocess", "val_best", "test_time_s")  # what evaluate scores (the rest: bookkeeping)
+
+
 def scored_alike(run: Run) -> str:
     """Two ensemble runs with the same value score the same (their configs differ only in the seed, which nothing
     evaluated depends on, and they hold the same members in the same order): e.g. every seed of an ensemble of every
@@ -88,8 +91,9 @@ def scored_alike(run: Run) -> str:
 def evaluate(run: Run, run_dir: Path, member_dirs: list[Path], task: Task, data: Data, device: torch.device,
              meta: dict[str, Any], scores: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the ensemble's config.json and best.pt (its members' weights) in ``run_dir``, score it on validation
-    and test with ``task.evaluate``; the result (for ``result.json``).  ``scores`` (``test``, ``val_best``,
-    ``test_time_s`` of a run :func:`scored_alike`) are taken instead of scoring again."""
+    (``task.evaluate``) and test (``task.test_record``: with ``eval.postprocess``, the post-processing chosen on
+    validation too), as ``train.finish`` scores a run's best epoch; the result (for ``result.json``).  ``scores``
+    (the :data:`SCORES` of a run :func:`scored_alike`) are taken instead of scoring again."""
     cfg = run.config
     records = [read_record(d) for d in member_dirs]
     members = [{"run": f"{d.parent.name}/{d.name}", "seed": m.seed, "key": m.key}
@@ -104,8 +108,8 @@ def evaluate(run: Run, run_dir: Path, member_dirs: list[Path], task: Task, data:
         loss_fn = build_loss(cfg)
         val = task.evaluate(model, data.val, cfg, loss_fn, final=False)[task.metric]
         t0 = time.perf_counter()
-        test = task.evaluate(model, data.test, cfg, loss_fn, final=True)
-        scores = {"test": test, "val_best": val, "test_time_s": time.perf_counter() - t0}
+        scores = {**task.test_record(model, data, cfg, loss_fn), "val_best": val}
+        scores["test_time_s"] = time.perf_counter() - t0
     return {
         "key": run.key, **meta, **scores,
         # what the ensemble cost to make: its members' training, summed

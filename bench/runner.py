@@ -256,7 +256,7 @@ def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: Ru
                 failed.append(f"{run.variant.name} seed {run.seed}: {error}")
                 continue
             store.record(run, result)
-            scored[ensemble.scored_alike(run)] = {k: result[k] for k in ("test", "val_best", "test_time_s")}
+            scored[ensemble.scored_alike(run)] = {k: result[k] for k in ensemble.SCORES if k in result}
             for hook in opts.after_run:
                 hook(store, run)
             report_finished(run, result, task, opts.progress)

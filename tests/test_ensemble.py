@@ -32,6 +32,7 @@ VARIANTS = [
     {"name": "a"},
     {"name": "ens", "ensemble": {"of": "a", "size": 2}},
     {"name": "ens+tta", "ensemble": {"of": "a"}, "set": {"eval.tta": True}},
+    {"name": "ens+pp", "ensemble": {"of": "a"}, "set": {"eval.postprocess": "obj_f1_pooled"}},
 ]
 
 
@@ -132,9 +133,13 @@ def test_an_ensemble_is_scored_from_its_members_and_recorded_like_a_run(trained)
     assert alike[0].test == alike[1].test and alike[0].test_time_s == alike[1].test_time_s  # scored once
     # the summary and its paired test treat it as a rung whose parent is the one it averages
     finished = {(r.variant, r.seed) for r in store.finished(spec.group)}
-    assert finished == {(v, s) for v in ("a", "ens", "ens+tta") for s in (0, 1)}
+    assert finished == {(v, s) for v in ("a", "ens", "ens+tta", "ens+pp") for s in (0, 1)}
+    pp = store.result(spec.runs(["ens+pp"])[0])  # post-processing chosen on validation, as for a trained run
+    assert pp.postprocess["chosen_by"] == "obj_f1_pooled" and pp.test_raw["dice"] == store.result(
+        spec.runs(["ens"])[0]).test["dice"]
     tables = group_tables(store.read_group(spec.group), store.finished(spec.group))
     rows = {r[0].removesuffix(" ★"): dict(zip(tables.main.headers, r, strict=True)) for r in tables.main.rows}
+    rows = {v: rows[v] for v in ("a", "ens", "ens+tta")}
     by_seed = {v: {r.seed: r.result.test["dice"] for r in store.finished(spec.group) if r.variant == v} for v in rows}
     for v in ("ens", "ens+tta"):
         d = sum(by_seed[v][s] - by_seed["a"][s] for s in (0, 1)) / 2
