@@ -1,0 +1,139 @@
+"""Separating touching glands: the contour target, the instance labelling, the object metrics on instance
+labels, the TTA of the contour channel and the config checks of the `+contours` rung."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench import metrics as M
+from bench.augment import dihedral, dihedral_tta
+from bench.config import ConfigError
+from bench.instances import instances_from_logits, label_instances
+from bench.losses import LOSSES, contour_target
+from bench.models import MODELS
+from bench.tasks import TASKS
+
+
+def _two_squares() -> np.ndarray:
+    """(12, 20) bool: two 6x6 glands one background column apart (columns 2-7 and 9-14, rows 3-8)."""
+    m = np.zeros((12, 20), bool)
+    m[3:9, 2:8] = True
+    m[3:9, 9:15] = True
+    return m
+
+
+def test_contour_target_is_the_band_around_each_gland_and_fills_the_gap():
+    m = _two_squares()
+    band = contour_target(torch.from_numpy(m).float()[None, None], width=1)[0, 0].numpy().astype(bool)
+    assert band[3:9, 8].all()  # the background column between the glands is all contour
+    assert band[3:9, 7].all() and band[3:9, 9].all()  # and so are the glands' own edge pixels beside it
+    assert not band[5:7, 4:6].any() and not band[5:7, 11:13].any()  # gland centres are not
+    assert not band[0, :].any() and band[2, 2:15].all()  # one pixel outside the glands, none further
+    # no edge at the image border: a gland touching it has no contour there
+    full = torch.ones(1, 1, 6, 6)
+    assert contour_target(full).sum() == 0
+
+
+def test_touching_squares_are_two_instances_one_component():
+    fg = np.where(_two_squares(), 0.9, 0.1)
+    fg[3:9, 8] = 0.9  # the network's foreground merges the two glands ...
+    contour = contour_target(torch.from_numpy(_two_squares()).float()[None, None])[0, 0].numpy() * 0.8 + 0.1
+    assert M.label_objects(fg > 0.5)[1] == 1  # ... so connected components see one gland
+    labels = label_instances(fg, contour)
+    assert labels.dtype == np.int32 and set(np.unique(labels)) == {0, 1, 2}
+    assert ((labels > 0) == (fg > 0.5)).all()  # the instances cover exactly the foreground
+    assert (labels[3:9, 2:8] == labels[5, 4]).all() and (labels[3:9, 9:15] == labels[5, 12]).all()
+    assert labels[5, 4] != labels[5, 12]
+    # the object metrics count the instances: both glands found, where the merged blob finds one
+    target = _two_squares()
+    assert M.object_f1_counts(fg > 0.5, target) == (1, 0, 1)
+    assert M.object_f1_counts(labels, target) == (2, 0, 0)
+    assert M.object_scores(labels, target)[0] == 1.0
+    # the same through the batch form on logits (channel 0 foreground, 1 contour)
+    logits = np.log(np.stack([fg, contour]) / (1 - np.stack([fg, contour])))[None]
+    assert (instances_from_logits(logits) == labels).all()
+
+
+def test_foreground_without_a_core_keeps_its_own_label():
+    fg = np.zeros((8, 8))
+    fg[1:3, 1:3] = 0.9  # all contour: no core
+    fg[4:8, 4:8] = 0.9
+    contour = np.zeros((8, 8))
+    contour[1:3, 1:3] = 0.9
+    labels = label_instances(fg, contour)
+    assert len(np.unique(labels[1:3, 1:3])) == 1 and labels[1, 1] > 0
+    assert labels[1, 1] != labels[5, 5] and ((labels > 0) == (fg > 0.5)).all()
+
+
+def test_objects_of_label_image_renumbers_and_mask_path_is_unchanged():
+    lab = np.array([[0, 7, 7], [3, 0, 7], [3, 3, 0]])
+    out, n = M.objects_of(lab)
+    assert n == 2 and set(np.unique(out)) == {0, 1, 2} and ((out > 0) == (lab > 0)).all()
+    assert M.objects_of(lab > 0)[1] == 1  # a bool mask: one 8-connected component
+    assert M.objects_of(np.full((2, 2), 5))[1] == 1  # no background at all
+
+
+def test_segmentation_report_counts_instances_only_for_object_metrics():
+    target = torch.from_numpy(_two_squares())[None]
+    merged = target.clone()
+    merged[0, 3:9, 8] = True
+    inst = np.where(target[0].numpy(), 1, 0)
+    inst[3:9, 9:15] = 2
+    inst[3:9, 8] = 1  # the gap pixels join the left gland
+    plain = M.segmentation_report(merged, target)
+    split = M.segmentation_report(merged, target, inst[None])
+    assert plain["obj_f1"] == pytest.approx(2 / 3) and split["obj_f1"] == 1.0
+    assert split["dice"] == plain["dice"] and split["iou_pooled"] == plain["iou_pooled"]
+
+
+def test_tta_maps_the_contour_channel_back_with_each_transform():
+    """A net whose contour channel marks its input's left column: after TTA each transform's mark is mapped back
+    to where that column lies in the original image, so the average is the left column in every transform's own
+    frame, i.e. the 4 sides and their mirror images (never a mix-up with the foreground channel)."""
+
+    class LeftColumn(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            fg = torch.full_like(x[:, :1], 3.0)
+            contour = torch.full_like(x[:, :1], -30.0)
+            contour[..., 0] = 30.0
+            return torch.cat([fg, contour], 1)
+
+    x = torch.randn(1, 2, 6, 6)
+    p = dihedral_tta(LeftColumn(), x)
+    assert p.shape == (1, 2, 6, 6)
+    assert torch.allclose(p[:, 0], torch.sigmoid(torch.tensor(3.0)).expand(1, 6, 6))
+    expected = sum(dihedral_inverse_mark(e) for e in range(8)) / 8
+    assert torch.allclose(p[0, 1], expected, atol=1e-6)
+    assert p[0, 1, 0, 0] == pytest.approx(4 / 8)  # a corner lies on two sides, each seen by 2 of the 8 transforms
+    assert p[0, 1, 2, 2] == pytest.approx(0.0, abs=1e-6)
+
+
+def dihedral_inverse_mark(e: int) -> torch.Tensor:
+    """Where transform ``e``'s left column lies in the original 6x6 frame (1 there, 0 elsewhere)."""
+    idx = torch.arange(36.0).view(6, 6)
+    left = dihedral(idx, e)[:, 0]  # the original positions that transform e puts in its left column
+    return torch.isin(idx, left).float()
+
+
+def test_contour_loss_trains_both_channels_and_config_pairs_them():
+    y = torch.from_numpy(_two_squares()).float()[None, None]
+    loss = LOSSES["contour_bce"](contour_weight=2.0)
+    logits = torch.zeros(1, 2, 12, 20, requires_grad=True)
+    loss(logits, y).backward()
+    assert logits.grad[:, 0].abs().sum() > 0 and logits.grad[:, 1].abs().sum() > 0
+    # the contour term is weighted: a perfect foreground leaves 2 x BCE of the contour channel
+    perfect = torch.cat([(y * 2 - 1) * 50, torch.zeros_like(y)], 1)
+    assert float(loss(perfect, y)) == pytest.approx(2 * np.log(2), rel=1e-4)
+    net = MODELS["unet"](in_channels=2, num_classes=1, width=4, depth=2, contours=True)
+    assert net(torch.randn(1, 2, 16, 16)).shape == (1, 2, 16, 16)
+    from bench.config import Config
+
+    task = TASKS["warwick"]
+    with pytest.raises(ConfigError, match="contour_bce needs model.contours"):
+        task.check_config(Config(task="warwick", model={"name": "unet"}, loss={"name": "contour_bce"}), "v")
+    with pytest.raises(ConfigError, match="does not train model.contours"):
+        task.check_config(Config(task="warwick", model={"name": "unet", "contours": True}, loss={"name": "bce"}), "v")
+    task.check_config(Config(task="warwick", model={"name": "unet", "contours": True},
+                             loss={"name": "contour_bce"}), "v")
