@@ -137,3 +137,48 @@ def test_contour_loss_trains_both_channels_and_config_pairs_them():
         task.check_config(Config(task="warwick", model={"name": "unet", "contours": True}, loss={"name": "bce"}), "v")
     task.check_config(Config(task="warwick", model={"name": "unet", "contours": True},
                              loss={"name": "contour_bce"}), "v")
+
+
+def test_contour_model_exports_both_channels_and_predict_writes_instances(tmp_path, make_warwick):
+    """Round trip of a tiny trained contour model: the TTA graph returns both channels, the metadata carries the
+    instance parameters, parity computes the object metrics from ONNX Runtime outputs + metadata alone and they
+    match the run's reported ones, and `bench predict` writes the same instances as a 16-bit PNG."""
+    import csv
+
+    from PIL import Image
+
+    from bench.spec import load_spec
+    from exporters import onnx as ox
+    from exporters.metadata import ModelMeta
+    from exporters.parity import TOLERANCE
+    from exporters.predict import main
+    from exporters.runtime import session
+    from tests.helpers import train, write_spec
+
+    base = {"model": {"name": "unet", "width": 4, "depth": 2, "dropout": 0.0, "contours": True},
+            "optim": {"name": "adam", "lr": 1.0e-2}, "loss": {"name": "contour_bce"},
+            "train": {"epochs": 2, "batch_size": 4, "threads": 2}, "eval": {"tta": True}}
+    root = make_warwick(tmp_path / "data" / "WARWICK", n_train=8, n_test=3).parent
+    res = tmp_path / "results"
+    train(load_spec(write_spec(tmp_path / "tc.yaml", task="warwick", base=base, variants=[{"name": "a"}])), res, root)
+    ex = ox.export_run(res / "runs/tc/a/seed-0", tmp_path / "onnx", str(root), res)
+    meta = ModelMeta.from_onnx(ex.path)
+    assert ex.tta and meta.raw["instances"] == "contours" and meta.contour_threshold == 0.5
+    assert meta.raw["output_shape"] == '["batch", 2, "height", "width"]'
+    logits = session(ex.path).run(None, {"input": ex.inputs})[0]
+    assert logits.shape == (3, 2, 32, 32)
+    objects = ex.record["parity"]["objects_ort"]
+    reported = ex.record["run_test"]
+    for key in ("obj_f1", "obj_dice"):
+        assert abs(objects[key] - reported[key]) <= TOLERANCE["max_dice_diff"]
+    assert objects["tp"] + objects["fn"] == sum(int(M.label_objects(t)[1]) for t in ex.test.targets)
+    img = tmp_path / "one.png"
+    Image.fromarray(ex.test.images[0]).save(img)
+    assert main([str(ex.path), str(img), "--out", str(tmp_path / "pred")]) == 0
+    with Image.open(tmp_path / "pred" / "one_instances.png") as im:
+        labels = np.asarray(im)
+    assert im.mode.startswith("I") and (labels == meta.instances(logits[:1])[0]).all()
+    row = next(csv.DictReader((tmp_path / "pred" / "predictions.csv").open()))
+    assert row["instances"] == "one_instances.png" and int(row["glands"]) == labels.max()
+    with Image.open(tmp_path / "pred" / "one_mask.png") as im:
+        assert ((np.asarray(im) > 0) == (labels > 0)).all()
