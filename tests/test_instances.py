@@ -182,3 +182,21 @@ def test_contour_model_exports_both_channels_and_predict_writes_instances(tmp_pa
     assert row["instances"] == "one_instances.png" and int(row["glands"]) == labels.max()
     with Image.open(tmp_path / "pred" / "one_mask.png") as im:
         assert ((np.asarray(im) > 0) == (labels > 0)).all()
+
+
+def test_tiled_prediction_keeps_the_contour_channel():
+    """Large images are tiled: both output channels are reassembled, each from its own tiles."""
+    from exporters.metadata import ModelMeta
+    from exporters.predict import segment_logits
+
+    class TwoChannels:  # a stand-in session: 'logits' are the input's two channels
+        def run(self, outputs, feed):
+            return [feed["input"][:, :2].copy()]
+
+    meta = ModelMeta(task="warwick", kind="segmentation", input_name="input", output_name="logits", color_mode="RGB",
+                     channels=[0, 1], pixel_divisor=255.0, mean=np.zeros(2, np.float32), std=np.ones(2, np.float32),
+                     image_size=(32, 32), resize_policy="tile", tile_size=(32, 32), tile_overlap=8, min_size=4,
+                     contour_threshold=0.5)
+    x = np.random.default_rng(0).standard_normal((1, 2, 70, 45)).astype(np.float32)
+    got = segment_logits(TwoChannels(), meta, x)
+    assert got.shape == (2, 70, 45) and np.allclose(got, x[0], atol=1e-6)
