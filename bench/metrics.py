@@ -209,6 +209,18 @@ def label_objects(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return lab.astype(np.int32, copy=False), int(n)
 
 
+def objects_of(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """The objects of a (H, W) image -> (labels int32 (H, W) numbered 1..count, count): a bool mask's
+    connected components (:func:`label_objects`), or an integer instance label image's labels as given
+    (0 = background; a network's separated glands, ``bench.instances``), renumbered without gaps."""
+    image = np.asarray(image)
+    if image.dtype == bool:
+        return label_objects(image)
+    _, inverse = np.unique(np.concatenate([[0], image.ravel()]), return_inverse=True)  # 0 stays 0
+    lab = inverse[1:].reshape(image.shape).astype(np.int32)
+    return lab, int(lab.max(initial=0))
+
+
 def _group(lab_values: np.ndarray, coords: np.ndarray, n: int) -> list[np.ndarray]:
     """Split (M, 2) ``coords`` by their labels 1..n -> n arrays (vectorized, no per-pixel loop)."""
     order = np.argsort(lab_values, kind="stable")
@@ -218,7 +230,8 @@ def _group(lab_values: np.ndarray, coords: np.ndarray, n: int) -> list[np.ndarra
 
 
 class _Objects:
-    """The connected components of one (H, W) mask: labels, areas, boxes, pixels and edge pixels.
+    """The objects of one (H, W) mask or label image (:func:`objects_of`): labels, areas, boxes, pixels and
+    edge pixels.
 
     ``edges[k]`` are the pixels of object k with a 4-neighbour outside it: the pixel of k
     nearest to any outside point is always one of them, so distances *to* an object only
@@ -226,7 +239,7 @@ class _Objects:
     """
 
     def __init__(self, mask: np.ndarray):
-        self.lab, self.n = label_objects(mask)
+        self.lab, self.n = objects_of(mask)
         self.area = np.bincount(self.lab.ravel(), minlength=self.n + 1)[1:].astype(np.float64)
         # boxes[k] = (row0, row1, col0, col1), inclusive pixel bounds
         self.boxes = np.array([(s[0].start, s[0].stop - 1, s[1].start, s[1].stop - 1)
@@ -392,9 +405,10 @@ class ObjectTally:
 
 
 def object_tally(pred: np.ndarray, target: np.ndarray) -> ObjectTally:
-    """The GlaS object sums of one image, (H, W) bool masks; an object whose image has no object on the
-    other side counts Dice 0 and Hausdorff the image diagonal."""
-    g, s = _Objects(np.asarray(target, bool)), _Objects(np.asarray(pred, bool))
+    """The GlaS object sums of one image, (H, W) bool masks or integer instance label images
+    (:func:`objects_of`); an object whose image has no object on the other side counts Dice 0 and
+    Hausdorff the image diagonal."""
+    g, s = _Objects(target), _Objects(pred)
     g_area, s_area = float(g.area.sum()), float(s.area.sum())
     if g.n == 0 or s.n == 0:
         diag = math.hypot(target.shape[0] - 1, target.shape[1] - 1)
@@ -405,7 +419,8 @@ def object_tally(pred: np.ndarray, target: np.ndarray) -> ObjectTally:
 
 
 def object_scores(pred: np.ndarray, target: np.ndarray) -> tuple[float, float, float]:
-    """GlaS (object F1, object Dice, object Hausdorff) of one image; (H, W) bool masks.
+    """GlaS (object F1, object Dice, object Hausdorff) of one image; (H, W) bool masks, or integer instance
+    label images (see :func:`objects_of`).
 
     Empty sides: both empty -> (1, 1, 0); one empty -> (0, 0, image diagonal).
     """
@@ -413,8 +428,8 @@ def object_scores(pred: np.ndarray, target: np.ndarray) -> tuple[float, float, f
 
 
 def object_f1_counts(pred: np.ndarray, target: np.ndarray) -> tuple[int, int, int]:
-    """GlaS object detection counts (TP, FP, FN) of one image; (H, W) bool masks."""
-    return _f1_counts(_overlap(_Objects(np.asarray(target, bool)), _Objects(np.asarray(pred, bool))))
+    """GlaS object detection counts (TP, FP, FN) of one image; (H, W) bool masks or instance label images."""
+    return _f1_counts(_overlap(_Objects(target), _Objects(pred)))
 
 
 def object_f1_pooled(pred: np.ndarray, target: np.ndarray) -> float:
@@ -442,13 +457,16 @@ def object_hausdorff(pred: np.ndarray, target: np.ndarray) -> float:
 # --------------------------------------------------------------------------- split report
 
 
-def segmentation_report(pred: Tensor, target: Tensor) -> dict[str, float]:
+def segmentation_report(pred: Tensor, target: Tensor, instances: np.ndarray | None = None) -> dict[str, float]:
     """All segmentation metrics of a split.
 
     pred, target: (N, H, W) bool masks (any device).  Returns ``dice``, ``iou``,
     ``obj_f1``, ``obj_dice``, ``obj_hausdorff`` (means of per-image values),
     ``dice_pooled``, ``iou_pooled`` (over all pixels of the split) and ``obj_f1_pooled``,
     ``obj_dice_pooled``, ``obj_hausdorff_pooled`` (over all objects of the split, the GlaS contest's way).
+    ``instances``: (N, H, W) int instance labels of the prediction (a network that separates touching glands):
+    the object metrics count its labels instead of the connected components of ``pred``; pixel scores stay
+    on ``pred``.
     """
     pred, target = pred.bool().cpu(), target.bool().cpu()
     counts = confusion_per_image(pred, target)  # counted once, shared by the four pixel scores
@@ -459,7 +477,8 @@ def segmentation_report(pred: Tensor, target: Tensor) -> dict[str, float]:
         "iou": float(_iou(*counts).mean()),
         "iou_pooled": float(_iou(*pooled)),
     }
-    tallies = [object_tally(p, g) for p, g in zip(pred.numpy(), target.numpy(), strict=True)]
+    objects = pred.numpy() if instances is None else instances
+    tallies = [object_tally(p, g) for p, g in zip(objects, target.numpy(), strict=True)]
     per_image = np.array([t.scores() for t in tallies]).reshape(-1, 3).mean(0)
     pooled_scores = sum(tallies, ObjectTally()).scores()
     for name, mean, total in zip(("obj_f1", "obj_dice", "obj_hausdorff"), per_image, pooled_scores, strict=True):

@@ -123,9 +123,10 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
         raise ConfigError(f"{where}: this config does not run on {task.name} data: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     # A network of the wrong width may still "train" (5 logits for 3 classes reach 0 %): say so before anything runs.
-    want = (x.shape[0], kwargs.get("num_classes"), *(x.shape[-2:] if task.kind == "segmentation" else ()))
+    channels = kwargs.get("num_classes", 0) + bool(cfg.model.get("contours"))  # + the gland-contour channel
+    want = (x.shape[0], channels, *(x.shape[-2:] if task.kind == "segmentation" else ()))
     if "num_classes" in kwargs and tuple(out.shape) != want:
-        layout = "(N, classes)" if task.kind == "classification" else "(N, 1, H, W) at the input's height and width"
+        layout = "(N, classes)" if task.kind == "classification" else "(N, C, H, W) at the input's height and width"
         raise ConfigError(f"{where}: the network returns {tuple(out.shape)} for a batch of {tuple(x.shape)}; "
                           f"{task.name} needs {want}, {layout} (it was built with {kwargs})")
     try:

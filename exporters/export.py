@@ -76,7 +76,8 @@ class DihedralTTA(nn.Module):
     transform's output, mapped back, summed in the same order, / 8), then turned back into a logit
     (:func:`_logit`), so that the graph's output
     means what a plain export's does: ``sigmoid(output)`` is the (TTA) foreground probability and a
-    user's code needs no change.  (N, C, H, W) -> (N, 1, H, W).
+    user's code needs no change.  (N, C, H, W) -> (N, K, H, W): K = 2 with a contour output, whose
+    channel is averaged the same way (each transform's output mapped back before the mean).
     Classification (square inputs only): the mean of the 8 softmaxes, returned as its log (again
     ``softmax(output)`` is the averaged probability).  (N, C, S, S) -> (N, K).
     """

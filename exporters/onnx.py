@@ -87,9 +87,14 @@ def _parity_line(rec: dict) -> str:
     p = rec["parity"]
     agree = (f"identical predictions {100 * p['agreement']:.2f} %" if "agreement" in p
              else f"pixel agreement {100 * p['pixel_agreement']:.3f} %")
-    return (f"parity on {p['n']} test images: {gap_text(p)}, {agree}, "
+    line = (f"parity on {p['n']} test images: {gap_text(p)}, {agree}, "
             f"{p['metric']} ORT {p['metric_ort']:.4f} vs PyTorch {p['metric_torch']:.4f} (run's own test: "
             f"{(rec.get('run_test') or {}).get(p['metric'], float('nan')):.4f}{', with TTA' if rec['run_tta'] else ''})")
+    if "objects_ort" in p:  # a contour model: object metrics on its instances, from the ONNX outputs + metadata
+        o = p["objects_ort"]
+        line += (f"; obj_f1 ORT {o['obj_f1']:.4f} (run's own: {(rec.get('run_test') or {}).get('obj_f1', float('nan')):.4f}),"
+                 f" pooled {o['obj_f1_pooled']:.4f} (TP {o['tp']}, FP {o['fp']}, FN {o['fn']})")
+    return line
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -35,6 +35,7 @@ from bench.augment import augment_batch, dihedral_tta
 from bench.config import Config, ConfigError
 from bench.files import IMAGE_ERRORS
 from bench.inference import Forward, batched_outputs
+from bench.instances import label_instances
 from bench.metrics import dice_per_image, object_f1_pooled, segmentation_report
 from bench.postprocess import PostProcess, choose
 from bench.seg_figures import draw_outlines
@@ -254,11 +255,24 @@ class WarwickTask(Task):
         Metric("obj_hausdorff_pooled", "obj_hausdorff_pooled", digits=2, higher_is_better=False, high=float("inf")),
     )
     default_loss = "bce"
-    losses = ("bce", "dice", "dice_bce")
+    losses = ("bce", "dice", "dice_bce", "contour_bce")  # contour_bce: with model.contours
     default_val_fraction = 0.15  # 13 of the 85 training images
     augmentations = ("flips", "rotate", "translate", "scale", "elastic", "intensity")
     supports_tta = True
     supports_postprocess = True
+
+    def check_config(self, cfg: Config, where: str) -> None:
+        super().check_config(cfg, where)
+        contours, contour_loss = bool(cfg.model.get("contours")), cfg.loss["name"] == "contour_bce"
+        # one without the other would train a channel on nothing, or fail at the first batch
+        if contours and not contour_loss:
+            raise ConfigError(f"{where}.loss.name: {cfg.loss['name']!r} does not train model.contours' output; "
+                              f"use contour_bce")
+        if contour_loss and not contours:
+            raise ConfigError(f"{where}.loss.name: contour_bce needs model.contours: true")
+        if contours and cfg.eval.postprocess != "none":  # post-processing works on masks, not yet on instances
+            raise ConfigError(f"{where}.eval.postprocess: not available with model.contours (post-processing of "
+                              f"gland instances is not built yet); use none")
 
     def prepare(self, root: Path, download: bool, test: bool = True) -> None:
         read_both(root, test)  # there is no public mirror to fetch from: the files must be there
@@ -331,7 +345,7 @@ class WarwickTask(Task):
         return x, y2 if y2 is not None else y
 
     def train_score(self, logits: Tensor, y: Tensor) -> Tensor:
-        return dice_per_image(logits > 0, y > 0.5).mean()
+        return dice_per_image(logits[:, :1] > 0, y > 0.5).mean()
 
     # ----------------------------------------------------------------------- prediction
 
@@ -342,8 +356,9 @@ class WarwickTask(Task):
         return batched_outputs(model, split.x, max(1, min(cfg.train.eval_batch_size, _EVAL_PIXELS // (h * w))), fn)
 
     def predict_proba(self, model: nn.Module, split: Split, cfg: Config, tta: bool | None = None) -> Tensor:
-        """Foreground probabilities (N, 1, H, W) float32; ``tta`` (default ``cfg.eval.tta``)
-        averages the probabilities of the 8 dihedral transforms."""
+        """Foreground probabilities (N, 1, H, W) float32 (N, 2, H, W with ``model.contours``: foreground,
+        contour); ``tta`` (default ``cfg.eval.tta``) averages the probabilities of the 8 dihedral transforms
+        (each channel mapped back with the inverse transform)."""
         if cfg.eval.tta if tta is None else tta:
             return self._batched(model, split, cfg, dihedral_tta)
         return torch.sigmoid(self._batched(model, split, cfg, lambda m, b: m(b)))
@@ -352,12 +367,17 @@ class WarwickTask(Task):
         """Binary masks (N, H, W) bool: probability > ``cfg.eval.threshold``."""
         return self.predict_proba(model, split, cfg, tta)[:, 0] > cfg.eval.threshold
 
-    def _scored(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn) -> tuple[float, Tensor, Tensor]:
-        """(the loss of the plain forward pass, predicted masks (N, H, W) bool, true masks (N, H, W) bool) of a split."""
+    def _scored(self, model: nn.Module, split: Split, cfg: Config,
+                loss_fn: LossFn) -> tuple[float, Tensor, Tensor, np.ndarray | None]:
+        """(the loss of the plain forward pass, predicted masks (N, H, W) bool, true masks (N, H, W) bool, and for a
+        model with a contour output its gland instances (N, H, W) int, else None) of a split."""
         logits = self._batched(model, split, cfg, lambda m, b: m(b))
         loss = float(loss_fn(logits, split.y))
         probs = self.predict_proba(model, split, cfg, tta=True) if cfg.eval.tta else torch.sigmoid(logits)
-        return loss, probs[:, 0] > cfg.eval.threshold, split.y[:, 0] > 0.5
+        instances = None
+        if probs.shape[1] > 1:
+            instances = np.stack([label_instances(q[0], q[1], cfg.eval.threshold) for q in probs.cpu().numpy()])
+        return loss, probs[:, 0] > cfg.eval.threshold, split.y[:, 0] > 0.5, instances
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *,
@@ -367,11 +387,13 @@ class WarwickTask(Task):
         Both honour ``cfg.eval.tta`` and ``cfg.eval.threshold``: validation scores an epoch the
         way the test is scored, so the best epoch and the best rung are chosen by the same rule
         that is reported (TTA costs 8 forward passes of the small validation split per epoch).
+        A model with a contour output (``model.contours``) is scored on its own gland instances
+        (``bench.instances``) by the object metrics; the pixel metrics read its foreground channel.
         """
-        loss, pred, target = self._scored(model, split, cfg, loss_fn)
+        loss, pred, target, instances = self._scored(model, split, cfg, loss_fn)
         if not final:
             return {"loss": loss, "dice": float(dice_per_image(pred, target).mean())}
-        return {"loss": loss, **segmentation_report(pred, target)}
+        return {"loss": loss, **segmentation_report(pred, target, instances)}
 
     @torch.no_grad()
     def test_record(self, model: nn.Module, data: Data, cfg: Config, loss_fn: LossFn) -> dict[str, Any]:
@@ -380,7 +402,7 @@ class WarwickTask(Task):
         if cfg.eval.postprocess == "none":
             return super().test_record(model, data, cfg, loss_fn)
         post, chosen = self.choose_postprocess(model, data.val, cfg)
-        loss, pred, target = self._scored(model, data.test, cfg, loss_fn)
+        loss, pred, target, _ = self._scored(model, data.test, cfg, loss_fn)  # no instances: check_config
         raw = {"loss": loss, **segmentation_report(pred, target)}
         if post == PostProcess():
             return {"test": raw, "test_raw": raw, "postprocess": chosen}
