@@ -83,6 +83,14 @@ def choose_runs(store: RunStore, group: str, variants: list[str] | None, seeds: 
         raise ConfigError(f"{store.root / group}: a study's trials have no test metric to reproduce; choose a "
                           f"published or ad-hoc group")
     finished = store.finished(group)
+    ensembles = {r.variant for r in finished if "members" in r.result.extra}  # they train nothing: reproduce members
+    if ensembles and not variants:
+        print(f"note: {', '.join(sorted(ensembles))} of {group}: seed ensembles of other rungs, not re-trained",
+              file=sys.stderr)
+    if any(v in ensembles for v in variants or []):
+        raise ConfigError(f"--variants {', '.join(v for v in variants if v in ensembles)}: a seed ensemble trains "
+                          f"nothing; reproduce the rung it averages")
+    finished = [r for r in finished if r.variant not in ensembles]
     if not finished:
         raise ConfigError(f"{store.root / group}: no finished runs recorded; nothing to reproduce")
     names = [v.name for v in meta.variants]

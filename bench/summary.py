@@ -280,9 +280,12 @@ def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
 
 def format_time_to_target(runs: list[StoredRun], target: float, metric: Metric | None = None) -> str:
     """``3 · 41 s``: mean over seeds of the first epoch whose validation metric reached ``target`` and of the
-    training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all."""
-    reached = [hit for hit in (time_to_target(files.read_csv(r.dir / "metrics.csv"), target, metric) for r in runs)
-               if hit]
+    training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all;
+    ``–`` for runs without epochs of their own (seed ensembles)."""
+    histories = [files.read_csv(r.dir / "metrics.csv") for r in runs]
+    if not any(histories):
+        return "–"
+    reached = [hit for hit in (time_to_target(h, target, metric) for h in histories) if hit]
     if not reached:
         return "not reached"
     epoch, seconds = (sum(h[i] for h in reached) / len(reached) for i in (0, 1))
@@ -504,9 +507,12 @@ def _reading(store: RunStore, group: str) -> list[str]:
 def _cost_legend(costs: dict[str, Any]) -> str:
     gpu = f"; *CUDA ms*: the CUDA execution provider on {costs['gpu']}" if costs.get("gpu") else ""
     tta = [v for v, r in costs["rungs"].items() if r.get("tta")]
+    ensembles = [f"{v}: {r['members']}" for v, r in costs["rungs"].items() if r.get("members")]
+    notes = ([f"the TTA graphs of {', '.join(tta)} run the network 8 times and count it"] if tta else []) + (
+        [f"a seed ensemble's graph holds all its members and counts them ({', '.join(ensembles)})"] if ensembles else [])
     return (f"Deployment cost: the best seed (by validation) of each rung exported to ONNX, checked against PyTorch "
             f"on the whole test set, and timed together: *{flops_unit(costs)[0]}* per image of the exported graph"
-            + (f" (the TTA graphs of {', '.join(tta)} run the network 8 times and count it)" if tta else "")
+            + (f" ({'; '.join(notes)})" if notes else "")
             + f", *ORT ms* the p50 of batch-1 calls on {costs['engine']} (CPU provider, "
             f"{costs['threads']} thread, fp32) on {costs['cpu']}"
             + ("; *INT8 ms* the same for its static INT8 copy" if any("cpu/int8" in r.get("latency", {})

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import files
+from bench import ensemble, files
 from bench.config import ConfigError
 from bench.records import read_record
 from bench.reproduce import retrain
@@ -182,6 +183,15 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
     group = run_dir.parent.parent.name
     stored = next(r for r in store.finished(group) if r.dir == run_dir)
     done = results / RETRAINED / run_dir.relative_to(results)
+    if "members" in stored.result.extra:  # a seed ensemble: its members' checkpoints (re-trained where missing)
+        members = [with_checkpoint(run_dir.parent.parent / m["run"], results, data_root)
+                   for m in stored.result.extra["members"]]
+        saved = files.read_json(run_dir / "config.json")
+        ensemble.write_checkpoint(done, stored.key, saved["config"], saved["data_info"], members,
+                                  [m["key"] for m in stored.result.extra["members"]])
+        for name in ("config.json", "result.json"):
+            shutil.copyfile(run_dir / name, done / name)
+        return done
     if (done / "best.pt").exists() and _current_key(done) == stored.key:
         return done
     print(f"note: {run_dir} has no best.pt (checkpoints are not in git): re-training it from its record into "

@@ -18,7 +18,8 @@ LAYERS = [
      "bench.tasks.image_folder", "bench.tasks.mask_folder"],  # data and metrics per task
     ["bench.spec"],  # specs resolved into validated configs
     ["bench.train", "bench.reference"],  # the training loop (and the textbook loop it is timed against)
-    ["bench.records", "bench.store", "bench.storage", "bench.tracking"],  # records, run store, machines DB, MLflow
+    ["bench.records", "bench.ensemble", "bench.store", "bench.storage",
+     "bench.tracking"],  # records, seed ensembles, run store, machines DB, MLflow
     ["bench.grid"],  # who trains which run: kernel locks, or a study in that database
     ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
     ["bench.summary", "bench.perf", "bench.rescore", "bench.reproduce"],  # the published tables and speed measurements

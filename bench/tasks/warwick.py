@@ -98,16 +98,15 @@ def _read_label(path: Path, ones: bool = False) -> np.ndarray:
     return arr > 0
 
 
-def match_files(folder: Path, pattern: str) -> tuple[dict[str, Path], list[str]]:
-    """({id: file}, problems) of the files of ``folder`` that ``pattern`` names: a path relative to ``folder``
+def named_files(folder: Path, pattern: str) -> list[tuple[str, Path]]:
+    """(id, file) of every file of ``folder`` that ``pattern`` names, sorted by file: a path relative to ``folder``
     whose file name holds one ``*``, the pair's id (``label_*.png``, ``masks/*``).  A name with nothing after
     the ``*`` matches any image file by its stem (``masks/*``: ``masks/01.png``, id ``01``), so images and
-    masks may have different formats; two such files with the same id are a problem."""
+    masks may have different formats."""
     sub, _, name = pattern.rpartition("/")
     d = folder / sub if sub else folder
     prefix, _, suffix = name.partition("*")
-    out: dict[str, Path] = {}
-    problems = []
+    out = []
     for p in sorted(d.iterdir()) if d.is_dir() else []:
         if not p.is_file() or p.name.startswith("."):
             continue
@@ -115,9 +114,19 @@ def match_files(folder: Path, pattern: str) -> tuple[dict[str, Path], list[str]]
         if suffix and not n.endswith(suffix) or not suffix and p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         n = n[: len(n) - len(suffix)] if suffix else n
-        if not n.startswith(prefix) or len(n) == len(prefix):
+        if n.startswith(prefix) and len(n) > len(prefix):
+            out.append((n[len(prefix):], p))
+    return out
+
+
+def match_files(folder: Path, pattern: str, skip: frozenset[Path] = frozenset()) -> tuple[dict[str, Path], list[str]]:
+    """({id: file}, problems) of the files of ``folder`` that ``pattern`` names (:func:`named_files`), but those
+    in ``skip``; two files with the same id are a problem."""
+    out: dict[str, Path] = {}
+    problems = []
+    for key, p in named_files(folder, pattern):
+        if p in skip:
             continue
-        key = n[len(prefix):]
         if key in out:
             problems.append(f"{p}: same id {key!r} as {out[key].name}; keep one file per id")
         else:
@@ -138,12 +147,18 @@ def read_pairs(folder: Path, images: str = "image_*.png", masks: str = "label_*.
     """
     files: dict[str, dict[str, Path]] = {}
     problems: list[str] = []
+    # a file the masks rule names is never an image (GlaS: train_1.bmp beside train_1_anno.bmp, read with
+    # images "*.bmp" and masks "*_anno.bmp")
+    is_mask = frozenset(p for _, p in named_files(folder, masks))
     for kind, pattern in (("image", images), ("label", masks)):
-        files[kind], dup = match_files(folder, pattern)
+        files[kind], dup = match_files(folder, pattern, is_mask if kind == "image" else frozenset())
         problems += dup
     for kind, pattern in (("image", images), ("label", masks)):
         if not files[kind] and files["label" if kind == "image" else "image"]:  # one line, not one per partner
             what = "images" if kind == "image" else "masks"
+            if kind == "image" and named_files(folder, images):
+                raise DataError(f"{folder}: the images rule {images!r} matches only files the masks rule {masks!r} "
+                                f"names (a mask is never an image); check data.images and data.masks")
             raise DataError(f"{folder}: the {what} rule {pattern!r} matches no file (while the other side has "
                             f"{len(files['label' if kind == 'image' else 'image'])}); check data.{what} and the folder")
     for kind, other, pattern in (("image", "label", masks), ("label", "image", images)):
