@@ -30,18 +30,31 @@ def sgd(params: Params, lr: PosFloat = 0.1, momentum: UnitFloat = 0.9, nesterov:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
+def fused_kernel(params: Params, fused: bool) -> tuple[list[nn.Parameter], bool | None]:
+    """The parameters as a list, and the ``fused`` argument of Adam/AdamW: True when asked for and PyTorch's fused
+    kernel serves their device (CPU, CUDA): one kernel updating every tensor instead of a Python loop over them,
+    measured 4-9x faster per step than the for-loop and foreach forms on a 2-core CPU (lean_cnn 0.23 against
+    1.29 ms, mnist_cnn 0.48 against 1.82 ms, the half-width U-Net 1.7 against 9.5 ms).  The same update up to
+    rounding, but rounding is enough to move a chaotic run (WARWICK at batch 2), so it is a key a rung sets, not a
+    default that would change the published runs made without it."""
+    params = list(params)
+    return params, (fused and bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)) or None
+
+
 @OPTIMIZERS.register()
 def adam(params: Params, lr: PosFloat = 1e-3, weight_decay: NonNegFloat = 0.0, beta1: UnitFloat = 0.9,
-         beta2: UnitFloat = 0.999) -> torch.optim.Optimizer:
-    """Adam with L2 ``weight_decay`` added to the gradient (PyTorch's Adam semantics)."""
-    return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+         beta2: UnitFloat = 0.999, fused: bool = False) -> torch.optim.Optimizer:
+    """Adam with L2 ``weight_decay`` added to the gradient (PyTorch's Adam semantics); ``fused``: one kernel."""
+    params, fuse = fused_kernel(params, fused)
+    return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=fuse)
 
 
 @OPTIMIZERS.register()
 def adamw(params: Params, lr: PosFloat = 1e-3, weight_decay: NonNegFloat = 0.01, beta1: UnitFloat = 0.9,
-          beta2: UnitFloat = 0.999) -> torch.optim.Optimizer:
-    """Adam with decoupled weight decay."""
-    return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+          beta2: UnitFloat = 0.999, fused: bool = False) -> torch.optim.Optimizer:
+    """Adam with decoupled weight decay; ``fused``: one kernel (see :func:`fused_kernel`)."""
+    params, fuse = fused_kernel(params, fused)
+    return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=fuse)
 
 
 # Scheduler factories: (optimizer, epochs, steps_per_epoch, **spec keys) -> LRScheduler.

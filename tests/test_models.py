@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from bench.config import ConfigError
 from bench.models import MODELS, count_parameters, create_model
 
 # name -> (small kwargs, input shape (N, C, H, W), expected output shape)
 EXAMPLES = {
     "mnist_cnn": ({}, (3, 1, 28, 28), (3, 10)),
     "mnist_resnet": ({"width": 8}, (3, 1, 28, 28), (3, 10)),
+    "lean_cnn": ({"widths": [4, 8], "hidden": 16}, (3, 1, 28, 28), (3, 10)),
     "encdec": ({"width": 4}, (2, 2, 32, 32), (2, 1, 32, 32)),
     "unet": ({"width": 4}, (2, 2, 32, 32), (2, 1, 32, 32)),
 }
@@ -69,3 +72,19 @@ def test_report_cnn_switches():
 def test_unknown_model_lists_choices():
     with pytest.raises(KeyError, match="unknown model 'mnist_cn'; valid choices \\(closest first\\): mnist_cnn"):
         create_model("mnist_cn")
+
+
+def test_lean_cnn_does_the_anchor_s_work_and_takes_other_shapes():
+    """The default is tuomaso/train_mnist_fast's network: 24 5x5 convs (28 -> 24, pooled to 12), 32 3x3 convs
+    (12 -> 10, pooled to 5), 800 -> 256 -> 10: 345,600 + 691,200 + 204,800 + 2,560 multiply-adds per image."""
+    model = create_model("lean_cnn")
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 1, 28, 28))
+    assert counter.get_total_flops() == 2 * 1_244_160
+    three = create_model("lean_cnn", in_channels=3, num_classes=4, widths=[8, 8, 8], kernels=[3, 3, 3],
+                         image_size=32, batch_norm=True)
+    assert three(torch.randn(2, 3, 32, 32)).shape == (2, 4)  # 32 -> 15 -> 6 -> 2
+    with pytest.raises(ConfigError, match="model.kernels: .*one kernel size per conv width"):
+        create_model("lean_cnn", widths=[8, 8, 8])
+    with pytest.raises(ConfigError, match="model.widths: .*leave no pixels of a 28x28 image"):
+        create_model("lean_cnn", widths=[8] * 4, kernels=[3] * 4)

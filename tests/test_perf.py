@@ -13,6 +13,7 @@ from bench.config import ConfigError
 from bench.files import read_csv
 from bench.perf import (
     TaskPerf,
+    fast_rung,
     grid_speedup,
     matmul_flops_per_s,
     report_rung,
@@ -98,6 +99,18 @@ def report_config(data_root: Path, task: str = "mnist"):
     cfg = next(r for r in spec.runs([name]) if r.seed == 0).config.copy()
     cfg.data.root = str(data_root)
     return name, cfg
+
+
+def test_the_fast_rung_of_each_task_is_a_rung_of_its_spec_and_runs_its_whole_recipe_in_every_profile():
+    """`bench perf` times `lean` on MNIST and `fast` on WARWICK; the quick MNIST table shows lean as perf trains it."""
+    for task, name in (("mnist", "lean"), ("warwick", "fast")):
+        assert fast_rung(task) == name
+        spec = load_spec(Path(__file__).resolve().parents[1] / "ablations" / f"{task}.yaml")
+        assert name in [v.name for v in spec.variants]
+    full, quick = (load_spec(Path(__file__).resolve().parents[1] / "ablations" / "mnist.yaml", p) for p in (None, "quick"))
+    lean = {s: next(v for v in spec.variants if v.name == "lean").config for s, spec in (("full", full), ("quick", quick))}
+    assert lean["quick"].to_dict() == lean["full"].to_dict()
+    assert lean["full"].model == {"name": "lean_cnn"} and lean["full"].train.epochs == 2
 
 
 def test_the_report_rung_is_the_one_with_the_best_reported_number():

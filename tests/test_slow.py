@@ -72,8 +72,9 @@ def test_warwick_quick_profile_meets_its_promises(data_root, tmp_path):
 
 @pytest.mark.slow
 def test_perf_quick_mnist_reaches_the_report_number_and_writes_a_complete_file(data_root, tmp_path):
-    """`bench perf --quick --task mnist` as docs/speed.md gives it: under 10 minutes on a 2-core CPU, every seed of the
-    fast rung reaches 99.2 % on validation (confirmed on test), and the file names its machine, commit and command."""
+    """`bench perf --quick --task mnist` as docs/speed.md gives it: under 10 minutes on a 2-core CPU, the weights
+    validation chooses at the end of the lean recipe score 99.2 % on test (mean of 3 seeds), and the file names its
+    machine, commit, command and load."""
     import csv
 
     t0 = time.perf_counter()
@@ -82,11 +83,13 @@ def test_perf_quick_mnist_reaches_the_report_number_and_writes_a_complete_file(d
     assert (time.perf_counter() - t0) / 60 < 10
     text = (tmp_path / "perf.md").read_text()
     for needle in ("## mnist (--quick)", "- command: `python -m bench perf --quick --task mnist", "- machine: ",
-                   "- commit: ", "`fast` (harness)", "(textbook loop)", "utilization of matmul peak", "× reference"):
+                   "- commit: ", "`lean` (harness)", "`lean` to its end", "(textbook loop)", "utilization of matmul peak",
+                   "× reference", "Load average (1 min)"):
         assert needle in text, needle
     rows = list(csv.DictReader(open(tmp_path / "perf.csv")))
-    hits = [r for r in rows if r["what"] == "time_to_target" and r["recipe"] == "fast" and float(r["target"]) == 0.992]
-    assert len(hits) == 3 and all(r["epoch"] for r in hits)  # every seed reached it on validation
-    assert sum(float(r["test"]) for r in hits) / 3 >= 0.99
+    hits = [r for r in rows if r["what"] == "time_to_target" and r["recipe"] == "lean" and float(r["target"]) == 0.992]
+    assert len(hits) == 3  # one row per seed, reached on validation or not
+    ends = [r for r in rows if r["what"] == "recipe_end" and r["recipe"] == "lean"]
+    assert len(ends) == 3 and sum(float(r["test"]) for r in ends) / 3 >= 0.992
     ref = [r for r in rows if r["what"] == "time_to_target" and r["recipe"].startswith("reference:")]
-    assert len(ref) == 1 and float(ref[0]["train_seconds"]) > max(float(r["train_seconds"]) for r in hits)
+    assert len(ref) == 1 and float(ref[0]["train_seconds"]) > max(float(r["train_seconds"]) for r in ends)

@@ -12,13 +12,14 @@ from typing import Any
 
 from torch import nn
 
-from bench.models.classification import mnist_cnn, mnist_resnet
+from bench.models.classification import lean_cnn, mnist_cnn, mnist_resnet
 from bench.models.segmentation import encdec, unet
 from bench.registry import Registry
 
 MODELS: Registry = Registry("model", {
     "mnist_cnn": mnist_cnn,
     "mnist_resnet": mnist_resnet,
+    "lean_cnn": lean_cnn,
     "encdec": encdec,
     "unet": unet,
 }, group="bench.models")

@@ -2,7 +2,8 @@
 
 ``mnist_cnn`` is the student report's network: 5 convolutions with max pooling, two
 fully connected layers, switchable batch norm, dropout and Kaiming init.  ``mnist_resnet``
-is a small residual network used by the rungs that go beyond the report.
+is a small residual network used by the rungs that go beyond the report.  ``lean_cnn`` is a
+network designed for time to accuracy (``lean`` rung of ``ablations/mnist.yaml``).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from bench.config import PosInt, UnitFloat
+from bench.config import ConfigError, PosInt, UnitFloat
 
 
 def init_weights(model: nn.Module, init: str) -> None:
@@ -120,5 +121,60 @@ def mnist_resnet(
         BasicBlock(w, w, 1), BasicBlock(w, 2 * w, 2), BasicBlock(2 * w, 4 * w, 2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w, num_classes),
     )
+    init_weights(model, init)
+    return model
+
+
+class LeanCNN(nn.Module):
+    """Unpadded conv-maxpool-(BN)-ReLU stages, then FC -> ReLU -> FC: x (N, C, H, W) -> logits (N, num_classes).
+
+    Each stage shrinks the image to ``(side - kernel + 1) // 2``; the default two stages take 28 -> 12 -> 5.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, widths: list[int], kernels: list[int], hidden: int,
+                 batch_norm: bool, dropout: float, image_size: int):
+        super().__init__()
+        if len(widths) != len(kernels):
+            raise ConfigError(f"model.kernels: lean_cnn needs one kernel size per conv width, got widths {widths}, "
+                              f"kernels {kernels}")
+        layers: list[nn.Module] = []
+        cin, side = in_channels, image_size
+        for w, k in zip(widths, kernels, strict=True):
+            side = (side - k + 1) // 2
+            if side < 1:
+                raise ConfigError(f"model.widths: lean_cnn's {len(widths)} stages with kernels {kernels} leave no "
+                                  f"pixels of a {image_size}x{image_size} image (model.image_size)")
+            # Pooling before the ReLU: the same function (max and ReLU commute) with the ReLU on a quarter of the
+            # values; measured 1.26x faster for that pair's forward and backward (bf16, channels-last, 2-core CPU).
+            layers += [nn.Conv2d(cin, w, k, bias=not batch_norm), nn.MaxPool2d(2)]
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(w))
+            layers.append(nn.ReLU(inplace=True))
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.ReLU(inplace=True),
+                                        nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def lean_cnn(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    *,
+    widths: list[PosInt] = [24, 32],  # noqa: B006  (read-only default)
+    kernels: list[PosInt] = [5, 3],  # noqa: B006  (read-only default)
+    hidden: PosInt = 256,
+    batch_norm: bool = False,
+    dropout: UnitFloat = 0.0,
+    init: Literal["kaiming", "default"] = "default",
+    image_size: PosInt = 28,
+) -> nn.Module:
+    """A small CNN for time to accuracy on 28x28 digits: by default 24 5x5 and 32 3x3 convolutions, each followed
+    by 2x2 max pooling, and a 256-unit hidden layer, ~1.2 M multiply-adds per image (a fifth of ``mnist_cnn``'s),
+    after tuomaso/train_mnist_fast, which reaches 99 % test in one epoch with it.  ``image_size``: the input's
+    side (the hidden layer's input size depends on it)."""
+    model = LeanCNN(in_channels, num_classes, list(widths), list(kernels), hidden, batch_norm, dropout, image_size)
     init_weights(model, init)
     return model
