@@ -41,9 +41,9 @@ SPEC = {
                          "train.batch_size": {"choices": [32, 64, 128]}}},
 }
 SAMPLERS = {
-    "TPE (Optuna's defaults: 10 random trials first)": lambda s: optuna.samplers.TPESampler(seed=s, constant_liar=True),
-    "TPE, 4 random trials first": lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=4, constant_liar=True),
-    "NSGA-II, population 4": lambda s: optuna.samplers.NSGAIISampler(seed=s, population_size=4),
+    "TPE (Optuna's defaults: 10 random trials first)": lambda s, _: optuna.samplers.TPESampler(seed=s, constant_liar=True),
+    "TPE, 4 random trials first": lambda s, _: optuna.samplers.TPESampler(seed=s, n_startup_trials=4, constant_liar=True),
+    "NSGA-II, population 4": lambda s, _: optuna.samplers.NSGAIISampler(seed=s, population_size=4),
 }
 
 
@@ -75,7 +75,7 @@ def main() -> int:
         for name, make in SAMPLERS.items():
             for seed in args.seeds:
                 res = Path(tmp) / f"r-{len(hv[name])}-{seed}-{abs(hash(name))}"
-                bench.tune.sampler = make  # the one thing that differs between the studies
+                bench.tune.sampler = make  # the one thing that differs between the studies (bench's own: the 2nd)
                 argv = ["tune", str(path), "--results", str(res), "--no-progress", "--trials", str(args.trials),
                         "--seeds", str(seed)] + (["--data-root", args.data_root] if args.data_root else [])
                 if bench_main(argv) != 0:
