@@ -310,7 +310,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     spec, seeds, opts, download, tracker = _load(args)
     if spec.search is None:
         raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
-    objectives = (check_objectives(args.objectives.split(","), "--objectives") if args.objectives
+    objectives = (check_objectives([o.strip() for o in args.objectives.split(",")], "--objectives") if args.objectives
                   else spec.search["objectives"])
     # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
     storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")

@@ -732,7 +732,9 @@ def make_rung(spec: Spec, seed: int, storage: StorageOptions, objectives: list[s
         raise ConfigError(f"--rung {rung}: no study {name} in {shown(storage.url)}; run `bench tune` with the same "
                           f"spec, profile, --set and --objectives first")
     complete = [t for t in study.trials if t.state == State.COMPLETE]
-    front = sorted(t.number for t in study.best_trials) if complete else []
+    # The front: Optuna's (its best_trials); of one objective, every trial with the best value (a tie is as good).
+    front = sorted(t.number for t in (study.best_trials if len(objectives) > 1 else
+                                      [t for t in complete if t.values == study.best_trial.values])) if complete else []
     shown_front = f"the front: {', '.join(map(str, front))}" if front else "the study has no complete trial yet"
     if number is None:
         if len(objectives) > 1:
@@ -747,7 +749,7 @@ def make_rung(spec: Spec, seed: int, storage: StorageOptions, objectives: list[s
         raise ConfigError(f"--trial {number}: {what} in study {name}; only a complete trial of its Pareto front can "
                           f"become a rung ({shown_front})")
     if number not in front:
-        by = next(t.number for t in study.best_trials if _dominates(t.values, trial.values, study.directions))
+        by = next(n for n in front if _dominates(study.trials[n].values, trial.values, study.directions))
         raise ConfigError(f"--trial {number}: not on the Pareto front of study {name} (trial {by} is at least as good "
                           f"on every objective and better on one); {shown_front}")
     _write_rung(path, rung, spec, variant, study, trial, objectives, seed, storage.url, front)

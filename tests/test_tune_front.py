@@ -182,3 +182,18 @@ def test_two_workers_share_a_multi_objective_study_in_postgresql(data_root, tmp_
     pick = front[0].number
     assert main([*args, "--rung", "wide", "--trial", str(pick)]) == 0
     assert yaml.safe_load((tmp_path / "w.rungs.yaml").read_text())["rungs"][0]["study"]["trial"] == pick
+
+
+def test_rung_alone_takes_a_single_objectives_best_trial(data_root, tmp_path, capsys):
+    path = _spec(tmp_path, "one", ["val_metric"])
+    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--no-progress",
+            "--trials", "2"]
+    assert main([*args, "--rung", "best-lr"]) == 0  # the study, then its best trial as a rung
+    assert "one.rungs.yaml (variant best-lr)" in capsys.readouterr().out
+    study = _study(tmp_path / "r", "one")
+    (entry,) = yaml.safe_load((tmp_path / "one.rungs.yaml").read_text())["rungs"]
+    assert entry["study"]["trial"] == study.best_trial.number and entry["study"]["objectives"] == ["val_metric"]
+    assert entry["variant"]["set"]["optim.lr"] == study.best_trial.params["optim.lr"]
+    other = next(t.number for t in study.trials if t.values != study.best_trial.values)
+    assert main([*args, "--rung", "other", "--trial", str(other)]) == 2
+    assert f"--trial {other}: not on the Pareto front" in capsys.readouterr().err
