@@ -46,7 +46,7 @@ import optuna
 import torch
 import yaml
 
-from bench import files
+from bench import files, usable_cores
 from bench.config import ConfigError, config_hash
 from bench.factories import build_model
 from bench.models import count_flops
@@ -619,8 +619,10 @@ def front_markdown(spec: Spec, variant: Variant, study: optuna.Study, objectives
     if "train_seconds" in objectives:
         lines += [f"**train s** is the harness's own measured training time of the trial (training steps of all its "
                   f"epochs, `train_seconds` of its metrics.csv), measured {where}{load}, with up to {workers} trial"
-                  f"{'s' if workers != 1 else ''} training at once: the front holds on that machine, not on another.",
-                  ""]
+                  f"{'s' if workers != 1 else ''} training at once: the front holds on that machine, not on another."
+                  + (f"  The load exceeded its {usable_cores()} cores: other work ran beside the trials and their "
+                     f"times include its share (on a shared machine, `flops` or `params` is a cost it does not move)."
+                     if loads and max(loads) > usable_cores() else ""), ""]
     val = f"val {TASKS[spec.task].metric}" + (f" ({metric.unit})" if metric.unit else "")
     head = ["trial", val, *COLUMNS.values(), "epochs", *space]
     rows = []
