@@ -231,7 +231,7 @@ def _check_results_folder(path: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import ConfigError
     from bench.registry import unknown_name_message
-    from bench.runner import RunsFailed, preflight, run_grid, run_workers, sigterm_as_ctrl_c
+    from bench.runner import RunsFailed, check_members, preflight, sigterm_as_ctrl_c, train_then_ensembles
     from bench.store import RunStore
     from bench.summary import write_summary
     from bench.tasks import TASKS
@@ -253,6 +253,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for run in runs:
             print(f"{'todo' if run in todo else 'done'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
         return 0
+    check_members(todo, store)
+    ensembles, todo = [r for r in todo if r.members], [r for r in todo if not r.members]  # ensembles train nothing
     cache = preflight(spec, todo, opts, download) if todo else {}
     if tracker:  # the last check: connect, and make the group's parent run before workers start
         from bench.tracking import group_meta
@@ -273,10 +275,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     failed = None
     try:
         with sigterm_as_ctrl_c():  # Slurm's preemption ends like Ctrl-C: the run in hand is released at once
-            if workers > 1:
-                run_workers(spec, todo, args.results, opts, workers)
-            elif todo:
-                run_grid(spec, todo, args.results, opts, cache)
+            train_then_ensembles(spec, todo, ensembles, args.results, opts, cache, workers)
     except RunsFailed as e:
         failed = str(e).splitlines()
     except KeyboardInterrupt:

@@ -85,7 +85,7 @@ class DataCfg:
     split_seed: NonNegInt = 0  # the validation split is fixed by this seed, not by the run seed
     train_subset: PosInt | None = None  # use only this many training images (quick profiles, tests)
     channels: list[NonNegInt] | None = None  # input channels to keep; None -> task default
-    # The folder tasks' own keys (image_folder, mask_folder; see README "Your own data").
+    # The folder tasks' own keys (image_folder, mask_folder; see docs/data.md).
     image_size: PosInt | list[PosInt] | None = later(None)  # image_folder: resize to [H, W] (or N: N x N); None: as the files
     color: Literal["grey", "rgb"] | None = later(None)  # decode images as greyscale or RGB; None: RGB when any file is colour
     test_fraction: Annotated[float, OpenUnit] | None = later(None)  # one folder, no train/ + test/: share drawn as the test split
@@ -128,6 +128,9 @@ class AugmentCfg:
 class EvalCfg:
     tta: bool = False  # average predictions over the 8 flips/rotations
     threshold: Annotated[float, OpenUnit] = 0.5  # segmentation: probability above which a pixel is foreground
+    # segmentation: after training, choose on validation the removal of small objects and the filling of holes
+    # (bench/postprocess.py) that is best by pixel Dice (dice) or pooled object F1 (obj_f1_pooled); none: no post-processing
+    postprocess: Literal["none", "dice", "obj_f1_pooled"] = later("none")
 
 
 REGISTRY_SECTIONS = ("model", "optim", "sched", "loss")

@@ -5,7 +5,9 @@ and returns ``loss(logits, target) -> scalar``.  Shapes:
 
 * classification (``ce``): logits (N, K) float, target (N,) int64 class indices;
 * binary segmentation (``bce``, ``dice``, ``dice_bce``): logits (N, 1, H, W) float,
-  target (N, 1, H, W) float in {0, 1} (soft targets in [0, 1] work too).
+  target (N, 1, H, W) float in {0, 1} (soft targets in [0, 1] work too);
+* gland instances (``contour_bce``): logits (N, 2, H, W) (foreground, contour), target (N, 1, H, W)
+  {0, 1} masks; the contour target is computed from the (augmented) mask on the fly.
 
 The functions take ``reduction`` = "mean" | "sum" | "none" in the style of
 segmentation_models_pytorch; "none" keeps one value per sample (per pixel for BCE).
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.config import NonNegFloat, PosFloat, UnitFloat
+from bench.config import NonNegFloat, PosFloat, PosInt, UnitFloat
 from bench.registry import Registry
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -88,3 +90,32 @@ def dice_bce(*, dice_weight: NonNegFloat = 1.0, bce_weight: NonNegFloat = 1.0) -
     return lambda logits, target: dice_weight * soft_dice_loss(logits, target) + bce_weight * binary_cross_entropy(
         logits, target
     )
+
+
+def contour_target(mask: Tensor, width: int = 1) -> Tensor:
+    """The boundary band of a mask's objects: (N, 1, H, W) {0, 1} float -> same shape, 1 within ``width``
+    pixels (3x3 steps) of a foreground/background edge, on both sides of it; the image border is no edge.
+
+    In a binary mask every object's boundary is such an edge, so this is the band around each connected
+    component, and the background gap between two glands that nearly touch is all band: the contour that
+    separates them (DCAN, Chen et al. 2016).  Computed from the augmented mask, so it stays aligned.
+    """
+    k = 2 * width + 1
+    dilated = F.max_pool2d(mask, k, stride=1, padding=width)  # padding counts as -inf: no edge at the border
+    eroded = -F.max_pool2d(-mask, k, stride=1, padding=width)
+    return dilated - eroded
+
+
+@LOSSES.register()
+def contour_bce(*, contour_weight: NonNegFloat = 1.0, width: PosInt = 1, dice_weight: NonNegFloat = 0.0) -> LossFn:
+    """Foreground BCE (+ ``dice_weight`` x soft Dice) on channel 0 plus ``contour_weight`` x BCE of channel 1
+    against :func:`contour_target` (band half-width ``width`` pixels): a network that separates touching
+    glands (``model.contours``; instance labels by ``bench.instances``)."""
+
+    def loss(logits: Tensor, target: Tensor) -> Tensor:
+        fg, contour = logits[:, :1], logits[:, 1:2]
+        out = binary_cross_entropy(fg, target) + contour_weight * binary_cross_entropy(
+            contour, contour_target(target.to(logits.dtype), width))
+        return out + dice_weight * soft_dice_loss(fg, target) if dice_weight else out
+
+    return loss

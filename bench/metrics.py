@@ -11,16 +11,16 @@ Pixel-level segmentation (binary masks)
     Convention: an image whose prediction and ground truth are both empty scores 1.0
     (a perfect answer); pooled scores of an all-empty split are 1.0 too.
 
-Object-level segmentation (GlaS contest, Sirinukunwattana et al. 2017)
+Object-level segmentation (GlaS contest, Sirinukunwattana et al. 2017; definitions as on
+glas.grand-challenge.org, "Evaluation")
     Objects are the connected components of a binary mask with **8-connectivity** (as
     MATLAB's ``bwlabel`` in the contest's evaluation code).  Glands that touch in a binary
     label are therefore one object; this data set has no instance labels.
 
     * ``object_f1``: a predicted object S is matched to the ground-truth object G with
-      which it has the largest overlap; S is a true positive when ``|S & G| >= 0.5 |G|``
-      (it covers at least half of G), else a false positive.  A G hit by no true positive is
-      a false negative (each G is counted at most once: a second S passing the test for the
-      same G is a false positive).  ``F1 = 2TP / (2TP + FP + FN)``.
+      which it has the largest overlap; S is a true positive when ``|S & G| > 0.5 |G|``
+      (it covers strictly more than half of G), else a false positive.  A G hit by no true
+      positive is a false negative.  ``F1 = 2TP / (2TP + FP + FN)``.
     * ``object_dice``: ``0.5 * [sum_i w_i Dice(G_i, S*(G_i)) + sum_j v_j Dice(G*(S_j), S_j)]``
       with ``w_i = |G_i| / sum|G|``, ``v_j = |S_j| / sum|S|`` and ``X*(Y)`` the object of X
       overlapping Y the most (Dice 0 when none overlaps).
@@ -28,17 +28,27 @@ Object-level segmentation (GlaS contest, Sirinukunwattana et al. 2017)
       pixels, Euclidean, over all pixels of the two objects); an object with no overlapping
       partner is paired with the partner nearest to it in Hausdorff distance (as GlaS does).
 
-    Empty sides, per image: both empty -> F1 1, Dice 1, Hausdorff 0; exactly one empty ->
-    F1 0, Dice 0, Hausdorff = the image diagonal ``sqrt((H-1)^2 + (W-1)^2)`` (the largest
-    distance two pixels can have, a finite worst case so that split means stay defined).
+    One pass per image (:func:`object_tally`) gives an :class:`ObjectTally`: the counts TP, FP,
+    FN and, per side, the total object area and the area-weighted sums of Dice and Hausdorff.
+    Two aggregations come from it (``segmentation_report``):
 
-    Split scores (``segmentation_report``) are the **mean over images** of each per-image
-    value, all images weighted equally.  (The contest pools objects over the whole test
-    part; per-image means are what most re-implementations report and are comparable
-    across split sizes.)
+    * per image (``obj_f1``, ``obj_dice``, ``obj_hausdorff``): the three scores of each image,
+      then their **mean over images**, all images weighted equally (what most re-implementations
+      report);
+    * pooled (``obj_f1_pooled``, ``obj_dice_pooled``, ``obj_hausdorff_pooled``), the contest's
+      own: the tallies are **summed over the split** first, so F1 counts TP/FP/FN over all
+      objects of the split and the weights ``w_i``, ``v_j`` are areas over the total area of all
+      objects of the split (a large gland weighs more than a small one, whatever its image).
+
+    Empty sides: an object whose image has no object on the other side has Dice 0 and
+    Hausdorff the image diagonal ``sqrt((H-1)^2 + (W-1)^2)`` (the largest distance two pixels
+    can have: a finite worst case, so that means stay defined); a side with no object at all
+    takes the other side's term.  So per image: both empty -> F1 1, Dice 1, Hausdorff 0;
+    exactly one empty -> F1 0, Dice 0, Hausdorff the diagonal; pooled likewise over the split.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -199,6 +209,18 @@ def label_objects(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return lab.astype(np.int32, copy=False), int(n)
 
 
+def objects_of(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """The objects of a (H, W) image -> (labels int32 (H, W) numbered 1..count, count): a bool mask's
+    connected components (:func:`label_objects`), or an integer instance label image's labels as given
+    (0 = background; a network's separated glands, ``bench.instances``), renumbered without gaps."""
+    image = np.asarray(image)
+    if image.dtype == bool:
+        return label_objects(image)
+    _, inverse = np.unique(np.concatenate([[0], image.ravel()]), return_inverse=True)  # 0 stays 0
+    lab = inverse[1:].reshape(image.shape).astype(np.int32)
+    return lab, int(lab.max(initial=0))
+
+
 def _group(lab_values: np.ndarray, coords: np.ndarray, n: int) -> list[np.ndarray]:
     """Split (M, 2) ``coords`` by their labels 1..n -> n arrays (vectorized, no per-pixel loop)."""
     order = np.argsort(lab_values, kind="stable")
@@ -208,7 +230,8 @@ def _group(lab_values: np.ndarray, coords: np.ndarray, n: int) -> list[np.ndarra
 
 
 class _Objects:
-    """The connected components of one (H, W) mask: labels, areas, boxes, pixels and edge pixels.
+    """The objects of one (H, W) mask or label image (:func:`objects_of`): labels, areas, boxes, pixels and
+    edge pixels.
 
     ``edges[k]`` are the pixels of object k with a 4-neighbour outside it: the pixel of k
     nearest to any outside point is always one of them, so distances *to* an object only
@@ -216,7 +239,7 @@ class _Objects:
     """
 
     def __init__(self, mask: np.ndarray):
-        self.lab, self.n = label_objects(mask)
+        self.lab, self.n = objects_of(mask)
         self.area = np.bincount(self.lab.ravel(), minlength=self.n + 1)[1:].astype(np.float64)
         # boxes[k] = (row0, row1, col0, col1), inclusive pixel bounds
         self.boxes = np.array([(s[0].start, s[0].stop - 1, s[1].start, s[1].stop - 1)
@@ -320,53 +343,100 @@ def _best_partner(ov: np.ndarray) -> np.ndarray:
 def _f1_counts(ov: np.ndarray) -> tuple[int, int, int]:
     """GlaS detection counts (TP, FP, FN) from an overlap table (rows G, columns S)."""
     g_area = ov[1:, :].sum(1)
-    matched: set[int] = set()
-    for j, gi in enumerate(_best_partner(ov.T), start=1):  # each S: its most-overlapped G
-        if gi and gi not in matched and ov[gi, j] >= 0.5 * g_area[gi - 1]:
-            matched.add(int(gi))
-    tp = len(matched)
+    best = _best_partner(ov.T)  # each S: its most-overlapped G (0: none)
+    hit = ov[best, np.arange(1, ov.shape[1])]
+    need = np.concatenate([[np.inf], g_area])[best]  # an S overlapping no G (best 0) can never pass
+    # Strictly more than half of G, as the contest's F1score.m (``> 0.5``; this code had ``>=`` before the
+    # pooled metrics).  Two disjoint S cannot both cover more than half of one G, so each G is hit at most once.
+    tp = int((2 * hit > need).sum())
     return tp, ov.shape[1] - 1 - tp, ov.shape[0] - 1 - tp
 
 
-def _weighted_dice(ov: np.ndarray) -> float:
-    """sum_i w_i Dice(row_i, its most-overlapping column) with w_i = area share of row i."""
+def _dice_sum(ov: np.ndarray) -> float:
+    """sum_i |row_i| Dice(row_i, its most-overlapping column) (0 for a row overlapping no column)."""
     r_area, c_area = ov[1:, :].sum(1), ov[:, 1:].sum(0)
     total = 0.0
     for i, j in enumerate(_best_partner(ov), start=1):
         if j:
             total += r_area[i - 1] * 2 * ov[i, j] / (r_area[i - 1] + c_area[j - 1])
-    return total / r_area.sum()
+    return total
 
 
-def _weighted_hausdorff(a: _Objects, b: _Objects, ov: np.ndarray) -> float:
-    """sum_i w_i H(a_i, partner): partner = most overlapping b object, else the nearest by H."""
+def _hausdorff_sum(a: _Objects, b: _Objects, ov: np.ndarray) -> float:
+    """sum_i |a_i| H(a_i, partner): partner = most overlapping b object, else the nearest by H."""
     total = 0.0
     for i, j in enumerate(_best_partner(ov)):
         h = _pair_hausdorff(a, i, b, int(j) - 1) if j else _nearest_hausdorff(a, i, b)
         total += a.area[i] * h
-    return total / a.area.sum()
+    return total
+
+
+@dataclass(frozen=True)
+class ObjectTally:
+    """What the GlaS object scores of one image need, in sums that add up over a split
+    (``sum(tallies, ObjectTally())``).
+
+    ``g_*`` sum over the ground-truth objects G_i, ``s_*`` over the segmented objects S_j: ``*_area`` the
+    total object area (pixels), ``*_dice`` the area-weighted sum ``sum_i |G_i| Dice(G_i, S*(G_i))``,
+    ``*_haus`` the same for the Hausdorff distance (pixels x pixels of area)."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    g_area: float = 0.0
+    s_area: float = 0.0
+    g_dice: float = 0.0
+    s_dice: float = 0.0
+    g_haus: float = 0.0
+    s_haus: float = 0.0
+
+    def __add__(self, other: ObjectTally) -> ObjectTally:
+        return ObjectTally(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)))
+
+    def scores(self) -> tuple[float, float, float]:
+        """(object F1, object Dice, object Hausdorff) of these sums; no object on either side -> (1, 1, 0),
+        a side without objects takes the other side's Dice and Hausdorff."""
+        if self.g_area == 0 and self.s_area == 0:
+            return 1.0, 1.0, 0.0
+        sides = [(d / a, h / a) for a, d, h in ((self.g_area, self.g_dice, self.g_haus),
+                                                (self.s_area, self.s_dice, self.s_haus)) if a > 0]
+        (dg, hg), (ds, hs) = sides[0], sides[-1]
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn), 0.5 * (dg + ds), 0.5 * (hg + hs)
+
+
+def object_tally(pred: np.ndarray, target: np.ndarray) -> ObjectTally:
+    """The GlaS object sums of one image, (H, W) bool masks or integer instance label images
+    (:func:`objects_of`); an object whose image has no object on the other side counts Dice 0 and
+    Hausdorff the image diagonal."""
+    g, s = _Objects(target), _Objects(pred)
+    g_area, s_area = float(g.area.sum()), float(s.area.sum())
+    if g.n == 0 or s.n == 0:
+        diag = math.hypot(target.shape[0] - 1, target.shape[1] - 1)
+        return ObjectTally(0, s.n, g.n, g_area, s_area, 0.0, 0.0, g_area * diag, s_area * diag)
+    ov = _overlap(g, s)
+    return ObjectTally(*_f1_counts(ov), g_area, s_area, _dice_sum(ov), _dice_sum(ov.T),
+                       _hausdorff_sum(g, s, ov), _hausdorff_sum(s, g, ov.T))
 
 
 def object_scores(pred: np.ndarray, target: np.ndarray) -> tuple[float, float, float]:
-    """GlaS (object F1, object Dice, object Hausdorff) of one image; (H, W) bool masks.
+    """GlaS (object F1, object Dice, object Hausdorff) of one image; (H, W) bool masks, or integer instance
+    label images (see :func:`objects_of`).
 
     Empty sides: both empty -> (1, 1, 0); one empty -> (0, 0, image diagonal).
     """
-    g, s = _Objects(np.asarray(target, bool)), _Objects(np.asarray(pred, bool))
-    if g.n == 0 or s.n == 0:
-        h, w = target.shape
-        return (1.0, 1.0, 0.0) if g.n == s.n else (0.0, 0.0, math.hypot(h - 1, w - 1))
-    ov = _overlap(g, s)
-    tp, fp, fn = _f1_counts(ov)
-    f1 = 2 * tp / (2 * tp + fp + fn)
-    dice = 0.5 * (_weighted_dice(ov) + _weighted_dice(ov.T))
-    haus = 0.5 * (_weighted_hausdorff(g, s, ov) + _weighted_hausdorff(s, g, ov.T))
-    return f1, dice, haus
+    return object_tally(pred, target).scores()
 
 
 def object_f1_counts(pred: np.ndarray, target: np.ndarray) -> tuple[int, int, int]:
-    """GlaS object detection counts (TP, FP, FN) of one image; (H, W) bool masks."""
-    return _f1_counts(_overlap(_Objects(np.asarray(target, bool)), _Objects(np.asarray(pred, bool))))
+    """GlaS object detection counts (TP, FP, FN) of one image; (H, W) bool masks or instance label images."""
+    return _f1_counts(_overlap(_Objects(target), _Objects(pred)))
+
+
+def object_f1_pooled(pred: np.ndarray, target: np.ndarray) -> float:
+    """GlaS object F1 with TP/FP/FN counted over all objects of a split: (N, H, W) bool masks -> [0, 1]
+    (no object anywhere -> 1).  Counts only: much cheaper than :func:`segmentation_report`."""
+    tp, fp, fn = np.sum([object_f1_counts(p, g) for p, g in zip(pred, target, strict=True)], axis=0, dtype=np.int64)
+    return 1.0 if tp + fp + fn == 0 else float(2 * tp / (2 * tp + fp + fn))
 
 
 def object_f1(pred: np.ndarray, target: np.ndarray) -> float:
@@ -387,12 +457,16 @@ def object_hausdorff(pred: np.ndarray, target: np.ndarray) -> float:
 # --------------------------------------------------------------------------- split report
 
 
-def segmentation_report(pred: Tensor, target: Tensor) -> dict[str, float]:
+def segmentation_report(pred: Tensor, target: Tensor, instances: np.ndarray | None = None) -> dict[str, float]:
     """All segmentation metrics of a split.
 
     pred, target: (N, H, W) bool masks (any device).  Returns ``dice``, ``iou``,
-    ``obj_f1``, ``obj_dice``, ``obj_hausdorff`` (means of per-image values) and
-    ``dice_pooled``, ``iou_pooled`` (over all pixels of the split).
+    ``obj_f1``, ``obj_dice``, ``obj_hausdorff`` (means of per-image values),
+    ``dice_pooled``, ``iou_pooled`` (over all pixels of the split) and ``obj_f1_pooled``,
+    ``obj_dice_pooled``, ``obj_hausdorff_pooled`` (over all objects of the split, the GlaS contest's way).
+    ``instances``: (N, H, W) int instance labels of the prediction (a network that separates touching glands):
+    the object metrics count its labels instead of the connected components of ``pred``; pixel scores stay
+    on ``pred``.
     """
     pred, target = pred.bool().cpu(), target.bool().cpu()
     counts = confusion_per_image(pred, target)  # counted once, shared by the four pixel scores
@@ -403,7 +477,10 @@ def segmentation_report(pred: Tensor, target: Tensor) -> dict[str, float]:
         "iou": float(_iou(*counts).mean()),
         "iou_pooled": float(_iou(*pooled)),
     }
-    scores = np.array([object_scores(p, g) for p, g in zip(pred.numpy(), target.numpy(), strict=True)])
-    out.update(obj_f1=float(scores[:, 0].mean()), obj_dice=float(scores[:, 1].mean()),
-               obj_hausdorff=float(scores[:, 2].mean()))
+    objects = pred.numpy() if instances is None else instances
+    tallies = [object_tally(p, g) for p, g in zip(objects, target.numpy(), strict=True)]
+    per_image = np.array([t.scores() for t in tallies]).reshape(-1, 3).mean(0)
+    pooled_scores = sum(tallies, ObjectTally()).scores()
+    for name, mean, total in zip(("obj_f1", "obj_dice", "obj_hausdorff"), per_image, pooled_scores, strict=True):
+        out[name], out[f"{name}_pooled"] = float(mean), float(total)
     return out

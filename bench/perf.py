@@ -387,7 +387,7 @@ def grid_speedup(spec_path: str | Path, root: str, device: torch.device,
     at once (``workers``, else as many as ``bench run`` would choose), each into a scratch results folder;
     wall times include each worker's start-up and data loading, as a real grid pays them."""
     spec = load_spec(spec_path, None, ["train.epochs=1", "train.patience=null"])
-    runs = spec.runs()
+    runs = [r for r in spec.runs() if not r.members]  # what trains (seed ensembles train nothing)
     opts = RunOptions(root, str(device), progress=False)
     walls = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -79,6 +79,10 @@ class RunRecord:
     finished: str | None = None
     error: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # what each `bench rescore` replaced
+    # eval.postprocess: the setting chosen on validation (min_area, fill_holes, chosen_by, val, val_raw), and the
+    # test metrics before it (``test`` holds them with it)
+    postprocess: dict[str, Any] | None = None
+    test_raw: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 

@@ -10,8 +10,8 @@ the command (exit 1).
 The default tolerance is ``max(TOLERANCE_SDS * sqrt(2) * seed std, TOLERANCE_FLOOR)``: on another machine
 (another CPU's bf16 rounding, another thread count, a GPU) a run follows another trajectory, like another
 seed, so the rerun and the record differ like two seeds do: by ``sqrt(2) * std`` typically.  The floor
-covers rungs with one seed or a std from two seeds, which can be far too small (README: "Reproducing a
-record").  On the machine and thread count that made the record, a deterministic run is identical.
+covers rungs with one seed or a std from two seeds, which can be far too small (docs/runs.md,
+"Rescore and reproduce").  On the machine and thread count that made the record, a deterministic run is identical.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from bench.summary import mean_ci
 from bench.tasks import TASKS
 
 # The default tolerance, in units of the rung's seed std and with an absolute floor in the metric's own
-# units (a fraction: accuracy, Dice).  Measured on quick MNIST and WARWICK rungs (README: "Reproducing a record").
+# units (a fraction: accuracy, Dice).  Measured on quick MNIST and WARWICK rungs (docs/runs.md, "Rescore and reproduce").
 TOLERANCE_SDS = 3.0
 TOLERANCE_FLOOR = 0.01
 
@@ -83,6 +83,14 @@ def choose_runs(store: RunStore, group: str, variants: list[str] | None, seeds: 
         raise ConfigError(f"{store.root / group}: a study's trials have no test metric to reproduce; choose a "
                           f"published or ad-hoc group")
     finished = store.finished(group)
+    ensembles = {r.variant for r in finished if "members" in r.result.extra}  # they train nothing: reproduce members
+    if ensembles and not variants:
+        print(f"note: {', '.join(sorted(ensembles))} of {group}: seed ensembles of other rungs, not re-trained",
+              file=sys.stderr)
+    if any(v in ensembles for v in variants or []):
+        raise ConfigError(f"--variants {', '.join(v for v in variants if v in ensembles)}: a seed ensemble trains "
+                          f"nothing; reproduce the rung it averages")
+    finished = [r for r in finished if r.variant not in ensembles]
     if not finished:
         raise ConfigError(f"{store.root / group}: no finished runs recorded; nothing to reproduce")
     names = [v.name for v in meta.variants]

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,13 @@ class Rescored:
 
     @property
     def changed(self) -> bool:
-        return self.new is not None and (self.new.test, self.new.val_best) != (self.old.test, self.old.val_best)
+        return self.new is not None and _scores(self.new) != _scores(self.old)
+
+
+def _scores(r: RunRecord) -> tuple[Any, ...]:
+    """What a rescore computes again: the test metrics (with and before post-processing), the validation metric and
+    the post-processing chosen on validation."""
+    return r.test, r.val_best, r.postprocess, r.test_raw
 
 
 def rescore_run(run: StoredRun, data_root: str | None, commit: str) -> RunRecord:
@@ -48,14 +55,16 @@ def rescore_run(run: StoredRun, data_root: str | None, commit: str) -> RunRecord
     data = loaded.task.load(cfg, torch.device("cpu"))
     loss = build_loss(cfg)
     val = loaded.task.evaluate(loaded.model, data.val, cfg, loss, final=False)[loaded.task.metric]
-    test = loaded.task.evaluate(loaded.model, data.test, cfg, loss, final=True)
+    scored = loaded.task.test_record(loaded.model, data, cfg, loss)
     old = run.result
-    if (test, val, old.eval_precision) == (old.test, old.val_best, EVAL_PRECISION):
+    new = dataclasses.replace(old, test=scored["test"], val_best=val, postprocess=scored.get("postprocess"),
+                              test_raw=scored.get("test_raw"), eval_precision=EVAL_PRECISION)
+    if (_scores(new), new.eval_precision) == (_scores(old), old.eval_precision):
         return old
     entry = {"test": old.test, "val_best": old.val_best, "eval_precision": old.eval_precision,
+             **{k: v for k, v in (("postprocess", old.postprocess), ("test_raw", old.test_raw)) if v is not None},
              "scored_by": old.extra.get("scored_by", old.commit), "replaced": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return dataclasses.replace(old, test=test, val_best=val, eval_precision=EVAL_PRECISION,
-                               history=[*old.history, entry], extra={**old.extra, "scored_by": commit})
+    return dataclasses.replace(new, history=[*old.history, entry], extra={**old.extra, "scored_by": commit})
 
 
 def rescore_group(results: str | Path, group: str, data_root: str | None) -> list[Rescored]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bench import files, usable_cores
+from bench import ensemble, files, usable_cores
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
@@ -123,9 +123,10 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
         raise ConfigError(f"{where}: this config does not run on {task.name} data: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     # A network of the wrong width may still "train" (5 logits for 3 classes reach 0 %): say so before anything runs.
-    want = (x.shape[0], kwargs.get("num_classes"), *(x.shape[-2:] if task.kind == "segmentation" else ()))
+    channels = kwargs.get("num_classes", 0) + bool(cfg.model.get("contours"))  # + the gland-contour channel
+    want = (x.shape[0], channels, *(x.shape[-2:] if task.kind == "segmentation" else ()))
     if "num_classes" in kwargs and tuple(out.shape) != want:
-        layout = "(N, classes)" if task.kind == "classification" else "(N, 1, H, W) at the input's height and width"
+        layout = "(N, classes)" if task.kind == "classification" else "(N, C, H, W) at the input's height and width"
         raise ConfigError(f"{where}: the network returns {tuple(out.shape)} for a batch of {tuple(x.shape)}; "
                           f"{task.name} needs {want}, {layout} (it was built with {kwargs})")
     try:
@@ -210,6 +211,76 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
     bar.close()
     if isinstance(grid, StudyGrid):
         failed += grid.abandoned()
+    if failed:
+        raise RunsFailed("\n".join(failed))
+
+
+def check_members(runs: list[Run], store: RunStore) -> None:
+    """ConfigError, before anything runs, when an ensemble among ``runs`` has a member that is neither finished nor
+    among ``runs`` (``--variants`` named the ensemble without the rung it averages, which is not trained yet)."""
+    training = {(r.variant.name, r.seed) for r in runs if not r.members}
+    for run in runs:
+        for m in run.members:
+            if (m.variant.name, m.seed) not in training and store.result(m) is None:
+                raise ConfigError(f"{run.variant.name} seed {run.seed}: its member {m.variant.name} seed {m.seed} is "
+                                  f"not finished; train it first or with it (--variants {m.variant.name} "
+                                  f"{run.variant.name})")
+
+
+def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions,
+                  cache: dict[str, Data] | None = None) -> None:
+    """Evaluate every ensemble run of ``runs`` (see :mod:`bench.ensemble`) whose members are finished and that no
+    other process holds; RunsFailed naming those whose members are not, or whose evaluation failed."""
+    store, task, cache, failed = RunStore(results_dir), TASKS[spec.task], cache if cache is not None else {}, []
+    scored: dict[str, dict[str, Any]] = {}  # the scores of each ensemble evaluated here, for its seeds alike
+    for run in store.todo([r for r in runs if r.members]):
+        missing = [f"{m.variant.name} seed {m.seed}" for m in run.members if store.result(m) is None]
+        if missing:
+            failed.append(f"{run.variant.name} seed {run.seed}: its members {', '.join(missing)} are not finished")
+            continue
+        with store.claim(run) as mine:
+            if not mine:
+                continue
+            cfg = runtime_config(run, opts)
+            device = resolve_device(cfg.train.device, "train.device")
+            meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
+            try:
+                data = load_data(cache, task, cfg, device)
+                result = ensemble.evaluate(dataclasses.replace(run, config=cfg), store.path(run),
+                                           [store.path(m) for m in run.members], task, data, device, meta,
+                                           scored.get(ensemble.scored_alike(run)))
+            except files.DiskFull:
+                raise
+            except Exception as e:  # recorded like a run's own failure; the others go on
+                error = f"{type(e).__name__}: {e}"
+                store.record_failure(run, error)
+                failed.append(f"{run.variant.name} seed {run.seed}: {error}")
+                continue
+            store.record(run, result)
+            scored[ensemble.scored_alike(run)] = {k: result[k] for k in ensemble.SCORES if k in result}
+            for hook in opts.after_run:
+                hook(store, run)
+            report_finished(run, result, task, opts.progress)
+    if failed:
+        raise RunsFailed("\n".join(failed))
+
+
+def train_then_ensembles(spec: Spec, todo: list[Run], ensembles: list[Run], results_dir: str | Path, opts: RunOptions,
+                         cache: dict[str, Data], workers: int) -> None:
+    """Train ``todo`` (``workers`` processes, or this one), then evaluate the ``ensembles`` whose members are finished,
+    even when some runs failed; RunsFailed naming every failure of both."""
+    failed = []
+    try:
+        if workers > 1:
+            run_workers(spec, todo, results_dir, opts, workers)
+        elif todo:
+            run_grid(spec, todo, results_dir, opts, cache)
+    except RunsFailed as e:
+        failed.append(str(e))
+    try:
+        run_ensembles(spec, ensembles, results_dir, opts, cache)
+    except RunsFailed as e:
+        failed.append(str(e))
     if failed:
         raise RunsFailed("\n".join(failed))
 

@@ -58,10 +58,29 @@ OBJECTIVES: dict[str, str] = {
 NOT_OBJECTIVES = {"latency_ms": "ONNX Runtime latency is measured by the exporters after export (python -m exporters.onnx),"
                                 " which the tuner does not import; flops counts the network's cost instead"}
 DIST_KEYS = ["low", "high", "log", "step", "choices"]
-VARIANT_KEYS = ["name", "from", "set", "reported", "note"]
+VARIANT_KEYS = ["name", "from", "set", "reported", "note", "ensemble"]
+ENSEMBLE_KEYS = ["of", "size"]
 PROFILE_KEYS = ["seeds", "set", "variants", "as_written", "workers", "description"]
 CONFIG_SECTIONS = ["model", "optim", "sched", "loss", "train", "data", "augment", "eval"]
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclass
+class EnsembleDef:
+    """A rung that trains nothing: the mean probability of ``size`` finished runs (different seeds) of the rung
+    ``of`` (see :mod:`bench.ensemble`).  ``pool``: the spec's (or profile's) seeds as written, in order; the
+    ensemble of seed k is seed k of ``of`` and the ``size - 1`` seeds that follow k in ``pool``, cyclically, in
+    the order of their seeds (with
+    ``size`` = every seed, the same ensemble for each seed: its Δ is then the ensemble against each seed alone)."""
+
+    of: str
+    size: int | None  # None: every seed of the pool
+    pool: list[int] = field(default_factory=list)
+
+    def member_seeds(self, seed: int) -> list[int]:
+        pool = self.pool if seed in self.pool else [*self.pool, seed]
+        i, n = pool.index(seed), self.size or len(pool)
+        return sorted(pool[(i + j) % len(pool)] for j in range(n))  # one order per set: the same set, the same sums
 
 
 @dataclass
@@ -74,6 +93,7 @@ class Variant:
     reported: float | None
     config: Config  # resolved; seed is set per run
     label: str = ""  # what it changed in at most LABEL_MAX characters, for the table itself (see short_label)
+    ensemble: EnsembleDef | None = None  # a rung of seed ensembles of another rung: trained by none of its runs
 
 
 @dataclass
@@ -82,7 +102,8 @@ class Run:
     variant: Variant
     seed: int
     config: Config  # this run's own copy
-    key: str  # hash of the resolved config
+    key: str  # hash of the resolved config (an ensemble's: of its config and of its members' keys)
+    members: tuple[Run, ...] = ()  # an ensemble's member runs (see EnsembleDef); none for a run that trains
 
     @property
     def rel_dir(self) -> Path:
@@ -130,9 +151,16 @@ class Spec:
         for v in self.variants:
             if variants is None or v.name in variants:
                 for seed in self.seeds:
-                    cfg = v.config.copy(seed=seed)
-                    out.append(Run(self.group, v, seed, cfg, run_key(cfg)))
+                    out.append(self._run(v, seed))
         return out
+
+    def _run(self, v: Variant, seed: int) -> Run:
+        cfg = v.config.copy(seed=seed)
+        if v.ensemble is None:
+            return Run(self.group, v, seed, cfg, run_key(cfg))
+        of = next(m for m in self.variants if m.name == v.ensemble.of)
+        members = tuple(self._run(of, s) for s in v.ensemble.member_seeds(seed))
+        return Run(self.group, v, seed, cfg, ensemble_key(cfg, [m.key for m in members]), members)
 
 
 def slug(name: str) -> str:
@@ -157,6 +185,11 @@ def run_key(cfg: Config) -> str:
     d["data"] = {k: v for k, v in d["data"].items() if k != "root"}
     d["train"] = {k: v for k, v in d["train"].items() if k not in SPEED_KEYS}
     return config_hash(d)
+
+
+def ensemble_key(cfg: Config, member_keys: list[str]) -> str:
+    """An ensemble run's key: its own config (what it evaluates with) and its members' keys, in order."""
+    return config_hash({"ensemble": run_key(cfg), "members": member_keys})
 
 
 # --------------------------------------------------------------------------- set paths
@@ -424,6 +457,8 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
     if prof.variants is not None:  # a profile's list keeps the search's results: they are what the search was for
         kept = {TUNED, *(str(v.get("name")) for v in made)}
         variants = [v for v in variants if v.name in prof.variants or v.name in kept]
+    _check_ensemble_seeds(variants, prof.seeds if prof.seeds is not None else check_value(
+        raw.get("seeds", [0]), list[NonNegInt], "seeds"), f"profiles.{profile}" if profile else "seeds")
     return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
                 description=str(raw.get("description", "")), search=search, workers=prof.workers, overrides=cli_leaves,
                 target=_check_target(raw.get("target"), task), tuned=tuned, mlflow=_check_tracking(raw.get("tracking")))
@@ -569,7 +604,10 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
         if any(slug(vname) == slug(n) for n in resolved):
             raise ConfigError(f"{vw}.name: {vname!r} maps to the same folder as an earlier variant")
         parent, ablation = prev, "from" in v  # an explicit `from:` is a leave-one-out check, even of the previous rung
-        if ablation:
+        ens = _check_ensemble(v, vw, variants) if "ensemble" in v else None
+        if ens is not None:
+            parent = ens.of
+        elif ablation:
             parent = check_value(v["from"], str, f"{vw}.from")
             if parent not in resolved:
                 later = " (a variant builds on one above it)" if parent in {str(x.get("name")) for x in rawv[i:]
@@ -594,14 +632,55 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
         change = describe(leaves) if leaves else ("(base)" if parent is None else "(no change)")
         if ablation:
             change = f"{parent} with {change}"
+        if ens is not None:
+            what = f"{ens.size} seeds" if ens.size else "every seed"
+            change = f"mean probability of {what} of {ens.of}" + (f", {describe(leaves)}" if leaves else "")
         label = change
         if v.get("note"):
             note = label = check_value(v["note"], str, f"{vw}.note")
             change = f"{note}: {change}" if leaves else note
         variants.append(Variant(vname, i, parent, ablation, change, reported, build_config(task, final, vw),
-                                short_label(label)))
+                                short_label(label), ens))
         prev = vname
     return variants
+
+
+def _check_ensemble(v: dict[str, Any], vw: str, earlier: list[Variant]) -> EnsembleDef:
+    """``ensemble: {of: NAME, size: N}`` of a variant: ``of`` an earlier rung that trains, ``size`` at least 2 (unset:
+    every seed); its ``set`` may change only ``eval`` keys (how the members' outputs are scored, e.g. ``eval.tta``)."""
+    raw = v["ensemble"]
+    _check_mapping(raw, ENSEMBLE_KEYS, f"{vw}.ensemble", "a mapping {of: VARIANT, size: N}")
+    if "from" in v:
+        raise ConfigError(f"{vw}.from: an ensemble builds on the rung its `ensemble.of` names; leave `from` out")
+    if "of" not in raw:
+        raise ConfigError(f"{vw}.ensemble.of: missing (the rung whose seeds it averages)")
+    of = check_value(raw["of"], str, f"{vw}.ensemble.of")
+    trained = [x.name for x in earlier if x.ensemble is None]
+    if of not in trained:
+        raise ConfigError(f"{vw}.ensemble.of: {unknown_name_message('earlier variant that trains', of, trained)}"
+                          if trained else f"{vw}.ensemble.of: {of!r}: there is no earlier variant that trains")
+    size = raw.get("size")
+    if size is not None and check_value(size, PosInt, f"{vw}.ensemble.size") < 2:
+        raise ConfigError(f"{vw}.ensemble.size: an ensemble needs at least 2 members, got {size}")
+    for key in flatten_set(v.get("set"), f"{vw}.set"):
+        if not key.startswith("eval."):
+            raise ConfigError(f"{vw}.set.{key}: an ensemble trains nothing; its `set` may change only eval keys "
+                              f"(e.g. eval.tta)")
+    return EnsembleDef(of, size)
+
+
+def _check_ensemble_seeds(variants: list[Variant], seeds: list[int], where: str) -> None:
+    """Each ensemble rung's pool of seeds (the spec's or profile's as written) and the rung it averages present."""
+    names = {v.name for v in variants}
+    for v in variants:
+        if v.ensemble is None:
+            continue
+        v.ensemble.pool = list(seeds)
+        if v.ensemble.size is not None and v.ensemble.size > len(seeds):
+            raise ConfigError(f"variants[{v.index}] ({v.name}).ensemble.size: {v.ensemble.size} members need as many "
+                              f"seeds; {where} has {len(seeds)} ({', '.join(map(str, seeds))})")
+        if v.ensemble.of not in names:
+            raise ConfigError(f"{where}.variants: {v.name} averages the seeds of {v.ensemble.of}, which is not listed")
 
 
 def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any],
@@ -623,7 +702,8 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
     objectives = check_objectives(raw.get("objectives", ["val_metric"]), "search.objectives")
     if raw.get("profile") is not None and raw["profile"] not in profiles:  # the budget of the published study
         raise ConfigError(f"search.profile: {unknown_name_message('profile', str(raw['profile']), profiles)}")
-    names = [v.name for v in variants if v.name not in made]  # the search's own results are not searched again
+    # what trains, but the search's own results
+    names = [v.name for v in variants if v.name not in made and v.ensemble is None]
     vname = check_value(raw.get("variant", names[-1]), str, "search.variant")
     if vname not in names:
         raise ConfigError(f"search.variant: {unknown_name_message('variant', vname, names)}")

@@ -37,6 +37,7 @@ from torch import nn
 
 from bench import files
 from bench.config import Config, ConfigError
+from bench.ensemble import build_ensemble
 from bench.factories import build_model
 from bench.records import GroupRecord, RecordError, RunRecord, VariantRecord, read_record, write_record
 from bench.spec import Run, Spec, config_from_dict, slug
@@ -284,8 +285,11 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     cfg = config_from_dict(ck["config"], where=str(best))
     task = TASKS[cfg.task].for_config(cfg)  # a folder task finds the run's files by its data settings
     info = DataInfo.from_dict(ck["data_info"])
-    model = build_model(cfg, **task.model_kwargs(info))
-    model.load_state_dict(ck["state_dict"])
+    if "members" in ck:  # a seed ensemble (bench/ensemble.py): every member's weights
+        model = build_ensemble(ck, cfg, task, task.model_kwargs(info))
+    else:
+        model = build_model(cfg, **task.model_kwargs(info))
+        model.load_state_dict(ck["state_dict"])
     model.eval()
     res = run_dir / "result.json"
     return LoadedRun(run_dir, model, cfg, task, info, ck["key"], read_record(run_dir) if res.exists() else None)

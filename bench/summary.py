@@ -132,6 +132,7 @@ class GroupTables:
     best: str | None
     clipped: bool
     costs_shown: bool
+    postprocess: Table | None = None  # rungs that post-process their masks: the choice and its effect on the test
 
 
 def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any] | None = None) -> GroupTables:
@@ -145,6 +146,8 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
     reported = any(v.reported is not None for v in meta.variants)
     cost_cols = _cost_columns(meta, runs, costs)
     main, training, secondary, clipped = [], [], [], False
+    # a metric no run of the group recorded (added to the task after they ran) has no column until a rescore
+    shown = [m for m in task.metrics[1:] if any(m.key in r.result.test for r in runs)]
     for v in meta.variants:
         rs = results[v.name]
         name = v.name + (" ★" if v.name == best else "")
@@ -163,9 +166,12 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
             if meta.target is not None:
                 more[target_column(meta.target, primary)] = format_time_to_target(
                     runs_of(runs, v.name), meta.target, primary)
-            if len(task.metrics) > 1:
+            if shown:
                 sec = {"variant": name, "n": str(len(rs))}
-                for metric in task.metrics[1:]:
+                for metric in shown:
+                    if any(metric.key not in r.test for r in rs):  # recorded before the metric existed: rescore
+                        sec[metric.column] = metric.format(None)
+                        continue
                     mk, sk, _ = mean_ci([r.test[metric.key] for r in rs])
                     sec[metric.column] = f"{metric.format(mk)} ± {metric.format(sk)}"
                 secondary.append(sec)
@@ -182,7 +188,30 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
     if meta.target is not None:
         numeric.add(target_column(meta.target, primary))
     return GroupTables(_table(main, numeric), _table(training, numeric), _table(secondary, numeric) if secondary else None,
-                       best, clipped, bool(cost_cols))
+                       best, clipped, bool(cost_cols), postprocess_table(meta, results, task.metrics))
+
+
+def postprocess_table(meta: GroupRecord, results: dict[str, list[RunRecord]], metrics: tuple[Metric, ...]) -> Table | None:
+    """The rungs whose runs post-process their masks (``eval.postprocess``): the setting each seed chose on validation,
+    and for the primary metric and the one that chose, the test's mean before and after and the mean paired change
+    within the runs (the same predictions without and with post-processing) with its t-test's p."""
+    rows = []
+    for v in meta.variants:
+        rs = [r for r in results.get(v.name, []) if r.postprocess and r.test_raw]
+        if not rs:
+            continue
+        row = {"variant": v.name, "n": str(len(rs)), "chosen (min px, holes)": ", ".join(
+            f"{r.postprocess['min_area']}{' filled' if r.postprocess['fill_holes'] else ''}" for r in rs)}
+        by = {r.postprocess["chosen_by"] for r in rs}
+        for m in (m for m in metrics if m is metrics[0] or m.key in by):
+            if all(m.key in r.test and m.key in r.test_raw for r in rs):
+                before, after = ({r.seed: getattr(r, k)[m.key] for r in rs} for k in ("test_raw", "test"))
+                d, p, _ = paired_test(after, before)
+                row[f"{m.label} before → after"] = (f"{m.format(sum(before.values()) / len(rs))} → "
+                                                    f"{m.format(sum(after.values()) / len(rs))}")
+                row[f"Δ {m.label} (p)"] = f"{d * m.scale:+.{m.digits}f} (p={'–' if math.isnan(p) else f'{p:.3f}'})"
+        rows.append(row)
+    return _table(rows, {h for r in rows for h in r if h not in ("variant", "chosen (min px, holes)")}) if rows else None
 
 
 DELTA = "Δ (p)"
@@ -251,9 +280,12 @@ def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
 
 def format_time_to_target(runs: list[StoredRun], target: float, metric: Metric | None = None) -> str:
     """``3 · 41 s``: mean over seeds of the first epoch whose validation metric reached ``target`` and of the
-    training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all."""
-    reached = [hit for hit in (time_to_target(files.read_csv(r.dir / "metrics.csv"), target, metric) for r in runs)
-               if hit]
+    training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all;
+    ``–`` for runs without epochs of their own (seed ensembles)."""
+    histories = [files.read_csv(r.dir / "metrics.csv") for r in runs]
+    if not any(histories):
+        return "–"
+    reached = [hit for hit in (time_to_target(h, target, metric) for h in histories) if hit]
     if not reached:
         return "not reached"
     epoch, seconds = (sum(h[i] for h in reached) / len(reached) for i in (0, 1))
@@ -439,6 +471,7 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     elif runs and meta.role == "published":
         out += [f"Deployment cost per rung: `python -m exporters.onnx rungs {meta.path}"
                 + (f" --profile {meta.profile}`" if meta.profile else "`") + " adds it to this table.", ""]
+    out += _reading(store, meta.group)
     out += _details(meta)
     out += ["Training and statistics of each rung:", "", tables.training.markdown(), ""]
     if tables.clipped:
@@ -451,6 +484,10 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
                 "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.", ""]
     if tables.secondary is not None:
         out += ["Secondary test metrics (mean ± std over the seeds):", "", tables.secondary.markdown(), ""]
+    if tables.postprocess is not None:
+        out += ["Post-processing chosen on validation (`eval.postprocess`; *min px*: objects under it removed, "
+                "*filled*: holes filled) and its effect on the test, paired within each run (its own masks before "
+                "and after; the table's numbers are after):", "", tables.postprocess.markdown(), ""]
     out += _tuned_block(meta, runs, fig_dir)
     out += _curves(meta, runs, fig_dir, task)
     if best:
@@ -460,12 +497,22 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     return "\n".join(out).rstrip() + "\n"
 
 
+def _reading(store: RunStore, group: str) -> list[str]:
+    """A person's reading of the table (``runs/<group>/reading.md``, committed with the records), kept verbatim:
+    which claims hold, which rungs do not help.  The table is rebuilt by code; its interpretation is not."""
+    path = store.root / group / "reading.md"
+    return [path.read_text().strip(), ""] if path.exists() else []
+
+
 def _cost_legend(costs: dict[str, Any]) -> str:
     gpu = f"; *CUDA ms*: the CUDA execution provider on {costs['gpu']}" if costs.get("gpu") else ""
     tta = [v for v, r in costs["rungs"].items() if r.get("tta")]
+    ensembles = [f"{v}: {r['members']}" for v, r in costs["rungs"].items() if r.get("members")]
+    notes = ([f"the TTA graphs of {', '.join(tta)} run the network 8 times and count it"] if tta else []) + (
+        [f"a seed ensemble's graph holds all its members and counts them ({', '.join(ensembles)})"] if ensembles else [])
     return (f"Deployment cost: the best seed (by validation) of each rung exported to ONNX, checked against PyTorch "
             f"on the whole test set, and timed together: *{flops_unit(costs)[0]}* per image of the exported graph"
-            + (f" (the TTA graphs of {', '.join(tta)} run the network 8 times and count it)" if tta else "")
+            + (f" ({'; '.join(notes)})" if notes else "")
             + f", *ORT ms* the p50 of batch-1 calls on {costs['engine']} (CPU provider, "
             f"{costs['threads']} thread, fp32) on {costs['cpu']}"
             + ("; *INT8 ms* the same for its static INT8 copy" if any("cpu/int8" in r.get("latency", {})

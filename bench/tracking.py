@@ -318,6 +318,8 @@ def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], d: Pat
         step, at = int(row["epoch"]), start + int(1000 * float(row.get("train_seconds") or 0))
         metrics += [Metric(k, float(v), at, step) for k, v in row.items() if k != "epoch" and v not in ("", None)]
     final = {f"test_{k}": v for k, v in result.test.items()}
+    final |= {f"test_raw_{k}": v for k, v in (result.test_raw or {}).items()}  # eval.postprocess: before it
+    final |= {f"postprocess_{k}": v for k, v in (result.postprocess or {}).items() if not isinstance(v, str)}
     final |= {k: getattr(result, k) for k in ("val_best", "best_epoch", "epochs_run", "train_time_s", "test_time_s", "params")
               if isinstance(getattr(result, k), (int, float))}
     metrics += [Metric(k, float(v), end, 0) for k, v in final.items() if isinstance(v, (int, float))]

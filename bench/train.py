@@ -294,12 +294,12 @@ def finish(run_dir: Path, t: Trainer, state: dict[str, Any], cfg: Config, task: 
     files.torch_save(run_dir / "best.pt", {"state_dict": t.model.state_dict(), "config": cfg.to_dict(),
                                            "data_info": data.info.to_dict(), "key": key, "epoch": state["best_epoch"]})
     t0 = time.perf_counter()
-    test_metrics = task.evaluate(t.model, data.test, cfg, t.loss_fn, final=True) if test else {}
+    scored = task.test_record(t.model, data, cfg, t.loss_fn) if test else {"test": {}}
     test_time = time.perf_counter() - t0
     plot_run_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.metrics[0])
     return {
         "key": key, **meta,
-        "test": test_metrics,
+        **scored,  # test (and with eval.postprocess: postprocess, test_raw)
         "val_best": state["best_metric"], "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
         "stopped_early": state["epoch"] < cfg.train.epochs,  # early stopping ended it before its last epoch
         "train_time_s": state["train_time"], "test_time_s": test_time,

@@ -40,7 +40,7 @@ from bench import files
 from bench.models import count_flops
 from bench.train import device_name
 from exporters.export import Exported
-from exporters.parity import EVAL_BATCH, agreement
+from exporters.parity import EVAL_BATCH, agreement, score
 from exporters.runtime import available_providers, provider_session, run_batched, session
 
 LARGE_BATCH = {"classification": 256, "segmentation": 16}
@@ -243,7 +243,7 @@ def add_int8(ex: Exported) -> dict[str, Any] | None:
         return None
     out8 = run_batched(session(path), ex.inputs, EVAL_BATCH[kind])
     out32 = run_batched(session(ex.path), ex.inputs, EVAL_BATCH[kind])
-    m8 = ex.run.task.score_outputs(out8, ex.test.targets, ex.meta.threshold)
+    m8 = score(ex.run.task, ex.meta, out8, ex.test.targets)
     agree = agreement(ex.meta, out8, out32)
     label = "identical predictions" if kind == "classification" else "pixel agreement"
     entry = {"onnx": path.name, "bytes": path.stat().st_size, "metric_ort": m8,

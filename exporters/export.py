@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from bench import files
 from bench.augment import dihedral, dihedral_tta
 from bench.config import ConfigError
+from bench.ensemble import Ensemble
 from bench.models import count_flops
 from bench.runner import run_data_root
 from bench.store import LoadedRun, load_run
@@ -75,7 +76,8 @@ class DihedralTTA(nn.Module):
     transform's output, mapped back, summed in the same order, / 8), then turned back into a logit
     (:func:`_logit`), so that the graph's output
     means what a plain export's does: ``sigmoid(output)`` is the (TTA) foreground probability and a
-    user's code needs no change.  (N, C, H, W) -> (N, 1, H, W).
+    user's code needs no change.  (N, C, H, W) -> (N, K, H, W): K = 2 with a contour output, whose
+    channel is averaged the same way (each transform's output mapped back before the mean).
     Classification (square inputs only): the mean of the 8 softmaxes, returned as its log (again
     ``softmax(output)`` is the averaged probability).  (N, C, S, S) -> (N, K).
     """
@@ -120,8 +122,13 @@ def tta_refusal(kind: str, input_size: tuple[int, int] | list[int]) -> str | Non
 
 def export_graph(model: nn.Module, example: Tensor, segmentation: bool, tta: bool = False) -> Any:
     """``torch.onnx.export`` (the dynamo exporter) with a dynamic batch axis, plus dynamic H, W for
-    segmentation; with ``tta`` the graph is :class:`DihedralTTA` of the network.  Returns the ``onnx.ModelProto``."""
-    net: nn.Module = PadAndCrop(model) if segmentation else model
+    segmentation; with ``tta`` the graph is :class:`DihedralTTA` of the network.  A seed ensemble
+    (:class:`bench.ensemble.Ensemble`) is one graph holding every member (each in its export form), TTA around the
+    whole.  Returns the ``onnx.ModelProto``."""
+    if isinstance(model, Ensemble):
+        net: nn.Module = Ensemble([PadAndCrop(m) if segmentation else m for m in model.members], segmentation)
+    else:
+        net = PadAndCrop(model) if segmentation else model
     if tta:
         net = DihedralTTA(net, segmentation)
     net.eval()
@@ -195,6 +202,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
         "params": sum(p.numel() for p in run.model.parameters()),
         "flops_per_image": count_flops(graph_module(run.model, run.task.kind, tta), torch.from_numpy(inputs[:1])),
         "metadata": props, "parity": parity,
+        **({"members": run.result.extra["members"]} if run.result and "members" in run.result.extra else {}),
     }
     record_path = path.with_suffix(".json")
     files.write_json(record_path, record)
@@ -268,7 +276,10 @@ def _write_verified(proto: Any, path: Path, run: LoadedRun, meta: ModelMeta,
             f.write(proto.SerializeToString())
         files.make_readable(tmp)
         t0 = time.perf_counter()
-        parity, inputs = verify(tmp, graph_module(run.model, meta.kind, tta), run.task, meta, test, tta)
+        # an ensemble's output is, like TTA's, the logit of a mean probability: compared as probabilities (near 0 and 1
+        # a logit of clamped probabilities magnifies float rounding)
+        on_probs = tta or isinstance(run.model, Ensemble)
+        parity, inputs = verify(tmp, graph_module(run.model, meta.kind, tta), run.task, meta, test, on_probs)
         parity["seconds"] = time.perf_counter() - t0
         os.replace(tmp, path)
         path.with_name(path.stem + ".int8.onnx").unlink(missing_ok=True)  # quantized from the previous export

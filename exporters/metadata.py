@@ -11,7 +11,8 @@ where ``image`` is the file decoded in ``color_mode`` (PIL ``"L"`` or ``"RGB"``)
 
 The generic keys are written here; how an image file becomes an input (colour mode, resizing
 or tiling, inversion, classes, threshold) is the task's to say (``Task.preprocessing``).
-This module needs numpy and onnx only (no torch), so ``exporters.predict`` stays light.
+This module needs numpy, SciPy (the post-processing, gland instances) and onnx only (no torch), so
+``exporters.predict`` stays light.
 """
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from bench.instances import CONTOUR_THRESHOLD, instances_from_logits
+from bench.postprocess import PostProcess
+
 if TYPE_CHECKING:  # for type hints only: importing the run store would load torch
     from bench.store import LoadedRun
 
 FORMAT_VERSION = "1"
 
-# key -> what it holds; an export writes no other key (a test checks it), and the README's table mirrors it
+# key -> what it holds; an export writes no other key (a test checks it), and docs/deployment.md's table mirrors it
 KEYS: dict[str, str] = {
     "bench_format": "version of this metadata layout (\"1\")",
     "task": "`mnist` or `warwick`",
@@ -59,6 +63,14 @@ KEYS: dict[str, str] = {
     "activation": "`softmax` (class probabilities) or `sigmoid` (foreground probability per pixel)",
     "classes": "JSON list of class names, index = logit position (classification)",
     "threshold": "foreground when the sigmoid probability is above this (segmentation)",
+    "fill_holes": "`true`: holes inside the predicted objects are filled, after `threshold` (segmentation; chosen on "
+                  "validation with `eval.postprocess`, else `false`)",
+    "min_area": "predicted objects (8-connected) of fewer pixels are removed, after `fill_holes` (segmentation; chosen "
+                "on validation with `eval.postprocess`, else `0`)",
+    "instances": "`contours` when the output has a second channel, the gland-contour logit: glands are then the "
+                 "cores (foreground above `threshold`, contour below `contour_threshold`) grown back into the "
+                 "foreground (`bench/instances.py`); absent for a foreground-only model",
+    "contour_threshold": "with `instances`: a pixel whose contour probability is at or above this is no core",
     "tta": "`true`: the graph averages the probabilities of the 8 flips/rotations of its input and returns them as "
            "logits (apply the activation as usual); `false`: one forward pass",
     "run_tta": "`true` when the source run's reported test metric averaged 8 flips/rotations",
@@ -82,6 +94,7 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
     task's preprocessing keys, then the run's provenance."""
     task, info, result = run.task, run.info, run.result
     seg = task.kind == "segmentation"
+    contours = seg and bool(run.config.model.get("contours"))  # a second output channel: gland contours
     channels = [int(c) for c in info.channels]
     size = [int(s) for s in info.image_size]
     meta: dict[str, str] = {
@@ -97,7 +110,7 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
         "normalization": "outside-graph",
         "image_size": _j(size),
         "output_name": "logits",
-        "output_shape": _j(["batch", 1, "height", "width"] if seg else ["batch", len(info.classes or [])]),
+        "output_shape": _j(["batch", 1 + contours, "height", "width"] if seg else ["batch", len(info.classes or [])]),
         "activation": "sigmoid" if seg else "softmax",
         "tta": "true" if tta else "false",
         "run_tta": "true" if run.config.eval.tta else "false",
@@ -107,8 +120,14 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
         "precision": "fp32",
         **task.preprocessing(info, run.config),
     }
+    if contours:
+        meta.update(instances="contours", contour_threshold=repr(float(CONTOUR_THRESHOLD)))
     if seg:  # the graph pads to a multiple of 2**depth by reflection, which needs at least that many pixels
         meta["min_size"] = str(int(getattr(run.model, "multiple", 1)))
+        # the post-processing the run's test metrics were computed with (chosen on validation), else none
+        post = (result.postprocess if result is not None else None) or {}
+        meta["fill_holes"] = "true" if post.get("fill_holes") else "false"
+        meta["min_area"] = str(int(post.get("min_area", 0)))
     if result is not None:
         meta.update(variant=str(result.variant or ""), seed=str("" if result.seed is None else result.seed),
                     val_metric=_j({task.metric: result.val_best}), test_metric=_j({task.metric: result.test.get(task.metric)}))
@@ -136,6 +155,8 @@ class ModelMeta:
     tile_size: tuple[int, int] | None = None
     tile_overlap: int = 0
     min_size: int = 1
+    postprocess: PostProcess = PostProcess()  # segmentation: applied to the thresholded masks
+    contour_threshold: float | None = None  # set when the output's channel 1 is the gland-contour logit
     raw: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -159,7 +180,10 @@ class ModelMeta:
                 image_size=tuple(json.loads(get("image_size"))), resize_policy=get("resize_policy"),
                 invert=get("invert", "never"), classes=classes, threshold=float(get("threshold", "0.5")),
                 tile_size=tuple(tile) if tile else None, tile_overlap=int(get("tile_overlap", "0")),
-                min_size=int(get("min_size", "1")), raw=dict(props),
+                min_size=int(get("min_size", "1")),
+                postprocess=PostProcess(int(get("min_area", "0")), json.loads(get("fill_holes", "false")) is True),
+                contour_threshold=float(get("contour_threshold")) if get("instances", "none") == "contours" else None,
+                raw=dict(props),
             )
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{where}: malformed metadata ({e})") from None
@@ -169,6 +193,20 @@ class ModelMeta:
         """Read the metadata of an ONNX file (without loading its weights into a session)."""
         model = onnx.load(str(path), load_external_data=False)
         return cls.from_props({p.key: p.value for p in model.metadata_props}, where=str(path))
+
+    def masks(self, logits: np.ndarray) -> np.ndarray:
+        """Segmentation answers of the graph's logits, (..., H, W) -> (..., H, W) bool: probability above
+        ``threshold``, then the post-processing (``fill_holes``, ``min_area``) per (H, W) image."""
+        with np.errstate(over="ignore"):  # exp of a very negative logit: inf -> probability 0, as it should be
+            mask = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64))) > self.threshold
+        return self.postprocess(mask)
+
+    def instances(self, logits: np.ndarray) -> np.ndarray | None:
+        """Gland instance labels (N, H, W) int32 of segmentation logits (N, 2, H, W) (``bench.instances``, with this
+        model's thresholds); None for a model without a contour output."""
+        if self.contour_threshold is None:
+            return None
+        return instances_from_logits(logits, self.threshold, self.contour_threshold)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, C_src) or (N, H, W) uint8 decoded images -> (N, C, H, W) float32 network input."""

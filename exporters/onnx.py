@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import files
+from bench import ensemble, files
 from bench.config import ConfigError
 from bench.records import read_record
 from bench.reproduce import retrain
@@ -86,9 +87,14 @@ def _parity_line(rec: dict) -> str:
     p = rec["parity"]
     agree = (f"identical predictions {100 * p['agreement']:.2f} %" if "agreement" in p
              else f"pixel agreement {100 * p['pixel_agreement']:.3f} %")
-    return (f"parity on {p['n']} test images: {gap_text(p)}, {agree}, "
+    line = (f"parity on {p['n']} test images: {gap_text(p)}, {agree}, "
             f"{p['metric']} ORT {p['metric_ort']:.4f} vs PyTorch {p['metric_torch']:.4f} (run's own test: "
             f"{(rec.get('run_test') or {}).get(p['metric'], float('nan')):.4f}{', with TTA' if rec['run_tta'] else ''})")
+    if "objects_ort" in p:  # a contour model: object metrics on its instances, from the ONNX outputs + metadata
+        o = p["objects_ort"]
+        line += (f"; obj_f1 ORT {o['obj_f1']:.4f} (run's own: {(rec.get('run_test') or {}).get('obj_f1', float('nan')):.4f}),"
+                 f" pooled {o['obj_f1_pooled']:.4f} (TP {o['tp']}, FP {o['fp']}, FN {o['fn']})")
+    return line
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -177,6 +183,15 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
     group = run_dir.parent.parent.name
     stored = next(r for r in store.finished(group) if r.dir == run_dir)
     done = results / RETRAINED / run_dir.relative_to(results)
+    if "members" in stored.result.extra:  # a seed ensemble: its members' checkpoints (re-trained where missing)
+        members = [with_checkpoint(run_dir.parent.parent / m["run"], results, data_root)
+                   for m in stored.result.extra["members"]]
+        saved = files.read_json(run_dir / "config.json")
+        ensemble.write_checkpoint(done, stored.key, saved["config"], saved["data_info"], members,
+                                  [m["key"] for m in stored.result.extra["members"]])
+        for name in ("config.json", "result.json"):
+            shutil.copyfile(run_dir / name, done / name)
+        return done
     if (done / "best.pt").exists() and _current_key(done) == stored.key:
         return done
     print(f"note: {run_dir} has no best.pt (checkpoints are not in git): re-training it from its record into "

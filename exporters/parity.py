@@ -9,7 +9,12 @@ Tolerances (an export outside them is an error; see :data:`TOLERANCE`):
 * every task: ``max |logit_ort - logit_torch| <= 1e-3 * max(1, max |logit_torch|)``;
 * classification: identical predicted classes on at least 99.9 % of the test images;
 * segmentation: ``|Dice_ort - Dice_torch| <= 1e-3`` (mean per-image Dice of the masks
-  thresholded at the metadata's ``threshold``).
+  thresholded at the metadata's ``threshold`` and post-processed by its ``fill_holes`` and ``min_area``, as
+  ``bench predict`` does; the contest's pooled object F1 of those masks is reported beside it).
+* a segmentation model with a contour output (metadata ``instances: contours``): its gland instances
+  (``bench.instances``, from the outputs and the metadata's thresholds alone) give the object metrics
+  (``obj_f1``, ``obj_dice``, ``obj_hausdorff`` per image and the pooled detection counts), and
+  ``|obj_f1_ort - obj_f1_torch| <= 1e-3``.
 
 A TTA graph (``--tta``) is compared with the harness's own TTA evaluation (segmentation: the
 function that scored the run) and checked on probabilities instead of logits,
@@ -26,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.metrics import object_f1_counts, object_f1_pooled, segmentation_report
 from bench.tasks.base import ImageSet, Task
 from exporters.metadata import ModelMeta
 from exporters.runtime import run_batched, session
@@ -59,15 +65,41 @@ def agreement(meta: ModelMeta, a: np.ndarray, b: np.ndarray) -> float:
     return float((pa == pb).float().mean())
 
 
+def score(task: Task, meta: ModelMeta, logits: np.ndarray, targets: np.ndarray) -> float:
+    """The task's primary metric of an exported model's outputs, read as its metadata says (segmentation: the
+    masks post-processed as the run chose on validation)."""
+    if meta.kind == "segmentation":
+        return task.score_outputs(logits, targets, meta.threshold, post=meta.postprocess)
+    return task.score_outputs(logits, targets, meta.threshold)
+
+
+def object_report(meta: ModelMeta, logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """The object metrics of a contour model's outputs, from the logits (N, 2, H, W) and the metadata alone:
+    per-image means (``obj_f1``, ``obj_dice``, ``obj_hausdorff``, as the run reports them) and the detection
+    counts pooled over the images (``tp``, ``fp``, ``fn``, ``obj_f1_pooled``); targets (N, H, W) bool."""
+    instances = meta.instances(logits)
+    assert instances is not None, "a model without a contour output has no instances"
+    mask = torch.from_numpy(probabilities(meta, logits)[:, 0] > meta.threshold)
+    report = segmentation_report(mask, torch.from_numpy(targets), instances)
+    tp, fp, fn = (int(v) for v in np.sum([object_f1_counts(i, t) for i, t in zip(instances, targets, strict=True)], 0))
+    return {**{k: report[k] for k in ("obj_f1", "obj_dice", "obj_hausdorff")}, "tp": tp, "fp": fp, "fn": fn,
+            "obj_f1_pooled": 2 * tp / max(1, 2 * tp + fp + fn)}
+
+
 def compare(task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.ndarray,
             targets: np.ndarray, tta: bool = False) -> dict[str, Any]:
     """Parity numbers of two sets of logits of the same images (no checks)."""
-    v_ort = task.score_outputs(ort_logits, targets, meta.threshold)
-    v_ref = task.score_outputs(ref_logits, targets, meta.threshold)
+    v_ort, v_ref = score(task, meta, ort_logits, targets), score(task, meta, ref_logits, targets)
     out: dict[str, Any] = {"n": int(len(targets)), "max_abs_logit_diff": float(np.abs(ort_logits - ref_logits).max()),
                            "logit_scale": float(np.abs(ref_logits).max()),
                            "metric": task.metric, "metric_ort": v_ort, "metric_torch": v_ref, "metric_diff": v_ort - v_ref}
     out["agreement" if meta.kind == "classification" else "pixel_agreement"] = agreement(meta, ort_logits, ref_logits)
+    if meta.kind == "segmentation" and meta.contour_threshold is not None:  # the network's own gland instances
+        out["objects_ort"] = object_report(meta, ort_logits, targets)
+        out["objects_torch"] = object_report(meta, ref_logits, targets)
+    elif meta.kind == "segmentation":  # the shipped pipeline's object F1 (GlaS, pooled), from the metadata alone
+        out["obj_f1_pooled_ort"] = object_f1_pooled(meta.masks(ort_logits[:, 0]), targets)
+        out["obj_f1_pooled_torch"] = object_f1_pooled(meta.masks(ref_logits[:, 0]), targets)
     if tta:
         out["tta"] = True
         out["max_abs_prob_diff"] = float(np.abs(probabilities(meta, ort_logits) - probabilities(meta, ref_logits)).max())
@@ -95,6 +127,10 @@ def check(meta: ModelMeta, report: dict[str, Any]) -> list[str]:
         bad.append(f"identical predictions {100 * report['agreement']:.3f} % < {100 * TOLERANCE['min_agreement']:.1f} %")
     if meta.kind == "segmentation" and not abs(report["metric_diff"]) <= TOLERANCE["max_dice_diff"]:
         bad.append(f"|Dice difference| {abs(report['metric_diff']):.3g} > {TOLERANCE['max_dice_diff']}")
+    if "objects_ort" in report:
+        diff = abs(report["objects_ort"]["obj_f1"] - report["objects_torch"]["obj_f1"])
+        if not diff <= TOLERANCE["max_dice_diff"]:
+            bad.append(f"|object F1 difference| {diff:.3g} > {TOLERANCE['max_dice_diff']}")
     return bad
 
 

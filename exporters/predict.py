@@ -22,9 +22,14 @@ Everything about preprocessing comes from the model's metadata (see ``exporters/
 * **segmentation** (WARWICK): the image is decoded in ``color_mode`` and keeps its size: the graph
   takes any height and width (``tile`` policy).  An image larger than ``tile_size`` is cut into
   tiles overlapping by ``tile_overlap`` pixels whose logits are averaged; a side shorter than
-  ``min_size`` is edge-padded and cropped back.  Output per image: a mask (0/255) and an overlay
+  ``min_size`` is edge-padded and cropped back.  The mask is the probability above ``threshold``, with holes
+  filled when ``fill_holes`` and objects under ``min_area`` pixels removed (the post-processing the run chose on
+  validation; none in older exports).  Output per image: a mask (0/255) and an overlay
   (the image dimmed outside the predicted glands, which are outlined), plus ``<out>/predictions.csv``
-  with ``file,mask,overlay,foreground_fraction`` (mask and overlay relative to ``--out``).
+  with ``file,mask,overlay,foreground_fraction`` (mask and overlay relative to ``--out``).  A model with
+  a gland-contour output (metadata ``instances: contours``) also writes ``<stem>_instances.png``, a
+  16-bit PNG of gland labels (0 background, k the k-th gland: ``bench/instances.py``), and the CSV
+  gains ``instances,glands`` (its file and the number of glands).
 
   Output names (:func:`output_names`): the folders under ``--out`` mirror each image's path
   relative to the PATH argument it came from (``PATH/sub/x.png`` -> ``<out>/sub/x_mask.png``; a
@@ -398,7 +403,8 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 
 
 def segment_logits(sess: Any, meta: Any, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    """Logits (H, W) float32 of one normalized image ``x`` (1, C, H, W), following the ``tile`` policy."""
+    """Logits (K, H, W) float32 of one normalized image ``x`` (1, C, H, W), following the ``tile`` policy
+    (K = 1, the foreground; 2 with a contour output, see ``instances`` in the metadata)."""
     _, _, h, w = x.shape
     ph, pw = max(0, meta.min_size - h), max(0, meta.min_size - w)
     if ph or pw:
@@ -407,19 +413,21 @@ def segment_logits(sess: Any, meta: Any, x: np.ndarray, batch: int = 8) -> np.nd
     th, tw = meta.tile_size or (H, W)
     th, tw = min(th, H), min(tw, W)
     if (th, tw) == (H, W):
-        return sess.run([meta.output_name], {meta.input_name: x})[0][0, 0, :h, :w]
+        return sess.run([meta.output_name], {meta.input_name: x})[0][0, :, :h, :w]
     ov = meta.tile_overlap
     boxes = [(r, c) for r in _starts(H, th, max(1, th - ov)) for c in _starts(W, tw, max(1, tw - ov))]
-    total = np.zeros((H, W), np.float32)
+    total: np.ndarray | None = None
     count = np.zeros((H, W), np.float32)
     for i in range(0, len(boxes), batch):
         part = boxes[i : i + batch]
         tiles = np.stack([x[0, :, r : r + th, c : c + tw] for r, c in part])
-        out = sess.run([meta.output_name], {meta.input_name: tiles})[0][:, 0]
+        out = sess.run([meta.output_name], {meta.input_name: tiles})[0]
+        if total is None:
+            total = np.zeros((out.shape[1], H, W), np.float32)
         for (r, c), o in zip(part, out, strict=True):
-            total[r : r + th, c : c + tw] += o
+            total[:, r : r + th, c : c + tw] += o
             count[r : r + th, c : c + tw] += 1
-    return (total / count)[:h, :w]
+    return (total / count)[:, :h, :w]
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -432,14 +440,15 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-def segment(sess: Any, meta: Any, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mask (H, W) bool, overlay (H, W, 3) uint8) of one decoded image (H, W[, C])."""
+def segment(sess: Any, meta: Any, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(mask (H, W) bool, overlay (H, W, 3) uint8, gland instance labels (H, W) int32 or None) of one decoded
+    image (H, W[, C]); the instances come from a model with a contour output (``meta.instances``)."""
     x = meta.normalize(img[None])
-    logits = segment_logits(sess, meta, x)
-    with np.errstate(over="ignore"):  # exp of a very negative logit: inf -> probability 0, as it should be
-        mask = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) > meta.threshold
+    logits = segment_logits(sess, meta, x)  # (K, H, W): the foreground, then the contours when the model has them
+    mask = meta.masks(logits[0])  # threshold, then the post-processing chosen on validation
+    labels = meta.instances(logits[None])
     rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
-    return mask, overlay(rgb, mask)
+    return mask, overlay(rgb, mask), None if labels is None else labels[0]
 
 
 # --------------------------------------------------------------------------- command line
@@ -453,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the preprocessing is read from the model's metadata.",
         epilog="outputs: --out/predictions.csv; segmentation also writes <stem>_mask.png and <stem>_overlay.png\n"
                "  in folders mirroring each image's path under its PATH (<name>_mask.png when several images\n"
-               "  there share a stem; numbered, with a note on stderr, when even names clash).\n"
+               "  there share a stem; numbered, with a note on stderr, when even names clash); a model with a\n"
+               "  gland-contour output also writes <stem>_instances.png (16-bit gland labels).\n"
                "exit status: 0 all images done; 1 some failed, or no files found; 2 usage error\n"
                "  (a PATH that does not exist, MODEL not an exported model).")
     p.add_argument("model", metavar="MODEL",
@@ -503,10 +513,13 @@ def main(argv: list[str] | None = None) -> int:
                 name = names[k]
                 if name is None:  # its header did not open a moment ago: changed under us
                     raise ImageError("not an image file (unrecognized format)")
-                mask, over = segment(sess, meta, img)
+                mask, over, labels = segment(sess, meta, img)
                 _save_png(out / f"{name}_mask.png", mask.astype(np.uint8) * 255)
                 _save_png(out / f"{name}_overlay.png", over)
                 rows.append([str(inp.path), f"{name}_mask.png", f"{name}_overlay.png", f"{mask.mean():.6f}"])
+                if labels is not None:  # 16-bit PNG: gland k has value k, background 0
+                    _save_png(out / f"{name}_instances.png", labels.astype(np.uint16))
+                    rows[-1] += [f"{name}_instances.png", str(int(labels.max(initial=0)))]
             else:
                 try:
                     label, prob = classify(sess, meta, img)
@@ -521,10 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["file", "mask", "overlay", "foreground_fraction"] if seg else ["file", "class", "probability"])
+        header = ["file", "mask", "overlay", "foreground_fraction"] if seg else ["file", "class", "probability"]
+        w.writerow(header + (["instances", "glands"] if meta.contour_threshold is not None else []))
         w.writerows(rows)
         files.write_text(out / "predictions.csv", buf.getvalue())
-        print(f"wrote {out / 'predictions.csv'}" + (f" and {2 * len(rows)} PNGs under {out}" if seg else ""), file=sys.stderr)
+        pngs = (2 + (meta.contour_threshold is not None)) * len(rows)
+        print(f"wrote {out / 'predictions.csv'}" + (f" and {pngs} PNGs under {out}" if seg else ""), file=sys.stderr)
     print(f"{len(rows)} image(s) done, {len(failed)} failed" + (": " + ", ".join(map(str, failed)) if failed else ""),
           file=sys.stderr)
     return 1 if failed or not rows else 0

@@ -135,12 +135,26 @@ def _parity_note(rec: dict[str, Any]) -> str:
     par = rec["parity"]
     agree = (f"identical predictions {100 * par['agreement']:.2f} %" if "agreement" in par
              else f"pixel agreement {100 * par['pixel_agreement']:.3f} %")
-    run_metric = (rec.get("run_test") or {}).get(par["metric"])
+    run_test = rec.get("run_test") or {}
+    run_metric = run_test.get(par["metric"])
     return (f"- **{rec['task']}** `{rec['onnx']}` from `{rec['source_run']}` (config {rec['config_hash']}, val "
             f"{rec['val_best']:.4f}): parity on {par['n']} test images {gap_text(par)}, "
             f"{agree}; {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch {par['metric_torch']:.4f}"
             + (f" (the run's reported test {par['metric']} {run_metric:.4f}{_tta_words(rec)})"
-               if run_metric is not None else ""))
+               if run_metric is not None else "") + _objects_words(rec))
+
+
+def _objects_words(rec: dict[str, Any]) -> str:
+    """Segmentation: the pooled object F1 of the shipped pipeline (threshold and post-processing of the metadata)
+    against the run's; empty for classification and older records."""
+    par, meta = rec["parity"], rec.get("metadata") or {}
+    if "obj_f1_pooled_ort" not in par:
+        return ""
+    run = (rec.get("run_test") or {}).get("obj_f1_pooled")
+    post = f"objects under {meta.get('min_area', '0')} px removed"
+    post += ", holes filled" if meta.get("fill_holes") == "true" else ""
+    return (f"; pooled object F1 ORT {par['obj_f1_pooled_ort']:.4f} vs PyTorch {par['obj_f1_pooled_torch']:.4f}"
+            + (f" (the run's {run:.4f})" if run is not None else "") + f", {post}")
 
 
 def _tta_words(rec: dict[str, Any]) -> str:

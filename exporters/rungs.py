@@ -139,6 +139,7 @@ def rung_record(ex: Exported, rung: Rung, reused: bool) -> dict[str, Any]:
         "params": int(rec["params"]), "flops_per_image": int(rec["flops_per_image"]),
         "metric": par["metric"], "metric_ort": par["metric_ort"], "metric_torch": par["metric_torch"],
         "int8_metric_ort": (rec.get("int8") or {}).get("metric_ort"), "export_reused": reused,
+        "members": len(rec.get("members") or []) or None,  # a seed ensemble: the networks its graph holds
         "exported": rec["exported"],
     }
 

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Resolve $BENCH_DATA once, against the directory pytest was started from: the README's form is
-    # relative (BENCH_DATA=../shared/data), and tests run commands from other directories.
+    # Resolve $BENCH_DATA once, against the directory pytest was started from: a relative form
+    # (BENCH_DATA=../shared/data) works, and tests run commands from other directories.
     if os.environ.get("BENCH_DATA"):
         os.environ["BENCH_DATA"] = str(Path(os.environ["BENCH_DATA"]).expanduser().resolve())
     # The tests' trainers take turns at the cores among themselves (bench.files.hold_cores), not with a long training

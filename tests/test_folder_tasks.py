@@ -192,6 +192,52 @@ def test_a_naming_rule_that_matches_nothing_is_one_line(shapes: Path, tmp_path: 
     assert len(str(err.value).splitlines()) == 1 and "the masks rule 'masks/*' matches no file" in str(err.value)
 
 
+def _glas(folder: Path, stem: str, n: int, seed: int) -> None:
+    """``n`` GlaS-style pairs in ``folder``: ``<stem>_<k>.bmp`` (RGB) beside ``<stem>_<k>_anno.bmp`` (0/255)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(1, n + 1):
+        Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(folder / f"{stem}_{k}.bmp")
+        mask = np.zeros((12, 16), np.uint8)
+        mask[2 : 4 + k, 3:9] = 255
+        Image.fromarray(mask).save(folder / f"{stem}_{k}_anno.bmp")
+
+
+def test_glas_as_distributed_an_annotation_beside_its_image_is_never_an_image(tmp_path: Path):
+    """GlaS: train_1.bmp beside train_1_anno.bmp; "*.bmp" matches the annotations too, which are masks only."""
+    root = tmp_path / "glas"
+    _glas(root / "train", "train", 5, 0)
+    _glas(root / "test", "testA", 3, 1)
+    _glas(root / "test", "testB", 2, 2)  # test A and B as one test split
+    (root / "train" / "Grade.csv").write_text("name,grade\n")  # other files are left alone
+    data = TASKS["mask_folder"].load(config("mask_folder", root, images="*.bmp", masks="*_anno.bmp"), CPU)
+    assert data.info.n_train + data.info.n_val == 5
+    assert data.test.names == [f"test/testA_{k}.bmp" for k in (1, 2, 3)] + [f"test/testB_{k}.bmp" for k in (1, 2)]
+    truth = np.stack([np.asarray(Image.open(root / "test" / n.replace("test/", "").replace(".bmp", "_anno.bmp"))) > 0
+                      for n in data.test.names])
+    assert torch.equal(data.test.y[:, 0] > 0.5, torch.from_numpy(truth))
+    # test A alone: its files linked into a test/ folder of its own
+    alone = tmp_path / "glas_a"
+    (alone / "test").mkdir(parents=True)
+    (alone / "train").symlink_to(root / "train")
+    for f in sorted((root / "test").glob("testA_*")):
+        (alone / "test" / f.name).symlink_to(f)
+    a = TASKS["mask_folder"].load(config("mask_folder", alone, images="*.bmp", masks="*_anno.bmp"), CPU)
+    assert a.test.names == [f"test/testA_{k}.bmp" for k in (1, 2, 3)]
+    # wrong inputs stay one line each
+    (root / "train" / "train_2_anno.bmp").unlink()
+    with pytest.raises(DataError) as err:
+        TASKS["mask_folder"].load(config("mask_folder", root, images="*.bmp", masks="*_anno.bmp"), CPU)
+    assert str(err.value) == f"{root / 'train' / 'train_2_anno.bmp'}: missing (needed for {root / 'train' / 'train_2.bmp'})"
+    with pytest.raises(DataError) as err:
+        TASKS["mask_folder"].load(config("mask_folder", alone, images="*_anno.bmp", masks="*.bmp"), CPU)
+    assert str(err.value).splitlines() == [
+        f"{alone / 'train'}: the images rule '*_anno.bmp' matches only files the masks rule '*.bmp' names (a mask is "
+        "never an image); check data.images and data.masks",
+        f"{alone / 'test'}: the images rule '*_anno.bmp' matches only files the masks rule '*.bmp' names (a mask is "
+        "never an image); check data.images and data.masks"]
+
+
 # --------------------------------------------------------------------------- spec checks
 
 

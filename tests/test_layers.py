@@ -10,14 +10,16 @@ REPO = Path(__file__).resolve().parents[1]
 # Bottom to top; a module may import modules of its own layer or below, never above.
 LAYERS = [
     ["bench", "bench.registry", "bench.files", "bench.config"],  # config and files
-    ["bench.metrics", "bench.losses", "bench.optim", "bench.augment", "bench.inference", "bench.plots", "bench.pareto",
-     "bench.seg_figures", "bench.models", "bench.models.classification", "bench.models.segmentation"],  # pieces
+    ["bench.metrics", "bench.postprocess", "bench.instances", "bench.losses", "bench.optim", "bench.augment",
+     "bench.inference", "bench.plots", "bench.pareto", "bench.seg_figures", "bench.models",
+     "bench.models.classification", "bench.models.segmentation"],  # pieces
     ["bench.factories"],  # config sections -> objects
     ["bench.tasks", "bench.tasks.base", "bench.tasks.mnist", "bench.tasks.warwick", "bench.tasks.folders",
      "bench.tasks.image_folder", "bench.tasks.mask_folder"],  # data and metrics per task
     ["bench.spec"],  # specs resolved into validated configs
     ["bench.train", "bench.reference"],  # the training loop (and the textbook loop it is timed against)
-    ["bench.records", "bench.store", "bench.storage", "bench.tracking"],  # records, run store, machines DB, MLflow
+    ["bench.records", "bench.ensemble", "bench.store", "bench.storage",
+     "bench.tracking"],  # records, seed ensembles, run store, machines DB, MLflow
     ["bench.grid"],  # who trains which run: kernel locks, or a study in that database
     ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
     ["bench.summary", "bench.perf", "bench.rescore", "bench.reproduce"],  # the published tables and speed measurements

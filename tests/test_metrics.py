@@ -86,13 +86,15 @@ def test_object_f1_detected_missed_and_false_positive():
     assert M.object_f1(s, g) == pytest.approx(0.5)
 
 
-def test_object_f1_half_overlap_counts_and_below_half_does_not():
+def test_object_f1_needs_more_than_half_overlap():
     g = masks(4, 10, (0, 0, 0, 9))  # one 10-pixel gland
-    assert M.object_f1_counts(masks(4, 10, (0, 0, 0, 4)), g) == (1, 0, 0)  # exactly 50 % -> TP
+    assert M.object_f1_counts(masks(4, 10, (0, 0, 0, 5)), g) == (1, 0, 0)  # 60 % -> TP
+    # exactly 50 % is not enough: the contest's F1score.m asks for > 0.5 (FP and FN)
+    assert M.object_f1_counts(masks(4, 10, (0, 0, 0, 4)), g) == (0, 1, 1)
     assert M.object_f1_counts(masks(4, 10, (0, 0, 0, 3)), g) == (0, 1, 1)  # 40 % -> FP and FN
-    # one gland split between two predictions (cols 0-3: 40 %, cols 5-9: 50 %) plus a stray pixel
-    # at (2, 0): only the 5-pixel half is a TP; the other half and the stray pixel are FPs
-    split = masks(4, 10, (0, 0, 0, 3), (0, 0, 5, 9), (2, 2, 0, 0))
+    # one gland split between two predictions (cols 0-2: 30 %, cols 4-9: 60 %) plus a stray pixel
+    # at (2, 0): only the 6-pixel part is a TP; the other part and the stray pixel are FPs
+    split = masks(4, 10, (0, 0, 0, 2), (0, 0, 4, 9), (2, 2, 0, 0))
     assert M.object_f1_counts(split, g) == (1, 2, 0)
 
 
@@ -153,12 +155,66 @@ def test_segmentation_report_keys_and_per_image_means():
     pred = torch.from_numpy(np.stack([s, g]))
     target = torch.from_numpy(np.stack([g, g]))
     r = M.segmentation_report(pred, target)
-    assert set(r) == {"dice", "dice_pooled", "iou", "iou_pooled", "obj_f1", "obj_dice", "obj_hausdorff"}
+    assert set(r) == {"dice", "dice_pooled", "iou", "iou_pooled", "obj_f1", "obj_dice", "obj_hausdorff",
+                      "obj_f1_pooled", "obj_dice_pooled", "obj_hausdorff_pooled"}
     # image 0: pixel TP 60, |P| 64, |G| 116 -> Dice 120/180; image 1 perfect
     assert r["dice"] == pytest.approx((120 / 180 + 1) / 2)
     assert r["dice_pooled"] == pytest.approx(2 * 176 / (180 + 232))
     assert r["obj_f1"] == pytest.approx((0.5 + 1) / 2)
     assert r["obj_hausdorff"] == pytest.approx(M.object_hausdorff(s, g) / 2)
+
+
+def _three_images() -> tuple[np.ndarray, np.ndarray]:
+    """(S, G), each (3, 3, 12) bool: three 3x12 images whose objects are worked out by hand.
+
+    image 0: G g1 = row 0, cols 0-9 (10 px); S s1 = row 0, cols 0-5 (6 px), inside g1.
+      6 > 5 of g1's pixels -> TP.  Dice(g1, s1) = 2*6/(10+6) = 0.75.  H(g1, s1) = 4 (g1's pixel
+      (0, 9) to s1's nearest (0, 5); s1 lies in g1).  Scores: F1 1, Dice 0.75, H 4.
+      Sums: G area 10, Dice 10*0.75 = 7.5, H 10*4 = 40; S area 6, Dice 4.5, H 24.
+    image 1: G g2 = pixel (0, 0); S s2 = pixel (0, 3).  No overlap: FP 1, FN 1; Dice 0; each
+      one's nearest partner is the other, 3 apart.  Scores: F1 0, Dice 0, H 3.
+      Sums: G area 1, Dice 0, H 3; S area 1, Dice 0, H 3.
+    image 2: S = G = three 2x2 blocks (cols 0-1, 5-6, 10-11 of rows 0-1): TP 3; Dice 1; H 0.
+      Sums: G area 12, Dice 12, H 0; S the same.
+    """
+    g = np.stack([masks(3, 12, (0, 0, 0, 9)), masks(3, 12, (0, 0, 0, 0)),
+                  masks(3, 12, (0, 1, 0, 1), (0, 1, 5, 6), (0, 1, 10, 11))])
+    s = np.stack([masks(3, 12, (0, 0, 0, 5)), masks(3, 12, (0, 0, 3, 3)), g[2]])
+    return s, g
+
+
+def test_object_metrics_pooled_over_the_split_differ_from_per_image_means():
+    s, g = _three_images()
+    scores = [M.object_scores(p, t) for p, t in zip(s, g, strict=True)]
+    assert np.allclose(scores, [(1, 0.75, 4), (0, 0, 3), (1, 1, 0)])
+    r = M.segmentation_report(torch.from_numpy(s), torch.from_numpy(g))
+    # per image: the mean of the three images' scores
+    assert (r["obj_f1"], r["obj_dice"], r["obj_hausdorff"]) == pytest.approx((2 / 3, 1.75 / 3, 7 / 3))
+    # pooled: TP 1+0+3 = 4, FP 0+1+0 = 1, FN 0+1+0 = 1 -> F1 = 2*4 / (2*4 + 1 + 1) = 0.8
+    assert r["obj_f1_pooled"] == pytest.approx(0.8)
+    # Dice: G side (7.5 + 0 + 12) / (10 + 1 + 12) = 19.5/23, S side (4.5 + 0 + 12) / (6 + 1 + 12) = 16.5/19
+    assert r["obj_dice_pooled"] == pytest.approx(0.5 * (19.5 / 23 + 16.5 / 19))  # 0.858
+    # Hausdorff: G side (40 + 3 + 0) / 23, S side (24 + 3 + 0) / 19
+    assert r["obj_hausdorff_pooled"] == pytest.approx(0.5 * (43 / 23 + 27 / 19))  # 1.645
+    # the tallies add up to the same pooled numbers, and F1 alone from the counts
+    total = sum((M.object_tally(p, t) for p, t in zip(s, g, strict=True)), M.ObjectTally())
+    assert (total.tp, total.fp, total.fn, total.g_area, total.s_area) == (4, 1, 1, 23, 19)
+    assert total.scores() == pytest.approx((r["obj_f1_pooled"], r["obj_dice_pooled"], r["obj_hausdorff_pooled"]))
+    assert M.object_f1_pooled(s, g) == pytest.approx(0.8)
+
+
+def test_object_metrics_pooled_with_empty_images():
+    # image 0: nothing anywhere (adds no object); image 1: one 4-pixel gland, nothing predicted (5x9 image)
+    g = np.stack([np.zeros((5, 9), bool), masks(5, 9, (1, 2, 1, 2))])
+    s = np.zeros_like(g)
+    r = M.segmentation_report(torch.from_numpy(s), torch.from_numpy(g))
+    diag = math.hypot(4, 8)
+    # per image: (1, 1, 0) and (0, 0, diag); mean (0.5, 0.5, diag/2)
+    assert (r["obj_f1"], r["obj_dice"], r["obj_hausdorff"]) == pytest.approx((0.5, 0.5, diag / 2))
+    # pooled: TP 0, FP 0, FN 1 -> F1 0; the gland's Dice 0 and Hausdorff the diagonal, and the S side,
+    # with no object at all, takes the G side's terms
+    assert (r["obj_f1_pooled"], r["obj_dice_pooled"], r["obj_hausdorff_pooled"]) == pytest.approx((0, 0, diag))
+    assert M.object_f1_pooled(s, g) == 0.0 and M.object_f1_pooled(s, s) == 1.0
 
 
 def _reference_object_hausdorff(pred: np.ndarray, target: np.ndarray) -> float:

@@ -101,7 +101,7 @@ def test_download_only_when_asked_or_into_the_default_root(data_root, tmp_path, 
     assert main(args) == 0 and calls == []  # a dry run checks nothing
     TASK.prepare(target, download=True)
     assert [c[1] for c in calls] == [True, False] and check_files(target)
-    # the default root ./data downloads without being asked (as the README says)
+    # the default root ./data downloads without being asked (docs/data.md)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("BENCH_DATA", raising=False)
     from bench.runner import resolve_data_root
@@ -124,7 +124,7 @@ def test_settings_mnist_would_ignore_are_refused(tmp_path, setting, expected, ca
 
 
 def test_relative_bench_data_works_for_the_tests(data_root, tmp_path):
-    """The README's own form, BENCH_DATA=../shared/data, from the repository root."""
+    """A relative BENCH_DATA (../shared/data, as .ci/run could give it), from the repository root."""
     import subprocess
     import sys
 

@@ -165,7 +165,7 @@ def test_tiles_reassemble_the_whole_image(models, shape):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     fake = _Identity()
     got = segment_logits(fake, meta, x)
-    assert got.shape == shape[2:] and np.allclose(got, x[0, 0], atol=1e-6)
+    assert got.shape == (1, *shape[2:]) and np.allclose(got[0], x[0, 0], atol=1e-6)
     assert all(s[2] <= 32 and s[3] <= 32 and min(s[2:]) >= min(4, 32) for s in fake.shapes)
 
 

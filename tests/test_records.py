@@ -94,6 +94,18 @@ def test_a_section_rebuilds_from_its_records_alone(toy, tmp_path):
     assert _unstamped((results / "summary.md").read_text()) == _unstamped((toy / "summary.md").read_text())
 
 
+def test_a_hand_written_reading_stays_under_its_section(toy, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(toy, results)
+    group = RunStore(results).groups()[0]
+    (results / "runs" / group / "reading.md").write_text("**Reading the table.** The +bn rung does not help.\n")
+    write_summary(results, command="python -m bench run rec.yaml")
+    text = (results / "summary.md").read_text()
+    section = text[text.index(f"## {group} "):]
+    assert "**Reading the table.** The +bn rung does not help." in section
+    assert section.index("Reading the table") < section.index("Training and statistics of each rung")
+
+
 def _unstamped(text: str) -> str:
     """``text`` without the times and commits at which it was generated."""
     text = re.sub(r"table generated: .*", "table generated: STAMP", text)

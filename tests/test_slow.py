@@ -72,7 +72,7 @@ def test_warwick_quick_profile_meets_its_promises(data_root, tmp_path):
 
 @pytest.mark.slow
 def test_perf_quick_mnist_reaches_the_report_number_and_writes_a_complete_file(data_root, tmp_path):
-    """`bench perf --quick --task mnist` as the README gives it: under 10 minutes on a 2-core CPU, every seed of the
+    """`bench perf --quick --task mnist` as docs/speed.md gives it: under 10 minutes on a 2-core CPU, every seed of the
     fast rung reaches 99.2 % on validation (confirmed on test), and the file names its machine, commit and command."""
     import csv
 

@@ -1,12 +1,13 @@
 """Binary segmentation models: the report's encoder-decoder and a small U-Net.
 
 Both map images ``(N, in_channels, H, W)`` to per-pixel logits ``(N, num_classes, H, W)``
-(``num_classes=1`` for binary masks: apply a sigmoid for probabilities).  Both accept any
+(``num_classes=1`` for binary masks: apply a sigmoid for probabilities; with ``contours`` one more
+channel after them, the gland-contour logit).  Both accept any
 ``H, W``: inputs whose sides are not divisible by ``2**depth`` are reflect-padded up to
 the next multiple inside ``forward`` and the logits are cropped back, so user images of
 odd sizes work without resizing.
 
-Default widths are chosen for a 2-core CPU (see the README's timing table): one epoch
+Default widths are chosen for a 2-core CPU (speeds: results/perf.md): one epoch
 over 68 images of 128x128 (forward + backward) takes about a second.
 """
 from __future__ import annotations
@@ -151,13 +152,15 @@ def encdec(
     width: PosInt = 16,
     depth: PosInt = 3,
     input_norm: bool = False,
+    contours: bool = False,
 ) -> nn.Module:
     """The report's conv/deconv encoder-decoder (no skips); any H, W (padded to a multiple of 2**depth).
 
     ``width``: channels at full resolution (doubled per level); ``depth``: number of stride-2
-    stages; ``input_norm``: standardize each input image per channel first.
+    stages; ``input_norm``: standardize each input image per channel first; ``contours``: one more output
+    channel, the gland-contour logit (``bench.instances``, trained by the ``contour_bce`` loss).
     """
-    return EncDec(in_channels, num_classes, batch_norm, dropout, width, depth, input_norm)
+    return EncDec(in_channels, num_classes + contours, batch_norm, dropout, width, depth, input_norm)
 
 
 def unet(
@@ -169,9 +172,11 @@ def unet(
     width: PosInt = 16,
     depth: PosInt = 3,
     input_norm: bool = False,
+    contours: bool = False,
 ) -> nn.Module:
     """U-Net with ``depth`` poolings and base width ``width``; any H, W (padded to a multiple of 2**depth).
 
-    ``input_norm``: standardize each input image per channel first (robust to stain shifts).
+    ``input_norm``: standardize each input image per channel first (robust to stain shifts); ``contours``: one
+    more output channel, the gland-contour logit (``bench.instances``, trained by the ``contour_bce`` loss).
     """
-    return UNet(in_channels, num_classes, batch_norm, dropout, width, depth, input_norm)
+    return UNet(in_channels, num_classes + contours, batch_norm, dropout, width, depth, input_norm)

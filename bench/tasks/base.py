@@ -117,6 +117,7 @@ class Task:
     default_val_fraction: float = 0.1
     augmentations: tuple[str, ...] = ()  # AugmentCfg keys this task implements; others must stay off
     supports_tta: bool = False
+    supports_postprocess: bool = False  # eval.postprocess: masks post-processed as chosen on validation
     data_keys: tuple[str, ...] = ()  # the folder keys of DataCfg (config.FOLDER_KEYS) this task reads; others must stay unset
 
     @property
@@ -138,6 +139,8 @@ class Task:
                                   f"supported: {', '.join(self.augmentations) or 'none'}")
         if cfg.eval.tta and not self.supports_tta:
             raise ConfigError(f"{where}.eval.tta: task {self.name!r} has no test-time augmentation")
+        if cfg.eval.postprocess != "none" and not self.supports_postprocess:
+            raise ConfigError(f"{where}.eval.postprocess: task {self.name!r} has no post-processing; use none")
         for key in FOLDER_KEYS:
             if key not in self.data_keys and getattr(cfg.data, key) is not None:
                 raise ConfigError(f"{where}.data.{key}: task {self.name!r} does not read it"
@@ -184,6 +187,12 @@ class Task:
         """Metrics accumulated over the whole split: always ``loss`` and the primary metric;
         with ``final=True`` (the one test evaluation) every metric in :attr:`metrics`."""
         raise NotImplementedError
+
+    def test_record(self, model: nn.Module, data: Data, cfg: Config, loss_fn: LossFn) -> dict[str, Any]:
+        """What a run records of its best weights (``train.finish`` and ``bench rescore``): ``test``, every metric on
+        the test split; a task that post-processes its masks (``eval.postprocess``) adds the setting it chose on
+        validation (``postprocess``) and the test metrics before it (``test_raw``)."""
+        return {"test": self.evaluate(model, data.test, cfg, loss_fn, final=True)}
 
     def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
         """The primary metric of exported-model outputs (numpy logits of a whole :class:`ImageSet`)."""

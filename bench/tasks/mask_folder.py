@@ -7,14 +7,15 @@ the naming rule pairs an image with its mask:
 
     data.images: "images/*"      data.masks: "masks/*"         (the default) images/01.jpg + masks/01.png
     data.images: "image_*.png"   data.masks: "label_*.png"     WARWICK's rule
+    data.images: "*.bmp"         data.masks: "*_anno.bmp"      GlaS's: train_1.bmp + train_1_anno.bmp
 
-A pattern is a path relative to the folder whose file name holds one ``*``, the pair's id; with nothing
-after the ``*`` any image file matches by its stem.  Masks are single-channel with values 0/255 or 0/1
-(foreground: non-zero).  Everything WARWICK checks is checked before anything trains (:mod:`bench.tasks.warwick`:
-every unpaired, unreadable, mis-sized or non-binary file named in one error); so are the channels, the
-validation split (``data.val_fraction`` of the training pairs), the statistics (training images only),
-the metrics, augmentations, TTA and ``bench predict`` (any image size runs, large ones tiled): this task
-is WARWICK with a configurable layout.
+A pattern is a path relative to the folder whose file name holds one ``*``, the pair's id; with nothing after
+the ``*`` any image file matches by its stem. A file the masks rule names is never an image. Masks are
+single-channel with values 0/255 or 0/1 (foreground: non-zero). Everything WARWICK checks is checked before
+anything trains (:mod:`bench.tasks.warwick`: every unpaired, unreadable, mis-sized or non-binary file named in
+one error); so are the channels, the validation split (``data.val_fraction`` of the training pairs), the
+statistics (training images only), the metrics, augmentations, TTA and ``bench predict`` (any image size runs,
+large ones tiled): this task is WARWICK with a configurable layout.
 """
 from __future__ import annotations
 

@@ -35,7 +35,9 @@ from bench.augment import augment_batch, dihedral_tta
 from bench.config import Config, ConfigError
 from bench.files import IMAGE_ERRORS
 from bench.inference import Forward, batched_outputs
-from bench.metrics import dice_per_image, segmentation_report
+from bench.instances import label_instances
+from bench.metrics import dice_per_image, object_f1_pooled, segmentation_report
+from bench.postprocess import PostProcess, choose
 from bench.seg_figures import draw_outlines
 from bench.tasks.base import Data, DataError, DataInfo, Figure, ImageSet, LossFn, Metric, Split, Task
 from bench.tasks.folders import IMAGE_SUFFIXES
@@ -96,16 +98,15 @@ def _read_label(path: Path, ones: bool = False) -> np.ndarray:
     return arr > 0
 
 
-def match_files(folder: Path, pattern: str) -> tuple[dict[str, Path], list[str]]:
-    """({id: file}, problems) of the files of ``folder`` that ``pattern`` names: a path relative to ``folder``
+def named_files(folder: Path, pattern: str) -> list[tuple[str, Path]]:
+    """(id, file) of every file of ``folder`` that ``pattern`` names, sorted by file: a path relative to ``folder``
     whose file name holds one ``*``, the pair's id (``label_*.png``, ``masks/*``).  A name with nothing after
     the ``*`` matches any image file by its stem (``masks/*``: ``masks/01.png``, id ``01``), so images and
-    masks may have different formats; two such files with the same id are a problem."""
+    masks may have different formats."""
     sub, _, name = pattern.rpartition("/")
     d = folder / sub if sub else folder
     prefix, _, suffix = name.partition("*")
-    out: dict[str, Path] = {}
-    problems = []
+    out = []
     for p in sorted(d.iterdir()) if d.is_dir() else []:
         if not p.is_file() or p.name.startswith("."):
             continue
@@ -113,9 +114,19 @@ def match_files(folder: Path, pattern: str) -> tuple[dict[str, Path], list[str]]
         if suffix and not n.endswith(suffix) or not suffix and p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         n = n[: len(n) - len(suffix)] if suffix else n
-        if not n.startswith(prefix) or len(n) == len(prefix):
+        if n.startswith(prefix) and len(n) > len(prefix):
+            out.append((n[len(prefix):], p))
+    return out
+
+
+def match_files(folder: Path, pattern: str, skip: frozenset[Path] = frozenset()) -> tuple[dict[str, Path], list[str]]:
+    """({id: file}, problems) of the files of ``folder`` that ``pattern`` names (:func:`named_files`), but those
+    in ``skip``; two files with the same id are a problem."""
+    out: dict[str, Path] = {}
+    problems = []
+    for key, p in named_files(folder, pattern):
+        if p in skip:
             continue
-        key = n[len(prefix):]
         if key in out:
             problems.append(f"{p}: same id {key!r} as {out[key].name}; keep one file per id")
         else:
@@ -136,12 +147,18 @@ def read_pairs(folder: Path, images: str = "image_*.png", masks: str = "label_*.
     """
     files: dict[str, dict[str, Path]] = {}
     problems: list[str] = []
+    # a file the masks rule names is never an image (GlaS: train_1.bmp beside train_1_anno.bmp, read with
+    # images "*.bmp" and masks "*_anno.bmp")
+    is_mask = frozenset(p for _, p in named_files(folder, masks))
     for kind, pattern in (("image", images), ("label", masks)):
-        files[kind], dup = match_files(folder, pattern)
+        files[kind], dup = match_files(folder, pattern, is_mask if kind == "image" else frozenset())
         problems += dup
     for kind, pattern in (("image", images), ("label", masks)):
         if not files[kind] and files["label" if kind == "image" else "image"]:  # one line, not one per partner
             what = "images" if kind == "image" else "masks"
+            if kind == "image" and named_files(folder, images):
+                raise DataError(f"{folder}: the images rule {images!r} matches only files the masks rule {masks!r} "
+                                f"names (a mask is never an image); check data.images and data.masks")
             raise DataError(f"{folder}: the {what} rule {pattern!r} matches no file (while the other side has "
                             f"{len(files['label' if kind == 'image' else 'image'])}); check data.{what} and the folder")
     for kind, other, pattern in (("image", "label", masks), ("label", "image", images)):
@@ -229,15 +246,33 @@ class WarwickTask(Task):
         Metric("dice", "pixel Dice", digits=4),  # mean over images of each image's Dice (the report's number)
         Metric("dice_pooled", "dice_pooled"),  # TP/FP/FN summed over the split first
         Metric("iou", "iou"),
-        Metric("obj_f1", "obj_f1"),
+        Metric("obj_f1", "obj_f1"),  # GlaS object metrics, mean over images of each image's value
         Metric("obj_dice", "obj_dice"),
         Metric("obj_hausdorff", "obj_hausdorff", digits=2, higher_is_better=False, high=float("inf")),  # pixels
+        # the same pooled over all objects of the split, as the GlaS contest computes them (bench/metrics.py)
+        Metric("obj_f1_pooled", "obj_f1_pooled"),
+        Metric("obj_dice_pooled", "obj_dice_pooled"),
+        Metric("obj_hausdorff_pooled", "obj_hausdorff_pooled", digits=2, higher_is_better=False, high=float("inf")),
     )
     default_loss = "bce"
-    losses = ("bce", "dice", "dice_bce")
+    losses = ("bce", "dice", "dice_bce", "contour_bce")  # contour_bce: with model.contours
     default_val_fraction = 0.15  # 13 of the 85 training images
     augmentations = ("flips", "rotate", "translate", "scale", "elastic", "intensity")
     supports_tta = True
+    supports_postprocess = True
+
+    def check_config(self, cfg: Config, where: str) -> None:
+        super().check_config(cfg, where)
+        contours, contour_loss = bool(cfg.model.get("contours")), cfg.loss["name"] == "contour_bce"
+        # one without the other would train a channel on nothing, or fail at the first batch
+        if contours and not contour_loss:
+            raise ConfigError(f"{where}.loss.name: {cfg.loss['name']!r} does not train model.contours' output; "
+                              f"use contour_bce")
+        if contour_loss and not contours:
+            raise ConfigError(f"{where}.loss.name: contour_bce needs model.contours: true")
+        if contours and cfg.eval.postprocess != "none":  # post-processing works on masks, not yet on instances
+            raise ConfigError(f"{where}.eval.postprocess: not available with model.contours (post-processing of "
+                              f"gland instances is not built yet); use none")
 
     def prepare(self, root: Path, download: bool, test: bool = True) -> None:
         read_both(root, test)  # there is no public mirror to fetch from: the files must be there
@@ -310,7 +345,7 @@ class WarwickTask(Task):
         return x, y2 if y2 is not None else y
 
     def train_score(self, logits: Tensor, y: Tensor) -> Tensor:
-        return dice_per_image(logits > 0, y > 0.5).mean()
+        return dice_per_image(logits[:, :1] > 0, y > 0.5).mean()
 
     # ----------------------------------------------------------------------- prediction
 
@@ -321,8 +356,9 @@ class WarwickTask(Task):
         return batched_outputs(model, split.x, max(1, min(cfg.train.eval_batch_size, _EVAL_PIXELS // (h * w))), fn)
 
     def predict_proba(self, model: nn.Module, split: Split, cfg: Config, tta: bool | None = None) -> Tensor:
-        """Foreground probabilities (N, 1, H, W) float32; ``tta`` (default ``cfg.eval.tta``)
-        averages the probabilities of the 8 dihedral transforms."""
+        """Foreground probabilities (N, 1, H, W) float32 (N, 2, H, W with ``model.contours``: foreground,
+        contour); ``tta`` (default ``cfg.eval.tta``) averages the probabilities of the 8 dihedral transforms
+        (each channel mapped back with the inverse transform)."""
         if cfg.eval.tta if tta is None else tta:
             return self._batched(model, split, cfg, dihedral_tta)
         return torch.sigmoid(self._batched(model, split, cfg, lambda m, b: m(b)))
@@ -330,6 +366,18 @@ class WarwickTask(Task):
     def predict_masks(self, model: nn.Module, split: Split, cfg: Config, tta: bool | None = None) -> Tensor:
         """Binary masks (N, H, W) bool: probability > ``cfg.eval.threshold``."""
         return self.predict_proba(model, split, cfg, tta)[:, 0] > cfg.eval.threshold
+
+    def _scored(self, model: nn.Module, split: Split, cfg: Config,
+                loss_fn: LossFn) -> tuple[float, Tensor, Tensor, np.ndarray | None]:
+        """(the loss of the plain forward pass, predicted masks (N, H, W) bool, true masks (N, H, W) bool, and for a
+        model with a contour output its gland instances (N, H, W) int, else None) of a split."""
+        logits = self._batched(model, split, cfg, lambda m, b: m(b))
+        loss = float(loss_fn(logits, split.y))
+        probs = self.predict_proba(model, split, cfg, tta=True) if cfg.eval.tta else torch.sigmoid(logits)
+        instances = None
+        if probs.shape[1] > 1:
+            instances = np.stack([label_instances(q[0], q[1], cfg.eval.threshold) for q in probs.cpu().numpy()])
+        return loss, probs[:, 0] > cfg.eval.threshold, split.y[:, 0] > 0.5, instances
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *,
@@ -339,21 +387,52 @@ class WarwickTask(Task):
         Both honour ``cfg.eval.tta`` and ``cfg.eval.threshold``: validation scores an epoch the
         way the test is scored, so the best epoch and the best rung are chosen by the same rule
         that is reported (TTA costs 8 forward passes of the small validation split per epoch).
+        A model with a contour output (``model.contours``) is scored on its own gland instances
+        (``bench.instances``) by the object metrics; the pixel metrics read its foreground channel.
         """
-        logits = self._batched(model, split, cfg, lambda m, b: m(b))
-        loss = float(loss_fn(logits, split.y))
-        probs = self.predict_proba(model, split, cfg, tta=True) if cfg.eval.tta else torch.sigmoid(logits)
-        pred, target = probs[:, 0] > cfg.eval.threshold, split.y[:, 0] > 0.5
+        loss, pred, target, instances = self._scored(model, split, cfg, loss_fn)
         if not final:
             return {"loss": loss, "dice": float(dice_per_image(pred, target).mean())}
-        return {"loss": loss, **segmentation_report(pred, target)}
+        return {"loss": loss, **segmentation_report(pred, target, instances)}
+
+    @torch.no_grad()
+    def test_record(self, model: nn.Module, data: Data, cfg: Config, loss_fn: LossFn) -> dict[str, Any]:
+        """With ``eval.postprocess``: the post-processing chosen on validation, and the test metrics with it
+        (``test``) and without it (``test_raw``), from one prediction of the test split."""
+        if cfg.eval.postprocess == "none":
+            return super().test_record(model, data, cfg, loss_fn)
+        post, chosen = self.choose_postprocess(model, data.val, cfg)
+        loss, pred, target, _ = self._scored(model, data.test, cfg, loss_fn)  # no instances: check_config
+        raw = {"loss": loss, **segmentation_report(pred, target)}
+        if post == PostProcess():
+            return {"test": raw, "test_raw": raw, "postprocess": chosen}
+        done = segmentation_report(torch.from_numpy(post(pred.cpu().numpy())), target)
+        return {"test": {"loss": loss, **done}, "test_raw": raw, "postprocess": chosen}
+
+    @torch.no_grad()
+    def choose_postprocess(self, model: nn.Module, val: Split, cfg: Config) -> tuple[PostProcess, dict[str, Any]]:
+        """(the post-processing best on the validation split by ``cfg.eval.postprocess``, what the record says of
+        it: ``min_area``, ``fill_holes``, ``chosen_by``, and its validation score ``val`` against ``val_raw``)."""
+        pred = self.predict_masks(model, val, cfg).cpu().numpy()
+        target = (val.y[:, 0] > 0.5).cpu().numpy()
+        by = cfg.eval.postprocess
+        if by == "dice":
+            def score(m: np.ndarray) -> float:
+                return float(dice_per_image(torch.from_numpy(m), torch.from_numpy(target)).mean())
+        else:
+            def score(m: np.ndarray) -> float:
+                return object_f1_pooled(m, target)
+        post, best, raw = choose(pred, score)
+        return post, {**post.to_dict(), "chosen_by": by, "val": best, "val_raw": raw}
 
     # ----------------------------------------------------------------------- figures
 
-    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
-        """Mean per-image pixel Dice of (N, 1, H, W) logits against (N, H, W) masks."""
-        masks = torch.sigmoid(torch.from_numpy(logits[:, 0])) > threshold
-        return float(dice_per_image(masks, torch.from_numpy(targets)).mean())
+    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5,
+                      post: PostProcess | None = None) -> float:
+        """Mean per-image pixel Dice of (N, 1, H, W) logits against (N, H, W) masks, the masks post-processed by
+        ``post`` (an exported model's metadata says which)."""
+        masks = (torch.sigmoid(torch.from_numpy(logits[:, 0])) > threshold).numpy()
+        return float(dice_per_image(torch.from_numpy((post or PostProcess())(masks)), torch.from_numpy(targets)).mean())
 
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
         # Any image size runs as is (the graph pads to a multiple of 2**depth); larger images are tiled
