@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_options(t)
     t.add_argument("--trials", type=int, help="total trials of the study (default: the spec's search.trials)")
     t.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    t.add_argument("--objectives", metavar="A,B",
+                   help="what the study optimizes, comma-separated: val_metric and any of train_seconds (the harness's "
+                        "measured training time on this machine), params, flops (per image); two or more: a "
+                        "multi-objective study whose Pareto front is written as a table and a figure (default: the "
+                        "spec's search.objectives, else val_metric)")
+    t.add_argument("--rung", metavar="NAME",
+                   help="make a trial of the study a rung NAME of the spec (into the file its search.rungs names), "
+                        "which `bench run` trains: with --trial N that trial of the Pareto front (nothing is trained), "
+                        "else the best trial of a single-objective study once the study is done")
+    t.add_argument("--trial", type=int, metavar="N", help="with --rung: the trial (its number in the Pareto table)")
 
     f = sub.add_parser("perf", help="time the fast rung to the report's numbers against a textbook loop of the "
                                     "report's recipe; write results/perf.md")
@@ -120,6 +130,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--tolerance: must be >= 0, got {args.tolerance}")
     if getattr(args, "trials", None) is not None and args.trials < 1:
         p.error(f"--trials: must be >= 1, got {args.trials}")
+    if getattr(args, "trial", None) is not None and not args.rung:
+        p.error("--trial N: needs --rung NAME (the rung the trial becomes)")
     return args
 
 
@@ -288,19 +300,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from bench.config import ConfigError
     from bench.runner import sigterm_as_ctrl_c
+    from bench.spec import check_objectives
     from bench.tasks import TASKS
-    from bench.tune import TrialsFailing, study_file, tune
+    from bench.tune import TrialsFailing, check_rung, make_rung, study_file, tune
 
     spec, seeds, opts, download, tracker = _load(args)
+    if spec.search is None:
+        raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
+    objectives = (check_objectives([o.strip() for o in args.objectives.split(",")], "--objectives") if args.objectives
+                  else spec.search["objectives"])
     # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
     storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")
+    if args.rung:  # before anything is trained: a name the spec cannot take, or a study without one best trial
+        check_rung(spec, args.rung)
+        if args.trial is None and len(objectives) > 1:
+            raise ConfigError(f"--rung {args.rung}: a study of several objectives has no single best trial; add "
+                              f"--trial N with a trial of its Pareto front (see its table)")
+    if args.trial is not None:  # a trial of a study already run becomes a rung: nothing to train
+        print(f"wrote {make_rung(spec, seeds[0], storage, objectives, args.rung, args.trial)} (variant {args.rung})")
+        return 0
     if tracker:  # a server or database is reached now; a new SQLite file is made by the first trial, not before
         tracker.check_own_database(storage.url)
         tracker.check(create=False)
     try:
         with sigterm_as_ctrl_c():  # preemption ends like Ctrl-C: the trial is queued again
-            best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage)
+            best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage,
+                        objectives=objectives)
     except KeyboardInterrupt as e:
         print(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -316,7 +343,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 n = tracker.log_group(args.results, group)
                 print(f"MLflow: {_count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}",
                       file=sys.stderr)
-    if best["value"] is None:
+    if "front" in best:
+        _print_front(best)
+    elif best["value"] is None:
         print(f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned, "
               f"{best['failed']} failed)")
     else:
@@ -328,7 +357,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"  failed {n}x: {reason}")
     for path in best["written"]:
         print(f"wrote {path}")
+    if args.rung and best["value"] is not None:
+        print(f"wrote {make_rung(spec, seeds[0], storage, objectives, args.rung, None)} (variant {args.rung})")
     return 0
+
+
+def _print_front(best: dict[str, typing.Any]) -> None:
+    """A multi-objective study's outcome: its Pareto table (the file's own text), or why there is none."""
+    print(f"{best['trials']} finished trials ({best['failed']} failed{_requeued(best['requeued'])}) of "
+          f"{', '.join(best['objectives'])}: " + (f"{len(best['front'])} on the Pareto front" if best["front"]
+                                                 else "none complete yet, so no Pareto front"))
+    if best["front"]:
+        print("\n".join(line for line in Path(best["written"][0]).read_text().splitlines() if line.startswith("|")))
 
 
 def cmd_perf(args: argparse.Namespace) -> int:

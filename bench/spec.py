@@ -44,8 +44,19 @@ from bench.tasks import TASKS
 
 SPEC_KEYS = ["name", "description", "task", "target", "seeds", "base", "variants", "profiles", "search", "tracking"]
 TRACKING_KEYS = ["mlflow"]
-SEARCH_KEYS = ["variant", "trials", "space", "tuned", "profile"]
+SEARCH_KEYS = ["variant", "trials", "space", "tuned", "profile", "objectives", "rungs"]
 TUNED = "tuned"  # the variant `bench tune` writes into the file named by `search.tuned`
+# What a study may optimize (`search.objectives`, `bench tune --objectives`): the task's validation metric (its own
+# direction) and costs, all minimized.  Each trial records every one of them; the study optimizes those named.
+OBJECTIVES: dict[str, str] = {
+    "val_metric": "the task's primary metric on the validation split (best epoch)",
+    "train_seconds": "the harness's measured training time of the trial (training steps only, all epochs)",
+    "params": "the network's parameter count",
+    "flops": "FLOPs of one forward pass of one image (FlopCounterMode; what the ONNX cost table counts)",
+}
+# Not offered: ONNX Runtime latency is measured by `exporters` on an exported file, which bench may not import.
+NOT_OBJECTIVES = {"latency_ms": "ONNX Runtime latency is measured by the exporters after export (python -m exporters.onnx),"
+                                " which the tuner does not import; flops counts the network's cost instead"}
 DIST_KEYS = ["low", "high", "log", "step", "choices"]
 VARIANT_KEYS = ["name", "from", "set", "reported", "note", "ensemble"]
 ENSEMBLE_KEYS = ["of", "size"]
@@ -340,7 +351,7 @@ def load_spec(path: str | Path, profile: str | None = None, overrides: list[str]
     try:
         raw = files.load_yaml(path.read_text())
     except FileNotFoundError:
-        shipped = sorted(p.stem for p in Path("ablations").glob("*.yaml") if not p.stem.endswith(".tuned"))  # not specs
+        shipped = sorted(p.stem for p in Path("ablations").glob("*.yaml") if not search_output(p))  # not specs
         hint = (f"; specs in ablations/: {', '.join(shipped)}" if shipped else
                 "; a short name is looked up in ./ablations: run from the repository, or give the spec's path")
         raise ConfigError(f"{path}: spec file not found{hint}") from None
@@ -435,13 +446,17 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: need a non-empty list of distinct integers, got {seeds}")
     tuned_variant, tuned = read_tuned(raw.get("search"), path)
-    rawv = raw["variants"] + [tuned_variant] if tuned_variant and isinstance(raw["variants"], list) else raw["variants"]
+    made = [tuned_variant] if tuned_variant else []
+    made += [r["variant"] for r in read_rungs(raw.get("search"), path)]
+    rawv = raw["variants"] + made if made and isinstance(raw["variants"], list) else raw["variants"]
     variants = _resolve_variants(rawv, task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written),
                                                     (cli_leaves, "--set", [])])
     search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves,
-                           profiles=list(raw["profiles"]) if isinstance(raw.get("profiles"), dict) else [])
-    if prof.variants is not None:  # a profile's list keeps the search's result: it is what the search was for
-        variants = [v for v in variants if v.name in prof.variants or v.name == TUNED]
+                           profiles=list(raw["profiles"]) if isinstance(raw.get("profiles"), dict) else [],
+                           made={TUNED, *(str(v.get("name")) for v in made)})
+    if prof.variants is not None:  # a profile's list keeps the search's results: they are what the search was for
+        kept = {TUNED, *(str(v.get("name")) for v in made)}
+        variants = [v for v in variants if v.name in prof.variants or v.name in kept]
     _check_ensemble_seeds(variants, prof.seeds if prof.seeds is not None else check_value(
         raw.get("seeds", [0]), list[NonNegInt], "seeds"), f"profiles.{profile}" if profile else "seeds")
     return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
@@ -468,6 +483,38 @@ def tuned_path(spec_path: str | Path, search: Any) -> Path | None:
     """The file ``search.tuned`` names, relative to the spec's folder; None when the spec names none."""
     name = search.get("tuned") if isinstance(search, dict) else None
     return Path(spec_path).parent / str(name) if name else None
+
+
+def search_output(path: Path) -> bool:
+    """Whether a YAML file beside the specs is written by `bench tune` (``<spec>.tuned.yaml``, ``<spec>.rungs.yaml``)
+    rather than a spec."""
+    return path.stem.endswith((".tuned", ".rungs"))
+
+
+def rungs_path(spec_path: str | Path, search: Any) -> Path | None:
+    """The file ``search.rungs`` names (rungs made from trials by ``bench tune --rung NAME --trial N``), relative to
+    the spec's folder; None when the spec names none."""
+    name = search.get("rungs") if isinstance(search, dict) else None
+    return Path(spec_path).parent / str(name) if name else None
+
+
+def read_rungs(search: Any, spec_path: Path) -> list[dict[str, Any]]:
+    """The entries (``{study, variant}``) of the file ``search.rungs`` names; none while it does not exist yet."""
+    path = rungs_path(spec_path, search)
+    if path is None or not path.exists():
+        return []
+    try:
+        raw = files.load_yaml(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"search.rungs: cannot read {path} ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"search.rungs: {files.yaml_error(path, e)}") from None
+    entries = raw.get("rungs") if isinstance(raw, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("variant"), dict)
+                                                and isinstance(e.get("study"), dict) for e in entries):
+        raise ConfigError(f"search.rungs: {path} is not a file written by `bench tune --rung` (expected `rungs:`, a "
+                          f"list of `study:` and `variant:` mappings); delete it and make the rungs again")
+    return entries
 
 
 def read_tuned(search: Any, spec_path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -637,20 +684,26 @@ def _check_ensemble_seeds(variants: list[Variant], seeds: list[int], where: str)
 
 
 def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any],
-                  profiles: list[str] = ()) -> dict[str, Any] | None:
-    """Validate ``search: {variant, trials, space: {PATH: {low, high[, log, step]} | {choices: [...]}}, tuned, profile}``;
-    ``profile`` (one of ``profiles``; none: the full budget) is the budget of the study that writes ``tuned``.
+                  profiles: list[str] = (), made: set[str] = frozenset()) -> dict[str, Any] | None:
+    """Validate ``search: {variant, trials, space: {PATH: {low, high[, log, step]} | {choices: [...]}}, tuned, profile,
+    objectives, rungs}``; ``profile`` (one of ``profiles``; none: the full budget) is the budget of the study that writes
+    ``tuned``; ``objectives`` (default ``[val_metric]``) what the study optimizes (two or more: a multi-objective study
+    and its Pareto front); ``rungs`` the file of rungs made from trials.  ``made``: the variants the search wrote.
+    A choice may be a list (``model.widths: {choices: [[8, 16], [16, 32]]}``): the network's shape.
 
     Every path is checked by building the tuned variant's config with the range's ends.
     """
     if raw is None:
         return None
     _check_mapping(raw, SEARCH_KEYS, "search")
-    if "tuned" in raw:
-        check_value(raw["tuned"], str, "search.tuned")
+    for key in ("tuned", "rungs"):
+        if key in raw:
+            check_value(raw[key], str, f"search.{key}")
+    objectives = check_objectives(raw.get("objectives", ["val_metric"]), "search.objectives")
     if raw.get("profile") is not None and raw["profile"] not in profiles:  # the budget of the published study
         raise ConfigError(f"search.profile: {unknown_name_message('profile', str(raw['profile']), profiles)}")
-    names = [v.name for v in variants if v.name != TUNED and v.ensemble is None]  # what trains, but the search's result
+    # what trains, but the search's own results
+    names = [v.name for v in variants if v.name not in made and v.ensemble is None]
     vname = check_value(raw.get("variant", names[-1]), str, "search.variant")
     if vname not in names:
         raise ConfigError(f"search.variant: {unknown_name_message('variant', vname, names)}")
@@ -679,7 +732,23 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
                 ends = [dist["low"], dist["high"]]
         for end in ends:
             build_config(task, apply_set(base, {str(path): end}, "search.space"), "search.space")
-    return {"variant": vname, "trials": trials, "space": space, "tuned": raw.get("tuned"), "profile": raw.get("profile")}
+    return {"variant": vname, "trials": trials, "space": space, "tuned": raw.get("tuned"), "profile": raw.get("profile"),
+            "objectives": objectives, "rungs": raw.get("rungs")}
+
+
+def check_objectives(raw: Any, where: str) -> list[str]:
+    """A list of names of :data:`OBJECTIVES` holding ``val_metric`` (a study that ignores the metric has nothing to
+    trade a cost against), without repeats; returned with ``val_metric`` first, the costs in the order given."""
+    names = check_value(raw, list[str], where)
+    for name in names:
+        if name in NOT_OBJECTIVES:
+            raise ConfigError(f"{where}: {name} is not offered: {NOT_OBJECTIVES[name]}")
+        if name not in OBJECTIVES:
+            raise ConfigError(f"{where}: {unknown_name_message('objective', name, list(OBJECTIVES))}")
+    if "val_metric" not in names or len(set(names)) != len(names):
+        raise ConfigError(f"{where}: need val_metric and each objective once, got {', '.join(names) or 'none'} "
+                          f"(valid: {', '.join(OBJECTIVES)})")
+    return ["val_metric", *(n for n in names if n != "val_metric")]
 
 
 # --------------------------------------------------------------------------- groups
@@ -727,7 +796,7 @@ def published_groups(folders: list[Path]) -> dict[str, Path]:
             raw = files.load_yaml(path.read_text())
         except (OSError, yaml.YAMLError):
             continue
-        if not isinstance(raw, dict) or path.stem.endswith(".tuned"):
+        if not isinstance(raw, dict) or search_output(path):
             continue
         name = str(raw.get("name", path.stem))
         profiles = raw.get("profiles") if isinstance(raw.get("profiles"), dict) else {}

@@ -303,6 +303,7 @@ def finish(run_dir: Path, t: Trainer, state: dict[str, Any], cfg: Config, task: 
         "val_best": state["best_metric"], "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
         "stopped_early": state["epoch"] < cfg.train.epochs,  # early stopping ended it before its last epoch
         "train_time_s": state["train_time"], "test_time_s": test_time,
+        "train_seconds": state.get("train_seconds", state["train_time"]),  # training steps alone (older last.pt: all)
         "params": count_parameters(t.model),
         "device": str(device),
         "device_name": device_name(device),

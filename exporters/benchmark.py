@@ -9,7 +9,7 @@ the same load on a shared machine; p50/p90/p99 are per call (one batch), through
 batch, provider and threads.  The CUDA execution provider is measured too when onnxruntime-gpu
 and a GPU are present (numpy in and out for ORT; PyTorch then includes the same copies).
 
-FLOPs per image are counted at export time (:func:`exporters.export.count_flops`).
+FLOPs per image are counted at export time (:func:`bench.models.count_flops`).
 
 INT8: ``onnxruntime.quantization.quantize_static`` in QDQ format, per-channel int8 weights
 with ``reduce_range`` (7 bits: the u8 x s8 kernels of x86 CPUs without VNNI can overflow their
@@ -37,8 +37,9 @@ from onnxruntime import quantization as q
 from torch import nn
 
 from bench import files
+from bench.models import count_flops
 from bench.train import device_name
-from exporters.export import Exported, count_flops
+from exporters.export import Exported
 from exporters.parity import EVAL_BATCH, agreement, score
 from exporters.runtime import available_providers, provider_session, run_batched, session
 

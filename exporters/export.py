@@ -25,12 +25,12 @@ import onnx
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench import files
 from bench.augment import dihedral, dihedral_tta
 from bench.config import ConfigError
 from bench.ensemble import Ensemble
+from bench.models import count_flops
 from bench.runner import run_data_root
 from bench.store import LoadedRun, load_run
 from bench.tasks.base import ImageSet
@@ -162,16 +162,6 @@ class Exported:
     def model(self) -> nn.Module:
         """What the graph computes, as a PyTorch module: see :func:`graph_module`."""
         return graph_module(self.run.model, self.meta.kind, self.tta)
-
-
-def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass of one image of shape ``x`` (1, C, H, W), as ``FlopCounterMode`` counts them:
-    2 x the multiply-accumulates of the convolutions (transposed too) and matrix products; batch norm
-    (folded into the convolutions in the export), activations and pooling are not counted."""
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model.eval()(x[:1])
-    return int(counter.get_total_flops())
 
 
 def source_of(run_dir: Path, results_dir: Path) -> str:

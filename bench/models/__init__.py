@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.models.classification import lean_cnn, mnist_cnn, mnist_resnet
 from bench.models.segmentation import encdec, unet
@@ -31,3 +33,14 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass of one image of shape ``x`` (1, C, H, W), as ``FlopCounterMode`` counts them:
+    2 x the multiply-accumulates of the convolutions (transposed too) and matrix products; batch norm
+    (folded into the convolutions in the export), activations and pooling are not counted.  The model is left in
+    eval mode."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model.eval()(x[:1])
+    return int(counter.get_total_flops())
