@@ -288,7 +288,8 @@ def train_then_ensembles(spec: Spec, todo: list[Run], ensembles: list[Run], resu
 def _waiting_note(run: Run) -> Callable[[], None]:
     def note() -> None:
         print(f"{run.variant.name} seed {run.seed}: waiting for a free core (other bench processes on this machine "
-              f"train on all of them)", file=sys.stderr, flush=True)
+              f"train on all of them, holding the slots in {files.core_slots_dir()}; set BENCH_CORE_SLOTS to another "
+              f"folder to train beside them anyway)", file=sys.stderr, flush=True)
     return note
 
 
