@@ -498,17 +498,22 @@ def rungs_path(spec_path: str | Path, search: Any) -> Path | None:
     return Path(spec_path).parent / str(name) if name else None
 
 
+def _read_search_file(path: Path, key: str) -> Any:
+    """The YAML of a file a ``search`` key names (``key`` says which, for the error)."""
+    try:
+        return files.load_yaml(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path} ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: {files.yaml_error(path, e)}") from None
+
+
 def read_rungs(search: Any, spec_path: Path) -> list[dict[str, Any]]:
     """The entries (``{study, variant}``) of the file ``search.rungs`` names; none while it does not exist yet."""
     path = rungs_path(spec_path, search)
     if path is None or not path.exists():
         return []
-    try:
-        raw = files.load_yaml(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"search.rungs: cannot read {path} ({e})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search.rungs: {files.yaml_error(path, e)}") from None
+    raw = _read_search_file(path, "search.rungs")
     entries = raw.get("rungs") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("variant"), dict)
                                                 and isinstance(e.get("study"), dict) for e in entries):
@@ -523,12 +528,7 @@ def read_tuned(search: Any, spec_path: Path) -> tuple[dict[str, Any] | None, dic
     path = tuned_path(spec_path, search)
     if path is None or not path.exists():
         return None, None
-    try:
-        raw = files.load_yaml(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"search.tuned: cannot read {path} ({e})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search.tuned: {files.yaml_error(path, e)}") from None
+    raw = _read_search_file(path, "search.tuned")
     if not isinstance(raw, dict) or not isinstance(raw.get("variant"), dict) or not isinstance(raw.get("study"), dict):
         raise ConfigError(f"search.tuned: {path} is not a file written by `bench tune` (expected `study:` and "
                           f"`variant:` mappings); delete it and tune again")
