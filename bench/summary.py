@@ -200,7 +200,7 @@ def postprocess_table(meta: GroupRecord, results: dict[str, list[RunRecord]], me
         rs = [r for r in results.get(v.name, []) if r.postprocess and r.test_raw]
         if not rs:
             continue
-        row = {"variant": v.name, "n": str(len(rs)), "chosen (min px, holes)": ", ".join(
+        row = {"variant": v.name, "n": str(len(rs)), CHOSEN: ", ".join(
             f"{r.postprocess['min_area']}{' filled' if r.postprocess['fill_holes'] else ''}" for r in rs)}
         by = {r.postprocess["chosen_by"] for r in rs}
         for m in (m for m in metrics if m is metrics[0] or m.key in by):
@@ -211,10 +211,11 @@ def postprocess_table(meta: GroupRecord, results: dict[str, list[RunRecord]], me
                                                     f"{m.format(sum(after.values()) / len(rs))}")
                 row[f"Δ {m.label} (p)"] = f"{d * m.scale:+.{m.digits}f} (p={'–' if math.isnan(p) else f'{p:.3f}'})"
         rows.append(row)
-    return _table(rows, {h for r in rows for h in r if h not in ("variant", "chosen (min px, holes)")}) if rows else None
+    return _table(rows, {h for r in rows for h in r if h not in ("variant", CHOSEN)}) if rows else None
 
 
 DELTA = "Δ (p)"
+CHOSEN = "chosen per seed: min px (filled holes)"
 LATENCY_TOLERANCE = 0.1  # relative: the same network timed twice in one run differs by a few percent
 COST_HEADERS = {"cpu/fp32": "ORT ms", "cpu/int8": "INT8 ms", "cuda/fp32": "CUDA ms"}
 

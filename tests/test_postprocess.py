@@ -200,7 +200,7 @@ def test_the_summary_shows_the_choice_and_its_paired_effect():
     table = postprocess_table(meta, results, WARWICK.metrics)
     (row,) = table.rows
     cells = dict(zip(table.headers, row, strict=True))
-    assert cells["variant"] == "b" and cells["chosen (min px, holes)"] == "16, 64 filled"
+    assert cells["variant"] == "b" and cells["chosen per seed: min px (filled holes)"] == "16, 64 filled"
     # pixel Dice (the primary metric): 0.81 -> 0.815, paired changes +0.01 and 0: mean +0.005, t = 1 on 1 df, p = 0.5
     assert cells["pixel Dice before → after"] == "0.8100 → 0.8150" and cells["Δ pixel Dice (p)"] == "+0.0050 (p=0.500)"
     # pooled object F1 (the metric that chose): changes +0.2 and +0.1: mean +0.15, t = 3 on 1 df, p = 0.205
