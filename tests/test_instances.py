@@ -225,6 +225,7 @@ def test_contour_model_exports_both_channels_and_predict_writes_instances(tmp_pa
     from exporters.metadata import ModelMeta
     from exporters.parity import TOLERANCE
     from exporters.predict import main
+    from exporters.report import _parity_note
     from exporters.runtime import session
     from tests.helpers import train, write_spec
 
@@ -249,6 +250,9 @@ def test_contour_model_exports_both_channels_and_predict_writes_instances(tmp_pa
         assert abs(objects[key] - reported[key]) <= TOLERANCE["max_dice_diff"], key
     assert abs(objects["obj_hausdorff_pooled"] - reported["obj_hausdorff_pooled"]) <= 1e-2
     assert abs(ex.record["parity"]["metric_ort"] - reported["dice"]) <= TOLERANCE["max_dice_diff"]
+    words = _parity_note(ex.record)  # the deployment page states the glands' pooled F1 and the chosen setting
+    assert f"pooled object F1 ORT {objects['obj_f1_pooled']:.4f}" in words
+    assert f"contour threshold {meta.raw['contour_threshold']}) under {chosen['min_area']} px removed" in words
     assert objects["tp"] + objects["fn"] == sum(int(M.label_objects(t)[1]) for t in ex.test.targets)
     img = tmp_path / "one.png"
     Image.fromarray(ex.test.images[0]).save(img)
