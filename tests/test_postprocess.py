@@ -205,3 +205,7 @@ def test_the_summary_shows_the_choice_and_its_paired_effect():
     assert cells["pixel Dice before → after"] == "0.8100 → 0.8150" and cells["Δ pixel Dice (p)"] == "+0.0050 (p=0.500)"
     # pooled object F1 (the metric that chose): changes +0.2 and +0.1: mean +0.15, t = 3 on 1 df, p = 0.205
     assert cells["obj_f1_pooled before → after"] == "0.550 → 0.700" and cells["Δ obj_f1_pooled (p)"] == "+0.150 (p=0.205)"
+    # a contour model's choice includes its contour threshold
+    results["b"][1].postprocess["contour_threshold"] = 0.2
+    (row,) = postprocess_table(meta, results, WARWICK.metrics).rows
+    assert dict(zip(table.headers, row, strict=True))["chosen (min px, holes)"] == "16, 64 filled c0.2"
