@@ -7,6 +7,11 @@ validation masks after training, keeps the best by the spec's criterion (ties go
 post-processing unless it helps), and reports the test metrics with it (``bench.tasks.warwick``).  The export
 writes the choice into the model's metadata, and ``bench predict`` applies it.
 
+A model with a contour output has gland instances instead (``bench.instances``): :meth:`PostProcess.instances`
+does the same per instance.  Each instance's own holes are filled (background it alone encloses joins it; a gap
+enclosed by several touching glands stays background, so filling never merges glands), then the instances under
+``min_area`` pixels are removed; the pixel mask is the union of the instances kept.
+
 numpy and SciPy only: ``bench predict`` imports this module without torch.
 """
 from __future__ import annotations
@@ -43,6 +48,29 @@ class PostProcess:
         if self.fill_holes:
             mask = ndimage.binary_fill_holes(mask)
         return remove_small(mask, self.min_area)
+
+    def instances(self, labels: np.ndarray) -> np.ndarray:
+        """(..., H, W) int instance labels (0 background) -> the same shape, int32, each (H, W) image processed on
+        its own: holes filled per instance, instances under ``min_area`` pixels removed, the kept ones renumbered
+        1..n in the order of their labels.  Its mask (``> 0``) is the post-processed segmentation."""
+        labels = np.asarray(labels)
+        flat = labels.reshape(-1, *labels.shape[-2:])
+        return np.stack([self.one_instances(lab) for lab in flat]).reshape(labels.shape)
+
+    def one_instances(self, labels: np.ndarray) -> np.ndarray:
+        """One (H, W) int label image -> (H, W) int32; see :meth:`instances`."""
+        lab = np.array(labels, dtype=np.int32)
+        if self.fill_holes:
+            for k, box in enumerate(ndimage.find_objects(lab), start=1):
+                if box is not None:  # the instance's bounding box holds every hole it encloses
+                    part = lab[box]
+                    part[ndimage.binary_fill_holes(part == k) & (part == 0)] = k
+        if self.min_area > 0:
+            keep = np.bincount(lab.ravel()) >= self.min_area
+            keep[0] = False
+            lab = np.where(keep[lab], lab, 0)
+        _, inverse = np.unique(np.concatenate([[0], lab.ravel()]), return_inverse=True)  # 0 stays 0, no gaps
+        return inverse[1:].reshape(lab.shape).astype(np.int32)
 
     def to_dict(self) -> dict[str, int | bool]:
         return {"min_area": self.min_area, "fill_holes": self.fill_holes}

@@ -201,7 +201,8 @@ def postprocess_table(meta: GroupRecord, results: dict[str, list[RunRecord]], me
         if not rs:
             continue
         row = {"variant": v.name, "n": str(len(rs)), CHOSEN: ", ".join(
-            f"{r.postprocess['min_area']}{' filled' if r.postprocess['fill_holes'] else ''}" for r in rs)}
+            f"{r.postprocess['min_area']}{' filled' if r.postprocess['fill_holes'] else ''}"
+            + (f" c{r.postprocess['contour_threshold']:g}" if "contour_threshold" in r.postprocess else "") for r in rs)}
         by = {r.postprocess["chosen_by"] for r in rs}
         for m in (m for m in metrics if m is metrics[0] or m.key in by):
             if all(m.key in r.test and m.key in r.test_raw for r in rs):
@@ -215,7 +216,7 @@ def postprocess_table(meta: GroupRecord, results: dict[str, list[RunRecord]], me
 
 
 DELTA = "Δ (p)"
-CHOSEN = "chosen per seed: min px (filled holes)"
+CHOSEN = "chosen per seed: min px (filled holes, contour threshold)"
 LATENCY_TOLERANCE = 0.1  # relative: the same network timed twice in one run differs by a few percent
 COST_HEADERS = {"cpu/fp32": "ORT ms", "cpu/int8": "INT8 ms", "cuda/fp32": "CUDA ms"}
 
@@ -487,7 +488,8 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
         out += ["Secondary test metrics (mean ± std over the seeds):", "", tables.secondary.markdown(), ""]
     if tables.postprocess is not None:
         out += ["Post-processing chosen on validation (`eval.postprocess`; *min px*: objects under it removed, "
-                "*filled*: holes filled) and its effect on the test, paired within each run (its own masks before "
+                "*filled*: holes filled, *c*: the contour threshold of a contour model, whose glands are post-processed) "
+                "and its effect on the test, paired within each run (its own masks before "
                 "and after; the table's numbers are after):", "", tables.postprocess.markdown(), ""]
     out += _tuned_block(meta, runs, fig_dir)
     out += _curves(meta, runs, fig_dir, task)

@@ -64,13 +64,15 @@ KEYS: dict[str, str] = {
     "classes": "JSON list of class names, index = logit position (classification)",
     "threshold": "foreground when the sigmoid probability is above this (segmentation)",
     "fill_holes": "`true`: holes inside the predicted objects are filled, after `threshold` (segmentation; chosen on "
-                  "validation with `eval.postprocess`, else `false`)",
+                  "validation with `eval.postprocess`, else `false`); with `instances`, each gland's own holes",
     "min_area": "predicted objects (8-connected) of fewer pixels are removed, after `fill_holes` (segmentation; chosen "
-                "on validation with `eval.postprocess`, else `0`)",
+                "on validation with `eval.postprocess`, else `0`); with `instances`, glands of fewer pixels, and the "
+                "mask is the union of the glands kept",
     "instances": "`contours` when the output has a second channel, the gland-contour logit: glands are then the "
                  "cores (foreground above `threshold`, contour below `contour_threshold`) grown back into the "
                  "foreground (`bench/instances.py`); absent for a foreground-only model",
-    "contour_threshold": "with `instances`: a pixel whose contour probability is at or above this is no core",
+    "contour_threshold": "with `instances`: a pixel whose contour probability is at or above this is no core (chosen "
+                         "on validation with `eval.postprocess`, else `0.5`)",
     "tta": "`true`: the graph averages the probabilities of the 8 flips/rotations of its input and returns them as "
            "logits (apply the activation as usual); `false`: one forward pass",
     "run_tta": "`true` when the source run's reported test metric averaged 8 flips/rotations",
@@ -120,12 +122,13 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
         "precision": "fp32",
         **task.preprocessing(info, run.config),
     }
+    # the post-processing the run's test metrics were computed with (chosen on validation), else none
+    post = (result.postprocess if result is not None else None) or {}
     if contours:
-        meta.update(instances="contours", contour_threshold=repr(float(CONTOUR_THRESHOLD)))
+        meta.update(instances="contours",
+                    contour_threshold=repr(float(post.get("contour_threshold", CONTOUR_THRESHOLD))))
     if seg:  # the graph pads to a multiple of 2**depth by reflection, which needs at least that many pixels
         meta["min_size"] = str(int(getattr(run.model, "multiple", 1)))
-        # the post-processing the run's test metrics were computed with (chosen on validation), else none
-        post = (result.postprocess if result is not None else None) or {}
         meta["fill_holes"] = "true" if post.get("fill_holes") else "false"
         meta["min_area"] = str(int(post.get("min_area", 0)))
     if result is not None:
@@ -195,18 +198,27 @@ class ModelMeta:
         return cls.from_props({p.key: p.value for p in model.metadata_props}, where=str(path))
 
     def masks(self, logits: np.ndarray) -> np.ndarray:
-        """Segmentation answers of the graph's logits, (..., H, W) -> (..., H, W) bool: probability above
-        ``threshold``, then the post-processing (``fill_holes``, ``min_area``) per (H, W) image."""
+        """Segmentation answers of a foreground-only graph's logits, (..., H, W) -> (..., H, W) bool: probability
+        above ``threshold``, then the post-processing (``fill_holes``, ``min_area``) per (H, W) image.  A model with
+        a contour output answers with its instances instead (:meth:`segment`)."""
         with np.errstate(over="ignore"):  # exp of a very negative logit: inf -> probability 0, as it should be
             mask = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64))) > self.threshold
         return self.postprocess(mask)
 
     def instances(self, logits: np.ndarray) -> np.ndarray | None:
         """Gland instance labels (N, H, W) int32 of segmentation logits (N, 2, H, W) (``bench.instances``, with this
-        model's thresholds); None for a model without a contour output."""
+        model's thresholds), post-processed per gland (``fill_holes``, ``min_area``:
+        :meth:`bench.postprocess.PostProcess.instances`); None for a model without a contour output."""
         if self.contour_threshold is None:
             return None
-        return instances_from_logits(logits, self.threshold, self.contour_threshold)
+        return self.postprocess.instances(instances_from_logits(logits, self.threshold, self.contour_threshold))
+
+    def segment(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(masks (N, H, W) bool, gland instances (N, H, W) int32 or None) of segmentation logits (N, K, H, W), as the
+        run scored them: a contour model's mask is the union of its post-processed instances, a foreground-only
+        model's is :meth:`masks` of channel 0."""
+        labels = self.instances(logits)
+        return (self.masks(logits[:, 0]), None) if labels is None else (labels > 0, labels)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, C_src) or (N, H, W) uint8 decoded images -> (N, C, H, W) float32 network input."""

@@ -12,9 +12,9 @@ Tolerances (an export outside them is an error; see :data:`TOLERANCE`):
   thresholded at the metadata's ``threshold`` and post-processed by its ``fill_holes`` and ``min_area``, as
   ``bench predict`` does; the contest's pooled object F1 of those masks is reported beside it).
 * a segmentation model with a contour output (metadata ``instances: contours``): its gland instances
-  (``bench.instances``, from the outputs and the metadata's thresholds alone) give the object metrics
-  (``obj_f1``, ``obj_dice``, ``obj_hausdorff`` per image and the pooled detection counts), and
-  ``|obj_f1_ort - obj_f1_torch| <= 1e-3``.
+  (``bench.instances``, from the outputs and the metadata's thresholds and post-processing alone) give the
+  object metrics (``obj_f1``, ``obj_dice``, ``obj_hausdorff`` per image and pooled, and the pooled detection
+  counts), their union the Dice, and ``|obj_f1_ort - obj_f1_torch| <= 1e-3``.
 
 A TTA graph (``--tta``) is compared with the harness's own TTA evaluation (segmentation: the
 function that scored the run) and checked on probabilities instead of logits,
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.metrics import object_f1_counts, object_f1_pooled, segmentation_report
+from bench.metrics import dice_per_image, object_f1_counts, object_f1_pooled, segmentation_report
 from bench.tasks.base import ImageSet, Task
 from exporters.metadata import ModelMeta
 from exporters.runtime import run_batched, session
@@ -67,7 +67,10 @@ def agreement(meta: ModelMeta, a: np.ndarray, b: np.ndarray) -> float:
 
 def score(task: Task, meta: ModelMeta, logits: np.ndarray, targets: np.ndarray) -> float:
     """The task's primary metric of an exported model's outputs, read as its metadata says (segmentation: the
-    masks post-processed as the run chose on validation)."""
+    masks post-processed as the run chose on validation; a contour model's: the union of its instances)."""
+    if meta.kind == "segmentation" and meta.contour_threshold is not None:
+        masks, _ = meta.segment(logits)
+        return float(dice_per_image(torch.from_numpy(masks), torch.from_numpy(targets)).mean())
     if meta.kind == "segmentation":
         return task.score_outputs(logits, targets, meta.threshold, post=meta.postprocess)
     return task.score_outputs(logits, targets, meta.threshold)
@@ -76,14 +79,15 @@ def score(task: Task, meta: ModelMeta, logits: np.ndarray, targets: np.ndarray) 
 def object_report(meta: ModelMeta, logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     """The object metrics of a contour model's outputs, from the logits (N, 2, H, W) and the metadata alone:
     per-image means (``obj_f1``, ``obj_dice``, ``obj_hausdorff``, as the run reports them) and the detection
-    counts pooled over the images (``tp``, ``fp``, ``fn``, ``obj_f1_pooled``); targets (N, H, W) bool."""
-    instances = meta.instances(logits)
+    counts pooled over the images (``tp``, ``fp``, ``fn``) with the pooled metrics (``obj_f1_pooled``,
+    ``obj_dice_pooled``, ``obj_hausdorff_pooled``), and the pixel ``dice`` of the instances' union; targets
+    (N, H, W) bool."""
+    mask, instances = meta.segment(logits)
     assert instances is not None, "a model without a contour output has no instances"
-    mask = torch.from_numpy(probabilities(meta, logits)[:, 0] > meta.threshold)
-    report = segmentation_report(mask, torch.from_numpy(targets), instances)
+    report = segmentation_report(torch.from_numpy(mask), torch.from_numpy(targets), instances)
     tp, fp, fn = (int(v) for v in np.sum([object_f1_counts(i, t) for i, t in zip(instances, targets, strict=True)], 0))
-    return {**{k: report[k] for k in ("obj_f1", "obj_dice", "obj_hausdorff")}, "tp": tp, "fp": fp, "fn": fn,
-            "obj_f1_pooled": 2 * tp / max(1, 2 * tp + fp + fn)}
+    keys = ("dice", "obj_f1", "obj_dice", "obj_hausdorff", "obj_f1_pooled", "obj_dice_pooled", "obj_hausdorff_pooled")
+    return {**{k: report[k] for k in keys}, "tp": tp, "fp": fp, "fn": fn}
 
 
 def compare(task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.ndarray,

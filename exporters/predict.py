@@ -28,8 +28,10 @@ Everything about preprocessing comes from the model's metadata (see ``exporters/
   (the image dimmed outside the predicted glands, which are outlined), plus ``<out>/predictions.csv``
   with ``file,mask,overlay,foreground_fraction`` (mask and overlay relative to ``--out``).  A model with
   a gland-contour output (metadata ``instances: contours``) also writes ``<stem>_instances.png``, a
-  16-bit PNG of gland labels (0 background, k the k-th gland: ``bench/instances.py``), and the CSV
-  gains ``instances,glands`` (its file and the number of glands).
+  16-bit PNG of gland labels (0 background, k the k-th gland: ``bench/instances.py``, at the metadata's
+  ``contour_threshold``), and the CSV gains ``instances,glands`` (its file and the number of glands); the
+  post-processing then works per gland (each gland's holes filled, glands under ``min_area`` removed) and the
+  mask is the union of the glands kept.
 
   Output names (:func:`output_names`): the folders under ``--out`` mirror each image's path
   relative to the PATH argument it came from (``PATH/sub/x.png`` -> ``<out>/sub/x_mask.png``; a
@@ -445,8 +447,8 @@ def segment(sess: Any, meta: Any, img: np.ndarray) -> tuple[np.ndarray, np.ndarr
     image (H, W[, C]); the instances come from a model with a contour output (``meta.instances``)."""
     x = meta.normalize(img[None])
     logits = segment_logits(sess, meta, x)  # (K, H, W): the foreground, then the contours when the model has them
-    mask = meta.masks(logits[0])  # threshold, then the post-processing chosen on validation
-    labels = meta.instances(logits[None])
+    masks, labels = meta.segment(logits[None])  # threshold, then the post-processing chosen on validation
+    mask = masks[0]
     rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
     return mask, overlay(rgb, mask), None if labels is None else labels[0]
 

@@ -148,12 +148,19 @@ def _objects_words(rec: dict[str, Any]) -> str:
     """Segmentation: the pooled object F1 of the shipped pipeline (threshold and post-processing of the metadata)
     against the run's; empty for classification and older records."""
     par, meta = rec["parity"], rec.get("metadata") or {}
-    if "obj_f1_pooled_ort" not in par:
+    if "objects_ort" in par:  # a contour model: its glands' pooled object F1 (ONNX outputs + metadata alone)
+        ort, torch_ = par["objects_ort"].get("obj_f1_pooled"), par["objects_torch"].get("obj_f1_pooled")
+        what = f"glands (contour threshold {meta.get('contour_threshold', '0.5')})"
+    elif "obj_f1_pooled_ort" in par:
+        ort, torch_, what = par["obj_f1_pooled_ort"], par["obj_f1_pooled_torch"], "objects"
+    else:
+        return ""
+    if ort is None:  # a record written before the pooled metrics existed
         return ""
     run = (rec.get("run_test") or {}).get("obj_f1_pooled")
-    post = f"objects under {meta.get('min_area', '0')} px removed"
+    post = f"{what} under {meta.get('min_area', '0')} px removed"
     post += ", holes filled" if meta.get("fill_holes") == "true" else ""
-    return (f"; pooled object F1 ORT {par['obj_f1_pooled_ort']:.4f} vs PyTorch {par['obj_f1_pooled_torch']:.4f}"
+    return (f"; pooled object F1 ORT {ort:.4f} vs PyTorch {torch_:.4f}"
             + (f" (the run's {run:.4f})" if run is not None else "") + f", {post}")
 
 

@@ -1,5 +1,6 @@
 """Separating touching glands: the contour target, the instance labelling, the object metrics on instance
-labels, the TTA of the contour channel and the config checks of the `+contours` rung."""
+labels, the TTA of the contour channel, the config checks of the `+contours` rung, and the post-processing of
+the instances (contour threshold, min_area, fill_holes) chosen on validation, exported and applied."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,11 +10,13 @@ from torch import nn
 
 from bench import metrics as M
 from bench.augment import dihedral, dihedral_tta
-from bench.config import ConfigError
-from bench.instances import instances_from_logits, label_instances
+from bench.config import Config, ConfigError, EvalCfg
+from bench.instances import CONTOUR_THRESHOLDS, instances_from_logits, label_instances
 from bench.losses import LOSSES, contour_target
 from bench.models import MODELS
+from bench.postprocess import PostProcess
 from bench.tasks import TASKS
+from bench.tasks.base import Data, DataInfo, Split
 
 
 def _two_squares() -> np.ndarray:
@@ -128,22 +131,92 @@ def test_contour_loss_trains_both_channels_and_config_pairs_them():
     assert float(loss(perfect, y)) == pytest.approx(2 * np.log(2), rel=1e-4)
     net = MODELS["unet"](in_channels=2, num_classes=1, width=4, depth=2, contours=True)
     assert net(torch.randn(1, 2, 16, 16)).shape == (1, 2, 16, 16)
-    from bench.config import Config
-
     task = TASKS["warwick"]
     with pytest.raises(ConfigError, match="contour_bce needs model.contours"):
         task.check_config(Config(task="warwick", model={"name": "unet"}, loss={"name": "contour_bce"}), "v")
     with pytest.raises(ConfigError, match="does not train model.contours"):
         task.check_config(Config(task="warwick", model={"name": "unet", "contours": True}, loss={"name": "bce"}), "v")
     task.check_config(Config(task="warwick", model={"name": "unet", "contours": True},
-                             loss={"name": "contour_bce"}), "v")
+                             loss={"name": "contour_bce"}, eval=EvalCfg(postprocess="obj_f1_pooled")), "v")
+
+
+def test_instance_post_processing_fills_each_glands_holes_and_removes_small_glands():
+    lab = np.zeros((12, 20), np.int32)
+    lab[0:5, 0:5] = 3  # a 5x5 gland with a 1-px hole: 24 px, 25 filled
+    lab[2, 2] = 0
+    lab[0:5, 5:8] = 7  # touching it: 15 px
+    lab[10:12, 10:12] = 9  # a 4-px speck
+    lab[7:10, 14:20] = 4  # two glands that together enclose a background pixel neither encloses alone
+    lab[8, 17:20] = 5
+    lab[7, 17:20] = 5
+    lab[9, 17:20] = 5
+    lab[8, 16] = 0
+    out = PostProcess(0, True).instances(lab)
+    assert out[2, 2] == out[0, 0] and out[8, 16] == 0  # its own hole joins the gland; the shared gap stays background
+    assert out.dtype == np.int32 and set(np.unique(out)) == {0, 1, 2, 3, 4, 5}  # renumbered without gaps, in order
+    small = PostProcess(5, False).instances(lab)
+    assert (small[10:12, 10:12] == 0).all() and small.max() == 4 and ((small > 0) == ((lab > 0) & (lab != 9))).all()
+    # filled first: the 24-px gland survives a threshold of 25 only with its hole filled
+    assert PostProcess(25, True).instances(lab)[0, 0] > 0 and PostProcess(25, False).instances(lab)[0, 0] == 0
+    assert (PostProcess().instances(np.stack([lab, lab]))[1] == PostProcess().instances(lab)).all()  # batches
+
+
+def _touching(speck: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (2, 12, 20): the foreground merges _two_squares through the gap column, whose contour probability is
+    only 0.45, so the default contour threshold 0.5 keeps one gland where 0.4 cuts two; the true mask (12, 20)),
+    with a spurious 2x2 speck when ``speck``."""
+    fg = np.where(_two_squares(), 0.9, 0.1)
+    fg[3:9, 8] = 0.9
+    if speck:
+        fg[10:12, 17:19] = 0.9
+    contour = np.full((12, 20), 0.1)
+    contour[3:9, 8] = 0.45
+    p = np.stack([fg, contour])
+    return np.log(p / (1 - p)).astype(np.float32), _two_squares()
+
+
+def _contour_data() -> Data:
+    """Validation with the speck, test without; the inputs are the logits (an identity model)."""
+    def split(speck: bool) -> Split:
+        x, y = _touching(speck)
+        return Split(torch.from_numpy(x[None]), torch.from_numpy(y[None, None].astype(np.float32)), [])
+
+    return Data(split(True), split(True), split(False), DataInfo(source="-", channels=[0, 1], source_channels=2,
+                mean=[0.0, 0.0], std=[1.0, 1.0], image_size=[12, 20], n_train=1, n_val=1, n_test=1))
+
+
+def test_the_contour_threshold_and_the_gland_post_processing_are_chosen_on_validation():
+    cfg = Config(task="warwick", model={"name": "unet", "contours": True}, loss={"name": "contour_bce"},
+                 eval=EvalCfg(postprocess="obj_f1_pooled"))
+    rec = TASKS["warwick"].test_record(nn.Identity(), _contour_data(), cfg, lambda logits, y: torch.zeros(()))
+    # validation: at 0.5 one merged gland and the speck (TP 1, FP 1, FN 1: F1 0.5); 0.4 separates the glands (0.3 too,
+    # but later in CONTOUR_THRESHOLDS) and the least threshold above the speck's 4 px removes it
+    assert CONTOUR_THRESHOLDS[0] == 0.5 and CONTOUR_THRESHOLDS.index(0.4) < CONTOUR_THRESHOLDS.index(0.3)
+    assert rec["postprocess"] == {"min_area": 16, "fill_holes": False, "contour_threshold": 0.4,
+                                  "chosen_by": "obj_f1_pooled", "val": 1.0, "val_raw": 0.5}
+    # test (no speck): before, the merged gland finds one of two (F1 2/3); after, both
+    assert rec["test_raw"]["obj_f1_pooled"] == pytest.approx(2 / 3) and rec["test"]["obj_f1_pooled"] == 1.0
+    assert rec["test"]["dice"] == rec["test_raw"]["dice"]  # the gap pixels still belong to a gland
+    # the metadata's thresholds and post-processing give the same instances, and masks that are their union
+    from exporters.metadata import ModelMeta
+
+    meta = ModelMeta(task="warwick", kind="segmentation", input_name="input", output_name="logits", color_mode="RGB",
+                     channels=[0, 1], pixel_divisor=255.0, mean=np.zeros(2, np.float32), std=np.ones(2, np.float32),
+                     image_size=(12, 20), resize_policy="tile", postprocess=PostProcess(16, False), contour_threshold=0.4)
+    logits = np.stack([_touching(True)[0], _touching(False)[0]])
+    mask, labels = meta.segment(logits)
+    assert labels.max(axis=(1, 2)).tolist() == [2, 2] and (mask == (labels > 0)).all() and not mask[0, 10:12, 17:19].any()
+    want, _ = TASKS["warwick"].segmented(torch.sigmoid(torch.from_numpy(logits)), cfg, PostProcess(16, False), 0.4)
+    assert (torch.from_numpy(mask) == want).all()
 
 
 def test_contour_model_exports_both_channels_and_predict_writes_instances(tmp_path, make_warwick):
-    """Round trip of a tiny trained contour model: the graph returns both channels, the metadata carries the
-    instance parameters, parity computes the object metrics from ONNX Runtime outputs + metadata alone and they
-    match the run's reported ones, and `bench predict` writes the same instances as a 16-bit PNG."""
+    """Round trip of a tiny trained contour model with its post-processing chosen on validation: the graph returns
+    both channels, the metadata carries the chosen instance parameters, parity computes the pixel and object
+    metrics from ONNX Runtime outputs + metadata alone and they match the run's reported ones, and `bench predict`
+    writes the same instances as a 16-bit PNG, and their union as the mask."""
     import csv
+    import json
 
     from PIL import Image
 
@@ -152,25 +225,34 @@ def test_contour_model_exports_both_channels_and_predict_writes_instances(tmp_pa
     from exporters.metadata import ModelMeta
     from exporters.parity import TOLERANCE
     from exporters.predict import main
+    from exporters.report import _parity_note
     from exporters.runtime import session
     from tests.helpers import train, write_spec
 
     base = {"model": {"name": "unet", "width": 4, "depth": 2, "dropout": 0.0, "contours": True},
             "optim": {"name": "adam", "lr": 1.0e-2}, "loss": {"name": "contour_bce"},
-            "train": {"epochs": 2, "batch_size": 4, "threads": 2}}  # no TTA: its export is 8x slower (tested above)
+            "train": {"epochs": 2, "batch_size": 4, "threads": 2},  # no TTA: its export is 8x slower (tested above)
+            "eval": {"postprocess": "obj_f1_pooled"}}
     root = make_warwick(tmp_path / "data" / "WARWICK", n_train=8, n_test=3).parent
     res = tmp_path / "results"
     train(load_spec(write_spec(tmp_path / "tc.yaml", task="warwick", base=base, variants=[{"name": "a"}])), res, root)
     ex = ox.export_run(res / "runs/tc/a/seed-0", tmp_path / "onnx", str(root), res)
     meta = ModelMeta.from_onnx(ex.path)
-    assert meta.raw["instances"] == "contours" and meta.contour_threshold == 0.5
+    chosen = json.loads((res / "runs/tc/a/seed-0/result.json").read_text())["postprocess"]
+    assert meta.raw["instances"] == "contours" and meta.contour_threshold == chosen["contour_threshold"]
+    assert meta.postprocess == PostProcess(chosen["min_area"], chosen["fill_holes"])
     assert meta.raw["output_shape"] == '["batch", 2, "height", "width"]'
     logits = session(ex.path).run(None, {"input": ex.inputs})[0]
     assert logits.shape == (3, 2, 32, 32)
     objects = ex.record["parity"]["objects_ort"]
     reported = ex.record["run_test"]
-    for key in ("obj_f1", "obj_dice"):
-        assert abs(objects[key] - reported[key]) <= TOLERANCE["max_dice_diff"]
+    for key in ("dice", "obj_f1", "obj_dice", "obj_f1_pooled", "obj_dice_pooled"):
+        assert abs(objects[key] - reported[key]) <= TOLERANCE["max_dice_diff"], key
+    assert abs(objects["obj_hausdorff_pooled"] - reported["obj_hausdorff_pooled"]) <= 1e-2
+    assert abs(ex.record["parity"]["metric_ort"] - reported["dice"]) <= TOLERANCE["max_dice_diff"]
+    words = _parity_note(ex.record)  # the deployment page states the glands' pooled F1 and the chosen setting
+    assert f"pooled object F1 ORT {objects['obj_f1_pooled']:.4f}" in words
+    assert f"contour threshold {meta.raw['contour_threshold']}) under {chosen['min_area']} px removed" in words
     assert objects["tp"] + objects["fn"] == sum(int(M.label_objects(t)[1]) for t in ex.test.targets)
     img = tmp_path / "one.png"
     Image.fromarray(ex.test.images[0]).save(img)

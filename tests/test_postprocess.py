@@ -18,6 +18,7 @@ from bench.cli import main
 from bench.config import Config, ConfigError, EvalCfg
 from bench.postprocess import PostProcess, candidates, choose, remove_small
 from bench.spec import load_spec
+from bench.summary import CHOSEN
 from bench.tasks import TASKS
 from bench.tasks.base import Data, DataInfo, Split
 from exporters import onnx as ox
@@ -200,8 +201,12 @@ def test_the_summary_shows_the_choice_and_its_paired_effect():
     table = postprocess_table(meta, results, WARWICK.metrics)
     (row,) = table.rows
     cells = dict(zip(table.headers, row, strict=True))
-    assert cells["variant"] == "b" and cells["chosen per seed: min px (filled holes)"] == "16, 64 filled"
+    assert cells["variant"] == "b" and cells[CHOSEN] == "16, 64 filled"
     # pixel Dice (the primary metric): 0.81 -> 0.815, paired changes +0.01 and 0: mean +0.005, t = 1 on 1 df, p = 0.5
     assert cells["pixel Dice before → after"] == "0.8100 → 0.8150" and cells["Δ pixel Dice (p)"] == "+0.0050 (p=0.500)"
     # pooled object F1 (the metric that chose): changes +0.2 and +0.1: mean +0.15, t = 3 on 1 df, p = 0.205
     assert cells["obj_f1_pooled before → after"] == "0.550 → 0.700" and cells["Δ obj_f1_pooled (p)"] == "+0.150 (p=0.205)"
+    # a contour model's choice includes its contour threshold
+    results["b"][1].postprocess["contour_threshold"] = 0.2
+    (row,) = postprocess_table(meta, results, WARWICK.metrics).rows
+    assert dict(zip(table.headers, row, strict=True))[CHOSEN] == "16, 64 filled c0.2"

@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from bench import instances as inst
 from bench.augment import augment_batch, dihedral_tta
 from bench.config import Config, ConfigError
 from bench.files import IMAGE_ERRORS
 from bench.inference import Forward, batched_outputs
-from bench.instances import label_instances
 from bench.metrics import dice_per_image, object_f1_pooled, segmentation_report
 from bench.postprocess import PostProcess, choose
 from bench.seg_figures import draw_outlines
@@ -270,9 +270,6 @@ class WarwickTask(Task):
                               f"use contour_bce")
         if contour_loss and not contours:
             raise ConfigError(f"{where}.loss.name: contour_bce needs model.contours: true")
-        if contours and cfg.eval.postprocess != "none":  # post-processing works on masks, not yet on instances
-            raise ConfigError(f"{where}.eval.postprocess: not available with model.contours (post-processing of "
-                              f"gland instances is not built yet); use none")
 
     def prepare(self, root: Path, download: bool, test: bool = True) -> None:
         read_both(root, test)  # there is no public mirror to fetch from: the files must be there
@@ -367,17 +364,28 @@ class WarwickTask(Task):
         """Binary masks (N, H, W) bool: probability > ``cfg.eval.threshold``."""
         return self.predict_proba(model, split, cfg, tta)[:, 0] > cfg.eval.threshold
 
-    def _scored(self, model: nn.Module, split: Split, cfg: Config,
-                loss_fn: LossFn) -> tuple[float, Tensor, Tensor, np.ndarray | None]:
-        """(the loss of the plain forward pass, predicted masks (N, H, W) bool, true masks (N, H, W) bool, and for a
-        model with a contour output its gland instances (N, H, W) int, else None) of a split."""
+    def _predicted(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn) -> tuple[float, Tensor, Tensor]:
+        """(the loss of the plain forward pass, the probabilities (N, K, H, W) as scored (``predict_proba``), true
+        masks (N, H, W) bool) of a split."""
         logits = self._batched(model, split, cfg, lambda m, b: m(b))
         loss = float(loss_fn(logits, split.y))
         probs = self.predict_proba(model, split, cfg, tta=True) if cfg.eval.tta else torch.sigmoid(logits)
-        instances = None
-        if probs.shape[1] > 1:
-            instances = np.stack([label_instances(q[0], q[1], cfg.eval.threshold) for q in probs.cpu().numpy()])
-        return loss, probs[:, 0] > cfg.eval.threshold, split.y[:, 0] > 0.5, instances
+        return loss, probs, split.y[:, 0] > 0.5
+
+    @staticmethod
+    def segmented(probs: Tensor, cfg: Config, post: PostProcess | None = None,
+                  contour_threshold: float = inst.CONTOUR_THRESHOLD) -> tuple[Tensor, np.ndarray | None]:
+        """(predicted masks (N, H, W) bool, and for a model with a contour output its gland instances (N, H, W) int,
+        else None) of probabilities (N, K, H, W), post-processed by ``post``.  A contour model's mask is the union of
+        its instances (``bench.instances``, at ``contour_threshold``)."""
+        post = post or PostProcess()
+        if probs.shape[1] == 1:
+            masks = probs[:, 0] > cfg.eval.threshold
+            return (masks, None) if post == PostProcess() else (torch.from_numpy(post(masks.cpu().numpy())), None)
+        p = probs.cpu().numpy()
+        labels = post.instances(np.stack([inst.label_instances(q[0], q[1], cfg.eval.threshold, contour_threshold)
+                                          for q in p]))
+        return torch.from_numpy(labels > 0), labels
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *,
@@ -390,39 +398,50 @@ class WarwickTask(Task):
         A model with a contour output (``model.contours``) is scored on its own gland instances
         (``bench.instances``) by the object metrics; the pixel metrics read its foreground channel.
         """
-        loss, pred, target, instances = self._scored(model, split, cfg, loss_fn)
+        loss, probs, target = self._predicted(model, split, cfg, loss_fn)
         if not final:
-            return {"loss": loss, "dice": float(dice_per_image(pred, target).mean())}
+            return {"loss": loss, "dice": float(dice_per_image(probs[:, 0] > cfg.eval.threshold, target).mean())}
+        pred, instances = self.segmented(probs, cfg)
         return {"loss": loss, **segmentation_report(pred, target, instances)}
 
     @torch.no_grad()
     def test_record(self, model: nn.Module, data: Data, cfg: Config, loss_fn: LossFn) -> dict[str, Any]:
         """With ``eval.postprocess``: the post-processing chosen on validation, and the test metrics with it
-        (``test``) and without it (``test_raw``), from one prediction of the test split."""
+        (``test``) and without it (``test_raw``), from one prediction of the test split.  A contour model's choice
+        includes its contour threshold; without post-processing it is :data:`bench.instances.CONTOUR_THRESHOLD`."""
         if cfg.eval.postprocess == "none":
             return super().test_record(model, data, cfg, loss_fn)
         post, chosen = self.choose_postprocess(model, data.val, cfg)
-        loss, pred, target, _ = self._scored(model, data.test, cfg, loss_fn)  # no instances: check_config
-        raw = {"loss": loss, **segmentation_report(pred, target)}
-        if post == PostProcess():
+        contour_threshold = chosen.get("contour_threshold", inst.CONTOUR_THRESHOLD)
+        loss, probs, target = self._predicted(model, data.test, cfg, loss_fn)
+        pred, instances = self.segmented(probs, cfg)
+        raw = {"loss": loss, **segmentation_report(pred, target, instances)}
+        if post == PostProcess() and contour_threshold == inst.CONTOUR_THRESHOLD:
             return {"test": raw, "test_raw": raw, "postprocess": chosen}
-        done = segmentation_report(torch.from_numpy(post(pred.cpu().numpy())), target)
+        pred, instances = self.segmented(probs, cfg, post, contour_threshold)
+        done = segmentation_report(pred, target, instances)
         return {"test": {"loss": loss, **done}, "test_raw": raw, "postprocess": chosen}
 
     @torch.no_grad()
     def choose_postprocess(self, model: nn.Module, val: Split, cfg: Config) -> tuple[PostProcess, dict[str, Any]]:
         """(the post-processing best on the validation split by ``cfg.eval.postprocess``, what the record says of
-        it: ``min_area``, ``fill_holes``, ``chosen_by``, and its validation score ``val`` against ``val_raw``)."""
-        pred = self.predict_masks(model, val, cfg).cpu().numpy()
+        it: ``min_area``, ``fill_holes``, for a contour model ``contour_threshold``, ``chosen_by``, and its validation
+        score ``val`` against ``val_raw``).  A contour model's instances are post-processed (and scored: pooled object
+        F1 on the instances, pixel Dice on their union), each contour threshold of
+        :data:`bench.instances.CONTOUR_THRESHOLDS` with each setting (:func:`bench.instances.choose`)."""
+        probs = self.predict_proba(model, val, cfg).cpu().numpy()
         target = (val.y[:, 0] > 0.5).cpu().numpy()
         by = cfg.eval.postprocess
         if by == "dice":
-            def score(m: np.ndarray) -> float:
-                return float(dice_per_image(torch.from_numpy(m), torch.from_numpy(target)).mean())
+            def score(m: np.ndarray) -> float:  # a mask, or instance labels (their union)
+                return float(dice_per_image(torch.from_numpy(m > 0), torch.from_numpy(target)).mean())
         else:
             def score(m: np.ndarray) -> float:
                 return object_f1_pooled(m, target)
-        post, best, raw = choose(pred, score)
+        if probs.shape[1] > 1:
+            t, post, best, raw = inst.choose(probs, score, cfg.eval.threshold)
+            return post, {**post.to_dict(), "contour_threshold": t, "chosen_by": by, "val": best, "val_raw": raw}
+        post, best, raw = choose(probs[:, 0] > cfg.eval.threshold, score)
         return post, {**post.to_dict(), "chosen_by": by, "val": best, "val_raw": raw}
 
     # ----------------------------------------------------------------------- figures
