@@ -240,7 +240,7 @@ def describe(leaves: dict[str, Any]) -> str:
     return ", ".join(f"{k}={show(v)}" for k, v in leaves.items())
 
 
-LABEL_MAX = 50  # characters of the summary table's change column: the table fits a screen without scrolling
+LABEL_MAX = 46  # characters of the summary table's change column: the table fits a screen without scrolling
 
 
 def short_label(text: str, limit: int = LABEL_MAX) -> str:
