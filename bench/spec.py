@@ -634,7 +634,7 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
             change = f"{parent} with {change}"
         if ens is not None:
             what = f"{ens.size} seeds" if ens.size else "every seed"
-            change = f"mean probability of {what} of {ens.of}" + (f", {describe(leaves)}" if leaves else "")
+            change = f"mean of {what} of {ens.of}" + (f", {describe(leaves)}" if leaves else "")
         label = change
         if v.get("note"):
             note = label = check_value(v["note"], str, f"{vw}.note")

@@ -144,7 +144,7 @@ def test_an_ensemble_is_scored_from_its_members_and_recorded_like_a_run(trained)
     for v in ("ens", "ens+tta"):
         d = sum(by_seed[v][s] - by_seed["a"][s] for s in (0, 1)) / 2
         assert rows[v]["n"] == "2" and rows[v][DELTA].startswith(f"{d:+.4f}")  # paired against the rung it averages
-    assert rows["ens+tta"]["change"] == "mean probability of every seed of a, eval.tta=true"
+    assert rows["ens+tta"]["change"] == "mean of every seed of a, eval.tta=true"
 
 
 def check_export(trained: dict, variant: str, out: Path) -> None:
