@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 # A budget that trains the report's CNN on 1,000 real MNIST images in a few seconds.
@@ -37,3 +38,11 @@ def train(spec: Any, results: Path, data_root: Path | str, runs: list[Any] | Non
 
     RunStore(results).write_group(spec)
     run_grid(spec, runs if runs is not None else spec.runs(), results, RunOptions(str(data_root), progress=False))
+
+
+def masks(h: int, w: int, *boxes: tuple[int, int, int, int]) -> np.ndarray:
+    """(h, w) bool mask with the given inclusive boxes (r0, r1, c0, c1) set."""
+    m = np.zeros((h, w), bool)
+    for r0, r1, c0, c1 in boxes:
+        m[r0 : r1 + 1, c0 : c1 + 1] = True
+    return m

@@ -8,15 +8,7 @@ import pytest
 import torch
 
 from bench import metrics as M
-
-
-def masks(h: int, w: int, *boxes: tuple[int, int, int, int]) -> np.ndarray:
-    """(h, w) bool mask with the given inclusive boxes (r0, r1, c0, c1) set."""
-    m = np.zeros((h, w), bool)
-    for r0, r1, c0, c1 in boxes:
-        m[r0 : r1 + 1, c0 : c1 + 1] = True
-    return m
-
+from tests.helpers import masks
 
 # ----------------------------------------------------------------------------- classification
 

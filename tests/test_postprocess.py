@@ -25,17 +25,9 @@ from exporters import onnx as ox
 from exporters import predict
 from exporters.metadata import ModelMeta
 from exporters.parity import TOLERANCE
-from tests.helpers import train, write_spec
+from tests.helpers import masks, train, write_spec
 
 WARWICK = TASKS["warwick"]
-
-
-def masks(h: int, w: int, *boxes: tuple[int, int, int, int]) -> np.ndarray:
-    """(h, w) bool mask with the given inclusive boxes (r0, r1, c0, c1) set."""
-    m = np.zeros((h, w), bool)
-    for r0, r1, c0, c1 in boxes:
-        m[r0 : r1 + 1, c0 : c1 + 1] = True
-    return m
 
 
 def test_remove_small_objects_and_fill_holes():
