@@ -161,6 +161,7 @@ def test_objectives_are_validated(tmp_path, capsys):
     assert "--rung x: no study v/a/" in capsys.readouterr().err and not (tmp_path / "optuna").exists()
 
 
+@pytest.mark.slow  # 35 s; the default suite shares single-objective studies through PostgreSQL (test_many_machines)
 def test_two_workers_share_a_multi_objective_study_in_postgresql(data_root, tmp_path, fresh_db):
     path = _spec(tmp_path, "w", ["val_metric", "flops"])
     args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
