@@ -34,8 +34,10 @@ CONTOUR_THRESHOLDS = (CONTOUR_THRESHOLD, 0.4, 0.6, 0.3, 0.2)
 _STRUCTURE = np.ones((3, 3), dtype=bool)  # 8-connectivity, as the object metrics count objects
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Probabilities (float64) of logits, any shape; a very negative logit gives 0, as it should (no warning)."""
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x below about -709
+        return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
 def label_instances(foreground: np.ndarray, contour: np.ndarray, threshold: float = 0.5,
@@ -66,7 +68,7 @@ def instances_from_logits(logits: np.ndarray, threshold: float = 0.5,
                           contour_threshold: float = CONTOUR_THRESHOLD) -> np.ndarray:
     """Instance labels of a batch of two-channel outputs: logits (N, 2, H, W) (channel 0 foreground,
     1 contour; sigmoid gives the probabilities) -> (N, H, W) int32, see :func:`label_instances`."""
-    p = _sigmoid(np.asarray(logits))
+    p = sigmoid(logits)
     return np.stack([label_instances(p[i, 0], p[i, 1], threshold, contour_threshold) for i in range(len(p))])
 
 

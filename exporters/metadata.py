@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from bench.instances import CONTOUR_THRESHOLD, instances_from_logits
+from bench.instances import CONTOUR_THRESHOLD, instances_from_logits, sigmoid
 from bench.postprocess import PostProcess
 
 if TYPE_CHECKING:  # for type hints only: importing the run store would load torch
@@ -201,9 +201,7 @@ class ModelMeta:
         """Segmentation answers of a foreground-only graph's logits, (..., H, W) -> (..., H, W) bool: probability
         above ``threshold``, then the post-processing (``fill_holes``, ``min_area``) per (H, W) image.  A model with
         a contour output answers with its instances instead (:meth:`segment`)."""
-        with np.errstate(over="ignore"):  # exp of a very negative logit: inf -> probability 0, as it should be
-            mask = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64))) > self.threshold
-        return self.postprocess(mask)
+        return self.postprocess(sigmoid(logits) > self.threshold)
 
     def instances(self, logits: np.ndarray) -> np.ndarray | None:
         """Gland instance labels (N, H, W) int32 of segmentation logits (N, 2, H, W) (``bench.instances``, with this

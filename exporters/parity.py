@@ -93,14 +93,18 @@ def object_report(meta: ModelMeta, logits: np.ndarray, targets: np.ndarray) -> d
 def compare(task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.ndarray,
             targets: np.ndarray, tta: bool = False) -> dict[str, Any]:
     """Parity numbers of two sets of logits of the same images (no checks)."""
-    v_ort, v_ref = score(task, meta, ort_logits, targets), score(task, meta, ref_logits, targets)
+    objects = None
+    if meta.kind == "segmentation" and meta.contour_threshold is not None:  # the network's own gland instances
+        objects = {side: object_report(meta, x, targets) for side, x in (("ort", ort_logits), ("torch", ref_logits))}
+    # a contour model's metric is the Dice of its instances' union, which object_report has computed already
+    v_ort, v_ref = ((objects["ort"]["dice"], objects["torch"]["dice"]) if objects else
+                    (score(task, meta, ort_logits, targets), score(task, meta, ref_logits, targets)))
     out: dict[str, Any] = {"n": int(len(targets)), "max_abs_logit_diff": float(np.abs(ort_logits - ref_logits).max()),
                            "logit_scale": float(np.abs(ref_logits).max()),
                            "metric": task.metric, "metric_ort": v_ort, "metric_torch": v_ref, "metric_diff": v_ort - v_ref}
     out["agreement" if meta.kind == "classification" else "pixel_agreement"] = agreement(meta, ort_logits, ref_logits)
-    if meta.kind == "segmentation" and meta.contour_threshold is not None:  # the network's own gland instances
-        out["objects_ort"] = object_report(meta, ort_logits, targets)
-        out["objects_torch"] = object_report(meta, ref_logits, targets)
+    if objects:
+        out["objects_ort"], out["objects_torch"] = objects["ort"], objects["torch"]
     elif meta.kind == "segmentation":  # the shipped pipeline's object F1 (GlaS, pooled), from the metadata alone
         out["obj_f1_pooled_ort"] = object_f1_pooled(meta.masks(ort_logits[:, 0]), targets)
         out["obj_f1_pooled_torch"] = object_f1_pooled(meta.masks(ref_logits[:, 0]), targets)
