@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Bottom to top; a module may import modules of its own layer or below, never above.
 LAYERS = [
-    ["bench", "bench.registry", "bench.files", "bench.config"],  # config and files
+    ["bench", "bench.log", "bench.registry", "bench.files", "bench.config"],  # config and files
     ["bench.metrics", "bench.postprocess", "bench.instances", "bench.losses", "bench.optim", "bench.augment",
      "bench.inference", "bench.plots", "bench.pareto", "bench.seg_figures", "bench.models",
      "bench.models.classification", "bench.models.segmentation"],  # pieces

@@ -1,0 +1,73 @@
+"""How the harness speaks to the user: every module logs through its own ``logging.getLogger(__name__)``, and the
+command line installs one handler (:func:`setup`) that prints the lines a user reads on stderr.
+
+Levels and what the user sees:
+
+- ``log.error(msg)``   -> ``error: msg``
+- ``log.warning(msg)`` -> ``warning: msg``
+- ``note(log, msg)``   -> ``note: msg`` (level ``NOTE``, between INFO and WARNING: worth reading, nothing wrong)
+- ``log.info(msg)``    -> ``msg`` (progress, such as ``wrote results/summary.md``)
+- ``log.debug(msg)``   -> ``debug: msg``, shown only with ``--verbose``
+
+``--quiet`` keeps warnings and errors. Without :func:`setup` (the package used as a library) Python's own last-resort
+handler prints warnings and errors only, and the caller's logging configuration decides the rest.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+NOTE = 25
+LOGGERS = ("bench", "exporters")  # the packages' top loggers; every module's logger is a child of one
+_PREFIX = {logging.ERROR: "error: ", logging.CRITICAL: "error: ", logging.WARNING: "warning: ", NOTE: "note: ",
+           logging.DEBUG: "debug: "}
+
+
+def note(log: logging.Logger, msg: str, *args: object) -> None:
+    """Log ``msg`` at the ``NOTE`` level (printed as ``note: msg``)."""
+    log.log(NOTE, msg, *args)
+
+
+def first_line(e: BaseException) -> str:
+    """The useful part of an error for a one-line message: its first line (or its type's name when it has no text);
+    for a server that cannot be reached, urllib3's cause alone (its whole message repeats the URL three times)."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    cause = re.search(r"Caused by \w+\(\"[^\"]*?\): (.*)$", line)
+    if cause:
+        return "cannot reach the server: " + re.sub(r"\"\)+$", "", cause.group(1))
+    return line[:300]
+
+
+class _Prefixed(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return _PREFIX.get(record.levelno, "") + super().format(record)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record arrives (pytest's capture replaces it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ assigns it; the property ignores that
+        pass
+
+
+def setup(verbosity: int = 0) -> None:
+    """Install the stderr handler on the packages' loggers (replacing an earlier one): ``verbosity`` -1 is
+    ``--quiet`` (warnings and errors), 0 the default (from INFO), 1 ``--verbose`` (from DEBUG)."""
+    logging.addLevelName(NOTE, "NOTE")
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    handler = _Stderr()
+    handler.setFormatter(_Prefixed("%(message)s"))
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, _Stderr)]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False  # the command line owns the output: no second copy through the root logger
