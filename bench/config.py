@@ -103,7 +103,7 @@ class TrainCfg:
     patience: PosInt | None = None  # early stopping: epochs without a better validation metric
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # bitwise repeatable on CPU (slower)
-    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (bench.inference.amp_enabled)
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (bench.train.amp_enabled)
     eval_batch_size: PosInt = 1000
     threads: PosInt | None = None  # torch CPU threads; None -> torch default
     # How fast, not what: these two change only floating-point rounding, so they are left out of the run key.

@@ -41,14 +41,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import files, usable_cores
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model
-from bench.inference import amp_enabled, precision
 from bench.reference import datasets_for, train_reference
 from bench.runner import RunOptions, load_data, run_grid, run_workers
 from bench.spec import Spec, load_spec, resolve_spec_path
 from bench.store import RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data, Task
-from bench.train import device_name, images_per_epoch, new_state, run_epoch, setup, snapshot, train_step
+from bench.train import (
+    amp_enabled,
+    device_name,
+    images_per_epoch,
+    new_state,
+    run_epoch,
+    setup,
+    snapshot,
+    train_precision,
+    train_step,
+)
 from bench.workers import grid_workers
 
 # The rung `bench perf` times per task: the recipe that reaches the report's number fastest (others: "fast").
@@ -368,7 +377,7 @@ def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_
             setattr(c.train, k, v)
         return c
 
-    trials = [(f"default (channels-last, {precision(cfg, device)}, one sync per epoch)", variant(), False),
+    trials = [(f"default (channels-last, {train_precision(cfg, device)}, one sync per epoch)", variant(), False),
               ("contiguous (NCHW) layout", variant(channels_last=False), False),
               ("fp32 (no bf16 autocast)", variant(amp=False), False),
               ("a .item() sync after every step", variant(), True)]

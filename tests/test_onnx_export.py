@@ -96,9 +96,9 @@ def test_mnist_export_checks_metadata_parity_and_dynamic_batch(runs, mnist_expor
 def test_reported_metric_is_the_fp32_graphs_when_training_in_bf16(tmp_path, data_root, monkeypatch):
     """bf16 autocast trains the run (forced on, as on a CPU with AMX or AVX512-BF16), yet validation and test run
     in fp32: the exported graph's accuracy on the raw test images equals the reported one, image for image."""
-    import bench.inference
+    import bench.train
 
-    monkeypatch.setattr(bench.inference, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(bench.train, "cpu_has_bf16", lambda: True)
     res = tmp_path / "results"
     train(load_spec(write_spec(tmp_path / "bf.yaml", base=MNIST_BASE, variants=[{"name": "a"}])), res, data_root)
     result = json.loads((res / "runs/bf/a/seed-0/result.json").read_text())
