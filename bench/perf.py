@@ -180,7 +180,7 @@ class TaskPerf:
     lines: list[str] = field(default_factory=list)
 
 
-def rung(spec: Spec, name: str, seed: int, root: str, device: str, threads: int) -> Config:
+def rung_config(spec: Spec, name: str, seed: int, root: str, device: str, threads: int) -> Config:
     """The config of ``spec``'s variant ``name`` for ``seed``, set to run here."""
     variants = {v.name: v for v in spec.variants}
     if name not in variants:
@@ -254,13 +254,13 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
     cache: dict[str, Data] = {}
     runs = []
     for seed in seeds:  # 1. time to quality
-        cfg = rung(spec, fast, seed, root, str(device), threads)
+        cfg = rung_config(spec, fast, seed, root, str(device), threads)
         _say(log, f"{spec.task}: {fast} seed {seed} ...")
         # Through the whole recipe: the test score of the weights validation chooses at its end is a target too.
         runs.append(train_to_targets(cfg, task, load_data(cache, task, cfg, device), device, targets, to_the_end=True))
-    fast_cfg = rung(spec, fast, seeds[0], root, str(device), threads)
+    fast_cfg = rung_config(spec, fast, seeds[0], root, str(device), threads)
     fast_data = load_data(cache, task, fast_cfg, device)
-    ref_cfg = rung(spec, report_rung(spec), seeds[0], root, str(device), threads)
+    ref_cfg = rung_config(spec, report_rung(spec), seeds[0], root, str(device), threads)
     ref = measure_reference(spec, task, ref_cfg, quick, device, cache, log)  # 3. the reference
     dtype = torch.bfloat16 if amp_enabled(fast_cfg, device) else torch.float32  # 2. throughput
     peaks = {d: matmul_flops_per_s(device, d, seconds=0.5) for d in {dtype, torch.float32}}

@@ -271,16 +271,17 @@ def short_label(text: str, limit: int = LABEL_MAX) -> str:
 # --------------------------------------------------------------------------- building configs
 
 
-def _build_section(task_obj: Any, section: str, value: Any, sw: str, where: str) -> Any:
-    """One checked section of a config: a registry section's dict, or its dataclass."""
+def _build_section(task_obj: Any, section: str, value: Any, where: str) -> Any:
+    """One checked section of a config (``where``: the config's place in the spec): a registry section's dict, or its
+    dataclass."""
     if section not in CONFIG_SECTIONS:
         raise ConfigError(unknown_key_message(where, section, CONFIG_SECTIONS))
     if section in REGISTRY_SECTIONS:
         default = task_obj.default_loss if section == "loss" else None
         if section == "loss" and isinstance(value, dict) and value.get("name") == "default":
             value = {k: v for k, v in value.items() if k != "name"}
-        return check_section(section, value, sw, default)
-    return build_section(SECTION_TYPES[section], value, sw)
+        return check_section(section, value, f"{where}.{section}", default)
+    return build_section(SECTION_TYPES[section], value, f"{where}.{section}")
 
 
 def build_config(task: str, raw: dict[str, Any], where: str, seed: int = 0) -> Config:
@@ -293,7 +294,7 @@ def build_config(task: str, raw: dict[str, Any], where: str, seed: int = 0) -> C
     errors = []
     for section, value in raw.items():  # every section's problems at once (--set optim.lr=-1 --set train.epochs=abc)
         try:
-            kwargs[section] = _build_section(task_obj, section, value, f"{where}.{section}", where)
+            kwargs[section] = _build_section(task_obj, section, value, where)
         except ConfigError as e:
             errors.append(str(e))
     raise_all(errors)
@@ -560,22 +561,23 @@ def _read_profiles(profiles: Any, profile: str | None, task: str, base: dict[str
                           else f"--profile {profile!r}: this spec defines no profiles")
     chosen = _Profile()
     for pname, pdef in profiles.items():
-        pw = f"profiles.{pname}"
-        _check_mapping(pdef, PROFILE_KEYS, pw)
-        leaves = flatten_set(pdef.get("set"), f"{pw}.set")
-        build_config(task, apply_set(base, leaves, f"{pw}.set"), f"{pw}.set")
+        profile_where = f"profiles.{pname}"
+        _check_mapping(pdef, PROFILE_KEYS, profile_where)
+        leaves = flatten_set(pdef.get("set"), f"{profile_where}.set")
+        build_config(task, apply_set(base, leaves, f"{profile_where}.set"), f"{profile_where}.set")
         workers = pdef.get("workers")
-        this = _Profile(leaves, workers=None if workers is None else check_value(workers, PosInt, f"{pw}.workers"))
+        workers = None if workers is None else check_value(workers, PosInt, f"{profile_where}.workers")
+        this = _Profile(leaves, workers=workers)
         if "seeds" in pdef:
-            this.seeds = check_value(pdef["seeds"], list[NonNegInt], f"{pw}.seeds")
+            this.seeds = check_value(pdef["seeds"], list[NonNegInt], f"{profile_where}.seeds")
         if "variants" in pdef:
-            this.variants = check_value(pdef["variants"], list[str], f"{pw}.variants")
+            this.variants = check_value(pdef["variants"], list[str], f"{profile_where}.variants")
         # A variant whose whole point is its budget (the `fast` recipe) keeps it in a short profile.
-        this.as_written = check_value(pdef.get("as_written", []), list[str], f"{pw}.as_written")
+        this.as_written = check_value(pdef.get("as_written", []), list[str], f"{profile_where}.as_written")
         for key, names in (("variants", this.variants or []), ("as_written", this.as_written)):
             for n in names:
                 if n not in variant_names:
-                    raise ConfigError(f"{pw}.{key}: {unknown_name_message('variant', n, variant_names)}")
+                    raise ConfigError(f"{profile_where}.{key}: {unknown_name_message('variant', n, variant_names)}")
         if pname == profile:
             chosen = this
     return chosen
@@ -593,42 +595,43 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
     variants: list[Variant] = []
     prev: str | None = None
     for i, v in enumerate(rawv):
-        vw = f"variants[{i}]"
-        _check_mapping(v, VARIANT_KEYS, vw, "a mapping with at least a 'name'")
+        variant_where = f"variants[{i}]"
+        _check_mapping(v, VARIANT_KEYS, variant_where, "a mapping with at least a 'name'")
         if "name" not in v:
-            raise ConfigError(f"{vw}: missing 'name'")
-        vname = check_value(v["name"], str, f"{vw}.name")
-        vw = f"variants[{i}] ({vname})"
+            raise ConfigError(f"{variant_where}: missing 'name'")
+        vname = check_value(v["name"], str, f"{variant_where}.name")
+        variant_where = f"variants[{i}] ({vname})"
         if vname in resolved:
-            raise ConfigError(f"{vw}.name: duplicate variant name {vname!r}")
+            raise ConfigError(f"{variant_where}.name: duplicate variant name {vname!r}")
         if any(slug(vname) == slug(n) for n in resolved):
-            raise ConfigError(f"{vw}.name: {vname!r} maps to the same folder as an earlier variant")
+            raise ConfigError(f"{variant_where}.name: {vname!r} maps to the same folder as an earlier variant")
         parent, ablation = prev, "from" in v  # an explicit `from:` is a leave-one-out check, even of the previous rung
-        ens = _check_ensemble(v, vw, variants) if "ensemble" in v else None
+        ens = _check_ensemble(v, variant_where, variants) if "ensemble" in v else None
         if ens is not None:
             parent = ens.of
         elif ablation:
-            parent = check_value(v["from"], str, f"{vw}.from")
+            parent = check_value(v["from"], str, f"{variant_where}.from")
             if parent not in resolved:
                 later = " (a variant builds on one above it)" if parent in {str(x.get("name")) for x in rawv[i:]
                                                                             if isinstance(x, dict)} else ""
                 why = (unknown_name_message("earlier variant", parent, resolved) if resolved
                        else f"{parent!r} is not an earlier variant; there is none before this one") + later
-                raise ConfigError(f"{vw}.from: {why}")
-        leaves = flatten_set(v.get("set"), f"{vw}.set")
-        cfg_raw = apply_set(resolved[parent] if parent else base, leaves, f"{vw}.set")
-        build_config(task, cfg_raw, f"{vw}.set")
+                raise ConfigError(f"{variant_where}.from: {why}")
+        leaves = flatten_set(v.get("set"), f"{variant_where}.set")
+        cfg_raw = apply_set(resolved[parent] if parent else base, leaves, f"{variant_where}.set")
+        build_config(task, cfg_raw, f"{variant_where}.set")
         resolved[vname] = cfg_raw
         final = cfg_raw
-        for overlay, ow, spared in overlays:
+        for overlay, overlay_where, spared in overlays:
             if vname not in spared:
-                final = apply_set(final, overlay, ow)
+                final = apply_set(final, overlay, overlay_where)
         reported = v.get("reported")
         if reported is not None:
-            reported = check_value(reported, float, f"{vw}.reported")
+            reported = check_value(reported, float, f"{variant_where}.reported")
             if not metric.low <= reported <= metric.high:
-                raise ConfigError(f"{vw}.reported: {metric.key} must be in [{metric.low:g}, {metric.high:g}] as the spec "
-                                  f"writes it (e.g. 0.982 for 98.2 %), got {reported}")
+                raise ConfigError(f"{variant_where}.reported: {metric.key} must be in "
+                                  f"[{metric.low:g}, {metric.high:g}] as the spec writes it (e.g. 0.982 for 98.2 %), "
+                                  f"got {reported}")
         change = describe(leaves) if leaves else ("(base)" if parent is None else "(no change)")
         if ablation:
             change = f"{parent} with {change}"
@@ -637,34 +640,34 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
             change = f"mean of {what} of {ens.of}" + (f", {describe(leaves)}" if leaves else "")
         label = change
         if v.get("note"):
-            note = label = check_value(v["note"], str, f"{vw}.note")
+            note = label = check_value(v["note"], str, f"{variant_where}.note")
             change = f"{note}: {change}" if leaves else note
-        variants.append(Variant(vname, i, parent, ablation, change, reported, build_config(task, final, vw),
+        variants.append(Variant(vname, i, parent, ablation, change, reported, build_config(task, final, variant_where),
                                 short_label(label), ens))
         prev = vname
     return variants
 
 
-def _check_ensemble(v: dict[str, Any], vw: str, earlier: list[Variant]) -> EnsembleDef:
+def _check_ensemble(v: dict[str, Any], where: str, earlier: list[Variant]) -> EnsembleDef:
     """``ensemble: {of: NAME, size: N}`` of a variant: ``of`` an earlier rung that trains, ``size`` at least 2 (unset:
     every seed); its ``set`` may change only ``eval`` keys (how the members' outputs are scored, e.g. ``eval.tta``)."""
     raw = v["ensemble"]
-    _check_mapping(raw, ENSEMBLE_KEYS, f"{vw}.ensemble", "a mapping {of: VARIANT, size: N}")
+    _check_mapping(raw, ENSEMBLE_KEYS, f"{where}.ensemble", "a mapping {of: VARIANT, size: N}")
     if "from" in v:
-        raise ConfigError(f"{vw}.from: an ensemble builds on the rung its `ensemble.of` names; leave `from` out")
+        raise ConfigError(f"{where}.from: an ensemble builds on the rung its `ensemble.of` names; leave `from` out")
     if "of" not in raw:
-        raise ConfigError(f"{vw}.ensemble.of: missing (the rung whose seeds it averages)")
-    of = check_value(raw["of"], str, f"{vw}.ensemble.of")
+        raise ConfigError(f"{where}.ensemble.of: missing (the rung whose seeds it averages)")
+    of = check_value(raw["of"], str, f"{where}.ensemble.of")
     trained = [x.name for x in earlier if x.ensemble is None]
     if of not in trained:
-        raise ConfigError(f"{vw}.ensemble.of: {unknown_name_message('earlier variant that trains', of, trained)}"
-                          if trained else f"{vw}.ensemble.of: {of!r}: there is no earlier variant that trains")
+        raise ConfigError(f"{where}.ensemble.of: {unknown_name_message('earlier variant that trains', of, trained)}"
+                          if trained else f"{where}.ensemble.of: {of!r}: there is no earlier variant that trains")
     size = raw.get("size")
-    if size is not None and check_value(size, PosInt, f"{vw}.ensemble.size") < 2:
-        raise ConfigError(f"{vw}.ensemble.size: an ensemble needs at least 2 members, got {size}")
-    for key in flatten_set(v.get("set"), f"{vw}.set"):
+    if size is not None and check_value(size, PosInt, f"{where}.ensemble.size") < 2:
+        raise ConfigError(f"{where}.ensemble.size: an ensemble needs at least 2 members, got {size}")
+    for key in flatten_set(v.get("set"), f"{where}.set"):
         if not key.startswith("eval."):
-            raise ConfigError(f"{vw}.set.{key}: an ensemble trains nothing; its `set` may change only eval keys "
+            raise ConfigError(f"{where}.set.{key}: an ensemble trains nothing; its `set` may change only eval keys "
                               f"(e.g. eval.tta)")
     return EnsembleDef(of, size)
 
@@ -716,18 +719,19 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
     for lv in leaves:
         base = apply_set(base, lv, "search")
     for path, dist in space.items():
-        dw = f"search.space.{path}"
-        _check_mapping(dist, DIST_KEYS, dw)
+        dist_where = f"search.space.{path}"
+        _check_mapping(dist, DIST_KEYS, dist_where)
         if "choices" in dist:
-            ends = check_value(dist["choices"], list, f"{dw}.choices")
+            ends = check_value(dist["choices"], list, f"{dist_where}.choices")
             if not ends or set(dist) - {"choices"}:
-                raise ConfigError(f"{dw}: give either a non-empty 'choices' list or 'low' and 'high'")
+                raise ConfigError(f"{dist_where}: give either a non-empty 'choices' list or 'low' and 'high'")
         else:
             if "low" not in dist or "high" not in dist:
-                raise ConfigError(f"{dw}: needs 'low' and 'high' (or 'choices')")
-            ends = [check_value(dist["low"], float, f"{dw}.low"), check_value(dist["high"], float, f"{dw}.high")]
+                raise ConfigError(f"{dist_where}: needs 'low' and 'high' (or 'choices')")
+            ends = [check_value(dist["low"], float, f"{dist_where}.low"),
+                    check_value(dist["high"], float, f"{dist_where}.high")]
             if not ends[0] < ends[1] or (dist.get("log") and ends[0] <= 0):
-                raise ConfigError(f"{dw}: need low < high (and low > 0 with log: true), got {ends}")
+                raise ConfigError(f"{dist_where}: need low < high (and low > 0 with log: true), got {ends}")
             if all(isinstance(dist[k], int) for k in ("low", "high")):
                 ends = [dist["low"], dist["high"]]
         for end in ends:

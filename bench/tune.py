@@ -169,7 +169,7 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     print(f"study {name} in {shown(storage.url)}: " + (f"continuing after {done} finished trials" if study.trials else "new")
           + ("" if done < target else f"; it already has {done} of --trials {target}: ask for more to go on"),
           file=sys.stderr)
-    train = _Trainer(spec, variant, seed, group, store, opts, cache, objectives)
+    train_trial = TrialObjective(spec, variant, seed, group, store, opts, cache, objectives)
     t0, waiting, failures = time.monotonic(), False, []
     while timeout is None or time.monotonic() - t0 < timeout:
         fail_stale_trials(study)  # a dead worker's trial is queued again, to resume from its last epoch
@@ -184,7 +184,7 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
             time.sleep(poll if poll is not None else storage.heartbeat)
             continue
         waiting = False
-        reason = _run_trial(study, rdb, train, target)
+        reason = _run_trial(study, rdb, train_trial, target)
         failures = failures + [reason] if reason else []
         if len(failures) >= max(MIN_FAILURES_IN_A_ROW, target):
             raise TrialsFailing(f"the last {len(failures)} trials of study {name} all failed (last: {failures[-1]}); "
@@ -251,7 +251,8 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED)))
 
 
-def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train: _Trainer, target: int) -> str | None:
+def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train_trial: TrialObjective,
+               target: int) -> str | None:
     """Ask the study for a trial (a queued retry first), train it while beating, tell the study how it ended;
     the reason when the trial failed (any exception of its training is the trial's: recorded, and the study
     goes on), else None.  Ctrl-C and SIGTERM (KeyboardInterrupt) queue it again and stop the study.
@@ -268,13 +269,13 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train:
     # The sampler draws when the trial suggests its parameters, after ask() gave it its number.  Seeded by that
     # number, a resumed study never draws a finished trial's parameters again, and workers asking at the same
     # moment (same study, same history) draw different ones; constant_liar keeps TPE away from running trials.
-    study.sampler = sampler(train.seed + trial.number, len(train.objectives) > 1)
+    study.sampler = sampler(train_trial.seed + trial.number, len(train_trial.objectives) > 1)
     if "run_of_trial" not in trial.user_attrs:  # a retry copies the attributes, so it trains in the same folder
         trial.set_user_attr("run_of_trial", trial.number)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     try:
         with heartbeat(storage, trial_id(storage, study, trial)):
-            value = train(trial)
+            value = train_trial(trial)
     except optuna.TrialPruned:
         study.tell(trial, state=State.PRUNED)
     except KeyboardInterrupt:
@@ -282,7 +283,7 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train:
         study.tell(trial, state=State.FAIL)
         run_of = trial.user_attrs.get("run_of_trial", trial.number)
         study.enqueue_trial(trial.params, user_attrs={"run_of_trial": run_of})  # the next run continues it
-        done = train.store.epochs_done(train.run) if train.run else 0
+        done = train_trial.store.epochs_done(train_trial.run) if train_trial.run else 0
         raise KeyboardInterrupt(f"trial {run_of} from epoch {done + 1}") from None
     except Exception as e:  # the trial's own failure (a diverged loss, a schedule its batch size cannot run, a bug)
         reason = failure_reason(e)
@@ -296,7 +297,7 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train:
         study.tell(trial, state=State.FAIL)
         raise
     else:
-        study.tell(trial, [value[o] for o in train.objectives])
+        study.tell(trial, [value[o] for o in train_trial.objectives])
     return None
 
 
@@ -306,10 +307,10 @@ def failure_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
-class _Trainer:
-    """Trains one trial as a run of the store and returns what it measured: its best validation metric
-    (``val_metric``), training seconds, parameters and FLOPs per image (see bench.spec.OBJECTIVES), also kept in the
-    trial's user attribute ``measures`` with the machine that measured them (``machine``)."""
+class TrialObjective:
+    """The study's objective function: trains one trial as a run of the store and returns what it measured: its best
+    validation metric (``val_metric``), training seconds, parameters and FLOPs per image (see bench.spec.OBJECTIVES),
+    also kept in the trial's user attribute ``measures`` with the machine that measured them (``machine``)."""
 
     def __init__(self, spec: Spec, variant: Variant, seed: int, group: str, store: RunStore, opts: RunOptions,
                  cache: dict[str, Data], objectives: list[str]):

@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.perf import fast_rung, machine_line, rung
+from bench.perf import fast_rung, machine_line, rung_config
 from bench.runner import resolve_data_root
 from bench.spec import load_spec, resolve_spec_path
 from bench.tasks import TASKS
@@ -46,7 +46,7 @@ def group(op: str) -> str:
 def profile_task(task_name: str, root: str, threads: int, steps: int, top: int) -> None:
     spec = load_spec(resolve_spec_path(task_name))
     task, device, name = TASKS[spec.task], torch.device("cpu"), fast_rung(spec.task)
-    cfg = rung(spec, name, 0, root, "cpu", threads)
+    cfg = rung_config(spec, name, 0, root, "cpu", threads)
     data = task.load(cfg, device)
     t = setup(cfg, task, data, device)
     gen = torch.Generator().manual_seed(0)
