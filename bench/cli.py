@@ -350,7 +350,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
               f"{best['failed']} failed)")
     else:
         metric = TASKS[spec.task].metrics[0]
-        print(f"best {best['metric']}: {metric.show(best['value'])} after {best['trials']} finished trials "
+        print(f"best {best['metric']}: {metric.text(best['value'], unit=True)} after {best['trials']} finished trials "
               f"({best['pruned']} pruned, {best['failed']} failed{_requeued(best['requeued'])}); "
               f"params: {best['params']}")
     for reason, n in best["failures"].items():

@@ -88,15 +88,14 @@ class Metric:
         label = self.short or self.label
         return f"{label} ({self.unit})" if self.unit else label
 
-    def format(self, value: float | None, digits: int | None = None) -> str:
-        """``value`` scaled and rounded as the summary shows it; an en dash when missing."""
+    def text(self, value: float | None, unit: bool = False) -> str:
+        """``value`` scaled and rounded as tables show it (``99.20``), with ``unit`` its unit as text says it
+        (``99.20 %``; ``0.8800`` for a metric without one); an en dash when missing."""
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        return f"{value * self.scale:.{self.digits if digits is None else digits}f}"
-
-    def show(self, value: float | None) -> str:
-        """:meth:`format` with the unit, as text says it: ``99.20 %``, ``0.8800``."""
-        return f"{self.format(value)}{' ' + self.unit if self.unit else ''}"
+            number = "–"
+        else:
+            number = f"{value * self.scale:.{self.digits}f}"
+        return f"{number} {self.unit}" if unit and self.unit else number
 
     # The direction, for everything that picks a best (epoch, seed, rung, shipped run, trial) or meets a target.
 

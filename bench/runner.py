@@ -31,7 +31,7 @@ from bench import ensemble, files, usable_cores
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
-from bench.spec import Run, Spec
+from bench.spec import Run, Spec, run_keys
 from bench.storage import StorageOptions
 from bench.store import LoadedRun, RunStore
 from bench.tasks import TASKS
@@ -296,8 +296,9 @@ def _waiting_note(run: Run) -> Callable[[], None]:
 def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool) -> None:
     """One line per finished run on stdout (the progress bars are on stderr), for logs and pipes."""
     m = task.metrics[0]
-    line = (f"done {run.spec} {run.variant.name} seed {run.seed}: {m.label} {m.show(result['test'].get(m.key))}"
-            f" (val {m.format(result['val_best'])}), {result['epochs_run']} epochs, "
+    line = (f"done {run.spec} {run.variant.name} seed {run.seed}: "
+            f"{m.label} {m.text(result['test'].get(m.key), unit=True)} (val {m.text(result['val_best'])}), "
+            f"{result['epochs_run']} epochs, "
             f"{result['train_time_s']:.0f} s")
     if progress:
         tqdm.write(line, file=sys.stdout)
@@ -396,7 +397,7 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
 def failures(spec: Spec, runs: list[Run], store: RunStore, storage: StorageOptions | None) -> list[str]:
     """One line naming each run of ``runs`` that failed: its record says so (a result.json with status failed and
     the run's key), or, sharing the grid through ``storage``, its workers kept dying until --retries ran out."""
-    keys = {(r.variant.name, r.seed): r.key for r in runs}
+    keys = run_keys(runs)
     out = [f"{r.variant} seed {r.seed}: {r.error}" for r in store.failed(spec.group)
            if keys.get((r.variant, r.seed)) == r.key]
     return out + (StudyGrid(store, spec, runs, storage).abandoned() if storage else [])

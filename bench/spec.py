@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import re
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,12 @@ class Run:
         return f"{self.spec} {self.variant.name} seed {self.seed}"
 
 
+def run_keys(runs: Iterable[Run]) -> dict[tuple[str, int], str]:
+    """{(variant, seed): key} of ``runs``: the key a stored run must have to be one of them (a group's definition
+    keeps them, read back by :meth:`bench.records.GroupRecord.expected_keys`)."""
+    return {(r.variant.name, r.seed): r.key for r in runs}
+
+
 @dataclass
 class Spec:
     name: str
@@ -171,6 +178,11 @@ def slug(name: str) -> str:
 def group_slug(name: str) -> str:
     """A group name as a folder name (commas kept: ad-hoc groups list their overrides with them)."""
     return re.sub(r"[^A-Za-z0-9+._=,@-]", "_", name)
+
+
+def group_file_prefix(group: str) -> str:
+    """How the names of a group's figures (and Pareto front files) begin: ``mnist@quick`` -> ``mnist-quick``."""
+    return group.replace("@", "-")
 
 
 # Train settings that change only how fast a run goes (and floating-point rounding), never what it computes.
@@ -771,8 +783,7 @@ def place_in_group(spec: Spec, published: Spec, group: str | None = None) -> Spe
     are not the spec's), so that an experiment can never change a published table.  The caller
     trains the runs of the returned spec whose seeds are in ``spec.seeds``.
     """
-    own = {(r.variant.name, r.seed): r.key for r in published.runs()}
-    mine = all(own.get((r.variant.name, r.seed)) == r.key for r in spec.runs())
+    mine = run_keys(spec.runs()).items() <= run_keys(published.runs()).items()
     if mine and group is None:
         return published
     subset = set(spec.seeds) <= set(published.seeds)  # then the scope is the spec's seeds, as for a published group

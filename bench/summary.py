@@ -34,7 +34,7 @@ from bench import files
 from bench.pareto import pareto_front
 from bench.plots import plot_spec_curves, plot_tradeoff
 from bench.records import GroupRecord, RunRecord, VariantRecord
-from bench.spec import short_label
+from bench.spec import group_file_prefix, short_label
 from bench.store import RunStore, StoredRun
 from bench.tasks import TASKS
 from bench.tasks.base import Metric, Task
@@ -77,7 +77,7 @@ def format_ci(m: float, hw: float, metric: Metric) -> str:
         return "–"
     lo, hi = max(m - hw, metric.low), min(m + hw, metric.high)
     mark = CLIPPED if (lo, hi) != (m - hw, m + hw) else ""
-    return f"[{metric.format(lo)}, {metric.format(hi)}]{mark}"
+    return f"[{metric.text(lo)}, {metric.text(hi)}]{mark}"
 
 
 def format_count(x: float) -> str:
@@ -155,9 +155,9 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
         more: dict[str, str] = {"variant": name}
         if rs:
             m, sd, hw = mean_ci([r.test[primary.key] for r in rs])
-            row[primary.header] = f"{primary.format(m)} ± {primary.format(sd)}"
+            row[primary.header] = f"{primary.text(m)} ± {primary.text(sd)}"
             row[DELTA] = _delta(v, by_seed, primary) if v.parent else ""
-            more["val (mean)"] = primary.format(val_means[v.name])
+            more["val (mean)"] = primary.text(val_means[v.name])
             more["95% CI"] = format_ci(m, hw, primary)
             clipped |= more["95% CI"].endswith(CLIPPED)
             ran, best_ep = (sum(getattr(r, k) for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
@@ -170,15 +170,15 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
                 sec = {"variant": name, "n": str(len(rs))}
                 for metric in shown:
                     if any(metric.key not in r.test for r in rs):  # recorded before the metric existed: rescore
-                        sec[metric.column] = metric.format(None)
+                        sec[metric.column] = metric.text(None)
                         continue
                     mk, sk, _ = mean_ci([r.test[metric.key] for r in rs])
-                    sec[metric.column] = f"{metric.format(mk)} ± {metric.format(sk)}"
+                    sec[metric.column] = f"{metric.text(mk)} ± {metric.text(sk)}"
                 secondary.append(sec)
         else:
             row[primary.header] = "not run"
         if reported:
-            row["report"] = primary.format(v.reported) if v.reported is not None else ""
+            row["report"] = primary.text(v.reported) if v.reported is not None else ""
         row["params"] = format_params(rs[0].params) if rs else ""
         row.update(cost_cols.get(v.name, {}))
         main.append(row)
@@ -208,8 +208,8 @@ def postprocess_table(meta: GroupRecord, results: dict[str, list[RunRecord]], me
             if all(m.key in r.test and m.key in r.test_raw for r in rs):
                 before, after = ({r.seed: getattr(r, k)[m.key] for r in rs} for k in ("test_raw", "test"))
                 d, p, _ = paired_test(after, before)
-                row[f"{m.label} before → after"] = (f"{m.format(sum(before.values()) / len(rs))} → "
-                                                    f"{m.format(sum(after.values()) / len(rs))}")
+                row[f"{m.label} before → after"] = (f"{m.text(sum(before.values()) / len(rs))} → "
+                                                    f"{m.text(sum(after.values()) / len(rs))}")
                 row[f"Δ {m.label} (p)"] = f"{d * m.scale:+.{m.digits}f} (p={'–' if math.isnan(p) else f'{p:.3f}'})"
         rows.append(row)
     return _table(rows, {h for r in rows for h in r if h not in ("variant", CHOSEN)}) if rows else None
@@ -273,7 +273,7 @@ def ms_decimals(values: list[float]) -> int:
 
 
 def target_column(target: float, metric: Metric) -> str:
-    return f"to val {metric.show(target)}: epoch, train s"
+    return f"to val {metric.text(target, unit=True)}: epoch, train s"
 
 
 def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
@@ -478,10 +478,10 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     out += ["Training and statistics of each rung:", "", tables.training.markdown(), ""]
     if tables.clipped:
         out += [f"{CLIPPED} The t-interval reaches outside the metric's range and is shown cut to "
-                f"[{primary.format(primary.low)}, {primary.format(primary.high)}] (few seeds make it wide).", ""]
+                f"[{primary.text(primary.low)}, {primary.text(primary.high)}] (few seeds make it wide).", ""]
     if meta.target is not None:
         out += [f"*{target_column(meta.target, primary)}*: the first epoch whose validation metric reached "
-                f"{primary.show(meta.target)} (the report's best number, "
+                f"{primary.text(meta.target, unit=True)} (the report's best number, "
                 "the spec's `target`) and the seconds of training steps until its end (evaluation not counted), "
                 "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.", ""]
     if tables.secondary is not None:
@@ -495,7 +495,7 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     out += _curves(meta, runs, fig_dir, task)
     if best:
         best_run = min((r for r in runs if r.variant == best), key=lambda r: task.metrics[0].rank(r.result.val_best))
-        for caption, png in _figures(best_run, store, fig_dir / meta.group.replace("@", "-"), task, fig_dir.parent):
+        for caption, png in _figures(best_run, store, fig_dir / group_file_prefix(meta.group), task, fig_dir.parent):
             out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
     return "\n".join(out).rstrip() + "\n"
 
@@ -538,10 +538,10 @@ def _tradeoff(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any], f
     if len(points) < 2:
         return []
     front = pareto_front([(p[1], p[2]) for p in points], metric.higher_is_better, LATENCY_TOLERANCE)
-    png = fig_dir / f"{meta.group.replace('@', '-')}-tradeoff.png"
+    png = fig_dir / f"{group_file_prefix(meta.group)}-tradeoff.png"
     plot_tradeoff(points, front, png, metric, f"ONNX Runtime batch-1 p50 latency (ms, log scale; {costs['cpu']})",
                   f"{meta.group}: {metric.label} against latency, Pareto front in red")
-    names = ", ".join(f"{points[i][0]} ({points[i][1]:.3f} ms, {metric.format(points[i][2])})" for i in front)
+    names = ", ".join(f"{points[i][0]} ({points[i][1]:.3f} ms, {metric.text(points[i][2])})" for i in front)
     return [f"![trade-off of {meta.group}]({_rel(png, fig_dir.parent)})", "",
             f"Pareto front (no other rung is better on test at no more latency; latencies within "
             f"{LATENCY_TOLERANCE:.0%} count as equal, the timing noise of one network): {names}.", ""]
@@ -598,7 +598,7 @@ def _curves(meta: GroupRecord, runs: list[StoredRun], fig_dir: Path, task: Task)
             curves.setdefault(r.variant, []).append(pd.read_csv(r.dir / "metrics.csv"))
     if not curves:
         return []
-    png = fig_dir / f"{meta.group.replace('@', '-')}-curves.png"
+    png = fig_dir / f"{group_file_prefix(meta.group)}-curves.png"
     plot_spec_curves(curves, png, task.metrics[0])
     return [f"![learning curves of {meta.group}]({_rel(png, fig_dir.parent)})", ""]
 

@@ -219,11 +219,13 @@ class Tracker:
                     by_group.setdefault(Path(d).parent.parent, []).append(Path(d))
                 for group_dir, dirs in by_group.items():
                     group = group_dir.name
-                    meta = GroupRecord.from_dict(files.read_json(group_dir / "spec.json")).to_dict() | {"group": group}
+                    record = GroupRecord.from_dict(files.read_json(group_dir / "spec.json"))
+                    meta = record.to_dict() | {"group": group}
                     exp_id, parent = self._parent(client, meta)
                     logged = self._logged(client, exp_id, group)
+                    expected = None if record.role == "study" else record.expected_keys()
                     for d in dirs:
-                        run_id = _log_run(client, exp_id, parent, meta, d, logged)
+                        run_id = _log_run(client, exp_id, parent, meta, expected, d, logged)
                         if run_id:
                             ids.append(run_id)
         except Exception as e:
@@ -270,9 +272,11 @@ _CLIENTS: dict[str, Any] = {}  # one client per tracking URI and process
 _PARENTS: dict[tuple[str, str], tuple[str, str]] = {}  # (uri, group) -> (experiment id, parent run id)
 
 
-def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], d: Path, logged: dict[str, list[Any]]) -> str | None:
+def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], expected: dict[tuple[str, int], str] | None,
+             d: Path, logged: dict[str, list[Any]]) -> str | None:
     """Log run folder ``d`` under ``parent`` unless ``logged`` (config key -> the group's MLflow runs) holds it; its
-    run id, or None when ``d`` holds no finished run (or pruned trial) whose result and config agree."""
+    run id, or None when ``d`` holds no finished run (or pruned trial) whose result and config agree, or whose key is
+    not the one ``expected`` (the group's :meth:`~bench.records.GroupRecord.expected_keys`; None: any) names."""
     from mlflow.entities import Metric, Param, RunStatus
 
     try:
@@ -282,8 +286,7 @@ def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], d: Pat
     key = result.key
     if result.status not in ("finished", "pruned") or key != config.get("key"):
         return None
-    expected = {(r["variant"], r["seed"]): r["key"] for r in meta.get("runs", [])}
-    if meta.get("role") != "study" and expected and expected.get((config.get("variant"), config.get("seed"))) != key:
+    if expected and expected.get((config.get("variant"), config.get("seed"))) != key:
         return None  # not the config the group holds now (an older run of an edited spec)
     done = [r for r in logged.get(key, []) if r.info.status == "FINISHED"]
     if done:

@@ -59,6 +59,7 @@ from bench.spec import (
     apply_set,
     build_config,
     describe,
+    group_file_prefix,
     read_rungs,
     run_key,
     rungs_path,
@@ -531,7 +532,7 @@ def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, st
     study_info = {"name": study.study_name, "ran_in": where_it_ran(storage), "profile": spec.profile, "seed": seed,
                   "metric": f"validation {task.metric}", "best_trial": best.number, "value": round(best.value, 6),
                   **counts, "trials_csv": trials_csv.name,
-                  "figures": [f"figures/tune-{spec.published_group.replace('@', '-')}-{k}.png"
+                  "figures": [f"figures/tune-{group_file_prefix(spec.published_group)}-{k}.png"
                               for k in ("history", "importance")],
                   "commit": files.git_commit(), "written": time.strftime("%Y-%m-%d %H:%M %Z")}
     minutes = f"{counts['wall_time_s'] / 60:.1f} min" if counts["wall_time_s"] is not None else "?"
@@ -541,7 +542,7 @@ def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, st
                       f"once), trial {best.number}"),
              "set": config_params(best.params, spec.search["space"])}
     if not _same_tuned(target, study_info, tuned):  # a rerun of a finished study keeps the committed file
-        prefix = results_dir / "figures" / f"tune-{spec.published_group.replace('@', '-')}"
+        prefix = results_dir / "figures" / f"tune-{group_file_prefix(spec.published_group)}"
         study_info["figures"] = [f"figures/{n}" for n in plot_study(study, prefix)]
         write_trials_csv(study, trials_csv)
         files.write_text(target, f"# Written by `python -m bench tune {spec.path}"
@@ -559,15 +560,17 @@ COLUMNS = {"train_seconds": "train s", "params": "params", "flops": "MFLOP/image
 
 
 def front_prefix(spec: Spec) -> str:
-    """The name of a spec's multi-objective outputs: ``<group>-pareto``; the figure is ``tune-<group>-pareto.png``."""
-    return f"{spec.group.replace('@', '-')}-pareto"
+    """The name of a spec's multi-objective outputs: ``<prefix>-pareto`` (see :func:`bench.spec.group_file_prefix`);
+    the figure is ``tune-<prefix>-pareto.png``."""
+    return f"{group_file_prefix(spec.group)}-pareto"
 
 
 def write_front(spec: Spec, variant: Variant, name: str, rdb: optuna.storages.BaseStorage, seed: int, storage: str,
                 out: Path, results_dir: Path) -> dict[str, Any]:
     """Write a multi-objective study's Pareto front, read back from its storage (every worker's trials): a Markdown
-    table ``results/optuna/<group>-pareto.md``, the figure ``results/figures/tune-<group>-pareto.png`` and every trial
-    as CSV beside the table.  The summary that ``bench tune`` prints, with ``front`` (its trials, in table order)."""
+    table ``results/optuna/<prefix>.md``, the figure ``results/figures/tune-<prefix>.png`` and every trial as CSV
+    beside the table (``<prefix>``: :func:`front_prefix`).  The summary that ``bench tune`` prints, with ``front``
+    (its trials, in table order)."""
     study = optuna.load_study(study_name=name, storage=rdb)  # the values stored by every worker, not this one's
     objectives = study.user_attrs["objectives"]
     counts = study_summary(study)
@@ -630,7 +633,7 @@ def front_markdown(spec: Spec, variant: Variant, study: optuna.Study, objectives
     for t in front:
         m = t.user_attrs.get("measures", {})
         p = config_params(t.params, space)
-        rows.append([str(t.number), metric.format(t.values[0]), f"{m.get('train_seconds', float('nan')):.1f}",
+        rows.append([str(t.number), metric.text(t.values[0]), f"{m.get('train_seconds', float('nan')):.1f}",
                      f"{m.get('params', 0):,}", f"{m.get('flops', 0) / 1e6:.2f}", str(t.user_attrs.get("epochs", "")),
                      *(_short(p.get(k)) for k in space)])
     lines += [files.markdown_table(head, rows, ["right"] * (len(head) - len(space)) + ["left"] * len(space)), "",
@@ -776,7 +779,7 @@ def _write_rung(path: Path, rung: str, spec: Spec, variant: Variant, study: optu
                        "measures": m, "machine": trial.user_attrs.get("machine"), "commit": files.git_commit(),
                        "written": time.strftime("%Y-%m-%d %H:%M %Z")},
              "variant": {"name": rung, "from": variant.name,
-                         "note": f"Optuna trial {trial.number}: val {metric.show(m['val_metric'])}"
+                         "note": f"Optuna trial {trial.number}: val {metric.text(m['val_metric'], unit=True)}"
                                  + "".join(f", {c}" for c in costs),
                          "set": config_params(trial.params, spec.search["space"])}}
     entries = [e for e in read_rungs(spec.search, Path(spec.path)) if e["variant"].get("name") != rung] + [entry]

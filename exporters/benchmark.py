@@ -41,7 +41,7 @@ from bench.models import count_flops
 from bench.train import device_name
 from exporters.export import Exported
 from exporters.parity import EVAL_BATCH, agreement, score
-from exporters.runtime import available_providers, provider_session, run_batched, session
+from exporters.runtime import provider_session, run_batched, session, timed_providers
 
 LARGE_BATCH = {"classification": 256, "segmentation": 16}
 REPEATS = {"small": 200, "large": 30}
@@ -125,7 +125,7 @@ def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | No
     if rec.get("int8") and (ex.path.parent / rec["int8"]["onnx"]).exists():
         onnx_files["int8"] = ex.path.parent / rec["int8"]["onnx"]
         metrics["onnxruntime", "int8"] = rec["int8"]["metric_ort"]
-    provs = providers or [p for p in available_providers() if p == "cpu" or torch.cuda.is_available()]
+    provs = providers or timed_providers()
     rows = []
     for prov in provs:
         try:

@@ -203,8 +203,9 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
         raise ConfigError(f"{run_dir}: re-training it to export it failed; see above")
     metric = TASKS[meta.task].metrics[0]
     old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
-    print(f"note: re-trained {group} {stored.variant} seed {stored.seed}: {metric.label} {metric.show(new)} "
-          f"({'identical to' if new == old else 'recorded'} {metric.show(old)}); exporting {again.path(run)}",
+    print(f"note: re-trained {group} {stored.variant} seed {stored.seed}: {metric.label} {metric.text(new, unit=True)} "
+          f"({'identical to' if new == old else 'recorded'} {metric.text(old, unit=True)}); "
+          f"exporting {again.path(run)}",
           file=sys.stderr)
     return again.path(run)
 

@@ -41,7 +41,7 @@ from exporters import metadata as metadata_module
 from exporters import parity as parity_module
 from exporters.benchmark import add_int8, time_calls
 from exporters.export import OPSET, Exported, export_run, load_exported, source_of
-from exporters.runtime import available_providers, provider_session
+from exporters.runtime import provider_session, timed_providers
 
 REPEATS = 200
 WARMUP = 10
@@ -103,7 +103,7 @@ def time_rungs(exports: dict[str, Exported], threads: int, repeats: int | None,
                providers: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Batch-1 latency of every export (and its INT8 file) on every provider, all calls interleaved:
     {variant: {"cpu/fp32": {"p50_ms", "p90_ms", "p99_ms", "calls"}, ...}}."""
-    provs = providers or [p for p in available_providers() if p == "cpu" or torch.cuda.is_available()]
+    provs = providers or timed_providers()
     fns: dict[str, Any] = {}
     for variant, ex in exports.items():
         x = np.ascontiguousarray(ex.inputs[:1])

@@ -16,6 +16,14 @@ def available_providers() -> list[str]:
     return [k for k, v in PROVIDERS.items() if v in have]
 
 
+def timed_providers() -> list[str]:
+    """The providers the benchmarks (``best``, ``rungs``) time by default: ``cpu``, and ``cuda`` where this onnxruntime
+    build offers it and a GPU is there (PyTorch sees one)."""
+    import torch  # here, not at the top: ``bench predict`` runs sessions without importing PyTorch
+
+    return [p for p in available_providers() if p == "cpu" or torch.cuda.is_available()]
+
+
 def session(path: str | Path, provider: str = "cpu", threads: int | None = None, spinning: bool = False) -> Any:
     """An ``onnxruntime.InferenceSession`` with all graph optimizations.
 

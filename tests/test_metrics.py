@@ -256,9 +256,10 @@ def test_object_hausdorff_matches_scipy_on_realistic_masks():
         assert M.object_hausdorff(p, g) == pytest.approx(_reference_object_hausdorff(p, g), rel=1e-9)
 
 
-def test_metric_shows_its_value_with_its_unit():
+def test_metric_text_scales_rounds_and_adds_its_unit_on_request():
     from bench.metrics import Metric
 
     pct = Metric("acc", "test accuracy", unit="%", scale=100.0, digits=2)
-    assert (pct.show(0.992), pct.show(None)) == ("99.20 %", "– %")
-    assert Metric("dice", "pixel Dice", digits=4).show(0.88) == "0.8800"
+    assert (pct.text(0.992), pct.text(float("nan")), pct.text(None)) == ("99.20", "–", "–")
+    assert (pct.text(0.992, unit=True), pct.text(None, unit=True)) == ("99.20 %", "– %")
+    assert Metric("dice", "pixel Dice", digits=4).text(0.88, unit=True) == "0.8800"
