@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "or a name under ablations/) whose published group is meant")
     c.add_argument("--profile", help="with a spec: its profile, e.g. quick")
     c.add_argument("--results", default="results", help="results folder (default: results)")
-    c.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the runs' own)")
+    c.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the runs' own; a folder task's runs: "
+                                       "their own)")
 
     x = sub.add_parser("reproduce", help="re-train a group's recorded runs in a temporary folder and compare their test "
                                          "metric with the record; exit 1 when one is off by more than the tolerance")

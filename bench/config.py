@@ -106,7 +106,8 @@ class TrainCfg:
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (bench.train.amp_enabled)
     eval_batch_size: PosInt = 1000
     threads: PosInt | None = None  # torch CPU threads; None -> torch default
-    # How fast, not what: these two change only floating-point rounding, so they are left out of the run key.
+    # How fast, not what: threads and these two change only floating-point rounding, so they are left out of the run
+    # key (bench.spec.SPEED_KEYS).
     channels_last: bool = True  # NHWC memory layout for the network and its inputs (faster convolutions: results/perf.md)
     # torch.compile the training step ("none": not; not "off", which YAML reads as false); reduce-overhead: + CUDA graphs
     compile: Literal["none", "default", "reduce-overhead"] = "none"

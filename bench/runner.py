@@ -62,8 +62,8 @@ def resolve_data_root(cli_root: str | None, default: str = "data") -> tuple[str,
 
 
 def run_data_root(run: LoadedRun, data_root: str | None) -> str:
-    """Where a stored run's data is read again (rescore, export): ``data_root`` ($BENCH_DATA or --data-root), else
-    the run's own root; a folder task's own root always (it is the data set itself, not a folder holding several)."""
+    """Where a stored run's data is read again (rescore, export): ``data_root`` (--data-root) when given; else a folder
+    task's own root (it is the data set itself, not a folder holding several); else $BENCH_DATA; else the run's own."""
     own = run.config.data.root if run.task.data_keys else None
     return resolve_data_root(data_root or own, default=run.config.data.root or "data")[0]
 

@@ -230,8 +230,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
 
 
 def add_int8(ex: Exported) -> dict[str, Any] | None:
-    """Quantize ``ex`` to ``<task>.int8.onnx`` and score it on the test set through ORT; records the
-    result under ``int8`` in the export's JSON.  Returns that entry (None, with a warning, on failure)."""
+    """Quantize ``ex`` (``<name>.onnx``) to ``<name>.int8.onnx`` beside it and score it on the test set through ORT;
+    records the result under ``int8`` in the export's JSON.  Returns that entry (None, with a warning, on failure)."""
     kind = ex.meta.kind
     train = ex.run.task.raw_images(ex.data_root, "train")
     calib = ex.meta.normalize(train.images[: CALIBRATION_IMAGES[kind]])

@@ -210,8 +210,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
 
 
 def test_data_root(run: LoadedRun, data_root: str | None) -> str:
-    """Where a run's test images are read for its export: ``data_root`` ($BENCH_DATA or --data-root), else the run's
-    own root; a folder task's own root always (it is the data set itself, not a folder holding several)."""
+    """Where a run's test images are read for its export: :func:`bench.runner.run_data_root`."""
     return run_data_root(run, data_root)
 
 

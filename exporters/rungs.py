@@ -12,8 +12,8 @@ reused while its source run (its best.pt) and the code that makes the graph are 
 Latency is always measured again, for every rung together in one process: ONNX Runtime, batch 1,
 one thread (``--threads``), one test image, the calls of all rungs interleaved in chunks (see
 :func:`exporters.benchmark.time_calls`), so that the rungs are compared under the same load.  The
-result goes to ``<results>/runs/<group>/costs.json`` (beside the group's runs, like them not
-committed), from which ``bench summary`` adds the cost columns and the trade-off figure to the
+result goes to ``<results>/runs/<group>/costs.json`` (beside the group's records, committed with
+them), from which ``bench summary`` adds the cost columns and the trade-off figure to the
 group's table.  A variant without a finished run is "not run", not an error.
 """
 from __future__ import annotations
