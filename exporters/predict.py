@@ -7,18 +7,16 @@ Everything about preprocessing comes from the model's metadata (see ``exporters/
   inverted.  Then it is prepared following ``resize_policy`` (``mnist``: the digit centred as MNIST's
   were; ``resize``: padded and resized; ``exporters/images.py``).  Output: ``<out>/predictions.csv`` with
   ``file,class,probability``; an image without ink under the ``mnist`` policy still gets its row, and a warning.
-* **segmentation** (WARWICK): the image is decoded in ``color_mode`` and keeps its size: the graph
-  takes any height and width (``tile`` policy; large images are tiled, ``exporters/images.py``).  The mask is the
-  probability above ``threshold``, with holes
-  filled when ``fill_holes`` and objects under ``min_area`` pixels removed (the post-processing the run chose on
-  validation; none in older exports).  Output per image: a mask (0/255) and an overlay
-  (the image dimmed outside the predicted glands, which are outlined), plus ``<out>/predictions.csv``
-  with ``file,mask,overlay,foreground_fraction`` (mask and overlay relative to ``--out``; the names:
-  ``exporters/inputs.py``).  A model with
-  a gland-contour output (metadata ``instances: contours``) also writes ``<stem>_instances.png``, a
-  16-bit PNG of gland labels (0 background, k the k-th gland: ``bench/instances.py``, at the metadata's
-  ``contour_threshold``), and the CSV gains ``instances,glands`` (its file and the number of glands); the
-  post-processing then works per gland (each gland's holes filled, glands under ``min_area`` removed) and the
+* **segmentation** (WARWICK): the image is decoded in ``color_mode`` and keeps its size: the graph takes any
+  height and width (``tile`` policy; large images are tiled, ``exporters/images.py``).  The mask is the probability
+  above ``threshold``, with holes filled when ``fill_holes`` and objects under ``min_area`` pixels removed (the
+  post-processing the run chose on validation; none in older exports).  Output per image: a mask (0/255) and an
+  overlay (the image dimmed outside the predicted glands, which are outlined), plus ``<out>/predictions.csv`` with
+  ``file,mask,overlay,foreground_fraction`` (mask and overlay relative to ``--out``; how they are named:
+  ``exporters/inputs.py``).  A model with a gland-contour output (metadata ``instances: contours``) also writes
+  ``<stem>_instances.png``, a 16-bit PNG of gland labels (0 background, k the k-th gland: ``bench/instances.py``, at
+  the metadata's ``contour_threshold``), and the CSV gains ``instances,glands`` (its file and the number of glands);
+  the post-processing then works per gland (each gland's holes filled, glands under ``min_area`` removed) and the
   mask is the union of the glands kept.
 
 PATH may be files or folders; a folder is searched recursively and every file in it is tried
