@@ -194,58 +194,88 @@ def _type_name(tp: Any) -> str:
 
 def check_value(value: Any, tp: Any, where: str) -> Any:
     """Return ``value`` coerced to ``tp`` (int -> float, list -> tuple) or raise ConfigError;
-    a :class:`Range` in ``Annotated[...]`` is enforced (RangeError)."""
+    a :class:`Range` in ``Annotated[...]`` is enforced (RangeError).  One checker per kind of type
+    (:data:`_CHECKERS`); a type of no kind there (``Any``, a class) takes any value as is."""
     if tp is Any or tp is typing.Any:
         return value
     origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        raise ConfigError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-    if origin is Annotated:
-        base, *extras = typing.get_args(tp)
-        value = check_value(value, base, where)
-        for r in extras:
-            if isinstance(r, Range) and not r.contains(value):
-                raise RangeError(f"{where}: must be {r}, got {value!r}")
+    checker = _CHECKERS.get(origin if origin is not None else tp)
+    return value if checker is None else checker(value, tp, where)
+
+
+def _mismatch(value: Any, tp: Any, where: str) -> ConfigError:
+    return ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _check_literal(value: Any, tp: Any, where: str) -> Any:
+    """``Literal[a, b]``: one of the choices."""
+    choices = typing.get_args(tp)
+    if value in choices:
         return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return check_value(value, arg, where)
-            except RangeError:
-                raise  # the type fits, the number does not: say so, not "expected int or null"
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin in (list, tuple) or tp in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            args = typing.get_args(tp)
-            inner = args[0] if args else Any
-            items = [check_value(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-            return tuple(items) if (origin or tp) is tuple else items
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return value
-    else:
-        return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_annotated(value: Any, tp: Any, where: str) -> Any:
+    """``Annotated[T, Range(...)]``: a T, then inside every :class:`Range` among the annotations."""
+    base, *extras = typing.get_args(tp)
+    value = check_value(value, base, where)
+    for r in extras:
+        if isinstance(r, Range) and not r.contains(value):
+            raise RangeError(f"{where}: must be {r}, got {value!r}")
+    return value
+
+
+def _check_union(value: Any, tp: Any, where: str) -> Any:
+    """``A | B`` (``Optional[A]``): the first member that takes the value."""
+    for arg in typing.get_args(tp):
+        try:
+            return check_value(value, arg, where)
+        except RangeError:
+            raise  # the type fits, the number does not: say so, not "expected int or null"
+        except ConfigError:
+            continue
+    raise _mismatch(value, tp, where)
+
+
+def _scalar(accepts: Callable[[Any], bool], convert: Callable[[Any], Any] = lambda v: v) -> Callable[..., Any]:
+    """The checker of a plain type: ``value`` when ``accepts(value)`` (converted), else the mismatch."""
+    def check(value: Any, tp: Any, where: str) -> Any:
+        if accepts(value):
+            return convert(value)
+        raise _mismatch(value, tp, where)
+    return check
+
+
+def _is_number(value: Any, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)  # True is an int to Python, not to a spec
+
+
+def _check_sequence(value: Any, tp: Any, where: str) -> Any:
+    """``list[T]``, ``tuple[T, ...]`` (or bare): a list or tuple whose items are each a T, given back as the
+    annotated container (a YAML list becomes a tuple where a tuple is wanted)."""
+    if not isinstance(value, (list, tuple)):
+        raise _mismatch(value, tp, where)
+    args = typing.get_args(tp)
+    inner = args[0] if args else Any
+    items = [check_value(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if (typing.get_origin(tp) or tp) is tuple else items
+
+
+# kind of type (``typing.get_origin``, else the type itself) -> its checker ``(value, tp, where) -> value``
+_CHECKERS: dict[Any, Callable[[Any, Any, str], Any]] = {
+    typing.Literal: _check_literal,
+    Annotated: _check_annotated,
+    typing.Union: _check_union,
+    types.UnionType: _check_union,
+    type(None): _scalar(lambda v: v is None),
+    bool: _scalar(lambda v: isinstance(v, bool)),
+    int: _scalar(lambda v: _is_number(v, (int,))),
+    float: _scalar(lambda v: _is_number(v, (int, float)), float),
+    str: _scalar(lambda v: isinstance(v, str)),
+    list: _check_sequence,
+    tuple: _check_sequence,
+    dict: _scalar(lambda v: isinstance(v, dict)),  # as is: a registry section's arguments are checked by its factory
+}
 
 
 def unknown_key_message(where: str, key: str, valid: list[str]) -> str:

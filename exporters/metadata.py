@@ -137,6 +137,17 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
     return meta
 
 
+def _ink_box(raw: str, image_size: tuple[int, int]) -> int:
+    """The ``ink_box`` key's value: a whole number of pixels that fits in the image; raises ValueError otherwise."""
+    try:
+        box = int(raw)
+    except ValueError:
+        box = 0
+    if not 1 <= box <= min(image_size):
+        raise ValueError(f"metadata ink_box {raw!r} is not a whole number of pixels in 1..{min(image_size)}")
+    return box
+
+
 @dataclass
 class ModelMeta:
     """The parsed metadata of an exported model; see :data:`KEYS`."""
@@ -153,6 +164,7 @@ class ModelMeta:
     image_size: tuple[int, int]
     resize_policy: str
     invert: str = "never"
+    ink_box: int = 20  # ``mnist`` policy: side of the box the digit's ink is scaled into (read for that policy only)
     classes: list[str] | None = None
     threshold: float = 0.5
     tile_size: tuple[int, int] | None = None
@@ -175,7 +187,7 @@ class ModelMeta:
         try:
             tile = json.loads(get("tile_size", "null"))
             classes = json.loads(get("classes", "null"))
-            return cls(
+            meta = cls(
                 task=get("task"), kind=get("kind"), input_name=get("input_name"), output_name=get("output_name"),
                 color_mode=get("color_mode"), channels=[int(c) for c in json.loads(get("channels"))],
                 pixel_divisor=float(get("pixel_divisor")),
@@ -190,6 +202,9 @@ class ModelMeta:
             )
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{where}: malformed metadata ({e})") from None
+        if meta.kind == "classification" and meta.resize_policy == "mnist":
+            meta.ink_box = _ink_box(get("ink_box", "20"), meta.image_size)
+        return meta
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> ModelMeta:

@@ -21,8 +21,8 @@ from bench.tasks import TASKS
 from bench.tasks.base import DataError
 from bench.tasks.folders import pad_and_resize
 from examples.shapes.make_data import make
+from exporters.images import pad_and_resize as predict_pad_and_resize
 from exporters.onnx import main as export
-from exporters.predict import pad_and_resize as predict_pad_and_resize
 from tests.helpers import write_spec
 
 CPU = torch.device("cpu")
@@ -364,7 +364,7 @@ def test_a_bad_image_is_a_data_error_and_a_bug_while_decoding_keeps_its_tracebac
 
     from bench.tasks import warwick
     from bench.tasks.folders import decode
-    from exporters import predict
+    from exporters import inputs as predict
 
     good, cut, text = tmp_path / "good.png", tmp_path / "cut.png", tmp_path / "text.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)

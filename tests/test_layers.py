@@ -23,7 +23,8 @@ LAYERS = [
     ["bench.grid"],  # who trains which run: kernel locks, or a study in that database
     ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
     ["bench.summary", "bench.perf", "bench.rescore", "bench.reproduce"],  # the published tables and speed measurements
-    ["exporters", "exporters.runtime", "exporters.metadata", "exporters.parity", "exporters.export",
+    ["exporters", "exporters.runtime", "exporters.metadata", "exporters.images", "exporters.inputs",
+     "exporters.parity", "exporters.export",
      "exporters.benchmark", "exporters.report", "exporters.rungs", "exporters.predict", "exporters.tracking",
      "exporters.onnx"],  # deployment
     ["bench.cli", "bench.__main__"],  # the command line

@@ -18,8 +18,10 @@ from bench.store import LoadedRun
 from bench.tasks import TASKS
 from bench.tasks.base import DataInfo
 from exporters.export import export_graph
+from exporters.images import prepare_digit
+from exporters.inputs import Input, output_names
 from exporters.metadata import ModelMeta, metadata_for
-from exporters.predict import Input, build_parser, main, output_names, prepare_digit, segment_logits
+from exporters.predict import build_parser, main, segment_logits
 from exporters.runtime import session
 
 

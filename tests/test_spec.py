@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import yaml
 
-from bench.config import ConfigError
+from bench.config import ConfigError, NonNegInt, PosFloat, RangeError, UnitFloat, check_value
 from bench.spec import load_spec
 from tests.helpers import TINY_MNIST_BASE, write_spec
 
@@ -142,6 +143,40 @@ def test_exponent_floats_as_people_type_them(tmp_path):
 ])
 def test_validation_errors(tmp_path, overrides, expected):
     assert expected in spec_error(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("value, tp, expected", [
+    ("he", Literal["kaiming", "default"], "k: expected one of 'kaiming', 'default', got 'he'"),
+    ("x", int | None, "k: expected int or null, got str 'x'"),
+    ("x", Literal["a"] | None, "k: expected 'a' or null, got str 'x'"),
+    (0, None, "k: expected null, got int 0"),
+    (1, bool, "k: expected bool, got int 1"),
+    (True, int, "k: expected int, got bool True"),
+    (6.5, int, "k: expected int, got float 6.5"),
+    ("1", float, "k: expected float, got str '1'"),
+    (3, str, "k: expected str, got int 3"),
+    ("ab", list[int], "k: expected list of int, got str 'ab'"),
+    ([1, "x"], list[int], "k[1]: expected int, got str 'x'"),
+    (5, tuple, "k: expected tuple, got int 5"),
+    ([], dict[str, int], "k: expected dict, got list []"),
+    (0, PosFloat, "k: must be > 0, got 0.0"),
+    (-1, NonNegInt | None, "k: must be >= 0, got -1"),  # the range, not "expected int or null"
+    (1.0, UnitFloat, "k: must be in [0, 1), got 1.0"),
+    ([1, -1], list[NonNegInt], "k[1]: must be >= 0, got -1"),
+])
+def test_check_value_says_one_message_per_kind_of_type(value, tp, expected):
+    kind = RangeError if "must be" in expected else ConfigError
+    with pytest.raises(kind) as e:
+        check_value(value, type(None) if tp is None else tp, "k")
+    assert str(e.value) == expected and type(e.value) is kind
+
+
+def test_check_value_coerces_and_passes_what_it_does_not_check():
+    assert check_value(2, PosFloat, "k") == 2.0 and isinstance(check_value(2, float, "k"), float)
+    assert check_value([1, 2], tuple[int, ...], "k") == (1, 2) and check_value((1, 2), list[int], "k") == [1, 2]
+    assert check_value(None, PosFloat | None, "k") is None and check_value("a", int | str, "k") == "a"
+    marker = object()
+    assert check_value(marker, Any, "k") is marker and check_value(marker, Path, "k") is marker
 
 
 def test_error_in_base_names_base(tmp_path):

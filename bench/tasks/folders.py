@@ -81,7 +81,7 @@ def _border(img: np.ndarray) -> np.ndarray:
 def pad_and_resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, C) uint8 -> (size[0], size[1], C): padded to a square with the background (each channel's border
     median, so the content keeps its aspect ratio) and resized bilinearly; as is when already that size.
-    The same as ``bench predict``'s ``resize`` policy (``exporters/predict.py``), so new images meet the
+    The same as ``bench predict``'s ``resize`` policy (``exporters/images.py``), so new images meet the
     network as the training images did (a test checks the two agree)."""
     h, w, c = img.shape
     th, tw = size
