@@ -8,26 +8,33 @@ status 2 before anything is trained or written; Ctrl-C ends with one line saying
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import typing
 from pathlib import Path
 
+import bench.log
 from bench import __version__, usable_cores
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+VERBOSITY_FLAGS = {"-q": -1, "--quiet": -1, "-v": 1, "--verbose": 1}
+
+log = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one error line naming the (sub)command and where its options are listed, instead of a usage block."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (options: {self.prog} --help)\n")
+        log.error("%s: %s (options: %s --help)", self.prog, message, self.prog)
+        self.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m bench", description="Ablation benchmark harness for CNNs.")
     p.add_argument("--version", action="version", version=f"bench {__version__}")
+    bench.log.add_options(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train every (variant, seed) of a spec, then rebuild results/summary.md")
@@ -108,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest |new - recorded| allowed, in the metric's own units (0.005 = half a point of "
                         "accuracy); default: max(3 x sqrt(2) x the rung's seed std, 0.01)")
     x.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name, command in sub.choices.items():
+        if name != "predict":  # predict parses its own arguments
+            bench.log.add_options(command, argparse.SUPPRESS)  # on either side of the command's name
     return p
 
 
@@ -188,6 +198,8 @@ def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked fo
     if device:
         resolve_device(device)  # a device this machine lacks is an error now, not after loading the data
     root, default_root = resolve_data_root(args.data_root or runtime.get("data_root"))
+    log.debug(f"data root {root}{' (the default)' if default_root else ''}, results {Path(args.results).resolve()}, "
+              f"device {device or 'train.device of each run'}")
     _check_results_folder(Path(args.results))
     tracker = _tracker(args, group.mlflow, f"{path}: tracking.mlflow")
     if tracker:  # before --storage is opened (which creates Optuna's tables) and before MLflow creates its own
@@ -248,8 +260,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.check_owner(spec)
     todo = store.todo(runs)
     role = f"ad-hoc group {spec.group}" if spec.adhoc else f"published group {spec.group}"
-    print(f"{spec.path}: {role}; {_count(len({r.variant.name for r in runs}), 'variant')} x {_count(len(seeds), 'seed')}"
-          f" = {_count(len(runs), 'run')}, {len(runs) - len(todo)} already done", file=sys.stderr)
+    log.info(f"{spec.path}: {role}; {_count(len({r.variant.name for r in runs}), 'variant')} x "
+             f"{_count(len(seeds), 'seed')} = {_count(len(runs), 'run')}, {len(runs) - len(todo)} already done")
     if args.dry_run:
         for run in runs:
             print(f"{'todo' if run in todo else 'done'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
@@ -270,8 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = args.workers or spec.workers
     if workers is None and len(todo) > 1:
         workers, why = grid_workers(spec, todo, opts, cache)
-        print(f"{workers} worker{'s' if workers > 1 else ''} at once, measured ({why}); --workers N to choose",
-              file=sys.stderr)
+        log.info(f"{workers} worker{'s' if workers > 1 else ''} at once, measured ({why}); --workers N to choose")
     workers = min(workers or 1, max(1, len(todo)))
     failed = None
     try:
@@ -282,20 +293,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         started = [f"{r.variant.name} seed {r.seed} from epoch {store.epochs_done(r) + 1}"
                    for r in todo if store.result(r) is None and store.epochs_done(r)]
-        print("interrupted; run the same command to resume" + (f" ({'; '.join(started)})" if started else ""),
-              file=sys.stderr)
+        log.info("interrupted; run the same command to resume" + (f" ({'; '.join(started)})" if started else ""))
         return EXIT_INTERRUPTED
     if tracker:  # runs finished before (without --mlflow, or whose logging failed) are logged now
         logged = tracker.log_dirs([store.path(r) for r in runs if store.result(r) is not None])
-        print(f"MLflow: {_count(len(logged), 'run')} of {spec.group} in {_shown_uri(tracker.uri)}", file=sys.stderr)
+        log.info(f"MLflow: {_count(len(logged), 'run')} of {spec.group} in {_shown_uri(tracker.uri)}")
     if not args.no_summary:
         for path in write_summary(args.results, _command(), groups=[spec.group]):
-            print(f"wrote {path}", file=sys.stderr)
+            log.info(f"wrote {path}")
     if failed:
-        print(f"error: {_count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
-              f"same command to try them again):", file=sys.stderr)
+        log.error(f"{_count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
+                  f"same command to try them again):")
         for line in failed:
-            print(f"error:   {line}", file=sys.stderr)
+            log.error(f"  {line}")
         return 1
     return 0
 
@@ -330,10 +340,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage,
                         objectives=objectives)
     except KeyboardInterrupt as e:
-        print(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        log.info(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}")
         return EXIT_INTERRUPTED
     except TrialsFailing as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 1
     if tracker:  # trials finished before (without --mlflow, or whose logging failed) are logged now
         from bench.store import RunStore
@@ -342,8 +352,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         for group in store.groups("study"):
             if store.read_group(group).extra.get("study") == best["study"]:
                 n = tracker.log_group(args.results, group)
-                print(f"MLflow: {_count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}",
-                      file=sys.stderr)
+                log.info(f"MLflow: {_count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}")
     if "front" in best:
         _print_front(best)
     elif best["value"] is None:
@@ -388,11 +397,11 @@ def cmd_perf(args: argparse.Namespace) -> int:
         TASKS[t].prepare(Path(root), download=False)
     for path in run_perf(tasks, args.quick, args.results, root, device, args.threads or usable_cores(),
                          args.seeds, args.compile, "python -m bench " + " ".join(sys.argv[1:]), args.grid):
-        print(f"wrote {path}", file=sys.stderr)
+        log.info(f"wrote {path}")
     if (Path(args.results) / "summary.md").exists():
         # the summary's link to perf.md (no table is rebuilt)
         for path in write_summary(args.results, groups=[], refresh_published=True):
-            print(f"wrote {path}", file=sys.stderr)
+            log.info(f"wrote {path}")
     return 0
 
 
@@ -404,7 +413,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if not (results / "runs").is_dir() and not (results / "summary.md").is_file():
         raise ConfigError(f"--results {results}: no runs and no summary.md there; nothing to rebuild")
     for path in write_summary(args.results):
-        print(f"wrote {path}", file=sys.stderr)
+        log.info(f"wrote {path}")
     return 0
 
 
@@ -419,13 +428,13 @@ def cmd_rescore(args: argparse.Namespace) -> int:
         raise ConfigError(f"{group}: no finished runs under {Path(args.results) / 'runs' / group}")
     missing = [r.run for r in done if r.new is None]
     for path in write_summary(args.results, groups=[group]):
-        print(f"wrote {path}", file=sys.stderr)
+        log.info(f"wrote {path}")
     changed = sum(r.changed for r in done)
     print(f"{group}: {_count(len(done) - len(missing), 'run')} rescored, {changed} with new metrics")
     if missing:  # checkpoints are not in git: only runs trained in this results folder have one
-        print(f"error: {_count(len(missing), 'run')} of {group} kept their old numbers: no best.pt here (checkpoints "
-              f"are not in git: only the results folder that trained a run can rescore it): "
-              + ", ".join(f"{r.variant} seed {r.seed}" for r in missing), file=sys.stderr)
+        log.error(f"{_count(len(missing), 'run')} of {group} kept their old numbers: no best.pt here (checkpoints "
+                  f"are not in git: only the results folder that trained a run can rescore it): "
+                  + ", ".join(f"{r.variant} seed {r.seed}" for r in missing))
         return 1
     return 0
 
@@ -443,7 +452,7 @@ def _group_named(name: str, profile: str | None, results: Path) -> str:
         group = load_spec(resolve_spec_path(name), profile).published_group
     except ConfigError as e:
         raise ConfigError(f"{name}: neither a group under {store.root} ({', '.join(store.groups()) or 'none'}) "
-                          f"nor a spec ({str(e).splitlines()[0]})") from None
+                          f"nor a spec ({bench.log.first_line(e)})") from None
     if group not in store.groups():
         raise ConfigError(f"{name}: its group {group} has no runs under {store.root}")
     return group
@@ -482,13 +491,16 @@ def _count(n: int, noun: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["predict"]:  # exit codes: 0 all done, 1 some image failed or none found, 2 usage error
+    lead = next((i for i, a in enumerate(argv) if a not in VERBOSITY_FLAGS), len(argv))  # -q/-v before the command
+    bench.log.setup(VERBOSITY_FLAGS[argv[lead - 1]] if lead else 0)  # an argument error is said through it too
+    if argv[lead:lead + 1] == ["predict"]:  # exit codes: 0 all done, 1 some image failed or none found, 2 usage error
         # Imported here: the CLI is the only part of `bench` that reaches into `exporters`, and only for this
         # command (onnxruntime is not loaded for the others).
         from exporters.predict import main as predict_main
 
-        return predict_main(argv[1:])
+        return predict_main(argv[lead + 1:])
     args = _parse_args(argv)
+    bench.log.setup(args.verbosity)
     handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary, "perf": cmd_perf, "rescore": cmd_rescore,
                 "reproduce": cmd_reproduce}
     # Imported after parsing: --help and --version answer without loading torch.
@@ -501,11 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, UnknownName) as e:  # UnknownName: a stored run's task or model that no longer imports
         # User errors: their message names the file and the key or file at fault, so a traceback would only hide it.
         for line in str(e).splitlines():  # one `error:` line per problem (a data check lists every broken file)
-            print(f"error: {line}", file=sys.stderr)
+            log.error(line)
         return EXIT_USAGE
     except OSError as e:  # the machine's answer (permissions, a full disk, a file where a folder should be)
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        log.info("interrupted")
         return EXIT_INTERRUPTED

@@ -29,6 +29,8 @@ import yaml
 from PIL import Image
 from tabulate import tabulate
 
+from bench.log import first_line
+
 # What PIL raises for a file that is not a decodable image: unrecognized (UnidentifiedImageError, an OSError), truncated
 # or corrupt (OSError, ValueError, SyntaxError from a plugin's parser), or a pixel count past its bomb limit.  Anything
 # else while decoding is a bug of ours and keeps its traceback.
@@ -171,7 +173,7 @@ def yaml_error(path: str | Path, e: Exception) -> str:
     """One line for a YAML syntax error: ``FILE:LINE:COLUMN: not valid YAML: what the parser found``."""
     mark = getattr(e, "problem_mark", None)
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    what = getattr(e, "problem", None) or first_line(e)
     context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
     return f"{where}: not valid YAML: {what}" + (
         f" ({context}{f' begun at line {start.line + 1}' if start is not None else ''})" if context else "")

@@ -16,9 +16,9 @@ Two ways to share a grid, one interface (``claims()`` yields a run while this pr
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -30,6 +30,8 @@ from bench.spec import Run, Spec
 from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, trial_id
 from bench.store import RunStore
 from bench.tasks import TASKS
+
+log = logging.getLogger(__name__)
 
 State = optuna.trial.TrialState
 
@@ -99,9 +101,9 @@ class StudyGrid:
         todo = [r for r in self.store.todo(self.runs) if (str(r.rel_dir), r.key) not in live]
         lost = [r for r in todo if (str(r.rel_dir), r.key) in complete]
         if lost:
-            print(f"warning: the study {self.study.study_name} has {len(lost)} of these runs finished, but "
-                  f"{self.store.results} does not hold them (e.g. {lost[0].rel_dir}); they are trained again here. Is "
-                  f"--results the folder every worker shares?", file=sys.stderr)
+            log.warning(f"the study {self.study.study_name} has {len(lost)} of these runs finished, but "
+                        f"{self.store.results} does not hold them (e.g. {lost[0].rel_dir}); they are trained again "
+                        f"here. Is --results the folder every worker shares?")
         for run in todo:
             self.study.enqueue_trial({}, user_attrs=_ident(run))
         return len(todo)
@@ -211,4 +213,4 @@ class StudyGrid:
             self._fail(trial, interrupted=True)
             self.study.enqueue_trial({}, user_attrs={"run": trial.user_attrs["run"], "key": trial.user_attrs["key"]})
         except Exception as e:  # the database went away too: the heartbeat's grace period will do it
-            print(f"warning: could not release trial {trial.number}: {e}", file=sys.stderr)
+            log.warning(f"could not release trial {trial.number}: {e}")

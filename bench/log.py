@@ -14,6 +14,7 @@ handler prints warnings and errors only, and the caller's logging configuration 
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import sys
@@ -29,11 +30,14 @@ def note(log: logging.Logger, msg: str, *args: object) -> None:
     log.log(NOTE, msg, *args)
 
 
-def first_line(e: BaseException) -> str:
-    """The useful part of an error for a one-line message: its first line (or its type's name when it has no text);
-    for a server that cannot be reached, urllib3's cause alone (its whole message repeats the URL three times)."""
+def first_line(e: BaseException, empty: str | None = None) -> str:
+    """The useful part of an error for a one-line message: its first line (when it has no text, ``empty``, by default
+    its type's name); for a server that cannot be reached, urllib3's cause alone (its whole message repeats the URL
+    three times)."""
     text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
+    if not text:
+        return type(e).__name__ if empty is None else empty
+    line = text.splitlines()[0]
     cause = re.search(r"Caused by \w+\(\"[^\"]*?\): (.*)$", line)
     if cause:
         return "cannot reach the server: " + re.sub(r"\"\)+$", "", cause.group(1))
@@ -46,7 +50,18 @@ class _Prefixed(logging.Formatter):
 
 
 class _Stderr(logging.StreamHandler):
-    """A handler that writes to whatever ``sys.stderr`` is when a record arrives (pytest's capture replaces it)."""
+    """A handler that writes to whatever ``sys.stderr`` is when a record arrives (pytest's capture replaces it), above
+    any progress bar: while a tqdm bar is drawn, through ``tqdm.write``, which clears the bars and draws them again."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        bars = sys.modules.get("tqdm.auto")  # not imported: no bar to keep clear of
+        if bars is None or not getattr(bars.tqdm, "_instances", None):
+            super().emit(record)
+            return
+        try:
+            bars.tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
     @property
     def stream(self):  # type: ignore[override]
@@ -71,3 +86,21 @@ def setup(verbosity: int = 0) -> None:
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False  # the command line owns the output: no second copy through the root logger
+
+
+def add_options(p: argparse.ArgumentParser, default: object = 0) -> None:
+    """``-q/--quiet`` and ``-v/--verbose`` on ``p``, as ``args.verbosity`` for :func:`setup`; a subcommand's parser
+    takes ``default=argparse.SUPPRESS``, so that its own default does not undo the flag given before its name."""
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                   help="only warnings and errors on stderr (no notes, no progress lines)")
+    m.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                   help="also debugging lines on stderr (debug: ...)")
+
+
+def verbosity() -> int | None:
+    """The ``verbosity`` :func:`setup` installed (for a worker process to install the same), None without it."""
+    logger = logging.getLogger(LOGGERS[0])
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        return None
+    return -1 if logger.level >= logging.WARNING else 1 if logger.level <= logging.DEBUG else 0

@@ -26,9 +26,9 @@ kept), and ``results/summary.md`` links to them.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import files, usable_cores
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model
+from bench.log import first_line
 from bench.reference import datasets_for, train_reference
 from bench.runner import RunOptions, load_data, run_grid, run_workers
 from bench.spec import Spec, load_spec, resolve_spec_path
@@ -59,6 +60,8 @@ from bench.train import (
     train_step,
 )
 from bench.workers import grid_workers
+
+log = logging.getLogger(__name__)
 
 # The rung `bench perf` times per task: the recipe that reaches the report's number fastest (others: "fast").
 FAST_RUNG = {"mnist": "lean"}
@@ -198,8 +201,9 @@ def report_rung(spec: Spec) -> str:
     return max(reported, key=lambda v: v.reported).name
 
 
-def _say(log: Any, text: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} perf {text}", file=log, flush=True)
+def _say(text: str) -> None:
+    """A progress line of a measurement that takes minutes, with the time it started."""
+    log.info(f"{time.strftime('%H:%M:%S')} perf {text}")
 
 
 @dataclass
@@ -216,10 +220,10 @@ class Reference:
 
 
 def measure_reference(spec: Spec, task: Task, cfg: Config, quick: bool, device: torch.device,
-                      cache: dict[str, Data], log: Any) -> Reference:
+                      cache: dict[str, Data]) -> Reference:
     """Train (full mode) or time and extrapolate (``quick``) the report's recipe ``cfg`` in the textbook loop."""
     name = report_rung(spec)
-    _say(log, f"{spec.task}: reference ({name} in a textbook loop) ...")
+    _say(f"{spec.task}: reference ({name} in a textbook loop) ...")
     data = datasets_for(spec.task, cfg.data.root)
     if not quick:
         ref = train_reference(spec.task, cfg, device, target=spec.target, data=data)
@@ -228,7 +232,7 @@ def measure_reference(spec: Spec, task: Task, cfg: Config, quick: bool, device: 
                          len(ref.history), f"the textbook loop trained to the target (at most {cfg.train.epochs} epochs)",
                          ref.images / ref.train_seconds)
     ref = train_reference(spec.task, cfg, device, max_steps=QUICK_STEPS[spec.task], data=data)
-    _say(log, f"{spec.task}: epochs the report's recipe needs ({name} in the harness loop) ...")
+    _say(f"{spec.task}: epochs the report's recipe needs ({name} in the harness loop) ...")
     proxy_cfg = cfg.copy()
     proxy_cfg.train.epochs, proxy_cfg.train.patience = min(cfg.train.epochs, QUICK_PROXY_EPOCHS[spec.task]), None
     proxy = train_to_targets(proxy_cfg, task, load_data(cache, task, proxy_cfg, device), device, [spec.target])
@@ -241,7 +245,7 @@ def measure_reference(spec: Spec, task: Task, cfg: Config, quick: bool, device: 
 
 
 def measure_task(task_name: str, quick: bool, root: str, device: torch.device, threads: int, seeds: list[int],
-                 compile_too: bool, grid: bool = False, log: Any = sys.stderr) -> TaskPerf:
+                 compile_too: bool, grid: bool = False) -> TaskPerf:
     """Every measurement of one task (see the module docstring), as markdown lines and perf.csv rows."""
     spec = load_spec(resolve_spec_path(task_name))
     task = TASKS[spec.task]
@@ -255,13 +259,13 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
     runs = []
     for seed in seeds:  # 1. time to quality
         cfg = rung_config(spec, fast, seed, root, str(device), threads)
-        _say(log, f"{spec.task}: {fast} seed {seed} ...")
+        _say(f"{spec.task}: {fast} seed {seed} ...")
         # Through the whole recipe: the test score of the weights validation chooses at its end is a target too.
         runs.append(train_to_targets(cfg, task, load_data(cache, task, cfg, device), device, targets, to_the_end=True))
     fast_cfg = rung_config(spec, fast, seeds[0], root, str(device), threads)
     fast_data = load_data(cache, task, fast_cfg, device)
     ref_cfg = rung_config(spec, report_rung(spec), seeds[0], root, str(device), threads)
-    ref = measure_reference(spec, task, ref_cfg, quick, device, cache, log)  # 3. the reference
+    ref = measure_reference(spec, task, ref_cfg, quick, device, cache)  # 3. the reference
     dtype = torch.bfloat16 if amp_enabled(fast_cfg, device) else torch.float32  # 2. throughput
     peaks = {d: matmul_flops_per_s(device, d, seconds=0.5) for d in {dtype, torch.float32}}
     flops = {fast: _flops_per_image(fast_cfg, task, fast_data, device),
@@ -274,7 +278,7 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
         out.lines += lines
         out.rows += [{"task": spec.task, "mode": mode, **r} for r in rows]
     if grid:  # 5. the grid on one device, sequential vs concurrent
-        _say(log, f"{spec.task}: one epoch of every run of the full grid, sequential then concurrent ...")
+        _say(f"{spec.task}: one epoch of every run of the full grid, sequential then concurrent ...")
         lines, rows = grid_speedup(spec.path, root, device, None)
         out.lines += lines
         out.rows += [{**r, "mode": mode} for r in rows]
@@ -392,8 +396,7 @@ def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_
         except Exception as e:  # torch.compile needs a working C++ (CPU) or Triton (GPU) toolchain
             if c.train.compile == "none":
                 raise
-            print(f"perf: {name} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                  file=sys.stderr)
+            log.info(f"perf: {name} failed ({type(e).__name__}: {first_line(e, empty='')})")
             rate, first = float("nan"), float("nan")
         out.append((name, rate, first))
     return out

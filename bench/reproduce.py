@@ -15,8 +15,8 @@ covers rungs with one seed or a std from two seeds, which can be far too small (
 """
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench import files
 from bench.config import ConfigError
+from bench.log import note
 from bench.metrics import Metric
 from bench.records import GroupRecord, RunRecord, read_record
 from bench.registry import unknown_name_message
@@ -37,6 +38,8 @@ from bench.tasks import TASKS
 # units (a fraction: accuracy, Dice).  Measured on quick MNIST and WARWICK rungs (docs/runs.md, "Rescore and reproduce").
 TOLERANCE_SDS = 3.0
 TOLERANCE_FLOOR = 0.01
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,8 +88,7 @@ def choose_runs(store: RunStore, group: str, variants: list[str] | None, seeds: 
     finished = store.finished(group)
     ensembles = {r.variant for r in finished if "members" in r.result.extra}  # they train nothing: reproduce members
     if ensembles and not variants:
-        print(f"note: {', '.join(sorted(ensembles))} of {group}: seed ensembles of other rungs, not re-trained",
-              file=sys.stderr)
+        note(log, f"{', '.join(sorted(ensembles))} of {group}: seed ensembles of other rungs, not re-trained")
     if any(v in ensembles for v in variants or []):
         raise ConfigError(f"--variants {', '.join(v for v in variants if v in ensembles)}: a seed ensemble trains "
                           f"nothing; reproduce the rung it averages")
@@ -118,8 +120,8 @@ def rerun_of(stored: StoredRun, meta: GroupRecord, data_root: str | None) -> Run
     if data_root or (cfg.data.root and not Path(cfg.data.root).is_dir()):
         cfg.data.root = None  # the runner's data root then: --data-root, else $BENCH_DATA, else ./data
     if run_key(cfg) != stored.key:  # a config section gained a key since: the rerun still uses the recorded values
-        print(f"note: {path}: the config hashes to {run_key(cfg)} with this code, not to the recorded key "
-              f"{stored.key}", file=sys.stderr)
+        note(log, f"{path}: the config hashes to {run_key(cfg)} with this code, not to the recorded key "
+                  f"{stored.key}")
     index, v = next((i, v) for i, v in enumerate(meta.variants) if v.name == stored.variant)
     variant = Variant(v.name, index, v.parent, v.ablation, v.change, v.reported, cfg, v.label)
     return Run(stored.group, variant, stored.seed, cfg, stored.key)
@@ -165,8 +167,8 @@ def reproduce(results: str | Path, group: str, variants: list[str] | None = None
     metric = task.metrics[0]
     spread = seed_spread(store.finished(group), metric.key)
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
-        print(f"re-training {len(chosen)} run{'s' if len(chosen) > 1 else ''} of {group} in {tmp} (deleted afterwards)",
-              file=sys.stderr)
+        log.info(f"re-training {len(chosen)} run{'s' if len(chosen) > 1 else ''} of {group} in {tmp} "
+                 f"(deleted afterwards)")
         tmp_store, runs = retrain(meta, chosen, tmp, data_root, device, progress)
         rows = []
         for stored, run in zip(chosen, runs, strict=True):

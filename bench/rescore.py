@@ -10,7 +10,7 @@ can rescore only after training (``bench run``); the runs without one are named 
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,8 @@ from bench.inference import EVAL_PRECISION
 from bench.records import RunRecord, write_record
 from bench.runner import run_data_root
 from bench.store import RunStore, StoredRun, load_run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,7 +81,7 @@ def rescore_group(results: str | Path, group: str, data_root: str | None) -> lis
         if new is not run.result:
             write_record(run.dir, new)
         out.append(Rescored(run, run.result, new))
-        print(f"{run.variant} seed {run.seed}: {_change(run.result, new)}", file=sys.stderr)
+        log.info(f"{run.variant} seed {run.seed}: {_change(run.result, new)}")
     return out
 
 

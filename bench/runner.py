@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -31,12 +32,15 @@ from bench import ensemble, files, usable_cores
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
+from bench.log import first_line, note, setup, verbosity
 from bench.spec import Run, Spec, run_keys
 from bench.storage import StorageOptions
 from bench.store import LoadedRun, RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
 from bench.train import fit, resolve_device, steps_per_epoch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,7 +125,7 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
         raise ConfigError(f"variant {run.variant.name!r}: {e}") from None
     except Exception as e:  # whatever the factories or the forward pass raise, the config is at fault
         raise ConfigError(f"{where}: this config does not run on {task.name} data: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                          f"{type(e).__name__}: {first_line(e, empty='')}") from None
     # A network of the wrong width may still "train" (5 logits for 3 classes reach 0 %): say so before anything runs.
     channels = kwargs.get("num_classes", 0) + bool(cfg.model.get("contours"))  # + the gland-contour channel
     want = (x.shape[0], channels, *(x.shape[-2:] if task.kind == "segmentation" else ()))
@@ -133,7 +137,7 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
         build_loss(cfg)(out.float(), y)
     except Exception as e:
         raise ConfigError(f"{where}: this config does not run on {task.name} data: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                          f"{type(e).__name__}: {first_line(e, empty='')}") from None
 
 
 def check_schedule(cfg: Any, n_train: int) -> None:
@@ -187,6 +191,8 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
         cfg = runtime_config(run, opts)
         device = resolve_device(cfg.train.device, "train.device")
         meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
+        log.debug(f"training {run.rel_dir} (key {run.key}) on {device} with {cfg.train.threads} threads in process "
+                  f"{os.getpid()}")
         try:
             data = load_data(cache, task, cfg, device)
             # On the CPU, a core per thread, machine-wide: another bench process's trainers wait rather than share.
@@ -199,7 +205,7 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
             error = f"{type(e).__name__}: {e}"
             grid.failed(run, error)
             failed.append(f"{run.variant.name} seed {run.seed}: {error}")
-            print(f"failed {run.spec} {run.variant.name} seed {run.seed}: {error}", file=sys.stderr, flush=True)
+            log.info(f"failed {run.spec} {run.variant.name} seed {run.seed}: {error}")
         else:
             grid.done(run, result)
             for hook in opts.after_run:  # while the run is still this process's (its claim is held)
@@ -287,9 +293,9 @@ def train_then_ensembles(spec: Spec, todo: list[Run], ensembles: list[Run], resu
 
 def _waiting_note(run: Run) -> Callable[[], None]:
     def note() -> None:
-        print(f"{run.variant.name} seed {run.seed}: waiting for a free core (other bench processes on this machine "
-              f"train on all of them, holding the slots in {files.core_slots_dir()}; set BENCH_CORE_SLOTS to another "
-              f"folder to train beside them anyway)", file=sys.stderr, flush=True)
+        log.info(f"{run.variant.name} seed {run.seed}: waiting for a free core (other bench processes on this machine "
+                 f"train on all of them, holding the slots in {files.core_slots_dir()}; set BENCH_CORE_SLOTS to another "
+                 f"folder to train beside them anyway)")
     return note
 
 
@@ -331,8 +337,12 @@ def visible_gpus(opts: RunOptions) -> list[str]:
     return [g.strip() for g in given.split(",") if g.strip()] if given else [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _worker(spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions, gpu: str | None) -> None:
-    """One worker process: its GPU first (CUDA reads CUDA_VISIBLE_DEVICES when it starts), then the grid's loop."""
+def _worker(spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions, gpu: str | None,
+            verbosity: int | None = None) -> None:
+    """One worker process: the parent's way of printing messages (a spawned interpreter starts without it; None:
+    the parent had none), its GPU (CUDA reads CUDA_VISIBLE_DEVICES when it starts), then the grid's loop."""
+    if verbosity is not None:
+        setup(verbosity)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     try:
@@ -353,12 +363,12 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     threads = max(1, usable_cores() // n)
     slots = gpu_slots(n, visible_gpus(opts))
     opts = dataclasses.replace(opts, threads=threads, progress=False, device="cuda" if slots[0] else opts.device)
-    print(f"{n} workers x {threads} threads" + (f" on GPUs {','.join(s or '' for s in slots)}" if slots[0] else ""),
-          file=sys.stderr)
+    log.info(f"{n} workers x {threads} threads" + (f" on GPUs {','.join(s or '' for s in slots)}" if slots[0] else ""))
     if opts.storage:
         StudyGrid(RunStore(results_dir), spec, runs, opts.storage).enqueue()
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    procs = [ctx.Process(target=_worker, args=(spec, runs, str(results_dir), opts, gpu), daemon=False) for gpu in slots]
+    procs = [ctx.Process(target=_worker, args=(spec, runs, str(results_dir), opts, gpu, verbosity()), daemon=False)
+             for gpu in slots]
     # The workers ignore Ctrl-C (an ignored signal stays ignored in a spawned child): the terminal sends it to
     # every process of the group, and a worker caught half-way through starting up would print a traceback.
     # This process stops them instead; each run's last completed epoch is on disk, so nothing is lost.
@@ -384,10 +394,10 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
         raise files.DiskFull(Path(results_dir), shutil.disk_usage(results_dir).free)
     crashed = any(c not in (0, 3) for c in codes)
     if crashed and opts.storage and not store.todo(runs):
-        print(f"note: a worker died (exit codes {codes}); the others took over its run: every run is finished",
-              file=sys.stderr)
+        note(log, f"a worker died (exit codes {codes}); the others took over its run: every run is finished")
     elif crashed:
-        raise SystemExit(f"error: a worker failed (exit codes {codes}); its message is above")
+        log.error(f"a worker failed (exit codes {codes}); its message is above")
+        raise SystemExit(1)
     # From the records, not the exit codes: a worker may have failed a run that another one then finished.
     failed = failures(spec, runs, store, opts.storage)
     if failed:

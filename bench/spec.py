@@ -40,6 +40,7 @@ from bench.config import (
     unknown_key_message,
 )
 from bench.factories import check_section
+from bench.log import first_line
 from bench.registry import UnknownName, unknown_name_message
 from bench.tasks import TASKS
 
@@ -414,7 +415,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             out[key.strip()] = files.load_yaml(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML "
-                              f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+                              f"({getattr(e, 'problem', None) or first_line(e)})") from None
     return out
 
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +48,8 @@ GROUP_FILE = "spec.json"
 COSTS_FILE = "costs.json"  # per group: exporters.onnx rungs
 ROLES = ("published", "adhoc", "study")
 _SEED_DIR = re.compile(r"seed-(\d+)")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -267,8 +269,8 @@ def _current_result(d: Path) -> RunRecord | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:  # written atomically, so this is damage from outside: say so
-        print(f"warning: {d}: unreadable result.json or config.json ({type(e).__name__}: {e}); the run counts as "
-              f"unfinished and will be trained again", file=sys.stderr)
+        log.warning(f"{d}: unreadable result.json or config.json ({type(e).__name__}: {e}); the run counts as "
+                    f"unfinished and will be trained again")
         return None
     if result.status != "finished" or result.key != config_key:
         return None

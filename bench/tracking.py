@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import files
 from bench.config import ConfigError
+from bench.log import first_line
 from bench.records import GroupRecord, read_record
 from bench.storage import shown as _shown  # a URI with its password hidden
 
@@ -42,6 +43,8 @@ DB_FILE, ARTIFACTS = "mlflow.db", "mlartifacts"  # the default store, under the 
 # Schemes of tracking stores MLflow can write to.  A plain folder (or file:) is refused: MLflow 3 keeps that
 # backend in maintenance mode and raises on it, so say it up front.
 SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https")
+
+log = logging.getLogger(__name__)
 
 
 def mlflow_uri(value: str | bool | None, results: str | Path, where: str = "--mlflow") -> str | None:
@@ -125,7 +128,7 @@ class Tracker:
             if new_file:  # a store that failed leaves nothing behind: a SQLite file it began is removed
                 _CLIENTS.pop(self.uri, None)
                 sqlite.unlink(missing_ok=True)
-            raise ConfigError(f"--mlflow {_shown(self.uri)}: cannot use this tracking store: {_first_line(e)}") from None
+            raise ConfigError(f"--mlflow {_shown(self.uri)}: cannot use this tracking store: {first_line(e)}") from None
 
     def check_own_database(self, storage: str | None = None) -> None:
         """ConfigError, before MLflow connects (it creates its tables on connecting), when the tracking database is
@@ -231,8 +234,8 @@ class Tracker:
         except Exception as e:
             if not warn:
                 raise
-            print(f"warning: MLflow ({_shown(self.uri)}): could not log {len(run_dirs)} run(s) "
-                  f"({type(e).__name__}: {_first_line(e)}); the next command with --mlflow logs them", file=sys.stderr)
+            log.warning(f"MLflow ({_shown(self.uri)}): could not log {len(run_dirs)} run(s) "
+                        f"({type(e).__name__}: {first_line(e)}); the next command with --mlflow logs them")
         return ids
 
     def log_group(self, results: str | Path, group: str) -> int:
@@ -422,14 +425,3 @@ class _mlflow_env:
     def __exit__(self, *exc: Any) -> None:
         for k in self.set:
             os.environ.pop(k, None)
-
-
-def _first_line(e: BaseException) -> str:
-    """The useful part of an error: for a server that cannot be reached, urllib3's cause alone (its whole message
-    repeats the URL three times)."""
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    cause = re.search(r"Caused by \w+\(\"[^\"]*?\): (.*)$", line)
-    if cause:
-        return "cannot reach the server: " + re.sub(r"\"\)+$", "", cause.group(1))
-    return line[:300]

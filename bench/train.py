@@ -9,11 +9,11 @@ data chooses the best epoch; the test split is evaluated once, at the end.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import platform
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +33,8 @@ from bench.models import count_parameters
 from bench.plots import plot_run_curves
 from bench.spec import DEVICE_RE
 from bench.tasks.base import Data, LossFn, Metric, Split, Task
+
+log = logging.getLogger(__name__)
 
 # One row per epoch in metrics.csv.  epoch_time: training and validation of that epoch;
 # train_seconds: training steps only, summed from the first epoch (what time-to-target reads).
@@ -299,8 +301,7 @@ def fit(run_dir: str | Path, cfg: Config, task: Task, data: Data, device: torch.
     t = setup(cfg, task, data, device)
     state = restore(run_dir / "last.pt", t, key, device) or new_state(task)
     if state["epoch"]:
-        tqdm.write(f"resuming {name} from epoch {state['epoch'] + 1} ({state['epoch']} of {cfg.train.epochs} done)",
-                   file=sys.stderr)
+        log.info(f"resuming {name} from epoch {state['epoch'] + 1} ({state['epoch']} of {cfg.train.epochs} done)")
     bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc=name, leave=False, disable=not progress, unit="ep")
     while state["epoch"] < cfg.train.epochs and not stopped_by_patience(state, cfg):
         row = run_epoch(t, data, task, cfg, state)

@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import socket
-import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ import yaml
 from bench import files, usable_cores
 from bench.config import ConfigError, config_hash
 from bench.factories import build_model
+from bench.log import first_line, note
 from bench.models import count_flops
 from bench.runner import RunOptions, check_schedule, load_data, preflight, runtime_config
 from bench.spec import (
@@ -71,6 +71,8 @@ from bench.store import RunStore
 from bench.tasks import TASKS
 from bench.tasks.base import Data
 from bench.train import device_name, fit, resolve_device
+
+log = logging.getLogger(__name__)
 
 State = optuna.trial.TrialState
 # A worker stops after this many failed trials in a row (or --trials, when more): a search space that diverges now
@@ -152,7 +154,7 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     # Before the study exists: a bad device or data records no failure.  The test split is never read.
     cache = preflight(spec, runs, opts, download, test=False)
     for line in _space_problems(spec, variant, runs[0], opts, cache):  # the trials drawn there will fail: say so now
-        print(f"note: {line}", file=sys.stderr)
+        note(log, line)
     out = Path(results_dir) / "optuna"
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or StorageOptions(f"sqlite:///{study_file(results_dir, spec).resolve()}")
@@ -167,9 +169,8 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     store.write_group(dataclasses.replace(spec, group_name=group, variants=[]), role="study", study=name,
                       storage=shown(storage.url))
     target, done = trials or spec.search["trials"], _finished(study)
-    print(f"study {name} in {shown(storage.url)}: " + (f"continuing after {done} finished trials" if study.trials else "new")
-          + ("" if done < target else f"; it already has {done} of --trials {target}: ask for more to go on"),
-          file=sys.stderr)
+    log.info(f"study {name} in {shown(storage.url)}: " + (f"continuing after {done} finished trials" if study.trials else "new")
+             + ("" if done < target else f"; it already has {done} of --trials {target}: ask for more to go on"))
     train_trial = TrialObjective(spec, variant, seed, group, store, opts, cache, objectives)
     t0, waiting, failures = time.monotonic(), False, []
     while timeout is None or time.monotonic() - t0 < timeout:
@@ -179,8 +180,8 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
             break
         if done + running >= target:  # the last trials are in other workers' hands: stay to take over if one dies
             if not waiting:
-                print(f"{done} of {target} trials finished, {running} running elsewhere: waiting for them (a dead "
-                      f"worker's trial is retried here after {storage.grace} s without a heartbeat)", file=sys.stderr)
+                log.info(f"{done} of {target} trials finished, {running} running elsewhere: waiting for them (a dead "
+                         f"worker's trial is retried here after {storage.grace} s without a heartbeat)")
             waiting = True
             time.sleep(poll if poll is not None else storage.heartbeat)
             continue
@@ -196,14 +197,13 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     published, done = publishes(spec, seed, trials), _finished(study)
     tuned_file = tuned_path(spec.path, spec.search)
     if tuned_file is not None and not published:
-        print(f"an experiment ({why_experiment(spec, seed, trials)}): its best goes to {out}/, not to {tuned_file}, "
-              f"which only `python -m bench tune {spec.path}"
-              f"{' --profile ' + spec.search['profile'] if spec.search.get('profile') else ''}` writes", file=sys.stderr)
+        log.info(f"an experiment ({why_experiment(spec, seed, trials)}): its best goes to {out}/, not to {tuned_file}, "
+                 f"which only `python -m bench tune {spec.path}"
+                 f"{' --profile ' + spec.search['profile'] if spec.search.get('profile') else ''}` writes")
     elif tuned_file is not None and done != target:
         published = False
-        print(f"the study has {done} finished trials, the spec's budget is {target}: {tuned_file} is written once the "
-              f"study has exactly its budget" + (" (run the same command to go on)" if done < target else ""),
-              file=sys.stderr)
+        log.info(f"the study has {done} finished trials, the spec's budget is {target}: {tuned_file} is written once "
+                 f"the study has exactly its budget" + (" (run the same command to go on)" if done < target else ""))
     return _write_best(spec, variant, study, seed, shown(storage.url), out, Path(results_dir), published)
 
 
@@ -291,8 +291,7 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train_
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=State.FAIL)
         # The whole traceback for the log: a bug of the harness must not hide behind a one-line reason.
-        print(f"trial {trial.number} failed (the study goes on): {reason}\n{traceback.format_exc().rstrip()}",
-              file=sys.stderr, flush=True)
+        log.info(f"trial {trial.number} failed (the study goes on): {reason}", exc_info=True)
         return reason
     except BaseException:  # SystemExit and the like: the process is ending, not the trial
         study.tell(trial, state=State.FAIL)
@@ -304,8 +303,8 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train_
 
 def failure_reason(e: BaseException) -> str:
     """``Type: first line of the message``: what a failed trial records (the traceback goes to stderr)."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    line = first_line(e, empty="")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 class TrialObjective:
@@ -447,7 +446,7 @@ def plot_study(study: optuna.Study, prefix: Path) -> list[str]:
             plt.close(fig)
             out.append(png.name)
         except Exception as e:  # e.g. importances of a study whose finished trials all share one value
-            print(f"note: no {kind} figure for study {study.study_name} ({type(e).__name__}: {e})", file=sys.stderr)
+            note(log, f"no {kind} figure for study {study.study_name} ({type(e).__name__}: {e})")
     return out
 
 

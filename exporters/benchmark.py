@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -50,6 +49,8 @@ CHUNK = 10
 MAX_SECONDS = 60.0  # per (batch, provider): stop early once every engine has at least a tenth of its repeats
 CALIBRATION_IMAGES = {"classification": 512, "segmentation": 16}
 ALL_CORES = torch.get_num_threads()  # torch's default: the physical cores
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -133,7 +134,7 @@ def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | No
         except Exception as e:  # e.g. the CUDA provider cannot start: keep the CPU numbers
             if prov == "cpu":
                 raise
-            print(f"warning: {prov} benchmark of {ex.path} skipped: {type(e).__name__}: {e}", file=sys.stderr)
+            log.warning(f"{prov} benchmark of {ex.path} skipped: {type(e).__name__}: {e}")
             model.cpu()
     rec.update(flops_per_image=flops, params=params)
     files.write_json(ex.record_path, rec)
@@ -239,7 +240,7 @@ def add_int8(ex: Exported) -> dict[str, Any] | None:
     try:
         quantize_int8(ex.path, path, calib, ex.meta.input_name)
     except Exception as e:
-        print(f"warning: INT8 quantization of {ex.path} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        log.warning(f"INT8 quantization of {ex.path} failed: {type(e).__name__}: {e}")
         return None
     out8 = run_batched(session(path), ex.inputs, EVAL_BATCH[kind])
     out32 = run_batched(session(ex.path), ex.inputs, EVAL_BATCH[kind])
@@ -252,6 +253,6 @@ def add_int8(ex: Exported) -> dict[str, Any] | None:
              "calibration": f"{len(calib)} training images, MinMax, QDQ, per-channel 7-bit-range int8 weights, uint8 activations"}
     ex.record["int8"] = entry
     files.write_json(ex.record_path, ex.record)
-    print(f"wrote {path}; {ex.meta.task} int8 {ex.record['parity']['metric']} {m8:.4f} "
-          f"({entry['metric_change']:+.4f} vs fp32 ORT), {label} {100 * agree:.2f} %", file=sys.stderr)
+    log.info(f"wrote {path}; {ex.meta.task} int8 {ex.record['parity']['metric']} {m8:.4f} "
+             f"({entry['metric_change']:+.4f} vs fp32 ORT), {label} {100 * agree:.2f} %")
     return entry

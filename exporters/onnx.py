@@ -23,12 +23,14 @@ Exporting, checking and verifying one run is :mod:`exporters.export`.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench.log
 from bench import ensemble, files
 from bench.config import ConfigError
 from bench.records import read_record
@@ -46,6 +48,8 @@ from exporters.parity import ParityError, gap_text
 from exporters.rungs import measure_rungs
 
 RETRAINED = "retrained"  # <results>/retrained/runs/...: runs trained again here for their checkpoints
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,6 +129,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "benchmark stops after 60 s once every engine has a tenth of them)")
     p.add_argument("--no-summary", action="store_true", help="do not rebuild <results>/summary.md")
     mlflow_tracking.add_argument(p)
+    bench.log.add_options(p)
     args = p.parse_args(argv)
     if (args.target == "rungs") != (args.spec is not None):
         p.error("`rungs` takes a SPEC (e.g. `rungs mnist --profile quick`); `best` and a run folder take none")
@@ -161,8 +166,8 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
         raise ConfigError(f"no finished {' or '.join(missing) + ' ' if missing else ''}runs in {where} under "
                           f"{store.root} (an ad-hoc group is exported only when named with --groups)")
     for c in (c for _, c in chosen if c is not None):
-        print(f"{c.task}: best of {sum(x.task == c.task for x in cands)} finished runs by validation metric: "
-              f"{c.run_dir} (val {c.val:.4f})", file=sys.stderr)
+        log.info(f"{c.task}: best of {sum(x.task == c.task for x in cands)} finished runs by validation metric: "
+                 f"{c.run_dir} (val {c.val:.4f})")
     published = args.groups is None or all(store.read_group(g).role == "published" for g in args.groups)
     return results, [with_checkpoint(c.run_dir, results, args.data_root) for _, c in chosen if c is not None], published
 
@@ -194,8 +199,8 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
         return done
     if (done / "best.pt").exists() and _current_key(done) == stored.key:
         return done
-    print(f"note: {run_dir} has no best.pt (checkpoints are not in git): re-training it from its record into "
-          f"{results / RETRAINED} to export it", file=sys.stderr)
+    bench.log.note(log, f"{run_dir} has no best.pt (checkpoints are not in git): re-training it from its record "
+                        f"into {results / RETRAINED} to export it")
     meta = store.read_group(group)
     again, (run,) = retrain(meta, [stored], results / RETRAINED, data_root)
     result = again.result(run)
@@ -203,10 +208,9 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
         raise ConfigError(f"{run_dir}: re-training it to export it failed; see above")
     metric = TASKS[meta.task].metrics[0]
     old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
-    print(f"note: re-trained {group} {stored.variant} seed {stored.seed}: {metric.label} {metric.text(new, unit=True)} "
-          f"({'identical to' if new == old else 'recorded'} {metric.text(old, unit=True)}); "
-          f"exporting {again.path(run)}",
-          file=sys.stderr)
+    bench.log.note(log, f"re-trained {group} {stored.variant} seed {stored.seed}: {metric.label} "
+                        f"{metric.text(new, unit=True)} ({'identical to' if new == old else 'recorded'} "
+                        f"{metric.text(old, unit=True)}); exporting {again.path(run)}")
     return again.path(run)
 
 
@@ -218,14 +222,14 @@ def export_all(run_dirs: list[Path], out_dir: Path, data_root: str | None, resul
         try:
             ex = export_run(rd, out_dir, data_root, results, tta=tta)
         except (ParityError, ExportError) as e:
-            print(f"error: {e}\nno file written for this export", file=sys.stderr)
+            log.error(f"{e}\nno file written for this export")
             status = max(status, 1)
             continue
         except (DataError, ConfigError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            log.error(str(e))
             status = 2
             continue
-        print(f"wrote {ex.path}; {_parity_line(ex.record)}", file=sys.stderr)
+        log.info(f"wrote {ex.path}; {_parity_line(ex.record)}")
         done.append(ex)
     return done, status
 
@@ -238,19 +242,21 @@ def benchmark_all(done: list[Exported], reports: Path, args: argparse.Namespace)
             rows = bm.benchmark_export(ex, threads=args.threads, repeats=args.repeats)
             report.update_latency_csv(reports / "latency.csv", rows)
             for line in bm.describe(rows):
-                print(f"{ex.meta.task}: {line}", file=sys.stderr)
+                log.info(f"{ex.meta.task}: {line}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an export failed its check or parity, 2 usage or data error (the others still run)."""
+    bench.log.setup()
     args = _parse_args(argv)
+    bench.log.setup(args.verbosity)
     if args.target == "rungs":
         return rungs_main(args, argv)
     try:
         results, run_dirs, published = choose_runs(args)
         tracker = mlflow_tracking.tracker(args, results)  # a missing extra or a bad --mlflow URI: before any export
     except (ConfigError, OSError, ValueError) as e:  # also unreadable result/config files
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2
     # Only the best of the published groups, exported to the default place, is the shipped model whose table
     # results/summary.md embeds; any other export (a chosen run folder, ad-hoc groups, --out) keeps its files,
@@ -263,21 +269,21 @@ def main(argv: list[str] | None = None) -> int:
         return status
     benchmark_all(done, reports, args)
     status = max(status, mlflow_tracking.log_exports(tracker, done))
-    print(f"wrote {report.write_deployment_md(reports, out_dir)}", file=sys.stderr)
+    log.info(f"wrote {report.write_deployment_md(reports, out_dir)}")
     if shipped and not args.no_summary and (results / "runs").is_dir():
         command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
         # re-embed the deployment table; rebuild no group's table unless there is no summary yet
         have = (results / "summary.md").is_file()
         for path in write_summary(results, command, groups=[] if have else None, refresh_published=have):
-            print(f"wrote {path}", file=sys.stderr)
+            log.info(f"wrote {path}")
     return status
 
 
 def rungs_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     """``rungs SPEC``: every rung's cost (exporters.rungs), then the group's table rebuilt with it."""
     if args.groups or args.task or args.out or args.no_bench or args.mlflow:
-        print("error: `rungs` exports the spec's own group into <results>/onnx/rungs: --groups, --task, --out, "
-              "--no-bench and --mlflow do not apply", file=sys.stderr)
+        log.error("`rungs` exports the spec's own group into <results>/onnx/rungs: --groups, --task, --out, "
+                  "--no-bench and --mlflow do not apply")
         return 2
     results = Path(args.results or "results")
     command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -289,16 +295,16 @@ def rungs_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         doc, status = measure_rungs(spec, results, args.data_root, args.int8, args.threads or 1,
                                     args.repeats, args.force, command)
     except (ConfigError, DataError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2
     for variant, rec in doc["rungs"].items():
         lat = ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rec.get("latency", {}).items())
-        print(f"{spec.group} {variant}: {rec['params']:,} params, {rec['flops_per_image'] / 1e6:.2f} MFLOP/image, "
-              f"batch-1 p50 {lat or 'not timed'}", file=sys.stderr)
-    print(f"wrote {RunStore(results).root / spec.group / 'costs.json'}", file=sys.stderr)
+        log.info(f"{spec.group} {variant}: {rec['params']:,} params, {rec['flops_per_image'] / 1e6:.2f} MFLOP/image, "
+                 f"batch-1 p50 {lat or 'not timed'}")
+    log.info(f"wrote {RunStore(results).root / spec.group / 'costs.json'}")
     if not args.no_summary:
         for path in write_summary(results, command, groups=[spec.group]):
-            print(f"wrote {path}", file=sys.stderr)
+            log.info(f"wrote {path}")
     return status
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
 import sys
 import time
@@ -46,6 +47,8 @@ from exporters.runtime import provider_session, timed_providers
 REPEATS = 200
 WARMUP = 10
 MAX_SECONDS = 240.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,7 +120,7 @@ def time_rungs(exports: dict[str, Exported], threads: int, repeats: int | None,
                 try:
                     sess = provider_session(path, prov, threads)
                 except Exception as e:  # e.g. the CUDA provider cannot start or fell back: keep the CPU numbers
-                    print(f"warning: {path} not timed on {prov}: {type(e).__name__}: {e}", file=sys.stderr)
+                    log.warning(f"{path} not timed on {prov}: {type(e).__name__}: {e}")
                     continue
                 fns[f"{variant}|{prov}/{prec}"] = (lambda s=sess, feed={ex.meta.input_name: x}: s.run(None, feed))
     times = time_calls(fns, WARMUP, repeats or REPEATS, max_seconds=MAX_SECONDS)
@@ -159,20 +162,20 @@ def measure_rungs(spec: Spec, results: Path, data_root: str | None = None, int8:
     status = 0
     for rung in rungs:
         if rung.run_dir is None:
-            print(f"{spec.group} {rung.variant}: not run (no finished run of the spec as written)", file=sys.stderr)
+            log.info(f"{spec.group} {rung.variant}: not run (no finished run of the spec as written)")
             continue
         try:
             ex, reused = export_rung(rung, out_dir, results, data_root, force)
         except (parity_module.ParityError, export_module.ExportError) as e:
-            print(f"error: {rung.variant}: {e}", file=sys.stderr)
+            log.error(f"{rung.variant}: {e}")
             status = 1
             continue
         if int8 and not (ex.record.get("int8") and (out_dir / ex.record["int8"]["onnx"]).exists()):
             add_int8(ex)
         exports[rung.variant] = ex
         records[rung.variant] = rung_record(ex, rung, reused)
-        print(f"{spec.group} {rung.variant}: {'reused' if reused else 'exported'} {ex.path} (seed {rung.seed}"
-              f"{', TTA graph' if ex.tta else ''}; {par_line(ex.record)})", file=sys.stderr)
+        log.info(f"{spec.group} {rung.variant}: {'reused' if reused else 'exported'} {ex.path} (seed {rung.seed}"
+                 f"{', TTA graph' if ex.tta else ''}; {par_line(ex.record)})")
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     timings = time_rungs(exports, threads, repeats) if exports else {}

@@ -3,13 +3,15 @@ was exported from (found by its group and config key, and logged first when MLfl
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
 from bench.tracking import INSTALL, Tracker, open_tracker
 
 ARTIFACT_PATH = "onnx"  # the folder of the MLflow run's artifacts that holds the exported files
+
+log = logging.getLogger(__name__)
 
 
 def add_argument(p: argparse.ArgumentParser) -> None:
@@ -33,8 +35,8 @@ def log_exports(tracker: Tracker | None, done: list[Any]) -> int:
         try:
             run_id = tracker.log_artifacts(ex.run.run_dir, paths, ARTIFACT_PATH)
         except Exception as e:  # the store went away, or the run is not a finished run of a results folder
-            print(f"error: MLflow: could not attach {ex.path.name} to the run of {ex.run.run_dir}: {e}", file=sys.stderr)
+            log.error(f"MLflow: could not attach {ex.path.name} to the run of {ex.run.run_dir}: {e}")
             status = 1
             continue
-        print(f"MLflow: {', '.join(p.name for p in paths)} attached to run {run_id} ({ex.run.run_dir})", file=sys.stderr)
+        log.info(f"MLflow: {', '.join(p.name for p in paths)} attached to run {run_id} ({ex.run.run_dir})")
     return status

@@ -26,6 +26,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["BENCH_CORE_SLOTS"] = tempfile.mkdtemp(prefix="bench-test-cores-")
 
 
+@pytest.fixture(autouse=True)
+def messages() -> None:
+    """The command line's stderr handler at its default verbosity (bench.log), as every command installs it: a test
+    that calls the library directly reads the same lines, and one command's --quiet does not carry into the next test."""
+    import bench.log
+
+    bench.log.setup()
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """$BENCH_DATA, else <repo>/../shared/data; tests that need the real data skip without it."""

@@ -93,10 +93,13 @@ def test_two_workers_share_a_grid_and_each_run_is_trained_once(data_root, tmp_pa
     path = write_spec(tmp_path / "w.yaml", seeds=[0, 1], variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}])
     res = tmp_path / "results"
     p = subprocess.run([sys.executable, "-m", "bench", "run", str(path), "--data-root", str(data_root), "--results",
-                        str(res), "--set", "train.epochs=1", "--workers", "2", "--no-progress"], cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+                        str(res), "--set", "train.epochs=1", "--workers", "2", "--no-progress", "--verbose"],
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr
     assert "2 workers x 1 threads" in p.stderr
+    # The workers (the parent trains nothing) print through a handler like the parent's, at its --verbose.
+    assert len([line for line in p.stderr.splitlines() if line.startswith("debug: training ")]) == 4, p.stderr
     done = [line for line in p.stdout.splitlines() if line.startswith("done ")]
     assert len(done) == 4 and len(set(done)) == 4  # one line per run: every run trained exactly once
     group = "w--train.epochs=1"  # --set makes it an ad-hoc group

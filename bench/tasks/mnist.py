@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
+import logging
 import zlib
 from pathlib import Path
 
@@ -20,7 +20,10 @@ from torch import Tensor
 
 from bench.augment import augment_batch
 from bench.config import Config, ConfigError
+from bench.log import first_line
 from bench.tasks.base import ClassificationTask, Data, DataError, DataInfo, ImageSet, Split
+
+log = logging.getLogger(__name__)
 
 # file stem -> expected shape (the IDX header must say exactly this)
 FILES = {
@@ -108,7 +111,7 @@ def _download(root: Path) -> None:
     from torchvision.datasets import MNIST  # only to download: reading is done here
 
     made = [p for p in (root, root / "MNIST", raw_folder(root)) if not p.exists()]
-    print(f"downloading MNIST into {raw_folder(root)} ...", file=sys.stderr)
+    log.info(f"downloading MNIST into {raw_folder(root)} ...")
     try:
         for train in (True, False):
             MNIST(str(root), train=train, download=True)
@@ -117,7 +120,7 @@ def _download(root: Path) -> None:
             if p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
         raise DataError(f"could not download MNIST into {raw_folder(root)} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no reason given'}); fetch the four files by hand, "
+                        f"{first_line(e, empty='no reason given')}); fetch the four files by hand, "
                         f"or point --data-root (or $BENCH_DATA) at a copy") from None
 
 
