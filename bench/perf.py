@@ -31,6 +31,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,48 +289,81 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
     return out
 
 
-def _quality_table(spec: Spec, task: Task, fast: str, fast_cfg: Config, runs: list[SeedRun], targets: list[float], ref: Reference,
-                   quick: bool) -> tuple[list[str], list[dict[str, Any]]]:
-    metric = task.metrics[0]
-    fmt = metric.show
+QUALITY_HEAD = ["target", "recipe", "seeds reaching it", "epoch (mean)", "train s: mean (range)", "test of those weights",
+                "× reference"]
+
+
+def _quality_table(spec: Spec, task: Task, fast: str, fast_cfg: Config, runs: list[SeedRun], targets: list[float],
+                   ref: Reference, quick: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """Time to quality: a row per target the fast rung reached on validation, one for the end of its recipe (the
+    test score that counts) and one for the reference; and their records for perf.csv."""
+    fmt = task.metrics[0].show
     lower = "" if ref.epochs else " (at least)"  # the reference never reached it: the ratio is a lower bound
-    head = ["target", "recipe", "seeds reaching it", "epoch (mean)", "train s: mean (range)", "test of those weights",
-            "× reference"]
-    table, rows = [], []
-    for target in targets:
-        hits = [r.hits[target] for r in runs if target in r.hits]
-        secs = [h[1] for h in hits]
-        ratio = f"{ref.seconds / (sum(secs) / len(secs)):.1f}×{lower}" if target == spec.target and secs else ""
-        table.append([f"{fmt(target)} on validation", f"`{fast}` (harness)", f"{len(hits)} of {len(runs)}",
-                      f"{sum(h[0] for h in hits) / len(hits):.1f}" if hits else "–",
-                      f"{sum(secs) / len(secs):.1f} ({min(secs):.1f}–{max(secs):.1f})" if secs else "not reached",
-                      ", ".join(fmt(h[2]) for h in hits) or "–", ratio])
-        for r in runs:
-            epoch, seconds, test = r.hits.get(target, (None, None, None))
-            rows.append({"what": "time_to_target", "recipe": fast, "seed": r.seed, "target": target, "epoch": epoch,
-                         "train_seconds": seconds, "test": test, "images_per_s": r.images / r.train_seconds})
-    end = [r.train_seconds for r in runs]
-    table.append([f"{fmt(spec.target)} on test", f"`{fast}` to its end ({fast_cfg.train.epochs} epochs, best validation "
-                  "epoch)", f"{sum(r.test >= spec.target for r in runs)} of {len(runs)}",
-                  f"{sum(r.best_epoch for r in runs) / len(runs):.1f}",
-                  f"{sum(end) / len(end):.1f} ({min(end):.1f}–{max(end):.1f})", ", ".join(fmt(r.test) for r in runs),
-                  f"{ref.seconds / (sum(end) / len(end)):.1f}×{lower}"])
+    table = [_target_row(fast, runs, target, ref.seconds if target == spec.target else None, lower, fmt)
+             for target in targets]
+    table += [_recipe_end_row(fast, fast_cfg.train.epochs, runs, spec.target, ref.seconds, lower, fmt),
+              _reference_row(ref, spec.target, quick, fmt)]
+    rows = [_hit_record(fast, r, target) for target in targets for r in runs]
     rows += [{"what": "recipe_end", "recipe": fast, "seed": r.seed, "target": spec.target, "epoch": r.best_epoch,
               "train_seconds": r.train_seconds, "test": r.test, "images_per_s": r.images / r.train_seconds} for r in runs]
-    return _reference_rows(spec, ref, quick, fmt, head, table, rows)
-
-
-def _reference_rows(spec: Spec, ref: Reference, quick: bool, fmt: Any, head: list[str], table: list[list[str]],
-                    rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    table.append([f"{fmt(spec.target)} on validation", f"`{ref.rung}` (textbook loop)", f"{int(bool(ref.epochs))} of 1",
-                  f"{ref.epochs}" if ref.epochs else f"not in {ref.budget}",
-                  f"{ref.seconds:.0f}{' (extrapolated)' if quick else ''}" + ("" if ref.epochs else f", {ref.budget} epochs"),
-                  "–", "1.0×"])
     rows.append({"what": "time_to_target", "recipe": f"reference:{ref.rung}", "target": spec.target,
                  "epoch": ref.epochs, "train_seconds": ref.seconds, "images_per_s": ref.rate})
     note = (f"Reference: {ref.source}. × reference = reference seconds / harness seconds"
             + ("; the reference did not reach the target, so the ratios are lower bounds" if not ref.epochs else "") + ".")
-    return [files.markdown_table(head, table), "", note, ""], rows
+    return [files.markdown_table(QUALITY_HEAD, table), "", note, ""], rows
+
+
+def _target_row(fast: str, runs: list[SeedRun], target: float, ref_seconds: float | None, lower: str,
+                fmt: Callable[[float], str]) -> list[str]:
+    """A target on validation: the seeds of the fast rung that reached it, their mean epoch and seconds, the test
+    score of those weights, and (``ref_seconds``: the spec's target) how many times faster than the reference."""
+    hits = [r.hits[target] for r in runs if target in r.hits]
+    secs = [h[1] for h in hits]
+    return [f"{fmt(target)} on validation", f"`{fast}` (harness)", f"{len(hits)} of {len(runs)}",
+            _mean_cell([h[0] for h in hits]), _seconds_cell(secs), ", ".join(fmt(h[2]) for h in hits) or "–",
+            _ratio_cell(ref_seconds, secs, lower)]
+
+
+def _recipe_end_row(fast: str, epochs: int, runs: list[SeedRun], target: float, ref_seconds: float, lower: str,
+                    fmt: Callable[[float], str]) -> list[str]:
+    """The fast rung trained to the end of its recipe, scored at its best validation epoch: seeds at the target on
+    test, mean best epoch, seconds, test scores, and how many times faster than the reference."""
+    end = [r.train_seconds for r in runs]
+    return [f"{fmt(target)} on test", f"`{fast}` to its end ({epochs} epochs, best validation epoch)",
+            f"{sum(r.test >= target for r in runs)} of {len(runs)}", _mean_cell([r.best_epoch for r in runs]),
+            _seconds_cell(end), ", ".join(fmt(r.test) for r in runs), _ratio_cell(ref_seconds, end, lower)]
+
+
+def _reference_row(ref: Reference, target: float, quick: bool, fmt: Callable[[float], str]) -> list[str]:
+    """The report's recipe in the textbook loop: the epoch it reached the target (or its budget) and its seconds."""
+    seconds = f"{ref.seconds:.0f}"
+    if quick:
+        seconds += " (extrapolated)"
+    if not ref.epochs:
+        seconds += f", {ref.budget} epochs"
+    return [f"{fmt(target)} on validation", f"`{ref.rung}` (textbook loop)", f"{int(bool(ref.epochs))} of 1",
+            f"{ref.epochs}" if ref.epochs else f"not in {ref.budget}", seconds, "–", "1.0×"]
+
+
+def _mean_cell(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.1f}" if values else "–"
+
+
+def _seconds_cell(secs: list[float]) -> str:
+    """``41.2 (39.0–43.1)``: mean and range of the seeds' seconds; ``not reached`` without any."""
+    return f"{sum(secs) / len(secs):.1f} ({min(secs):.1f}–{max(secs):.1f})" if secs else "not reached"
+
+
+def _ratio_cell(ref_seconds: float | None, secs: list[float], lower: str) -> str:
+    """``12.3×``: the reference's seconds over the mean of ``secs`` (empty without a reference time or seconds)."""
+    return f"{ref_seconds / (sum(secs) / len(secs)):.1f}×{lower}" if ref_seconds is not None and secs else ""
+
+
+def _hit_record(fast: str, run: SeedRun, target: float) -> dict[str, Any]:
+    """perf.csv's record of one seed and target: its epoch, seconds and test score there (empty when not reached)."""
+    epoch, seconds, test = run.hits.get(target, (None, None, None))
+    return {"what": "time_to_target", "recipe": fast, "seed": run.seed, "target": target, "epoch": epoch,
+            "train_seconds": seconds, "test": test, "images_per_s": run.images / run.train_seconds}
 
 
 def _throughput_table(fast: str, runs: list[SeedRun], ref: Reference, flops: dict[str, float],

@@ -30,8 +30,8 @@ from bench.records import GroupRecord, RunRecord, read_record
 from bench.registry import unknown_name_message
 from bench.runner import RunOptions, RunsFailed, preflight, resolve_data_root, run_grid
 from bench.spec import Run, Spec, Variant, config_from_dict, run_key
+from bench.stats import mean_ci
 from bench.store import RunStore, StoredRun
-from bench.summary import mean_ci
 from bench.tasks import TASKS
 
 # The default tolerance, in units of the rung's seed std and with an absolute floor in the metric's own

@@ -3,7 +3,8 @@
 Per group: one row per variant with the test metric's mean +- std over seeds, a 95%
 t-interval, the change against the rung it builds on with a paired t-test over the seeds
 they share, the report's number, epochs, time and parameters; then a learning-curve
-figure.  The best variant is picked by mean *validation* metric, never by test.
+figure.  The best variant is picked by mean *validation* metric, never by test.  The tables are
+:mod:`bench.tables`', their statistics :mod:`bench.stats`'; this module writes the files.
 
 ``results/summary.md`` publishes the *published* groups only (a spec and profile as
 written).  An ad-hoc group (runs with ``--set`` overrides, see ``bench.spec.place_in_group``)
@@ -13,302 +14,78 @@ The records of published groups are in git (bench/records.py), so any clone rebu
 them; the task's figures, which need checkpoints, are kept in ``runs/<group>/figures.json``.  A section
 whose records are not here (made before records were committed) is kept verbatim, and so is a section
 that reports runs this folder lacks (a partial re-run here never replaces a fuller table made elsewhere)
-unless the group is complete here; delete a section by hand to drop it.
+unless the group is complete here.  What the writer wrote last time (each section's group, heading, provenance,
+runs and text) it keeps in ``results/summary.json`` beside summary.md (:class:`Section`), committed with it; a
+section deleted from summary.md by hand is dropped from that memory on the next write, and rebuilt when its runs
+are here.
 """
 from __future__ import annotations
 
-import math
+import json
+import logging
 import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from scipy import stats
 
 from bench import files
+from bench.config import ConfigError
+from bench.log import note
+from bench.metrics import Metric
 from bench.pareto import pareto_front
 from bench.plots import plot_spec_curves, plot_tradeoff
-from bench.records import GroupRecord, RunRecord, VariantRecord
-from bench.spec import group_file_prefix, short_label
+from bench.records import GroupRecord, RunRecord
+from bench.spec import group_file_prefix
+from bench.stats import CLIPPED, mean_ci
 from bench.store import RunStore, StoredRun
+from bench.tables import DELTA, current_costs, flops_unit, group_tables, target_column
 from bench.tasks import TASKS
-from bench.tasks.base import Metric, Task
-from bench.train import time_to_target
+from bench.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 INTRO = ("Every number below is read from the stored runs of that spec. Mean ± sample std over the seeds shown; "
          "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
          "both rungs share, with a paired t-test p-value (with 2-3 seeds the test has little power: read it as a "
          "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing.")
 FIGURES_FILE = "figures.json"  # per group: the captions of the task's figures, for a rebuild without checkpoints
-CLIPPED = "†"  # marks a confidence interval cut at the metric's range
-_MARKER = re.compile(r"<!-- bench: runs (.*?) -->")
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, sample std, half-width of the two-sided t confidence interval); nan where n < 2."""
-    n = len(values)
-    m = sum(values) / n
-    if n < 2:
-        return m, math.nan, math.nan
-    sd = float(pd.Series(values).std(ddof=1))
-    return m, sd, float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-
-
-def paired_test(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
-    """Mean of a-b over shared seeds, two-sided paired t-test p-value (nan if undefined), n shared."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return math.nan, math.nan, 0
-    d = [a[s] - b[s] for s in seeds]
-    mean = sum(d) / len(d)
-    if len(d) < 2 or len(set(d)) == 1:
-        return mean, math.nan, len(d)
-    return mean, float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue), len(d)
-
-
-def format_ci(m: float, hw: float, metric: Metric) -> str:
-    """``[lo, hi]`` of a mean, cut to the metric's range and marked with :data:`CLIPPED` when cut."""
-    if math.isnan(hw):
-        return "–"
-    lo, hi = max(m - hw, metric.low), min(m + hw, metric.high)
-    mark = CLIPPED if (lo, hi) != (m - hw, m + hw) else ""
-    return f"[{metric.text(lo)}, {metric.text(hi)}]{mark}"
-
-
-def format_count(x: float) -> str:
-    """A mean of counts: ``2`` when whole, else one decimal (``41.7``)."""
-    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
-
-
-@dataclass
-class Table:
-    """A markdown table: headers, rows of strings and each column's alignment (numbers right)."""
-
-    headers: list[str]
-    rows: list[list[str]]
-    align: list[str]
-
-    def markdown(self) -> str:
-        return files.markdown_table(self.headers, self.rows, self.align)
-
-    def width(self) -> int:
-        """Characters a reader sees across the rendered table: each column's widest cell plus about 3 characters of
-        cell padding.  :data:`MAX_TABLE_WIDTH` bounds it for the main table."""
-        cols = zip(self.headers, *self.rows, strict=True)
-        return sum(max(len(c) for c in col) + 3 for col in cols)
-
-
-# About what a 1280-pixel-wide rendering shows of a markdown table without scrolling: ~8 pixels a character at a
-# code host's 16-pixel font, and each cell's 26 pixels of padding counted as 3 characters.
-MAX_TABLE_WIDTH = 160
-
-
-def _table(rows: list[dict[str, str]], right: set[str]) -> Table:
-    """Columns in the order the rows name them, wherever they first appear (a first row without runs has fewer cells:
-    its gaps are filled from the rows below, in place)."""
-    headers: list[str] = []
-    for r in rows:
-        for i, k in enumerate(r):
-            if k not in headers:
-                before = [h for h in list(r)[:i] if h in headers]  # after the last of its predecessors already placed
-                headers.insert(headers.index(before[-1]) + 1 if before else 0, k)
-    return Table(headers, [[r.get(h, "") for h in headers] for r in rows],
-                 ["right" if h in right else "left" for h in headers])
-
-
-@dataclass
-class GroupTables:
-    """The tables of one group's section: the main table (metric, change against the parent, deployment cost),
-    the training/statistics table, the secondary metrics table (tasks with several metrics), and what they need."""
-
-    main: Table
-    training: Table
-    secondary: Table | None
-    best: str | None
-    clipped: bool
-    costs_shown: bool
-    postprocess: Table | None = None  # rungs that post-process their masks: the choice and its effect on the test
-
-
-def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any] | None = None) -> GroupTables:
-    """The section's tables; the best variant is the one with the best mean validation metric."""
-    task = TASKS[meta.task]
-    primary = task.metrics[0]
-    results = {v.name: [r.result for r in runs if r.variant == v.name] for v in meta.variants}
-    by_seed = {name: {r.seed: r.test[primary.key] for r in rs} for name, rs in results.items()}
-    val_means = {name: sum(r.val_best for r in rs) / len(rs) for name, rs in results.items() if rs}
-    best = min(val_means, key=lambda name: primary.rank(val_means[name])) if val_means else None
-    reported = any(v.reported is not None for v in meta.variants)
-    cost_cols = _cost_columns(meta, runs, costs)
-    main, training, secondary, clipped = [], [], [], False
-    # a metric no run of the group recorded (added to the task after they ran) has no column until a rescore
-    shown = [m for m in task.metrics[1:] if any(m.key in r.result.test for r in runs)]
-    for v in meta.variants:
-        rs = results[v.name]
-        name = v.name + (" ★" if v.name == best else "")
-        row: dict[str, str] = {"variant": name, "change": v.label or short_label(v.change), "n": str(len(rs))}
-        more: dict[str, str] = {"variant": name}
-        if rs:
-            m, sd, hw = mean_ci([r.test[primary.key] for r in rs])
-            row[primary.header] = f"{primary.text(m)} ± {primary.text(sd)}"
-            row[DELTA] = _delta(v, by_seed, primary) if v.parent else ""
-            more["val (mean)"] = primary.text(val_means[v.name])
-            more["95% CI"] = format_ci(m, hw, primary)
-            clipped |= more["95% CI"].endswith(CLIPPED)
-            ran, best_ep = (sum(getattr(r, k) for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
-            more["epochs (best)"] = f"{format_count(ran)} ({format_count(best_ep)})"
-            more["train s"] = f"{sum(r.train_time_s for r in rs) / len(rs):.0f}"
-            if meta.target is not None:
-                more[target_column(meta.target, primary)] = format_time_to_target(
-                    runs_of(runs, v.name), meta.target, primary)
-            if shown:
-                sec = {"variant": name, "n": str(len(rs))}
-                for metric in shown:
-                    if any(metric.key not in r.test for r in rs):  # recorded before the metric existed: rescore
-                        sec[metric.column] = metric.text(None)
-                        continue
-                    mk, sk, _ = mean_ci([r.test[metric.key] for r in rs])
-                    sec[metric.column] = f"{metric.text(mk)} ± {metric.text(sk)}"
-                secondary.append(sec)
-        else:
-            row[primary.header] = "not run"
-        if reported:
-            row["report"] = primary.text(v.reported) if v.reported is not None else ""
-        row["params"] = format_params(rs[0].params) if rs else ""
-        row.update(cost_cols.get(v.name, {}))
-        main.append(row)
-        training.append(more)
-    numeric = {primary.header, DELTA, "val (mean)", "report", "params", "n", "95% CI", "epochs (best)", "train s",
-               "MFLOP", "GFLOP", *COST_HEADERS.values(), *(m.column for m in task.metrics)}
-    if meta.target is not None:
-        numeric.add(target_column(meta.target, primary))
-    return GroupTables(_table(main, numeric), _table(training, numeric), _table(secondary, numeric) if secondary else None,
-                       best, clipped, bool(cost_cols), postprocess_table(meta, results, task.metrics))
-
-
-def postprocess_table(meta: GroupRecord, results: dict[str, list[RunRecord]], metrics: tuple[Metric, ...]) -> Table | None:
-    """The rungs whose runs post-process their masks (``eval.postprocess``): the setting each seed chose on validation,
-    and for the primary metric and the one that chose, the test's mean before and after and the mean paired change
-    within the runs (the same predictions without and with post-processing) with its t-test's p."""
-    rows = []
-    for v in meta.variants:
-        rs = [r for r in results.get(v.name, []) if r.postprocess and r.test_raw]
-        if not rs:
-            continue
-        row = {"variant": v.name, "n": str(len(rs)), CHOSEN: ", ".join(
-            f"{r.postprocess['min_area']}{' filled' if r.postprocess['fill_holes'] else ''}"
-            + (f" c{r.postprocess['contour_threshold']:g}" if "contour_threshold" in r.postprocess else "") for r in rs)}
-        by = {r.postprocess["chosen_by"] for r in rs}
-        for m in (m for m in metrics if m is metrics[0] or m.key in by):
-            if all(m.key in r.test and m.key in r.test_raw for r in rs):
-                before, after = ({r.seed: getattr(r, k)[m.key] for r in rs} for k in ("test_raw", "test"))
-                d, p, _ = paired_test(after, before)
-                row[f"{m.label} before → after"] = (f"{m.text(sum(before.values()) / len(rs))} → "
-                                                    f"{m.text(sum(after.values()) / len(rs))}")
-                row[f"Δ {m.label} (p)"] = f"{d * m.scale:+.{m.digits}f} (p={'–' if math.isnan(p) else f'{p:.3f}'})"
-        rows.append(row)
-    return _table(rows, {h for r in rows for h in r if h not in ("variant", CHOSEN)}) if rows else None
-
-
-DELTA = "Δ (p)"
-CHOSEN = "chosen per seed: min px (filled holes, contour threshold)"
+MEMORY_FILE = "summary.json"  # beside summary.md: the sections the writer wrote there (:class:`Section`)
+MEMORY_FORMAT = 1
 LATENCY_TOLERANCE = 0.1  # relative: the same network timed twice in one run differs by a few percent
-COST_HEADERS = {"cpu/fp32": "ORT ms", "cpu/int8": "INT8 ms", "cuda/fp32": "CUDA ms"}
+INDEX_HEADERS = ["section", "profile", "machine", "commits of the runs", "table generated"]
 
 
-def format_params(n: int) -> str:
-    """``1,234``, ``145k``, ``1.9M``: parameter counts as the table shows them (exact counts: result.json)."""
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else f"{n:,}"
+@dataclass
+class Section:
+    """One published group's section of summary.md as the writer remembers it (an entry of summary.json): what the
+    index table lists, which runs the section reports, and its Markdown, to keep it when its runs are elsewhere."""
 
+    group: str
+    heading: str  # the section's first line, ``## mnist@quick (mnist, spec `...`, profile `quick`)``
+    profile: str
+    machine: str
+    commits: str
+    generated: str  # when the section was built
+    runs: list[str] | None  # ``variant/seed/key`` of each run it reports; None: not known (a section without its marker)
+    text: str
 
-def flops_unit(costs: dict[str, Any]) -> tuple[str, float, int]:
-    """(column header, divisor, decimals) for the FLOPs per image of a group's rungs: MFLOP, or GFLOP from 1 G."""
-    most = max((r.get("flops_per_image", 0) for r in costs.get("rungs", {}).values()), default=0)
-    return ("GFLOP", 1e9, 2) if most >= 1e9 else ("MFLOP", 1e6, 1)
-
-
-def _cost_columns(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any] | None) -> dict[str, dict[str, str]]:
-    """Per variant, its deployment cost cells from ``costs.json`` (see ``exporters.rungs``): FLOPs per image and
-    batch-1 p50 latency per provider/precision measured.  ``not run`` for a rung without finished runs, ``–`` for
-    one whose export is missing or was made from a run that is no longer current.  Empty without costs."""
-    if not costs:
-        return {}
-    rungs = costs.get("rungs", {})
-    columns = [c for c in ("cpu/fp32", "cpu/int8", "cuda/fp32") if any(c in r.get("latency", {}) for r in rungs.values())]
-    current = current_costs(costs, runs)
-    unit, scale, digits = flops_unit(costs)
-    decimals = {c: ms_decimals([r["latency"][c]["p50_ms"] for r in rungs.values() if c in r.get("latency", {})])
-                for c in columns}
-    out = {}
-    for v in meta.variants:
-        rec = current.get(v.name)
-        if not any(r.variant == v.name for r in runs):
-            cells = dict.fromkeys(["flops", *columns], "not run")
-        elif rec is None:
-            cells = dict.fromkeys(["flops", *columns], "–")
-        else:
-            lat = rec.get("latency", {})
-            cells = {"flops": f"{rec['flops_per_image'] / scale:.{digits}f}",
-                     **{c: f"{lat[c]['p50_ms']:.{decimals[c]}f}" if c in lat else "–" for c in columns}}
-        out[v.name] = {(unit if k == "flops" else COST_HEADERS[k]): x for k, x in cells.items()}
-    return out
-
-
-def current_costs(costs: dict[str, Any], runs: list[StoredRun]) -> dict[str, dict[str, Any]]:
-    """The rungs of ``costs.json`` whose export came from a run of the variant that is still current."""
-    keys = {(r.variant, r.key) for r in runs}
-    return {v: rec for v, rec in costs.get("rungs", {}).items() if (v, rec.get("key")) in keys}
-
-
-def ms_decimals(values: list[float]) -> int:
-    """One number of decimals for a column of latencies: three significant digits for its smallest value
-    (``0.0703`` -> 4, ``2.18`` -> 2, ``38.6`` -> 1), at most 4 and at least 0."""
-    low = min((v for v in values if v > 0), default=1.0)
-    return max(0, min(4, 2 - int(math.floor(math.log10(low)))))
-
-
-def target_column(target: float, metric: Metric) -> str:
-    return f"to val {metric.text(target, unit=True)}: epoch, train s"
-
-
-def runs_of(runs: list[StoredRun], variant: str) -> list[StoredRun]:
-    return [r for r in runs if r.variant == variant]
-
-
-def format_time_to_target(runs: list[StoredRun], target: float, metric: Metric | None = None) -> str:
-    """``3 · 41 s``: mean over seeds of the first epoch whose validation metric reached ``target`` and of the
-    training seconds until then (read from each run's metrics.csv), with how many seeds reached it when not all;
-    ``–`` for runs without epochs of their own (seed ensembles)."""
-    histories = [files.read_csv(r.dir / "metrics.csv") for r in runs]
-    if not any(histories):
-        return "–"
-    reached = [hit for hit in (time_to_target(h, target, metric) for h in histories) if hit]
-    if not reached:
-        return "not reached"
-    epoch, seconds = (sum(h[i] for h in reached) / len(reached) for i in (0, 1))
-    partial = f" ({len(reached)} of {len(runs)} seeds)" if len(reached) < len(runs) else ""
-    return f"{format_count(epoch)} · {seconds:.0f} s{partial}"
-
-
-def _delta(v: VariantRecord, by_seed: dict[str, dict[int, float]], metric: Metric) -> str:
-    """``+0.21 (p=0.044)``: the mean paired change against the parent over the seeds both have."""
-    d, p, n = paired_test(by_seed[v.name], by_seed.get(v.parent, {}))
-    p_text = "–" if math.isnan(p) else f"{p:.3f}"
-    shared = "" if n == len(by_seed[v.name]) else f", {n} seeds shared"
-    return "–" if n == 0 else f"{d * metric.scale:+.{metric.digits}f} (p={p_text}{shared})"
+    def index_row(self) -> list[str]:
+        return [f"[{self.group}](#{_anchor(self.heading)})", self.profile, self.machine, self.commits, self.generated]
 
 
 def provenance(runs: list[StoredRun]) -> dict[str, str]:
     rs = [r.result for r in runs]
+    devices, torches = "; ".join(sorted({(r.device_name or "?") + _precisions(r) for r in rs})), ", ".join(
+        sorted({r.torch or "?" for r in rs}))
     return {
-        "devices": "; ".join(sorted({(r.device_name or "?") + _precisions(r) for r in rs})),
+        "machine": f"{devices}; torch {torches}",
         "commits": ", ".join(sorted({_short_commit(r.commit or "?") for r in rs})),
-        "torch": ", ".join(sorted({r.torch or "?" for r in rs})),
         "finished": max((r.finished or "" for r in rs), default=""),
     }
 
@@ -348,66 +125,77 @@ def write_summary(results_dir: str | Path = "results", command: str | None = Non
     only = None if groups is None else set(groups)
     # results/summary.md is rewritten for published groups (or when asked, for its links) only: an experiment
     # never touches it.
-    written = []
+    written: list[Path | None] = []
     if only is None or only & set(store.groups("published")) or refresh_published:
-        written.append(_write_published(store, stamp, only))
+        written += _write_published(store, stamp, only)
     for group in store.groups("adhoc"):
         if only is None or group in only:
             written.append(_write_adhoc(store, group, stamp))
     return [p for p in written if p is not None]
 
 
-def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> Path | None:
-    path = store.results / "summary.md"
-    sections = files.read_markdown_sections(path, 2, _group_of_heading)  # kept for groups whose runs are elsewhere
+def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> list[Path | None]:
+    """summary.md and its memory, summary.json: the published groups' sections rebuilt, or kept from the memory."""
+    path, memory_path = store.results / "summary.md", store.results / MEMORY_FILE
+    sections = read_memory(path, memory_path)  # kept for groups whose runs are elsewhere
     for group in store.groups("published"):
         if only is not None and group not in only:
             continue
         meta, runs = store.read_group(group), store.finished(group)
         if not runs:
             continue
-        old = _runs_in(sections.get(group))
+        old = sections[group].runs if group in sections else None
         complete = meta.runs is not None and len(runs) == len(meta.runs)
-        if group in sections and not complete and (old is None or not old <= _run_ids(runs)):
-            print(f"note: kept the {group} section of {path}: it reports runs this results folder does not hold "
-                  f"({len(runs)} of {len(meta.runs or [])} runs here); copy their run folders here, finish the "
-                  f"group, or delete the section to rebuild it", file=sys.stderr)
+        if group in sections and not complete and (old is None or not set(old) <= _run_ids(runs)):
+            note(log, "kept the %s section of %s: it reports runs this results folder does not hold (%d of %d runs "
+                 "here); copy their run folders here, finish the group, or delete the section to rebuild it",
+                 group, path, len(runs), len(meta.runs or []))
             continue
-        sections[group] = group_section(meta, runs, store, store.results / "figures", stamp)
-    out = ["# Results", "", INTRO, "", *_index(sections), *(text for _, text in sorted(sections.items()))]
+        text = group_section(meta, runs, store, store.results / "figures", stamp)
+        sections[group] = _section(meta, runs, text, stamp)
+    ordered = [sections[g] for g in sorted(sections)]
+    index = [files.markdown_table(INDEX_HEADERS, [s.index_row() for s in ordered]), ""] if ordered else []
+    out = ["# Results", "", INTRO, "", *index, *(s.text for s in ordered)]
     deployment = store.results / "deployment.md"
     if deployment.exists():
         out += [deployment.read_text().strip(), ""]
     if (store.results / "perf.md").exists():
         out += ["## Speed", "", "Time to the report's numbers, throughput and the speed choices against a textbook loop "
                 "of the report's recipe, measured by `python -m bench perf`: [perf.md](perf.md) (raw: `perf.csv`).", ""]
-    return path if files.write_text_if_changed(path, "\n".join(out)) else None
+    wrote_md = files.write_text_if_changed(path, "\n".join(out))
+    memory = {"format": MEMORY_FORMAT, "about": f"what `bench summary` wrote to {path.name}, read by its next write",
+              "sections": [asdict(s) for s in ordered]}
+    wrote_memory = files.write_text_if_changed(memory_path, json.dumps(memory, indent=1, ensure_ascii=False) + "\n")
+    return [path if wrote_md else None, memory_path if wrote_memory else None]
 
 
-def _write_adhoc(store: RunStore, group: str, stamp: str) -> Path | None:
-    meta, runs = store.read_group(group), store.finished(group)
-    path = store.root / group / "summary.md"
-    note = (f"Ad-hoc group: runs of `{meta.path}` with overrides, kept apart from the published table "
-            f"`{meta.published_group}` in results/summary.md.")
-    body = group_section(meta, runs, store, store.root / group / "figures", stamp) if runs else "No finished runs yet.\n"
-    return path if files.write_text_if_changed(path, "\n".join([f"# {group}", "", note, "", INTRO, "", body])) else None
+def _section(meta: GroupRecord, runs: list[StoredRun], text: str, stamp: str) -> Section:
+    """The memory of a section just built from ``runs``."""
+    prov = provenance(runs)
+    return Section(meta.group, _heading(meta), meta.profile or "full", prov["machine"], prov["commits"],
+                   stamp.split(" by ")[0], sorted(_run_ids(runs)), text)
 
 
-def _index(sections: dict[str, str]) -> list[str]:
-    """A table of the sections' provenance (machine, commits, when), read from their own lines."""
-    def line(text: str, key: str) -> str:
-        m = re.search(rf"^- {key}: (.*)$", text, re.M)
-        return m.group(1) if m else "–"
+def read_memory(path: Path, memory_path: Path) -> dict[str, Section]:
+    """The sections the last write put in summary.md (``path``), by group, from its memory (``memory_path``); a
+    section no longer in summary.md (deleted by hand, or summary.md gone) is forgotten.  Without a memory (a
+    summary.md written before it existed) the sections are read once from summary.md itself."""
+    text = path.read_text() if path.exists() else ""
+    if not memory_path.exists():
+        return _sections_of_markdown(path) if text else {}
+    memory = files.read_json(memory_path)
+    if memory.get("format") != MEMORY_FORMAT:
+        raise ConfigError(f"{memory_path}: format {memory.get('format')!r}, this code reads format {MEMORY_FORMAT}; "
+                          f"update the code, or delete it to have summary.md's sections read from the file")
+    sections = {s["group"]: Section(**s) for s in memory["sections"]}
+    for group in [g for g, s in sections.items() if s.text not in text]:
+        log.debug("%s: the %s section is no longer in %s: forgotten", memory_path, group, path)
+        del sections[group]
+    return sections
 
-    rows = []
-    for group, text in sorted(sections.items()):
-        head = text.splitlines()[0]
-        profile = re.search(r"profile `([^`]*)`", head)
-        rows.append([f"[{group}](#{_anchor(head)})", profile.group(1) if profile else "–", line(text, "machine"),
-                     line(text, "commits of the runs").split(";")[0], line(text, "table generated").split(" by ")[0]])
-    if not rows:
-        return []
-    return [files.markdown_table(["section", "profile", "machine", "commits of the runs", "table generated"], rows), ""]
+
+def _heading(meta: GroupRecord) -> str:
+    return f"## {meta.group} ({meta.task}, spec `{meta.path}`, profile `{meta.profile or 'full'}`)"
 
 
 def _anchor(heading: str) -> str:
@@ -420,16 +208,47 @@ def _run_ids(runs: list[StoredRun]) -> set[str]:
     return {f"{r.variant}/{r.seed}/{r.key}" for r in runs}
 
 
-def _runs_in(section: str | None) -> set[str] | None:
-    """The runs a section was built from (its marker), None for a section without one."""
-    m = _MARKER.search(section or "")
-    return set(m.group(1).split()) if m else None
+def _run_marker(runs: list[StoredRun]) -> str:
+    """The line of a section that names its runs (read only by :func:`_sections_of_markdown`, for an old summary.md)."""
+    return f"<!-- bench: runs {' '.join(sorted(_run_ids(runs)))} -->"
+
+
+# The migration from a summary.md without summary.json (written before the memory existed, as committed until then):
+# its sections are read back from their headings, marker and provenance lines, once; the next write adds the memory.
+_MARKER = re.compile(r"<!-- bench: runs (.*?) -->")
+
+
+def _sections_of_markdown(path: Path) -> dict[str, Section]:
+    """The group sections of an old summary.md, as :class:`Section` entries read from their own lines."""
+    def line(text: str, key: str) -> str:
+        m = re.search(rf"^- {key}: (.*)$", text, re.M)
+        return m.group(1) if m else "–"
+
+    log.debug("%s has no %s beside it: its sections are read from the file itself", path, MEMORY_FILE)
+    sections = {}
+    for group, text in files.read_markdown_sections(path, 2, _group_of_heading).items():
+        head = text.splitlines()[0]
+        profile, marker = re.search(r"profile `([^`]*)`", head), _MARKER.search(text)
+        sections[group] = Section(group, head, profile.group(1) if profile else "–", line(text, "machine"),
+                                  line(text, "commits of the runs").split(";")[0],
+                                  line(text, "table generated").split(" by ")[0],
+                                  sorted(marker.group(1).split()) if marker else None, text)
+    return sections
 
 
 def _group_of_heading(heading: str) -> str | None:
     """``mnist@quick`` for a group heading ``mnist@quick (mnist, spec `...`, ...)``, else None."""
     head = heading.split(" (", 1)
     return head[0] if len(head) == 2 and ", spec `" in head[1] else None
+
+
+def _write_adhoc(store: RunStore, group: str, stamp: str) -> Path | None:
+    meta, runs = store.read_group(group), store.finished(group)
+    path = store.root / group / "summary.md"
+    intro = (f"Ad-hoc group: runs of `{meta.path}` with overrides, kept apart from the published table "
+             f"`{meta.published_group}` in results/summary.md.")
+    body = group_section(meta, runs, store, store.root / group / "figures", stamp) if runs else "No finished runs yet.\n"
+    return path if files.write_text_if_changed(path, "\n".join([f"# {group}", "", intro, "", INTRO, "", body])) else None
 
 
 def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig_dir: Path, stamp: str) -> str:
@@ -440,10 +259,10 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     best = tables.best
     prov = provenance(runs)
     out = [
-        f"## {meta.group} ({meta.task}, spec `{meta.path}`, profile `{meta.profile or 'full'}`)",
+        _heading(meta),
         "",
         f"- command: `{group_command(meta)}`",
-        f"- machine: {prov['devices']}; torch {prov['torch']}",
+        f"- machine: {prov['machine']}",
         f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
         f"- table generated: {stamp}",
     ]
@@ -456,7 +275,7 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     out += _missing_line(meta, runs)
     out += [f"- **failed**: {r.variant} seed {r.seed}: {(r.error or '').splitlines()[0][:300]}"
             for r in store.failed(meta.group)]
-    out += ["", f"<!-- bench: runs {' '.join(sorted(_run_ids(runs)))} -->", ""]
+    out += ["", _run_marker(runs), ""]
     if meta.description:
         out += [meta.description, ""]
     primary = task.metrics[0]
@@ -621,7 +440,7 @@ def _figures(run: StoredRun, store: RunStore, out_prefix: Path, task: Task, base
     try:
         figs = list(task.summary_figures(load, out_prefix, f"{run.dir.parent.name}, {run.dir.name}"))
     except (OSError, ValueError, KeyError) as e:
-        print(f"note: no figures for {run.dir}: {e}", file=sys.stderr)
+        note(log, "no figures for %s: %s", run.dir, e)
         return []
     files.write_json(drawn, {"run": ident, "figures": [[caption, _rel(png, base)] for caption, png in figs]})
     return figs

@@ -17,7 +17,7 @@ from bench.ensemble import Ensemble
 from bench.metrics import dice_per_image
 from bench.spec import load_spec
 from bench.store import RunStore, load_run
-from bench.summary import DELTA, group_tables
+from bench.tables import DELTA, group_tables
 from exporters import onnx as ox
 from exporters.export import count_flops, graph_module
 from tests.helpers import write_spec

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["bench", "bench.log", "bench.registry", "bench.files", "bench.config"],  # config and files
     ["bench.metrics", "bench.postprocess", "bench.instances", "bench.losses", "bench.optim", "bench.augment",
-     "bench.inference", "bench.plots", "bench.pareto", "bench.seg_figures", "bench.models",
+     "bench.inference", "bench.plots", "bench.pareto", "bench.seg_figures", "bench.stats", "bench.models",
      "bench.models.classification", "bench.models.segmentation"],  # pieces
     ["bench.factories"],  # config sections -> objects
     ["bench.tasks", "bench.tasks.base", "bench.tasks.mnist", "bench.tasks.warwick", "bench.tasks.folders",
@@ -22,6 +22,7 @@ LAYERS = [
      "bench.tracking"],  # records, seed ensembles, run store, machines DB, MLflow
     ["bench.grid"],  # who trains which run: kernel locks, or a study in that database
     ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
+    ["bench.tables"],  # the rows of the published tables, from stored runs
     ["bench.summary", "bench.perf", "bench.rescore", "bench.reproduce"],  # the published tables and speed measurements
     ["exporters", "exporters.runtime", "exporters.metadata", "exporters.images", "exporters.inputs",
      "exporters.parity", "exporters.export",

@@ -60,7 +60,7 @@ def test_a_lower_is_better_metric_picks_the_lowest_everywhere(monkeypatch, tmp_p
     from bench.spec import load_spec
     from bench.storage import StorageOptions
     from bench.store import RunStore
-    from bench.summary import group_tables
+    from bench.tables import group_tables
     from bench.train import fit
     from bench.tune import study_file
     from exporters.onnx import finished_runs, pick_best

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,11 @@ from torch import nn
 from bench.config import ConfigError
 from bench.files import read_csv
 from bench.perf import (
+    QUALITY_HEAD,
+    Reference,
+    SeedRun,
     TaskPerf,
+    _quality_table,
     fast_rung,
     grid_speedup,
     matmul_flops_per_s,
@@ -180,6 +185,26 @@ def test_step_rate_with_and_without_the_speed_choices(tmp_path, data_root):
         rate, first = step_rate(c, task, data, torch.device("cpu"), seconds=0.2)
         assert rate > 0 and first > 0
     assert step_rate(cfg, task, data, torch.device("cpu"), sync_per_step=True, seconds=0.2)[0] > 0
+
+
+def test_time_to_quality_table_from_known_runs():
+    """Two seeds, one reaching the stretch target; the reference reached the spec's target in 7 epochs, 120 s."""
+    runs = [SeedRun(0, {0.99: (3, 10.0, 0.991), 0.995: (8, 30.0, 0.994)}, 10, 600, 40.0, 9, 0.987),
+            SeedRun(1, {0.99: (5, 14.0, 0.989)}, 10, 600, 44.0, 7, 0.996)]
+    ref = Reference("report", 120.0, 7, 20, "measured", 50.0)
+    spec, cfg = SimpleNamespace(target=0.99), SimpleNamespace(train=SimpleNamespace(epochs=10))  # what the table reads
+    lines, rows = _quality_table(spec, TASKS["mnist"], "lean", cfg, runs, [0.99, 0.995], ref, True)
+    table = {line.split("|")[1].strip() + " " + line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:-1]]
+             for line in lines[0].splitlines()[2:]}
+    assert lines[0].splitlines()[0].count("|") == len(QUALITY_HEAD) + 1
+    assert table["99.00 % on validation `lean` (harness)"] == ["2 of 2", "4.0", "12.0 (10.0–14.0)", "99.10 %, 98.90 %",
+                                                               "10.0×"]  # 120 s / 12 s: the spec's target only
+    assert table["99.50 % on validation `lean` (harness)"] == ["1 of 2", "8.0", "30.0 (30.0–30.0)", "99.40 %", ""]
+    end = "99.00 % on test `lean` to its end (10 epochs, best validation epoch)"
+    assert table[end] == ["1 of 2", "8.0", "42.0 (40.0–44.0)", "98.70 %, 99.60 %", "2.9×"]  # 120 s / 42 s
+    assert table["99.00 % on validation `report` (textbook loop)"] == ["1 of 1", "7", "120 (extrapolated)", "–", "1.0×"]
+    assert [r["what"] for r in rows] == ["time_to_target"] * 4 + ["recipe_end"] * 2 + ["time_to_target"]
+    assert rows[3]["epoch"] is None and rows[-1]["recipe"] == "reference:report"  # seed 1 missed the stretch target
 
 
 def test_write_perf_keeps_other_modes_and_tasks(tmp_path):

@@ -18,7 +18,7 @@ from bench.cli import main
 from bench.config import Config, ConfigError, EvalCfg
 from bench.postprocess import PostProcess, candidates, choose, remove_small
 from bench.spec import load_spec
-from bench.summary import CHOSEN
+from bench.tables import CHOSEN
 from bench.tasks import TASKS
 from bench.tasks.base import Data, DataInfo, Split
 from exporters import onnx as ox
@@ -179,7 +179,7 @@ def test_rescore_adds_the_pooled_metrics_and_the_choice_to_an_older_record(run, 
 
 def test_the_summary_shows_the_choice_and_its_paired_effect():
     from bench.records import GroupRecord, RunRecord, VariantRecord
-    from bench.summary import postprocess_table
+    from bench.tables import postprocess_table
 
     meta = GroupRecord("w", "w", "warwick", [VariantRecord("a", "a"), VariantRecord("b", "b", parent="a")])
 

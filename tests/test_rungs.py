@@ -14,7 +14,7 @@ from bench.pareto import pareto_front
 from bench.records import RunRecord
 from bench.spec import LABEL_MAX, load_spec, short_label
 from bench.store import RunStore, StoredRun
-from bench.summary import MAX_TABLE_WIDTH, group_tables
+from bench.tables import MAX_TABLE_WIDTH, group_tables
 from exporters import export
 from exporters import onnx as ox
 from exporters.metadata import ModelMeta

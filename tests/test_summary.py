@@ -11,8 +11,10 @@ import pytest
 from bench import files
 from bench.records import GroupRecord, VariantRecord
 from bench.spec import load_spec, place_in_group
+from bench.stats import mean_ci, paired_test
 from bench.store import RunStore
-from bench.summary import Table, group_tables, mean_ci, paired_test, write_summary
+from bench.summary import write_summary
+from bench.tables import Table, group_tables
 from tests.helpers import write_spec
 
 
@@ -102,6 +104,10 @@ def test_summary_keeps_sections_of_groups_whose_runs_are_elsewhere(tmp_path):
     # rebuilding again changes nothing but the stamp; the local group is rewritten, not duplicated
     again = _summary(results)
     assert again.count("## demo (") == 1 and again.count("## mnist@gpu (") == 1
+    # the first write read that old summary.md's sections from the file itself; from then on its memory holds them
+    memory = {s["group"]: s for s in json.loads((results / "summary.json").read_text())["sections"]}
+    assert memory["mnist@gpu"]["text"] == other and memory["mnist@gpu"]["runs"] is None
+    assert memory["mnist@gpu"]["machine"] == "NVIDIA H200" and len(memory["demo"]["runs"]) == 9
 
 
 def test_reported_number_is_shown_in_the_metric_s_own_format():
@@ -150,6 +156,31 @@ def test_a_partial_rerun_never_replaces_a_fuller_published_section(tmp_path):
     (other / "summary.md").unlink()
     text = _summary(other)
     assert "**incomplete**: 1 of 9 runs finished; missing a seed 1, 2; b seed 0, 1, 2; c seed 0, 1, 2" in text
+
+
+def test_the_memory_keeps_a_section_its_runs_are_elsewhere_and_forgets_a_deleted_one(tmp_path):
+    """summary.json, beside summary.md, is what the writer knows of its last write: a clone with one run of a group
+    keeps the fuller section it was given, write after write; a section deleted from summary.md is rebuilt."""
+    full = _summary(fake_store(tmp_path))
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("summary.md", "summary.json"):  # as committed together
+        (other / name).write_text((tmp_path / "results" / name).read_text())
+    spec = load_spec(tmp_path / "demo.yaml")
+    fake_runs(RunStore(other), spec, ACC, runs=spec.runs(["a"])[:1])
+    for _ in range(2):
+        assert _summary(other) == full  # kept, stamp and all
+    memory = json.loads((other / "summary.json").read_text())
+    memory["sections"][0]["machine"] = "GPU: as remembered"
+    (other / "summary.json").write_text(json.dumps(memory))
+    assert "| GPU: as remembered |" in _summary(other)  # the index is the memory's, not read from the markdown
+    section = full[full.index("## demo ("):]
+    (other / "summary.md").write_text(full.replace(section, ""))  # deleted by hand: forgotten and rebuilt
+    text = _summary(other)
+    assert "**incomplete**: 1 of 9 runs finished" in text and "not run" in table_rows(text, 0)["b"]
+    memory = json.loads((other / "summary.json").read_text())["sections"]
+    assert [s["group"] for s in memory] == ["demo"] and memory[0]["runs"] == [f"a/0/{spec.runs(['a'])[0].key}"]
+    assert memory[0]["text"] in text
 
 
 def _summary(results: Path, command: str | None = None) -> str:
