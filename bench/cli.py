@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from bench import __version__, usable_cores
+from bench.log import setup as log_setup
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -488,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return predict_main(argv[1:])
     args = _parse_args(argv)
+    log_setup()  # the modules' notes and progress lines, on stderr
     handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary, "perf": cmd_perf, "rescore": cmd_rescore,
                 "reproduce": cmd_reproduce}
     # Imported after parsing: --help and --version answer without loading torch.

@@ -5,7 +5,9 @@ trains which run is the grid's (``bench/grid.py``: kernel locks on one machine, 
 in a database across machines); this module only loops: claim a run, train it, record how it
 ended.  Several worker processes (``--workers N``) run the same loop over the same grid.  A run
 that fails for its own reason (a diverged loss, out of memory) is recorded as failed and the
-loop goes on; :class:`RunsFailed` names them at the end.
+loop goes on; :class:`RunsFailed` names them at the end.  A finished run whose best.pt is not here
+(checkpoints are not in git) is trained again from its record into ``<results>/retrained`` by :func:`checkpoint_of`
+(the ONNX export's); ``bench reproduce`` trains runs again by :func:`retrain`.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -31,12 +34,17 @@ from bench import ensemble, files, usable_cores
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
-from bench.spec import Run, Spec
+from bench.log import note
+from bench.records import GroupRecord, read_record
+from bench.spec import Run, Spec, Variant, config_from_dict, run_key
 from bench.storage import StorageOptions
-from bench.store import LoadedRun, RunStore
+from bench.store import LoadedRun, RunStore, StoredRun
 from bench.tasks import TASKS
 from bench.tasks.base import Data
 from bench.train import fit, resolve_device, steps_per_epoch
+
+log = logging.getLogger(__name__)
+RETRAINED = "retrained"  # <results>/retrained/runs/...: stored runs trained again there for their checkpoints
 
 
 @dataclass
@@ -225,6 +233,87 @@ def check_members(runs: list[Run], store: RunStore) -> None:
                 raise ConfigError(f"{run.variant.name} seed {run.seed}: its member {m.variant.name} seed {m.seed} is "
                                   f"not finished; train it first or with it (--variants {m.variant.name} "
                                   f"{run.variant.name})")
+
+
+# ----------------------------------------------------------------------- stored runs trained again
+# Records come from git, checkpoints do not: a finished run whose best.pt is not here is trained again from its
+# record into <results>/retrained when its weights are needed (an export), and
+# `bench reproduce` trains runs again the same way to compare them with their records.
+
+
+def rerun_of(stored: StoredRun, meta: GroupRecord, data_root: str | None) -> Run:
+    """The stored run as the runner's Run: its recorded config, seed and key.  The recorded data root is kept
+    when it exists on this machine and ``data_root`` (--data-root) is None."""
+    path = stored.dir / "config.json"
+    saved = files.read_json(path)
+    cfg = config_from_dict(saved["config"], where=str(path))
+    if data_root or (cfg.data.root and not Path(cfg.data.root).is_dir()):
+        cfg.data.root = None  # the runner's data root then: --data-root, else $BENCH_DATA, else ./data
+    if run_key(cfg) != stored.key:  # a config section gained a key since: the rerun still uses the recorded values
+        note(log, "%s: the config hashes to %s with this code, not to the recorded key %s", path, run_key(cfg),
+             stored.key)
+    index, v = next((i, v) for i, v in enumerate(meta.variants) if v.name == stored.variant)
+    variant = Variant(v.name, index, v.parent, v.ablation, v.change, v.reported, cfg, v.label)
+    return Run(stored.group, variant, stored.seed, cfg, stored.key)
+
+
+def retrain(meta: GroupRecord, chosen: list[StoredRun], into: str | Path, opts: RunOptions,
+            data_root: str | None = None) -> tuple[RunStore, list[Run]]:
+    """Train the stored runs ``chosen`` of the group ``meta`` again, each from its own record (config, seed, thread
+    count), into the results folder ``into`` (same group, variant and seed folders) with ``opts`` (its data root for
+    a run whose recorded one is not on this machine, or for every run when ``data_root``, --data-root, is given);
+    (that folder's store, the runs).  A run that fails is recorded there as failed (``store.result(run)`` is None)."""
+    runs = [rerun_of(r, meta, data_root) for r in chosen]
+    spec = Spec(meta.name, meta.path or "", meta.task, sorted({r.seed for r in runs}), meta.profile,
+                list({r.variant.name: r.variant for r in runs}.values()), group_name=meta.group)
+    cache = preflight(spec, runs, opts)  # a device or data this machine lacks: one error before any training
+    try:
+        run_grid(spec, runs, into, opts, cache)
+    except RunsFailed:
+        pass  # said run by run; the caller sees each failure in the store
+    return RunStore(into), runs
+
+
+def retrained_dir(results: str | Path, run_dir: Path) -> Path:
+    """Where the run folder ``run_dir`` of ``results`` is trained again for its checkpoint."""
+    return Path(results) / RETRAINED / run_dir.relative_to(results)
+
+
+def retrained_checkpoint(stored: StoredRun, results: str | Path) -> Path | None:
+    """The folder of ``stored`` trained again earlier (:func:`retrained_dir`) when it is finished with the run's
+    key and holds its best.pt; else None."""
+    done = retrained_dir(results, stored.dir)
+    try:
+        record = read_record(done)
+    except (OSError, ValueError):  # none yet (RecordError is a ValueError)
+        return None
+    return done if record.status == "finished" and record.key == stored.key and (done / "best.pt").exists() else None
+
+
+def checkpoint_of(stored: StoredRun, results: str | Path, opts: RunOptions, data_root: str | None, purpose: str,
+                  using: str) -> Path:
+    """The folder holding the best.pt of the finished run ``stored`` of ``results``: its own; else its copy trained
+    again from its record into ``<results>/retrained`` (reused while it holds the run's key); else that copy, trained
+    now with ``opts`` and ``data_root`` (see :func:`retrain`).  ``purpose`` ("export it") and ``using`` ("exporting")
+    word the notes; ConfigError when the training fails."""
+    if (stored.dir / "best.pt").exists():
+        return stored.dir
+    done = retrained_checkpoint(stored, results)
+    if done is not None:
+        return done
+    note(log, "%s has no best.pt (checkpoints are not in git): re-training it from its record into %s to %s",
+         stored.dir, Path(results) / RETRAINED, purpose)
+    meta = RunStore(results).read_group(stored.group)
+    again, (run,) = retrain(meta, [stored], Path(results) / RETRAINED, opts, data_root)
+    result = again.result(run)
+    if result is None:
+        raise ConfigError(f"{stored.dir}: re-training it to {purpose} failed; see above")
+    metric = TASKS[meta.task].metrics[0]
+    old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
+    note(log, "re-trained %s %s seed %d: %s %s (%s %s); %s %s", stored.group, stored.variant, stored.seed,
+         metric.label, metric.show(new), "identical to" if new == old else "recorded", metric.show(old), using,
+         again.path(run))
+    return again.path(run)
 
 
 def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions,

@@ -15,6 +15,7 @@ from bench.cli import main as bench
 from bench.config import ConfigError
 from bench.ensemble import Ensemble
 from bench.metrics import dice_per_image
+from bench.runner import RETRAINED
 from bench.spec import load_spec
 from bench.store import RunStore, load_run
 from bench.summary import DELTA, group_tables
@@ -185,8 +186,9 @@ def test_an_ensemble_without_its_checkpoint_is_rebuilt_from_its_members(trained,
     run = spec.runs(["ens"])[0]
     (store.path(run) / "best.pt").unlink()
     done = ox.with_checkpoint(store.path(run), results, str(trained["root"]))
-    assert done == results / ox.RETRAINED / store.path(run).relative_to(results) and not (store.path(run) / "best.pt").exists()
+    assert done == results / RETRAINED / store.path(run).relative_to(results) and not (store.path(run) / "best.pt").exists()
     again, first = load_run(done), load_run(trained["results"] / store.path(run).relative_to(results))
     assert again.key == run.key and again.result.test == store.result(run).test
     x = first.task.load(first.config, torch.device("cpu")).test.x
     assert torch.equal(again.model(x), first.model(x))
+
