@@ -5,9 +5,10 @@ trains which run is the grid's (``bench/grid.py``: kernel locks on one machine, 
 in a database across machines); this module only loops: claim a run, train it, record how it
 ended.  Several worker processes (``--workers N``) run the same loop over the same grid.  A run
 that fails for its own reason (a diverged loss, out of memory) is recorded as failed and the
-loop goes on; :class:`RunsFailed` names them at the end.  A finished run whose best.pt is not here
-(checkpoints are not in git) is trained again from its record into ``<results>/retrained`` by :func:`checkpoint_of`
-(the ONNX export's); ``bench reproduce`` trains runs again by :func:`retrain`.
+loop goes on; :class:`RunsFailed` names them at the end.  Seed ensembles train nothing: they are evaluated
+after the grid from their members' best.pt; a finished run whose best.pt is not here (checkpoints are not in git)
+is trained again from its record into ``<results>/retrained`` first (:func:`checkpoint_of`, which the ONNX export
+uses too; ``bench reproduce`` trains runs again by :func:`retrain`).
 """
 from __future__ import annotations
 
@@ -237,7 +238,7 @@ def check_members(runs: list[Run], store: RunStore) -> None:
 
 # ----------------------------------------------------------------------- stored runs trained again
 # Records come from git, checkpoints do not: a finished run whose best.pt is not here is trained again from its
-# record into <results>/retrained when its weights are needed (an export), and
+# record into <results>/retrained when its weights are needed (an export, a seed ensemble's members), and
 # `bench reproduce` trains runs again the same way to compare them with their records.
 
 
@@ -316,10 +317,41 @@ def checkpoint_of(stored: StoredRun, results: str | Path, opts: RunOptions, data
     return again.path(run)
 
 
+def member_checkpoint(store: RunStore, member: Run, run: Run, opts: RunOptions) -> Path:
+    """The folder holding the best.pt of the finished ``member`` of the ensemble ``run`` (:func:`checkpoint_of`:
+    trained again from its record with the grid's data root and device when needed)."""
+    result = store.result(member)
+    assert result is not None, "run_ensembles evaluates only ensembles whose members are finished"
+    stored = StoredRun(member.spec, member.variant.name, member.seed, member.key, store.path(member), result)
+    if not (stored.dir / "best.pt").exists() and (done := retrained_checkpoint(stored, store.results)) is not None:
+        note(log, "%s seed %d: its member %s seed %d has no best.pt here (checkpoints are not in git): using the one "
+             "re-trained from its record in %s", run.variant.name, run.seed, member.variant.name, member.seed, done)
+        return done
+    again = RunOptions(opts.data_root, opts.device, progress=opts.progress)  # the record's threads, no hooks
+    return checkpoint_of(stored, store.results, again, None, f"evaluate the ensemble {run.variant.name} seed {run.seed}",
+                         "evaluating the ensemble from")
+
+
+def members_to_retrain(runs: list[Run], store: RunStore) -> list[tuple[Run, list[Run]]]:
+    """Each finished member of the unfinished ensembles among ``runs`` that has no best.pt here, neither its own nor
+    one trained again earlier, with the ensembles that will train it again (what ``--dry-run`` says)."""
+    out: dict[tuple[str, int], tuple[Run, list[Run]]] = {}
+    for run in store.todo([r for r in runs if r.members]):
+        for m in run.members:
+            result = store.result(m)
+            if result is None or (store.path(m) / "best.pt").exists():
+                continue
+            stored = StoredRun(m.spec, m.variant.name, m.seed, m.key, store.path(m), result)
+            if retrained_checkpoint(stored, store.results) is None:
+                out.setdefault((m.variant.name, m.seed), (m, []))[1].append(run)
+    return list(out.values())
+
+
 def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions,
                   cache: dict[str, Data] | None = None) -> None:
     """Evaluate every ensemble run of ``runs`` (see :mod:`bench.ensemble`) whose members are finished and that no
-    other process holds; RunsFailed naming those whose members are not, or whose evaluation failed."""
+    other process holds, a member without its best.pt trained again first (:func:`member_checkpoint`); RunsFailed
+    naming those whose members are not finished, or whose evaluation failed."""
     store, task, cache, failed = RunStore(results_dir), TASKS[spec.task], cache if cache is not None else {}, []
     scored: dict[str, dict[str, Any]] = {}  # the scores of each ensemble evaluated here, for its seeds alike
     for run in store.todo([r for r in runs if r.members]):
@@ -334,10 +366,11 @@ def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: Ru
             device = resolve_device(cfg.train.device, "train.device")
             meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
             try:
+                weights = [member_checkpoint(store, m, run, opts) for m in run.members]
                 data = load_data(cache, task, cfg, device)
                 result = ensemble.evaluate(dataclasses.replace(run, config=cfg), store.path(run),
                                            [store.path(m) for m in run.members], task, data, device, meta,
-                                           scored.get(ensemble.scored_alike(run)))
+                                           scored.get(ensemble.scored_alike(run)), weights)
             except files.DiskFull:
                 raise
             except Exception as e:  # recorded like a run's own failure; the others go on
