@@ -16,6 +16,7 @@ from pathlib import Path
 
 import bench.log
 from bench import __version__, usable_cores
+from bench.log import note
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 VERBOSITY_FLAGS = {"-q": -1, "--quiet": -1, "-v": 1, "--verbose": 1}
@@ -244,7 +245,15 @@ def _check_results_folder(path: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import ConfigError
     from bench.registry import unknown_name_message
-    from bench.runner import RunsFailed, check_members, preflight, sigterm_as_ctrl_c, train_then_ensembles
+    from bench.runner import (
+        RETRAINED,
+        RunsFailed,
+        check_members,
+        members_to_retrain,
+        preflight,
+        sigterm_as_ctrl_c,
+        train_then_ensembles,
+    )
     from bench.store import RunStore
     from bench.summary import write_summary
     from bench.tasks import TASKS
@@ -265,6 +274,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         for run in runs:
             print(f"{'todo' if run in todo else 'done'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
+        for member, ensembles in members_to_retrain(runs, store):
+            note(log, "%s seed %d is finished but its best.pt is not here (checkpoints are not in git): it will be "
+                 "re-trained from its record into %s for %s", member.variant.name, member.seed,
+                 store.results / RETRAINED, ", ".join(f"{e.variant.name} seed {e.seed}" for e in ensembles))
         return 0
     check_members(todo, store)
     ensembles, todo = [r for r in todo if r.members], [r for r in todo if not r.members]  # ensembles train nothing

@@ -89,11 +89,14 @@ def scored_alike(run: Run) -> str:
 
 
 def evaluate(run: Run, run_dir: Path, member_dirs: list[Path], task: Task, data: Data, device: torch.device,
-             meta: dict[str, Any], scores: dict[str, Any] | None = None) -> dict[str, Any]:
+             meta: dict[str, Any], scores: dict[str, Any] | None = None,
+             weights: list[Path] | None = None) -> dict[str, Any]:
     """Write the ensemble's config.json and best.pt (its members' weights) in ``run_dir``, score it on validation
     (``task.evaluate``) and test (``task.test_record``: with ``eval.postprocess``, the post-processing chosen on
     validation too), as ``train.finish`` scores a run's best epoch; the result (for ``result.json``).  ``scores``
-    (the :data:`SCORES` of a run :func:`scored_alike`) are taken instead of scoring again."""
+    (the :data:`SCORES` of a run :func:`scored_alike`) are taken instead of scoring again.  ``weights``: the folders
+    holding the members' best.pt, when not their own ``member_dirs`` (a member trained again for its checkpoint,
+    whose record, and so what it cost, stays the one in its own folder)."""
     cfg = run.config
     records = [read_record(d) for d in member_dirs]
     members = [{"run": f"{d.parent.name}/{d.name}", "seed": m.seed, "key": m.key}
@@ -101,7 +104,7 @@ def evaluate(run: Run, run_dir: Path, member_dirs: list[Path], task: Task, data:
     run_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(run_dir / "config.json", {"key": run.key, **meta, "config": cfg.to_dict(),
                                                "data_info": data.info.to_dict(), "members": members})
-    checkpoint = write_checkpoint(run_dir, run.key, cfg.to_dict(), data.info.to_dict(), member_dirs,
+    checkpoint = write_checkpoint(run_dir, run.key, cfg.to_dict(), data.info.to_dict(), weights or member_dirs,
                                   [m.key for m in run.members])
     model = build_ensemble(checkpoint, cfg, task, task.model_kwargs(data.info)).to(device)
     if scores is None:

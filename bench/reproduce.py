@@ -22,14 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import files
 from bench.config import ConfigError
 from bench.log import note
 from bench.metrics import Metric
-from bench.records import GroupRecord, RunRecord, read_record
+from bench.records import RunRecord, read_record
 from bench.registry import unknown_name_message
-from bench.runner import RunOptions, RunsFailed, preflight, resolve_data_root, run_grid
-from bench.spec import Run, Spec, Variant, config_from_dict, run_key
+from bench.runner import RunOptions, resolve_data_root, retrain
 from bench.stats import mean_ci
 from bench.store import RunStore, StoredRun
 from bench.tasks import TASKS
@@ -111,40 +109,6 @@ def choose_runs(store: RunStore, group: str, variants: list[str] | None, seeds: 
     return [r for r in chosen if seeds is None or r.seed in seeds]
 
 
-def rerun_of(stored: StoredRun, meta: GroupRecord, data_root: str | None) -> Run:
-    """The stored run as the runner's Run: its recorded config, seed and key.  The recorded data root is kept
-    when it exists on this machine and ``data_root`` (--data-root) is None."""
-    path = stored.dir / "config.json"
-    saved = files.read_json(path)
-    cfg = config_from_dict(saved["config"], where=str(path))
-    if data_root or (cfg.data.root and not Path(cfg.data.root).is_dir()):
-        cfg.data.root = None  # the runner's data root then: --data-root, else $BENCH_DATA, else ./data
-    if run_key(cfg) != stored.key:  # a config section gained a key since: the rerun still uses the recorded values
-        note(log, f"{path}: the config hashes to {run_key(cfg)} with this code, not to the recorded key "
-                  f"{stored.key}")
-    index, v = next((i, v) for i, v in enumerate(meta.variants) if v.name == stored.variant)
-    variant = Variant(v.name, index, v.parent, v.ablation, v.change, v.reported, cfg, v.label)
-    return Run(stored.group, variant, stored.seed, cfg, stored.key)
-
-
-def retrain(meta: GroupRecord, chosen: list[StoredRun], into: str | Path, data_root: str | None = None,
-            device: str | None = None, progress: bool = True) -> tuple[RunStore, list[Run]]:
-    """Train the stored runs ``chosen`` of the group ``meta`` again, each from its own record, into the results
-    folder ``into`` (same group, variant and seed folders); (that folder's store, the runs).  A run that fails is
-    recorded there as failed (``store.result(run)`` is None)."""
-    runs = [rerun_of(r, meta, data_root) for r in chosen]
-    root, _ = resolve_data_root(data_root)
-    opts = RunOptions(root, device, progress=progress)
-    spec = Spec(meta.name, meta.path or "", meta.task, sorted({r.seed for r in runs}), meta.profile,
-                list({r.variant.name: r.variant for r in runs}.values()), group_name=meta.group)
-    cache = preflight(spec, runs, opts)  # a device or data this machine lacks: one error before any training
-    try:
-        run_grid(spec, runs, into, opts, cache)
-    except RunsFailed:
-        pass  # said run by run; the caller sees each failure in the store
-    return RunStore(into), runs
-
-
 def seed_spread(finished: list[StoredRun], metric: str) -> dict[str, tuple[float, int]]:
     """Per variant: (sample std of the test metric over its recorded seeds, number of seeds); nan for one seed."""
     out: dict[str, tuple[float, int]] = {}
@@ -169,7 +133,8 @@ def reproduce(results: str | Path, group: str, variants: list[str] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
         log.info(f"re-training {len(chosen)} run{'s' if len(chosen) > 1 else ''} of {group} in {tmp} "
                  f"(deleted afterwards)")
-        tmp_store, runs = retrain(meta, chosen, tmp, data_root, device, progress)
+        opts = RunOptions(resolve_data_root(data_root)[0], device, progress=progress)
+        tmp_store, runs = retrain(meta, chosen, tmp, opts, data_root)
         rows = []
         for stored, run in zip(chosen, runs, strict=True):
             result = tmp_store.result(run)

@@ -5,7 +5,10 @@ trains which run is the grid's (``bench/grid.py``: kernel locks on one machine, 
 in a database across machines); this module only loops: claim a run, train it, record how it
 ended.  Several worker processes (``--workers N``) run the same loop over the same grid.  A run
 that fails for its own reason (a diverged loss, out of memory) is recorded as failed and the
-loop goes on; :class:`RunsFailed` names them at the end.
+loop goes on; :class:`RunsFailed` names them at the end.  Seed ensembles train nothing: they are evaluated
+after the grid from their members' best.pt; a finished run whose best.pt is not here (checkpoints are not in git)
+is trained again from its record into ``<results>/retrained`` first (:func:`checkpoint_of`, which the ONNX export
+uses too; ``bench reproduce`` trains runs again by :func:`retrain`).
 """
 from __future__ import annotations
 
@@ -33,14 +36,16 @@ from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
 from bench.log import first_line, note, setup, verbosity
-from bench.spec import Run, Spec, run_keys
+from bench.records import GroupRecord, read_record
+from bench.spec import Run, Spec, Variant, config_from_dict, run_key, run_keys
 from bench.storage import StorageOptions
-from bench.store import LoadedRun, RunStore
+from bench.store import LoadedRun, RunStore, StoredRun
 from bench.tasks import TASKS
 from bench.tasks.base import Data
 from bench.train import fit, resolve_device, steps_per_epoch
 
 log = logging.getLogger(__name__)
+RETRAINED = "retrained"  # <results>/retrained/runs/...: stored runs trained again there for their checkpoints
 
 
 @dataclass
@@ -233,10 +238,122 @@ def check_members(runs: list[Run], store: RunStore) -> None:
                                   f"{run.variant.name})")
 
 
+# ----------------------------------------------------------------------- stored runs trained again
+# Records come from git, checkpoints do not: a finished run whose best.pt is not here is trained again from its
+# record into <results>/retrained when its weights are needed (an export, a seed ensemble's members), and
+# `bench reproduce` trains runs again the same way to compare them with their records.
+
+
+def rerun_of(stored: StoredRun, meta: GroupRecord, data_root: str | None) -> Run:
+    """The stored run as the runner's Run: its recorded config, seed and key.  The recorded data root is kept
+    when it exists on this machine and ``data_root`` (--data-root) is None."""
+    path = stored.dir / "config.json"
+    saved = files.read_json(path)
+    cfg = config_from_dict(saved["config"], where=str(path))
+    if data_root or (cfg.data.root and not Path(cfg.data.root).is_dir()):
+        cfg.data.root = None  # the runner's data root then: --data-root, else $BENCH_DATA, else ./data
+    if run_key(cfg) != stored.key:  # a config section gained a key since: the rerun still uses the recorded values
+        note(log, "%s: the config hashes to %s with this code, not to the recorded key %s", path, run_key(cfg),
+             stored.key)
+    index, v = next((i, v) for i, v in enumerate(meta.variants) if v.name == stored.variant)
+    variant = Variant(v.name, index, v.parent, v.ablation, v.change, v.reported, cfg, v.label)
+    return Run(stored.group, variant, stored.seed, cfg, stored.key)
+
+
+def retrain(meta: GroupRecord, chosen: list[StoredRun], into: str | Path, opts: RunOptions,
+            data_root: str | None = None) -> tuple[RunStore, list[Run]]:
+    """Train the stored runs ``chosen`` of the group ``meta`` again, each from its own record (config, seed, thread
+    count), into the results folder ``into`` (same group, variant and seed folders) with ``opts`` (its data root for
+    a run whose recorded one is not on this machine, or for every run when ``data_root``, --data-root, is given);
+    (that folder's store, the runs).  A run that fails is recorded there as failed (``store.result(run)`` is None)."""
+    runs = [rerun_of(r, meta, data_root) for r in chosen]
+    spec = Spec(meta.name, meta.path or "", meta.task, sorted({r.seed for r in runs}), meta.profile,
+                list({r.variant.name: r.variant for r in runs}.values()), group_name=meta.group)
+    cache = preflight(spec, runs, opts)  # a device or data this machine lacks: one error before any training
+    try:
+        run_grid(spec, runs, into, opts, cache)
+    except RunsFailed:
+        pass  # said run by run; the caller sees each failure in the store
+    return RunStore(into), runs
+
+
+def retrained_dir(results: str | Path, run_dir: Path) -> Path:
+    """Where the run folder ``run_dir`` of ``results`` is trained again for its checkpoint."""
+    return Path(results) / RETRAINED / run_dir.relative_to(results)
+
+
+def retrained_checkpoint(stored: StoredRun, results: str | Path) -> Path | None:
+    """The folder of ``stored`` trained again earlier (:func:`retrained_dir`) when it is finished with the run's
+    key and holds its best.pt; else None."""
+    done = retrained_dir(results, stored.dir)
+    try:
+        record = read_record(done)
+    except (OSError, ValueError):  # none yet (RecordError is a ValueError)
+        return None
+    return done if record.status == "finished" and record.key == stored.key and (done / "best.pt").exists() else None
+
+
+def checkpoint_of(stored: StoredRun, results: str | Path, opts: RunOptions, data_root: str | None, purpose: str,
+                  using: str) -> Path:
+    """The folder holding the best.pt of the finished run ``stored`` of ``results``: its own; else its copy trained
+    again from its record into ``<results>/retrained`` (reused while it holds the run's key); else that copy, trained
+    now with ``opts`` and ``data_root`` (see :func:`retrain`).  ``purpose`` ("export it") and ``using`` ("exporting")
+    word the notes; ConfigError when the training fails."""
+    if (stored.dir / "best.pt").exists():
+        return stored.dir
+    done = retrained_checkpoint(stored, results)
+    if done is not None:
+        return done
+    note(log, "%s has no best.pt (checkpoints are not in git): re-training it from its record into %s to %s",
+         stored.dir, Path(results) / RETRAINED, purpose)
+    meta = RunStore(results).read_group(stored.group)
+    again, (run,) = retrain(meta, [stored], Path(results) / RETRAINED, opts, data_root)
+    result = again.result(run)
+    if result is None:
+        raise ConfigError(f"{stored.dir}: re-training it to {purpose} failed; see above")
+    metric = TASKS[meta.task].metrics[0]
+    old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
+    note(log, "re-trained %s %s seed %d: %s %s (%s %s); %s %s", stored.group, stored.variant, stored.seed,
+         metric.label, metric.text(new, unit=True), "identical to" if new == old else "recorded", metric.text(old, unit=True), using,
+         again.path(run))
+    return again.path(run)
+
+
+def member_checkpoint(store: RunStore, member: Run, run: Run, opts: RunOptions) -> Path:
+    """The folder holding the best.pt of the finished ``member`` of the ensemble ``run`` (:func:`checkpoint_of`:
+    trained again from its record with the grid's data root and device when needed)."""
+    result = store.result(member)
+    assert result is not None, "run_ensembles evaluates only ensembles whose members are finished"
+    stored = StoredRun(member.spec, member.variant.name, member.seed, member.key, store.path(member), result)
+    if not (stored.dir / "best.pt").exists() and (done := retrained_checkpoint(stored, store.results)) is not None:
+        note(log, "%s seed %d: its member %s seed %d has no best.pt here (checkpoints are not in git): using the one "
+             "re-trained from its record in %s", run.variant.name, run.seed, member.variant.name, member.seed, done)
+        return done
+    again = RunOptions(opts.data_root, opts.device, progress=opts.progress)  # the record's threads, no hooks
+    return checkpoint_of(stored, store.results, again, None, f"evaluate the ensemble {run.variant.name} seed {run.seed}",
+                         "evaluating the ensemble from")
+
+
+def members_to_retrain(runs: list[Run], store: RunStore) -> list[tuple[Run, list[Run]]]:
+    """Each finished member of the unfinished ensembles among ``runs`` that has no best.pt here, neither its own nor
+    one trained again earlier, with the ensembles that will train it again (what ``--dry-run`` says)."""
+    out: dict[tuple[str, int], tuple[Run, list[Run]]] = {}
+    for run in store.todo([r for r in runs if r.members]):
+        for m in run.members:
+            result = store.result(m)
+            if result is None or (store.path(m) / "best.pt").exists():
+                continue
+            stored = StoredRun(m.spec, m.variant.name, m.seed, m.key, store.path(m), result)
+            if retrained_checkpoint(stored, store.results) is None:
+                out.setdefault((m.variant.name, m.seed), (m, []))[1].append(run)
+    return list(out.values())
+
+
 def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions,
                   cache: dict[str, Data] | None = None) -> None:
     """Evaluate every ensemble run of ``runs`` (see :mod:`bench.ensemble`) whose members are finished and that no
-    other process holds; RunsFailed naming those whose members are not, or whose evaluation failed."""
+    other process holds, a member without its best.pt trained again first (:func:`member_checkpoint`); RunsFailed
+    naming those whose members are not finished, or whose evaluation failed."""
     store, task, cache, failed = RunStore(results_dir), TASKS[spec.task], cache if cache is not None else {}, []
     scored: dict[str, dict[str, Any]] = {}  # the scores of each ensemble evaluated here, for its seeds alike
     for run in store.todo([r for r in runs if r.members]):
@@ -251,10 +368,11 @@ def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: Ru
             device = resolve_device(cfg.train.device, "train.device")
             meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
             try:
+                weights = [member_checkpoint(store, m, run, opts) for m in run.members]
                 data = load_data(cache, task, cfg, device)
                 result = ensemble.evaluate(dataclasses.replace(run, config=cfg), store.path(run),
                                            [store.path(m) for m in run.members], task, data, device, meta,
-                                           scored.get(ensemble.scored_alike(run)))
+                                           scored.get(ensemble.scored_alike(run)), weights)
             except files.DiskFull:
                 raise
             except Exception as e:  # recorded like a run's own failure; the others go on

@@ -33,8 +33,7 @@ from pathlib import Path
 import bench.log
 from bench import ensemble, files
 from bench.config import ConfigError
-from bench.records import read_record
-from bench.reproduce import retrain
+from bench.runner import RunOptions, checkpoint_of, resolve_data_root, retrained_dir
 from bench.spec import load_spec, resolve_spec_path
 from bench.store import RunStore
 from bench.summary import write_summary
@@ -46,8 +45,6 @@ from exporters import tracking as mlflow_tracking
 from exporters.export import Exported, ExportError, export_run, results_dir_of
 from exporters.parity import ParityError, gap_text
 from exporters.rungs import measure_rungs
-
-RETRAINED = "retrained"  # <results>/retrained/runs/...: runs trained again here for their checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -172,23 +169,17 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
     return results, [with_checkpoint(c.run_dir, results, args.data_root) for _, c in chosen if c is not None], published
 
 
-def _current_key(run_dir: Path) -> str | None:
-    try:
-        return read_record(run_dir).key
-    except (OSError, ValueError):
-        return None
-
-
 def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path:
     """``run_dir`` when it holds its best.pt; else the same run trained again from its record (config, seed, thread
-    count) into ``<results>/retrained``, once, and that folder: records come from git, checkpoints do not."""
+    count) into ``<results>/retrained``, once, and that folder (``bench.runner.checkpoint_of``): records come from
+    git, checkpoints do not.  A seed ensemble's best.pt is rebuilt there from its members' (each found so)."""
     if (run_dir / "best.pt").exists():
         return run_dir
     store = RunStore(results)
     group = run_dir.parent.parent.name
     stored = next(r for r in store.finished(group) if r.dir == run_dir)
-    done = results / RETRAINED / run_dir.relative_to(results)
     if "members" in stored.result.extra:  # a seed ensemble: its members' checkpoints (re-trained where missing)
+        done = retrained_dir(results, run_dir)
         members = [with_checkpoint(run_dir.parent.parent / m["run"], results, data_root)
                    for m in stored.result.extra["members"]]
         saved = files.read_json(run_dir / "config.json")
@@ -197,21 +188,8 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
         for name in ("config.json", "result.json"):
             shutil.copyfile(run_dir / name, done / name)
         return done
-    if (done / "best.pt").exists() and _current_key(done) == stored.key:
-        return done
-    bench.log.note(log, f"{run_dir} has no best.pt (checkpoints are not in git): re-training it from its record "
-                        f"into {results / RETRAINED} to export it")
-    meta = store.read_group(group)
-    again, (run,) = retrain(meta, [stored], results / RETRAINED, data_root)
-    result = again.result(run)
-    if result is None:
-        raise ConfigError(f"{run_dir}: re-training it to export it failed; see above")
-    metric = TASKS[meta.task].metrics[0]
-    old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
-    bench.log.note(log, f"re-trained {group} {stored.variant} seed {stored.seed}: {metric.label} "
-                        f"{metric.text(new, unit=True)} ({'identical to' if new == old else 'recorded'} "
-                        f"{metric.text(old, unit=True)}); exporting {again.path(run)}")
-    return again.path(run)
+    opts = RunOptions(resolve_data_root(data_root)[0])
+    return checkpoint_of(stored, results, opts, data_root, "export it", "exporting")
 
 
 def export_all(run_dirs: list[Path], out_dir: Path, data_root: str | None, results: Path,

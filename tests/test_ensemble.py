@@ -15,6 +15,7 @@ from bench.cli import main as bench
 from bench.config import ConfigError
 from bench.ensemble import Ensemble
 from bench.metrics import dice_per_image
+from bench.runner import RETRAINED
 from bench.spec import load_spec
 from bench.store import RunStore, load_run
 from bench.tables import DELTA, group_tables
@@ -185,8 +186,59 @@ def test_an_ensemble_without_its_checkpoint_is_rebuilt_from_its_members(trained,
     run = spec.runs(["ens"])[0]
     (store.path(run) / "best.pt").unlink()
     done = ox.with_checkpoint(store.path(run), results, str(trained["root"]))
-    assert done == results / ox.RETRAINED / store.path(run).relative_to(results) and not (store.path(run) / "best.pt").exists()
+    assert done == results / RETRAINED / store.path(run).relative_to(results) and not (store.path(run) / "best.pt").exists()
     again, first = load_run(done), load_run(trained["results"] / store.path(run).relative_to(results))
     assert again.key == run.key and again.result.test == store.result(run).test
     x = first.task.load(first.config, torch.device("cpu")).test.x
     assert torch.equal(again.model(x), first.model(x))
+
+
+def test_members_without_checkpoints_are_trained_again_once_for_a_new_ensemble(trained, tmp_path, capsys):
+    """A clone has the members' records but not their best.pt: `bench run` trains each member again from its record
+    into <results>/retrained (never into the group), evaluates the ensemble from those, and reuses them next time.
+    On the machine and thread count that made the records (train.threads: 2), the reruns are identical, and so is
+    the ensemble's test metric."""
+    spec, results = trained["spec"], tmp_path / "results"
+    shutil.copytree(trained["results"], results)
+    store = RunStore(results)
+    for m in spec.runs(["a"]):  # what git keeps of a finished member
+        for f in store.path(m).iterdir():
+            if f.name not in ("config.json", "result.json", "metrics.csv"):
+                f.unlink()
+    ens = spec.runs(["ens"])
+    recorded = [store.result(r).test for r in ens]
+
+    def evaluate_anew() -> None:  # the ensemble rung as if just added to the spec
+        shutil.rmtree(store.path(ens[0]).parent)
+
+    evaluate_anew()
+    args = ["run", str(spec_file(trained["tmp"], seeds=(0, 1))), "--results", str(results), "--data-root",
+            str(trained["root"]), "--no-progress", "--no-summary", "--variants", "ens"]
+    assert bench([*args, "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    for seed in (0, 1):
+        assert (f"note: a seed {seed} is finished but its best.pt is not here (checkpoints are not in git): it will be "
+                f"re-trained from its record into {results / RETRAINED} for ens seed 0, ens seed 1") in err, err
+    assert not (results / RETRAINED).exists() and store.result(ens[0]) is None  # a dry run trains nothing
+
+    assert bench(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("has no best.pt (checkpoints are not in git): re-training it from its record into") == 2, err
+    assert err.count("identical to") == 2 and "to evaluate the ensemble ens seed 0" in err, err
+    assert "ens seed 1: its member a seed 0 has no best.pt here (checkpoints are not in git): using the one" in err
+    again = RunStore(results / RETRAINED)
+    for m in spec.runs(["a"]):
+        assert again.result(m).test == store.result(m).test and (again.path(m) / "best.pt").exists()
+        assert not (store.path(m) / "best.pt").exists()  # the group's own folders keep only their records
+    assert [store.result(r).test for r in ens] == recorded
+    assert [x["run"] for x in store.result(ens[0]).extra["members"]] == ["a/seed-0", "a/seed-1"]
+    assert store.result(ens[0]).train_time_s == pytest.approx(sum(store.result(m).train_time_s for m in spec.runs(["a"])))
+
+    stamps = {p: p.stat().st_mtime_ns for p in (results / RETRAINED).rglob("*") if p.is_file()}
+    evaluate_anew()
+    assert bench([*args, "--dry-run"]) == 0 and "will be re-trained" not in capsys.readouterr().err
+    assert bench(args) == 0
+    err = capsys.readouterr().err
+    assert "re-training" not in err and err.count("using the one re-trained from its record") == 4, err
+    assert {p: p.stat().st_mtime_ns for p in (results / RETRAINED).rglob("*") if p.is_file()} == stamps
+    assert [store.result(r).test for r in ens] == recorded
