@@ -314,8 +314,8 @@ def checkpoint_of(stored: StoredRun, results: str | Path, opts: RunOptions, data
     metric = TASKS[meta.task].metrics[0]
     old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
     note(log, "re-trained %s %s seed %d: %s %s (%s %s); %s %s", stored.group, stored.variant, stored.seed,
-         metric.label, metric.text(new, unit=True), "identical to" if new == old else "recorded", metric.text(old, unit=True), using,
-         again.path(run))
+         metric.label, metric.text(new, unit=True), "identical to" if new == old else "recorded",
+         metric.text(old, unit=True), using, again.path(run))
     return again.path(run)
 
 
