@@ -111,6 +111,9 @@ class TrainCfg:
     channels_last: bool = True  # NHWC memory layout for the network and its inputs (faster convolutions: results/perf.md)
     # torch.compile the training step ("none": not; not "off", which YAML reads as false); reduce-overhead: + CUDA graphs
     compile: Literal["none", "default", "reduce-overhead"] = "none"
+    # Exponential moving average of the weights (and BN buffers) with this decay per optimizer step; validation, the
+    # best epoch's weights (best.pt, export) and the test use the average. null: the raw weights, as before the key.
+    ema: Annotated[float, OpenUnit] | None = later(None)
 
 
 @dataclass

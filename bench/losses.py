@@ -119,3 +119,12 @@ def contour_bce(*, contour_weight: NonNegFloat = 1.0, width: PosInt = 1, dice_we
         return out + dice_weight * soft_dice_loss(fg, target) if dice_weight else out
 
     return loss
+
+
+def deep_supervision(loss_fn: LossFn, outputs: list[Tensor], target: Tensor) -> Tensor:
+    """``loss_fn`` of a deeply supervised network's training outputs, weighed 1, 1/2, 1/4, ... (the full-resolution
+    logits first, then the auxiliary heads from fine to coarse) and normalised to sum 1, as nnU-Net does.
+
+    outputs: logits of equal shapes (N, K, H, W), each as ``loss_fn`` takes them; target as ``loss_fn`` takes it."""
+    weights = [0.5**i for i in range(len(outputs))]
+    return sum(w * loss_fn(o, target) for w, o in zip(weights, outputs, strict=True)) / sum(weights)

@@ -157,7 +157,7 @@ def train_to_targets(cfg: Config, task: Task, data: Data, device: torch.device, 
         row = run_epoch(t, data, task, cfg, state)
         for target in targets:
             if target not in snapshots and task.metrics[0].reaches(row["val_metric"], target):
-                snapshots[target] = (row["epoch"], row["train_seconds"], snapshot(t.model))
+                snapshots[target] = (row["epoch"], row["train_seconds"], snapshot(t.evaluated))
     out.epochs, out.train_seconds, out.best_epoch = state["epoch"], state["train_seconds"], state["best_epoch"]
     out.images = out.epochs * images_per_epoch(len(data.train), cfg.train.batch_size)
 

@@ -102,6 +102,8 @@ def check_recipe(cfg: Config) -> None:
         problems.append(f"sched {cfg.sched['name']!r} (step or none)")
     if cfg.augment != type(cfg.augment)() or cfg.eval.tta or set(cfg.loss) - {"name"}:
         problems.append("augmentation, TTA or loss options")
+    if cfg.model.get("deep_supervision"):
+        problems.append("model.deep_supervision (one output only)")
     if problems:
         raise ConfigError("the reference loop runs the report's recipe only; this rung has " + "; ".join(problems))
 

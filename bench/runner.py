@@ -134,12 +134,15 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
     # A network of the wrong width may still "train" (5 logits for 3 classes reach 0 %): say so before anything runs.
     channels = kwargs.get("num_classes", 0) + bool(cfg.model.get("contours"))  # + the gland-contour channel
     want = (x.shape[0], channels, *(x.shape[-2:] if task.kind == "segmentation" else ()))
-    if "num_classes" in kwargs and tuple(out.shape) != want:
+    outs = out if isinstance(out, list) else [out]  # deep supervision: every training output goes to the loss
+    bad = [tuple(o.shape) for o in outs if tuple(o.shape) != want]
+    if "num_classes" in kwargs and bad:
         layout = "(N, classes)" if task.kind == "classification" else "(N, C, H, W) at the input's height and width"
-        raise ConfigError(f"{where}: the network returns {tuple(out.shape)} for a batch of {tuple(x.shape)}; "
+        raise ConfigError(f"{where}: the network returns {bad[0]} for a batch of {tuple(x.shape)}; "
                           f"{task.name} needs {want}, {layout} (it was built with {kwargs})")
     try:
-        build_loss(cfg)(out.float(), y)
+        for o in outs:
+            build_loss(cfg)(o.float(), y)
     except Exception as e:
         raise ConfigError(f"{where}: this config does not run on {task.name} data: "
                           f"{type(e).__name__}: {first_line(e, empty='')}") from None

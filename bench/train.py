@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from bench import files, usable_cores
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
 from bench.inference import EVAL_PRECISION
+from bench.losses import deep_supervision
 from bench.models import count_parameters
 from bench.plots import plot_run_curves
 from bench.spec import DEVICE_RE
@@ -129,7 +131,9 @@ class Trainer:
     """What one run trains: the network, its loss, optimizer and scheduler, and the two random
     generators (batch order on the CPU, augmentation on the device) that a resume must restore.
     ``forward`` is the network's training forward pass: the network itself, or its compiled form
-    (``train.compile``); weights, evaluation and checkpoints always go through ``model``."""
+    (``train.compile``); weights and checkpoints always go through ``model``.  ``ema`` (``train.ema``) is the moving
+    average of ``model``'s weights and buffers, updated after every optimizer step; :attr:`evaluated` is what
+    validation scores and the best epoch keeps: the average when there is one, else ``model``."""
 
     model: nn.Module
     loss_fn: LossFn
@@ -137,7 +141,12 @@ class Trainer:
     scheduler: Any
     order_gen: torch.Generator
     aug_gen: torch.Generator
-    forward: Callable[[Tensor], Tensor]
+    forward: Callable[[Tensor], Tensor | list[Tensor]]
+    ema: AveragedModel | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        return self.model if self.ema is None else self.ema.module
 
 
 def setup(cfg: Config, task: Task, data: Data, device: torch.device) -> Trainer:
@@ -151,8 +160,11 @@ def setup(cfg: Config, task: Task, data: Data, device: torch.device) -> Trainer:
     loss_fn = build_loss(cfg)
     optimizer, scheduler = build_optimizer(cfg, model, steps_per_epoch(len(data.train), cfg.train.batch_size))
     forward = model if cfg.train.compile == "none" else torch.compile(model, mode=cfg.train.compile)
+    # use_buffers: batch norm's running statistics are averaged too, so they match the averaged weights
+    ema = None if cfg.train.ema is None else AveragedModel(
+        model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
     return Trainer(model, loss_fn, optimizer, scheduler, torch.Generator().manual_seed(cfg.seed),
-                   torch.Generator(device=device).manual_seed(cfg.seed + 1), forward)
+                   torch.Generator(device=device).manual_seed(cfg.seed + 1), forward, ema)
 
 
 def new_state(task: Task) -> dict[str, Any]:
@@ -173,6 +185,8 @@ def restore(last: Path, t: Trainer, key: str, device: torch.device) -> dict[str,
     if ck.get("key") != key:
         return None
     t.model.load_state_dict(ck["model"])
+    if t.ema is not None:
+        t.ema.load_state_dict(ck["ema"])
     t.optimizer.load_state_dict(ck["optimizer"])
     t.scheduler.load_state_dict(ck["scheduler"])
     t.order_gen.set_state(ck["order_gen"])
@@ -186,7 +200,8 @@ def restore(last: Path, t: Trainer, key: str, device: torch.device) -> dict[str,
 def save_progress(last: Path, t: Trainer, state: dict[str, Any], key: str, device: torch.device) -> None:
     """Everything :func:`restore` needs, written atomically after every epoch."""
     files.torch_save(last, {
-        "key": key, "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+        "key": key, "model": t.model.state_dict(), "ema": None if t.ema is None else t.ema.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
         "scheduler": t.scheduler.state_dict(), "order_gen": t.order_gen.get_state(), "aug_gen": t.aug_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -200,10 +215,16 @@ def train_step(t: Trainer, x: Tensor, y: Tensor, cfg: Config) -> tuple[Tensor, T
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     with autocast(cfg, x.device):
         logits = t.forward(x.contiguous(memory_format=layout))
-        loss = t.loss_fn(logits.float(), y)
+        if isinstance(logits, list):  # deep supervision (model.deep_supervision): the logits, then auxiliary ones
+            loss = deep_supervision(t.loss_fn, [o.float() for o in logits], y)
+            logits = logits[0]
+        else:
+            loss = t.loss_fn(logits.float(), y)
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     t.optimizer.step()
+    if t.ema is not None:
+        t.ema.update_parameters(t.model)
     return loss.detach(), logits.detach()
 
 
@@ -242,14 +263,14 @@ def run_epoch(t: Trainer, data: Data, task: Task, cfg: Config, state: dict[str, 
     if not math.isfinite(tr["train_loss"]):  # every later epoch would be NaN too, and "best" would be epoch 1
         raise Diverged(f"epoch {state['epoch'] + 1}: the training loss is {tr['train_loss']} (diverged; a lower "
                        f"optim.lr or gradient clipping may help)")
-    val = task.evaluate(t.model, data.val, cfg, t.loss_fn, final=False)
+    val = task.evaluate(t.evaluated, data.val, cfg, t.loss_fn, final=False)
     dt = time.perf_counter() - t0
     state["epoch"] += 1
     state["train_time"] += dt
     state["train_seconds"] = state.get("train_seconds", 0.0) + (t1 - t0)  # last.pt files of older runs lack it
     if task.metrics[0].better(val[task.metric], state["best_metric"]):
         state.update(best_metric=val[task.metric], best_epoch=state["epoch"], bad_epochs=0,
-                     best_state=snapshot(t.model))
+                     best_state=snapshot(t.evaluated))
     else:
         state["bad_epochs"] += 1
     row = {"epoch": state["epoch"], **tr, "val_loss": val["loss"], "val_metric": val[task.metric], "lr": lr,
@@ -317,7 +338,8 @@ def fit(run_dir: str | Path, cfg: Config, task: Task, data: Data, device: torch.
 
 def finish(run_dir: Path, t: Trainer, state: dict[str, Any], cfg: Config, task: Task, data: Data,
            device: torch.device, key: str, meta: dict[str, Any], test: bool) -> dict[str, Any]:
-    """Save the best epoch's weights, evaluate them once on the test split, draw the curves; the result."""
+    """Save the best epoch's weights (with ``train.ema`` their average), evaluate them once on the test split, draw
+    the curves; the result."""
     t.model.load_state_dict(state["best_state"])
     files.torch_save(run_dir / "best.pt", {"state_dict": t.model.state_dict(), "config": cfg.to_dict(),
                                            "data_info": data.info.to_dict(), "key": key, "epoch": state["best_epoch"]})

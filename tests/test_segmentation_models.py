@@ -44,3 +44,40 @@ def test_factory_keywords_are_typed_with_defaults(name: str):
     for p in inspect.signature(fn).parameters.values():
         assert p.default is not inspect.Parameter.empty, p.name
         assert hints[p.name] in (int, float, bool, str), p.name
+
+
+def test_deep_supervision_adds_training_outputs_only():
+    from bench.losses import LOSSES, deep_supervision
+    torch.manual_seed(0)
+    plain = MODELS["unet"](in_channels=2, num_classes=1, width=4, depth=3, contours=True)
+    torch.manual_seed(0)
+    deep = MODELS["unet"](in_channels=2, num_classes=1, width=4, depth=3, contours=True, deep_supervision=True)
+    # the same network (same initial weights) plus one 1x1 head at each decoder level but the last
+    assert [m.in_channels for m in deep.aux] == [8, 16]
+    extra = sum(p.numel() for p in deep.aux.parameters())
+    assert sum(p.numel() for p in deep.parameters()) == sum(p.numel() for p in plain.parameters()) + extra
+    x, y = torch.randn(2, 2, 37, 51), (torch.rand(2, 1, 37, 51) > 0.5).float()
+    with torch.no_grad():
+        assert torch.equal(deep.eval()(x), plain.eval()(x))  # eval (validation, test, export): today's output
+    outs = deep.train()(x)
+    assert isinstance(outs, list) and [o.shape for o in outs] == [(2, 2, 37, 51)] * 3
+    loss_fn = LOSSES["contour_bce"]()
+    loss = deep_supervision(loss_fn, outs, y)
+    # weights 1, 1/2, 1/4 normalised: a weighted mean of the three losses
+    parts = [loss_fn(o, y) for o in outs]
+    assert torch.allclose(loss, (parts[0] + parts[1] / 2 + parts[2] / 4) / 1.75)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in deep.aux.parameters())
+
+
+def test_a_deep_supervision_export_has_the_one_output_of_the_plain_network():
+    from exporters.export import export_graph
+    torch.manual_seed(0)
+    plain = MODELS["unet"](in_channels=2, num_classes=1, width=4, depth=2)
+    torch.manual_seed(0)
+    deep = MODELS["unet"](in_channels=2, num_classes=1, width=4, depth=2, deep_supervision=True)
+    deep.train()  # the export puts it in eval mode itself
+    example = torch.randn(1, 2, 16, 16)
+    graphs = [export_graph(m, example, segmentation=True).graph for m in (plain, deep)]
+    assert [len(g.output) for g in graphs] == [1, 1]
+    assert len(graphs[1].initializer) == len(graphs[0].initializer)  # the auxiliary heads are not in the graph

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bench.factories import build_loss, build_model
 from bench.optim import OPTIMIZERS, SCHEDULERS
 from bench.spec import load_spec
 from bench.tasks import TASKS
@@ -50,9 +51,32 @@ def test_training_lowers_loss_and_is_bitwise_repeatable(mnist_small, tmp_path):
     assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
 
 
-def test_resume_after_interruption_gives_the_same_result(mnist_small, tmp_path, monkeypatch):
+def test_ema_weights_are_the_ones_validated_and_saved(mnist_small, tmp_path):
     run, data = mnist_small
     task = TASKS["mnist"]
+    cfg = run.config.copy()
+    cfg.train.epochs, cfg.train.ema = 1, 0.9
+    assert cfg.to_dict()["train"]["ema"] == 0.9 and "ema" not in run.config.to_dict()["train"]
+    r = fit(tmp_path, cfg, task, data, torch.device("cpu"), "k", progress=False)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["state_dict"]
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert ema.keys() == best.keys() == last["model"].keys()
+    assert all(torch.equal(best[k], ema[k]) for k in best)  # one epoch: the best is the average after it
+    floats = [k for k in best if best[k].is_floating_point()]
+    assert any("running_mean" in k for k in floats)  # batch-norm buffers are averaged too
+    assert all(not torch.equal(best[k], last["model"][k]) for k in floats)  # the average, not the raw weights
+    model = build_model(cfg, **task.model_kwargs(data.info))
+    model.load_state_dict(best)
+    assert task.evaluate(model, data.val, cfg, build_loss(cfg), final=False)[task.metric] == r["val_best"]
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_resume_after_interruption_gives_the_same_result(mnist_small, tmp_path, monkeypatch, ema):
+    run, data = mnist_small
+    task = TASKS["mnist"]
+    run = dataclasses.replace(run, config=run.config.copy())
+    run.config.train.ema = ema
     full = fit(tmp_path / "full", run.config, task, data, torch.device("cpu"), run.key, progress=False)
 
     # Interrupt the second run right after its 2nd epoch's checkpoint has been written.

@@ -2,7 +2,10 @@
 
 Both map images ``(N, in_channels, H, W)`` to per-pixel logits ``(N, num_classes, H, W)``
 (``num_classes=1`` for binary masks: apply a sigmoid for probabilities; with ``contours`` one more
-channel after them, the gland-contour logit).  Both accept any
+channel after them, the gland-contour logit).  A U-Net with ``deep_supervision`` returns, in training mode only, a
+list: those logits, then the logits of one auxiliary head per coarser decoder level, upsampled to ``(H, W)``
+(:func:`bench.losses.deep_supervision` weighs them); in eval mode (validation, test, export) it returns exactly the
+tensor it returns without.  Both accept any
 ``H, W``: inputs whose sides are not divisible by ``2**depth`` are reflect-padded up to
 the next multiple inside ``forward`` and the logits are cropped back, so user images of
 odd sizes work without resizing.
@@ -53,7 +56,7 @@ class _PadToMultiple(nn.Module):
     multiple: int = 1
     input_norm: nn.Module = nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         x = self.input_norm(x)
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
@@ -61,9 +64,10 @@ class _PadToMultiple(nn.Module):
             # reflect needs pad < side; fall back to replicate for tiny images
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
-        return self.body(x)[..., :h, :w]
+        out = self.body(x)
+        return [o[..., :h, :w] for o in out] if isinstance(out, list) else out[..., :h, :w]
 
-    def body(self, x: Tensor) -> Tensor:
+    def body(self, x: Tensor) -> Tensor | list[Tensor]:
         raise NotImplementedError
 
 
@@ -106,11 +110,12 @@ class UNet(_PadToMultiple):
     Level ``i`` (0..depth) has ``width * 2**i`` channels and two 3x3 convs; the encoder
     downsamples by 2x2 max pooling, the decoder upsamples by 2x2 stride-2 ConvTranspose2d
     and concatenates the encoder features of the same level (the skip connection).
-    Dropout is applied at the bottleneck only.
+    Dropout is applied at the bottleneck only.  ``deep_supervision`` adds a 1x1 head to each decoder level but the
+    last (full resolution), finest first, whose logits training upsamples and scores too (Lee et al. 2015; nnU-Net).
     """
 
     def __init__(self, in_channels: int, num_classes: int, batch_norm: bool, dropout: float, width: int, depth: int,
-                 input_norm: bool = False):
+                 input_norm: bool = False, deep_supervision: bool = False):
         super().__init__()
         self.multiple = 2**depth
         if input_norm:  # each image and channel to mean 0, std 1: removes stain-intensity shifts
@@ -129,8 +134,14 @@ class UNet(_PadToMultiple):
             self.fuse.append(nn.Sequential(*_conv(2 * c, c, batch_norm), *_conv(c, c, batch_norm)))
         self.head = nn.Conv2d(chans[0], num_classes, 1)
         _init(self)
+        # built after the network is initialised, so that its weights are those of a U-Net without them (same seed)
+        self.aux = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in chans[1:-1]) if deep_supervision else None
+        if self.aux is not None:
+            _init(self.aux)
 
-    def body(self, x: Tensor) -> Tensor:
+    def body(self, x: Tensor) -> Tensor | list[Tensor]:
+        """(N, C, H, W) with H, W multiples of 2**depth -> logits (N, K, H, W); in training with deep supervision,
+        [those, then one (N, K, H, W) per auxiliary head, from the level at H/2 down to H/2**(depth-1)]."""
         skips = []
         for i, block in enumerate(self.down):
             if i:
@@ -138,9 +149,16 @@ class UNet(_PadToMultiple):
             x = block(x)
             skips.append(x)
         x = self.drop(skips.pop())
+        levels = []  # decoder features, coarsest first
         for up, fuse in zip(self.up, self.fuse, strict=True):
             x = fuse(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
+            levels.append(x)
+        out = self.head(x)
+        if self.aux is None or not self.training:
+            return out
+        size = out.shape[-2:]
+        return [out] + [F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
+                        for head, f in zip(self.aux, reversed(levels[:-1]), strict=True)]
 
 
 def encdec(
@@ -173,10 +191,13 @@ def unet(
     depth: PosInt = 3,
     input_norm: bool = False,
     contours: bool = False,
+    deep_supervision: bool = False,
 ) -> nn.Module:
     """U-Net with ``depth`` poolings and base width ``width``; any H, W (padded to a multiple of 2**depth).
 
     ``input_norm``: standardize each input image per channel first (robust to stain shifts); ``contours``: one
-    more output channel, the gland-contour logit (``bench.instances``, trained by the ``contour_bce`` loss).
+    more output channel, the gland-contour logit (``bench.instances``, trained by the ``contour_bce`` loss);
+    ``deep_supervision``: auxiliary heads at the coarser decoder levels, trained with the same loss and used in
+    training only (:class:`UNet`).
     """
-    return UNet(in_channels, num_classes + contours, batch_norm, dropout, width, depth, input_norm)
+    return UNet(in_channels, num_classes + contours, batch_norm, dropout, width, depth, input_norm, deep_supervision)
