@@ -57,5 +57,6 @@ if [ "$mode" = quick ]; then
     exec bench run mnist --profile quick --results results-local "$@"
 fi
 python -m pip list 2>/dev/null | grep -iE '^(torch|torchvision|onnx|onnxruntime|optuna|mlflow) ' || true
-ruff check bench exporters tests
+ruff check bench exporters tests scripts
+ruff format --check bench exporters tests scripts
 exec python -m pytest "$@"

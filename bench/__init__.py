@@ -1,4 +1,5 @@
 """bench: an ablation benchmark harness for convolutional networks (MNIST, WARWICK glands)."""
+
 from __future__ import annotations
 
 import os

@@ -16,6 +16,7 @@ on the batch's device, drawing every random number from the given ``torch.Genera
    replication for classification (``y is None``: the constant background).
 3. ``intensity``: contrast and brightness jitter per sample and channel, on the image only.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,9 +92,7 @@ def _sampling_grid(shape: torch.Size, cfg: AugmentCfg, gen: torch.Generator, dev
     return grid
 
 
-def augment_batch(
-    x: Tensor, y: Tensor | None, cfg: AugmentCfg, gen: torch.Generator
-) -> tuple[Tensor, Tensor | None]:
+def augment_batch(x: Tensor, y: Tensor | None, cfg: AugmentCfg, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
     """Augment a batch on its device.
 
     x: (N, C, H, W) float images (normalized).  y: (N, 1, H, W) float {0, 1} masks moved

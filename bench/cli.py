@@ -5,6 +5,7 @@ resolved config is saved beside every run's results.  User errors (a bad spec, a
 flag, broken data, a device this machine lacks) end with one ``error:`` line and exit
 status 2 before anything is trained or written; Ctrl-C ends with one line saying how to resume.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,17 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="train every (variant, seed) of a spec, then rebuild results/summary.md")
     r.add_argument("spec", help="ablation spec: a YAML path, or a name under ablations/ (mnist, warwick)")
     _spec_options(r)
-    r.add_argument("--variants", nargs="+", metavar="NAME",
-                   help="train only these variants (the group's table still covers the whole spec and profile)")
-    r.add_argument("--group", help="put the runs in this group (folder under results/runs) instead of the one chosen "
-                                   "for them; runs with --set overrides never go to the published group")
-    r.add_argument("--workers", type=int, default=None,
-                   help="train this many runs at once, each in its own process with cores/workers threads (small "
-                        "CPU models use 2 cores poorly, and one small run leaves a big GPU idle); default: the "
-                        "profile's `workers`, else measured (the split of the CPU cores that trains fastest; on a "
-                        "GPU, as many runs as fit in its free memory)")
-    r.add_argument("--dry-run", action="store_true", help="validate the spec and list the runs and their group; "
-                                                          "train and write nothing")
+    r.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME",
+        help="train only these variants (the group's table still covers the whole spec and profile)",
+    )
+    r.add_argument(
+        "--group",
+        help="put the runs in this group (folder under results/runs) instead of the one chosen "
+        "for them; runs with --set overrides never go to the published group",
+    )
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="train this many runs at once, each in its own process with cores/workers threads (small "
+        "CPU models use 2 cores poorly, and one small run leaves a big GPU idle); default: the "
+        "profile's `workers`, else measured (the split of the CPU cores that trains fastest; on a "
+        "GPU, as many runs as fit in its free memory)",
+    )
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the spec and list the runs and their group; train and write nothing",
+    )
     r.add_argument("--no-summary", action="store_true", help="do not rebuild the summary afterwards")
 
     t = sub.add_parser("tune", help="search hyperparameters of a spec's variant with Optuna (validation metric only)")
@@ -59,62 +74,101 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_options(t)
     t.add_argument("--trials", type=int, help="total trials of the study (default: the spec's search.trials)")
     t.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
-    t.add_argument("--objectives", metavar="A,B",
-                   help="what the study optimizes, comma-separated: val_metric and any of train_seconds (the harness's "
-                        "measured training time on this machine), params, flops (per image); two or more: a "
-                        "multi-objective study whose Pareto front is written as a table and a figure (default: the "
-                        "spec's search.objectives, else val_metric)")
-    t.add_argument("--rung", metavar="NAME",
-                   help="make a trial of the study a rung NAME of the spec (into the file its search.rungs names), "
-                        "which `bench run` trains: with --trial N that trial of the Pareto front (nothing is trained), "
-                        "else the best trial of a single-objective study once the study is done")
+    t.add_argument(
+        "--objectives",
+        metavar="A,B",
+        help="what the study optimizes, comma-separated: val_metric and any of train_seconds (the harness's "
+        "measured training time on this machine), params, flops (per image); two or more: a "
+        "multi-objective study whose Pareto front is written as a table and a figure (default: the "
+        "spec's search.objectives, else val_metric)",
+    )
+    t.add_argument(
+        "--rung",
+        metavar="NAME",
+        help="make a trial of the study a rung NAME of the spec (into the file its search.rungs names), "
+        "which `bench run` trains: with --trial N that trial of the Pareto front (nothing is trained), "
+        "else the best trial of a single-objective study once the study is done",
+    )
     t.add_argument("--trial", type=int, metavar="N", help="with --rung: the trial (its number in the Pareto table)")
 
-    f = sub.add_parser("perf", help="time the fast rung to the report's numbers against a textbook loop of the "
-                                    "report's recipe; write results/perf.md")
-    f.add_argument("--task", choices=["mnist", "warwick"], action="append",
-                   help="measure this task only (repeatable; default: both)")
-    f.add_argument("--quick", action="store_true", help="time the reference over a fixed number of steps and "
-                                                         "extrapolate (a 2-core CPU in under 10 minutes)")
+    f = sub.add_parser(
+        "perf",
+        help="time the fast rung to the report's numbers against a textbook loop of the "
+        "report's recipe; write results/perf.md",
+    )
+    f.add_argument(
+        "--task",
+        choices=["mnist", "warwick"],
+        action="append",
+        help="measure this task only (repeatable; default: both)",
+    )
+    f.add_argument(
+        "--quick",
+        action="store_true",
+        help="time the reference over a fixed number of steps and extrapolate (a 2-core CPU in under 10 minutes)",
+    )
     f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="seeds of the fast rung")
     f.add_argument("--compile", action="store_true", help="also time torch.compile (and CUDA graphs on a GPU)")
-    f.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time one epoch of every run of each full spec, sequential vs concurrent workers "
-                        "(default: on a GPU only)")
+    f.add_argument(
+        "--grid",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time one epoch of every run of each full spec, sequential vs concurrent workers "
+        "(default: on a GPU only)",
+    )
     f.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else ./data)")
     f.add_argument("--results", default="results", help="results folder (default: results)")
     f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     f.add_argument("--threads", type=int, help="torch threads for every measurement (default: all cores)")
 
     # Listed for --help only: exporters/predict.py parses its own arguments.
-    sub.add_parser("predict", add_help=False,
-                   help="classify digits or segment glands in new images with an exported ONNX model "
-                        "(python -m bench predict MODEL.onnx PATH... [--out DIR]; --help for more)")
+    sub.add_parser(
+        "predict",
+        add_help=False,
+        help="classify digits or segment glands in new images with an exported ONNX model "
+        "(python -m bench predict MODEL.onnx PATH... [--out DIR]; --help for more)",
+    )
 
     s = sub.add_parser("summary", help="rebuild results/summary.md (and ad-hoc groups' summaries) from the stored runs")
     s.add_argument("--results", default="results", help="results folder (default: results)")
 
-    c = sub.add_parser("rescore", help="score a group's stored runs again from their best.pt with today's evaluation "
-                                       "and metric code (no training), then rebuild its table")
-    c.add_argument("group", metavar="GROUP|SPEC", help="a group under <results>/runs (mnist@quick), or a spec (a YAML path "
-                                                       "or a name under ablations/) whose published group is meant")
+    c = sub.add_parser(
+        "rescore",
+        help="score a group's stored runs again from their best.pt with today's evaluation "
+        "and metric code (no training), then rebuild its table",
+    )
+    c.add_argument(
+        "group",
+        metavar="GROUP|SPEC",
+        help="a group under <results>/runs (mnist@quick), or a spec (a YAML path "
+        "or a name under ablations/) whose published group is meant",
+    )
     c.add_argument("--profile", help="with a spec: its profile, e.g. quick")
     c.add_argument("--results", default="results", help="results folder (default: results)")
-    c.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the runs' own; a folder task's runs: "
-                                       "their own)")
+    c.add_argument(
+        "--data-root", help="data folder (default: $BENCH_DATA, else the runs' own; a folder task's runs: their own)"
+    )
 
-    x = sub.add_parser("reproduce", help="re-train a group's recorded runs in a temporary folder and compare their test "
-                                         "metric with the record; exit 1 when one is off by more than the tolerance")
+    x = sub.add_parser(
+        "reproduce",
+        help="re-train a group's recorded runs in a temporary folder and compare their test "
+        "metric with the record; exit 1 when one is off by more than the tolerance",
+    )
     x.add_argument("group", help="a group under <results>/runs, e.g. mnist@quick or warwick")
     x.add_argument("--variants", nargs="+", metavar="NAME", help="only these variants (default: every finished run)")
     x.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="only these seeds")
     x.add_argument("--results", default="results", help="results folder holding the group (default: results)")
-    x.add_argument("--data-root", help="data folder (default: the recorded one where it exists, else $BENCH_DATA, "
-                                       "else ./data)")
+    x.add_argument(
+        "--data-root", help="data folder (default: the recorded one where it exists, else $BENCH_DATA, else ./data)"
+    )
     x.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the recorded train.device)")
-    x.add_argument("--tolerance", type=float, metavar="X",
-                   help="largest |new - recorded| allowed, in the metric's own units (0.005 = half a point of "
-                        "accuracy); default: max(3 x sqrt(2) x the rung's seed std, 0.01)")
+    x.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="X",
+        help="largest |new - recorded| allowed, in the metric's own units (0.005 = half a point of "
+        "accuracy); default: max(3 x sqrt(2) x the rung's seed std, 0.01)",
+    )
     x.add_argument("--no-progress", action="store_true", help="no progress bars")
     for name, command in sub.choices.items():
         if name != "predict":  # predict parses its own arguments
@@ -151,37 +205,79 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     """The options ``run`` and ``tune`` share."""
     p.add_argument("--profile", help="a profile of the spec, e.g. quick (its budget applies to every run)")
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="override the spec's seeds")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every variant, e.g. --set train.epochs=2 (repeatable); such runs "
-                        "go to an ad-hoc group of their own")
-    p.add_argument("--data-root", help="data folder: MNIST/raw and WARWICK/, or a folder task's own data "
-                                          "(default: $BENCH_DATA, else ./data; a spec's data.root wins)")
-    p.add_argument("--download", action="store_true",
-                   help="fetch missing MNIST files into the data root (done anyway when it is the default ./data)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every variant, e.g. --set train.epochs=2 (repeatable); such runs "
+        "go to an ad-hoc group of their own",
+    )
+    p.add_argument(
+        "--data-root",
+        help="data folder: MNIST/raw and WARWICK/, or a folder task's own data "
+        "(default: $BENCH_DATA, else ./data; a spec's data.root wins)",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch missing MNIST files into the data root (done anyway when it is the default ./data)",
+    )
     p.add_argument("--results", default="results", help="results folder (default: results)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the spec's train.device, auto = CUDA if present)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars; one line per finished run still goes "
-                                                              "to stdout")
-    p.add_argument("--storage", default=os.environ.get("BENCH_STORAGE") or None, metavar="URL",
-                   help="share the work with every process started with the same URL and results folder, on any machine: "
-                        "a database for Optuna (postgresql://USER[:PASSWORD]@HOST[:PORT]/DB; sqlite:///PATH on one "
-                        "machine); default: $BENCH_STORAGE, else this machine alone (run: kernel locks; tune: "
-                        "results/optuna/<spec>.db)")
+    p.add_argument(
+        "--device", help="auto, cpu, cuda or cuda:N (default: the spec's train.device, auto = CUDA if present)"
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars; one line per finished run still goes to stdout"
+    )
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("BENCH_STORAGE") or None,
+        metavar="URL",
+        help="share the work with every process started with the same URL and results folder, on any machine: "
+        "a database for Optuna (postgresql://USER[:PASSWORD]@HOST[:PORT]/DB; sqlite:///PATH on one "
+        "machine); default: $BENCH_STORAGE, else this machine alone (run: kernel locks; tune: "
+        "results/optuna/<spec>.db)",
+    )
     m = p.add_mutually_exclusive_group()
-    m.add_argument("--mlflow", nargs="?", const=True, default=None, metavar="URI",
-                   help="log every finished run to MLflow (params, tags, per-epoch metrics, test metrics, curves): to URI "
-                        "(sqlite:///PATH.db, http(s)://HOST:PORT, a database URL), or without one to "
-                        "sqlite:///<results>/mlflow.db; needs the extra: pip install -e '.[mlflow]' (default: the spec's "
-                        "`tracking:` section, else off)")
-    m.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow, whatever the spec's `tracking:` says")
-    p.add_argument("--heartbeat", type=int, default=10, metavar="S",
-                   help="with --storage: seconds between a worker's heartbeats (default: 10)")
-    p.add_argument("--grace-period", type=int, default=60, metavar="S",
-                   help="with --storage: seconds without a heartbeat after which a worker counts as dead and its run "
-                        "is queued again, to resume from its last epoch (default: 60)")
-    p.add_argument("--retries", type=int, default=2, metavar="N",
-                   help="with --storage: times a dead worker's run is queued again (default: 2; a run that fails by "
-                        "itself is recorded as failed and not retried)")
+    m.add_argument(
+        "--mlflow",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="URI",
+        help="log every finished run to MLflow (params, tags, per-epoch metrics, test metrics, curves): to URI "
+        "(sqlite:///PATH.db, http(s)://HOST:PORT, a database URL), or without one to "
+        "sqlite:///<results>/mlflow.db; needs the extra: pip install -e '.[mlflow]' (default: the spec's "
+        "`tracking:` section, else off)",
+    )
+    m.add_argument(
+        "--no-mlflow", action="store_true", help="do not log to MLflow, whatever the spec's `tracking:` says"
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        default=10,
+        metavar="S",
+        help="with --storage: seconds between a worker's heartbeats (default: 10)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=60,
+        metavar="S",
+        help="with --storage: seconds without a heartbeat after which a worker counts as dead and its run "
+        "is queued again, to resume from its last epoch (default: 60)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --storage: times a dead worker's run is queued again (default: 2; a run that fails by "
+        "itself is recorded as failed and not retried)",
+    )
 
 
 def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked for, RunOptions, download, Tracker | None)
@@ -199,14 +295,24 @@ def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked fo
     if device:
         resolve_device(device)  # a device this machine lacks is an error now, not after loading the data
     root, default_root = resolve_data_root(args.data_root or runtime.get("data_root"))
-    log.debug(f"data root {root}{' (the default)' if default_root else ''}, results {Path(args.results).resolve()}, "
-              f"device {device or 'train.device of each run'}")
+    log.debug(
+        f"data root {root}{' (the default)' if default_root else ''}, results {Path(args.results).resolve()}, "
+        f"device {device or 'train.device of each run'}"
+    )
     _check_results_folder(Path(args.results))
     tracker = _tracker(args, group.mlflow, f"{path}: tracking.mlflow")
     if tracker:  # before --storage is opened (which creates Optuna's tables) and before MLflow creates its own
         tracker.check_own_database(args.storage)
-    opts = RunOptions(root, device, runtime.get("threads"), not args.no_progress, runtime.get("channels_last"),
-                      runtime.get("compile"), _storage(args), after_run=(tracker,) if tracker else ())
+    opts = RunOptions(
+        root,
+        device,
+        runtime.get("threads"),
+        not args.no_progress,
+        runtime.get("channels_last"),
+        runtime.get("compile"),
+        _storage(args),
+        after_run=(tracker,) if tracker else (),
+    )
     return group, asked.seeds, opts, args.download or default_root, tracker
 
 
@@ -269,15 +375,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.check_owner(spec)
     todo = store.todo(runs)
     role = f"ad-hoc group {spec.group}" if spec.adhoc else f"published group {spec.group}"
-    log.info(f"{spec.path}: {role}; {_count(len({r.variant.name for r in runs}), 'variant')} x "
-             f"{_count(len(seeds), 'seed')} = {_count(len(runs), 'run')}, {len(runs) - len(todo)} already done")
+    log.info(
+        f"{spec.path}: {role}; {_count(len({r.variant.name for r in runs}), 'variant')} x "
+        f"{_count(len(seeds), 'seed')} = {_count(len(runs), 'run')}, {len(runs) - len(todo)} already done"
+    )
     if args.dry_run:
         for run in runs:
             print(f"{'todo' if run in todo else 'done'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
         for member, ensembles in members_to_retrain(runs, store):
-            note(log, "%s seed %d is finished but its best.pt is not here (checkpoints are not in git): it will be "
-                 "re-trained from its record into %s for %s", member.variant.name, member.seed,
-                 store.results / RETRAINED, ", ".join(f"{e.variant.name} seed {e.seed}" for e in ensembles))
+            note(
+                log,
+                "%s seed %d is finished but its best.pt is not here (checkpoints are not in git): it will be "
+                "re-trained from its record into %s for %s",
+                member.variant.name,
+                member.seed,
+                store.results / RETRAINED,
+                ", ".join(f"{e.variant.name} seed {e.seed}" for e in ensembles),
+            )
         return 0
     check_members(todo, store)
     ensembles, todo = [r for r in todo if r.members], [r for r in todo if not r.members]  # ensembles train nothing
@@ -290,8 +404,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # line too, so that the summary's command for the group runs as recorded.
     # (Only for a task that reads a data set of its own: MNIST and WARWICK are found wherever $BENCH_DATA says.)
     own_data = bool(TASKS[spec.task].data_keys)
-    store.write_group(spec, **({"data_root": opts.data_root} if args.data_root and own_data else {}),
-                      **({"results": args.results} if Path(args.results) != Path("results") else {}))
+    store.write_group(
+        spec,
+        **({"data_root": opts.data_root} if args.data_root and own_data else {}),
+        **({"results": args.results} if Path(args.results) != Path("results") else {}),
+    )
     workers = args.workers or spec.workers
     if workers is None and len(todo) > 1:
         workers, why = grid_workers(spec, todo, opts, cache)
@@ -304,8 +421,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunsFailed as e:
         failed = str(e).splitlines()
     except KeyboardInterrupt:
-        started = [f"{r.variant.name} seed {r.seed} from epoch {store.epochs_done(r) + 1}"
-                   for r in todo if store.result(r) is None and store.epochs_done(r)]
+        started = [
+            f"{r.variant.name} seed {r.seed} from epoch {store.epochs_done(r) + 1}"
+            for r in todo
+            if store.result(r) is None and store.epochs_done(r)
+        ]
         log.info("interrupted; run the same command to resume" + (f" ({'; '.join(started)})" if started else ""))
         return EXIT_INTERRUPTED
     if tracker:  # runs finished before (without --mlflow, or whose logging failed) are logged now
@@ -315,8 +435,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for path in write_summary(args.results, _command(), groups=[spec.group]):
             log.info(f"wrote {path}")
     if failed:
-        log.error(f"{_count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
-                  f"same command to try them again):")
+        log.error(
+            f"{_count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
+            f"same command to try them again):"
+        )
         for line in failed:
             log.error(f"  {line}")
         return 1
@@ -333,15 +455,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     spec, seeds, opts, download, tracker = _load(args)
     if spec.search is None:
         raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
-    objectives = (check_objectives([o.strip() for o in args.objectives.split(",")], "--objectives") if args.objectives
-                  else spec.search["objectives"])
+    objectives = (
+        check_objectives([o.strip() for o in args.objectives.split(",")], "--objectives")
+        if args.objectives
+        else spec.search["objectives"]
+    )
     # Without --storage, the study's own SQLite file, with the same heartbeats (a killed tune's trial is retried).
     storage = opts.storage or _storage(args, f"sqlite:///{study_file(args.results, spec).resolve()}")
     if args.rung:  # before anything is trained: a name the spec cannot take, or a study without one best trial
         check_rung(spec, args.rung)
         if args.trial is None and len(objectives) > 1:
-            raise ConfigError(f"--rung {args.rung}: a study of several objectives has no single best trial; add "
-                              f"--trial N with a trial of its Pareto front (see its table)")
+            raise ConfigError(
+                f"--rung {args.rung}: a study of several objectives has no single best trial; add "
+                f"--trial N with a trial of its Pareto front (see its table)"
+            )
     if args.trial is not None:  # a trial of a study already run becomes a rung: nothing to train
         print(f"wrote {make_rung(spec, seeds[0], storage, objectives, args.rung, args.trial)} (variant {args.rung})")
         return 0
@@ -350,8 +477,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         tracker.check(create=False)
     try:
         with sigterm_as_ctrl_c():  # preemption ends like Ctrl-C: the trial is queued again
-            best = tune(spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage,
-                        objectives=objectives)
+            best = tune(
+                spec, seeds[0], args.results, opts, args.trials, args.timeout, download, storage, objectives=objectives
+            )
     except KeyboardInterrupt as e:
         log.info(f"interrupted; run the same command to resume{f' ({e})' if str(e) else ''}")
         return EXIT_INTERRUPTED
@@ -369,13 +497,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if "front" in best:
         _print_front(best)
     elif best["value"] is None:
-        print(f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned, "
-              f"{best['failed']} failed)")
+        print(
+            f"no trial has completed yet ({best['trials']} finished, {best['pruned']} of them pruned, "
+            f"{best['failed']} failed)"
+        )
     else:
         metric = TASKS[spec.task].metrics[0]
-        print(f"best {best['metric']}: {metric.text(best['value'], unit=True)} after {best['trials']} finished trials "
-              f"({best['pruned']} pruned, {best['failed']} failed{_requeued(best['requeued'])}); "
-              f"params: {best['params']}")
+        print(
+            f"best {best['metric']}: {metric.text(best['value'], unit=True)} after {best['trials']} finished trials "
+            f"({best['pruned']} pruned, {best['failed']} failed{_requeued(best['requeued'])}); "
+            f"params: {best['params']}"
+        )
     for reason, n in best["failures"].items():
         print(f"  failed {n}x: {reason}")
     for path in best["written"]:
@@ -387,9 +519,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _print_front(best: dict[str, typing.Any]) -> None:
     """A multi-objective study's outcome: its Pareto table (the file's own text), or why there is none."""
-    print(f"{best['trials']} finished trials ({best['failed']} failed{_requeued(best['requeued'])}) of "
-          f"{', '.join(best['objectives'])}: " + (f"{len(best['front'])} on the Pareto front" if best["front"]
-                                                 else "none complete yet, so no Pareto front"))
+    print(
+        f"{best['trials']} finished trials ({best['failed']} failed{_requeued(best['requeued'])}) of "
+        f"{', '.join(best['objectives'])}: "
+        + (f"{len(best['front'])} on the Pareto front" if best["front"] else "none complete yet, so no Pareto front")
+    )
     if best["front"]:
         print("\n".join(line for line in Path(best["written"][0]).read_text().splitlines() if line.startswith("|")))
 
@@ -408,8 +542,18 @@ def cmd_perf(args: argparse.Namespace) -> int:
     tasks = list(dict.fromkeys(args.task or ["mnist", "warwick"]))
     for t in tasks:
         TASKS[t].prepare(Path(root), download=False)
-    for path in run_perf(tasks, args.quick, args.results, root, device, args.threads or usable_cores(),
-                         args.seeds, args.compile, "python -m bench " + " ".join(sys.argv[1:]), args.grid):
+    for path in run_perf(
+        tasks,
+        args.quick,
+        args.results,
+        root,
+        device,
+        args.threads or usable_cores(),
+        args.seeds,
+        args.compile,
+        "python -m bench " + " ".join(sys.argv[1:]),
+        args.grid,
+    ):
         log.info(f"wrote {path}")
     if (Path(args.results) / "summary.md").exists():
         # the summary's link to perf.md (no table is rebuilt)
@@ -445,9 +589,11 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     changed = sum(r.changed for r in done)
     print(f"{group}: {_count(len(done) - len(missing), 'run')} rescored, {changed} with new metrics")
     if missing:  # checkpoints are not in git: only runs trained in this results folder have one
-        log.error(f"{_count(len(missing), 'run')} of {group} kept their old numbers: no best.pt here (checkpoints "
-                  f"are not in git: only the results folder that trained a run can rescore it): "
-                  + ", ".join(f"{r.variant} seed {r.seed}" for r in missing))
+        log.error(
+            f"{_count(len(missing), 'run')} of {group} kept their old numbers: no best.pt here (checkpoints "
+            f"are not in git: only the results folder that trained a run can rescore it): "
+            + ", ".join(f"{r.variant} seed {r.seed}" for r in missing)
+        )
         return 1
     return 0
 
@@ -464,8 +610,10 @@ def _group_named(name: str, profile: str | None, results: Path) -> str:
     try:
         group = load_spec(resolve_spec_path(name), profile).published_group
     except ConfigError as e:
-        raise ConfigError(f"{name}: neither a group under {store.root} ({', '.join(store.groups()) or 'none'}) "
-                          f"nor a spec ({bench.log.first_line(e)})") from None
+        raise ConfigError(
+            f"{name}: neither a group under {store.root} ({', '.join(store.groups()) or 'none'}) "
+            f"nor a spec ({bench.log.first_line(e)})"
+        ) from None
     if group not in store.groups():
         raise ConfigError(f"{name}: its group {group} has no runs under {store.root}")
     return group
@@ -475,8 +623,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from bench.reproduce import reproduce
 
     _check_results_folder(Path(args.results))
-    rows = reproduce(args.results, args.group, args.variants, args.seeds, args.data_root, args.tolerance, args.device,
-                     not args.no_progress)
+    rows = reproduce(
+        args.results,
+        args.group,
+        args.variants,
+        args.seeds,
+        args.data_root,
+        args.tolerance,
+        args.device,
+        not args.no_progress,
+    )
     return 0 if all(r.ok for r in rows) else 1
 
 
@@ -506,16 +662,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     lead = next((i for i, a in enumerate(argv) if a not in VERBOSITY_FLAGS), len(argv))  # -q/-v before the command
     bench.log.setup(VERBOSITY_FLAGS[argv[lead - 1]] if lead else 0)  # an argument error is said through it too
-    if argv[lead:lead + 1] == ["predict"]:  # exit codes: 0 all done, 1 some image failed or none found, 2 usage error
+    if argv[lead : lead + 1] == ["predict"]:  # exit codes: 0 all done, 1 some image failed or none found, 2 usage error
         # Imported here: the CLI is the only part of `bench` that reaches into `exporters`, and only for this
         # command (onnxruntime is not loaded for the others).
         from exporters.predict import main as predict_main
 
-        return predict_main(argv[lead + 1:])
+        return predict_main(argv[lead + 1 :])
     args = _parse_args(argv)
     bench.log.setup(args.verbosity)
-    handlers = {"run": cmd_run, "tune": cmd_tune, "summary": cmd_summary, "perf": cmd_perf, "rescore": cmd_rescore,
-                "reproduce": cmd_reproduce}
+    handlers = {
+        "run": cmd_run,
+        "tune": cmd_tune,
+        "summary": cmd_summary,
+        "perf": cmd_perf,
+        "rescore": cmd_rescore,
+        "reproduce": cmd_reproduce,
+    }
     # Imported after parsing: --help and --version answer without loading torch.
     from bench.config import ConfigError
     from bench.registry import UnknownName
@@ -523,7 +685,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, UnknownName) as e:  # UnknownName: a stored run's task or model that no longer imports
+    except (
+        ConfigError,
+        DataError,
+        UnknownName,
+    ) as e:  # UnknownName: a stored run's task or model that no longer imports
         # User errors: their message names the file and the key or file at fault, so a traceback would only hide it.
         for line in str(e).splitlines():  # one `error:` line per problem (a data check lists every broken file)
             log.error(line)

@@ -10,6 +10,7 @@ negative learning rate or a dropout of 1.5.  ``Config.to_dict`` is what a run sa
 ``bench.spec.config_from_dict`` builds the Config back from it; ``config_hash`` keys a
 run by its resolved content.
 """
+
 from __future__ import annotations
 
 import copy
@@ -81,15 +82,25 @@ UnitFloat = Annotated[float, Probability]
 @dataclass
 class DataCfg:
     root: str | None = None  # data root; None -> --data-root, $BENCH_DATA, ./data
-    val_fraction: Annotated[float, OpenUnit] | None = None  # share of the training images held out; None -> task default
+    val_fraction: Annotated[float, OpenUnit] | None = (
+        None  # share of the training images held out; None -> task default
+    )
     split_seed: NonNegInt = 0  # the validation split is fixed by this seed, not by the run seed
     train_subset: PosInt | None = None  # use only this many training images (quick profiles, tests)
     channels: list[NonNegInt] | None = None  # input channels to keep; None -> task default
     # The folder tasks' own keys (image_folder, mask_folder; see docs/data.md).
-    image_size: PosInt | list[PosInt] | None = later(None)  # image_folder: resize to [H, W] (or N: N x N); None: as the files
-    color: Literal["grey", "rgb"] | None = later(None)  # decode images as greyscale or RGB; None: RGB when any file is colour
-    test_fraction: Annotated[float, OpenUnit] | None = later(None)  # one folder, no train/ + test/: share drawn as the test split
-    images: str | None = later(None)  # mask_folder: where an image is, e.g. "images/*" or "image_*.png"; * is the pair's id
+    image_size: PosInt | list[PosInt] | None = later(
+        None
+    )  # image_folder: resize to [H, W] (or N: N x N); None: as the files
+    color: Literal["grey", "rgb"] | None = later(
+        None
+    )  # decode images as greyscale or RGB; None: RGB when any file is colour
+    test_fraction: Annotated[float, OpenUnit] | None = later(
+        None
+    )  # one folder, no train/ + test/: share drawn as the test split
+    images: str | None = later(
+        None
+    )  # mask_folder: where an image is, e.g. "images/*" or "image_*.png"; * is the pair's id
     masks: str | None = later(None)  # mask_folder: where its mask is, e.g. "masks/*" or "label_*.png"
 
 
@@ -108,7 +119,9 @@ class TrainCfg:
     threads: PosInt | None = None  # torch CPU threads; None -> torch default
     # How fast, not what: threads and these two change only floating-point rounding, so they are left out of the run
     # key (bench.spec.SPEED_KEYS).
-    channels_last: bool = True  # NHWC memory layout for the network and its inputs (faster convolutions: results/perf.md)
+    channels_last: bool = (
+        True  # NHWC memory layout for the network and its inputs (faster convolutions: results/perf.md)
+    )
     # torch.compile the training step ("none": not; not "off", which YAML reads as false); reduce-overhead: + CUDA graphs
     compile: Literal["none", "default", "reduce-overhead"] = "none"
     # Exponential moving average of the weights (and BN buffers) with this decay per optimizer step; validation, the
@@ -242,10 +255,12 @@ def _check_union(value: Any, tp: Any, where: str) -> Any:
 
 def _scalar(accepts: Callable[[Any], bool], convert: Callable[[Any], Any] = lambda v: v) -> Callable[..., Any]:
     """The checker of a plain type: ``value`` when ``accepts(value)`` (converted), else the mismatch."""
+
     def check(value: Any, tp: Any, where: str) -> Any:
         if accepts(value):
             return convert(value)
         raise _mismatch(value, tp, where)
+
     return check
 
 
@@ -336,9 +351,11 @@ def check_factory_kwargs(
     names = [p for p in params if p not in skip and params[p].kind in keyword]
     missing = [n for n in needs if not var_kw and (n not in params or params[n].kind not in keyword)]
     if missing:
-        raise ConfigError(f"{where}.name: the factory {getattr(fn, '__qualname__', fn)}{sig} must take the keyword "
-                          f"argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}: the harness passes "
-                          f"{', '.join(needs)} to every {where.rpartition('.')[2] or 'factory'} factory")
+        raise ConfigError(
+            f"{where}.name: the factory {getattr(fn, '__qualname__', fn)}{sig} must take the keyword "
+            f"argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}: the harness passes "
+            f"{', '.join(needs)} to every {where.rpartition('.')[2] or 'factory'} factory"
+        )
     out, errors = {}, []
     for key, value in raw.items():
         try:
@@ -350,6 +367,8 @@ def check_factory_kwargs(
     raise_all(errors)
     unset = [n for n in names if params[n].default is inspect.Parameter.empty and n not in raw]
     if unset:
-        raise ConfigError(f"{where}: missing {', '.join(map(repr, unset))}: the factory {getattr(fn, '__qualname__', fn)} "
-                          f"has no default for {'them' if len(unset) > 1 else 'it'}")
+        raise ConfigError(
+            f"{where}: missing {', '.join(map(repr, unset))}: the factory {getattr(fn, '__qualname__', fn)} "
+            f"has no default for {'them' if len(unset) > 1 else 'it'}"
+        )
     return out

@@ -11,6 +11,7 @@ run) and ``result.json`` (its metrics and members; the parameters, epochs and tr
 summed: what it cost to make).  So the summary, the paired tests, ``bench rescore`` and the exporters treat it as
 one more rung; its ONNX export is one graph holding every member.
 """
+
 from __future__ import annotations
 
 import time
@@ -63,16 +64,26 @@ def build_ensemble(checkpoint: dict[str, Any], cfg: Config, task: Task, kwargs: 
     return Ensemble(models, task.kind == "segmentation").eval()
 
 
-def write_checkpoint(run_dir: Path, key: str, config: dict[str, Any], data_info: dict[str, Any],
-                     member_dirs: list[Path], member_keys: list[str]) -> dict[str, Any]:
+def write_checkpoint(
+    run_dir: Path,
+    key: str,
+    config: dict[str, Any],
+    data_info: dict[str, Any],
+    member_dirs: list[Path],
+    member_keys: list[str],
+) -> dict[str, Any]:
     """The ensemble's ``best.pt`` in ``run_dir``: its config and every member's weights, read from the members'
     own ``best.pt`` (each checked to hold the member's key); returned as written."""
     cks = [torch.load(d / "best.pt", map_location="cpu", weights_only=True) for d in member_dirs]
     for d, ck, want in zip(member_dirs, cks, member_keys, strict=True):
         if ck["key"] != want:
             raise ValueError(f"{d / 'best.pt'}: key {ck['key']}, not the member's {want} (trained with another config)")
-    checkpoint = {"config": config, "data_info": data_info, "key": key,
-                  "members": [{"config": ck["config"], "state_dict": ck["state_dict"], "key": ck["key"]} for ck in cks]}
+    checkpoint = {
+        "config": config,
+        "data_info": data_info,
+        "key": key,
+        "members": [{"config": ck["config"], "state_dict": ck["state_dict"], "key": ck["key"]} for ck in cks],
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     files.torch_save(run_dir / "best.pt", checkpoint)
     return checkpoint
@@ -88,9 +99,17 @@ def scored_alike(run: Run) -> str:
     return ensemble_key(run.config.copy(seed=0), [m.key for m in run.members])
 
 
-def evaluate(run: Run, run_dir: Path, member_dirs: list[Path], task: Task, data: Data, device: torch.device,
-             meta: dict[str, Any], scores: dict[str, Any] | None = None,
-             weights: list[Path] | None = None) -> dict[str, Any]:
+def evaluate(
+    run: Run,
+    run_dir: Path,
+    member_dirs: list[Path],
+    task: Task,
+    data: Data,
+    device: torch.device,
+    meta: dict[str, Any],
+    scores: dict[str, Any] | None = None,
+    weights: list[Path] | None = None,
+) -> dict[str, Any]:
     """Write the ensemble's config.json and best.pt (its members' weights) in ``run_dir``, score it on validation
     (``task.evaluate``) and test (``task.test_record``: with ``eval.postprocess``, the post-processing chosen on
     validation too), as ``train.finish`` scores a run's best epoch; the result (for ``result.json``).  ``scores``
@@ -99,13 +118,18 @@ def evaluate(run: Run, run_dir: Path, member_dirs: list[Path], task: Task, data:
     whose record, and so what it cost, stays the one in its own folder)."""
     cfg = run.config
     records = [read_record(d) for d in member_dirs]
-    members = [{"run": f"{d.parent.name}/{d.name}", "seed": m.seed, "key": m.key}
-               for d, m in zip(member_dirs, run.members, strict=True)]
+    members = [
+        {"run": f"{d.parent.name}/{d.name}", "seed": m.seed, "key": m.key}
+        for d, m in zip(member_dirs, run.members, strict=True)
+    ]
     run_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(run_dir / "config.json", {"key": run.key, **meta, "config": cfg.to_dict(),
-                                               "data_info": data.info.to_dict(), "members": members})
-    checkpoint = write_checkpoint(run_dir, run.key, cfg.to_dict(), data.info.to_dict(), weights or member_dirs,
-                                  [m.key for m in run.members])
+    files.write_json(
+        run_dir / "config.json",
+        {"key": run.key, **meta, "config": cfg.to_dict(), "data_info": data.info.to_dict(), "members": members},
+    )
+    checkpoint = write_checkpoint(
+        run_dir, run.key, cfg.to_dict(), data.info.to_dict(), weights or member_dirs, [m.key for m in run.members]
+    )
     model = build_ensemble(checkpoint, cfg, task, task.model_kwargs(data.info)).to(device)
     if scores is None:
         loss_fn = build_loss(cfg)
@@ -114,12 +138,20 @@ def evaluate(run: Run, run_dir: Path, member_dirs: list[Path], task: Task, data:
         scores = {**task.test_record(model, data, cfg, loss_fn), "val_best": val}
         scores["test_time_s"] = time.perf_counter() - t0
     return {
-        "key": run.key, **meta, **scores,
+        "key": run.key,
+        **meta,
+        **scores,
         # what the ensemble cost to make: its members' training, summed
-        "best_epoch": sum(r.best_epoch or 0 for r in records), "epochs_run": sum(r.epochs_run or 0 for r in records),
+        "best_epoch": sum(r.best_epoch or 0 for r in records),
+        "epochs_run": sum(r.epochs_run or 0 for r in records),
         "train_time_s": sum(r.train_time_s or 0.0 for r in records),
-        "params": sum(p.numel() for p in model.parameters()), "members": members,
-        "device": str(device), "device_name": device_name(device),
-        "train_precision": records[0].train_precision, "eval_precision": EVAL_PRECISION,
-        "torch": torch.__version__, "commit": files.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "params": sum(p.numel() for p in model.parameters()),
+        "members": members,
+        "device": str(device),
+        "device_name": device_name(device),
+        "train_precision": records[0].train_precision,
+        "eval_precision": EVAL_PRECISION,
+        "torch": torch.__version__,
+        "commit": files.git_commit(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

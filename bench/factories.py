@@ -5,6 +5,7 @@ A section names a factory of its registry; its other keys are the factory's keyw
 arguments, checked against the signature (types and ranges, see ``bench.config``).  The
 arguments in :data:`HARNESS_ARGS` are supplied by the harness and may not come from a spec.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

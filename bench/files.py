@@ -6,6 +6,7 @@ Every result file is written to a temp file in the same folder, fsynced, then re
 half of one; a write that fails for want of space raises :class:`DiskFull`.  Named ``files`` (not
 ``io``) so that it never shadows the standard module.
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,8 +50,10 @@ class DiskFull(OSError):
         self.folder, self.free = folder, free
 
     def __str__(self) -> str:
-        return (f"{self.folder}: no space left on the device ({self.free / 2**20:.1f} MiB free); what was saved is "
-                f"kept: free some space and run the same command to resume")
+        return (
+            f"{self.folder}: no space left on the device ({self.free / 2**20:.1f} MiB free); what was saved is "
+            f"kept: free some space and run the same command to resume"
+        )
 
 
 def _disk_full(folder: Path, error: BaseException) -> DiskFull | None:
@@ -151,8 +154,9 @@ def torch_save(path: str | Path, obj: Any) -> None:
 def markdown_table(headers: list[str], rows: list[list[Any]], align: list[str] | None = None) -> str:
     """A GitHub markdown (pipe) table of strings, padded so the source reads as a table too; ``align``
     per column: ``left`` (default) or ``right`` (numbers).  The one way this project writes tables."""
-    return tabulate([[str(c) for c in r] for r in rows], headers=headers, tablefmt="pipe", disable_numparse=True,
-                    colalign=align)
+    return tabulate(
+        [[str(c) for c in r] for r in rows], headers=headers, tablefmt="pipe", disable_numparse=True, colalign=align
+    )
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -161,7 +165,8 @@ class _YamlLoader(yaml.SafeLoader):
 
 
 _YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_yaml(text: str) -> Any:
@@ -176,7 +181,8 @@ def yaml_error(path: str | Path, e: Exception) -> str:
     what = getattr(e, "problem", None) or first_line(e)
     context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
     return f"{where}: not valid YAML: {what}" + (
-        f" ({context}{f' begun at line {start.line + 1}' if start is not None else ''})" if context else "")
+        f" ({context}{f' begun at line {start.line + 1}' if start is not None else ''})" if context else ""
+    )
 
 
 def yaml_scalar(value: Any) -> str:
@@ -198,10 +204,10 @@ def read_markdown_sections(path: str | Path, level: int, name: Callable[[str], s
     current, lines = None, []
     for line in [*path.read_text().splitlines(), None]:
         hashes = len(line) - len(line.lstrip("#")) if line is not None else 0
-        if line is None or (0 < hashes <= level and line[hashes:hashes + 1] == " "):
+        if line is None or (0 < hashes <= level and line[hashes : hashes + 1] == " "):
             if current is not None:
                 sections[current] = "\n".join(lines).rstrip() + "\n"
-            current = name(line[hashes + 1:]) if line is not None and hashes == level else None
+            current = name(line[hashes + 1 :]) if line is not None and hashes == level else None
             lines = []
         if current is not None:
             lines.append(line)
@@ -222,16 +228,24 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return f"{stated} (stated)"
     cwd = cwd or Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
         code_only = ["--", ":/", ":(exclude,top)results"]
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *code_only], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", *code_only],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 # ----------------------------------------------------------------------------- core slots
+
 
 def core_slots_dir() -> Path:
     """One lock file per core of the machine, shared by every bench process of this user ($BENCH_CORE_SLOTS to move)."""

@@ -14,6 +14,7 @@ Two ways to share a grid, one interface (``claims()`` yields a run while this pr
   left to claim waits while other trials of the grid are running, so that it is there to take
   over a dead worker's run, and leaves when none is.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,12 +74,18 @@ def _ident(run: Run) -> dict[str, Any]:
 class StudyGrid:
     """Runs of a grid shared by workers on several machines through an Optuna study (see the module doc)."""
 
-    def __init__(self, store: RunStore, spec: Spec, runs: list[Run], storage: StorageOptions, poll: float | None = None):
+    def __init__(
+        self, store: RunStore, spec: Spec, runs: list[Run], storage: StorageOptions, poll: float | None = None
+    ):
         self.store, self.runs = store, runs
         self.storage = open_storage(storage)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the runner says what happens, in its own lines
-        self.study = optuna.create_study(study_name=study_name(spec), storage=self.storage, load_if_exists=True,
-                                         direction=TASKS[spec.task].metrics[0].direction)
+        self.study = optuna.create_study(
+            study_name=study_name(spec),
+            storage=self.storage,
+            load_if_exists=True,
+            direction=TASKS[spec.task].metrics[0].direction,
+        )
         self.poll = poll if poll is not None else storage.heartbeat
         self.retries = storage.retries
         self._mine: dict[tuple[str, str], Run] = {(str(r.rel_dir), r.key): r for r in runs}
@@ -95,15 +102,20 @@ class StudyGrid:
         many were queued.  Two workers starting together may queue a run twice; the claim keeps the duplicate from
         training (see :meth:`_is_duplicate`)."""
         trials = self._trials()
-        live = {(t.user_attrs.get("run"), t.user_attrs.get("key")) for t in trials
-                if t.state in (State.WAITING, State.RUNNING)}
+        live = {
+            (t.user_attrs.get("run"), t.user_attrs.get("key"))
+            for t in trials
+            if t.state in (State.WAITING, State.RUNNING)
+        }
         complete = {(t.user_attrs.get("run"), t.user_attrs.get("key")) for t in trials if t.state == State.COMPLETE}
         todo = [r for r in self.store.todo(self.runs) if (str(r.rel_dir), r.key) not in live]
         lost = [r for r in todo if (str(r.rel_dir), r.key) in complete]
         if lost:
-            log.warning(f"the study {self.study.study_name} has {len(lost)} of these runs finished, but "
-                        f"{self.store.results} does not hold them (e.g. {lost[0].rel_dir}); they are trained again "
-                        f"here. Is --results the folder every worker shares?")
+            log.warning(
+                f"the study {self.study.study_name} has {len(lost)} of these runs finished, but "
+                f"{self.store.results} does not hold them (e.g. {lost[0].rel_dir}); they are trained again "
+                f"here. Is --results the folder every worker shares?"
+            )
         for run in todo:
             self.study.enqueue_trial({}, user_attrs=_ident(run))
         return len(todo)
@@ -143,10 +155,15 @@ class StudyGrid:
         for t in self._trials():
             if self._run_of(t) is not None and not t.user_attrs.get("duplicate"):
                 last[(t.user_attrs["run"], t.user_attrs["key"])] = t
-        return [f"{t.user_attrs['run']}: its worker stopped beating {len(retry_history(t)) + 1} times (--retries "
-                f"exhausted); run the same command to try again from its last epoch"
-                for t in last.values() if t.state == State.FAIL and not {"error", "interrupted"} & set(t.user_attrs)
-                and len(retry_history(t)) >= self.retries and self.store.result(self._run_of(t)) is None]
+        return [
+            f"{t.user_attrs['run']}: its worker stopped beating {len(retry_history(t)) + 1} times (--retries "
+            f"exhausted); run the same command to try again from its last epoch"
+            for t in last.values()
+            if t.state == State.FAIL
+            and not {"error", "interrupted"} & set(t.user_attrs)
+            and len(retry_history(t)) >= self.retries
+            and self.store.result(self._run_of(t)) is None
+        ]
 
     def _id(self, trial: optuna.trial.FrozenTrial) -> int:
         return trial_id(self.storage, self.study, trial)
@@ -183,8 +200,10 @@ class StudyGrid:
         running ones: the oldest live trial of a run trains it, whatever order the claims happen in; a run already
         finished in the folder checks complete ones, so that the study counts each run once."""
         ident = (trial.user_attrs.get("run"), trial.user_attrs.get("key"))
-        return any(t.number < trial.number and (t.user_attrs.get("run"), t.user_attrs.get("key")) == ident
-                   for t in self._trials(*states))
+        return any(
+            t.number < trial.number and (t.user_attrs.get("run"), t.user_attrs.get("key")) == ident
+            for t in self._trials(*states)
+        )
 
     def done(self, run: Run, result: dict[str, Any]) -> None:
         self.store.record(run, result)

@@ -1,6 +1,7 @@
 """Model outputs over a whole split, the one way training, evaluation and figures compute them, always in fp32.
 
 The bf16 autocast of the training steps is :func:`bench.train.autocast`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -16,6 +16,7 @@ foreground and object metrics on the instances describe the same segmentation.  
 only numpy and scipy: the harness scores a run with it and ``exporters.predict`` and the parity check
 use it on ONNX Runtime outputs, with the parameters the exported model's metadata carries.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -40,8 +41,9 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
-def label_instances(foreground: np.ndarray, contour: np.ndarray, threshold: float = 0.5,
-                    contour_threshold: float = CONTOUR_THRESHOLD) -> np.ndarray:
+def label_instances(
+    foreground: np.ndarray, contour: np.ndarray, threshold: float = 0.5, contour_threshold: float = CONTOUR_THRESHOLD
+) -> np.ndarray:
     """Instance labels of one image.
 
     foreground, contour: (H, W) probabilities in [0, 1].  Returns (H, W) int32 labels, 0 = background,
@@ -64,16 +66,18 @@ def label_instances(foreground: np.ndarray, contour: np.ndarray, threshold: floa
     return labels
 
 
-def instances_from_logits(logits: np.ndarray, threshold: float = 0.5,
-                          contour_threshold: float = CONTOUR_THRESHOLD) -> np.ndarray:
+def instances_from_logits(
+    logits: np.ndarray, threshold: float = 0.5, contour_threshold: float = CONTOUR_THRESHOLD
+) -> np.ndarray:
     """Instance labels of a batch of two-channel outputs: logits (N, 2, H, W) (channel 0 foreground,
     1 contour; sigmoid gives the probabilities) -> (N, H, W) int32, see :func:`label_instances`."""
     p = sigmoid(logits)
     return np.stack([label_instances(p[i, 0], p[i, 1], threshold, contour_threshold) for i in range(len(p))])
 
 
-def choose(probs: np.ndarray, score: Callable[[np.ndarray], float],
-           threshold: float = 0.5) -> tuple[float, PostProcess, float, float]:
+def choose(
+    probs: np.ndarray, score: Callable[[np.ndarray], float], threshold: float = 0.5
+) -> tuple[float, PostProcess, float, float]:
     """(the best contour threshold, the best post-processing, its score, the score of neither) of a validation
     split's probabilities (N, 2, H, W) (foreground, contour), by ``score`` of the post-processed (N, H, W) int
     instance labels (:meth:`PostProcess.instances`).  Every threshold of :data:`CONTOUR_THRESHOLDS` is tried with

@@ -12,6 +12,7 @@ Levels and what the user sees:
 ``--quiet`` keeps warnings and errors. Without :func:`setup` (the package used as a library) Python's own last-resort
 handler prints warnings and errors only, and the caller's logging configuration decides the rest.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,13 @@ import sys
 
 NOTE = 25
 LOGGERS = ("bench", "exporters")  # the packages' top loggers; every module's logger is a child of one
-_PREFIX = {logging.ERROR: "error: ", logging.CRITICAL: "error: ", logging.WARNING: "warning: ", NOTE: "note: ",
-           logging.DEBUG: "debug: "}
+_PREFIX = {
+    logging.ERROR: "error: ",
+    logging.CRITICAL: "error: ",
+    logging.WARNING: "warning: ",
+    NOTE: "note: ",
+    logging.DEBUG: "debug: ",
+}
 
 
 def note(log: logging.Logger, msg: str, *args: object) -> None:
@@ -92,10 +98,24 @@ def add_options(p: argparse.ArgumentParser, default: object = 0) -> None:
     """``-q/--quiet`` and ``-v/--verbose`` on ``p``, as ``args.verbosity`` for :func:`setup`; a subcommand's parser
     takes ``default=argparse.SUPPRESS``, so that its own default does not undo the flag given before its name."""
     m = p.add_mutually_exclusive_group()
-    m.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
-                   help="only warnings and errors on stderr (no notes, no progress lines)")
-    m.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
-                   help="also debugging lines on stderr (debug: ...)")
+    m.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=-1,
+        default=default,
+        help="only warnings and errors on stderr (no notes, no progress lines)",
+    )
+    m.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const=1,
+        default=default,
+        help="also debugging lines on stderr (debug: ...)",
+    )
 
 
 def verbosity() -> int | None:

@@ -12,6 +12,7 @@ and returns ``loss(logits, target) -> scalar``.  Shapes:
 The functions take ``reduction`` = "mean" | "sum" | "none" in the style of
 segmentation_models_pytorch; "none" keeps one value per sample (per pixel for BCE).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -87,8 +88,8 @@ def dice(*, smooth: NonNegFloat = 1.0) -> LossFn:
 def dice_bce(*, dice_weight: NonNegFloat = 1.0, bce_weight: NonNegFloat = 1.0) -> LossFn:
     """``dice_weight * soft Dice + bce_weight * BCE``: BCE gives dense gradients early,
     Dice optimises the overlap metric directly and is insensitive to class balance."""
-    return lambda logits, target: dice_weight * soft_dice_loss(logits, target) + bce_weight * binary_cross_entropy(
-        logits, target
+    return lambda logits, target: (
+        dice_weight * soft_dice_loss(logits, target) + bce_weight * binary_cross_entropy(logits, target)
     )
 
 
@@ -115,7 +116,8 @@ def contour_bce(*, contour_weight: NonNegFloat = 1.0, width: PosInt = 1, dice_we
     def loss(logits: Tensor, target: Tensor) -> Tensor:
         fg, contour = logits[:, :1], logits[:, 1:2]
         out = binary_cross_entropy(fg, target) + contour_weight * binary_cross_entropy(
-            contour, contour_target(target.to(logits.dtype), width))
+            contour, contour_target(target.to(logits.dtype), width)
+        )
         return out + dice_weight * soft_dice_loss(fg, target) if dice_weight else out
 
     return loss

@@ -46,6 +46,7 @@ glas.grand-challenge.org, "Evaluation")
     takes the other side's term.  So per image: both empty -> F1 1, Dice 1, Hausdorff 0;
     exactly one empty -> F1 0, Dice 0, Hausdorff the diagonal; pooled likewise over the split.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -241,15 +242,19 @@ class _Objects:
         self.lab, self.n = objects_of(mask)
         self.area = np.bincount(self.lab.ravel(), minlength=self.n + 1)[1:].astype(np.float64)
         # boxes[k] = (row0, row1, col0, col1), inclusive pixel bounds
-        self.boxes = np.array([(s[0].start, s[0].stop - 1, s[1].start, s[1].stop - 1)
-                               for s in ndimage.find_objects(self.lab)], dtype=np.int64).reshape(-1, 4)
+        self.boxes = np.array(
+            [(s[0].start, s[0].stop - 1, s[1].start, s[1].stop - 1) for s in ndimage.find_objects(self.lab)],
+            dtype=np.int64,
+        ).reshape(-1, 4)
         pix = np.argwhere(self.lab > 0)
         self.pixels = _group(self.lab[pix[:, 0], pix[:, 1]], pix, self.n)
         padded = np.pad(self.lab, 1)
         inner = padded[1:-1, 1:-1]
         edge = (inner > 0) & (
-            (padded[:-2, 1:-1] != inner) | (padded[2:, 1:-1] != inner)
-            | (padded[1:-1, :-2] != inner) | (padded[1:-1, 2:] != inner)
+            (padded[:-2, 1:-1] != inner)
+            | (padded[2:, 1:-1] != inner)
+            | (padded[1:-1, :-2] != inner)
+            | (padded[1:-1, 2:] != inner)
         )
         epix = np.argwhere(edge)
         elab = self.lab[epix[:, 0], epix[:, 1]]
@@ -281,8 +286,9 @@ def _directed(a: _Objects, i: int, b: _Objects, j: int) -> float:
         return 0.0
     e = b.edges[j].astype(np.float64)
     step = max(1, (1 << 22) // len(e))  # rows per chunk: bounds the distance matrix to ~32 MB
-    worst = max(cdist(pts[k : k + step].astype(np.float64), e, "sqeuclidean").min(1).max()
-                for k in range(0, len(pts), step))
+    worst = max(
+        cdist(pts[k : k + step].astype(np.float64), e, "sqeuclidean").min(1).max() for k in range(0, len(pts), step)
+    )
     return float(np.sqrt(worst))
 
 
@@ -397,8 +403,11 @@ class ObjectTally:
         a side without objects takes the other side's Dice and Hausdorff."""
         if self.g_area == 0 and self.s_area == 0:
             return 1.0, 1.0, 0.0
-        sides = [(d / a, h / a) for a, d, h in ((self.g_area, self.g_dice, self.g_haus),
-                                                (self.s_area, self.s_dice, self.s_haus)) if a > 0]
+        sides = [
+            (d / a, h / a)
+            for a, d, h in ((self.g_area, self.g_dice, self.g_haus), (self.s_area, self.s_dice, self.s_haus))
+            if a > 0
+        ]
         (dg, hg), (ds, hs) = sides[0], sides[-1]
         return 2 * self.tp / (2 * self.tp + self.fp + self.fn), 0.5 * (dg + ds), 0.5 * (hg + hs)
 
@@ -413,8 +422,15 @@ def object_tally(pred: np.ndarray, target: np.ndarray) -> ObjectTally:
         diag = math.hypot(target.shape[0] - 1, target.shape[1] - 1)
         return ObjectTally(0, s.n, g.n, g_area, s_area, 0.0, 0.0, g_area * diag, s_area * diag)
     ov = _overlap(g, s)
-    return ObjectTally(*_f1_counts(ov), g_area, s_area, _dice_sum(ov), _dice_sum(ov.T),
-                       _hausdorff_sum(g, s, ov), _hausdorff_sum(s, g, ov.T))
+    return ObjectTally(
+        *_f1_counts(ov),
+        g_area,
+        s_area,
+        _dice_sum(ov),
+        _dice_sum(ov.T),
+        _hausdorff_sum(g, s, ov),
+        _hausdorff_sum(s, g, ov.T),
+    )
 
 
 def object_scores(pred: np.ndarray, target: np.ndarray) -> tuple[float, float, float]:

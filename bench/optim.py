@@ -6,6 +6,7 @@ exactly like ``StepLR``/``ExponentialLR`` stepped per epoch, ``cosine`` and ``on
 move smoothly.  Schedules span the configured ``epochs`` even when early stopping ends
 the run sooner.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,13 @@ Params = Iterable[nn.Parameter]
 
 
 @OPTIMIZERS.register()
-def sgd(params: Params, lr: PosFloat = 0.1, momentum: UnitFloat = 0.9, nesterov: bool = False,
-        weight_decay: NonNegFloat = 0.0) -> torch.optim.Optimizer:
+def sgd(
+    params: Params,
+    lr: PosFloat = 0.1,
+    momentum: UnitFloat = 0.9,
+    nesterov: bool = False,
+    weight_decay: NonNegFloat = 0.0,
+) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
@@ -42,16 +48,28 @@ def fused_kernel(params: Params, fused: bool) -> tuple[list[nn.Parameter], bool 
 
 
 @OPTIMIZERS.register()
-def adam(params: Params, lr: PosFloat = 1e-3, weight_decay: NonNegFloat = 0.0, beta1: UnitFloat = 0.9,
-         beta2: UnitFloat = 0.999, fused: bool = False) -> torch.optim.Optimizer:
+def adam(
+    params: Params,
+    lr: PosFloat = 1e-3,
+    weight_decay: NonNegFloat = 0.0,
+    beta1: UnitFloat = 0.9,
+    beta2: UnitFloat = 0.999,
+    fused: bool = False,
+) -> torch.optim.Optimizer:
     """Adam with L2 ``weight_decay`` added to the gradient (PyTorch's Adam semantics); ``fused``: one kernel."""
     params, fuse = fused_kernel(params, fused)
     return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=fuse)
 
 
 @OPTIMIZERS.register()
-def adamw(params: Params, lr: PosFloat = 1e-3, weight_decay: NonNegFloat = 0.01, beta1: UnitFloat = 0.9,
-          beta2: UnitFloat = 0.999, fused: bool = False) -> torch.optim.Optimizer:
+def adamw(
+    params: Params,
+    lr: PosFloat = 1e-3,
+    weight_decay: NonNegFloat = 0.01,
+    beta1: UnitFloat = 0.9,
+    beta2: UnitFloat = 0.999,
+    fused: bool = False,
+) -> torch.optim.Optimizer:
     """Adam with decoupled weight decay; ``fused``: one kernel (see :func:`fused_kernel`)."""
     params, fuse = fused_kernel(params, fused)
     return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=fuse)
@@ -59,14 +77,16 @@ def adamw(params: Params, lr: PosFloat = 1e-3, weight_decay: NonNegFloat = 0.01,
 
 # Scheduler factories: (optimizer, epochs, steps_per_epoch, **spec keys) -> LRScheduler.
 
+
 @SCHEDULERS.register()
 def none(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> LRScheduler:
     return LambdaLR(optimizer, lambda step: 1.0)
 
 
 @SCHEDULERS.register()
-def step(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, step_size: PosInt = 8,
-         gamma: PosFloat = 0.2) -> LRScheduler:
+def step(
+    optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, step_size: PosInt = 8, gamma: PosFloat = 0.2
+) -> LRScheduler:
     """Multiply the rate by ``gamma`` every ``step_size`` epochs (the report's StepLR)."""
     return LambdaLR(optimizer, lambda s: gamma ** ((s // steps_per_epoch) // step_size))
 
@@ -78,8 +98,13 @@ def exp(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, gam
 
 
 @SCHEDULERS.register()
-def cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: NonNegInt = 0,
-           min_lr_ratio: Annotated[float, Range(0, 1)] = 0.0) -> LRScheduler:
+def cosine(
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: NonNegInt = 0,
+    min_lr_ratio: Annotated[float, Range(0, 1)] = 0.0,
+) -> LRScheduler:
     """Linear warm-up for ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` x lr."""
     total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
 
@@ -93,18 +118,31 @@ def cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, 
 
 
 @SCHEDULERS.register()
-def onecycle(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
-             pct_start: Annotated[float, OpenUnit] = 0.3, div_factor: Annotated[float, Range(1)] = 25.0) -> LRScheduler:
+def onecycle(
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    pct_start: Annotated[float, OpenUnit] = 0.3,
+    div_factor: Annotated[float, Range(1)] = 25.0,
+) -> LRScheduler:
     """Super-convergence one-cycle policy peaking at the optimizer's ``lr``.  Its warm-up (``pct_start`` of the
     steps) and its decay must each span more than one step: PyTorch divides by their length less one, and a
     schedule without a warm-up is not a one-cycle; ConfigError naming the key otherwise."""
     total = epochs * steps_per_epoch
     if pct_start * total <= 1 or (1 - pct_start) * total <= 1:
         need = math.floor(1 / min(pct_start, 1 - pct_start)) + 1
-        raise ConfigError(f"sched.pct_start: a one-cycle of {total} steps ({epochs} epoch{'s' if epochs != 1 else ''} x "
-                          f"{steps_per_epoch} batches) with pct_start {pct_start} warms up over {pct_start * total:.3g} "
-                          f"steps and decays over {(1 - pct_start) * total:.3g}; each needs more than one, so at least "
-                          f"{need} steps: more train.epochs or data, a smaller train.batch_size, or another pct_start")
+        raise ConfigError(
+            f"sched.pct_start: a one-cycle of {total} steps ({epochs} epoch{'s' if epochs != 1 else ''} x "
+            f"{steps_per_epoch} batches) with pct_start {pct_start} warms up over {pct_start * total:.3g} "
+            f"steps and decays over {(1 - pct_start) * total:.3g}; each needs more than one, so at least "
+            f"{need} steps: more train.epochs or data, a smaller train.batch_size, or another pct_start"
+        )
     max_lr = [g["lr"] for g in optimizer.param_groups]
-    return OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                      pct_start=pct_start, div_factor=div_factor)
+    return OneCycleLR(
+        optimizer,
+        max_lr=max_lr,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        pct_start=pct_start,
+        div_factor=div_factor,
+    )

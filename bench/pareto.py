@@ -1,11 +1,13 @@
 """The Pareto front of a trade-off: which rungs no other rung beats on both cost and quality."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 
-def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True,
-                 cost_tolerance: float = 0.0) -> list[int]:
+def pareto_front(
+    points: Sequence[tuple[float, float]], higher_is_better: bool = True, cost_tolerance: float = 0.0
+) -> list[int]:
     """Indices of the points (cost, value) that no other point dominates, ordered by cost.
 
     A point is dominated when another costs no more and is no worse, and is strictly better in

@@ -24,6 +24,7 @@ For each task, on the device it runs on, in one process:
 Results go to ``results/perf.md`` and ``results/perf.csv`` (sections of other tasks and modes are
 kept), and ``results/summary.md`` links to them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,6 +72,8 @@ FAST_RUNG = {"mnist": "lean"}
 def fast_rung(task: str) -> str:
     """The name of the rung `bench perf` times for ``task``."""
     return FAST_RUNG.get(task, "fast")
+
+
 STRETCH = {"mnist": 0.995}  # targets beyond the report's, per task
 QUICK_STEPS = {"mnist": 120, "warwick": 10}  # reference steps timed by --quick
 QUICK_PROXY_EPOCHS = {"mnist": 12, "warwick": 100}  # most epochs --quick trains the report's recipe in the harness
@@ -104,8 +107,9 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 2048, 
     return 2 * n**3 * count / (time.perf_counter() - t0)
 
 
-def step_rate(cfg: Config, task: Task, data: Data, device: torch.device, *, sync_per_step: bool = False,
-              seconds: float = 2.0) -> tuple[float, float]:
+def step_rate(
+    cfg: Config, task: Task, data: Data, device: torch.device, *, sync_per_step: bool = False, seconds: float = 2.0
+) -> tuple[float, float]:
     """(training images per second, seconds of the first step) of the training loop's step on ``cfg``'s batches
     of ``data`` (channels-last, compile and autocast as ``cfg`` says), reading the loss after every step when
     ``sync_per_step`` (as a textbook loop's ``loss.item()`` does) instead of once every 8 steps."""
@@ -145,8 +149,9 @@ class SeedRun:
     test: float | None = None  # of the best epoch's weights, when the recipe ran through all its epochs
 
 
-def train_to_targets(cfg: Config, task: Task, data: Data, device: torch.device, targets: list[float],
-                     to_the_end: bool = False) -> SeedRun:
+def train_to_targets(
+    cfg: Config, task: Task, data: Data, device: torch.device, targets: list[float], to_the_end: bool = False
+) -> SeedRun:
     """Train ``cfg`` epoch by epoch until the validation metric has reached every target, or through all its
     ``train.epochs`` when ``to_the_end``; the weights of the first epoch reaching each target (and, when every
     epoch was trained, those of the best epoch) are scored once on the test split afterwards."""
@@ -198,7 +203,9 @@ def report_rung(spec: Spec) -> str:
     """The rung carrying the report's best number (its final recipe)."""
     reported = [v for v in spec.variants if v.reported is not None]
     if not reported:
-        raise ConfigError(f"{spec.path}: no variant has a `reported` number, so there is no report recipe to compare with")
+        raise ConfigError(
+            f"{spec.path}: no variant has a `reported` number, so there is no report recipe to compare with"
+        )
     return max(reported, key=lambda v: v.reported).name
 
 
@@ -220,8 +227,9 @@ class Reference:
     harness_rate: float | None = None  # the same recipe in the harness loop (--quick), images/s
 
 
-def measure_reference(spec: Spec, task: Task, cfg: Config, quick: bool, device: torch.device,
-                      cache: dict[str, Data]) -> Reference:
+def measure_reference(
+    spec: Spec, task: Task, cfg: Config, quick: bool, device: torch.device, cache: dict[str, Data]
+) -> Reference:
     """Train (full mode) or time and extrapolate (``quick``) the report's recipe ``cfg`` in the textbook loop."""
     name = report_rung(spec)
     _say(f"{spec.task}: reference ({name} in a textbook loop) ...")
@@ -229,24 +237,46 @@ def measure_reference(spec: Spec, task: Task, cfg: Config, quick: bool, device: 
     if not quick:
         ref = train_reference(spec.task, cfg, device, target=spec.target, data=data)
         hit = next((h for h in ref.history if h["val_metric"] >= spec.target), None)
-        return Reference(name, hit["train_seconds"] if hit else ref.train_seconds, hit and hit["epoch"],
-                         len(ref.history), f"the textbook loop trained to the target (at most {cfg.train.epochs} epochs)",
-                         ref.images / ref.train_seconds)
+        return Reference(
+            name,
+            hit["train_seconds"] if hit else ref.train_seconds,
+            hit and hit["epoch"],
+            len(ref.history),
+            f"the textbook loop trained to the target (at most {cfg.train.epochs} epochs)",
+            ref.images / ref.train_seconds,
+        )
     ref = train_reference(spec.task, cfg, device, max_steps=QUICK_STEPS[spec.task], data=data)
     _say(f"{spec.task}: epochs the report's recipe needs ({name} in the harness loop) ...")
     proxy_cfg = cfg.copy()
     proxy_cfg.train.epochs, proxy_cfg.train.patience = min(cfg.train.epochs, QUICK_PROXY_EPOCHS[spec.task]), None
     proxy = train_to_targets(proxy_cfg, task, load_data(cache, task, proxy_cfg, device), device, [spec.target])
     epochs = proxy.hits[spec.target][0] if spec.target in proxy.hits else None
-    source = (f"the epochs {name} needs, measured by training it in the harness loop (same network, optimizer, "
-              f"schedule and batch size; at most {proxy_cfg.train.epochs} epochs), times the textbook loop's seconds "
-              f"per epoch from {ref.steps} timed steps")
-    return Reference(name, ref.seconds_per_epoch * (epochs or proxy.epochs), epochs, proxy.epochs, source,
-                     ref.images / ref.train_seconds, proxy.images / proxy.train_seconds)
+    source = (
+        f"the epochs {name} needs, measured by training it in the harness loop (same network, optimizer, "
+        f"schedule and batch size; at most {proxy_cfg.train.epochs} epochs), times the textbook loop's seconds "
+        f"per epoch from {ref.steps} timed steps"
+    )
+    return Reference(
+        name,
+        ref.seconds_per_epoch * (epochs or proxy.epochs),
+        epochs,
+        proxy.epochs,
+        source,
+        ref.images / ref.train_seconds,
+        proxy.images / proxy.train_seconds,
+    )
 
 
-def measure_task(task_name: str, quick: bool, root: str, device: torch.device, threads: int, seeds: list[int],
-                 compile_too: bool, grid: bool = False) -> TaskPerf:
+def measure_task(
+    task_name: str,
+    quick: bool,
+    root: str,
+    device: torch.device,
+    threads: int,
+    seeds: list[int],
+    compile_too: bool,
+    grid: bool = False,
+) -> TaskPerf:
     """Every measurement of one task (see the module docstring), as markdown lines and perf.csv rows."""
     spec = load_spec(resolve_spec_path(task_name))
     task = TASKS[spec.task]
@@ -269,13 +299,17 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
     ref = measure_reference(spec, task, ref_cfg, quick, device, cache)  # 3. the reference
     dtype = torch.bfloat16 if amp_enabled(fast_cfg, device) else torch.float32  # 2. throughput
     peaks = {d: matmul_flops_per_s(device, d, seconds=0.5) for d in {dtype, torch.float32}}
-    flops = {fast: _flops_per_image(fast_cfg, task, fast_data, device),
-             ref.rung: _flops_per_image(ref_cfg, task, load_data(cache, task, ref_cfg, device), device)}
+    flops = {
+        fast: _flops_per_image(fast_cfg, task, fast_data, device),
+        ref.rung: _flops_per_image(ref_cfg, task, load_data(cache, task, ref_cfg, device), device),
+    }
     choices = _choices(fast_cfg, task, fast_data, device, compile_too)  # 4. the speed choices
     out = TaskPerf(spec.task)
-    for lines, rows in (_quality_table(spec, task, fast, fast_cfg, runs, targets, ref, quick),
-                        _throughput_table(fast, runs, ref, flops, peaks, dtype),
-                        _choices_table(fast, choices)):
+    for lines, rows in (
+        _quality_table(spec, task, fast, fast_cfg, runs, targets, ref, quick),
+        _throughput_table(fast, runs, ref, flops, peaks, dtype),
+        _choices_table(fast, choices),
+    ):
         out.lines += lines
         out.rows += [{"task": spec.task, "mode": mode, **r} for r in rows]
     if grid:  # 5. the grid on one device, sequential vs concurrent
@@ -283,55 +317,119 @@ def measure_task(task_name: str, quick: bool, root: str, device: torch.device, t
         lines, rows = grid_speedup(spec.path, root, device, None)
         out.lines += lines
         out.rows += [{**r, "mode": mode} for r in rows]
-    out.lines += [f"Load average (1 min) of this machine ({usable_cores()} cores): {load_before:.2f} before this task, "
-                  f"{os.getloadavg()[0]:.2f} after; above the core count, other work shared the cores and every "
-                  f"time above is slower than on an idle machine.", ""]
+    out.lines += [
+        f"Load average (1 min) of this machine ({usable_cores()} cores): {load_before:.2f} before this task, "
+        f"{os.getloadavg()[0]:.2f} after; above the core count, other work shared the cores and every "
+        f"time above is slower than on an idle machine.",
+        "",
+    ]
     return out
 
 
-QUALITY_HEAD = ["target", "recipe", "seeds reaching it", "epoch (mean)", "train s: mean (range)", "test of those weights",
-                "× reference"]
+QUALITY_HEAD = [
+    "target",
+    "recipe",
+    "seeds reaching it",
+    "epoch (mean)",
+    "train s: mean (range)",
+    "test of those weights",
+    "× reference",
+]
 
 
-def _quality_table(spec: Spec, task: Task, fast: str, fast_cfg: Config, runs: list[SeedRun], targets: list[float],
-                   ref: Reference, quick: bool) -> tuple[list[str], list[dict[str, Any]]]:
+def _quality_table(
+    spec: Spec,
+    task: Task,
+    fast: str,
+    fast_cfg: Config,
+    runs: list[SeedRun],
+    targets: list[float],
+    ref: Reference,
+    quick: bool,
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Time to quality: a row per target the fast rung reached on validation, one for the end of its recipe (the
     test score that counts) and one for the reference; and their records for perf.csv."""
     fmt = task.metrics[0].show
     lower = "" if ref.epochs else " (at least)"  # the reference never reached it: the ratio is a lower bound
-    table = [_target_row(fast, runs, target, ref.seconds if target == spec.target else None, lower, fmt)
-             for target in targets]
-    table += [_recipe_end_row(fast, fast_cfg.train.epochs, runs, spec.target, ref.seconds, lower, fmt),
-              _reference_row(ref, spec.target, quick, fmt)]
+    table = [
+        _target_row(fast, runs, target, ref.seconds if target == spec.target else None, lower, fmt)
+        for target in targets
+    ]
+    table += [
+        _recipe_end_row(fast, fast_cfg.train.epochs, runs, spec.target, ref.seconds, lower, fmt),
+        _reference_row(ref, spec.target, quick, fmt),
+    ]
     rows = [_hit_record(fast, r, target) for target in targets for r in runs]
-    rows += [{"what": "recipe_end", "recipe": fast, "seed": r.seed, "target": spec.target, "epoch": r.best_epoch,
-              "train_seconds": r.train_seconds, "test": r.test, "images_per_s": r.images / r.train_seconds} for r in runs]
-    rows.append({"what": "time_to_target", "recipe": f"reference:{ref.rung}", "target": spec.target,
-                 "epoch": ref.epochs, "train_seconds": ref.seconds, "images_per_s": ref.rate})
-    note = (f"Reference: {ref.source}. × reference = reference seconds / harness seconds"
-            + ("; the reference did not reach the target, so the ratios are lower bounds" if not ref.epochs else "") + ".")
+    rows += [
+        {
+            "what": "recipe_end",
+            "recipe": fast,
+            "seed": r.seed,
+            "target": spec.target,
+            "epoch": r.best_epoch,
+            "train_seconds": r.train_seconds,
+            "test": r.test,
+            "images_per_s": r.images / r.train_seconds,
+        }
+        for r in runs
+    ]
+    rows.append(
+        {
+            "what": "time_to_target",
+            "recipe": f"reference:{ref.rung}",
+            "target": spec.target,
+            "epoch": ref.epochs,
+            "train_seconds": ref.seconds,
+            "images_per_s": ref.rate,
+        }
+    )
+    note = (
+        f"Reference: {ref.source}. × reference = reference seconds / harness seconds"
+        + ("; the reference did not reach the target, so the ratios are lower bounds" if not ref.epochs else "")
+        + "."
+    )
     return [files.markdown_table(QUALITY_HEAD, table), "", note, ""], rows
 
 
-def _target_row(fast: str, runs: list[SeedRun], target: float, ref_seconds: float | None, lower: str,
-                fmt: Callable[[float], str]) -> list[str]:
+def _target_row(
+    fast: str, runs: list[SeedRun], target: float, ref_seconds: float | None, lower: str, fmt: Callable[[float], str]
+) -> list[str]:
     """A target on validation: the seeds of the fast rung that reached it, their mean epoch and seconds, the test
     score of those weights, and (``ref_seconds``: the spec's target) how many times faster than the reference."""
     hits = [r.hits[target] for r in runs if target in r.hits]
     secs = [h[1] for h in hits]
-    return [f"{fmt(target)} on validation", f"`{fast}` (harness)", f"{len(hits)} of {len(runs)}",
-            _mean_cell([h[0] for h in hits]), _seconds_cell(secs), ", ".join(fmt(h[2]) for h in hits) or "–",
-            _ratio_cell(ref_seconds, secs, lower)]
+    return [
+        f"{fmt(target)} on validation",
+        f"`{fast}` (harness)",
+        f"{len(hits)} of {len(runs)}",
+        _mean_cell([h[0] for h in hits]),
+        _seconds_cell(secs),
+        ", ".join(fmt(h[2]) for h in hits) or "–",
+        _ratio_cell(ref_seconds, secs, lower),
+    ]
 
 
-def _recipe_end_row(fast: str, epochs: int, runs: list[SeedRun], target: float, ref_seconds: float, lower: str,
-                    fmt: Callable[[float], str]) -> list[str]:
+def _recipe_end_row(
+    fast: str,
+    epochs: int,
+    runs: list[SeedRun],
+    target: float,
+    ref_seconds: float,
+    lower: str,
+    fmt: Callable[[float], str],
+) -> list[str]:
     """The fast rung trained to the end of its recipe, scored at its best validation epoch: seeds at the target on
     test, mean best epoch, seconds, test scores, and how many times faster than the reference."""
     end = [r.train_seconds for r in runs]
-    return [f"{fmt(target)} on test", f"`{fast}` to its end ({epochs} epochs, best validation epoch)",
-            f"{sum(r.test >= target for r in runs)} of {len(runs)}", _mean_cell([r.best_epoch for r in runs]),
-            _seconds_cell(end), ", ".join(fmt(r.test) for r in runs), _ratio_cell(ref_seconds, end, lower)]
+    return [
+        f"{fmt(target)} on test",
+        f"`{fast}` to its end ({epochs} epochs, best validation epoch)",
+        f"{sum(r.test >= target for r in runs)} of {len(runs)}",
+        _mean_cell([r.best_epoch for r in runs]),
+        _seconds_cell(end),
+        ", ".join(fmt(r.test) for r in runs),
+        _ratio_cell(ref_seconds, end, lower),
+    ]
 
 
 def _reference_row(ref: Reference, target: float, quick: bool, fmt: Callable[[float], str]) -> list[str]:
@@ -341,8 +439,15 @@ def _reference_row(ref: Reference, target: float, quick: bool, fmt: Callable[[fl
         seconds += " (extrapolated)"
     if not ref.epochs:
         seconds += f", {ref.budget} epochs"
-    return [f"{fmt(target)} on validation", f"`{ref.rung}` (textbook loop)", f"{int(bool(ref.epochs))} of 1",
-            f"{ref.epochs}" if ref.epochs else f"not in {ref.budget}", seconds, "–", "1.0×"]
+    return [
+        f"{fmt(target)} on validation",
+        f"`{ref.rung}` (textbook loop)",
+        f"{int(bool(ref.epochs))} of 1",
+        f"{ref.epochs}" if ref.epochs else f"not in {ref.budget}",
+        seconds,
+        "–",
+        "1.0×",
+    ]
 
 
 def _mean_cell(values: list[float]) -> str:
@@ -362,31 +467,76 @@ def _ratio_cell(ref_seconds: float | None, secs: list[float], lower: str) -> str
 def _hit_record(fast: str, run: SeedRun, target: float) -> dict[str, Any]:
     """perf.csv's record of one seed and target: its epoch, seconds and test score there (empty when not reached)."""
     epoch, seconds, test = run.hits.get(target, (None, None, None))
-    return {"what": "time_to_target", "recipe": fast, "seed": run.seed, "target": target, "epoch": epoch,
-            "train_seconds": seconds, "test": test, "images_per_s": run.images / run.train_seconds}
+    return {
+        "what": "time_to_target",
+        "recipe": fast,
+        "seed": run.seed,
+        "target": target,
+        "epoch": epoch,
+        "train_seconds": seconds,
+        "test": test,
+        "images_per_s": run.images / run.train_seconds,
+    }
 
 
-def _throughput_table(fast: str, runs: list[SeedRun], ref: Reference, flops: dict[str, float],
-                      peaks: dict[torch.dtype, float], dtype: torch.dtype) -> tuple[list[str], list[dict[str, Any]]]:
+def _throughput_table(
+    fast: str,
+    runs: list[SeedRun],
+    ref: Reference,
+    flops: dict[str, float],
+    peaks: dict[torch.dtype, float],
+    dtype: torch.dtype,
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Images/s and FLOP/s of each loop, against the matmul peak of the precision it computes in."""
     fast_rate = sum(r.images for r in runs) / sum(r.train_seconds for r in runs)
     entries = [("harness", fast, fast_rate, dtype)]
     if ref.harness_rate:
         entries.append(("harness", ref.rung, ref.harness_rate, dtype))
     entries.append(("textbook", ref.rung, ref.rate, torch.float32))
-    table = [[loop, f"`{recipe}`", _dtype_name(d), f"{rate:,.0f}", f"{flops[recipe] / 1e9:.4f}",
-              f"{rate * flops[recipe] / 1e9:.1f}", f"{rate * flops[recipe] / peaks[d]:.1%}"]
-             for loop, recipe, rate, d in entries]
-    rows = [{"what": f"throughput_{loop}", "recipe": recipe, "images_per_s": rate,
-             "gflop_per_image": flops[recipe] / 1e9, "matmul_gflops": peaks[d] / 1e9} for loop, recipe, rate, d in entries]
+    table = [
+        [
+            loop,
+            f"`{recipe}`",
+            _dtype_name(d),
+            f"{rate:,.0f}",
+            f"{flops[recipe] / 1e9:.4f}",
+            f"{rate * flops[recipe] / 1e9:.1f}",
+            f"{rate * flops[recipe] / peaks[d]:.1%}",
+        ]
+        for loop, recipe, rate, d in entries
+    ]
+    rows = [
+        {
+            "what": f"throughput_{loop}",
+            "recipe": recipe,
+            "images_per_s": rate,
+            "gflop_per_image": flops[recipe] / 1e9,
+            "matmul_gflops": peaks[d] / 1e9,
+        }
+        for loop, recipe, rate, d in entries
+    ]
     peak_text = ", ".join(f"{p / 1e9:,.0f} GFLOP/s in {_dtype_name(d)}" for d, p in peaks.items())
-    same = (f" Same recipe, harness loop / textbook loop: {ref.harness_rate / ref.rate:.1f}× the images per second."
-            if ref.harness_rate else "")
-    head = ["loop", "recipe", "precision", "images/s", "training GFLOP / image", "achieved GFLOP/s",
-            "utilization of matmul peak"]
-    return [files.markdown_table(head, table, ["left", "left", "left", "right", "right", "right", "right"]), "",
-            f"Matmul peak: {peak_text} (2048×2048 matmuls, same device and threads). FLOPs per image: "
-            f"`FlopCounterMode` on one training step (forward and backward) divided by the batch.{same}", ""], rows
+    same = (
+        f" Same recipe, harness loop / textbook loop: {ref.harness_rate / ref.rate:.1f}× the images per second."
+        if ref.harness_rate
+        else ""
+    )
+    head = [
+        "loop",
+        "recipe",
+        "precision",
+        "images/s",
+        "training GFLOP / image",
+        "achieved GFLOP/s",
+        "utilization of matmul peak",
+    ]
+    return [
+        files.markdown_table(head, table, ["left", "left", "left", "right", "right", "right", "right"]),
+        "",
+        f"Matmul peak: {peak_text} (2048×2048 matmuls, same device and threads). FLOPs per image: "
+        f"`FlopCounterMode` on one training step (forward and backward) divided by the batch.{same}",
+        "",
+    ], rows
 
 
 def _choices_table(fast: str, choices: list[tuple[str, float, float]]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -407,18 +557,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_too: bool) -> list[tuple[str, float, float]]:
+def _choices(
+    cfg: Config, task: Task, data: Data, device: torch.device, compile_too: bool
+) -> list[tuple[str, float, float]]:
     """(choice, images/s, seconds to the first step) for the default training step and one change at a time."""
+
     def variant(**changes: Any) -> Config:
         c = cfg.copy()
         for k, v in changes.items():
             setattr(c.train, k, v)
         return c
 
-    trials = [(f"default (channels-last, {train_precision(cfg, device)}, one sync per epoch)", variant(), False),
-              ("contiguous (NCHW) layout", variant(channels_last=False), False),
-              ("fp32 (no bf16 autocast)", variant(amp=False), False),
-              ("a .item() sync after every step", variant(), True)]
+    trials = [
+        (f"default (channels-last, {train_precision(cfg, device)}, one sync per epoch)", variant(), False),
+        ("contiguous (NCHW) layout", variant(channels_last=False), False),
+        ("fp32 (no bf16 autocast)", variant(amp=False), False),
+        ("a .item() sync after every step", variant(), True),
+    ]
     if compile_too:
         trials.append(("torch.compile", variant(compile="default"), False))
         if device.type == "cuda":
@@ -436,8 +591,9 @@ def _choices(cfg: Config, task: Task, data: Data, device: torch.device, compile_
     return out
 
 
-def grid_speedup(spec_path: str | Path, root: str, device: torch.device,
-                 workers: int | None) -> tuple[list[str], list[dict]]:
+def grid_speedup(
+    spec_path: str | Path, root: str, device: torch.device, workers: int | None
+) -> tuple[list[str], list[dict]]:
     """One epoch of every run of the task's full spec, trained one after another and then by several workers
     at once (``workers``, else as many as ``bench run`` would choose), each into a scratch results folder;
     wall times include each worker's start-up and data loading, as a real grid pays them."""
@@ -456,11 +612,22 @@ def grid_speedup(spec_path: str | Path, root: str, device: torch.device,
                 n = workers or grid_workers(spec, runs, opts, {})[0]
                 run_workers(spec, runs, store.results, opts, n)
             walls[mode] = time.perf_counter() - t0
-    lines = [f"Grid: one epoch of each of the {len(runs)} runs of the full `{spec.name}` spec on this device: "
-             f"{walls['sequential']:.0f} s one after another, {walls['concurrent']:.0f} s with {n} workers at once "
-             f"({walls['sequential'] / walls['concurrent']:.1f}× faster).", ""]
-    rows = [{"task": spec.task, "what": f"grid_{m}", "recipe": f"{len(runs)} runs x 1 epoch",
-             "workers": n if m == "concurrent" else 1, "train_seconds": w} for m, w in walls.items()]
+    lines = [
+        f"Grid: one epoch of each of the {len(runs)} runs of the full `{spec.name}` spec on this device: "
+        f"{walls['sequential']:.0f} s one after another, {walls['concurrent']:.0f} s with {n} workers at once "
+        f"({walls['sequential'] / walls['concurrent']:.1f}× faster).",
+        "",
+    ]
+    rows = [
+        {
+            "task": spec.task,
+            "what": f"grid_{m}",
+            "recipe": f"{len(runs)} runs x 1 epoch",
+            "workers": n if m == "concurrent" else 1,
+            "train_seconds": w,
+        }
+        for m, w in walls.items()
+    ]
     return lines, rows
 
 
@@ -468,8 +635,10 @@ def grid_speedup(spec_path: str | Path, root: str, device: torch.device,
 
 
 def machine_line(device: torch.device, threads: int) -> str:
-    return (f"{device_name(device)}; {threads} threads; torch {torch.__version__}; Python {platform.python_version()}"
-            f"; load average before: {os.getloadavg()[0]:.2f}")
+    return (
+        f"{device_name(device)}; {threads} threads; torch {torch.__version__}; Python {platform.python_version()}"
+        f"; load average before: {os.getloadavg()[0]:.2f}"
+    )
 
 
 def write_perf(results: Path, parts: list[TaskPerf], quick: bool, header: list[str]) -> tuple[Path, Path]:
@@ -479,26 +648,60 @@ def write_perf(results: Path, parts: list[TaskPerf], quick: bool, header: list[s
     name = lambda head: head  # noqa: E731  (a section is named by its heading text)
     sections = files.read_markdown_sections(md, 2, name)
     for part in parts:
-        sections[f"{part.task} ({mode})"] = "\n".join([f"## {part.task} ({mode})", "", *header, "",
-                                                      *part.lines]).rstrip() + "\n"
-    intro = ["# Speed", "", "Written by `python -m bench perf` (see `bench/perf.py` for what each number is). "
-             "Timings on shared machines are noisy: compare the ratios measured in one run.", ""]
+        sections[f"{part.task} ({mode})"] = (
+            "\n".join([f"## {part.task} ({mode})", "", *header, "", *part.lines]).rstrip() + "\n"
+        )
+    intro = [
+        "# Speed",
+        "",
+        "Written by `python -m bench perf` (see `bench/perf.py` for what each number is). "
+        "Timings on shared machines are noisy: compare the ratios measured in one run.",
+        "",
+    ]
     files.write_text(md, "\n".join(intro + [sections[k] for k in sorted(sections)]))
     done = {(p.task, "quick" if quick else "full") for p in parts}
     keep = [r for r in files.read_csv(csv_path) if (r["task"], r["mode"]) not in done]
-    keys = ["task", "mode", "what", "recipe", "seed", "target", "epoch", "train_seconds", "test", "images_per_s",
-            "gflop_per_image", "matmul_gflops", "first_step_s", "workers"]
+    keys = [
+        "task",
+        "mode",
+        "what",
+        "recipe",
+        "seed",
+        "target",
+        "epoch",
+        "train_seconds",
+        "test",
+        "images_per_s",
+        "gflop_per_image",
+        "matmul_gflops",
+        "first_step_s",
+        "workers",
+    ]
     files.write_csv(csv_path, keys, keep + [r for p in parts for r in p.rows], extra="ignore")
     return md, csv_path
 
 
-def run_perf(tasks: list[str], quick: bool, results: str | Path, root: str, device: torch.device, threads: int,
-             seeds: list[int], compile_too: bool, command: str, grid: bool | None = None) -> tuple[Path, Path]:
+def run_perf(
+    tasks: list[str],
+    quick: bool,
+    results: str | Path,
+    root: str,
+    device: torch.device,
+    threads: int,
+    seeds: list[int],
+    compile_too: bool,
+    command: str,
+    grid: bool | None = None,
+) -> tuple[Path, Path]:
     """Measure ``tasks`` and write perf.md / perf.csv; ``grid`` (default: on a GPU) adds the grid's wall time
     sequential vs concurrent."""
     grid = device.type == "cuda" if grid is None else grid
     torch.set_num_threads(threads)
-    header = [f"- command: `{command}`", f"- machine: {machine_line(device, threads)}",
-              f"- commit: {files.git_commit()}", f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
+    header = [
+        f"- command: `{command}`",
+        f"- machine: {machine_line(device, threads)}",
+        f"- commit: {files.git_commit()}",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+    ]
     parts = [measure_task(t, quick, root, device, threads, seeds, compile_too, grid) for t in tasks]
     return write_perf(Path(results), parts, quick, header)

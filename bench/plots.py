@@ -2,6 +2,7 @@
 
 Matplotlib's object API on the Agg canvas: no pyplot, no global backend state, no display needed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -86,8 +87,14 @@ def plot_spec_curves(curves: dict[str, list[pd.DataFrame]], png_path: str | Path
     _save(fig, png_path)
 
 
-def plot_tradeoff(points: list[tuple[str, float, float, float]], front: list[int], png_path: str | Path,
-                  metric: Metric, xlabel: str, title: str) -> None:
+def plot_tradeoff(
+    points: list[tuple[str, float, float, float]],
+    front: list[int],
+    png_path: str | Path,
+    metric: Metric,
+    xlabel: str,
+    title: str,
+) -> None:
     """Test metric against latency, one labelled point per rung.
 
     points: (rung, latency ms, mean metric, std over seeds); error bars are the std (none for one seed);
@@ -98,11 +105,26 @@ def plot_tradeoff(points: list[tuple[str, float, float, float]], front: list[int
     ys = [p[2] * metric.scale for p in points]
     for i, (_, x, _, sd) in enumerate(points):
         on = i in front
-        ax.errorbar([x], [ys[i]], yerr=None if sd != sd else [sd * metric.scale], fmt="o",
-                    color="tab:red" if on else "tab:blue", ms=6 if on else 5, capsize=3, zorder=3 if on else 2)
+        ax.errorbar(
+            [x],
+            [ys[i]],
+            yerr=None if sd != sd else [sd * metric.scale],
+            fmt="o",
+            color="tab:red" if on else "tab:blue",
+            ms=6 if on else 5,
+            capsize=3,
+            zorder=3 if on else 2,
+        )
     if len(front) > 1:
-        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="tab:red", alpha=0.5, lw=1.2,
-                label="Pareto front")
+        ax.step(
+            [xs[i] for i in front],
+            [ys[i] for i in front],
+            where="post",
+            color="tab:red",
+            alpha=0.5,
+            lw=1.2,
+            label="Pareto front",
+        )
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
     lo, hi = min(xs), max(xs)
@@ -117,8 +139,15 @@ def plot_tradeoff(points: list[tuple[str, float, float, float]], front: list[int
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     for i, dy in _label_offsets(ax.transData.transform(list(zip(xs, ys, strict=True)))).items():
-        ax.annotate(points[i][0], (xs[i], ys[i]), textcoords="offset pixels", xytext=(7, dy), fontsize=8,
-                    va="center", arrowprops={"arrowstyle": "-", "lw": 0.5, "alpha": 0.5} if abs(dy) > 6 else None)
+        ax.annotate(
+            points[i][0],
+            (xs[i], ys[i]),
+            textcoords="offset pixels",
+            xytext=(7, dy),
+            fontsize=8,
+            va="center",
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "alpha": 0.5} if abs(dy) > 6 else None,
+        )
     _save(fig, png_path)
 
 

@@ -14,6 +14,7 @@ enclosed by several touching glands stays background, so filling never merges gl
 
 numpy and SciPy only: ``bench predict`` imports this module without torch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -91,8 +92,9 @@ def candidates() -> list[PostProcess]:
     return [PostProcess(a, f) for a in MIN_AREAS for f in (False, True)]
 
 
-def choose(masks: np.ndarray, score: Callable[[np.ndarray], float],
-           higher_is_better: bool = True) -> tuple[PostProcess, float, float]:
+def choose(
+    masks: np.ndarray, score: Callable[[np.ndarray], float], higher_is_better: bool = True
+) -> tuple[PostProcess, float, float]:
     """(the best setting, its score, the score without post-processing) of the (N, H, W) bool ``masks`` (a
     validation split's), by ``score`` of the post-processed (N, H, W) masks; a tie keeps the earlier (lesser)
     setting of :func:`candidates`."""

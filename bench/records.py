@@ -13,6 +13,7 @@ Versions:
   2. ``train_precision`` and ``eval_precision`` (evaluation is fp32 from this version on); ``history`` keeps
      the metrics a ``bench rescore`` replaced.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,9 @@ def migrate(raw: dict[str, Any], kind: str) -> dict[str, Any]:
     """``raw`` (a ``result.json`` for kind ``run``, a ``spec.json`` for kind ``group``) in the current format."""
     version = raw.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise RecordError(f"format_version {version!r}: written by a newer bench (this one reads up to {FORMAT_VERSION})")
+        raise RecordError(
+            f"format_version {version!r}: written by a newer bench (this one reads up to {FORMAT_VERSION})"
+        )
     out = dict(raw)
     if version < 2 and kind == "run":
         precision = out.pop("precision", None)

@@ -10,6 +10,7 @@ and the data path, not about a different model or recipe.  Timing counts the tra
 work included, since a textbook loop pays it on every step) and leaves out building the datasets
 and the validation passes.
 """
+
 from __future__ import annotations
 
 import time
@@ -108,9 +109,16 @@ def check_recipe(cfg: Config) -> None:
         raise ConfigError("the reference loop runs the report's recipe only; this rung has " + "; ".join(problems))
 
 
-def train_reference(task: str, cfg: Config, device: torch.device, *, target: float | None = None,
-                    max_epochs: int | None = None, max_steps: int | None = None,
-                    data: tuple[Dataset, Dataset, Dataset] | None = None) -> ReferenceResult:
+def train_reference(
+    task: str,
+    cfg: Config,
+    device: torch.device,
+    *,
+    target: float | None = None,
+    max_epochs: int | None = None,
+    max_steps: int | None = None,
+    data: tuple[Dataset, Dataset, Dataset] | None = None,
+) -> ReferenceResult:
     """Train ``cfg`` (the report's recipe) for ``task`` with a textbook loop until the validation metric reaches
     ``target``, ``max_epochs`` (default: the recipe's ``train.epochs``) or ``max_steps`` training steps."""
     check_recipe(cfg)
@@ -122,8 +130,11 @@ def train_reference(task: str, cfg: Config, device: torch.device, *, target: flo
     model = build_model(cfg, in_channels=in_channels, num_classes=classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim["lr"])
     sched = cfg.sched
-    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=sched["step_size"], gamma=sched["gamma"])
-                 if sched["name"] == "step" else None)
+    scheduler = (
+        torch.optim.lr_scheduler.StepLR(optimizer, step_size=sched["step_size"], gamma=sched["gamma"])
+        if sched["name"] == "step"
+        else None
+    )
     loss_fn = nn.CrossEntropyLoss() if task == "mnist" else nn.BCEWithLogitsLoss()
     out = ReferenceResult(steps_per_epoch=len(train_loader))
     for epoch in range(1, (max_epochs or cfg.train.epochs) + 1):
@@ -147,8 +158,14 @@ def train_reference(task: str, cfg: Config, device: torch.device, *, target: flo
         if scheduler is not None:
             scheduler.step()
         val = score(task, model, val_loader, device)
-        out.history.append({"epoch": epoch, "val_metric": val, "train_seconds": out.train_seconds,
-                            "train_loss": running_loss / len(train_loader)})
+        out.history.append(
+            {
+                "epoch": epoch,
+                "val_metric": val,
+                "train_seconds": out.train_seconds,
+                "train_loss": running_loss / len(train_loader),
+            }
+        )
         if target is not None and val >= target:
             break
     return out

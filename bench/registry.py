@@ -11,6 +11,7 @@ declares in that entry-point group.  Both are looked up on first use and kept be
 lists the registered names only), so ``REGISTRY[name]`` works for them everywhere (workers, summaries
 and exports included).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -58,12 +59,16 @@ def import_object(path: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as e:  # ModuleNotFoundError, or the user's module failing as it is imported
-        raise UnknownName(f"import path {path!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); it is "
-                          f"looked up from the current folder ({cwd}) and the installed packages") from None
+        raise UnknownName(
+            f"import path {path!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); it is "
+            f"looked up from the current folder ({cwd}) and the installed packages"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UnknownName(f"import path {path!r}: module {module_name!r} ({getattr(obj, '__file__', '?')}) has no "
-                              f"attribute {part!r}")
+            raise UnknownName(
+                f"import path {path!r}: module {module_name!r} ({getattr(obj, '__file__', '?')}) has no "
+                f"attribute {part!r}"
+            )
         obj = getattr(obj, part)
     return obj
 
@@ -76,8 +81,13 @@ class Registry(dict):
     (e.g. a Task class into an instance), raising UnknownName when it does not fit.
     """
 
-    def __init__(self, kind: str, entries: dict[str, Callable[..., Any]] | None = None, group: str | None = None,
-                 adapt: Callable[[Any, str], Any] | None = None):
+    def __init__(
+        self,
+        kind: str,
+        entries: dict[str, Callable[..., Any]] | None = None,
+        group: str | None = None,
+        adapt: Callable[[Any, str], Any] | None = None,
+    ):
         super().__init__(entries or {})
         self.kind = kind
         self.group = group
@@ -120,12 +130,16 @@ class Registry(dict):
                 try:
                     obj = eps[name].load()
                 except Exception as e:
-                    raise UnknownName(f"{self.kind} {name!r} (entry point {eps[name].value} of group {self.group}): "
-                                      f"cannot load it ({type(e).__name__}: {e})") from None
+                    raise UnknownName(
+                        f"{self.kind} {name!r} (entry point {eps[name].value} of group {self.group}): "
+                        f"cannot load it ({type(e).__name__}: {e})"
+                    ) from None
                 where = f"entry point {name!r} ({eps[name].value})"
             else:
-                raise UnknownName(unknown_name_message(self.kind, name, self.names()) +
-                                  f" (or an import path package.module:name, or an entry point of group {self.group})")
+                raise UnknownName(
+                    unknown_name_message(self.kind, name, self.names())
+                    + f" (or an import path package.module:name, or an entry point of group {self.group})"
+                )
             self.found[name] = self.adapt(obj, where)
             return self.found[name]
         raise UnknownName(unknown_name_message(self.kind, name, self))
@@ -136,5 +150,7 @@ class Registry(dict):
 
 def _callable(obj: Any, where: str) -> Any:
     if not callable(obj):
-        raise UnknownName(f"{where}: {type(obj).__name__} object is not callable (expected a factory function or class)")
+        raise UnknownName(
+            f"{where}: {type(obj).__name__} object is not callable (expected a factory function or class)"
+        )
     return obj

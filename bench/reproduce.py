@@ -13,6 +13,7 @@ seed, so the rerun and the record differ like two seeds do: by ``sqrt(2) * std``
 covers rungs with one seed or a std from two seeds, which can be far too small (docs/runs.md,
 "Rescore and reproduce").  On the machine and thread count that made the record, a deterministic run is identical.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,15 +82,19 @@ def choose_runs(store: RunStore, group: str, variants: list[str] | None, seeds: 
         raise ConfigError(f"{store.root}: {unknown_name_message('group', group, groups) if groups else 'no groups'}")
     meta = store.read_group(group)
     if meta.role == "study":
-        raise ConfigError(f"{store.root / group}: a study's trials have no test metric to reproduce; choose a "
-                          f"published or ad-hoc group")
+        raise ConfigError(
+            f"{store.root / group}: a study's trials have no test metric to reproduce; choose a "
+            f"published or ad-hoc group"
+        )
     finished = store.finished(group)
     ensembles = {r.variant for r in finished if "members" in r.result.extra}  # they train nothing: reproduce members
     if ensembles and not variants:
         note(log, f"{', '.join(sorted(ensembles))} of {group}: seed ensembles of other rungs, not re-trained")
     if any(v in ensembles for v in variants or []):
-        raise ConfigError(f"--variants {', '.join(v for v in variants if v in ensembles)}: a seed ensemble trains "
-                          f"nothing; reproduce the rung it averages")
+        raise ConfigError(
+            f"--variants {', '.join(v for v in variants if v in ensembles)}: a seed ensemble trains "
+            f"nothing; reproduce the rung it averages"
+        )
     finished = [r for r in finished if r.variant not in ensembles]
     if not finished:
         raise ConfigError(f"{store.root / group}: no finished runs recorded; nothing to reproduce")
@@ -103,9 +108,11 @@ def choose_runs(store: RunStore, group: str, variants: list[str] | None, seeds: 
     recorded = sorted({r.seed for r in chosen})
     for seed in seeds or []:
         if seed not in recorded:
-            raise ConfigError(f"--seeds {seed}: no finished run of that seed in group {group}"
-                              f"{' for ' + ', '.join(variants) if variants else ''} (recorded seeds: "
-                              f"{', '.join(map(str, recorded))})")
+            raise ConfigError(
+                f"--seeds {seed}: no finished run of that seed in group {group}"
+                f"{' for ' + ', '.join(variants) if variants else ''} (recorded seeds: "
+                f"{', '.join(map(str, recorded))})"
+            )
     return [r for r in chosen if seeds is None or r.seed in seeds]
 
 
@@ -118,9 +125,17 @@ def seed_spread(finished: list[StoredRun], metric: str) -> dict[str, tuple[float
     return out
 
 
-def reproduce(results: str | Path, group: str, variants: list[str] | None = None, seeds: list[int] | None = None,
-              data_root: str | None = None, tolerance: float | None = None, device: str | None = None,
-              progress: bool = True, out: Callable[[str], None] = print) -> list[Comparison]:
+def reproduce(
+    results: str | Path,
+    group: str,
+    variants: list[str] | None = None,
+    seeds: list[int] | None = None,
+    data_root: str | None = None,
+    tolerance: float | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    out: Callable[[str], None] = print,
+) -> list[Comparison]:
     """Re-train the chosen runs of ``group`` in a temporary folder and compare each with its record (printed
     through ``out``).  ``tolerance``: an absolute bound on |new - recorded| for every run; None: per rung,
     :func:`default_tolerance` of its seed std."""
@@ -131,8 +146,9 @@ def reproduce(results: str | Path, group: str, variants: list[str] | None = None
     metric = task.metrics[0]
     spread = seed_spread(store.finished(group), metric.key)
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
-        log.info(f"re-training {len(chosen)} run{'s' if len(chosen) > 1 else ''} of {group} in {tmp} "
-                 f"(deleted afterwards)")
+        log.info(
+            f"re-training {len(chosen)} run{'s' if len(chosen) > 1 else ''} of {group} in {tmp} (deleted afterwards)"
+        )
         opts = RunOptions(resolve_data_root(data_root)[0], device, progress=progress)
         tmp_store, runs = retrain(meta, chosen, tmp, opts, data_root)
         rows = []
@@ -140,9 +156,18 @@ def reproduce(results: str | Path, group: str, variants: list[str] | None = None
             result = tmp_store.result(run)
             sd, n = spread[stored.variant]
             failed = _failure(tmp_store.path(run)) if result is None else ""
-            rows.append(Comparison(stored.variant, stored.seed, _test_metric(stored, metric.key),
-                                   None if result is None else _test_metric(result, metric.key), sd, n,
-                                   default_tolerance(sd) if tolerance is None else tolerance, failed))
+            rows.append(
+                Comparison(
+                    stored.variant,
+                    stored.seed,
+                    _test_metric(stored, metric.key),
+                    None if result is None else _test_metric(result, metric.key),
+                    sd,
+                    n,
+                    default_tolerance(sd) if tolerance is None else tolerance,
+                    failed,
+                )
+            )
     for line in report(group, rows, metric, tolerance):
         out(line)
     return rows
@@ -163,13 +188,18 @@ def report(group: str, rows: list[Comparison], metric: Metric, tolerance: float 
     def num(x: float, sign: str = "") -> str:
         return "–" if math.isnan(x) else f"{x * metric.scale:{sign}.{digits}f}"
 
-    rule = (f"{num(tolerance)} (--tolerance)" if tolerance is not None else
-            f"max({TOLERANCE_SDS:g} x sqrt(2) x the rung's seed std, {num(TOLERANCE_FLOOR)}); the floor alone "
-            f"for a rung with one seed")
-    lines = [f"{group}: {metric.column}, re-trained vs recorded; tolerance {rule}; within the seed spread: "
-             f"|diff| <= sqrt(2) x seed std (how far two seeds lie apart, typically)",
-             f"{'variant':<20} {'seed':>4} {'recorded':>10} {'new':>10} {'diff':>10} {'seed std (n)':>14} "
-             f"{'|diff|/std':>10} {'tolerance':>10}  verdict"]
+    rule = (
+        f"{num(tolerance)} (--tolerance)"
+        if tolerance is not None
+        else f"max({TOLERANCE_SDS:g} x sqrt(2) x the rung's seed std, {num(TOLERANCE_FLOOR)}); the floor alone "
+        f"for a rung with one seed"
+    )
+    lines = [
+        f"{group}: {metric.column}, re-trained vs recorded; tolerance {rule}; within the seed spread: "
+        f"|diff| <= sqrt(2) x seed std (how far two seeds lie apart, typically)",
+        f"{'variant':<20} {'seed':>4} {'recorded':>10} {'new':>10} {'diff':>10} {'seed std (n)':>14} "
+        f"{'|diff|/std':>10} {'tolerance':>10}  verdict",
+    ]
     for r in rows:
         ratio = abs(r.diff) / r.sd if r.sd > 0 else math.nan
         if r.new is None:
@@ -179,13 +209,18 @@ def report(group: str, rows: list[Comparison], metric: Metric, tolerance: float 
         elif not r.ok:
             verdict = "OFF: beyond the tolerance"
         else:
-            verdict = "within the seed spread" if ratio <= math.sqrt(2) else "within the tolerance, beyond the seed spread"
-        lines.append(f"{r.variant:<20} {r.seed:>4} {num(r.recorded):>10} {num(r.new if r.new is not None else math.nan):>10} "
-                     f"{num(r.diff, '+'):>10} {num(r.sd) + f' ({r.n})':>14} "
-                     f"{'–' if math.isnan(ratio) else f'{ratio:.1f}':>10} {num(r.tolerance):>10}  {verdict}")
+            verdict = (
+                "within the seed spread" if ratio <= math.sqrt(2) else "within the tolerance, beyond the seed spread"
+            )
+        lines.append(
+            f"{r.variant:<20} {r.seed:>4} {num(r.recorded):>10} {num(r.new if r.new is not None else math.nan):>10} "
+            f"{num(r.diff, '+'):>10} {num(r.sd) + f' ({r.n})':>14} "
+            f"{'–' if math.isnan(ratio) else f'{ratio:.1f}':>10} {num(r.tolerance):>10}  {verdict}"
+        )
     bad = [r for r in rows if not r.ok]
     same = sum(r.diff == 0 for r in rows)
-    lines.append(f"{len(rows) - len(bad)} of {len(rows)} run{'s' if len(rows) > 1 else ''} within the tolerance "
-                 f"({same} identical)"
-                 + (f"; off: {', '.join(f'{r.variant} seed {r.seed}' for r in bad)}" if bad else ""))
+    lines.append(
+        f"{len(rows) - len(bad)} of {len(rows)} run{'s' if len(rows) > 1 else ''} within the tolerance "
+        f"({same} identical)" + (f"; off: {', '.join(f'{r.variant} seed {r.seed}' for r in bad)}" if bad else "")
+    )
     return lines

@@ -7,6 +7,7 @@ each run's ``result.json`` gets the new validation and test metrics, and the num
 again would need every epoch's weights, which no run keeps.  Checkpoints are not in git, so a fresh clone
 can rescore only after training (``bench run``); the runs without one are named and left as they are.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,13 +60,24 @@ def rescore_run(run: StoredRun, data_root: str | None, commit: str) -> RunRecord
     val = loaded.task.evaluate(loaded.model, data.val, cfg, loss, final=False)[loaded.task.metric]
     scored = loaded.task.test_record(loaded.model, data, cfg, loss)
     old = run.result
-    new = dataclasses.replace(old, test=scored["test"], val_best=val, postprocess=scored.get("postprocess"),
-                              test_raw=scored.get("test_raw"), eval_precision=EVAL_PRECISION)
+    new = dataclasses.replace(
+        old,
+        test=scored["test"],
+        val_best=val,
+        postprocess=scored.get("postprocess"),
+        test_raw=scored.get("test_raw"),
+        eval_precision=EVAL_PRECISION,
+    )
     if (_scores(new), new.eval_precision) == (_scores(old), old.eval_precision):
         return old
-    entry = {"test": old.test, "val_best": old.val_best, "eval_precision": old.eval_precision,
-             **{k: v for k, v in (("postprocess", old.postprocess), ("test_raw", old.test_raw)) if v is not None},
-             "scored_by": old.extra.get("scored_by", old.commit), "replaced": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    entry = {
+        "test": old.test,
+        "val_best": old.val_best,
+        "eval_precision": old.eval_precision,
+        **{k: v for k, v in (("postprocess", old.postprocess), ("test_raw", old.test_raw)) if v is not None},
+        "scored_by": old.extra.get("scored_by", old.commit),
+        "replaced": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     return dataclasses.replace(new, history=[*old.history, entry], extra={**old.extra, "scored_by": commit})
 
 

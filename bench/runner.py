@@ -10,6 +10,7 @@ after the grid from their members' best.pt; a finished run whose best.pt is not 
 is trained again from its record into ``<results>/retrained`` first (:func:`checkpoint_of`, which the ONNX export
 uses too; ``bench reproduce`` trains runs again by :func:`retrain`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,7 +94,9 @@ def data_key(cfg: Any, device: torch.device, test: bool = True) -> str:
     return json.dumps([asdict(cfg.data), str(device), test], sort_keys=True)
 
 
-def preflight(spec: Spec, runs: list[Run], opts: RunOptions, download: bool = False, test: bool = True) -> dict[str, Data]:
+def preflight(
+    spec: Spec, runs: list[Run], opts: RunOptions, download: bool = False, test: bool = True
+) -> dict[str, Data]:
     """Before anything trains or is written: check each run's device, the task's files (fetching them when ``download``),
     load every distinct data configuration of ``runs`` once on the CPU, and build each variant's
     network, loss and optimizer and run them on two training images, so that broken data, an
@@ -129,8 +132,9 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
     except ConfigError as e:  # a factory's own check names its key
         raise ConfigError(f"variant {run.variant.name!r}: {e}") from None
     except Exception as e:  # whatever the factories or the forward pass raise, the config is at fault
-        raise ConfigError(f"{where}: this config does not run on {task.name} data: "
-                          f"{type(e).__name__}: {first_line(e, empty='')}") from None
+        raise ConfigError(
+            f"{where}: this config does not run on {task.name} data: {type(e).__name__}: {first_line(e, empty='')}"
+        ) from None
     # A network of the wrong width may still "train" (5 logits for 3 classes reach 0 %): say so before anything runs.
     channels = kwargs.get("num_classes", 0) + bool(cfg.model.get("contours"))  # + the gland-contour channel
     want = (x.shape[0], channels, *(x.shape[-2:] if task.kind == "segmentation" else ()))
@@ -138,14 +142,17 @@ def _try_one_step(run: Run, cfg: Any, task: Any, data: Data) -> None:
     bad = [tuple(o.shape) for o in outs if tuple(o.shape) != want]
     if "num_classes" in kwargs and bad:
         layout = "(N, classes)" if task.kind == "classification" else "(N, C, H, W) at the input's height and width"
-        raise ConfigError(f"{where}: the network returns {bad[0]} for a batch of {tuple(x.shape)}; "
-                          f"{task.name} needs {want}, {layout} (it was built with {kwargs})")
+        raise ConfigError(
+            f"{where}: the network returns {bad[0]} for a batch of {tuple(x.shape)}; "
+            f"{task.name} needs {want}, {layout} (it was built with {kwargs})"
+        )
     try:
         for o in outs:
             build_loss(cfg)(o.float(), y)
     except Exception as e:
-        raise ConfigError(f"{where}: this config does not run on {task.name} data: "
-                          f"{type(e).__name__}: {first_line(e, empty='')}") from None
+        raise ConfigError(
+            f"{where}: this config does not run on {task.name} data: {type(e).__name__}: {first_line(e, empty='')}"
+        ) from None
 
 
 def check_schedule(cfg: Any, n_train: int) -> None:
@@ -181,8 +188,14 @@ def open_grid(spec: Spec, runs: list[Run], store: RunStore, opts: RunOptions) ->
     return StudyGrid(store, spec, runs, opts.storage) if opts.storage else LocalGrid(store, runs)
 
 
-def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions,
-             cache: dict[str, Data] | None = None, enqueue: bool = True) -> None:
+def run_grid(
+    spec: Spec,
+    runs: list[Run],
+    results_dir: str | Path,
+    opts: RunOptions,
+    cache: dict[str, Data] | None = None,
+    enqueue: bool = True,
+) -> None:
     """Train every run of ``runs`` that is not finished and not claimed by another process (with
     ``opts.storage``, first queue the unfinished ones in the grid's study unless ``enqueue`` is False:
     a parent process did it for its workers).  Raises :class:`RunsFailed` when some run failed."""
@@ -193,19 +206,34 @@ def run_grid(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOpti
     if enqueue and isinstance(grid, StudyGrid):
         grid.enqueue()
     failed = []
-    bar = tqdm(total=len(runs), initial=len(runs) - len(store.todo(runs)), desc=f"{spec.group} runs",
-               disable=not opts.progress, unit="run")
+    bar = tqdm(
+        total=len(runs),
+        initial=len(runs) - len(store.todo(runs)),
+        desc=f"{spec.group} runs",
+        disable=not opts.progress,
+        unit="run",
+    )
     for run in grid.claims():
         cfg = runtime_config(run, opts)
         device = resolve_device(cfg.train.device, "train.device")
-        meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
-        log.debug(f"training {run.rel_dir} (key {run.key}) on {device} with {cfg.train.threads} threads in process "
-                  f"{os.getpid()}")
+        meta = {
+            "spec": run.spec,
+            "variant": run.variant.name,
+            "seed": run.seed,
+            "name": f"{run.variant.name}/s{run.seed}",
+        }
+        log.debug(
+            f"training {run.rel_dir} (key {run.key}) on {device} with {cfg.train.threads} threads in process "
+            f"{os.getpid()}"
+        )
         try:
             data = load_data(cache, task, cfg, device)
             # On the CPU, a core per thread, machine-wide: another bench process's trainers wait rather than share.
-            with files.hold_cores(cfg.train.threads or torch.get_num_threads(), _waiting_note(run)) \
-                    if device.type == "cpu" else contextlib.nullcontext():
+            with (
+                files.hold_cores(cfg.train.threads or torch.get_num_threads(), _waiting_note(run))
+                if device.type == "cpu"
+                else contextlib.nullcontext()
+            ):
                 result = fit(store.path(run), cfg, task, data, device, run.key, meta, opts.progress)
         except files.DiskFull:  # not the run's fault, and every other run would fail the same way: stop here
             raise
@@ -236,9 +264,11 @@ def check_members(runs: list[Run], store: RunStore) -> None:
     for run in runs:
         for m in run.members:
             if (m.variant.name, m.seed) not in training and store.result(m) is None:
-                raise ConfigError(f"{run.variant.name} seed {run.seed}: its member {m.variant.name} seed {m.seed} is "
-                                  f"not finished; train it first or with it (--variants {m.variant.name} "
-                                  f"{run.variant.name})")
+                raise ConfigError(
+                    f"{run.variant.name} seed {run.seed}: its member {m.variant.name} seed {m.seed} is "
+                    f"not finished; train it first or with it (--variants {m.variant.name} "
+                    f"{run.variant.name})"
+                )
 
 
 # ----------------------------------------------------------------------- stored runs trained again
@@ -256,22 +286,35 @@ def rerun_of(stored: StoredRun, meta: GroupRecord, data_root: str | None) -> Run
     if data_root or (cfg.data.root and not Path(cfg.data.root).is_dir()):
         cfg.data.root = None  # the runner's data root then: --data-root, else $BENCH_DATA, else ./data
     if run_key(cfg) != stored.key:  # a config section gained a key since: the rerun still uses the recorded values
-        note(log, "%s: the config hashes to %s with this code, not to the recorded key %s", path, run_key(cfg),
-             stored.key)
+        note(
+            log,
+            "%s: the config hashes to %s with this code, not to the recorded key %s",
+            path,
+            run_key(cfg),
+            stored.key,
+        )
     index, v = next((i, v) for i, v in enumerate(meta.variants) if v.name == stored.variant)
     variant = Variant(v.name, index, v.parent, v.ablation, v.change, v.reported, cfg, v.label)
     return Run(stored.group, variant, stored.seed, cfg, stored.key)
 
 
-def retrain(meta: GroupRecord, chosen: list[StoredRun], into: str | Path, opts: RunOptions,
-            data_root: str | None = None) -> tuple[RunStore, list[Run]]:
+def retrain(
+    meta: GroupRecord, chosen: list[StoredRun], into: str | Path, opts: RunOptions, data_root: str | None = None
+) -> tuple[RunStore, list[Run]]:
     """Train the stored runs ``chosen`` of the group ``meta`` again, each from its own record (config, seed, thread
     count), into the results folder ``into`` (same group, variant and seed folders) with ``opts`` (its data root for
     a run whose recorded one is not on this machine, or for every run when ``data_root``, --data-root, is given);
     (that folder's store, the runs).  A run that fails is recorded there as failed (``store.result(run)`` is None)."""
     runs = [rerun_of(r, meta, data_root) for r in chosen]
-    spec = Spec(meta.name, meta.path or "", meta.task, sorted({r.seed for r in runs}), meta.profile,
-                list({r.variant.name: r.variant for r in runs}.values()), group_name=meta.group)
+    spec = Spec(
+        meta.name,
+        meta.path or "",
+        meta.task,
+        sorted({r.seed for r in runs}),
+        meta.profile,
+        list({r.variant.name: r.variant for r in runs}.values()),
+        group_name=meta.group,
+    )
     cache = preflight(spec, runs, opts)  # a device or data this machine lacks: one error before any training
     try:
         run_grid(spec, runs, into, opts, cache)
@@ -296,8 +339,9 @@ def retrained_checkpoint(stored: StoredRun, results: str | Path) -> Path | None:
     return done if record.status == "finished" and record.key == stored.key and (done / "best.pt").exists() else None
 
 
-def checkpoint_of(stored: StoredRun, results: str | Path, opts: RunOptions, data_root: str | None, purpose: str,
-                  using: str) -> Path:
+def checkpoint_of(
+    stored: StoredRun, results: str | Path, opts: RunOptions, data_root: str | None, purpose: str, using: str
+) -> Path:
     """The folder holding the best.pt of the finished run ``stored`` of ``results``: its own; else its copy trained
     again from its record into ``<results>/retrained`` (reused while it holds the run's key); else that copy, trained
     now with ``opts`` and ``data_root`` (see :func:`retrain`).  ``purpose`` ("export it") and ``using`` ("exporting")
@@ -307,8 +351,13 @@ def checkpoint_of(stored: StoredRun, results: str | Path, opts: RunOptions, data
     done = retrained_checkpoint(stored, results)
     if done is not None:
         return done
-    note(log, "%s has no best.pt (checkpoints are not in git): re-training it from its record into %s to %s",
-         stored.dir, Path(results) / RETRAINED, purpose)
+    note(
+        log,
+        "%s has no best.pt (checkpoints are not in git): re-training it from its record into %s to %s",
+        stored.dir,
+        Path(results) / RETRAINED,
+        purpose,
+    )
     meta = RunStore(results).read_group(stored.group)
     again, (run,) = retrain(meta, [stored], Path(results) / RETRAINED, opts, data_root)
     result = again.result(run)
@@ -316,9 +365,19 @@ def checkpoint_of(stored: StoredRun, results: str | Path, opts: RunOptions, data
         raise ConfigError(f"{stored.dir}: re-training it to {purpose} failed; see above")
     metric = TASKS[meta.task].metrics[0]
     old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
-    note(log, "re-trained %s %s seed %d: %s %s (%s %s); %s %s", stored.group, stored.variant, stored.seed,
-         metric.label, metric.text(new, unit=True), "identical to" if new == old else "recorded",
-         metric.text(old, unit=True), using, again.path(run))
+    note(
+        log,
+        "re-trained %s %s seed %d: %s %s (%s %s); %s %s",
+        stored.group,
+        stored.variant,
+        stored.seed,
+        metric.label,
+        metric.text(new, unit=True),
+        "identical to" if new == old else "recorded",
+        metric.text(old, unit=True),
+        using,
+        again.path(run),
+    )
     return again.path(run)
 
 
@@ -329,12 +388,26 @@ def member_checkpoint(store: RunStore, member: Run, run: Run, opts: RunOptions) 
     assert result is not None, "run_ensembles evaluates only ensembles whose members are finished"
     stored = StoredRun(member.spec, member.variant.name, member.seed, member.key, store.path(member), result)
     if not (stored.dir / "best.pt").exists() and (done := retrained_checkpoint(stored, store.results)) is not None:
-        note(log, "%s seed %d: its member %s seed %d has no best.pt here (checkpoints are not in git): using the one "
-             "re-trained from its record in %s", run.variant.name, run.seed, member.variant.name, member.seed, done)
+        note(
+            log,
+            "%s seed %d: its member %s seed %d has no best.pt here (checkpoints are not in git): using the one "
+            "re-trained from its record in %s",
+            run.variant.name,
+            run.seed,
+            member.variant.name,
+            member.seed,
+            done,
+        )
         return done
     again = RunOptions(opts.data_root, opts.device, progress=opts.progress)  # the record's threads, no hooks
-    return checkpoint_of(stored, store.results, again, None, f"evaluate the ensemble {run.variant.name} seed {run.seed}",
-                         "evaluating the ensemble from")
+    return checkpoint_of(
+        stored,
+        store.results,
+        again,
+        None,
+        f"evaluate the ensemble {run.variant.name} seed {run.seed}",
+        "evaluating the ensemble from",
+    )
 
 
 def members_to_retrain(runs: list[Run], store: RunStore) -> list[tuple[Run, list[Run]]]:
@@ -352,8 +425,9 @@ def members_to_retrain(runs: list[Run], store: RunStore) -> list[tuple[Run, list
     return list(out.values())
 
 
-def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions,
-                  cache: dict[str, Data] | None = None) -> None:
+def run_ensembles(
+    spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions, cache: dict[str, Data] | None = None
+) -> None:
     """Evaluate every ensemble run of ``runs`` (see :mod:`bench.ensemble`) whose members are finished and that no
     other process holds, a member without its best.pt trained again first (:func:`member_checkpoint`); RunsFailed
     naming those whose members are not finished, or whose evaluation failed."""
@@ -369,13 +443,26 @@ def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: Ru
                 continue
             cfg = runtime_config(run, opts)
             device = resolve_device(cfg.train.device, "train.device")
-            meta = {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
+            meta = {
+                "spec": run.spec,
+                "variant": run.variant.name,
+                "seed": run.seed,
+                "name": f"{run.variant.name}/s{run.seed}",
+            }
             try:
                 weights = [member_checkpoint(store, m, run, opts) for m in run.members]
                 data = load_data(cache, task, cfg, device)
-                result = ensemble.evaluate(dataclasses.replace(run, config=cfg), store.path(run),
-                                           [store.path(m) for m in run.members], task, data, device, meta,
-                                           scored.get(ensemble.scored_alike(run)), weights)
+                result = ensemble.evaluate(
+                    dataclasses.replace(run, config=cfg),
+                    store.path(run),
+                    [store.path(m) for m in run.members],
+                    task,
+                    data,
+                    device,
+                    meta,
+                    scored.get(ensemble.scored_alike(run)),
+                    weights,
+                )
             except files.DiskFull:
                 raise
             except Exception as e:  # recorded like a run's own failure; the others go on
@@ -392,8 +479,15 @@ def run_ensembles(spec: Spec, runs: list[Run], results_dir: str | Path, opts: Ru
         raise RunsFailed("\n".join(failed))
 
 
-def train_then_ensembles(spec: Spec, todo: list[Run], ensembles: list[Run], results_dir: str | Path, opts: RunOptions,
-                         cache: dict[str, Data], workers: int) -> None:
+def train_then_ensembles(
+    spec: Spec,
+    todo: list[Run],
+    ensembles: list[Run],
+    results_dir: str | Path,
+    opts: RunOptions,
+    cache: dict[str, Data],
+    workers: int,
+) -> None:
     """Train ``todo`` (``workers`` processes, or this one), then evaluate the ``ensembles`` whose members are finished,
     even when some runs failed; RunsFailed naming every failure of both."""
     failed = []
@@ -414,19 +508,24 @@ def train_then_ensembles(spec: Spec, todo: list[Run], ensembles: list[Run], resu
 
 def _waiting_note(run: Run) -> Callable[[], None]:
     def note() -> None:
-        log.info(f"{run.variant.name} seed {run.seed}: waiting for a free core (other bench processes on this machine "
-                 f"train on all of them, holding the slots in {files.core_slots_dir()}; set BENCH_CORE_SLOTS to another "
-                 f"folder to train beside them anyway)")
+        log.info(
+            f"{run.variant.name} seed {run.seed}: waiting for a free core (other bench processes on this machine "
+            f"train on all of them, holding the slots in {files.core_slots_dir()}; set BENCH_CORE_SLOTS to another "
+            f"folder to train beside them anyway)"
+        )
+
     return note
 
 
 def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool) -> None:
     """One line per finished run on stdout (the progress bars are on stderr), for logs and pipes."""
     m = task.metrics[0]
-    line = (f"done {run.spec} {run.variant.name} seed {run.seed}: "
-            f"{m.label} {m.text(result['test'].get(m.key), unit=True)} (val {m.text(result['val_best'])}), "
-            f"{result['epochs_run']} epochs, "
-            f"{result['train_time_s']:.0f} s")
+    line = (
+        f"done {run.spec} {run.variant.name} seed {run.seed}: "
+        f"{m.label} {m.text(result['test'].get(m.key), unit=True)} (val {m.text(result['val_best'])}), "
+        f"{result['epochs_run']} epochs, "
+        f"{result['train_time_s']:.0f} s"
+    )
     if progress:
         tqdm.write(line, file=sys.stdout)
     else:
@@ -455,11 +554,16 @@ def visible_gpus(opts: RunOptions) -> list[str]:
     if opts.device not in (None, "auto", "cuda") or not torch.cuda.is_available():
         return []
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [g.strip() for g in given.split(",") if g.strip()] if given else [str(i) for i in range(torch.cuda.device_count())]
+    return (
+        [g.strip() for g in given.split(",") if g.strip()]
+        if given
+        else [str(i) for i in range(torch.cuda.device_count())]
+    )
 
 
-def _worker(spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions, gpu: str | None,
-            verbosity: int | None = None) -> None:
+def _worker(
+    spec: Spec, runs: list[Run], results_dir: str, opts: RunOptions, gpu: str | None, verbosity: int | None = None
+) -> None:
     """One worker process: the parent's way of printing messages (a spawned interpreter starts without it; None:
     the parent had none), its GPU (CUDA reads CUDA_VISIBLE_DEVICES when it starts), then the grid's loop."""
     if verbosity is not None:
@@ -488,8 +592,10 @@ def run_workers(spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunO
     if opts.storage:
         StudyGrid(RunStore(results_dir), spec, runs, opts.storage).enqueue()
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    procs = [ctx.Process(target=_worker, args=(spec, runs, str(results_dir), opts, gpu, verbosity()), daemon=False)
-             for gpu in slots]
+    procs = [
+        ctx.Process(target=_worker, args=(spec, runs, str(results_dir), opts, gpu, verbosity()), daemon=False)
+        for gpu in slots
+    ]
     # The workers ignore Ctrl-C (an ignored signal stays ignored in a spawned child): the terminal sends it to
     # every process of the group, and a worker caught half-way through starting up would print a traceback.
     # This process stops them instead; each run's last completed epoch is on disk, so nothing is lost.
@@ -529,6 +635,9 @@ def failures(spec: Spec, runs: list[Run], store: RunStore, storage: StorageOptio
     """One line naming each run of ``runs`` that failed: its record says so (a result.json with status failed and
     the run's key), or, sharing the grid through ``storage``, its workers kept dying until --retries ran out."""
     keys = run_keys(runs)
-    out = [f"{r.variant} seed {r.seed}: {r.error}" for r in store.failed(spec.group)
-           if keys.get((r.variant, r.seed)) == r.key]
+    out = [
+        f"{r.variant} seed {r.seed}: {r.error}"
+        for r in store.failed(spec.group)
+        if keys.get((r.variant, r.seed)) == r.key
+    ]
     return out + (StudyGrid(store, spec, runs, storage).abandoned() if storage else [])

@@ -3,6 +3,7 @@
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend state),
 so it works headless and nothing happens on import.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -10,6 +10,7 @@ names the spec file, the key path and the valid choices, closest first.
 (``model``, ``optim``, ``sched``, ``loss``) to a new value replaces that section: the old
 section's keyword arguments belong to the old factory.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,8 +58,10 @@ OBJECTIVES: dict[str, str] = {
     "flops": "FLOPs of one forward pass of one image (FlopCounterMode; what the ONNX cost table counts)",
 }
 # Not offered: ONNX Runtime latency is measured by `exporters` on an exported file, which bench may not import.
-NOT_OBJECTIVES = {"latency_ms": "ONNX Runtime latency is measured by the exporters after export (python -m exporters.onnx),"
-                                " which the tuner does not import; flops counts the network's cost instead"}
+NOT_OBJECTIVES = {
+    "latency_ms": "ONNX Runtime latency is measured by the exporters after export (python -m exporters.onnx),"
+    " which the tuner does not import; flops counts the network's cost instead"
+}
 DIST_KEYS = ["low", "high", "log", "step", "choices"]
 VARIANT_KEYS = ["name", "from", "set", "reported", "note", "ensemble"]
 ENSEMBLE_KEYS = ["of", "size"]
@@ -248,8 +251,10 @@ def apply_set(cfg: dict[str, Any], leaves: dict[str, Any], where: str) -> dict[s
 def describe(leaves: dict[str, Any]) -> str:
     """``optim.lr=0.001, model.batch_norm=true``: what a variant sets, for the summary (floats to 4 significant
     digits: a tuned ``optim.lr=0.00797856995992107`` reads as 0.007979; the exact values are in the run's config)."""
+
     def show(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else files.yaml_scalar(v)
+
     return ", ".join(f"{k}={show(v)}" for k, v in leaves.items())
 
 
@@ -353,8 +358,9 @@ def resolve_spec_path(name_or_path: str) -> Path:
     return Path("ablations") / f"{name_or_path}.yaml"
 
 
-def load_spec(path: str | Path, profile: str | None = None, overrides: list[str] | None = None,
-              seeds: list[int] | None = None) -> Spec:
+def load_spec(
+    path: str | Path, profile: str | None = None, overrides: list[str] | None = None, seeds: list[int] | None = None
+) -> Spec:
     """Parse and fully validate a spec; raises ConfigError naming the file and key path.
 
     ``overrides`` (``--set KEY=VALUE``) apply to every variant after the profile's ``set``;
@@ -366,8 +372,11 @@ def load_spec(path: str | Path, profile: str | None = None, overrides: list[str]
         raw = files.load_yaml(path.read_text())
     except FileNotFoundError:
         shipped = sorted(p.stem for p in Path("ablations").glob("*.yaml") if not search_output(p))  # not specs
-        hint = (f"; specs in ablations/: {', '.join(shipped)}" if shipped else
-                "; a short name is looked up in ./ablations: run from the repository, or give the spec's path")
+        hint = (
+            f"; specs in ablations/: {', '.join(shipped)}"
+            if shipped
+            else "; a short name is looked up in ./ablations: run from the repository, or give the spec's path"
+        )
         raise ConfigError(f"{path}: spec file not found{hint}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the spec file ({e})") from None
@@ -381,8 +390,13 @@ def load_spec(path: str | Path, profile: str | None = None, overrides: list[str]
 
 # --set keys that say where and how fast a run runs, not what it computes: they act like --device,
 # --data-root and the worker thread count, so they never make a run an experiment of its own.
-RUNTIME_KEYS = {"train.device": "device", "train.threads": "threads", "data.root": "data_root",
-                "train.channels_last": "channels_last", "train.compile": "compile"}
+RUNTIME_KEYS = {
+    "train.device": "device",
+    "train.threads": "threads",
+    "data.root": "data_root",
+    "train.channels_last": "channels_last",
+    "train.compile": "compile",
+}
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -414,8 +428,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = files.load_yaml(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML "
-                              f"({getattr(e, 'problem', None) or first_line(e)})") from None
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or first_line(e)})"
+            ) from None
     return out
 
 
@@ -430,8 +445,9 @@ class _Profile:
     workers: int | None = None
 
 
-def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str, Any],
-                seeds_override: list[int] | None) -> Spec:
+def _build_spec(
+    raw: Any, path: Path, profile: str | None, cli_leaves: dict[str, Any], seeds_override: list[int] | None
+) -> Spec:
     _check_mapping(raw, SPEC_KEYS, "(top level)")
     for key in ("task", "base", "variants"):
         if key not in raw:
@@ -448,7 +464,11 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
     if not isinstance(base, dict):
         raise ConfigError(f"base: expected a mapping, got {type(base).__name__}")
     build_config(task, base, "base")  # errors in base are reported as base.*, not per variant
-    names = [str(v.get("name")) for v in raw["variants"] if isinstance(v, dict)] if isinstance(raw["variants"], list) else []
+    names = (
+        [str(v.get("name")) for v in raw["variants"] if isinstance(v, dict)]
+        if isinstance(raw["variants"], list)
+        else []
+    )
     prof = _read_profiles(raw.get("profiles"), profile, task, base, names)
     if cli_leaves:
         build_config(task, apply_set(base, cli_leaves, "--set"), "--set")
@@ -463,19 +483,41 @@ def _build_spec(raw: Any, path: Path, profile: str | None, cli_leaves: dict[str,
     made = [tuned_variant] if tuned_variant else []
     made += [r["variant"] for r in read_rungs(raw.get("search"), path)]
     rawv = raw["variants"] + made if made and isinstance(raw["variants"], list) else raw["variants"]
-    variants = _resolve_variants(rawv, task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written),
-                                                    (cli_leaves, "--set", [])])
-    search = _check_search(raw.get("search"), task, variants, prof.leaves, cli_leaves,
-                           profiles=list(raw["profiles"]) if isinstance(raw.get("profiles"), dict) else [],
-                           made={TUNED, *(str(v.get("name")) for v in made)})
+    variants = _resolve_variants(
+        rawv, task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written), (cli_leaves, "--set", [])]
+    )
+    search = _check_search(
+        raw.get("search"),
+        task,
+        variants,
+        prof.leaves,
+        cli_leaves,
+        profiles=list(raw["profiles"]) if isinstance(raw.get("profiles"), dict) else [],
+        made={TUNED, *(str(v.get("name")) for v in made)},
+    )
     if prof.variants is not None:  # a profile's list keeps the search's results: they are what the search was for
         kept = {TUNED, *(str(v.get("name")) for v in made)}
         variants = [v for v in variants if v.name in prof.variants or v.name in kept]
-    _check_ensemble_seeds(variants, prof.seeds if prof.seeds is not None else check_value(
-        raw.get("seeds", [0]), list[NonNegInt], "seeds"), f"profiles.{profile}" if profile else "seeds")
-    return Spec(name=name, path=str(path), task=task, seeds=seeds, profile=profile, variants=variants,
-                description=str(raw.get("description", "")), search=search, workers=prof.workers, overrides=cli_leaves,
-                target=_check_target(raw.get("target"), task), tuned=tuned, mlflow=_check_tracking(raw.get("tracking")))
+    _check_ensemble_seeds(
+        variants,
+        prof.seeds if prof.seeds is not None else check_value(raw.get("seeds", [0]), list[NonNegInt], "seeds"),
+        f"profiles.{profile}" if profile else "seeds",
+    )
+    return Spec(
+        name=name,
+        path=str(path),
+        task=task,
+        seeds=seeds,
+        profile=profile,
+        variants=variants,
+        description=str(raw.get("description", "")),
+        search=search,
+        workers=prof.workers,
+        overrides=cli_leaves,
+        target=_check_target(raw.get("target"), task),
+        tuned=tuned,
+        mlflow=_check_tracking(raw.get("tracking")),
+    )
 
 
 def _check_tracking(raw: Any) -> bool | str | None:
@@ -488,8 +530,9 @@ def _check_tracking(raw: Any) -> bool | str | None:
     if value is None or isinstance(value, bool):
         return value
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"tracking.mlflow: expected true, false or a tracking URI (e.g. sqlite:///results/mlflow.db), "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"tracking.mlflow: expected true, false or a tracking URI (e.g. sqlite:///results/mlflow.db), got {value!r}"
+        )
     return value
 
 
@@ -529,10 +572,13 @@ def read_rungs(search: Any, spec_path: Path) -> list[dict[str, Any]]:
         return []
     raw = _read_search_file(path, "search.rungs")
     entries = raw.get("rungs") if isinstance(raw, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("variant"), dict)
-                                                and isinstance(e.get("study"), dict) for e in entries):
-        raise ConfigError(f"search.rungs: {path} is not a file written by `bench tune --rung` (expected `rungs:`, a "
-                          f"list of `study:` and `variant:` mappings); delete it and make the rungs again")
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("variant"), dict) and isinstance(e.get("study"), dict) for e in entries
+    ):
+        raise ConfigError(
+            f"search.rungs: {path} is not a file written by `bench tune --rung` (expected `rungs:`, a "
+            f"list of `study:` and `variant:` mappings); delete it and make the rungs again"
+        )
     return entries
 
 
@@ -544,8 +590,10 @@ def read_tuned(search: Any, spec_path: Path) -> tuple[dict[str, Any] | None, dic
         return None, None
     raw = _read_search_file(path, "search.tuned")
     if not isinstance(raw, dict) or not isinstance(raw.get("variant"), dict) or not isinstance(raw.get("study"), dict):
-        raise ConfigError(f"search.tuned: {path} is not a file written by `bench tune` (expected `study:` and "
-                          f"`variant:` mappings); delete it and tune again")
+        raise ConfigError(
+            f"search.tuned: {path} is not a file written by `bench tune` (expected `study:` and "
+            f"`variant:` mappings); delete it and tune again"
+        )
     if raw["variant"].get("name") != TUNED:
         raise ConfigError(f"search.tuned: {path}: variant.name must be {TUNED!r}")
     return raw["variant"], raw["study"]
@@ -558,20 +606,26 @@ def _check_target(raw: Any, task: str) -> float | None:
     metric = TASKS[task].metrics[0]
     value = check_value(raw, float, "target")
     if not metric.low <= value <= metric.high:
-        raise ConfigError(f"target: {metric.key} must be in [{metric.low:g}, {metric.high:g}] as the spec writes it "
-                          f"(e.g. 0.992 for 99.2 %), got {raw}")
+        raise ConfigError(
+            f"target: {metric.key} must be in [{metric.low:g}, {metric.high:g}] as the spec writes it "
+            f"(e.g. 0.992 for 99.2 %), got {raw}"
+        )
     return value
 
 
-def _read_profiles(profiles: Any, profile: str | None, task: str, base: dict[str, Any],
-                   variant_names: list[str]) -> _Profile:
+def _read_profiles(
+    profiles: Any, profile: str | None, task: str, base: dict[str, Any], variant_names: list[str]
+) -> _Profile:
     """Validate every profile (a typo in an unused profile is still an error); return the chosen one."""
     profiles = profiles or {}
     if not isinstance(profiles, dict):
         raise ConfigError("profiles: expected a mapping of profile names")
     if profile is not None and profile not in profiles:
-        raise ConfigError(f"--profile: {unknown_name_message('profile', profile, profiles)}" if profiles
-                          else f"--profile {profile!r}: this spec defines no profiles")
+        raise ConfigError(
+            f"--profile: {unknown_name_message('profile', profile, profiles)}"
+            if profiles
+            else f"--profile {profile!r}: this spec defines no profiles"
+        )
     chosen = _Profile()
     for pname, pdef in profiles.items():
         profile_where = f"profiles.{pname}"
@@ -596,8 +650,9 @@ def _read_profiles(profiles: Any, profile: str | None, task: str, base: dict[str
     return chosen
 
 
-def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
-                      overlays: list[tuple[dict[str, Any], str, list[str]]]) -> list[Variant]:
+def _resolve_variants(
+    rawv: Any, task: str, base: dict[str, Any], overlays: list[tuple[dict[str, Any], str, list[str]]]
+) -> list[Variant]:
     """The ladder: each variant builds on the previous one, or on ``from:``; then every overlay
     ``(leaves, where, spared)`` (the profile's ``set`` sparing its ``as_written`` variants, then ``--set``)
     is applied to each resolved config but those of the variants it spares."""
@@ -625,10 +680,16 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
         elif ablation:
             parent = check_value(v["from"], str, f"{variant_where}.from")
             if parent not in resolved:
-                later = " (a variant builds on one above it)" if parent in {str(x.get("name")) for x in rawv[i:]
-                                                                            if isinstance(x, dict)} else ""
-                why = (unknown_name_message("earlier variant", parent, resolved) if resolved
-                       else f"{parent!r} is not an earlier variant; there is none before this one") + later
+                later = (
+                    " (a variant builds on one above it)"
+                    if parent in {str(x.get("name")) for x in rawv[i:] if isinstance(x, dict)}
+                    else ""
+                )
+                why = (
+                    unknown_name_message("earlier variant", parent, resolved)
+                    if resolved
+                    else f"{parent!r} is not an earlier variant; there is none before this one"
+                ) + later
                 raise ConfigError(f"{variant_where}.from: {why}")
         leaves = flatten_set(v.get("set"), f"{variant_where}.set")
         cfg_raw = apply_set(resolved[parent] if parent else base, leaves, f"{variant_where}.set")
@@ -642,9 +703,11 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
         if reported is not None:
             reported = check_value(reported, float, f"{variant_where}.reported")
             if not metric.low <= reported <= metric.high:
-                raise ConfigError(f"{variant_where}.reported: {metric.key} must be in "
-                                  f"[{metric.low:g}, {metric.high:g}] as the spec writes it (e.g. 0.982 for 98.2 %), "
-                                  f"got {reported}")
+                raise ConfigError(
+                    f"{variant_where}.reported: {metric.key} must be in "
+                    f"[{metric.low:g}, {metric.high:g}] as the spec writes it (e.g. 0.982 for 98.2 %), "
+                    f"got {reported}"
+                )
         change = describe(leaves) if leaves else ("(base)" if parent is None else "(no change)")
         if ablation:
             change = f"{parent} with {change}"
@@ -655,8 +718,19 @@ def _resolve_variants(rawv: Any, task: str, base: dict[str, Any],
         if v.get("note"):
             note = label = check_value(v["note"], str, f"{variant_where}.note")
             change = f"{note}: {change}" if leaves else note
-        variants.append(Variant(vname, i, parent, ablation, change, reported, build_config(task, final, variant_where),
-                                short_label(label), ens))
+        variants.append(
+            Variant(
+                vname,
+                i,
+                parent,
+                ablation,
+                change,
+                reported,
+                build_config(task, final, variant_where),
+                short_label(label),
+                ens,
+            )
+        )
         prev = vname
     return variants
 
@@ -673,15 +747,19 @@ def _check_ensemble(v: dict[str, Any], where: str, earlier: list[Variant]) -> En
     of = check_value(raw["of"], str, f"{where}.ensemble.of")
     trained = [x.name for x in earlier if x.ensemble is None]
     if of not in trained:
-        raise ConfigError(f"{where}.ensemble.of: {unknown_name_message('earlier variant that trains', of, trained)}"
-                          if trained else f"{where}.ensemble.of: {of!r}: there is no earlier variant that trains")
+        raise ConfigError(
+            f"{where}.ensemble.of: {unknown_name_message('earlier variant that trains', of, trained)}"
+            if trained
+            else f"{where}.ensemble.of: {of!r}: there is no earlier variant that trains"
+        )
     size = raw.get("size")
     if size is not None and check_value(size, PosInt, f"{where}.ensemble.size") < 2:
         raise ConfigError(f"{where}.ensemble.size: an ensemble needs at least 2 members, got {size}")
     for key in flatten_set(v.get("set"), f"{where}.set"):
         if not key.startswith("eval."):
-            raise ConfigError(f"{where}.set.{key}: an ensemble trains nothing; its `set` may change only eval keys "
-                              f"(e.g. eval.tta)")
+            raise ConfigError(
+                f"{where}.set.{key}: an ensemble trains nothing; its `set` may change only eval keys (e.g. eval.tta)"
+            )
     return EnsembleDef(of, size)
 
 
@@ -693,14 +771,22 @@ def _check_ensemble_seeds(variants: list[Variant], seeds: list[int], where: str)
             continue
         v.ensemble.pool = list(seeds)
         if v.ensemble.size is not None and v.ensemble.size > len(seeds):
-            raise ConfigError(f"variants[{v.index}] ({v.name}).ensemble.size: {v.ensemble.size} members need as many "
-                              f"seeds; {where} has {len(seeds)} ({', '.join(map(str, seeds))})")
+            raise ConfigError(
+                f"variants[{v.index}] ({v.name}).ensemble.size: {v.ensemble.size} members need as many "
+                f"seeds; {where} has {len(seeds)} ({', '.join(map(str, seeds))})"
+            )
         if v.ensemble.of not in names:
             raise ConfigError(f"{where}.variants: {v.name} averages the seeds of {v.ensemble.of}, which is not listed")
 
 
-def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[str, Any],
-                  profiles: list[str] = (), made: set[str] = frozenset()) -> dict[str, Any] | None:
+def _check_search(
+    raw: Any,
+    task: str,
+    variants: list[Variant],
+    *leaves: dict[str, Any],
+    profiles: list[str] = (),
+    made: set[str] = frozenset(),
+) -> dict[str, Any] | None:
     """Validate ``search: {variant, trials, space: {PATH: {low, high[, log, step]} | {choices: [...]}}, tuned, profile,
     objectives, rungs}``; ``profile`` (one of ``profiles``; none: the full budget) is the budget of the study that writes
     ``tuned``; ``objectives`` (default ``[val_metric]``) what the study optimizes (two or more: a multi-objective study
@@ -741,16 +827,25 @@ def _check_search(raw: Any, task: str, variants: list[Variant], *leaves: dict[st
         else:
             if "low" not in dist or "high" not in dist:
                 raise ConfigError(f"{dist_where}: needs 'low' and 'high' (or 'choices')")
-            ends = [check_value(dist["low"], float, f"{dist_where}.low"),
-                    check_value(dist["high"], float, f"{dist_where}.high")]
+            ends = [
+                check_value(dist["low"], float, f"{dist_where}.low"),
+                check_value(dist["high"], float, f"{dist_where}.high"),
+            ]
             if not ends[0] < ends[1] or (dist.get("log") and ends[0] <= 0):
                 raise ConfigError(f"{dist_where}: need low < high (and low > 0 with log: true), got {ends}")
             if all(isinstance(dist[k], int) for k in ("low", "high")):
                 ends = [dist["low"], dist["high"]]
         for end in ends:
             build_config(task, apply_set(base, {str(path): end}, "search.space"), "search.space")
-    return {"variant": vname, "trials": trials, "space": space, "tuned": raw.get("tuned"), "profile": raw.get("profile"),
-            "objectives": objectives, "rungs": raw.get("rungs")}
+    return {
+        "variant": vname,
+        "trials": trials,
+        "space": space,
+        "tuned": raw.get("tuned"),
+        "profile": raw.get("profile"),
+        "objectives": objectives,
+        "rungs": raw.get("rungs"),
+    }
 
 
 def check_objectives(raw: Any, where: str) -> list[str]:
@@ -763,8 +858,10 @@ def check_objectives(raw: Any, where: str) -> list[str]:
         if name not in OBJECTIVES:
             raise ConfigError(f"{where}: {unknown_name_message('objective', name, list(OBJECTIVES))}")
     if "val_metric" not in names or len(set(names)) != len(names):
-        raise ConfigError(f"{where}: need val_metric and each objective once, got {', '.join(names) or 'none'} "
-                          f"(valid: {', '.join(OBJECTIVES)})")
+        raise ConfigError(
+            f"{where}: need val_metric and each objective once, got {', '.join(names) or 'none'} "
+            f"(valid: {', '.join(OBJECTIVES)})"
+        )
     return ["val_metric", *(n for n in names if n != "val_metric")]
 
 
@@ -790,16 +887,24 @@ def place_in_group(spec: Spec, published: Spec, group: str | None = None) -> Spe
     subset = set(spec.seeds) <= set(published.seeds)  # then the scope is the spec's seeds, as for a published group
     if group is None:
         group = f"{published.group}--{_adhoc_label(spec, published, subset)}"
-    elif not re.fullmatch(r"[A-Za-z0-9+._=,-]+(@[A-Za-z0-9+._=,-]*--[A-Za-z0-9+._=,-]+)?", group) or group.startswith("."):
+    elif not re.fullmatch(r"[A-Za-z0-9+._=,-]+(@[A-Za-z0-9+._=,-]*--[A-Za-z0-9+._=,-]+)?", group) or group.startswith(
+        "."
+    ):
         # "@" only as in the names bench makes (mnist@quick--train.epochs=1), never a published group's mnist@quick
-        raise ConfigError(f"--group {group!r}: must be a non-empty folder name made of letters, digits and + . _ = , - "
-                          f"(an @ only as in SPEC@PROFILE--LABEL)")
+        raise ConfigError(
+            f"--group {group!r}: must be a non-empty folder name made of letters, digits and + . _ = , - "
+            f"(an @ only as in SPEC@PROFILE--LABEL)"
+        )
     elif group == spec.name:
-        raise ConfigError(f"--group {group}: that name is the published group of {spec.path}; runs whose configs are "
-                          f"not the spec's own ({_adhoc_label(spec, published, subset)}) need a group of their own")
+        raise ConfigError(
+            f"--group {group}: that name is the published group of {spec.path}; runs whose configs are "
+            f"not the spec's own ({_adhoc_label(spec, published, subset)}) need a group of their own"
+        )
     elif group in (owners := published_groups([Path("ablations"), Path(spec.path).parent])):
-        raise ConfigError(f"--group {group}: that name is the published group of {owners[group]}, which `bench run` "
-                          f"would then refuse to train; choose a name of its own")
+        raise ConfigError(
+            f"--group {group}: that name is the published group of {owners[group]}, which `bench run` "
+            f"would then refuse to train; choose a name of its own"
+        )
     return dataclasses.replace(spec, group_name=group, seeds=published.seeds if subset else spec.seeds)
 
 
@@ -818,7 +923,6 @@ def published_groups(folders: list[Path]) -> dict[str, Path]:
         profiles = raw.get("profiles") if isinstance(raw.get("profiles"), dict) else {}
         out.update({g: path for g in [name, *(f"{name}@{p}" for p in profiles)]})
     return out
-
 
 
 def _adhoc_label(spec: Spec, published: Spec, subset: bool) -> str:

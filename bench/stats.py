@@ -3,6 +3,7 @@ paired t-tests between rungs, and the formats of counts, parameter counts, laten
 
 Pure functions of numbers (and of a :class:`~bench.metrics.Metric` for its range and format): no runs, no store.
 """
+
 from __future__ import annotations
 
 import math

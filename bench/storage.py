@@ -8,6 +8,7 @@ seconds is failed by whoever looks next, and a retry callback queues it again wi
 attributes, at most ``retries`` times.  This module only opens that storage from a URL and turns
 every way of getting the URL wrong into one :class:`ConfigError` that names it.
 """
+
 from __future__ import annotations
 
 import random
@@ -39,8 +40,10 @@ class StorageOptions:
 
     def check(self) -> None:
         if self.heartbeat < 1 or self.grace <= self.heartbeat or self.retries < 0:
-            raise ConfigError(f"--heartbeat {self.heartbeat}, --grace-period {self.grace}, --retries {self.retries}: "
-                              f"need heartbeat >= 1 s, a grace period longer than the heartbeat, retries >= 0")
+            raise ConfigError(
+                f"--heartbeat {self.heartbeat}, --grace-period {self.grace}, --retries {self.retries}: "
+                f"need heartbeat >= 1 s, a grace period longer than the heartbeat, retries >= 0"
+            )
 
 
 # Everything between a scheme's "://" and the last "@" of the word (user and password, an unescaped "@" in the
@@ -68,8 +71,9 @@ def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
     try:
         url = sqlalchemy.engine.make_url(opts.url)
     except (sqlalchemy.exc.ArgumentError, ValueError):  # not a URL; a port that is no number
-        raise ConfigError(f"{where}: not a database URL; expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
-                          f"or sqlite:///PATH") from None
+        raise ConfigError(
+            f"{where}: not a database URL; expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE or sqlite:///PATH"
+        ) from None
     backend = url.get_backend_name()
     if url.host and "@" in url.host:  # the driver would name the host, and with it the password's tail
         raise ConfigError(f"{where}: an unescaped '@' in the user or password; percent-encode it as %40")
@@ -93,8 +97,10 @@ def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
                 raise ConfigError(f"{where}: could not create Optuna's tables (other workers kept racing)") from None
             time.sleep(0.5 + random.random())
         except ModuleNotFoundError as e:
-            raise ConfigError(f"{where}: the database driver is not installed ({e}); pip install 'psycopg[binary]' "
-                              f"(or psycopg2-binary, with a postgresql+psycopg2:// URL)") from None
+            raise ConfigError(
+                f"{where}: the database driver is not installed ({e}); pip install 'psycopg[binary]' "
+                f"(or psycopg2-binary, with a postgresql+psycopg2:// URL)"
+            ) from None
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, RuntimeError) as e:
             # The driver's errors (unreachable, refused, no such database) and Optuna's (a schema of another Optuna
             # version is a RuntimeError): the server's own words are the useful part.  Anything else is a bug.
@@ -104,8 +110,9 @@ def open_storage(opts: StorageOptions) -> optuna.storages.RDBStorage:
             if attempt < 3 and reason and "already exists" in reason[0]:  # SQLite's side of the same race
                 time.sleep(0.5 + random.random())
                 continue
-            raise ConfigError(f"{where}: cannot use this database: "
-                              f"{shown(reason[0]) if reason else type(e).__name__}") from None
+            raise ConfigError(
+                f"{where}: cannot use this database: {shown(reason[0]) if reason else type(e).__name__}"
+            ) from None
     raise AssertionError("unreachable")
 
 
@@ -113,8 +120,12 @@ def _rdb(opts: StorageOptions, engine_kwargs: dict) -> optuna.storages.RDBStorag
     with warnings.catch_warnings():  # the heartbeat API is marked experimental; it is what Optuna runs at scale
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
-            opts.url, engine_kwargs=engine_kwargs, heartbeat_interval=opts.heartbeat, grace_period=opts.grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=opts.retries))
+            opts.url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=opts.heartbeat,
+            grace_period=opts.grace,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=opts.retries),
+        )
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -142,8 +153,10 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[N
     try:
         from optuna.storages._heartbeat import get_heartbeat_thread
     except ImportError as e:
-        raise RuntimeError(f"optuna {optuna.__version__} no longer has optuna.storages._heartbeat.get_heartbeat_thread, "
-                           f"which bench.storage.heartbeat uses (tested with Optuna 4.9 to 5.0): {e}") from e
+        raise RuntimeError(
+            f"optuna {optuna.__version__} no longer has optuna.storages._heartbeat.get_heartbeat_thread, "
+            f"which bench.storage.heartbeat uses (tested with Optuna 4.9 to 5.0): {e}"
+        ) from e
     with get_heartbeat_thread(trial_id, storage):
         yield
 

@@ -17,6 +17,7 @@ definition expects for that (variant, seed).  Summary, exporters, tune and the r
 this module.  Several machines share the same folders (a shared file system); which of them trains
 which run is then decided by an Optuna study in a database (``bench/grid.py``), not by the locks here.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -92,15 +93,29 @@ class RunStore:
     def write_group(self, spec: Spec, role: str | None = None, **extra: Any) -> None:
         """Write the definition of ``spec``'s group: every run it holds, with its key."""
         role = self.check_owner(spec, role)
-        files.write_json(self.root / spec.group / GROUP_FILE, GroupRecord(
-            name=spec.name, group=spec.group, role=role, published_group=spec.published_group, path=spec.path,
-            task=spec.task, profile=spec.profile, seeds=spec.seeds, overrides=spec.overrides,
-            description=spec.description, target=spec.target, tuned=spec.tuned,
-            variants=[VariantRecord(v.name, slug(v.name), v.parent, v.ablation, v.change, v.label, v.reported)
-                      for v in spec.variants],
-            runs=[{"variant": r.variant.name, "seed": r.seed, "key": r.key} for r in spec.runs()],
-            extra=extra,
-        ).to_dict())
+        files.write_json(
+            self.root / spec.group / GROUP_FILE,
+            GroupRecord(
+                name=spec.name,
+                group=spec.group,
+                role=role,
+                published_group=spec.published_group,
+                path=spec.path,
+                task=spec.task,
+                profile=spec.profile,
+                seeds=spec.seeds,
+                overrides=spec.overrides,
+                description=spec.description,
+                target=spec.target,
+                tuned=spec.tuned,
+                variants=[
+                    VariantRecord(v.name, slug(v.name), v.parent, v.ablation, v.change, v.label, v.reported)
+                    for v in spec.variants
+                ],
+                runs=[{"variant": r.variant.name, "seed": r.seed, "key": r.key} for r in spec.runs()],
+                extra=extra,
+            ).to_dict(),
+        )
 
     def check_owner(self, spec: Spec, role: str | None = None) -> str:
         """The role ``spec``'s group would be written with; ConfigError when its folder already holds another
@@ -110,8 +125,10 @@ class RunStore:
         if (self.root / spec.group / GROUP_FILE).exists():
             old = self.read_group(spec.group)
             if (old.role, old.name) != (role, spec.name):
-                raise ConfigError(f"{self.root / spec.group} holds the {old.role} group of spec {old.name!r} "
-                                  f"({old.path}); a group's folder never changes hands: choose another --group")
+                raise ConfigError(
+                    f"{self.root / spec.group} holds the {old.role} group of spec {old.name!r} "
+                    f"({old.path}); a group's folder never changes hands: choose another --group"
+                )
         return role
 
     def read_group(self, group: str) -> GroupRecord:
@@ -239,8 +256,17 @@ class RunStore:
     def record_failure(self, run: Run, error: str) -> None:
         """Write a result.json with ``status: failed`` and the error: the run counts as unfinished (a rerun
         of the command tries it again) and the summary lists it; its last.pt stays for that rerun."""
-        write_record(self.path(run), RunRecord(run.key, "failed", run.variant.name, run.seed, error=error,
-                                               extra={"failed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        write_record(
+            self.path(run),
+            RunRecord(
+                run.key,
+                "failed",
+                run.variant.name,
+                run.seed,
+                error=error,
+                extra={"failed": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+            ),
+        )
 
     def failed(self, group: str) -> list[RunRecord]:
         """result.json of the group's runs whose last attempt failed with the config the group expects."""
@@ -269,8 +295,10 @@ def _current_result(d: Path) -> RunRecord | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:  # written atomically, so this is damage from outside: say so
-        log.warning(f"{d}: unreadable result.json or config.json ({type(e).__name__}: {e}); the run counts as "
-                    f"unfinished and will be trained again")
+        log.warning(
+            f"{d}: unreadable result.json or config.json ({type(e).__name__}: {e}); the run counts as "
+            f"unfinished and will be trained again"
+        )
         return None
     if result.status != "finished" or result.key != config_key:
         return None

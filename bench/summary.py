@@ -19,6 +19,7 @@ runs and text) it keeps in ``results/summary.json`` beside summary.md (:class:`S
 section deleted from summary.md by hand is dropped from that memory on the next write, and rebuilt when its runs
 are here.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,10 +51,12 @@ from bench.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
-INTRO = ("Every number below is read from the stored runs of that spec. Mean ± sample std over the seeds shown; "
-         "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
-         "both rungs share, with a paired t-test p-value (with 2-3 seeds the test has little power: read it as a "
-         "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing.")
+INTRO = (
+    "Every number below is read from the stored runs of that spec. Mean ± sample std over the seeds shown; "
+    "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
+    "both rungs share, with a paired t-test p-value (with 2-3 seeds the test has little power: read it as a "
+    "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing."
+)
 FIGURES_FILE = "figures.json"  # per group: the captions of the task's figures, for a rebuild without checkpoints
 MEMORY_FILE = "summary.json"  # beside summary.md: the sections the writer wrote there (:class:`Section`)
 MEMORY_FORMAT = 1
@@ -72,7 +75,9 @@ class Section:
     machine: str
     commits: str
     generated: str  # when the section was built
-    runs: list[str] | None  # ``variant/seed/key`` of each run it reports; None: not known (a section without its marker)
+    runs: (
+        list[str] | None
+    )  # ``variant/seed/key`` of each run it reports; None: not known (a section without its marker)
     text: str
 
     def index_row(self) -> list[str]:
@@ -81,8 +86,10 @@ class Section:
 
 def provenance(runs: list[StoredRun]) -> dict[str, str]:
     rs = [r.result for r in runs]
-    devices, torches = "; ".join(sorted({(r.device_name or "?") + _precisions(r) for r in rs})), ", ".join(
-        sorted({r.torch or "?" for r in rs}))
+    devices, torches = (
+        "; ".join(sorted({(r.device_name or "?") + _precisions(r) for r in rs})),
+        ", ".join(sorted({r.torch or "?" for r in rs})),
+    )
     return {
         "machine": f"{devices}; torch {torches}",
         "commits": ", ".join(sorted({_short_commit(r.commit or "?") for r in rs})),
@@ -96,7 +103,11 @@ def _precisions(result: RunRecord) -> str:
 
 
 def _short_commit(commit: str) -> str:
-    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "") + (" (stated)" if commit.endswith("(stated)") else "")
+    return (
+        commit[:12]
+        + ("-dirty" if commit.endswith("-dirty") else "")
+        + (" (stated)" if commit.endswith("(stated)") else "")
+    )
 
 
 def group_command(meta: GroupRecord) -> str:
@@ -105,7 +116,9 @@ def group_command(meta: GroupRecord) -> str:
     them); from the group's record, so a section rebuilt elsewhere says the same."""
     cmd = f"python -m bench run {shlex.quote(meta.path or '')}" + (f" --profile {meta.profile}" if meta.profile else "")
     if meta.role == "adhoc":
-        cmd += "".join(f" --set {shlex.quote(f'{k}={files.yaml_scalar(v)}')}" for k, v in (meta.overrides or {}).items())
+        cmd += "".join(
+            f" --set {shlex.quote(f'{k}={files.yaml_scalar(v)}')}" for k, v in (meta.overrides or {}).items()
+        )
         cmd += f" --seeds {' '.join(map(str, meta.seeds))} --group {shlex.quote(meta.group)}"
     if meta.extra.get("data_root"):
         cmd += f" --data-root {shlex.quote(meta.extra['data_root'])}"
@@ -114,8 +127,12 @@ def group_command(meta: GroupRecord) -> str:
     return cmd
 
 
-def write_summary(results_dir: str | Path = "results", command: str | None = None,
-                  groups: list[str] | None = None, refresh_published: bool = False) -> list[Path]:
+def write_summary(
+    results_dir: str | Path = "results",
+    command: str | None = None,
+    groups: list[str] | None = None,
+    refresh_published: bool = False,
+) -> list[Path]:
     """Rebuild, from ``results_dir/runs``, the sections of ``results_dir/summary.md`` (published groups)
     and the ad-hoc groups' own summary.md files: all of them, or only those of ``groups`` (a command
     that trained one group rewrites that group's table and no other's).  Returns the files that changed."""
@@ -147,9 +164,15 @@ def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> list
         old = sections[group].runs if group in sections else None
         complete = meta.runs is not None and len(runs) == len(meta.runs)
         if group in sections and not complete and (old is None or not set(old) <= _run_ids(runs)):
-            note(log, "kept the %s section of %s: it reports runs this results folder does not hold (%d of %d runs "
-                 "here); copy their run folders here, finish the group, or delete the section to rebuild it",
-                 group, path, len(runs), len(meta.runs or []))
+            note(
+                log,
+                "kept the %s section of %s: it reports runs this results folder does not hold (%d of %d runs "
+                "here); copy their run folders here, finish the group, or delete the section to rebuild it",
+                group,
+                path,
+                len(runs),
+                len(meta.runs or []),
+            )
             continue
         text = group_section(meta, runs, store, store.results / "figures", stamp)
         sections[group] = _section(meta, runs, text, stamp)
@@ -160,11 +183,19 @@ def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> list
     if deployment.exists():
         out += [deployment.read_text().strip(), ""]
     if (store.results / "perf.md").exists():
-        out += ["## Speed", "", "Time to the report's numbers, throughput and the speed choices against a textbook loop "
-                "of the report's recipe, measured by `python -m bench perf`: [perf.md](perf.md) (raw: `perf.csv`).", ""]
+        out += [
+            "## Speed",
+            "",
+            "Time to the report's numbers, throughput and the speed choices against a textbook loop "
+            "of the report's recipe, measured by `python -m bench perf`: [perf.md](perf.md) (raw: `perf.csv`).",
+            "",
+        ]
     wrote_md = files.write_text_if_changed(path, "\n".join(out))
-    memory = {"format": MEMORY_FORMAT, "about": f"what `bench summary` wrote to {path.name}, read by its next write",
-              "sections": [asdict(s) for s in ordered]}
+    memory = {
+        "format": MEMORY_FORMAT,
+        "about": f"what `bench summary` wrote to {path.name}, read by its next write",
+        "sections": [asdict(s) for s in ordered],
+    }
     wrote_memory = files.write_text_if_changed(memory_path, json.dumps(memory, indent=1, ensure_ascii=False) + "\n")
     return [path if wrote_md else None, memory_path if wrote_memory else None]
 
@@ -172,8 +203,16 @@ def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> list
 def _section(meta: GroupRecord, runs: list[StoredRun], text: str, stamp: str) -> Section:
     """The memory of a section just built from ``runs``."""
     prov = provenance(runs)
-    return Section(meta.group, _heading(meta), meta.profile or "full", prov["machine"], prov["commits"],
-                   stamp.split(" by ")[0], sorted(_run_ids(runs)), text)
+    return Section(
+        meta.group,
+        _heading(meta),
+        meta.profile or "full",
+        prov["machine"],
+        prov["commits"],
+        stamp.split(" by ")[0],
+        sorted(_run_ids(runs)),
+        text,
+    )
 
 
 def read_memory(path: Path, memory_path: Path) -> dict[str, Section]:
@@ -185,8 +224,10 @@ def read_memory(path: Path, memory_path: Path) -> dict[str, Section]:
         return _sections_of_markdown(path) if text else {}
     memory = files.read_json(memory_path)
     if memory.get("format") != MEMORY_FORMAT:
-        raise ConfigError(f"{memory_path}: format {memory.get('format')!r}, this code reads format {MEMORY_FORMAT}; "
-                          f"update the code, or delete it to have summary.md's sections read from the file")
+        raise ConfigError(
+            f"{memory_path}: format {memory.get('format')!r}, this code reads format {MEMORY_FORMAT}; "
+            f"update the code, or delete it to have summary.md's sections read from the file"
+        )
     sections = {s["group"]: Section(**s) for s in memory["sections"]}
     for group in [g for g, s in sections.items() if s.text not in text]:
         log.debug("%s: the %s section is no longer in %s: forgotten", memory_path, group, path)
@@ -220,6 +261,7 @@ _MARKER = re.compile(r"<!-- bench: runs (.*?) -->")
 
 def _sections_of_markdown(path: Path) -> dict[str, Section]:
     """The group sections of an old summary.md, as :class:`Section` entries read from their own lines."""
+
     def line(text: str, key: str) -> str:
         m = re.search(rf"^- {key}: (.*)$", text, re.M)
         return m.group(1) if m else "–"
@@ -229,10 +271,16 @@ def _sections_of_markdown(path: Path) -> dict[str, Section]:
     for group, text in files.read_markdown_sections(path, 2, _group_of_heading).items():
         head = text.splitlines()[0]
         profile, marker = re.search(r"profile `([^`]*)`", head), _MARKER.search(text)
-        sections[group] = Section(group, head, profile.group(1) if profile else "–", line(text, "machine"),
-                                  line(text, "commits of the runs").split(";")[0],
-                                  line(text, "table generated").split(" by ")[0],
-                                  sorted(marker.group(1).split()) if marker else None, text)
+        sections[group] = Section(
+            group,
+            head,
+            profile.group(1) if profile else "–",
+            line(text, "machine"),
+            line(text, "commits of the runs").split(";")[0],
+            line(text, "table generated").split(" by ")[0],
+            sorted(marker.group(1).split()) if marker else None,
+            text,
+        )
     return sections
 
 
@@ -245,10 +293,16 @@ def _group_of_heading(heading: str) -> str | None:
 def _write_adhoc(store: RunStore, group: str, stamp: str) -> Path | None:
     meta, runs = store.read_group(group), store.finished(group)
     path = store.root / group / "summary.md"
-    intro = (f"Ad-hoc group: runs of `{meta.path}` with overrides, kept apart from the published table "
-             f"`{meta.published_group}` in results/summary.md.")
-    body = group_section(meta, runs, store, store.root / group / "figures", stamp) if runs else "No finished runs yet.\n"
-    return path if files.write_text_if_changed(path, "\n".join([f"# {group}", "", intro, "", INTRO, "", body])) else None
+    intro = (
+        f"Ad-hoc group: runs of `{meta.path}` with overrides, kept apart from the published table "
+        f"`{meta.published_group}` in results/summary.md."
+    )
+    body = (
+        group_section(meta, runs, store, store.root / group / "figures", stamp) if runs else "No finished runs yet.\n"
+    )
+    return (
+        path if files.write_text_if_changed(path, "\n".join([f"# {group}", "", intro, "", INTRO, "", body])) else None
+    )
 
 
 def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig_dir: Path, stamp: str) -> str:
@@ -267,49 +321,78 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
         f"- table generated: {stamp}",
     ]
     if tables.costs_shown and costs:
-        out.append(f"- deployment cost: `{costs.get('command') or 'python -m exporters.onnx rungs'}` at commit "
-                   f"{_short_commit(str(costs.get('commit', '?')))}, {costs['measured'][:16]}")
+        out.append(
+            f"- deployment cost: `{costs.get('command') or 'python -m exporters.onnx rungs'}` at commit "
+            f"{_short_commit(str(costs.get('commit', '?')))}, {costs['measured'][:16]}"
+        )
     if meta.role == "adhoc":
-        out.append("- overrides: " + (", ".join(f"`{k}={files.yaml_scalar(v)}`" for k, v in meta.overrides.items())
-                                      or "none") + f"; seeds {', '.join(map(str, meta.seeds))}")
+        out.append(
+            "- overrides: "
+            + (", ".join(f"`{k}={files.yaml_scalar(v)}`" for k, v in meta.overrides.items()) or "none")
+            + f"; seeds {', '.join(map(str, meta.seeds))}"
+        )
     out += _missing_line(meta, runs)
-    out += [f"- **failed**: {r.variant} seed {r.seed}: {(r.error or '').splitlines()[0][:300]}"
-            for r in store.failed(meta.group)]
+    out += [
+        f"- **failed**: {r.variant} seed {r.seed}: {(r.error or '').splitlines()[0][:300]}"
+        for r in store.failed(meta.group)
+    ]
     out += ["", _run_marker(runs), ""]
     if meta.description:
         out += [meta.description, ""]
     primary = task.metrics[0]
     out += [tables.main.markdown(), ""]
-    named = [f"{v.name}: {v.parent}" for i, v in enumerate(meta.variants)
-             if v.parent and (i == 0 or meta.variants[i - 1].name != v.parent)]
-    out += [f"*{primary.header}*: mean ± sample std over the *n* seeds. *{DELTA}*: the mean paired change against the "
-            "rung it builds on, the row above" + (f" unless named here ({'; '.join(named)})" if named else "")
-            + ", and the paired t-test's p. ★: the best mean validation metric (the test set chose nothing)."
-            + (" *report*: the report's number." if "report" in tables.main.headers else ""), ""]
+    named = [
+        f"{v.name}: {v.parent}"
+        for i, v in enumerate(meta.variants)
+        if v.parent and (i == 0 or meta.variants[i - 1].name != v.parent)
+    ]
+    out += [
+        f"*{primary.header}*: mean ± sample std over the *n* seeds. *{DELTA}*: the mean paired change against the "
+        "rung it builds on, the row above"
+        + (f" unless named here ({'; '.join(named)})" if named else "")
+        + ", and the paired t-test's p. ★: the best mean validation metric (the test set chose nothing)."
+        + (" *report*: the report's number." if "report" in tables.main.headers else ""),
+        "",
+    ]
     if tables.costs_shown and costs:
         out += _cost_legend(costs), ""
         out += _tradeoff(meta, runs, costs, fig_dir, primary)
     elif runs and meta.role == "published":
-        out += [f"Deployment cost per rung: `python -m exporters.onnx rungs {meta.path}"
-                + (f" --profile {meta.profile}`" if meta.profile else "`") + " adds it to this table.", ""]
+        out += [
+            f"Deployment cost per rung: `python -m exporters.onnx rungs {meta.path}"
+            + (f" --profile {meta.profile}`" if meta.profile else "`")
+            + " adds it to this table.",
+            "",
+        ]
     out += _reading(store, meta.group)
     out += _details(meta)
     out += ["Training and statistics of each rung:", "", tables.training.markdown(), ""]
     if tables.clipped:
-        out += [f"{CLIPPED} The t-interval reaches outside the metric's range and is shown cut to "
-                f"[{primary.text(primary.low)}, {primary.text(primary.high)}] (few seeds make it wide).", ""]
+        out += [
+            f"{CLIPPED} The t-interval reaches outside the metric's range and is shown cut to "
+            f"[{primary.text(primary.low)}, {primary.text(primary.high)}] (few seeds make it wide).",
+            "",
+        ]
     if meta.target is not None:
-        out += [f"*{target_column(meta.target, primary)}*: the first epoch whose validation metric reached "
-                f"{primary.text(meta.target, unit=True)} (the report's best number, "
-                "the spec's `target`) and the seconds of training steps until its end (evaluation not counted), "
-                "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.", ""]
+        out += [
+            f"*{target_column(meta.target, primary)}*: the first epoch whose validation metric reached "
+            f"{primary.text(meta.target, unit=True)} (the report's best number, "
+            "the spec's `target`) and the seconds of training steps until its end (evaluation not counted), "
+            "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.",
+            "",
+        ]
     if tables.secondary is not None:
         out += ["Secondary test metrics (mean ± std over the seeds):", "", tables.secondary.markdown(), ""]
     if tables.postprocess is not None:
-        out += ["Post-processing chosen on validation (`eval.postprocess`; *min px*: objects under it removed, "
-                "*filled*: holes filled, *c*: the contour threshold of a contour model, whose glands are post-processed) "
-                "and its effect on the test, paired within each run (its own masks before "
-                "and after; the table's numbers are after):", "", tables.postprocess.markdown(), ""]
+        out += [
+            "Post-processing chosen on validation (`eval.postprocess`; *min px*: objects under it removed, "
+            "*filled*: holes filled, *c*: the contour threshold of a contour model, whose glands are post-processed) "
+            "and its effect on the test, paired within each run (its own masks before "
+            "and after; the table's numbers are after):",
+            "",
+            tables.postprocess.markdown(),
+            "",
+        ]
     out += _tuned_block(meta, runs, fig_dir)
     out += _curves(meta, runs, fig_dir, task)
     if best:
@@ -331,20 +414,27 @@ def _cost_legend(costs: dict[str, Any]) -> str:
     tta = [v for v, r in costs["rungs"].items() if r.get("tta")]
     ensembles = [f"{v}: {r['members']}" for v, r in costs["rungs"].items() if r.get("members")]
     notes = ([f"the TTA graphs of {', '.join(tta)} run the network 8 times and count it"] if tta else []) + (
-        [f"a seed ensemble's graph holds all its members and counts them ({', '.join(ensembles)})"] if ensembles else [])
-    return (f"Deployment cost: the best seed (by validation) of each rung exported to ONNX, checked against PyTorch "
-            f"on the whole test set, and timed together: *{flops_unit(costs)[0]}* per image of the exported graph"
-            + (f" ({'; '.join(notes)})" if notes else "")
-            + f", *ORT ms* the p50 of batch-1 calls on {costs['engine']} (CPU provider, "
-            f"{costs['threads']} thread, fp32) on {costs['cpu']}"
-            + ("; *INT8 ms* the same for its static INT8 copy" if any("cpu/int8" in r.get("latency", {})
-                                                                     for r in costs["rungs"].values()) else "")
-            + f"{gpu}; load average {costs['load_avg_1m']} during the timings. "
-            f"Exact parameter counts and FLOPs: `runs/{costs['group']}/costs.json`.")
+        [f"a seed ensemble's graph holds all its members and counts them ({', '.join(ensembles)})"] if ensembles else []
+    )
+    return (
+        f"Deployment cost: the best seed (by validation) of each rung exported to ONNX, checked against PyTorch "
+        f"on the whole test set, and timed together: *{flops_unit(costs)[0]}* per image of the exported graph"
+        + (f" ({'; '.join(notes)})" if notes else "")
+        + f", *ORT ms* the p50 of batch-1 calls on {costs['engine']} (CPU provider, "
+        f"{costs['threads']} thread, fp32) on {costs['cpu']}"
+        + (
+            "; *INT8 ms* the same for its static INT8 copy"
+            if any("cpu/int8" in r.get("latency", {}) for r in costs["rungs"].values())
+            else ""
+        )
+        + f"{gpu}; load average {costs['load_avg_1m']} during the timings. "
+        f"Exact parameter counts and FLOPs: `runs/{costs['group']}/costs.json`."
+    )
 
 
-def _tradeoff(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any], fig_dir: Path,
-              metric: Metric) -> list[str]:
+def _tradeoff(
+    meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any], fig_dir: Path, metric: Metric
+) -> list[str]:
     """The trade-off figure (test metric against batch-1 latency, Pareto front) and the front in words."""
     current = current_costs(costs, runs)
     points = []
@@ -358,18 +448,27 @@ def _tradeoff(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any], f
         return []
     front = pareto_front([(p[1], p[2]) for p in points], metric.higher_is_better, LATENCY_TOLERANCE)
     png = fig_dir / f"{group_file_prefix(meta.group)}-tradeoff.png"
-    plot_tradeoff(points, front, png, metric, f"ONNX Runtime batch-1 p50 latency (ms, log scale; {costs['cpu']})",
-                  f"{meta.group}: {metric.label} against latency, Pareto front in red")
+    plot_tradeoff(
+        points,
+        front,
+        png,
+        metric,
+        f"ONNX Runtime batch-1 p50 latency (ms, log scale; {costs['cpu']})",
+        f"{meta.group}: {metric.label} against latency, Pareto front in red",
+    )
     names = ", ".join(f"{points[i][0]} ({points[i][1]:.3f} ms, {metric.text(points[i][2])})" for i in front)
-    return [f"![trade-off of {meta.group}]({_rel(png, fig_dir.parent)})", "",
-            f"Pareto front (no other rung is better on test at no more latency; latencies within "
-            f"{LATENCY_TOLERANCE:.0%} count as equal, the timing noise of one network): {names}.", ""]
+    return [
+        f"![trade-off of {meta.group}]({_rel(png, fig_dir.parent)})",
+        "",
+        f"Pareto front (no other rung is better on test at no more latency; latencies within "
+        f"{LATENCY_TOLERANCE:.0%} count as equal, the timing noise of one network): {names}.",
+        "",
+    ]
 
 
 def _details(meta: GroupRecord) -> list[str]:
     """Every rung's full change (note and every key it sets), collapsed under the table."""
-    lines = [f"- **{v.name}**" + (f" (from {v.parent})" if v.ablation else "") + f": {v.change}"
-             for v in meta.variants]
+    lines = [f"- **{v.name}**" + (f" (from {v.parent})" if v.ablation else "") + f": {v.change}" for v in meta.variants]
     return ["<details><summary>What each rung changes, in full</summary>", "", *lines, "", "</details>", ""]
 
 
@@ -383,13 +482,16 @@ def _tuned_block(meta: GroupRecord, runs: list[StoredRun], fig_dir: Path) -> lis
     why = f" ({'; '.join(f'{n}x {r}' for r, n in failures.items())})" if failures else ""
     requeued = f", {study['requeued']} requeued after an interruption" if study.get("requeued") else ""
     trials = f"; every trial: `{study['trials_csv']}` beside the spec" if study.get("trials_csv") else ""
-    out = [f"*tuned*: the best trial ({study['best_trial']}, {study['metric']} {study['value']:.4f} on seed "
-           f"{study['seed']}) of the Optuna study `{study['name']}` (profile `{study.get('profile') or 'full'}`): "
-           f"{study['finished']} finished trials, {study['pruned']} of them pruned, {study['failed']} failed{why}"
-           f"{requeued}; the search took {minutes} on {study['workers']} worker(s) at once on {study['hosts']} "
-           f"machine(s), commit {_short_commit(study.get('commit') or '')}{trials}. Trials are scored on the "
-           f"validation split only; the test split is read when the tuned rung is trained like the others, on every "
-           f"seed.", ""]
+    out = [
+        f"*tuned*: the best trial ({study['best_trial']}, {study['metric']} {study['value']:.4f} on seed "
+        f"{study['seed']}) of the Optuna study `{study['name']}` (profile `{study.get('profile') or 'full'}`): "
+        f"{study['finished']} finished trials, {study['pruned']} of them pruned, {study['failed']} failed{why}"
+        f"{requeued}; the search took {minutes} on {study['workers']} worker(s) at once on {study['hosts']} "
+        f"machine(s), commit {_short_commit(study.get('commit') or '')}{trials}. Trials are scored on the "
+        f"validation split only; the test split is read when the tuned rung is trained like the others, on every "
+        f"seed.",
+        "",
+    ]
     for name in study.get("figures", []):
         png = fig_dir.parent / name
         if png.exists():
@@ -406,8 +508,10 @@ def _missing_line(meta: GroupRecord, runs: list[StoredRun]) -> list[str]:
     if not missing:
         return []
     n_all = len(seeds) * len(meta.variants)
-    return [f"- **incomplete**: {n_all - sum(map(len, missing.values()))} of {n_all} runs finished; missing "
-            + "; ".join(f"{k} seed {', '.join(map(str, m))}" for k, m in missing.items())]
+    return [
+        f"- **incomplete**: {n_all - sum(map(len, missing.values()))} of {n_all} runs finished; missing "
+        + "; ".join(f"{k} seed {', '.join(map(str, m))}" for k, m in missing.items())
+    ]
 
 
 def _curves(meta: GroupRecord, runs: list[StoredRun], fig_dir: Path, task: Task) -> list[str]:
@@ -426,6 +530,7 @@ def _figures(run: StoredRun, store: RunStore, out_prefix: Path, task: Task, base
     """The task's figures of the best run, rebuilt from its best.pt and its data.  Checkpoints are not in git, so
     the figures drawn last (``runs/<group>/figures.json``, in git) stand in while they show this same run; without
     either, none (with a note)."""
+
     def load() -> tuple[Any, Any, Any]:
         loaded = store.load(run)
         return loaded.model, loaded.config, task.load(loaded.config, torch.device("cpu"))  # its own data root

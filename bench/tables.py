@@ -6,6 +6,7 @@ Each row is a dict ``{column: cell}`` put together from small helpers, one per g
 (``_metric_cells``, ``_training_cells``, ``_cost_cells``, ...); :func:`_table` turns the rows into a :class:`Table`,
 its columns in the order the rows name them.  The statistics and number formats are :mod:`bench.stats`'.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,8 +69,9 @@ def _table(rows: list[Row], right: set[str]) -> Table:
             if k not in headers:
                 before = [h for h in list(r)[:i] if h in headers]  # after the last of its predecessors already placed
                 headers.insert(headers.index(before[-1]) + 1 if before else 0, k)
-    return Table(headers, [[r.get(h, "") for h in headers] for r in rows],
-                 ["right" if h in right else "left" for h in headers])
+    return Table(
+        headers, [[r.get(h, "") for h in headers] for r in rows], ["right" if h in right else "left" for h in headers]
+    )
 
 
 @dataclass
@@ -102,19 +104,47 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
     for v in meta.variants:
         rs = results[v.name]
         name = v.name + (" ★" if v.name == best else "")
-        main.append({**_rung_cells(v, name, rs), **_metric_cells(v, rs, by_seed, primary),
-                     **(_report_cells(v, primary) if reported else {}), **_params_cells(rs), **cost_cols.get(v.name, {})})
-        training.append({"variant": name, **(_training_cells(rs, runs_of(runs, v.name), primary, meta.target)
-                                             if rs else {})})
+        main.append(
+            {
+                **_rung_cells(v, name, rs),
+                **_metric_cells(v, rs, by_seed, primary),
+                **(_report_cells(v, primary) if reported else {}),
+                **_params_cells(rs),
+                **cost_cols.get(v.name, {}),
+            }
+        )
+        training.append(
+            {"variant": name, **(_training_cells(rs, runs_of(runs, v.name), primary, meta.target) if rs else {})}
+        )
         if rs and shown:
             secondary.append({"variant": name, "n": str(len(rs)), **_secondary_cells(rs, shown)})
     clipped = any(row.get("95% CI", "").endswith(CLIPPED) for row in training)
-    numeric = {primary.header, DELTA, "val (mean)", "report", "params", "n", "95% CI", "epochs (best)", "train s",
-               "MFLOP", "GFLOP", *COST_HEADERS.values(), *(m.column for m in task.metrics)}
+    numeric = {
+        primary.header,
+        DELTA,
+        "val (mean)",
+        "report",
+        "params",
+        "n",
+        "95% CI",
+        "epochs (best)",
+        "train s",
+        "MFLOP",
+        "GFLOP",
+        *COST_HEADERS.values(),
+        *(m.column for m in task.metrics),
+    }
     if meta.target is not None:
         numeric.add(target_column(meta.target, primary))
-    return GroupTables(_table(main, numeric), _table(training, numeric), _table(secondary, numeric) if secondary else None,
-                       best, clipped, bool(cost_cols), postprocess_table(meta, results, task.metrics))
+    return GroupTables(
+        _table(main, numeric),
+        _table(training, numeric),
+        _table(secondary, numeric) if secondary else None,
+        best,
+        clipped,
+        bool(cost_cols),
+        postprocess_table(meta, results, task.metrics),
+    )
 
 
 # --------------------------------------------------------------------------- the main table's columns
@@ -130,8 +160,10 @@ def _metric_cells(v: VariantRecord, rs: list[RunRecord], by_seed: dict[str, dict
     without one); ``not run`` for a rung without runs."""
     if not rs:
         return {metric.header: "not run"}
-    return {metric.header: format_mean_sd([r.test[metric.key] for r in rs], metric),
-            DELTA: _delta(v, by_seed, metric) if v.parent else ""}
+    return {
+        metric.header: format_mean_sd([r.test[metric.key] for r in rs], metric),
+        DELTA: _delta(v, by_seed, metric) if v.parent else "",
+    }
 
 
 def _report_cells(v: VariantRecord, metric: Metric) -> Row:
@@ -164,11 +196,15 @@ def _cost_columns(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any
     if not costs:
         return {}
     rungs = costs.get("rungs", {})
-    columns = [c for c in ("cpu/fp32", "cpu/int8", "cuda/fp32") if any(c in r.get("latency", {}) for r in rungs.values())]
+    columns = [
+        c for c in ("cpu/fp32", "cpu/int8", "cuda/fp32") if any(c in r.get("latency", {}) for r in rungs.values())
+    ]
     current = current_costs(costs, runs)
     unit, scale, digits = flops_unit(costs)
-    decimals = {c: ms_decimals([r["latency"][c]["p50_ms"] for r in rungs.values() if c in r.get("latency", {})])
-                for c in columns}
+    decimals = {
+        c: ms_decimals([r["latency"][c]["p50_ms"] for r in rungs.values() if c in r.get("latency", {})])
+        for c in columns
+    }
     headers = {"flops": unit, **{c: COST_HEADERS[c] for c in columns}}
     out = {}
     for v in meta.variants:
@@ -178,8 +214,9 @@ def _cost_columns(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any
     return out
 
 
-def _cost_cells(ran: bool, rec: dict[str, Any] | None, columns: list[str], scale: float, digits: int,
-                decimals: dict[str, int]) -> Row:
+def _cost_cells(
+    ran: bool, rec: dict[str, Any] | None, columns: list[str], scale: float, digits: int, decimals: dict[str, int]
+) -> Row:
     """One rung's cost cells keyed ``flops`` and by provider/precision: ``not run`` for a rung without finished runs,
     ``–`` for one whose export is missing or was made from a run that is no longer current."""
     if not ran:
@@ -187,8 +224,10 @@ def _cost_cells(ran: bool, rec: dict[str, Any] | None, columns: list[str], scale
     if rec is None:
         return dict.fromkeys(["flops", *columns], "–")
     lat = rec.get("latency", {})
-    return {"flops": f"{rec['flops_per_image'] / scale:.{digits}f}",
-            **{c: _latency_cell(lat.get(c), decimals[c]) for c in columns}}
+    return {
+        "flops": f"{rec['flops_per_image'] / scale:.{digits}f}",
+        **{c: _latency_cell(lat.get(c), decimals[c]) for c in columns},
+    }
 
 
 def _latency_cell(timing: dict[str, float] | None, decimals: int) -> str:
@@ -209,9 +248,12 @@ def _training_cells(rs: list[RunRecord], runs: list[StoredRun], metric: Metric, 
     with a ``target``) its time to that target; ``runs`` are its stored runs, for their metrics.csv."""
     m, _, hw = mean_ci([r.test[metric.key] for r in rs])
     ran, best_epoch = (sum(getattr(r, k) for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
-    cells = {"val (mean)": metric.text(sum(r.val_best for r in rs) / len(rs)), "95% CI": format_ci(m, hw, metric),
-             "epochs (best)": f"{format_count(ran)} ({format_count(best_epoch)})",
-             "train s": f"{sum(r.train_time_s for r in rs) / len(rs):.0f}"}
+    cells = {
+        "val (mean)": metric.text(sum(r.val_best for r in rs) / len(rs)),
+        "95% CI": format_ci(m, hw, metric),
+        "epochs (best)": f"{format_count(ran)} ({format_count(best_epoch)})",
+        "train s": f"{sum(r.train_time_s for r in rs) / len(rs):.0f}",
+    }
     if target is not None:
         cells[target_column(target, metric)] = format_time_to_target(runs, target, metric)
     return cells
@@ -219,11 +261,15 @@ def _training_cells(rs: list[RunRecord], runs: list[StoredRun], metric: Metric, 
 
 def _secondary_cells(rs: list[RunRecord], shown: list[Metric]) -> Row:
     """Mean ± std of each secondary metric; the metric's empty format where a run recorded it not (a rescore adds it)."""
-    return {m.column: format_mean_sd([r.test[m.key] for r in rs], m) if all(m.key in r.test for r in rs)
-            else m.text(None) for m in shown}
+    return {
+        m.column: format_mean_sd([r.test[m.key] for r in rs], m) if all(m.key in r.test for r in rs) else m.text(None)
+        for m in shown
+    }
 
 
-def postprocess_table(meta: GroupRecord, results: dict[str, list[RunRecord]], metrics: tuple[Metric, ...]) -> Table | None:
+def postprocess_table(
+    meta: GroupRecord, results: dict[str, list[RunRecord]], metrics: tuple[Metric, ...]
+) -> Table | None:
     """The rungs whose runs post-process their masks (``eval.postprocess``): the setting each seed chose on validation,
     and for the primary metric and the one that chose, the test's mean before and after and the mean paired change
     within the runs (the same predictions without and with post-processing) with its t-test's p."""
@@ -257,9 +303,11 @@ def _before_after_cells(rs: list[RunRecord], m: Metric) -> Row:
         return {}
     before, after = ({r.seed: getattr(r, k)[m.key] for r in rs} for k in ("test_raw", "test"))
     d, p, _ = paired_test(after, before)
-    return {f"{m.label} before → after": f"{m.text(sum(before.values()) / len(rs))} → "
-                                         f"{m.text(sum(after.values()) / len(rs))}",
-            f"Δ {m.label} (p)": f"{format_change(d, m)} (p={format_p(p)})"}
+    return {
+        f"{m.label} before → after": f"{m.text(sum(before.values()) / len(rs))} → "
+        f"{m.text(sum(after.values()) / len(rs))}",
+        f"Δ {m.label} (p)": f"{format_change(d, m)} (p={format_p(p)})",
+    }
 
 
 def target_column(target: float, metric: Metric) -> str:

@@ -21,6 +21,7 @@ deleted and logged again.
 ``mlflow`` is an optional extra (``pip install -e '.[mlflow]'``) and is imported only when
 something is logged: importing this module loads nothing of it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -65,12 +66,16 @@ def mlflow_uri(value: str | bool | None, results: str | Path, where: str = "--ml
     match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
     scheme = match.group(1).split("+", 1)[0].lower() if match else ""  # postgresql+psycopg -> postgresql
     if scheme not in SCHEMES:
-        raise ConfigError(f"{where} {_shown(uri)}: not a tracking URI MLflow can write to; give sqlite:///PATH.db (a file "
-                          f"on this machine), http(s)://HOST:PORT (an MLflow server) or a database URL "
-                          f"({', '.join(s + '://' for s in SCHEMES[1:4])}); a folder or file: URI is no longer an MLflow "
-                          f"store")
+        raise ConfigError(
+            f"{where} {_shown(uri)}: not a tracking URI MLflow can write to; give sqlite:///PATH.db (a file "
+            f"on this machine), http(s)://HOST:PORT (an MLflow server) or a database URL "
+            f"({', '.join(s + '://' for s in SCHEMES[1:4])}); a folder or file: URI is no longer an MLflow "
+            f"store"
+        )
     if scheme == "sqlite" and (not uri.startswith("sqlite:///") or uri.endswith("/")):
-        raise ConfigError(f"{where} {uri}: a SQLite tracking URI is sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        raise ConfigError(
+            f"{where} {uri}: a SQLite tracking URI is sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
     if scheme != "sqlite" and "://" not in uri:
         raise ConfigError(f"{where} {_shown(uri)}: expected {scheme}://...")
     return uri
@@ -137,14 +142,18 @@ class Tracker:
         if self.uri.split(":", 1)[0] in ("http", "https"):
             return
         if storage and same_database(self.uri, storage):
-            raise ConfigError(f"--mlflow {_shown(self.uri)}: this is the database of --storage {_shown(storage)} "
-                              f"(Optuna's); give MLflow a database of its own (e.g. sqlite:///results/mlflow.db, or "
-                              f"another database on the same server)")
+            raise ConfigError(
+                f"--mlflow {_shown(self.uri)}: this is the database of --storage {_shown(storage)} "
+                f"(Optuna's); give MLflow a database of its own (e.g. sqlite:///results/mlflow.db, or "
+                f"another database on the same server)"
+            )
         foreign = _foreign_tables(self.uri)
         if foreign:
-            raise ConfigError(f"--mlflow {_shown(self.uri)}: this database holds another application's tables "
-                              f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}), e.g. an Optuna study's; "
-                              f"give MLflow a database of its own")
+            raise ConfigError(
+                f"--mlflow {_shown(self.uri)}: this database holds another application's tables "
+                f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}), e.g. an Optuna study's; "
+                f"give MLflow a database of its own"
+            )
 
     def _client(self) -> Any:
         client = _CLIENTS.get(self.uri)
@@ -187,9 +196,14 @@ class Tracker:
         if found:
             parent = _oldest(found)
         else:
-            tags = {"kind": "group", "group": meta["group"], "role": meta.get("role", "published"),
-                    "spec": str(meta.get("path", "")), "profile": meta.get("profile") or "full",
-                    **({"study": meta["study"]} if meta.get("study") else {})}
+            tags = {
+                "kind": "group",
+                "group": meta["group"],
+                "role": meta.get("role", "published"),
+                "spec": str(meta.get("path", "")),
+                "profile": meta.get("profile") or "full",
+                **({"study": meta["study"]} if meta.get("study") else {}),
+            }
             if meta.get("overrides"):
                 tags["overrides"] = json.dumps(meta["overrides"])
             from mlflow.entities import RunStatus
@@ -234,8 +248,10 @@ class Tracker:
         except Exception as e:
             if not warn:
                 raise
-            log.warning(f"MLflow ({_shown(self.uri)}): could not log {len(run_dirs)} run(s) "
-                        f"({type(e).__name__}: {first_line(e)}); the next command with --mlflow logs them")
+            log.warning(
+                f"MLflow ({_shown(self.uri)}): could not log {len(run_dirs)} run(s) "
+                f"({type(e).__name__}: {first_line(e)}); the next command with --mlflow logs them"
+            )
         return ids
 
     def log_group(self, results: str | Path, group: str) -> int:
@@ -267,16 +283,29 @@ class Tracker:
 
 def group_meta(spec: Any, role: str | None = None) -> dict[str, Any]:
     """What the parent run of ``spec``'s group is made from: the fields of its ``spec.json`` that tracking reads."""
-    return {"name": spec.name, "group": spec.group, "role": role or ("adhoc" if spec.adhoc else "published"),
-            "path": spec.path, "profile": spec.profile, "overrides": spec.overrides}
+    return {
+        "name": spec.name,
+        "group": spec.group,
+        "role": role or ("adhoc" if spec.adhoc else "published"),
+        "path": spec.path,
+        "profile": spec.profile,
+        "overrides": spec.overrides,
+    }
 
 
 _CLIENTS: dict[str, Any] = {}  # one client per tracking URI and process
 _PARENTS: dict[tuple[str, str], tuple[str, str]] = {}  # (uri, group) -> (experiment id, parent run id)
 
 
-def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], expected: dict[tuple[str, int], str] | None,
-             d: Path, logged: dict[str, list[Any]]) -> str | None:
+def _log_run(
+    client: Any,
+    exp_id: str,
+    parent: str,
+    meta: dict[str, Any],
+    expected: dict[tuple[str, int], str] | None,
+    d: Path,
+    logged: dict[str, list[Any]],
+) -> str | None:
     """Log run folder ``d`` under ``parent`` unless ``logged`` (config key -> the group's MLflow runs) holds it; its
     run id, or None when ``d`` holds no finished run (or pruned trial) whose result and config agree, or whose key is
     not the one ``expected`` (the group's :meth:`~bench.records.GroupRecord.expected_keys`; None: any) names."""
@@ -303,13 +332,27 @@ def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], expect
     seconds = result.train_time_s or sum(float(r["epoch_time"]) for r in history)
     start = end - int(1000 * (seconds + (result.test_time_s or 0)))
     variant, seed = config.get("variant") or d.parent.name, config.get("seed", d.name.removeprefix("seed-"))
-    tags = {"kind": "run", "group": meta["group"], "config_key": key, "spec": str(meta.get("path", "")),
-            "spec_name": str(meta.get("name", "")), "role": meta.get("role", "published"), "variant": str(variant),
-            "seed": str(seed), "state": result.status, "run_dir": str(d.resolve()),
-            "mlflow.parentRunId": parent}
-    for tag, field in (("commit", "commit"), ("device", "device"), ("device_name", "device_name"),
-                       ("train_precision", "train_precision"),
-                       ("eval_precision", "eval_precision"), ("torch", "torch")):
+    tags = {
+        "kind": "run",
+        "group": meta["group"],
+        "config_key": key,
+        "spec": str(meta.get("path", "")),
+        "spec_name": str(meta.get("name", "")),
+        "role": meta.get("role", "published"),
+        "variant": str(variant),
+        "seed": str(seed),
+        "state": result.status,
+        "run_dir": str(d.resolve()),
+        "mlflow.parentRunId": parent,
+    }
+    for tag, field in (
+        ("commit", "commit"),
+        ("device", "device"),
+        ("device_name", "device_name"),
+        ("train_precision", "train_precision"),
+        ("eval_precision", "eval_precision"),
+        ("torch", "torch"),
+    ):
         if getattr(result, field):
             tags[tag] = str(getattr(result, field))
     tags["profile"] = meta.get("profile") or "full"  # as the summary names a spec without a profile
@@ -326,8 +369,11 @@ def _log_run(client: Any, exp_id: str, parent: str, meta: dict[str, Any], expect
     final = {f"test_{k}": v for k, v in result.test.items()}
     final |= {f"test_raw_{k}": v for k, v in (result.test_raw or {}).items()}  # eval.postprocess: before it
     final |= {f"postprocess_{k}": v for k, v in (result.postprocess or {}).items() if not isinstance(v, str)}
-    final |= {k: getattr(result, k) for k in ("val_best", "best_epoch", "epochs_run", "train_time_s", "test_time_s", "params")
-              if isinstance(getattr(result, k), (int, float))}
+    final |= {
+        k: getattr(result, k)
+        for k in ("val_best", "best_epoch", "epochs_run", "train_time_s", "test_time_s", "params")
+        if isinstance(getattr(result, k), (int, float))
+    }
     metrics += [Metric(k, float(v), end, 0) for k, v in final.items() if isinstance(v, (int, float))]
     for i in range(0, max(len(params), len(metrics)), 100):  # MLflow takes at most 100 params, 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
@@ -395,7 +441,9 @@ def _foreign_tables(uri: str) -> list[str]:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return []  # inspecting would create the file
     try:
-        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5} if uri.startswith("postgresql") else {})
+        engine = sqlalchemy.create_engine(
+            uri, connect_args={"connect_timeout": 5} if uri.startswith("postgresql") else {}
+        )
         try:
             tables = sqlalchemy.inspect(engine).get_table_names()
         finally:
@@ -411,8 +459,11 @@ class _mlflow_env:
     "View run" lines to stdout for every run it ends on a server (stdout is bench's one line per finished run; the
     summary line names the store instead)."""
 
-    SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+    SETTINGS = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    }
     CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
     def __init__(self, check: bool = False):

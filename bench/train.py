@@ -6,6 +6,7 @@ generator, early-stopping state, best weights, history) atomically, and a restar
 continues from there to the same result an uninterrupted run gives.  Only validation
 data chooses the best epoch; the test split is evaluated once, at the end.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,8 +58,9 @@ def resolve_device(name: str, where: str = "--device") -> torch.device:
             raise ConfigError(f"{where} {name}: {why} on this machine (torch {torch.__version__}); use --device cpu")
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= n:
-            raise ConfigError(f"{where} {name}: this machine has {n} CUDA device(s): "
-                              + ", ".join(f"cuda:{i}" for i in range(n)))
+            raise ConfigError(
+                f"{where} {name}: this machine has {n} CUDA device(s): " + ", ".join(f"cuda:{i}" for i in range(n))
+            )
     return torch.device(name)
 
 
@@ -161,17 +163,36 @@ def setup(cfg: Config, task: Task, data: Data, device: torch.device) -> Trainer:
     optimizer, scheduler = build_optimizer(cfg, model, steps_per_epoch(len(data.train), cfg.train.batch_size))
     forward = model if cfg.train.compile == "none" else torch.compile(model, mode=cfg.train.compile)
     # use_buffers: batch norm's running statistics are averaged too, so they match the averaged weights
-    ema = None if cfg.train.ema is None else AveragedModel(
-        model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
-    return Trainer(model, loss_fn, optimizer, scheduler, torch.Generator().manual_seed(cfg.seed),
-                   torch.Generator(device=device).manual_seed(cfg.seed + 1), forward, ema)
+    ema = (
+        None
+        if cfg.train.ema is None
+        else AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
+    )
+    return Trainer(
+        model,
+        loss_fn,
+        optimizer,
+        scheduler,
+        torch.Generator().manual_seed(cfg.seed),
+        torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        forward,
+        ema,
+    )
 
 
 def new_state(task: Task) -> dict[str, Any]:
     """Progress of a run: epochs done, early-stopping bookkeeping, best weights, history, and time:
     ``train_time`` counts training and validation, ``train_seconds`` the training steps alone."""
-    return {"epoch": 0, "best_metric": task.metrics[0].worst, "best_epoch": 0, "bad_epochs": 0, "best_state": None,
-            "history": [], "train_time": 0.0, "train_seconds": 0.0}
+    return {
+        "epoch": 0,
+        "best_metric": task.metrics[0].worst,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "best_state": None,
+        "history": [],
+        "train_time": 0.0,
+        "train_seconds": 0.0,
+    }
 
 
 def restore(last: Path, t: Trainer, key: str, device: torch.device) -> dict[str, Any] | None:
@@ -199,14 +220,21 @@ def restore(last: Path, t: Trainer, key: str, device: torch.device) -> dict[str,
 
 def save_progress(last: Path, t: Trainer, state: dict[str, Any], key: str, device: torch.device) -> None:
     """Everything :func:`restore` needs, written atomically after every epoch."""
-    files.torch_save(last, {
-        "key": key, "model": t.model.state_dict(), "ema": None if t.ema is None else t.ema.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
-        "scheduler": t.scheduler.state_dict(), "order_gen": t.order_gen.get_state(), "aug_gen": t.aug_gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "state": state,
-    })
+    files.torch_save(
+        last,
+        {
+            "key": key,
+            "model": t.model.state_dict(),
+            "ema": None if t.ema is None else t.ema.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "order_gen": t.order_gen.get_state(),
+            "aug_gen": t.aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "state": state,
+        },
+    )
 
 
 def train_step(t: Trainer, x: Tensor, y: Tensor, cfg: Config) -> tuple[Tensor, Tensor]:
@@ -261,25 +289,37 @@ def run_epoch(t: Trainer, data: Data, task: Task, cfg: Config, state: dict[str, 
     tr = train_one_epoch(t, data.train, task, cfg)  # returns after the device has finished (it reads the loss)
     t1 = time.perf_counter()
     if not math.isfinite(tr["train_loss"]):  # every later epoch would be NaN too, and "best" would be epoch 1
-        raise Diverged(f"epoch {state['epoch'] + 1}: the training loss is {tr['train_loss']} (diverged; a lower "
-                       f"optim.lr or gradient clipping may help)")
+        raise Diverged(
+            f"epoch {state['epoch'] + 1}: the training loss is {tr['train_loss']} (diverged; a lower "
+            f"optim.lr or gradient clipping may help)"
+        )
     val = task.evaluate(t.evaluated, data.val, cfg, t.loss_fn, final=False)
     dt = time.perf_counter() - t0
     state["epoch"] += 1
     state["train_time"] += dt
     state["train_seconds"] = state.get("train_seconds", 0.0) + (t1 - t0)  # last.pt files of older runs lack it
     if task.metrics[0].better(val[task.metric], state["best_metric"]):
-        state.update(best_metric=val[task.metric], best_epoch=state["epoch"], bad_epochs=0,
-                     best_state=snapshot(t.evaluated))
+        state.update(
+            best_metric=val[task.metric], best_epoch=state["epoch"], bad_epochs=0, best_state=snapshot(t.evaluated)
+        )
     else:
         state["bad_epochs"] += 1
-    row = {"epoch": state["epoch"], **tr, "val_loss": val["loss"], "val_metric": val[task.metric], "lr": lr,
-           "epoch_time": dt, "train_seconds": state["train_seconds"]}
+    row = {
+        "epoch": state["epoch"],
+        **tr,
+        "val_loss": val["loss"],
+        "val_metric": val[task.metric],
+        "lr": lr,
+        "epoch_time": dt,
+        "train_seconds": state["train_seconds"],
+    }
     state["history"].append(row)
     return row
 
 
-def time_to_target(history: list[dict[str, Any]], target: float, metric: Metric | None = None) -> tuple[int, float] | None:
+def time_to_target(
+    history: list[dict[str, Any]], target: float, metric: Metric | None = None
+) -> tuple[int, float] | None:
     """(first epoch whose validation metric reaches ``target`` (is at least as good, by ``metric``'s direction;
     higher is better without one), training seconds until the end of that
     epoch) from a run's history rows (``metrics.csv``); None when no epoch reaches it.  Seconds count
@@ -303,9 +343,18 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
     files.write_csv(path, HISTORY_KEYS, history)
 
 
-def fit(run_dir: str | Path, cfg: Config, task: Task, data: Data, device: torch.device, key: str,
-        meta: dict[str, Any] | None = None, progress: bool = True,
-        on_epoch: Callable[[int, float], None] | None = None, test: bool = True) -> dict[str, Any]:
+def fit(
+    run_dir: str | Path,
+    cfg: Config,
+    task: Task,
+    data: Data,
+    device: torch.device,
+    key: str,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
+    test: bool = True,
+) -> dict[str, Any]:
     """Train (or resume) one run in ``run_dir``; returns the final result dict.
 
     ``on_epoch(epoch, val_metric)`` is called after each epoch (a tuner prunes by raising
@@ -318,7 +367,9 @@ def fit(run_dir: str | Path, cfg: Config, task: Task, data: Data, device: torch.
     run_dir, meta = Path(run_dir), meta or {}
     name = str(meta.get("name", run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(run_dir / "config.json", {"key": key, **meta, "config": cfg.to_dict(), "data_info": data.info.to_dict()})
+    files.write_json(
+        run_dir / "config.json", {"key": key, **meta, "config": cfg.to_dict(), "data_info": data.info.to_dict()}
+    )
     t = setup(cfg, task, data, device)
     state = restore(run_dir / "last.pt", t, key, device) or new_state(task)
     if state["epoch"]:
@@ -336,28 +387,52 @@ def fit(run_dir: str | Path, cfg: Config, task: Task, data: Data, device: torch.
     return finish(run_dir, t, state, cfg, task, data, device, key, meta, test)
 
 
-def finish(run_dir: Path, t: Trainer, state: dict[str, Any], cfg: Config, task: Task, data: Data,
-           device: torch.device, key: str, meta: dict[str, Any], test: bool) -> dict[str, Any]:
+def finish(
+    run_dir: Path,
+    t: Trainer,
+    state: dict[str, Any],
+    cfg: Config,
+    task: Task,
+    data: Data,
+    device: torch.device,
+    key: str,
+    meta: dict[str, Any],
+    test: bool,
+) -> dict[str, Any]:
     """Save the best epoch's weights (with ``train.ema`` their average), evaluate them once on the test split, draw
     the curves; the result."""
     t.model.load_state_dict(state["best_state"])
-    files.torch_save(run_dir / "best.pt", {"state_dict": t.model.state_dict(), "config": cfg.to_dict(),
-                                           "data_info": data.info.to_dict(), "key": key, "epoch": state["best_epoch"]})
+    files.torch_save(
+        run_dir / "best.pt",
+        {
+            "state_dict": t.model.state_dict(),
+            "config": cfg.to_dict(),
+            "data_info": data.info.to_dict(),
+            "key": key,
+            "epoch": state["best_epoch"],
+        },
+    )
     t0 = time.perf_counter()
     scored = task.test_record(t.model, data, cfg, t.loss_fn) if test else {"test": {}}
     test_time = time.perf_counter() - t0
     plot_run_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.metrics[0])
     return {
-        "key": key, **meta,
+        "key": key,
+        **meta,
         **scored,  # test (and with eval.postprocess: postprocess, test_raw)
-        "val_best": state["best_metric"], "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+        "val_best": state["best_metric"],
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
         "stopped_early": state["epoch"] < cfg.train.epochs,  # early stopping ended it before its last epoch
-        "train_time_s": state["train_time"], "test_time_s": test_time,
+        "train_time_s": state["train_time"],
+        "test_time_s": test_time,
         "train_seconds": state.get("train_seconds", state["train_time"]),  # training steps alone (older last.pt: all)
         "params": count_parameters(t.model),
         "device": str(device),
         "device_name": device_name(device),
-        "train_precision": train_precision(cfg, device), "eval_precision": EVAL_PRECISION,
-        "torch": torch.__version__, "commit": files.git_commit(),
+        "train_precision": train_precision(cfg, device),
+        "eval_precision": EVAL_PRECISION,
+        "torch": torch.__version__,
+        "commit": files.git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -29,6 +29,7 @@ recorded) and the study goes on.  Tuning never opens the test split's files.
 objectives, of its own name: no pruning, no single best, and instead its Pareto front as a table and a figure (see
 :func:`write_front`); ``--rung NAME --trial N`` makes a trial of that front a rung of the spec (:func:`make_rung`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,14 +98,17 @@ def suggest(trial: optuna.Trial, path: str, dist: dict[str, Any]) -> Any:
         return json.loads(trial.suggest_categorical(path, [json.dumps(c) for c in dist["choices"]]))
     if isinstance(dist["low"], int) and isinstance(dist["high"], int) and not isinstance(dist["low"], bool):
         return trial.suggest_int(path, dist["low"], dist["high"], step=dist.get("step", 1), log=dist.get("log", False))
-    return trial.suggest_float(path, float(dist["low"]), float(dist["high"]), log=dist.get("log", False),
-                               step=dist.get("step"))
+    return trial.suggest_float(
+        path, float(dist["low"]), float(dist["high"]), log=dist.get("log", False), step=dist.get("step")
+    )
 
 
 def config_params(params: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
     """A trial's parameters as config values: a list choice stored as its JSON text (see :func:`suggest`) decoded."""
-    return {k: json.loads(v) if "choices" in space.get(k, {}) and not _plain(space[k]["choices"]) else v
-            for k, v in params.items()}
+    return {
+        k: json.loads(v) if "choices" in space.get(k, {}) and not _plain(space[k]["choices"]) else v
+        for k, v in params.items()
+    }
 
 
 def study_names(spec: Spec, variant: Variant, objectives: list[str]) -> tuple[str, str]:
@@ -128,9 +132,18 @@ def study_key(variant: Variant, space: dict[str, Any]) -> str:
     return config_hash(d)[:8]
 
 
-def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trials: int | None = None,
-         timeout: float | None = None, download: bool = False, storage: StorageOptions | None = None,
-         poll: float | None = None, objectives: list[str] | None = None) -> dict[str, Any]:
+def tune(
+    spec: Spec,
+    seed: int,
+    results_dir: str | Path,
+    opts: RunOptions,
+    trials: int | None = None,
+    timeout: float | None = None,
+    download: bool = False,
+    storage: StorageOptions | None = None,
+    poll: float | None = None,
+    objectives: list[str] | None = None,
+) -> dict[str, Any]:
     """Run (or continue) the spec's study until it has ``trials`` finished (complete or pruned) trials in
     all, counting those of every process that shares its ``storage``; returns a summary of the study and
     its best trial.  Ctrl-C raises KeyboardInterrupt whose message says what resumes; the interrupted
@@ -145,8 +158,10 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
     searched = sorted(set(spec.search["space"]) & set(spec.overrides))
     if searched:
-        raise ConfigError(f"--set {', '.join(searched)}: the study searches {'this key' if len(searched) == 1 else 'these keys'}"
-                          f" (search.space of {spec.path}); drop the --set, or the key from the space")
+        raise ConfigError(
+            f"--set {', '.join(searched)}: the study searches {'this key' if len(searched) == 1 else 'these keys'}"
+            f" (search.space of {spec.path}); drop the --set, or the key from the space"
+        )
     variant = next(v for v in spec.variants if v.name == spec.search["variant"])
     objectives = objectives or spec.search["objectives"]
     name, group = study_names(spec, variant, objectives)
@@ -159,18 +174,26 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or StorageOptions(f"sqlite:///{study_file(results_dir, spec).resolve()}")
     rdb = open_storage(storage)
-    study = optuna.create_study(study_name=name, storage=rdb, directions=directions(spec, objectives),
-                                load_if_exists=True,
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+    study = optuna.create_study(
+        study_name=name,
+        storage=rdb,
+        directions=directions(spec, objectives),
+        load_if_exists=True,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    )
     study.set_user_attr("spec", spec.path)
     study.set_user_attr("overrides", spec.overrides)
     study.set_user_attr("objectives", objectives)
     store = RunStore(results_dir)
-    store.write_group(dataclasses.replace(spec, group_name=group, variants=[]), role="study", study=name,
-                      storage=shown(storage.url))
+    store.write_group(
+        dataclasses.replace(spec, group_name=group, variants=[]), role="study", study=name, storage=shown(storage.url)
+    )
     target, done = trials or spec.search["trials"], _finished(study)
-    log.info(f"study {name} in {shown(storage.url)}: " + (f"continuing after {done} finished trials" if study.trials else "new")
-             + ("" if done < target else f"; it already has {done} of --trials {target}: ask for more to go on"))
+    log.info(
+        f"study {name} in {shown(storage.url)}: "
+        + (f"continuing after {done} finished trials" if study.trials else "new")
+        + ("" if done < target else f"; it already has {done} of --trials {target}: ask for more to go on")
+    )
     train_trial = TrialObjective(spec, variant, seed, group, store, opts, cache, objectives)
     t0, waiting, failures = time.monotonic(), False, []
     while timeout is None or time.monotonic() - t0 < timeout:
@@ -180,8 +203,10 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
             break
         if done + running >= target:  # the last trials are in other workers' hands: stay to take over if one dies
             if not waiting:
-                log.info(f"{done} of {target} trials finished, {running} running elsewhere: waiting for them (a dead "
-                         f"worker's trial is retried here after {storage.grace} s without a heartbeat)")
+                log.info(
+                    f"{done} of {target} trials finished, {running} running elsewhere: waiting for them (a dead "
+                    f"worker's trial is retried here after {storage.grace} s without a heartbeat)"
+                )
             waiting = True
             time.sleep(poll if poll is not None else storage.heartbeat)
             continue
@@ -189,21 +214,27 @@ def tune(spec: Spec, seed: int, results_dir: str | Path, opts: RunOptions, trial
         reason = _run_trial(study, rdb, train_trial, target)
         failures = failures + [reason] if reason else []
         if len(failures) >= max(MIN_FAILURES_IN_A_ROW, target):
-            raise TrialsFailing(f"the last {len(failures)} trials of study {name} all failed (last: {failures[-1]}); "
-                                f"their tracebacks are above: fix the cause (or the search space), then run the same "
-                                f"command to go on")
+            raise TrialsFailing(
+                f"the last {len(failures)} trials of study {name} all failed (last: {failures[-1]}); "
+                f"their tracebacks are above: fix the cause (or the search space), then run the same "
+                f"command to go on"
+            )
     if len(objectives) > 1:
         return write_front(spec, variant, name, rdb, seed, shown(storage.url), out, Path(results_dir))
     published, done = publishes(spec, seed, trials), _finished(study)
     tuned_file = tuned_path(spec.path, spec.search)
     if tuned_file is not None and not published:
-        log.info(f"an experiment ({why_experiment(spec, seed, trials)}): its best goes to {out}/, not to {tuned_file}, "
-                 f"which only `python -m bench tune {spec.path}"
-                 f"{' --profile ' + spec.search['profile'] if spec.search.get('profile') else ''}` writes")
+        log.info(
+            f"an experiment ({why_experiment(spec, seed, trials)}): its best goes to {out}/, not to {tuned_file}, "
+            f"which only `python -m bench tune {spec.path}"
+            f"{' --profile ' + spec.search['profile'] if spec.search.get('profile') else ''}` writes"
+        )
     elif tuned_file is not None and done != target:
         published = False
-        log.info(f"the study has {done} finished trials, the spec's budget is {target}: {tuned_file} is written once "
-                 f"the study has exactly its budget" + (" (run the same command to go on)" if done < target else ""))
+        log.info(
+            f"the study has {done} finished trials, the spec's budget is {target}: {tuned_file} is written once "
+            f"the study has exactly its budget" + (" (run the same command to go on)" if done < target else "")
+        )
     return _write_best(spec, variant, study, seed, shown(storage.url), out, Path(results_dir), published)
 
 
@@ -217,8 +248,12 @@ def _space_problems(spec: Spec, variant: Variant, run: Run, opts: RunOptions, ca
     out = []
     for path, dist in spec.search["space"].items():
         for end in dist.get("choices") or (dist["low"], dist["high"]):
-            cfg = runtime_config(dataclasses.replace(run, config=build_config(
-                spec.task, apply_set(base, {path: end}, "search"), "search", run.seed)), opts)
+            cfg = runtime_config(
+                dataclasses.replace(
+                    run, config=build_config(spec.task, apply_set(base, {path: end}, "search"), "search", run.seed)
+                ),
+                opts,
+            )
             try:
                 check_schedule(cfg, n_train)
             except ConfigError as e:
@@ -252,8 +287,9 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED)))
 
 
-def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, train_trial: TrialObjective,
-               target: int) -> str | None:
+def _run_trial(
+    study: optuna.Study, storage: optuna.storages.BaseStorage, train_trial: TrialObjective, target: int
+) -> str | None:
     """Ask the study for a trial (a queued retry first), train it while beating, tell the study how it ended;
     the reason when the trial failed (any exception of its training is the trial's: recorded, and the study
     goes on), else None.  Ctrl-C and SIGTERM (KeyboardInterrupt) queue it again and stop the study.
@@ -312,10 +348,26 @@ class TrialObjective:
     validation metric (``val_metric``), training seconds, parameters and FLOPs per image (see bench.spec.OBJECTIVES),
     also kept in the trial's user attribute ``measures`` with the machine that measured them (``machine``)."""
 
-    def __init__(self, spec: Spec, variant: Variant, seed: int, group: str, store: RunStore, opts: RunOptions,
-                 cache: dict[str, Data], objectives: list[str]):
+    def __init__(
+        self,
+        spec: Spec,
+        variant: Variant,
+        seed: int,
+        group: str,
+        store: RunStore,
+        opts: RunOptions,
+        cache: dict[str, Data],
+        objectives: list[str],
+    ):
         self.spec, self.variant, self.seed, self.group, self.store, self.opts, self.cache = (
-            spec, variant, seed, group, store, opts, cache)
+            spec,
+            variant,
+            seed,
+            group,
+            store,
+            opts,
+            cache,
+        )
         self.objectives = objectives
         self.task = TASKS[spec.task]
         self.base = variant.config.to_dict()
@@ -324,8 +376,7 @@ class TrialObjective:
 
     def __call__(self, trial: optuna.Trial) -> dict[str, float]:
         leaves = {p: suggest(trial, p, d) for p, d in self.spec.search["space"].items()}
-        same = [t for t in trial.study.get_trials(deepcopy=False, states=(State.COMPLETE,))
-                if t.params == trial.params]
+        same = [t for t in trial.study.get_trials(deepcopy=False, states=(State.COMPLETE,)) if t.params == trial.params]
         if same:  # the sampler proposed a finished trial's parameters: its values are known, do not train again
             trial.set_user_attr("same_as_trial", same[0].number)
             for key in ("measures", "machine", "epochs", "load"):
@@ -352,12 +403,29 @@ class TrialObjective:
 
         self.store.take_over(run)  # the trial is this process's alone: the study handed it out
         try:
-            res = fit(self.store.path(run), rcfg, self.task, data, device, run.key, meta, self.opts.progress,
-                      on_epoch=report, test=False)
+            res = fit(
+                self.store.path(run),
+                rcfg,
+                self.task,
+                data,
+                device,
+                run.key,
+                meta,
+                self.opts.progress,
+                on_epoch=report,
+                test=False,
+            )
         except optuna.TrialPruned:
-            self.store.record(run, {"key": run.key, **meta, "status": "pruned",
-                                    "epochs_run": self.store.epochs_done(run),
-                                    "val_best": self.task.metrics[0].best(best)})
+            self.store.record(
+                run,
+                {
+                    "key": run.key,
+                    **meta,
+                    "status": "pruned",
+                    "epochs_run": self.store.epochs_done(run),
+                    "val_best": self.task.metrics[0].best(best),
+                },
+            )
             for hook in self.opts.after_run:
                 hook(self.store, run)
             raise
@@ -367,13 +435,18 @@ class TrialObjective:
         self.store.record(run, res)
         for hook in self.opts.after_run:  # before the study hears of it: a finished study has every trial's hook done
             hook(self.store, run)
-        measures = {"val_metric": res["val_best"], "train_seconds": round(res["train_seconds"], 3),
-                    "params": res["params"], "flops": self._flops(rcfg, data, device)}
+        measures = {
+            "val_metric": res["val_best"],
+            "train_seconds": round(res["train_seconds"], 3),
+            "params": res["params"],
+            "flops": self._flops(rcfg, data, device),
+        }
         trial.set_user_attr("measures", measures)
         trial.set_user_attr("epochs", res["epochs_run"])
         trial.set_user_attr("load", round(os.getloadavg()[0], 2))  # what else ran: train_seconds depends on it
-        trial.set_user_attr("machine", device_name(device) + ("" if device.type == "cuda" else
-                                                              f", {torch.get_num_threads()} threads"))
+        trial.set_user_attr(
+            "machine", device_name(device) + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return measures
@@ -401,13 +474,23 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     workers = {t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}
     states = [t.state for t in trials]
-    return {"finished": states.count(State.COMPLETE) + states.count(State.PRUNED), "complete": states.count(State.COMPLETE),
-            "pruned": states.count(State.PRUNED), "failed": len(failed), "requeued": len(requeued),
-            "failures": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-            "wall_time_s": round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else None,
-            "workers": most_at_once([(t.datetime_start, t.datetime_complete) for t in trials
-                                     if "worker" in t.user_attrs and t.datetime_start and t.datetime_complete]),
-            "hosts": len({w.rsplit(":", 1)[0] for w in workers})}
+    return {
+        "finished": states.count(State.COMPLETE) + states.count(State.PRUNED),
+        "complete": states.count(State.COMPLETE),
+        "pruned": states.count(State.PRUNED),
+        "failed": len(failed),
+        "requeued": len(requeued),
+        "failures": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "wall_time_s": round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else None,
+        "workers": most_at_once(
+            [
+                (t.datetime_start, t.datetime_complete)
+                for t in trials
+                if "worker" in t.user_attrs and t.datetime_start and t.datetime_complete
+            ]
+        ),
+        "hosts": len({w.rsplit(":", 1)[0] for w in workers}),
+    }
 
 
 def most_at_once(spans: list[tuple[Any, Any]]) -> int:
@@ -464,17 +547,31 @@ def publishes(spec: Spec, seed: int, trials: int | None) -> bool:
     """Whether this tune is the study behind the spec's published ``tuned`` rung: the spec as written (no --set),
     its ``search.profile`` (none: the full budget), its first seed and its ``search.trials``.  Any other tune is an
     experiment, whose best goes beside its study (results/optuna/) and never over the spec's tuned file."""
-    return (tuned_path(spec.path, spec.search) is not None and not spec.adhoc and spec.profile == spec.search.get("profile")
-            and seed == spec.seeds[0] and trials in (None, spec.search["trials"]))
+    return (
+        tuned_path(spec.path, spec.search) is not None
+        and not spec.adhoc
+        and spec.profile == spec.search.get("profile")
+        and seed == spec.seeds[0]
+        and trials in (None, spec.search["trials"])
+    )
 
 
 def why_experiment(spec: Spec, seed: int, trials: int | None) -> str:
     """What makes a tune an experiment rather than the published study (see :func:`publishes`)."""
-    reasons = ([f"--set {', '.join(spec.overrides)}"] if spec.adhoc else []) + (
-        [f"profile {spec.profile or 'full'}, not the search's {spec.search.get('profile') or 'full'}"]
-        if spec.profile != spec.search.get("profile") else []) + (
-        [f"seed {seed}, not the spec's {spec.seeds[0]}"] if seed != spec.seeds[0] else []) + (
-        [f"--trials {trials}, not the spec's {spec.search['trials']}"] if trials not in (None, spec.search["trials"]) else [])
+    reasons = (
+        ([f"--set {', '.join(spec.overrides)}"] if spec.adhoc else [])
+        + (
+            [f"profile {spec.profile or 'full'}, not the search's {spec.search.get('profile') or 'full'}"]
+            if spec.profile != spec.search.get("profile")
+            else []
+        )
+        + ([f"seed {seed}, not the spec's {spec.seeds[0]}"] if seed != spec.seeds[0] else [])
+        + (
+            [f"--trials {trials}, not the spec's {spec.search['trials']}"]
+            if trials not in (None, spec.search["trials"])
+            else []
+        )
+    )
     return "; ".join(reasons)
 
 
@@ -487,16 +584,35 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     rows = []
     for t in trials:
         requeued = t.state == State.FAIL and (t.user_attrs.get("requeued") or t.number in retried)
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        rows.append({"number": t.number, "state": "requeued" if requeued else t.state.name.lower(),
-                     "value": t.value, "seconds": None if seconds is None else round(seconds, 1),
-                     **{k: t.params.get(k) for k in params}, "worker": t.user_attrs.get("worker"),
-                     "reason": t.user_attrs.get("fail_reason")})
+        seconds = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
+        rows.append(
+            {
+                "number": t.number,
+                "state": "requeued" if requeued else t.state.name.lower(),
+                "value": t.value,
+                "seconds": None if seconds is None else round(seconds, 1),
+                **{k: t.params.get(k) for k in params},
+                "worker": t.user_attrs.get("worker"),
+                "reason": t.user_attrs.get("fail_reason"),
+            }
+        )
     files.write_csv(path, ["number", "state", "value", "seconds", *params, "worker", "reason"], rows)
 
 
-def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, storage: str, out: Path,
-                results_dir: Path, published: bool) -> dict[str, Any]:
+def _write_best(
+    spec: Spec,
+    variant: Variant,
+    study: optuna.Study,
+    seed: int,
+    storage: str,
+    out: Path,
+    results_dir: Path,
+    published: bool,
+) -> dict[str, Any]:
     """Write ``<group>-best.yaml`` (the study's summary as comments, then the best trial as a variant), and beside it
     the study's trials as CSV and its figures.  For the study that ``published`` the spec's rung (see
     :func:`publishes`), the spec's ``search.tuned`` file instead takes the figures (results/figures) and the trials
@@ -505,50 +621,97 @@ def _write_best(spec: Spec, variant: Variant, study: optuna.Study, seed: int, st
     task = TASKS[spec.task]
     counts = study_summary(study)
     if not counts["complete"]:
-        return {"spec": spec.path, "study": study.study_name, "metric": f"validation {task.metric} (seed {seed})",
-                "value": None, "trials": counts["finished"], "pruned": counts["pruned"], "failed": counts["failed"],
-                "failures": counts["failures"], "params": {}, "written": []}
+        return {
+            "spec": spec.path,
+            "study": study.study_name,
+            "metric": f"validation {task.metric} (seed {seed})",
+            "value": None,
+            "trials": counts["finished"],
+            "pruned": counts["pruned"],
+            "failed": counts["failed"],
+            "failures": counts["failures"],
+            "params": {},
+            "written": [],
+        }
     best = study.best_trial
-    summary = {"spec": spec.path, "group": spec.group, "study": study.study_name, "tuned_variant": variant.name,
-               "overrides": spec.overrides, "metric": f"validation {task.metric} (seed {seed})", "value": best.value,
-               "trials": counts["finished"], "complete": counts["complete"], "pruned": counts["pruned"],
-               "failed": counts["failed"], "requeued": counts["requeued"], "failures": counts["failures"],
-               "storage": storage}
-    suggestion = {"name": f"{variant.name}-tuned", "from": variant.name,
-                  "note": f"Optuna best of {summary['trials']} trials (validation {task.metric} {best.value:.4f})",
-                  "set": config_params(best.params, spec.search["space"])}
-    text = ("# " + yaml.safe_dump(summary, sort_keys=False).replace("\n", "\n# ").rstrip("# ") + "\n"
-            "# paste at the end of `variants:` in the spec to benchmark it with error bars:\n"
-            + yaml.safe_dump([suggestion], sort_keys=False))
+    summary = {
+        "spec": spec.path,
+        "group": spec.group,
+        "study": study.study_name,
+        "tuned_variant": variant.name,
+        "overrides": spec.overrides,
+        "metric": f"validation {task.metric} (seed {seed})",
+        "value": best.value,
+        "trials": counts["finished"],
+        "complete": counts["complete"],
+        "pruned": counts["pruned"],
+        "failed": counts["failed"],
+        "requeued": counts["requeued"],
+        "failures": counts["failures"],
+        "storage": storage,
+    }
+    suggestion = {
+        "name": f"{variant.name}-tuned",
+        "from": variant.name,
+        "note": f"Optuna best of {summary['trials']} trials (validation {task.metric} {best.value:.4f})",
+        "set": config_params(best.params, spec.search["space"]),
+    }
+    text = (
+        "# " + yaml.safe_dump(summary, sort_keys=False).replace("\n", "\n# ").rstrip("# ") + "\n"
+        "# paste at the end of `variants:` in the spec to benchmark it with error bars:\n"
+        + yaml.safe_dump([suggestion], sort_keys=False)
+    )
     files.write_text(out / f"{spec.group}-best.yaml", text)
     written = [out / f"{spec.group}-best.yaml"]
     target = tuned_path(spec.path, spec.search)
     if not published or target is None:
         write_trials_csv(study, out / f"{spec.group}-trials.csv")
         written += [out / f"{spec.group}-trials.csv"] + [out / n for n in plot_study(study, out / spec.group)]
-        return {**summary, "params": config_params(best.params, spec.search["space"]), "written": [str(p) for p in written]}
+        return {
+            **summary,
+            "params": config_params(best.params, spec.search["space"]),
+            "written": [str(p) for p in written],
+        }
     trials_csv = target.with_name(f"{target.stem}.trials.csv")
-    study_info = {"name": study.study_name, "ran_in": where_it_ran(storage), "profile": spec.profile, "seed": seed,
-                  "metric": f"validation {task.metric}", "best_trial": best.number, "value": round(best.value, 6),
-                  **counts, "trials_csv": trials_csv.name,
-                  "figures": [f"figures/tune-{group_file_prefix(spec.published_group)}-{k}.png"
-                              for k in ("history", "importance")],
-                  "commit": files.git_commit(), "written": time.strftime("%Y-%m-%d %H:%M %Z")}
+    study_info = {
+        "name": study.study_name,
+        "ran_in": where_it_ran(storage),
+        "profile": spec.profile,
+        "seed": seed,
+        "metric": f"validation {task.metric}",
+        "best_trial": best.number,
+        "value": round(best.value, 6),
+        **counts,
+        "trials_csv": trials_csv.name,
+        "figures": [
+            f"figures/tune-{group_file_prefix(spec.published_group)}-{k}.png" for k in ("history", "importance")
+        ],
+        "commit": files.git_commit(),
+        "written": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
     minutes = f"{counts['wall_time_s'] / 60:.1f} min" if counts["wall_time_s"] is not None else "?"
-    tuned = {"name": TUNED, "from": variant.name,
-             "note": (f"Optuna best of {counts['finished']} trials ({counts['pruned']} pruned, {counts['failed']} "
-                      f"failed; {minutes} on {counts['workers']} worker{'s' if counts['workers'] != 1 else ''} at "
-                      f"once), trial {best.number}"),
-             "set": config_params(best.params, spec.search["space"])}
+    tuned = {
+        "name": TUNED,
+        "from": variant.name,
+        "note": (
+            f"Optuna best of {counts['finished']} trials ({counts['pruned']} pruned, {counts['failed']} "
+            f"failed; {minutes} on {counts['workers']} worker{'s' if counts['workers'] != 1 else ''} at "
+            f"once), trial {best.number}"
+        ),
+        "set": config_params(best.params, spec.search["space"]),
+    }
     if not _same_tuned(target, study_info, tuned):  # a rerun of a finished study keeps the committed file
         prefix = results_dir / "figures" / f"tune-{group_file_prefix(spec.published_group)}"
         study_info["figures"] = [f"figures/{n}" for n in plot_study(study, prefix)]
         write_trials_csv(study, trials_csv)
-        files.write_text(target, f"# Written by `python -m bench tune {spec.path}"
-                                 f"{' --profile ' + spec.profile if spec.profile else ''}`: the best trial of its "
-                                 f"study (validation split only; every trial in {trials_csv.name}). `bench run` trains "
-                                 f"the `tuned` variant on the spec's seeds.\n"
-                                 + yaml.safe_dump({"study": study_info, "variant": tuned}, sort_keys=False))
+        files.write_text(
+            target,
+            f"# Written by `python -m bench tune {spec.path}"
+            f"{' --profile ' + spec.profile if spec.profile else ''}`: the best trial of its "
+            f"study (validation split only; every trial in {trials_csv.name}). `bench run` trains "
+            f"the `tuned` variant on the spec's seeds.\n"
+            + yaml.safe_dump({"study": study_info, "variant": tuned}, sort_keys=False),
+        )
         written += [target, trials_csv]
     return {**summary, "params": config_params(best.params, spec.search["space"]), "written": [str(p) for p in written]}
 
@@ -564,8 +727,16 @@ def front_prefix(spec: Spec) -> str:
     return f"{group_file_prefix(spec.group)}-pareto"
 
 
-def write_front(spec: Spec, variant: Variant, name: str, rdb: optuna.storages.BaseStorage, seed: int, storage: str,
-                out: Path, results_dir: Path) -> dict[str, Any]:
+def write_front(
+    spec: Spec,
+    variant: Variant,
+    name: str,
+    rdb: optuna.storages.BaseStorage,
+    seed: int,
+    storage: str,
+    out: Path,
+    results_dir: Path,
+) -> dict[str, Any]:
     """Write a multi-objective study's Pareto front, read back from its storage (every worker's trials): a Markdown
     table ``results/optuna/<prefix>.md``, the figure ``results/figures/tune-<prefix>.png`` and every trial as CSV
     beside the table (``<prefix>``: :func:`front_prefix`).  The summary that ``bench tune`` prints, with ``front``
@@ -575,18 +746,33 @@ def write_front(spec: Spec, variant: Variant, name: str, rdb: optuna.storages.Ba
     counts = study_summary(study)
     front = _front_rows(study)
     prefix = front_prefix(spec)
-    table, figure, trials_csv = out / f"{prefix}.md", results_dir / "figures" / f"tune-{prefix}.png", out / f"{prefix}-trials.csv"
+    table, figure, trials_csv = (
+        out / f"{prefix}.md",
+        results_dir / "figures" / f"tune-{prefix}.png",
+        out / f"{prefix}-trials.csv",
+    )
     _write_mo_trials_csv(study, spec.search["space"], trials_csv)
     written = [trials_csv]
     if front:
         files.write_text(table, front_markdown(spec, variant, study, objectives, front, counts, seed, storage))
         plot_front(study, objectives, [t.number for t in front], TASKS[spec.task].metrics[0], figure)
         written = [table, figure, trials_csv]
-    return {"spec": spec.path, "study": study.study_name, "objectives": objectives,
-            "metric": f"validation {TASKS[spec.task].metric} (seed {seed})", "value": None,
-            "trials": counts["finished"], "complete": counts["complete"], "pruned": counts["pruned"],
-            "failed": counts["failed"], "requeued": counts["requeued"], "failures": counts["failures"],
-            "front": [t.number for t in front], "params": {}, "written": [str(p) for p in written]}
+    return {
+        "spec": spec.path,
+        "study": study.study_name,
+        "objectives": objectives,
+        "metric": f"validation {TASKS[spec.task].metric} (seed {seed})",
+        "value": None,
+        "trials": counts["finished"],
+        "complete": counts["complete"],
+        "pruned": counts["pruned"],
+        "failed": counts["failed"],
+        "requeued": counts["requeued"],
+        "failures": counts["failures"],
+        "front": [t.number for t in front],
+        "params": {},
+        "written": [str(p) for p in written],
+    }
 
 
 def _front_rows(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -600,46 +786,80 @@ def _machines(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
     return sorted({t.user_attrs["machine"] for t in trials if "machine" in t.user_attrs})
 
 
-def front_markdown(spec: Spec, variant: Variant, study: optuna.Study, objectives: list[str],
-                   front: list[optuna.trial.FrozenTrial], counts: dict[str, Any], seed: int, storage: str) -> str:
+def front_markdown(
+    spec: Spec,
+    variant: Variant,
+    study: optuna.Study,
+    objectives: list[str],
+    front: list[optuna.trial.FrozenTrial],
+    counts: dict[str, Any],
+    seed: int,
+    storage: str,
+) -> str:
     """The Pareto table with the sentences that say what its numbers mean and where they hold."""
     metric = TASKS[spec.task].metrics[0]
     space = spec.search["space"]
     machines = _machines([t for t in study.trials if t.state == State.COMPLETE])
-    where = (f"on {machines[0]}" if len(machines) == 1 else
-             f"on {len(machines)} different machines ({'; '.join(machines)}): these times mix machines")
+    where = (
+        f"on {machines[0]}"
+        if len(machines) == 1
+        else f"on {len(machines)} different machines ({'; '.join(machines)}): these times mix machines"
+    )
     workers = counts["workers"]
     loads = [t.user_attrs["load"] for t in study.trials if "load" in t.user_attrs]
     load = f" (1-minute load average {min(loads):.1f} to {max(loads):.1f} at the trials' ends)" if loads else ""
     costs = ", ".join(f"{COLUMNS[o]} (minimized)" for o in objectives[1:])
-    lines = [f"# Pareto front of `{study.study_name}`", "",
-             f"Optuna study (TPE, 4 random trials first; {counts['finished']} finished trials: {counts['complete']} complete, "
-             f"{counts['failed']} failed) of `{variant.name}` in `{spec.path}`"
-             f"{' with --set ' + describe(spec.overrides) if spec.overrides else ''}, profile "
-             f"{spec.profile or 'full'}, seed {seed}, stored in {where_it_ran(storage)}.  Objectives: validation "
-             f"{TASKS[spec.task].metric} ({metric.direction}d), {costs}.  The {len(front)} trials below are those no other trial "
-             f"beats on every objective (validation split only; the test split was never read).", ""]
+    lines = [
+        f"# Pareto front of `{study.study_name}`",
+        "",
+        f"Optuna study (TPE, 4 random trials first; {counts['finished']} finished trials: {counts['complete']} complete, "
+        f"{counts['failed']} failed) of `{variant.name}` in `{spec.path}`"
+        f"{' with --set ' + describe(spec.overrides) if spec.overrides else ''}, profile "
+        f"{spec.profile or 'full'}, seed {seed}, stored in {where_it_ran(storage)}.  Objectives: validation "
+        f"{TASKS[spec.task].metric} ({metric.direction}d), {costs}.  The {len(front)} trials below are those no other trial "
+        f"beats on every objective (validation split only; the test split was never read).",
+        "",
+    ]
     if "train_seconds" in objectives:
-        lines += [f"**train s** is the harness's own measured training time of the trial (training steps of all its "
-                  f"epochs, `train_seconds` of its metrics.csv), measured {where}{load}, with up to {workers} trial"
-                  f"{'s' if workers != 1 else ''} training at once: the front holds on that machine, not on another."
-                  + (f"  The load exceeded its {usable_cores()} cores: other work ran beside the trials and their "
-                     f"times include its share (on a shared machine, `flops` or `params` is a cost it does not move)."
-                     if loads and max(loads) > usable_cores() else ""), ""]
+        lines += [
+            f"**train s** is the harness's own measured training time of the trial (training steps of all its "
+            f"epochs, `train_seconds` of its metrics.csv), measured {where}{load}, with up to {workers} trial"
+            f"{'s' if workers != 1 else ''} training at once: the front holds on that machine, not on another."
+            + (
+                f"  The load exceeded its {usable_cores()} cores: other work ran beside the trials and their "
+                f"times include its share (on a shared machine, `flops` or `params` is a cost it does not move)."
+                if loads and max(loads) > usable_cores()
+                else ""
+            ),
+            "",
+        ]
     val = f"val {TASKS[spec.task].metric}" + (f" ({metric.unit})" if metric.unit else "")
     head = ["trial", val, *COLUMNS.values(), "epochs", *space]
     rows = []
     for t in front:
         m = t.user_attrs.get("measures", {})
         p = config_params(t.params, space)
-        rows.append([str(t.number), metric.text(t.values[0]), f"{m.get('train_seconds', float('nan')):.1f}",
-                     f"{m.get('params', 0):,}", f"{m.get('flops', 0) / 1e6:.2f}", str(t.user_attrs.get("epochs", "")),
-                     *(_short(p.get(k)) for k in space)])
-    lines += [files.markdown_table(head, rows, ["right"] * (len(head) - len(space)) + ["left"] * len(space)), "",
-              f"![Pareto front](../figures/tune-{front_prefix(spec)}.png)", "",
-              f"A trial of the front becomes a rung of the spec (trained on its seeds by `bench run`): `python -m bench "
-              f"tune {spec.path}{' --profile ' + spec.profile if spec.profile else ''} --objectives "
-              f"{','.join(objectives)} --rung NAME --trial N` (the spec's `search.rungs` names the file it goes to).", ""]
+        rows.append(
+            [
+                str(t.number),
+                metric.text(t.values[0]),
+                f"{m.get('train_seconds', float('nan')):.1f}",
+                f"{m.get('params', 0):,}",
+                f"{m.get('flops', 0) / 1e6:.2f}",
+                str(t.user_attrs.get("epochs", "")),
+                *(_short(p.get(k)) for k in space),
+            ]
+        )
+    lines += [
+        files.markdown_table(head, rows, ["right"] * (len(head) - len(space)) + ["left"] * len(space)),
+        "",
+        f"![Pareto front](../figures/tune-{front_prefix(spec)}.png)",
+        "",
+        f"A trial of the front becomes a rung of the spec (trained on its seeds by `bench run`): `python -m bench "
+        f"tune {spec.path}{' --profile ' + spec.profile if spec.profile else ''} --objectives "
+        f"{','.join(objectives)} --rung NAME --trial N` (the spec's `search.rungs` names the file it goes to).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -660,16 +880,31 @@ def plot_front(study: optuna.Study, objectives: list[str], front: list[int], met
     fig, axes = plt.subplots(1, len(objectives) - 1, figsize=(5.5 * (len(objectives) - 1), 4), squeeze=False)
     for i, (ax, cost) in enumerate(zip(axes[0], objectives[1:], strict=True), start=1):
         scale = 1e-6 if cost == "flops" else 1.0
-        ax.scatter([t.values[i] * scale for t in done], [t.values[0] * metric.scale for t in done], c="0.7",
-                   s=18, label="trial")
-        ax.scatter([t.values[i] * scale for t in on], [t.values[0] * metric.scale for t in on], c="C3", s=30,
-                   label="Pareto front")
+        ax.scatter(
+            [t.values[i] * scale for t in done],
+            [t.values[0] * metric.scale for t in done],
+            c="0.7",
+            s=18,
+            label="trial",
+        )
+        ax.scatter(
+            [t.values[i] * scale for t in on],
+            [t.values[0] * metric.scale for t in on],
+            c="C3",
+            s=30,
+            label="Pareto front",
+        )
         if len(objectives) == 2:  # the front as the staircase it is: nothing above and left of it was found
             line = sorted((t.values[1] * scale, t.values[0] * metric.scale) for t in on)
             ax.step([x for x, _ in line], [y for _, y in line], where="post", c="C3", lw=0.8, alpha=0.6)
         for t in on:
-            ax.annotate(str(t.number), (t.values[i] * scale, t.values[0] * metric.scale), fontsize=8,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                str(t.number),
+                (t.values[i] * scale, t.values[0] * metric.scale),
+                fontsize=8,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set_xlabel(COLUMNS[cost] if cost != "train_seconds" else "train s (measured on the tuning machine)")
         ax.set_ylabel(f"validation {metric.key}" + (f" ({metric.unit})" if metric.unit else ""))
         if cost != "train_seconds":
@@ -689,13 +924,24 @@ def _write_mo_trials_csv(study: optuna.Study, space: dict[str, Any], path: Path)
     keys = ["val_metric", *COLUMNS]
     rows = []
     for t in trials:
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        seconds = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
         m = t.user_attrs.get("measures", {})
-        rows.append({"number": t.number, "state": t.state.name.lower(), **{k: m.get(k) for k in keys},
-                     "seconds": None if seconds is None else round(seconds, 1),
-                     **{k: json.dumps(v) if isinstance(v, list) else v for k, v in config_params(t.params, space).items()},
-                     "machine": t.user_attrs.get("machine"), "worker": t.user_attrs.get("worker"),
-                     "reason": t.user_attrs.get("fail_reason")})
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                **{k: m.get(k) for k in keys},
+                "seconds": None if seconds is None else round(seconds, 1),
+                **{k: json.dumps(v) if isinstance(v, list) else v for k, v in config_params(t.params, space).items()},
+                "machine": t.user_attrs.get("machine"),
+                "worker": t.user_attrs.get("worker"),
+                "reason": t.user_attrs.get("fail_reason"),
+            }
+        )
     files.write_csv(path, ["number", "state", *keys, "seconds", *space, "machine", "worker", "reason"], rows)
 
 
@@ -706,8 +952,10 @@ def check_rung(spec: Spec, rung: str) -> Path:
         raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
     path = rungs_path(spec.path, spec.search)
     if path is None:
-        raise ConfigError(f"--rung {rung}: {spec.path} names no file for rungs made from trials; add "
-                          f"`rungs: {Path(spec.path).stem}.rungs.yaml` to its search section")
+        raise ConfigError(
+            f"--rung {rung}: {spec.path} names no file for rungs made from trials; add "
+            f"`rungs: {Path(spec.path).stem}.rungs.yaml` to its search section"
+        )
     made = {str(e["variant"].get("name")) for e in read_rungs(spec.search, Path(spec.path))}
     if slug(rung) != rung or rung.startswith("."):
         raise ConfigError(f"--rung {rung!r}: a rung name must be a folder name (letters, digits, + . _ = -)")
@@ -716,8 +964,9 @@ def check_rung(spec: Spec, rung: str) -> Path:
     return path
 
 
-def make_rung(spec: Spec, seed: int, storage: StorageOptions, objectives: list[str], rung: str,
-              number: int | None) -> Path:
+def make_rung(
+    spec: Spec, seed: int, storage: StorageOptions, objectives: list[str], rung: str, number: int | None
+) -> Path:
     """Write trial ``number`` (None: the best trial of a single-objective study) of the study that ``bench tune`` with
     the same options ran as the variant ``rung`` of the spec (``from:`` the tuned variant, ``set:`` the trial's
     parameters) into the spec's ``search.rungs`` file; ``bench run`` trains it on the spec's seeds.  Trains nothing.
@@ -734,29 +983,47 @@ def make_rung(spec: Spec, seed: int, storage: StorageOptions, objectives: list[s
         except KeyError:
             pass
     if study is None:
-        raise ConfigError(f"--rung {rung}: no study {name} in {shown(storage.url)}; run `bench tune` with the same "
-                          f"spec, profile, --set and --objectives first")
+        raise ConfigError(
+            f"--rung {rung}: no study {name} in {shown(storage.url)}; run `bench tune` with the same "
+            f"spec, profile, --set and --objectives first"
+        )
     complete = [t for t in study.trials if t.state == State.COMPLETE]
     # The front: Optuna's (its best_trials); of one objective, every trial with the best value (a tie is as good).
-    front = sorted(t.number for t in (study.best_trials if len(objectives) > 1 else
-                                      [t for t in complete if t.values == study.best_trial.values])) if complete else []
+    front = (
+        sorted(
+            t.number
+            for t in (
+                study.best_trials
+                if len(objectives) > 1
+                else [t for t in complete if t.values == study.best_trial.values]
+            )
+        )
+        if complete
+        else []
+    )
     shown_front = f"the front: {', '.join(map(str, front))}" if front else "the study has no complete trial yet"
     if number is None:
         if len(objectives) > 1:
-            raise ConfigError(f"--rung {rung}: a study of several objectives has no single best trial; add --trial N "
-                              f"with a trial of its Pareto front ({shown_front})")
+            raise ConfigError(
+                f"--rung {rung}: a study of several objectives has no single best trial; add --trial N "
+                f"with a trial of its Pareto front ({shown_front})"
+            )
         if not front:
             raise ConfigError(f"--rung {rung}: study {name}: {shown_front}")
         number = study.best_trial.number
     trial = next((t for t in study.trials if t.number == number), None)
     if trial is None or trial.state != State.COMPLETE:
         what = "no such trial" if trial is None else f"trial {number} is {trial.state.name.lower()}"
-        raise ConfigError(f"--trial {number}: {what} in study {name}; only a complete trial of its Pareto front can "
-                          f"become a rung ({shown_front})")
+        raise ConfigError(
+            f"--trial {number}: {what} in study {name}; only a complete trial of its Pareto front can "
+            f"become a rung ({shown_front})"
+        )
     if number not in front:
         by = next(n for n in front if _dominates(study.trials[n].values, trial.values, study.directions))
-        raise ConfigError(f"--trial {number}: not on the Pareto front of study {name} (trial {by} is at least as good "
-                          f"on every objective and better on one); {shown_front}")
+        raise ConfigError(
+            f"--trial {number}: not on the Pareto front of study {name} (trial {by} is at least as good "
+            f"on every objective and better on one); {shown_front}"
+        )
     _write_rung(path, rung, spec, variant, study, trial, objectives, seed, storage.url, front)
     return path
 
@@ -767,22 +1034,49 @@ def _dominates(a: list[float], b: list[float], dirs: list[optuna.study.StudyDire
     return all(s * x >= s * y for s, x, y in zip(sign, a, b, strict=True)) and any(better)
 
 
-def _write_rung(path: Path, rung: str, spec: Spec, variant: Variant, study: optuna.Study,
-                trial: optuna.trial.FrozenTrial, objectives: list[str], seed: int, url: str, front: list[int]) -> None:
+def _write_rung(
+    path: Path,
+    rung: str,
+    spec: Spec,
+    variant: Variant,
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    objectives: list[str],
+    seed: int,
+    url: str,
+    front: list[int],
+) -> None:
     """Add (or replace) the rung's entry of the spec's rungs file: the study it came from, and the variant."""
     metric = TASKS[spec.task].metrics[0]
     m = trial.user_attrs.get("measures", {"val_metric": trial.values[0]})
     costs = [f"{COLUMNS[o]} {m[o] / 1e6:.2f}" if o == "flops" else f"{COLUMNS[o]} {m[o]:,.4g}" for o in objectives[1:]]
-    entry = {"study": {"name": study.study_name, "ran_in": where_it_ran(url), "profile": spec.profile, "seed": seed,
-                       "overrides": spec.overrides, "objectives": objectives, "trial": trial.number, "front": front,
-                       "measures": m, "machine": trial.user_attrs.get("machine"), "commit": files.git_commit(),
-                       "written": time.strftime("%Y-%m-%d %H:%M %Z")},
-             "variant": {"name": rung, "from": variant.name,
-                         "note": f"Optuna trial {trial.number}: val {metric.text(m['val_metric'], unit=True)}"
-                                 + "".join(f", {c}" for c in costs),
-                         "set": config_params(trial.params, spec.search["space"])}}
+    entry = {
+        "study": {
+            "name": study.study_name,
+            "ran_in": where_it_ran(url),
+            "profile": spec.profile,
+            "seed": seed,
+            "overrides": spec.overrides,
+            "objectives": objectives,
+            "trial": trial.number,
+            "front": front,
+            "measures": m,
+            "machine": trial.user_attrs.get("machine"),
+            "commit": files.git_commit(),
+            "written": time.strftime("%Y-%m-%d %H:%M %Z"),
+        },
+        "variant": {
+            "name": rung,
+            "from": variant.name,
+            "note": f"Optuna trial {trial.number}: val {metric.text(m['val_metric'], unit=True)}"
+            + "".join(f", {c}" for c in costs),
+            "set": config_params(trial.params, spec.search["space"]),
+        },
+    }
     entries = [e for e in read_rungs(spec.search, Path(spec.path)) if e["variant"].get("name") != rung] + [entry]
-    files.write_text(path, f"# Written by `python -m bench tune {spec.path} ... --rung NAME --trial N`: trials of Optuna "
-                           f"studies (validation split only) as variants of {Path(spec.path).name}, which `bench run` "
-                           f"trains on the spec's seeds after its own rungs.\n"
-                           + yaml.safe_dump({"rungs": entries}, sort_keys=False))
+    files.write_text(
+        path,
+        f"# Written by `python -m bench tune {spec.path} ... --rung NAME --trial N`: trials of Optuna "
+        f"studies (validation split only) as variants of {Path(spec.path).name}, which `bench run` "
+        f"trains on the spec's seeds after its own rungs.\n" + yaml.safe_dump({"rungs": entries}, sort_keys=False),
+    )

@@ -11,6 +11,7 @@ not guessed:
 * CUDA: one training step gives a run's peak GPU memory; as many runs as fit in 90 % of the free
   memory (each also pays for its own CUDA context), at most one per CPU core and one per run.
 """
+
 from __future__ import annotations
 
 import threading
@@ -43,8 +44,9 @@ def _step_fn(cfg: Config, task: Task, data: Data, device: torch.device) -> Calla
     return step
 
 
-def cpu_throughput(cfg: Config, task: Task, data: Data, workers: int, threads: int, seconds: float = 1.5,
-                   warmup: int = 3) -> float:
+def cpu_throughput(
+    cfg: Config, task: Task, data: Data, workers: int, threads: int, seconds: float = 1.5, warmup: int = 3
+) -> float:
     """Training images per second of ``workers`` concurrent loops of ``threads`` threads each: images of the
     steps finished within about ``seconds`` after ``warmup`` steps per loop, over the time the last of them ended."""
     images, ended = [0] * workers, [0.0] * workers
@@ -98,8 +100,9 @@ def choose_cuda_workers(cfg: Config, task: Task, data: Data, device: torch.devic
     # Workers are spread over every GPU of the machine (bench.runner.gpu_slots) unless a device index was named.
     gpus = torch.cuda.device_count() if device.index is None else 1
     n = cuda_workers(free, per_run, n_runs, usable_cores(), gpus)
-    return n, (f"{free / 2**30:.1f} GiB free, about {per_run / 2**30:.2f} GiB per run"
-               + (f", {gpus} GPUs" if gpus > 1 else ""))
+    return n, (
+        f"{free / 2**30:.1f} GiB free, about {per_run / 2**30:.2f} GiB per run" + (f", {gpus} GPUs" if gpus > 1 else "")
+    )
 
 
 def cuda_workers(free: int, per_run: int, n_runs: int, cores: int, gpus: int = 1) -> int:
@@ -108,8 +111,9 @@ def cuda_workers(free: int, per_run: int, n_runs: int, cores: int, gpus: int = 1
     return max(1, min(n_runs, cores, gpus * (int(0.9 * free) // max(1, per_run))))
 
 
-def choose_workers(cfg: Config, task: Task, data: Data, device: torch.device, n_runs: int,
-                   cores: int | None = None) -> tuple[int, str]:
+def choose_workers(
+    cfg: Config, task: Task, data: Data, device: torch.device, n_runs: int, cores: int | None = None
+) -> tuple[int, str]:
     """Workers for a grid of ``n_runs`` runs like ``cfg`` on ``device`` (``data`` on the CPU), and why; on the CPU,
     over ``cores`` cores (default: all)."""
     if n_runs <= 1:
@@ -129,6 +133,7 @@ def grid_workers(spec: Spec, todo: list[Run], opts: RunOptions, cache: dict[str,
     # started together each find all of them free, and their trainers then take turns at the cores.
     total = usable_cores()
     free = min(files.free_cores(), total)
-    workers, why = choose_workers(cfg, task, data, resolve_device(cfg.train.device, "train.device"), len(todo),
-                                  max(1, free))
+    workers, why = choose_workers(
+        cfg, task, data, resolve_device(cfg.train.device, "train.device"), len(todo), max(1, free)
+    )
     return workers, why + (f"; {free} of {total} cores free" if free < total else "")

@@ -17,6 +17,7 @@ with ``reduce_range`` (7 bits: the u8 x s8 kernels of x86 CPUs without VNNI can 
 from 99.55 % to 99.94 %), uint8 activations calibrated (MinMax) on training images; its metric
 is measured on the whole test set through ONNX Runtime like the float model's.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,9 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- timing
 
 
-def time_calls(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, chunk: int = CHUNK,
-               max_seconds: float = MAX_SECONDS) -> dict[str, np.ndarray]:
+def time_calls(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, chunk: int = CHUNK, max_seconds: float = MAX_SECONDS
+) -> dict[str, np.ndarray]:
     """Per-call wall times in ms of each function, interleaved in chunks of ``chunk`` calls after
     ``warmup`` untimed calls each; stops after ``repeats`` calls each, or after ``max_seconds``
     once every function has at least ``max(10, repeats // 10)``."""
@@ -75,7 +77,9 @@ def time_calls(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, chu
                 t = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t)
-        if time.perf_counter() - t_start > max_seconds and min(len(v) for v in times.values()) >= max(10, repeats // 10):
+        if time.perf_counter() - t_start > max_seconds and min(len(v) for v in times.values()) >= max(
+            10, repeats // 10
+        ):
             break
     return {k: np.asarray(v) * 1e3 for k, v in times.items()}
 
@@ -100,6 +104,7 @@ def _torch_call(model: nn.Module, x: np.ndarray, device: str) -> Callable[[], An
         def call() -> Any:
             with torch.inference_mode():
                 return model(t)
+
         return call
     gpu_model = model.to(device)
 
@@ -107,11 +112,13 @@ def _torch_call(model: nn.Module, x: np.ndarray, device: str) -> Callable[[], An
         with torch.inference_mode():
             out = gpu_model(torch.from_numpy(x).to(device)).cpu().numpy()
         return out
+
     return call_gpu
 
 
-def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | None = None,
-                     providers: list[str] | None = None) -> list[dict[str, Any]]:
+def benchmark_export(
+    ex: Exported, threads: int | None = None, repeats: int | None = None, providers: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Latency rows (see :data:`exporters.report.CSV_COLUMNS`) of an export (and its INT8 file, if :func:`add_int8`
     made one) beside PyTorch eager, at batch 1 and the large batch, on every available provider."""
     kind = ex.meta.kind
@@ -141,9 +148,17 @@ def benchmark_export(ex: Exported, threads: int | None = None, repeats: int | No
     return rows
 
 
-def _benchmark_provider(ex: Exported, model: nn.Module, prov: str, plan: list[tuple[str, int, int]], onnx_files: dict[str, Path],
-                        metrics: dict[tuple[str, str], float], repeats: int | None, flops: int,
-                        params: int) -> list[dict[str, Any]]:
+def _benchmark_provider(
+    ex: Exported,
+    model: nn.Module,
+    prov: str,
+    plan: list[tuple[str, int, int]],
+    onnx_files: dict[str, Path],
+    metrics: dict[tuple[str, str], float],
+    repeats: int | None,
+    flops: int,
+    params: int,
+) -> list[dict[str, Any]]:
     """The rows of one execution provider (see :func:`benchmark_export`)."""
     rec = ex.record
     name = rec["metadata"]["input_name"]
@@ -155,7 +170,7 @@ def _benchmark_provider(ex: Exported, model: nn.Module, prov: str, plan: list[tu
             if prov != "cpu" and prec == "int8":
                 continue  # QDQ int8 targets the CPU kernels
             sess = provider_session(path, prov, th)
-            fns["onnxruntime", prec] = (lambda s=sess, feed={name: x}: s.run(None, feed))
+            fns["onnxruntime", prec] = lambda s=sess, feed={name: x}: s.run(None, feed)
         with _threads(th):
             fns["pytorch", "fp32"] = _torch_call(model, x, "cuda" if prov == "cuda" else "cpu")
             load0 = os.getloadavg()[0]
@@ -164,38 +179,60 @@ def _benchmark_provider(ex: Exported, model: nn.Module, prov: str, plan: list[tu
         if prov == "cuda":
             model.cpu()
         ref = float(np.percentile(times["pytorch/fp32"], 50))
-        for (engine, prec) in fns:
+        for engine, prec in fns:
             t = times[f"{engine}/{prec}"]
             p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
-            rows.append({
-                "model": ex.meta.task, "source_run": rec["source_run"], "engine": engine, "provider": prov,
-                "precision": prec, "batch": batch, "threads": th,
-                "spinning": "off" if engine == "onnxruntime" else "", "warmup": WARMUP[size], "repeats": len(t),
-                "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(t.mean()),
-                "images_per_s": batch / (p50 / 1e3), "speedup_vs_pytorch": ref / p50,
-                "metric": rec["parity"]["metric"], "metric_value": metrics[engine, prec],
-                "params": params, "flops_per_image": flops,
-                "cpu": device_name(torch.device("cpu" if prov == "cpu" else "cuda")),
-                "load_avg_1m": f"{load0:.2f}-{load1:.2f}", "onnxruntime": ort.__version__, "torch": torch.__version__,
-                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
+            rows.append(
+                {
+                    "model": ex.meta.task,
+                    "source_run": rec["source_run"],
+                    "engine": engine,
+                    "provider": prov,
+                    "precision": prec,
+                    "batch": batch,
+                    "threads": th,
+                    "spinning": "off" if engine == "onnxruntime" else "",
+                    "warmup": WARMUP[size],
+                    "repeats": len(t),
+                    "p50_ms": p50,
+                    "p90_ms": p90,
+                    "p99_ms": p99,
+                    "mean_ms": float(t.mean()),
+                    "images_per_s": batch / (p50 / 1e3),
+                    "speedup_vs_pytorch": ref / p50,
+                    "metric": rec["parity"]["metric"],
+                    "metric_value": metrics[engine, prec],
+                    "params": params,
+                    "flops_per_image": flops,
+                    "cpu": device_name(torch.device("cpu" if prov == "cpu" else "cuda")),
+                    "load_avg_1m": f"{load0:.2f}-{load1:.2f}",
+                    "onnxruntime": ort.__version__,
+                    "torch": torch.__version__,
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
     return rows
 
 
 def describe(rows: list[dict[str, Any]]) -> list[str]:
     """One line per row for the terminal."""
-    return [f"{r['engine']:<11} {r['provider']:<4} {r['precision']:<4} batch {r['batch']:>3} x{r['threads']} threads: "
-            f"p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, {r['images_per_s']:.0f} images/s, "
-            f"{r['speedup_vs_pytorch']:.2f}x PyTorch" for r in rows]
+    return [
+        f"{r['engine']:<11} {r['provider']:<4} {r['precision']:<4} batch {r['batch']:>3} x{r['threads']} threads: "
+        f"p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, {r['images_per_s']:.0f} images/s, "
+        f"{r['speedup_vs_pytorch']:.2f}x PyTorch"
+        for r in rows
+    ]
 
 
 # --------------------------------------------------------------------------- INT8
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, input_name: str,
-                  batch: int = 16) -> None:
+def quantize_int8(
+    fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, input_name: str, batch: int = 16
+) -> None:
     """Static INT8 quantization (QDQ, per-channel reduced-range int8 weights, uint8 activations, MinMax calibration on
     ``calibration`` (N, C, H, W) float32); written to ``out_path`` via a temporary file."""
+
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
             self.it = iter(range(0, len(calibration), batch))
@@ -216,9 +253,17 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
             level = logging.getLogger().level
             logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs its pre-processing advice as warnings
             try:
-                q.quantize_static(str(src), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=q.QuantFormat.QDQ,
-                                  per_channel=True, reduce_range=True, activation_type=q.QuantType.QUInt8,
-                                  weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
+                q.quantize_static(
+                    str(src),
+                    str(Path(tmp) / "int8.onnx"),
+                    Reader(),
+                    quant_format=q.QuantFormat.QDQ,
+                    per_channel=True,
+                    reduce_range=True,
+                    activation_type=q.QuantType.QUInt8,
+                    weight_type=q.QuantType.QInt8,
+                    calibrate_method=q.CalibrationMethod.MinMax,
+                )
             finally:
                 logging.getLogger().setLevel(level)
         model = onnx.load(str(Path(tmp) / "int8.onnx"))
@@ -247,12 +292,20 @@ def add_int8(ex: Exported) -> dict[str, Any] | None:
     m8 = score(ex.run.task, ex.meta, out8, ex.test.targets)
     agree = agreement(ex.meta, out8, out32)
     label = "identical predictions" if kind == "classification" else "pixel agreement"
-    entry = {"onnx": path.name, "bytes": path.stat().st_size, "metric_ort": m8,
-             "metric_change": m8 - ex.record["parity"]["metric_ort"], "agreement": agree, "agreement_label": label,
-             "max_abs_logit_diff_vs_fp32": float(np.abs(out8 - out32).max()),
-             "calibration": f"{len(calib)} training images, MinMax, QDQ, per-channel 7-bit-range int8 weights, uint8 activations"}
+    entry = {
+        "onnx": path.name,
+        "bytes": path.stat().st_size,
+        "metric_ort": m8,
+        "metric_change": m8 - ex.record["parity"]["metric_ort"],
+        "agreement": agree,
+        "agreement_label": label,
+        "max_abs_logit_diff_vs_fp32": float(np.abs(out8 - out32).max()),
+        "calibration": f"{len(calib)} training images, MinMax, QDQ, per-channel 7-bit-range int8 weights, uint8 activations",
+    }
     ex.record["int8"] = entry
     files.write_json(ex.record_path, ex.record)
-    log.info(f"wrote {path}; {ex.meta.task} int8 {ex.record['parity']['metric']} {m8:.4f} "
-             f"({entry['metric_change']:+.4f} vs fp32 ORT), {label} {100 * agree:.2f} %")
+    log.info(
+        f"wrote {path}; {ex.meta.task} int8 {ex.record['parity']['metric']} {m8:.4f} "
+        f"({entry['metric_change']:+.4f} vs fp32 ORT), {label} {100 * agree:.2f} %"
+    )
     return entry

@@ -7,6 +7,7 @@ preprocessing and provenance in ``metadata_props`` (see :mod:`exporters.metadata
 written under a temporary name and only renamed into place once :func:`exporters.parity.verify`
 passed on the whole test set: a failed export leaves no file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,8 +116,10 @@ def tta_refusal(kind: str, input_size: tuple[int, int] | list[int]) -> str | Non
     of a fixed-size classification input must give an input of the same shape."""
     h, w = (int(v) for v in input_size)
     if kind == "classification" and h != w:
-        return (f"--tta averages the 8 flips/rotations of the input, but this classification model takes {h}x{w} "
-                f"images: a rotation by 90 degrees gives {w}x{h}, which it cannot take; export without --tta")
+        return (
+            f"--tta averages the 8 flips/rotations of the input, but this classification model takes {h}x{w} "
+            f"images: a rotation by 90 degrees gives {w}x{h}, which it cannot take; export without --tta"
+        )
     return None
 
 
@@ -136,11 +139,22 @@ def export_graph(model: nn.Module, example: Tensor, segmentation: bool, tta: boo
     dims: dict[int, Any] = {0: batch}
     if segmentation:
         k = int(model.multiple)
-        dims.update({2: torch.export.Dim("height", min=k, max=1 << 15), 3: torch.export.Dim("width", min=k, max=1 << 15)})
+        dims.update(
+            {2: torch.export.Dim("height", min=k, max=1 << 15), 3: torch.export.Dim("width", min=k, max=1 << 15)}
+        )
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(net, (example,), dynamo=True, input_names=["input"], output_names=["logits"],
-                                 dynamic_shapes=(dims,), opset_version=OPSET, external_data=False, verbose=False)
+        prog = torch.onnx.export(
+            net,
+            (example,),
+            dynamo=True,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=(dims,),
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+        )
     return prog.model_proto
 
 
@@ -172,8 +186,14 @@ def source_of(run_dir: Path, results_dir: Path) -> str:
         return str(run_dir.resolve())
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None = None,
-               results_dir: str | Path | None = None, name: str | None = None, tta: bool | None = None) -> Exported:
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    data_root: str | None = None,
+    results_dir: str | Path | None = None,
+    name: str | None = None,
+    tta: bool | None = None,
+) -> Exported:
     """Export, check and verify one run; returns the :class:`Exported` (raises ExportError/ParityError,
     leaving no file behind, when anything fails; ConfigError when ``tta`` cannot apply to the model).
 
@@ -193,15 +213,28 @@ def export_run(run_dir: str | Path, out_dir: str | Path, data_root: str | None =
     path = Path(out_dir) / f"{name or run.task.name}.onnx"
     parity, inputs = _write_verified(proto, path, run, meta, test, tta)
     record = {
-        "onnx": path.name, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "task": run.task.name, "kind": run.task.kind, "source_run": source, "config_hash": run.key,
-        "variant": run.result and run.result.variant, "seed": run.result and run.result.seed,
-        "val_best": run.result and run.result.val_best, "run_test": run.result and run.result.test,
-        "run_tta": bool(run.config.eval.tta), "tta": tta, "opset": OPSET, "exporter": exporter,
-        "export_seconds": export_s, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_root": root,
+        "onnx": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "task": run.task.name,
+        "kind": run.task.kind,
+        "source_run": source,
+        "config_hash": run.key,
+        "variant": run.result and run.result.variant,
+        "seed": run.result and run.result.seed,
+        "val_best": run.result and run.result.val_best,
+        "run_test": run.result and run.result.test,
+        "run_tta": bool(run.config.eval.tta),
+        "tta": tta,
+        "opset": OPSET,
+        "exporter": exporter,
+        "export_seconds": export_s,
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data_root": root,
         "params": sum(p.numel() for p in run.model.parameters()),
         "flops_per_image": count_flops(graph_module(run.model, run.task.kind, tta), torch.from_numpy(inputs[:1])),
-        "metadata": props, "parity": parity,
+        "metadata": props,
+        "parity": parity,
         **({"members": run.result.extra["members"]} if run.result and "members" in run.result.extra else {}),
     }
     record_path = path.with_suffix(".json")
@@ -240,8 +273,9 @@ def results_dir_of(run_dir: Path) -> Path:
     return Path("results")
 
 
-def _graph(run: LoadedRun, meta: ModelMeta, test: ImageSet, props: dict[str, str], source: str,
-           tta: bool) -> tuple[Any, float]:
+def _graph(
+    run: LoadedRun, meta: ModelMeta, test: ImageSet, props: dict[str, str], source: str, tta: bool
+) -> tuple[Any, float]:
     """(the checked ModelProto with its metadata, seconds the export took)."""
     example = torch.from_numpy(meta.normalize(test.images[:2]))  # batch 2: a batch of 1 would specialize the axis
     t0 = time.perf_counter()
@@ -251,9 +285,11 @@ def _graph(run: LoadedRun, meta: ModelMeta, test: ImageSet, props: dict[str, str
         raise ExportError(f"{run.run_dir}: torch.onnx.export failed: {type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - t0
     onnx.helper.set_model_props(proto, props)
-    proto.doc_string = (f"bench {run.task.name} model from {source} (config {run.key}); preprocessing in "
-                        f"metadata_props (normalization is not part of the graph)"
-                        + ("; the graph averages the 8 flips/rotations of its input (TTA)" if tta else ""))
+    proto.doc_string = (
+        f"bench {run.task.name} model from {source} (config {run.key}); preprocessing in "
+        f"metadata_props (normalization is not part of the graph)"
+        + ("; the graph averages the 8 flips/rotations of its input (TTA)" if tta else "")
+    )
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
@@ -261,8 +297,9 @@ def _graph(run: LoadedRun, meta: ModelMeta, test: ImageSet, props: dict[str, str
     return proto, seconds
 
 
-def _write_verified(proto: Any, path: Path, run: LoadedRun, meta: ModelMeta,
-                    test: ImageSet, tta: bool) -> tuple[dict[str, Any], np.ndarray]:
+def _write_verified(
+    proto: Any, path: Path, run: LoadedRun, meta: ModelMeta, test: ImageSet, tta: bool
+) -> tuple[dict[str, Any], np.ndarray]:
     """Write ``proto`` to a temp file, verify it on the whole test set, then rename it to ``path``;
     on any failure nothing is left (not even a folder this call created).  Returns (the parity report,
     the normalized test inputs (N, C, H, W))."""

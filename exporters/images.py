@@ -17,6 +17,7 @@ Segmentation (``tile`` policy, :func:`tiled`): an image larger than ``tile_size`
 
 Pure numpy and PIL: no session, no files.
 """
+
 from __future__ import annotations
 
 import math
@@ -204,8 +205,14 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
     return s + [length - tile]
 
 
-def tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tile_size: tuple[int, int] | None, overlap: int,
-          min_size: int, batch: int = 8) -> np.ndarray:
+def tiled(
+    run: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    tile_size: tuple[int, int] | None,
+    overlap: int,
+    min_size: int,
+    batch: int = 8,
+) -> np.ndarray:
     """Logits (K, H, W) float32 of one normalized image ``x`` (1, C, H, W), following the ``tile`` policy.
 
     ``run`` maps a batch (B, C, h, w) to its logits (B, K, h, w).  A side under ``min_size`` is edge-padded and

@@ -7,6 +7,7 @@ output folder has the same stem (ignoring case, as some file systems do): then b
 ``x.png_mask.png`` / ``x.jpg_mask.png``.  Images that still clash (same name from different PATHs) are numbered,
 ``x.png-1_mask.png``, ``x.png-2_mask.png``, and a note on stderr says which input got which name.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -115,8 +116,10 @@ def _folder_names(folder: PurePath, inputs: dict[int, Input]) -> tuple[dict[int,
             taken.add(f"{key[i]}-{k}".casefold())
             names[i] = (folder / f"{key[i]}-{k}").as_posix()
             moved.append(f"{inputs[i].path} -> {names[i]}_mask.png")
-        notes.append(f"{len(group)} inputs would write {(folder / key[group[0]]).as_posix()}_mask.png; "
-                     f"numbered instead (and _overlay.png alike): " + ", ".join(moved))
+        notes.append(
+            f"{len(group)} inputs would write {(folder / key[group[0]]).as_posix()}_mask.png; "
+            f"numbered instead (and _overlay.png alike): " + ", ".join(moved)
+        )
     return names, notes
 
 

@@ -14,6 +14,7 @@ or tiling, inversion, classes, threshold) is the task's to say (``Task.preproces
 This module needs numpy, SciPy (the post-processing, gland instances) and onnx only (no torch), so
 ``exporters.predict`` stays light.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,47 +35,47 @@ FORMAT_VERSION = "1"
 
 # key -> what it holds; an export writes no other key (a test checks it), and docs/deployment.md's table mirrors it
 KEYS: dict[str, str] = {
-    "bench_format": "version of this metadata layout (\"1\")",
+    "bench_format": 'version of this metadata layout ("1")',
     "task": "`mnist` or `warwick`",
     "kind": "`classification` or `segmentation`",
     "input_name": "the graph's input (`input`)",
-    "input_shape": "JSON, e.g. `[\"batch\", 1, 28, 28]` or `[\"batch\", 2, \"height\", \"width\"]` (named axes are dynamic)",
+    "input_shape": 'JSON, e.g. `["batch", 1, 28, 28]` or `["batch", 2, "height", "width"]` (named axes are dynamic)',
     "color_mode": "decode image files in this PIL mode first: `L` (greyscale) or `RGB`",
     "channels": "JSON list: which channels of the decoded image feed the input channels, in order (WARWICK: `[0, 1]`, "
-                "its blue channel is empty)",
+    "its blue channel is empty)",
     "pixel_divisor": "`255`: pixel values are divided by it before normalization",
     "mean": "JSON list, one per input channel (of pixel values in [0, 1]; training images only)",
     "std": "JSON list, one per input channel",
     "normalization": "`outside-graph`: the caller normalizes; the graph starts at the first convolution",
     "image_size": "JSON `[H, W]` of the training images",
     "resize_policy": "`mnist` (crop to the ink's bounding box, scale it into `ink_box` x `ink_box` keeping its aspect "
-                     "ratio, centre its centre of mass in `image_size`, as MNIST was made), `resize` (older exports: pad "
-                     "to a square with the background, resize to `image_size`) or `tile` (WARWICK: any size runs as is; "
-                     "images larger than `tile_size` are cut into overlapping tiles)",
+    "ratio, centre its centre of mass in `image_size`, as MNIST was made), `resize` (older exports: pad "
+    "to a square with the background, resize to `image_size`) or `tile` (WARWICK: any size runs as is; "
+    "images larger than `tile_size` are cut into overlapping tiles)",
     "ink_box": "`mnist` policy: side in pixels of the box the digit is scaled into (`20`)",
     "resample": "PIL filter that scales the image: `bilinear` (`resize`) or `lanczos` (`mnist`)",
     "invert": "`auto`: an image whose border is lighter than mid-grey is inverted (MNIST digits are light on dark); "
-              "`never` otherwise",
+    "`never` otherwise",
     "tile_size": "JSON `[H, W]` of a tile (segmentation)",
     "tile_overlap": "pixels shared by neighbouring tiles; their logits are averaged there (segmentation)",
     "min_size": "smallest side the graph accepts (segmentation: `2**depth`; smaller images are edge-padded first)",
     "output_name": "the graph's output (`logits`)",
-    "output_shape": "JSON, e.g. `[\"batch\", 10]` or `[\"batch\", 1, \"height\", \"width\"]`",
+    "output_shape": 'JSON, e.g. `["batch", 10]` or `["batch", 1, "height", "width"]`',
     "activation": "`softmax` (class probabilities) or `sigmoid` (foreground probability per pixel)",
     "classes": "JSON list of class names, index = logit position (classification)",
     "threshold": "foreground when the sigmoid probability is above this (segmentation)",
     "fill_holes": "`true`: holes inside the predicted objects are filled, after `threshold` (segmentation; chosen on "
-                  "validation with `eval.postprocess`, else `false`); with `instances`, each gland's own holes",
+    "validation with `eval.postprocess`, else `false`); with `instances`, each gland's own holes",
     "min_area": "predicted objects (8-connected) of fewer pixels are removed, after `fill_holes` (segmentation; chosen "
-                "on validation with `eval.postprocess`, else `0`); with `instances`, glands of fewer pixels, and the "
-                "mask is the union of the glands kept",
+    "on validation with `eval.postprocess`, else `0`); with `instances`, glands of fewer pixels, and the "
+    "mask is the union of the glands kept",
     "instances": "`contours` when the output has a second channel, the gland-contour logit: glands are then the "
-                 "cores (foreground above `threshold`, contour below `contour_threshold`) grown back into the "
-                 "foreground (`bench/instances.py`); absent for a foreground-only model",
+    "cores (foreground above `threshold`, contour below `contour_threshold`) grown back into the "
+    "foreground (`bench/instances.py`); absent for a foreground-only model",
     "contour_threshold": "with `instances`: a pixel whose contour probability is at or above this is no core (chosen "
-                         "on validation with `eval.postprocess`, else `0.5`)",
+    "on validation with `eval.postprocess`, else `0.5`)",
     "tta": "`true`: the graph averages the probabilities of the 8 flips/rotations of its input and returns them as "
-           "logits (apply the activation as usual); `false`: one forward pass",
+    "logits (apply the activation as usual); `false`: one forward pass",
     "run_tta": "`true` when the source run's reported test metric averaged 8 flips/rotations",
     "source_run": "the run folder, relative to the results folder (`runs/<spec>/<variant>/seed-<k>`)",
     "config_hash": "the run's key: hash of its resolved config",
@@ -125,15 +126,20 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
     # the post-processing the run's test metrics were computed with (chosen on validation), else none
     post = (result.postprocess if result is not None else None) or {}
     if contours:
-        meta.update(instances="contours",
-                    contour_threshold=repr(float(post.get("contour_threshold", CONTOUR_THRESHOLD))))
+        meta.update(
+            instances="contours", contour_threshold=repr(float(post.get("contour_threshold", CONTOUR_THRESHOLD)))
+        )
     if seg:  # the graph pads to a multiple of 2**depth by reflection, which needs at least that many pixels
         meta["min_size"] = str(int(getattr(run.model, "multiple", 1)))
         meta["fill_holes"] = "true" if post.get("fill_holes") else "false"
         meta["min_area"] = str(int(post.get("min_area", 0)))
     if result is not None:
-        meta.update(variant=str(result.variant or ""), seed=str("" if result.seed is None else result.seed),
-                    val_metric=_j({task.metric: result.val_best}), test_metric=_j({task.metric: result.test.get(task.metric)}))
+        meta.update(
+            variant=str(result.variant or ""),
+            seed=str("" if result.seed is None else result.seed),
+            val_metric=_j({task.metric: result.val_best}),
+            test_metric=_j({task.metric: result.test.get(task.metric)}),
+        )
     return meta
 
 
@@ -177,6 +183,7 @@ class ModelMeta:
     @classmethod
     def from_props(cls, props: dict[str, str], where: str = "model") -> ModelMeta:
         """Parse ``metadata_props``; raises ValueError naming the missing or bad key."""
+
         def get(k: str, default: str | None = None) -> str:
             if k in props:
                 return props[k]
@@ -188,13 +195,22 @@ class ModelMeta:
             tile = json.loads(get("tile_size", "null"))
             classes = json.loads(get("classes", "null"))
             meta = cls(
-                task=get("task"), kind=get("kind"), input_name=get("input_name"), output_name=get("output_name"),
-                color_mode=get("color_mode"), channels=[int(c) for c in json.loads(get("channels"))],
+                task=get("task"),
+                kind=get("kind"),
+                input_name=get("input_name"),
+                output_name=get("output_name"),
+                color_mode=get("color_mode"),
+                channels=[int(c) for c in json.loads(get("channels"))],
                 pixel_divisor=float(get("pixel_divisor")),
-                mean=np.asarray(json.loads(get("mean")), np.float32), std=np.asarray(json.loads(get("std")), np.float32),
-                image_size=tuple(json.loads(get("image_size"))), resize_policy=get("resize_policy"),
-                invert=get("invert", "never"), classes=classes, threshold=float(get("threshold", "0.5")),
-                tile_size=tuple(tile) if tile else None, tile_overlap=int(get("tile_overlap", "0")),
+                mean=np.asarray(json.loads(get("mean")), np.float32),
+                std=np.asarray(json.loads(get("std")), np.float32),
+                image_size=tuple(json.loads(get("image_size"))),
+                resize_policy=get("resize_policy"),
+                invert=get("invert", "never"),
+                classes=classes,
+                threshold=float(get("threshold", "0.5")),
+                tile_size=tuple(tile) if tile else None,
+                tile_overlap=int(get("tile_overlap", "0")),
                 min_size=int(get("min_size", "1")),
                 postprocess=PostProcess(int(get("min_area", "0")), json.loads(get("fill_holes", "false")) is True),
                 contour_threshold=float(get("contour_threshold")) if get("instances", "none") == "contours" else None,

@@ -20,6 +20,7 @@ the TTA graph of any run (segmentation, or classification with square inputs).
 Which runs are finished and current is the run store's answer.
 Exporting, checking and verifying one run is :mod:`exporters.export`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,44 +87,77 @@ def pick_best(cands: list[Candidate], task: str) -> Candidate | None:
 
 def _parity_line(rec: dict) -> str:
     p = rec["parity"]
-    agree = (f"identical predictions {100 * p['agreement']:.2f} %" if "agreement" in p
-             else f"pixel agreement {100 * p['pixel_agreement']:.3f} %")
-    line = (f"parity on {p['n']} test images: {gap_text(p)}, {agree}, "
-            f"{p['metric']} ORT {p['metric_ort']:.4f} vs PyTorch {p['metric_torch']:.4f} (run's own test: "
-            f"{(rec.get('run_test') or {}).get(p['metric'], float('nan')):.4f}{', with TTA' if rec['run_tta'] else ''})")
+    agree = (
+        f"identical predictions {100 * p['agreement']:.2f} %"
+        if "agreement" in p
+        else f"pixel agreement {100 * p['pixel_agreement']:.3f} %"
+    )
+    line = (
+        f"parity on {p['n']} test images: {gap_text(p)}, {agree}, "
+        f"{p['metric']} ORT {p['metric_ort']:.4f} vs PyTorch {p['metric_torch']:.4f} (run's own test: "
+        f"{(rec.get('run_test') or {}).get(p['metric'], float('nan')):.4f}{', with TTA' if rec['run_tta'] else ''})"
+    )
     if "objects_ort" in p:  # a contour model: object metrics on its instances, from the ONNX outputs + metadata
         o = p["objects_ort"]
-        line += (f"; obj_f1 ORT {o['obj_f1']:.4f} (run's own: {(rec.get('run_test') or {}).get('obj_f1', float('nan')):.4f}),"
-                 f" pooled {o['obj_f1_pooled']:.4f} (TP {o['tp']}, FP {o['fp']}, FN {o['fn']})")
+        line += (
+            f"; obj_f1 ORT {o['obj_f1']:.4f} (run's own: {(rec.get('run_test') or {}).get('obj_f1', float('nan')):.4f}),"
+            f" pooled {o['obj_f1_pooled']:.4f} (TP {o['tp']}, FP {o['fp']}, FN {o['fn']})"
+        )
     return line
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m exporters.onnx", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="`best` (the best finished run of each task), `rungs` (every rung of SPEC) or a run folder")
+    p = argparse.ArgumentParser(
+        prog="python -m exporters.onnx",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "target", help="`best` (the best finished run of each task), `rungs` (every rung of SPEC) or a run folder"
+    )
     p.add_argument("spec", nargs="?", help="with `rungs`: the spec (path or short name, e.g. mnist)")
     p.add_argument("--profile", help="with `rungs`: the spec's profile (its published group)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="export the graph that averages the 8 flips/rotations (--no-tta: one forward pass); "
-                        "default: TTA exactly when the run's own test metric used it (eval.tta)")
-    p.add_argument("--force", action="store_true", help="with `rungs`: export again even when the run and code are "
-                                                        "unchanged")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="export the graph that averages the 8 flips/rotations (--no-tta: one forward pass); "
+        "default: TTA exactly when the run's own test metric used it (eval.tta)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="with `rungs`: export again even when the run and code are unchanged"
+    )
     p.add_argument("--results", help="results folder (default: results; for a RUN_DIR the folder holding its runs/)")
     p.add_argument("--task", choices=sorted(TASKS), help="with `best`: only this task")
-    p.add_argument("--groups", nargs="+", help="with `best`: choose among the runs of these groups (folders under "
-                                               "runs/), ad-hoc ones included; default: every published group")
-    p.add_argument("--data-root", help="data folder (default: $BENCH_DATA, else the run's own data root, else ./data; "
-                                        "image_folder and mask_folder runs: the run's own data set's folder)")
-    p.add_argument("--out", help="output folder (default: <results>/onnx for `best` of the published groups, else "
-                                 "<results>/onnx-adhoc; its deployment.md and latency.csv go beside the files)")
+    p.add_argument(
+        "--groups",
+        nargs="+",
+        help="with `best`: choose among the runs of these groups (folders under "
+        "runs/), ad-hoc ones included; default: every published group",
+    )
+    p.add_argument(
+        "--data-root",
+        help="data folder (default: $BENCH_DATA, else the run's own data root, else ./data; "
+        "image_folder and mask_folder runs: the run's own data set's folder)",
+    )
+    p.add_argument(
+        "--out",
+        help="output folder (default: <results>/onnx for `best` of the published groups, else "
+        "<results>/onnx-adhoc; its deployment.md and latency.csv go beside the files)",
+    )
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static, QDQ) and benchmark it")
     p.add_argument("--no-bench", action="store_true", help="export and verify only; no latency benchmark")
-    p.add_argument("--threads", type=int, help="benchmark threads for both engines (default: 1 at batch 1, all cores at "
-                                                  "the large batch; `rungs`: 1)")
-    p.add_argument("--repeats", type=int,
-                   help="timed calls per engine and batch (default: 200 at batch 1, 30 at the large batch; a "
-                        "benchmark stops after 60 s once every engine has a tenth of them)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="benchmark threads for both engines (default: 1 at batch 1, all cores at the large batch; `rungs`: 1)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="timed calls per engine and batch (default: 200 at batch 1, 30 at the large batch; a "
+        "benchmark stops after 60 s once every engine has a tenth of them)",
+    )
     p.add_argument("--no-summary", action="store_true", help="do not rebuild <results>/summary.md")
     mlflow_tracking.add_argument(p)
     bench.log.add_options(p)
@@ -133,8 +167,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.profile or args.force) and args.target != "rungs":
         p.error("--profile and --force go with `rungs`")
     if args.target == "rungs" and args.tta is not None:
-        p.error("`rungs` pairs each rung's reported metric with the cost of the graph that computes it: a rung is "
-                "exported with TTA exactly when its metric used it (eval.tta), so --tta/--no-tta do not apply")
+        p.error(
+            "`rungs` pairs each rung's reported metric with the cost of the graph that computes it: a rung is "
+            "exported with TTA exactly when its metric used it (eval.tta), so --tta/--no-tta do not apply"
+        )
     for name in ("threads", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -153,18 +189,24 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
     store = RunStore(results)
     for g in args.groups or []:
         if g not in store.groups():
-            raise ConfigError(f"--groups {g}: no such group under {store.root}; groups: {', '.join(store.groups()) or 'none'}")
+            raise ConfigError(
+                f"--groups {g}: no such group under {store.root}; groups: {', '.join(store.groups()) or 'none'}"
+            )
     cands = finished_runs(results, args.groups)
     tasks = [args.task] if args.task else sorted({c.task for c in cands})
     chosen = [(t, pick_best(cands, t)) for t in tasks]
     missing = [t for t, c in chosen if c is None]
     if missing or not chosen:
         where = "the groups " + ", ".join(args.groups) if args.groups else "the published groups"
-        raise ConfigError(f"no finished {' or '.join(missing) + ' ' if missing else ''}runs in {where} under "
-                          f"{store.root} (an ad-hoc group is exported only when named with --groups)")
+        raise ConfigError(
+            f"no finished {' or '.join(missing) + ' ' if missing else ''}runs in {where} under "
+            f"{store.root} (an ad-hoc group is exported only when named with --groups)"
+        )
     for c in (c for _, c in chosen if c is not None):
-        log.info(f"{c.task}: best of {sum(x.task == c.task for x in cands)} finished runs by validation metric: "
-                 f"{c.run_dir} (val {c.val:.4f})")
+        log.info(
+            f"{c.task}: best of {sum(x.task == c.task for x in cands)} finished runs by validation metric: "
+            f"{c.run_dir} (val {c.val:.4f})"
+        )
     published = args.groups is None or all(store.read_group(g).role == "published" for g in args.groups)
     return results, [with_checkpoint(c.run_dir, results, args.data_root) for _, c in chosen if c is not None], published
 
@@ -180,11 +222,19 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
     stored = next(r for r in store.finished(group) if r.dir == run_dir)
     if "members" in stored.result.extra:  # a seed ensemble: its members' checkpoints (re-trained where missing)
         done = retrained_dir(results, run_dir)
-        members = [with_checkpoint(run_dir.parent.parent / m["run"], results, data_root)
-                   for m in stored.result.extra["members"]]
+        members = [
+            with_checkpoint(run_dir.parent.parent / m["run"], results, data_root)
+            for m in stored.result.extra["members"]
+        ]
         saved = files.read_json(run_dir / "config.json")
-        ensemble.write_checkpoint(done, stored.key, saved["config"], saved["data_info"], members,
-                                  [m["key"] for m in stored.result.extra["members"]])
+        ensemble.write_checkpoint(
+            done,
+            stored.key,
+            saved["config"],
+            saved["data_info"],
+            members,
+            [m["key"] for m in stored.result.extra["members"]],
+        )
         for name in ("config.json", "result.json"):
             shutil.copyfile(run_dir / name, done / name)
         return done
@@ -192,8 +242,9 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
     return checkpoint_of(stored, results, opts, data_root, "export it", "exporting")
 
 
-def export_all(run_dirs: list[Path], out_dir: Path, data_root: str | None, results: Path,
-               tta: bool | None = None) -> tuple[list[Exported], int]:
+def export_all(
+    run_dirs: list[Path], out_dir: Path, data_root: str | None, results: Path, tta: bool | None = None
+) -> tuple[list[Exported], int]:
     """Export every run; a failed export does not stop the others.  (exports, exit status so far)."""
     done, status = [], 0
     for rd in run_dirs:
@@ -260,25 +311,32 @@ def main(argv: list[str] | None = None) -> int:
 def rungs_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     """``rungs SPEC``: every rung's cost (exporters.rungs), then the group's table rebuilt with it."""
     if args.groups or args.task or args.out or args.no_bench or args.mlflow:
-        log.error("`rungs` exports the spec's own group into <results>/onnx/rungs: --groups, --task, --out, "
-                  "--no-bench and --mlflow do not apply")
+        log.error(
+            "`rungs` exports the spec's own group into <results>/onnx/rungs: --groups, --task, --out, "
+            "--no-bench and --mlflow do not apply"
+        )
         return 2
     results = Path(args.results or "results")
     command = "python -m exporters.onnx " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         spec = load_spec(resolve_spec_path(args.spec), args.profile)
         if spec.group not in RunStore(results).groups("published"):
-            raise ConfigError(f"no runs of {spec.group} under {results / 'runs'}; train them first: "
-                              f"python -m bench run {args.spec}" + (f" --profile {args.profile}" if args.profile else ""))
-        doc, status = measure_rungs(spec, results, args.data_root, args.int8, args.threads or 1,
-                                    args.repeats, args.force, command)
+            raise ConfigError(
+                f"no runs of {spec.group} under {results / 'runs'}; train them first: "
+                f"python -m bench run {args.spec}" + (f" --profile {args.profile}" if args.profile else "")
+            )
+        doc, status = measure_rungs(
+            spec, results, args.data_root, args.int8, args.threads or 1, args.repeats, args.force, command
+        )
     except (ConfigError, DataError, OSError, ValueError) as e:
         log.error(str(e))
         return 2
     for variant, rec in doc["rungs"].items():
         lat = ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in rec.get("latency", {}).items())
-        log.info(f"{spec.group} {variant}: {rec['params']:,} params, {rec['flops_per_image'] / 1e6:.2f} MFLOP/image, "
-                 f"batch-1 p50 {lat or 'not timed'}")
+        log.info(
+            f"{spec.group} {variant}: {rec['params']:,} params, {rec['flops_per_image'] / 1e6:.2f} MFLOP/image, "
+            f"batch-1 p50 {lat or 'not timed'}"
+        )
     log.info(f"wrote {RunStore(results).root / spec.group / 'costs.json'}")
     if not args.no_summary:
         for path in write_summary(results, command, groups=[spec.group]):

@@ -22,6 +22,7 @@ function that scored the run) and checked on probabilities instead of logits,
 whose last float32 bits near p = 0 or 1 swing the logit by a few hundredths without changing
 any mask.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -90,18 +91,28 @@ def object_report(meta: ModelMeta, logits: np.ndarray, targets: np.ndarray) -> d
     return {**{k: report[k] for k in keys}, "tp": tp, "fp": fp, "fn": fn}
 
 
-def compare(task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.ndarray,
-            targets: np.ndarray, tta: bool = False) -> dict[str, Any]:
+def compare(
+    task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.ndarray, targets: np.ndarray, tta: bool = False
+) -> dict[str, Any]:
     """Parity numbers of two sets of logits of the same images (no checks)."""
     objects = None
     if meta.kind == "segmentation" and meta.contour_threshold is not None:  # the network's own gland instances
         objects = {side: object_report(meta, x, targets) for side, x in (("ort", ort_logits), ("torch", ref_logits))}
     # a contour model's metric is the Dice of its instances' union, which object_report has computed already
-    v_ort, v_ref = ((objects["ort"]["dice"], objects["torch"]["dice"]) if objects else
-                    (score(task, meta, ort_logits, targets), score(task, meta, ref_logits, targets)))
-    out: dict[str, Any] = {"n": int(len(targets)), "max_abs_logit_diff": float(np.abs(ort_logits - ref_logits).max()),
-                           "logit_scale": float(np.abs(ref_logits).max()),
-                           "metric": task.metric, "metric_ort": v_ort, "metric_torch": v_ref, "metric_diff": v_ort - v_ref}
+    v_ort, v_ref = (
+        (objects["ort"]["dice"], objects["torch"]["dice"])
+        if objects
+        else (score(task, meta, ort_logits, targets), score(task, meta, ref_logits, targets))
+    )
+    out: dict[str, Any] = {
+        "n": int(len(targets)),
+        "max_abs_logit_diff": float(np.abs(ort_logits - ref_logits).max()),
+        "logit_scale": float(np.abs(ref_logits).max()),
+        "metric": task.metric,
+        "metric_ort": v_ort,
+        "metric_torch": v_ref,
+        "metric_diff": v_ort - v_ref,
+    }
     out["agreement" if meta.kind == "classification" else "pixel_agreement"] = agreement(meta, ort_logits, ref_logits)
     if objects:
         out["objects_ort"], out["objects_torch"] = objects["ort"], objects["torch"]
@@ -110,7 +121,9 @@ def compare(task: Task, meta: ModelMeta, ort_logits: np.ndarray, ref_logits: np.
         out["obj_f1_pooled_torch"] = object_f1_pooled(meta.masks(ref_logits[:, 0]), targets)
     if tta:
         out["tta"] = True
-        out["max_abs_prob_diff"] = float(np.abs(probabilities(meta, ort_logits) - probabilities(meta, ref_logits)).max())
+        out["max_abs_prob_diff"] = float(
+            np.abs(probabilities(meta, ort_logits) - probabilities(meta, ref_logits)).max()
+        )
     return out
 
 
@@ -132,7 +145,9 @@ def check(meta: ModelMeta, report: dict[str, Any]) -> list[str]:
         if not report["max_abs_logit_diff"] <= atol:  # also catches NaN
             bad.append(f"max |logit difference| {report['max_abs_logit_diff']:.3g} > {atol:.3g}")
     if meta.kind == "classification" and not report["agreement"] >= TOLERANCE["min_agreement"]:
-        bad.append(f"identical predictions {100 * report['agreement']:.3f} % < {100 * TOLERANCE['min_agreement']:.1f} %")
+        bad.append(
+            f"identical predictions {100 * report['agreement']:.3f} % < {100 * TOLERANCE['min_agreement']:.1f} %"
+        )
     if meta.kind == "segmentation" and not abs(report["metric_diff"]) <= TOLERANCE["max_dice_diff"]:
         bad.append(f"|Dice difference| {abs(report['metric_diff']):.3g} > {TOLERANCE['max_dice_diff']}")
     if "objects_ort" in report:
@@ -142,16 +157,26 @@ def check(meta: ModelMeta, report: dict[str, Any]) -> list[str]:
     return bad
 
 
-def verify(onnx_path: str | Path, reference: Callable[[torch.Tensor], torch.Tensor], task: Task, meta: ModelMeta,
-           data: ImageSet, tta: bool = False) -> tuple[dict[str, Any], np.ndarray]:
+def verify(
+    onnx_path: str | Path,
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    task: Task,
+    meta: ModelMeta,
+    data: ImageSet,
+    tta: bool = False,
+) -> tuple[dict[str, Any], np.ndarray]:
     """Run the whole test set through ONNX Runtime (CPU) and ``reference`` (PyTorch: the network in eval mode,
     or with ``tta`` the TTA evaluation, see :func:`exporters.export.graph_module`); raise
     :class:`ParityError` outside :data:`TOLERANCE`.  Returns (parity report, the normalized inputs (N, C, H, W))."""
     x = meta.normalize(data.images)
     bs = EVAL_BATCH[meta.kind]
-    report = compare(task, meta, run_batched(session(onnx_path), x, bs), torch_logits(reference, x, bs), data.targets, tta)
+    report = compare(
+        task, meta, run_batched(session(onnx_path), x, bs), torch_logits(reference, x, bs), data.targets, tta
+    )
     report["tolerance"] = dict(TOLERANCE)
     bad = check(meta, report)
     if bad:
-        raise ParityError(f"{onnx_path}: ONNX Runtime disagrees with PyTorch on the {len(x)} test images: " + "; ".join(bad))
+        raise ParityError(
+            f"{onnx_path}: ONNX Runtime disagrees with PyTorch on the {len(x)} test images: " + "; ".join(bad)
+        )
     return report, x

@@ -25,6 +25,7 @@ cannot be read as an image is reported with its path on stderr and the others ar
 processed.  Exit status: 0 all images done; 1 some failed, or no files found at all; 2 usage
 error (a PATH that does not exist, MODEL not an exported model), before any image is processed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,10 @@ def load_model(path: str | Path) -> tuple[Any, ModelMeta]:
     meta = ModelMeta.from_props(dict(sess.get_modelmeta().custom_metadata_map), where=str(path))
     known = POLICIES.get(meta.kind, ())
     if meta.resize_policy not in known:  # a newer export: guessing its preprocessing would give quietly wrong answers
-        raise ValueError(f"{path}: resize_policy {meta.resize_policy!r} of a {meta.kind!r} model is unknown to this "
-                         f"version (known: {', '.join(known) or 'none'})")
+        raise ValueError(
+            f"{path}: resize_policy {meta.resize_policy!r} of a {meta.kind!r} model is unknown to this "
+            f"version (known: {', '.join(known) or 'none'})"
+        )
     return sess, meta
 
 
@@ -99,6 +102,7 @@ def classify(sess: Any, meta: ModelMeta, gray: np.ndarray) -> Answer:
 def segment_logits(sess: Any, meta: ModelMeta, x: np.ndarray, batch: int = 8) -> np.ndarray:
     """Logits (K, H, W) float32 of one normalized image ``x`` (1, C, H, W), following the ``tile`` policy
     (:func:`exporters.images.tiled`; K = 1, the foreground; 2 with a contour output, see ``instances``)."""
+
     def run(tiles: np.ndarray) -> np.ndarray:  # (B, C, h, w) -> (B, K, h, w)
         return sess.run([meta.output_name], {meta.input_name: tiles})[0]
 
@@ -132,8 +136,9 @@ def _classification_row(sess: Any, meta: ModelMeta, inp: Input, img: np.ndarray)
     return [str(inp.path), answer.label, f"{answer.probability:.6f}"]
 
 
-def _segmentation_row(sess: Any, meta: ModelMeta, inp: Input, img: np.ndarray, name: str | None,
-                      out: Path) -> list[str]:
+def _segmentation_row(
+    sess: Any, meta: ModelMeta, inp: Input, img: np.ndarray, name: str | None, out: Path
+) -> list[str]:
     """Write the mask, overlay (and instances) PNGs of one decoded image as ``out/name_*.png``; its CSV row
     (``file,mask,overlay,foreground_fraction[,instances,glands]``)."""
     if name is None:  # its header did not open a moment ago: changed under us
@@ -154,21 +159,31 @@ def _segmentation_row(sess: Any, meta: ModelMeta, inp: Input, img: np.ndarray, n
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every option with its help; ``--help`` also states outputs and exit statuses)."""
     p = argparse.ArgumentParser(
-        prog="python -m bench predict", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m bench predict",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Classify digit images or segment histology images with an exported model; "
-                    "the preprocessing is read from the model's metadata.",
+        "the preprocessing is read from the model's metadata.",
         epilog="outputs: --out/predictions.csv; segmentation also writes <stem>_mask.png and <stem>_overlay.png\n"
-               "  in folders mirroring each image's path under its PATH (<name>_mask.png when several images\n"
-               "  there share a stem; numbered, with a note on stderr, when even names clash); a model with a\n"
-               "  gland-contour output also writes <stem>_instances.png (16-bit gland labels).\n"
-               "exit status: 0 all images done; 1 some failed, or no files found; 2 usage error\n"
-               "  (a PATH that does not exist, MODEL not an exported model).")
-    p.add_argument("model", metavar="MODEL",
-                   help="an ONNX file written by `python -m exporters.onnx` (e.g. results/onnx/mnist.onnx)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="image files or folders (searched recursively; hidden files skipped); all must exist")
-    p.add_argument("--out", default="predictions", metavar="DIR",
-                   help="output folder, created if needed (default: ./predictions)")
+        "  in folders mirroring each image's path under its PATH (<name>_mask.png when several images\n"
+        "  there share a stem; numbered, with a note on stderr, when even names clash); a model with a\n"
+        "  gland-contour output also writes <stem>_instances.png (16-bit gland labels).\n"
+        "exit status: 0 all images done; 1 some failed, or no files found; 2 usage error\n"
+        "  (a PATH that does not exist, MODEL not an exported model).",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="an ONNX file written by `python -m exporters.onnx` (e.g. results/onnx/mnist.onnx)",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files or folders (searched recursively; hidden files skipped); all must exist",
+    )
+    p.add_argument(
+        "--out", default="predictions", metavar="DIR", help="output folder, created if needed (default: ./predictions)"
+    )
     return p
 
 
@@ -189,8 +204,9 @@ def _predict_all(sess: Any, meta: ModelMeta, inputs: list[Input], out: Path) -> 
     for inp, name in zip(inputs, names, strict=True):
         try:
             img = read_image(inp.path, meta.color_mode or "L")
-            rows.append(_segmentation_row(sess, meta, inp, img, name, out) if seg
-                        else _classification_row(sess, meta, inp, img))
+            rows.append(
+                _segmentation_row(sess, meta, inp, img, name, out) if seg else _classification_row(sess, meta, inp, img)
+            )
         except ImageError as e:
             failed.append(inp.path)
             log.error(f"{inp.path}: {e}")

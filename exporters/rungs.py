@@ -16,6 +16,7 @@ result goes to ``<results>/runs/<group>/costs.json`` (beside the group's records
 them), from which ``bench summary`` adds the cost columns and the trade-off figure to the
 group's table.  A variant without a finished run is "not run", not an error.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -80,8 +81,14 @@ def fingerprint(run: LoadedRun, tta: bool) -> str:
     modules that build, describe and check the graph (the model's and the task's included)."""
     h = hashlib.sha256((run.run_dir / "best.pt").read_bytes())
     h.update(f"tta={tta};torch={torch.__version__};opset={OPSET}".encode())
-    modules = (export_module, metadata_module, parity_module, sys.modules["bench.augment"],
-               sys.modules[type(run.model).__module__], sys.modules[type(run.task).__module__])
+    modules = (
+        export_module,
+        metadata_module,
+        parity_module,
+        sys.modules["bench.augment"],
+        sys.modules[type(run.model).__module__],
+        sys.modules[type(run.task).__module__],
+    )
     for mod in modules:
         h.update(Path(inspect.getsourcefile(mod) or "").read_bytes())
     return h.hexdigest()[:16]
@@ -93,8 +100,11 @@ def export_rung(rung: Rung, out_dir: Path, results: Path, data_root: str | None,
     name = slug(rung.variant)
     record_path = out_dir / f"{name}.json"
     ex = None if force or not record_path.exists() else load_exported(record_path, results, data_root)
-    if (ex is not None and ex.record.get("fingerprint") == fingerprint(ex.run, bool(ex.run.config.eval.tta))
-            and ex.record.get("source_run") == source_of(rung.run_dir, results)):
+    if (
+        ex is not None
+        and ex.record.get("fingerprint") == fingerprint(ex.run, bool(ex.run.config.eval.tta))
+        and ex.record.get("source_run") == source_of(rung.run_dir, results)
+    ):
         return ex, True
     ex = export_run(rung.run_dir, out_dir, data_root, results, name=name)  # TTA graph exactly when the run used TTA
     ex.record["fingerprint"] = fingerprint(ex.run, ex.tta)
@@ -102,8 +112,9 @@ def export_rung(rung: Rung, out_dir: Path, results: Path, data_root: str | None,
     return ex, False
 
 
-def time_rungs(exports: dict[str, Exported], threads: int, repeats: int | None,
-               providers: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+def time_rungs(
+    exports: dict[str, Exported], threads: int, repeats: int | None, providers: list[str] | None = None
+) -> dict[str, dict[str, dict[str, float]]]:
     """Batch-1 latency of every export (and its INT8 file) on every provider, all calls interleaved:
     {variant: {"cpu/fp32": {"p50_ms", "p90_ms", "p99_ms", "calls"}, ...}}."""
     provs = providers or timed_providers()
@@ -122,7 +133,7 @@ def time_rungs(exports: dict[str, Exported], threads: int, repeats: int | None,
                 except Exception as e:  # e.g. the CUDA provider cannot start or fell back: keep the CPU numbers
                     log.warning(f"{path} not timed on {prov}: {type(e).__name__}: {e}")
                     continue
-                fns[f"{variant}|{prov}/{prec}"] = (lambda s=sess, feed={ex.meta.input_name: x}: s.run(None, feed))
+                fns[f"{variant}|{prov}/{prec}"] = lambda s=sess, feed={ex.meta.input_name: x}: s.run(None, feed)
     times = time_calls(fns, WARMUP, repeats or REPEATS, max_seconds=MAX_SECONDS)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for key, t in times.items():
@@ -137,19 +148,35 @@ def rung_record(ex: Exported, rung: Rung, reused: bool) -> dict[str, Any]:
     rec = ex.record
     par = rec["parity"]
     return {
-        "run": rec["source_run"], "key": rec["config_hash"], "seed": rung.seed, "val_best": rung.val,
-        "onnx": (ex.path.parent.name + "/" + ex.path.name), "tta": bool(rec.get("tta")), "run_tta": bool(rec["run_tta"]),
-        "params": int(rec["params"]), "flops_per_image": int(rec["flops_per_image"]),
-        "metric": par["metric"], "metric_ort": par["metric_ort"], "metric_torch": par["metric_torch"],
-        "int8_metric_ort": (rec.get("int8") or {}).get("metric_ort"), "export_reused": reused,
+        "run": rec["source_run"],
+        "key": rec["config_hash"],
+        "seed": rung.seed,
+        "val_best": rung.val,
+        "onnx": (ex.path.parent.name + "/" + ex.path.name),
+        "tta": bool(rec.get("tta")),
+        "run_tta": bool(rec["run_tta"]),
+        "params": int(rec["params"]),
+        "flops_per_image": int(rec["flops_per_image"]),
+        "metric": par["metric"],
+        "metric_ort": par["metric_ort"],
+        "metric_torch": par["metric_torch"],
+        "int8_metric_ort": (rec.get("int8") or {}).get("metric_ort"),
+        "export_reused": reused,
         "members": len(rec.get("members") or []) or None,  # a seed ensemble: the networks its graph holds
         "exported": rec["exported"],
     }
 
 
-def measure_rungs(spec: Spec, results: Path, data_root: str | None = None, int8: bool = False, threads: int = 1,
-                  repeats: int | None = None, force: bool = False,
-                  command: str = "") -> tuple[dict[str, Any], int]:
+def measure_rungs(
+    spec: Spec,
+    results: Path,
+    data_root: str | None = None,
+    int8: bool = False,
+    threads: int = 1,
+    repeats: int | None = None,
+    force: bool = False,
+    command: str = "",
+) -> tuple[dict[str, Any], int]:
     """Export (or reuse) every rung's best run, time them together and write ``runs/<group>/costs.json``.
 
     Returns (the costs document, exit status: 0, or 1 when an export failed its check or parity).  Raises
@@ -174,8 +201,10 @@ def measure_rungs(spec: Spec, results: Path, data_root: str | None = None, int8:
             add_int8(ex)
         exports[rung.variant] = ex
         records[rung.variant] = rung_record(ex, rung, reused)
-        log.info(f"{spec.group} {rung.variant}: {'reused' if reused else 'exported'} {ex.path} (seed {rung.seed}"
-                 f"{', TTA graph' if ex.tta else ''}; {par_line(ex.record)})")
+        log.info(
+            f"{spec.group} {rung.variant}: {'reused' if reused else 'exported'} {ex.path} (seed {rung.seed}"
+            f"{', TTA graph' if ex.tta else ''}; {par_line(ex.record)})"
+        )
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     timings = time_rungs(exports, threads, repeats) if exports else {}
@@ -183,11 +212,20 @@ def measure_rungs(spec: Spec, results: Path, data_root: str | None = None, int8:
         records[variant]["latency"] = cols
     cuda = "cuda" in {c.split("/")[0] for cols in timings.values() for c in cols}
     doc = {
-        "group": spec.group, "spec": spec.path, "profile": spec.profile, "command": command,
-        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 1),
-        "batch": 1, "threads": threads, "engine": f"onnxruntime {ort.__version__}", "torch": torch.__version__,
-        "cpu": device_name(torch.device("cpu")), "gpu": device_name(torch.device("cuda")) if cuda else None,
-        "load_avg_1m": f"{load0:.2f}-{os.getloadavg()[0]:.2f}", "commit": files.git_commit(),
+        "group": spec.group,
+        "spec": spec.path,
+        "profile": spec.profile,
+        "command": command,
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "batch": 1,
+        "threads": threads,
+        "engine": f"onnxruntime {ort.__version__}",
+        "torch": torch.__version__,
+        "cpu": device_name(torch.device("cpu")),
+        "gpu": device_name(torch.device("cuda")) if cuda else None,
+        "load_avg_1m": f"{load0:.2f}-{os.getloadavg()[0]:.2f}",
+        "commit": files.git_commit(),
         "not_run": [r.variant for r in rungs if r.run_dir is None],
         "rungs": records,
     }
@@ -197,5 +235,7 @@ def measure_rungs(spec: Spec, results: Path, data_root: str | None = None, int8:
 
 def par_line(rec: dict[str, Any]) -> str:
     par = rec["parity"]
-    return (f"parity {parity_module.gap_text(par)}, {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch "
-            f"{par['metric_torch']:.4f}")
+    return (
+        f"parity {parity_module.gap_text(par)}, {par['metric']} ORT {par['metric_ort']:.4f} vs PyTorch "
+        f"{par['metric_torch']:.4f}"
+    )

@@ -1,4 +1,5 @@
 """ONNX Runtime sessions, created the same way for verification, benchmarks and prediction."""
+
 from __future__ import annotations
 
 from pathlib import Path

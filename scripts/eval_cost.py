@@ -9,6 +9,7 @@
 Weights are the freshly initialised network's: evaluation time does not depend on them.  The lines are printed and
 written, under a provenance line (command, machine, commit, date), to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,24 +82,31 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="results/eval_cost.md")
     args = p.parse_args()
-    head = (f"`python {' '.join(sys.argv)}` on {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, commit {files.git_commit()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    head = (
+        f"`python {' '.join(sys.argv)}` on {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, commit {files.git_commit()}, {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
     print(head)
     lines = []
     for spec_name, variant in RUNGS:
         fp32, bf16 = time_validation(spec_name, variant, args.repeats)
-        line = (f"{spec_name}@quick {variant}: one validation pass fp32 {fp32 * 1e3:.0f} ms, bf16 autocast "
-                f"{bf16 * 1e3:.0f} ms (fp32/bf16 = {fp32 / bf16:.2f})")
+        line = (
+            f"{spec_name}@quick {variant}: one validation pass fp32 {fp32 * 1e3:.0f} ms, bf16 autocast "
+            f"{bf16 * 1e3:.0f} ms (fp32/bf16 = {fp32 / bf16:.2f})"
+        )
         share = evaluation_share(args.results, f"{spec_name}@quick")
         if share:
             ev, wall = share
             extra = ev * (1 - bf16 / fp32)  # what the same evaluation would have saved in bf16
-            line += (f"; the group's records: evaluation {ev:.0f} s of {wall:.0f} s of run time ({ev / wall:.0%}), so "
-                     f"fp32 evaluation adds about {extra:.0f} s ({extra / (wall - extra):.1%}) to the profile")
+            line += (
+                f"; the group's records: evaluation {ev:.0f} s of {wall:.0f} s of run time ({ev / wall:.0%}), so "
+                f"fp32 evaluation adds about {extra:.0f} s ({extra / (wall - extra):.1%}) to the profile"
+            )
         print(line, flush=True)
         lines.append(f"- {line}")
-    files.write_text(Path(args.out), "\n".join(["# fp32 evaluation against bf16 autocast evaluation", "", head, "",
-                                                *lines, ""]))
+    files.write_text(
+        Path(args.out), "\n".join(["# fp32 evaluation against bf16 autocast evaluation", "", head, "", *lines, ""])
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Printed: the machine line (CPU, threads, load), the self CPU time per step group
 forward and backward, pooling, element-wise, optimizer, ...), and the ``--top`` operators.  Self times add up to
 the step's CPU time; with several threads they are summed over threads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ GROUPS = [
     ("augmentation", ("grid_sample", "affine_grid", "bmm")),
     ("loss", ("cross_entropy", "nll", "log_softmax", "binary_cross")),
     ("dtype/layout copies", ("to_copy", "copy_", "_to_dtype", "contiguous", "clone")),
-    ("element-wise (ReLU, dropout, ...)", ("relu", "threshold", "clamp", "dropout", "mul", "add", "bernoulli", "div",
-                                           "sub", "where", "zero")),
+    (
+        "element-wise (ReLU, dropout, ...)",
+        ("relu", "threshold", "clamp", "dropout", "mul", "add", "bernoulli", "div", "sub", "where", "zero"),
+    ),
 ]
 
 
@@ -67,8 +70,10 @@ def profile_task(task_name: str, root: str, threads: int, steps: int, top: int) 
     by: dict[str, float] = defaultdict(float)
     for e in ops:
         by[group(e.key)] += e.self_cpu_time_total
-    print(f"\n## {spec.task}: `{name}`, {steps} steps of batch {cfg.train.batch_size}, {total / 1e3 / steps:.1f} ms of "
-          f"CPU time per step\n\n{machine_line(device, threads)}\n")
+    print(
+        f"\n## {spec.task}: `{name}`, {steps} steps of batch {cfg.train.batch_size}, {total / 1e3 / steps:.1f} ms of "
+        f"CPU time per step\n\n{machine_line(device, threads)}\n"
+    )
     print("| what | share | ms / step |\n|---|---:|---:|")
     for k, v in sorted(by.items(), key=lambda kv: -kv[1]):
         print(f"| {k} | {v / total:.1%} | {v / 1e3 / steps:.2f} |")

@@ -1,4 +1,5 @@
 """Shared fixtures: the data root, small synthetic WARWICK-style data sets and a throwaway PostgreSQL server."""
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,9 @@ def data_root() -> Path:
     return root
 
 
-def write_warwick(folder: Path, n_train: int = 6, n_test: int = 3, size: tuple[int, int] = (32, 32),
-                  seed: int = 0) -> Path:
+def write_warwick(
+    folder: Path, n_train: int = 6, n_test: int = 3, size: tuple[int, int] = (32, 32), seed: int = 0
+) -> Path:
     """Write a tiny synthetic WARWICK-layout data set (RGB images with blue = 0, 0/255 labels).
 
     Returns ``folder``; images are ``(H, W) = size``.  Glands are random discs, and the image

@@ -1,4 +1,5 @@
 """Small spec builders shared by the tests."""
+
 from __future__ import annotations
 
 from pathlib import Path

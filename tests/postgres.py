@@ -5,6 +5,7 @@ The conftest's ``postgres_url`` / ``fresh_db`` fixtures wrap :class:`PostgresSer
 to run as root, so under root the folder is handed to the ``postgres`` user and initdb/pg_ctl run through
 ``runuser -u postgres --``.  Every subprocess call is bounded by a timeout.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -25,8 +26,10 @@ OS_USER = "postgres"  # the system user the server runs as when the tests run as
 TIMEOUT_S = 60  # bound on every subprocess call
 START_WAIT_S = 30  # pg_ctl -w -t: how long pg_ctl waits for the server to accept connections
 START_TRIES = 3  # a free port can be taken between picking it and the server binding it; retry on another
-INSTALL_HINT = (f"install PostgreSQL's server binaries (Debian: apt-get install -y postgresql, as .ci/run does), "
-                f"or set {NO_POSTGRES_ENV}=1 to skip the tests that need them")
+INSTALL_HINT = (
+    f"install PostgreSQL's server binaries (Debian: apt-get install -y postgresql, as .ci/run does), "
+    f"or set {NO_POSTGRES_ENV}=1 to skip the tests that need them"
+)
 
 
 class PostgresMissing(RuntimeError):
@@ -48,8 +51,10 @@ def find_binaries() -> tuple[Path, Path]:
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     if initdb and pg_ctl:
         return Path(initdb), Path(pg_ctl)
-    raise PostgresMissing(f"PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin "
-                          f"nor on PATH: {INSTALL_HINT}")
+    raise PostgresMissing(
+        f"PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin "
+        f"nor on PATH: {INSTALL_HINT}"
+    )
 
 
 def free_port() -> int:
@@ -80,13 +85,22 @@ class PostgresServer:
         if self.as_root:
             argv = ["runuser", "-u", OS_USER, "--", *argv]
         # cwd: the server's owner may not be allowed into the tests' own working directory.
-        return subprocess.run(argv, cwd=self.dir, capture_output=True, text=True, timeout=timeout, check=False,
-                              env={k: v for k, v in os.environ.items() if not k.startswith("PG")})
+        return subprocess.run(
+            argv,
+            cwd=self.dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PG")},
+        )
 
     def _check(self, what: str, proc: subprocess.CompletedProcess[str]) -> None:
         if proc.returncode != 0:
-            raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(proc.args)}\n"
-                               f"{proc.stdout}{proc.stderr}{self.log_tail()}")
+            raise RuntimeError(
+                f"{what} failed (exit {proc.returncode}): {' '.join(proc.args)}\n"
+                f"{proc.stdout}{proc.stderr}{self.log_tail()}"
+            )
 
     def log_tail(self, lines: int = 30) -> str:
         log = self.dir / "log" if self.dir else None
@@ -97,7 +111,9 @@ class PostgresServer:
     # -- life cycle ---------------------------------------------------------------------------------------
     def start(self) -> PostgresServer:
         if self.as_root and shutil.which("runuser") is None:
-            raise RuntimeError("running as root, but runuser (util-linux) is missing: PostgreSQL refuses to run as root")
+            raise RuntimeError(
+                "running as root, but runuser (util-linux) is missing: PostgreSQL refuses to run as root"
+            )
         # /tmp rather than pytest's tmp_path: under root, that is inside a 0700 folder the postgres user cannot reach.
         self.dir = Path(tempfile.mkdtemp(prefix="bench-pg-", dir="/tmp"))
         atexit.register(self.stop)
@@ -106,16 +122,33 @@ class PostgresServer:
                 try:
                     owner = pwd.getpwnam(OS_USER)
                 except KeyError:
-                    raise RuntimeError(f"running as root, but there is no {OS_USER!r} user to run the server as: "
-                                       f"{INSTALL_HINT}") from None
+                    raise RuntimeError(
+                        f"running as root, but there is no {OS_USER!r} user to run the server as: {INSTALL_HINT}"
+                    ) from None
                 os.chown(self.dir, owner.pw_uid, owner.pw_gid)
-            self._check("initdb", self._run(self.initdb, "-D", self.dir, "-A", "trust", "-U", SUPERUSER, "--no-sync",
-                                            "-E", "UTF8", "--locale=C"))
+            self._check(
+                "initdb",
+                self._run(
+                    self.initdb, "-D", self.dir, "-A", "trust", "-U", SUPERUSER, "--no-sync", "-E", "UTF8", "--locale=C"
+                ),
+            )
             for attempt in range(START_TRIES):
                 self.port = free_port()
                 opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-                proc = self._run(self.pg_ctl, "-D", self.dir, "-l", self.dir / "log", "-w", "-t", str(START_WAIT_S),
-                                 "-o", opts, "start", timeout=START_WAIT_S + 30)
+                proc = self._run(
+                    self.pg_ctl,
+                    "-D",
+                    self.dir,
+                    "-l",
+                    self.dir / "log",
+                    "-w",
+                    "-t",
+                    str(START_WAIT_S),
+                    "-o",
+                    opts,
+                    "start",
+                    timeout=START_WAIT_S + 30,
+                )
                 if proc.returncode == 0:
                     self._running = True
                     break
@@ -133,7 +166,9 @@ class PostgresServer:
         try:
             if self._running or (self.dir / "postmaster.pid").exists():
                 try:
-                    proc = self._run(self.pg_ctl, "-D", self.dir, "-m", "immediate", "-w", "-t", "20", "stop", timeout=30)
+                    proc = self._run(
+                        self.pg_ctl, "-D", self.dir, "-m", "immediate", "-w", "-t", "20", "stop", timeout=30
+                    )
                     stopped = proc.returncode == 0
                 except subprocess.TimeoutExpired:
                     stopped = False

@@ -1,4 +1,5 @@
 """Augmentation: images and masks move together, TTA inverts exactly, randomness comes from the generator."""
+
 from __future__ import annotations
 
 import pytest

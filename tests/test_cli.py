@@ -1,4 +1,5 @@
 """The command line as a user types it."""
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,13 @@ def test_an_experiment_cannot_borrow_the_published_group_s_name(tmp_path, capsys
     assert capsys.readouterr().out.startswith("todo  lr-sweep/a/seed-0")
 
 
-@pytest.mark.parametrize("device, expected", [
-    ("gpu", "--device gpu: not a device; valid: auto, cpu, cuda, cuda:N"),
-    ("cuda:x", "not a device"),
-])
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("gpu", "--device gpu: not a device; valid: auto, cpu, cuda, cuda:N"),
+        ("cuda:x", "not a device"),
+    ],
+)
 def test_bad_device_is_one_clear_line(tmp_path, capsys, device, expected):
     path = write_spec(tmp_path / "dev.yaml")
     assert main(["run", str(path), "--device", device, "--results", str(tmp_path / "r")]) == 2
@@ -88,11 +92,13 @@ def test_unknown_variant_and_profile(tmp_path, capsys):
 
 
 def test_run_then_summary_end_to_end(data_root, tmp_path, capsys):
-    path = write_spec(tmp_path / "e2e.yaml", seeds=[0], base={**TINY_MNIST_BASE, "train": {
-        **TINY_MNIST_BASE["train"], "epochs": 1}})
+    path = write_spec(
+        tmp_path / "e2e.yaml", seeds=[0], base={**TINY_MNIST_BASE, "train": {**TINY_MNIST_BASE["train"], "epochs": 1}}
+    )
     res = tmp_path / "results"
-    code = main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
-                 "--workers", "1"])  # in this process, so that its output is captured
+    code = main(
+        ["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress", "--workers", "1"]
+    )  # in this process, so that its output is captured
     assert code == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == ["done e2e a seed 0", "done e2e b seed 0"]  # one line per run
@@ -117,8 +123,17 @@ def _umask() -> int:
     return mask
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["tune", "--help"], ["summary", "--help"],
-                                  ["reproduce", "--help"], ["predict", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["tune", "--help"],
+        ["summary", "--help"],
+        ["reproduce", "--help"],
+        ["predict", "--help"],
+    ],
+)
 def test_help_describes_every_option(argv, capsys):
     try:
         code = main(argv)
@@ -159,11 +174,28 @@ def test_an_experiment_cannot_take_over_another_group(tmp_path, capsys):
 
     RunStore(res).write_group(load_spec(other))  # another spec's published group
     path = write_spec(tmp_path / "p.yaml")
-    for group, expected in (("", "--group '': must be a non-empty folder name"),
-                            ("other", "holds the published group of spec 'other'"),
-                            ("p@quick", "must be a non-empty folder name")):
-        assert main(["run", str(path), "--set", "optim.lr=0.5", "--group", group, "--results", str(res),
-                     "--data-root", "/nonexistent"]) == 2
+    for group, expected in (
+        ("", "--group '': must be a non-empty folder name"),
+        ("other", "holds the published group of spec 'other'"),
+        ("p@quick", "must be a non-empty folder name"),
+    ):
+        assert (
+            main(
+                [
+                    "run",
+                    str(path),
+                    "--set",
+                    "optim.lr=0.5",
+                    "--group",
+                    group,
+                    "--results",
+                    str(res),
+                    "--data-root",
+                    "/nonexistent",
+                ]
+            )
+            == 2
+        )
         assert expected in capsys.readouterr().err
     assert RunStore(res).read_group("other").role == "published"
 
@@ -177,14 +209,23 @@ def test_experiment_seeds_among_the_spec_s_are_one_group_and_runtime_sets_are_no
     assert capsys.readouterr().out.startswith("todo  s/a/seed-0")  # where runs run is not what they compute
 
 
-@pytest.mark.parametrize("setting, expected", [
-    ("model.widths=[8,8]",
-     "variant 'a' (model.name=mnist_cnn): this config does not run on mnist data: ValueError: mnist_cnn needs 5 conv widths"),
-    ("model.name=unet", "variant 'a' (model.name=unet): "),
-    # 980 training images in one batch of 1,024, 2 epochs: a one-cycle of 2 steps, whose PyTorch form divides by zero
-    ("train.batch_size=1024", "variant 'a': sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches) with "
-                              "pct_start 0.3 warms up over 0.6 steps"),
-])
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        (
+            "model.widths=[8,8]",
+            "variant 'a' (model.name=mnist_cnn): this config does not run on mnist data: "
+            "ValueError: mnist_cnn needs 5 conv widths",
+        ),
+        ("model.name=unet", "variant 'a' (model.name=unet): "),
+        # 980 training images in one batch of 1,024, 2 epochs: a one-cycle of 2 steps, whose PyTorch form divides by zero
+        (
+            "train.batch_size=1024",
+            "variant 'a': sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches) with "
+            "pct_start 0.3 warms up over 0.6 steps",
+        ),
+    ],
+)
 def test_a_config_that_cannot_work_stops_before_anything_is_written(data_root, tmp_path, capsys, setting, expected):
     path = write_spec(tmp_path / "w.yaml", variants=[{"name": "a", "set": {"sched": {"name": "onecycle"}}}])
     res = tmp_path / "r"
@@ -232,10 +273,12 @@ def test_a_network_of_the_wrong_width_stops_before_training(data_root, tmp_path,
     (tmp_path / "wrongnets.py").write_text(
         "from torch import nn\n\n"
         "def five(in_channels: int, num_classes: int) -> nn.Module:\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, 5))\n")
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, 5))\n"
+    )
     monkeypatch.chdir(tmp_path)
-    path = write_spec(tmp_path / "w.yaml", base={**TINY_MNIST_BASE, "model": {"name": "wrongnets:five"}},
-                      variants=[{"name": "a"}])
+    path = write_spec(
+        tmp_path / "w.yaml", base={**TINY_MNIST_BASE, "model": {"name": "wrongnets:five"}}, variants=[{"name": "a"}]
+    )
     res = tmp_path / "r"
     assert main(["run", str(path), "--data-root", str(data_root), "--results", str(res)]) == 2
     err = capsys.readouterr().err
@@ -249,12 +292,28 @@ def test_every_recorded_command_runs_as_recorded(data_root, tmp_path, capsys, mo
 
     monkeypatch.delenv("BENCH_DATA", raising=False)  # the data root is only on the command line
     base = {**TINY_MNIST_BASE, "train": {**TINY_MNIST_BASE["train"], "epochs": 1}}
-    path = write_spec(tmp_path / "toy.yaml", base=base, variants=[{"name": "a"}],
-                      profiles={"small": {"set": {"data.train_subset": 300}}})
+    path = write_spec(
+        tmp_path / "toy.yaml",
+        base=base,
+        variants=[{"name": "a"}],
+        profiles={"small": {"set": {"data.train_subset": 300}}},
+    )
     res = tmp_path / "out"
-    args = ["run", str(path), "--profile", "small", "--data-root", str(data_root), "--results", str(res), "--no-progress"]
-    for extra, summary in (([], res / "summary.md"),
-                           (["--set", "train.epochs=2"], res / "runs" / "toy@small--train.epochs=2" / "summary.md")):
+    args = [
+        "run",
+        str(path),
+        "--profile",
+        "small",
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(res),
+        "--no-progress",
+    ]
+    for extra, summary in (
+        ([], res / "summary.md"),
+        (["--set", "train.epochs=2"], res / "runs" / "toy@small--train.epochs=2" / "summary.md"),
+    ):
         assert main([*args, *extra]) == 0
         capsys.readouterr()
         command = re.search(r"^- command: `(.*)`$", summary.read_text(), re.M).group(1)
@@ -269,14 +328,24 @@ def test_every_recorded_command_runs_as_recorded(data_root, tmp_path, capsys, mo
         assert "1 run, 1 already done" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["tune", "m.yaml", "--trials", "0"], "error: python -m bench tune: --trials: must be >= 1, got 0 "
-                                          "(options: python -m bench tune --help)"),
-    (["run", "m.yaml", "--frob"], "error: python -m bench run: unrecognized arguments: --frob "
-                                  "(options: python -m bench run --help)"),
-    (["run", "m.yaml", "--workers", "two"], "error: python -m bench run: argument --workers: invalid int value: 'two' "
-                                            "(options: python -m bench run --help)"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["tune", "m.yaml", "--trials", "0"],
+            "error: python -m bench tune: --trials: must be >= 1, got 0 (options: python -m bench tune --help)",
+        ),
+        (
+            ["run", "m.yaml", "--frob"],
+            "error: python -m bench run: unrecognized arguments: --frob (options: python -m bench run --help)",
+        ),
+        (
+            ["run", "m.yaml", "--workers", "two"],
+            "error: python -m bench run: argument --workers: invalid int value: 'two' "
+            "(options: python -m bench run --help)",
+        ),
+    ],
+)
 def test_an_argument_error_is_one_line_naming_the_subcommand(argv, expected, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -289,14 +358,30 @@ def test_group_refuses_any_spec_s_published_group_before_writing(tmp_path, capsy
     monkeypatch.chdir(REPO)  # ablations/ holds the shipped specs
     res = tmp_path / "r"
     for group in ("warwick", "mnist"):
-        assert main(["run", "mnist", "--set", "optim.lr=0.5", "--group", group, "--results", str(res),
-                     "--data-root", "/nonexistent"]) == 2
+        assert (
+            main(
+                [
+                    "run",
+                    "mnist",
+                    "--set",
+                    "optim.lr=0.5",
+                    "--group",
+                    group,
+                    "--results",
+                    str(res),
+                    "--data-root",
+                    "/nonexistent",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert f"--group {group}: that name is the published group of " in err and f"ablations/{group}.yaml" in err
     # a spec beside the experiment's own, with a profile
     path = write_spec(tmp_path / "p.yaml")
     write_spec(tmp_path / "q.yaml", profiles={"quick": {"seeds": [0]}})
     from bench.spec import published_groups
+
     assert {"q", "q@quick", "p"} <= set(published_groups([tmp_path]))
     assert main(["run", str(path), "--set", "optim.lr=0.5", "--group", "q", "--results", str(res)]) == 2
     assert "--group q: that name is the published group of" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The words around the code: README.md stays short, every relative link in it, CONTRIBUTING.md and docs/ leads
 somewhere, and every command they show parses with the command line of today."""
+
 from __future__ import annotations
 
 import re
@@ -55,8 +56,10 @@ def test_every_relative_link_leads_to_a_file_and_heading(page):
 
 def test_anchors_follow_the_code_host_s_rule(tmp_path):
     page = tmp_path / "p.md"
-    page.write_text("# Checks, errors and exit statuses\n## Your own data: `image_folder`\n## Keys\n## Keys\n"
-                    "```bash\n# not a heading\n```\n")
+    page.write_text(
+        "# Checks, errors and exit statuses\n## Your own data: `image_folder`\n## Keys\n## Keys\n"
+        "```bash\n# not a heading\n```\n"
+    )
     assert anchors(page) == {"checks-errors-and-exit-statuses", "your-own-data-image_folder", "keys", "keys-1"}
 
 
@@ -68,14 +71,23 @@ def test_readme_links_every_docs_page_and_the_results():
 
 def test_readme_gives_the_set_up_and_the_design_card_s_commands():
     text = README.read_text()
-    for command in ("./bootstrap.sh quick", "./bootstrap.sh test", "python -m bench run ablations/warwick.yaml",
-                    "python -m bench tune mnist", "python -m exporters.onnx best", "python -m bench summary"):
+    for command in (
+        "./bootstrap.sh quick",
+        "./bootstrap.sh test",
+        "python -m bench run ablations/warwick.yaml",
+        "python -m bench tune mnist",
+        "python -m exporters.onnx best",
+        "python -m bench summary",
+    ):
         assert re.search(rf"^{re.escape(command)}\s", text, re.M), command
 
 
 def test_readme_s_torch_pins_are_pyproject_s():
-    pins = {d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-            if d.startswith(("torch>", "torchvision>"))}
+    pins = {
+        d
+        for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith(("torch>", "torchvision>"))
+    }
     shown = set(re.findall(r"'(torch(?:vision)?>[^']+)'", README.read_text()))
     assert shown == pins
 
@@ -93,7 +105,7 @@ def shown_commands(prefixes: tuple[str, ...]) -> list[tuple[str, list[str]]]:
                 line = re.sub(r"^(srun )?\.venv/bin/", "", line)
                 for prefix in prefixes:
                     if line.startswith(prefix + " "):
-                        out.append((page.name, shlex.split(line[len(prefix):])))
+                        out.append((page.name, shlex.split(line[len(prefix) :])))
     return out
 
 

@@ -1,5 +1,6 @@
 """Seed ensembles as a rung: the spec's `ensemble` key, the runner's evaluation from the members' best.pt, the record
 the summary and paired tests read, and the one-graph ONNX export checked against the harness's own evaluation."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ VARIANTS = [
 
 
 def spec_file(tmp_path: Path, variants=None, seeds=(0, 1, 2), **more) -> Path:
-    return write_spec(tmp_path / "ens.yaml", task="warwick", base=BASE, seeds=list(seeds),
-                      variants=variants or VARIANTS, **more)
+    return write_spec(
+        tmp_path / "ens.yaml", task="warwick", base=BASE, seeds=list(seeds), variants=variants or VARIANTS, **more
+    )
 
 
 def test_each_seeds_members_and_key(tmp_path: Path):
@@ -58,17 +60,33 @@ def test_each_seeds_members_and_key(tmp_path: Path):
     assert load_spec(spec_file(tmp_path), seeds=[1]).runs(["ens"])[0].key == runs["ens", 1].key
 
 
-@pytest.mark.parametrize("variants, message", [
-    ([{"name": "a"}, {"name": "e", "ensemble": {"of": "b"}}], r"variants\[1\] \(e\)\.ensemble\.of: unknown earlier variant"),
-    ([{"name": "a"}, {"name": "e", "ensemble": {"of": "a", "size": 4}}], r"\(e\)\.ensemble\.size: 4 members need as many seeds"),
-    ([{"name": "a"}, {"name": "e", "ensemble": {"of": "a", "size": 1}}], r"ensemble\.size: an ensemble needs at least 2"),
-    ([{"name": "a"}, {"name": "e", "ensemble": {"of": "a"}, "set": {"train.epochs": 3}}],
-     r"\(e\)\.set\.train\.epochs: an ensemble trains nothing; its `set` may change only eval keys"),
-    ([{"name": "a"}, {"name": "e", "from": "a", "ensemble": {"of": "a"}}], r"\(e\)\.from: an ensemble builds on"),
-    ([{"name": "a"}, {"name": "e", "ensemble": {"off": "a"}}], r"\(e\)\.ensemble: unknown key 'off'"),
-    ([{"name": "a"}, {"name": "e", "ensemble": {"of": "a"}}, {"name": "f", "ensemble": {"of": "e"}}],
-     r"\(f\)\.ensemble\.of: unknown earlier variant that trains 'e'"),
-])
+@pytest.mark.parametrize(
+    "variants, message",
+    [
+        (
+            [{"name": "a"}, {"name": "e", "ensemble": {"of": "b"}}],
+            r"variants\[1\] \(e\)\.ensemble\.of: unknown earlier variant",
+        ),
+        (
+            [{"name": "a"}, {"name": "e", "ensemble": {"of": "a", "size": 4}}],
+            r"\(e\)\.ensemble\.size: 4 members need as many seeds",
+        ),
+        (
+            [{"name": "a"}, {"name": "e", "ensemble": {"of": "a", "size": 1}}],
+            r"ensemble\.size: an ensemble needs at least 2",
+        ),
+        (
+            [{"name": "a"}, {"name": "e", "ensemble": {"of": "a"}, "set": {"train.epochs": 3}}],
+            r"\(e\)\.set\.train\.epochs: an ensemble trains nothing; its `set` may change only eval keys",
+        ),
+        ([{"name": "a"}, {"name": "e", "from": "a", "ensemble": {"of": "a"}}], r"\(e\)\.from: an ensemble builds on"),
+        ([{"name": "a"}, {"name": "e", "ensemble": {"off": "a"}}], r"\(e\)\.ensemble: unknown key 'off'"),
+        (
+            [{"name": "a"}, {"name": "e", "ensemble": {"of": "a"}}, {"name": "f", "ensemble": {"of": "e"}}],
+            r"\(f\)\.ensemble\.of: unknown earlier variant that trains 'e'",
+        ),
+    ],
+)
 def test_a_wrong_ensemble_is_one_error_naming_the_key(tmp_path: Path, variants, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_spec(spec_file(tmp_path, variants))
@@ -84,10 +102,25 @@ def test_a_profile_needs_the_rung_its_ensemble_averages(tmp_path: Path):
 def test_an_ensemble_of_unfinished_members_is_one_error_before_anything(tmp_path: Path, make_warwick, capsys):
     root = make_warwick(tmp_path / "data" / "WARWICK", n_train=8, n_test=3).parent
     results = tmp_path / "results"
-    assert bench(["run", str(spec_file(tmp_path)), "--results", str(results), "--data-root", str(root), "--no-progress",
-                  "--variants", "ens"]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == ("error: ens seed 0: its member a seed 0 is not finished; train "
-                                                       "it first or with it (--variants a ens)")
+    assert (
+        bench(
+            [
+                "run",
+                str(spec_file(tmp_path)),
+                "--results",
+                str(results),
+                "--data-root",
+                str(root),
+                "--no-progress",
+                "--variants",
+                "ens",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: ens seed 0: its member a seed 0 is not finished; train it first or with it (--variants a ens)"
+    )
     assert not results.exists()  # nothing written before the error
 
 
@@ -136,8 +169,10 @@ def test_an_ensemble_is_scored_from_its_members_and_recorded_like_a_run(trained)
     finished = {(r.variant, r.seed) for r in store.finished(spec.group)}
     assert finished == {(v, s) for v in ("a", "ens", "ens+tta", "ens+pp") for s in (0, 1)}
     pp = store.result(spec.runs(["ens+pp"])[0])  # post-processing chosen on validation, as for a trained run
-    assert pp.postprocess["chosen_by"] == "obj_f1_pooled" and pp.test_raw["dice"] == store.result(
-        spec.runs(["ens"])[0]).test["dice"]
+    assert (
+        pp.postprocess["chosen_by"] == "obj_f1_pooled"
+        and pp.test_raw["dice"] == store.result(spec.runs(["ens"])[0]).test["dice"]
+    )
     tables = group_tables(store.read_group(spec.group), store.finished(spec.group))
     rows = {r[0].removesuffix(" ★"): dict(zip(tables.main.headers, r, strict=True)) for r in tables.main.rows}
     rows = {v: rows[v] for v in ("a", "ens", "ens+tta")}
@@ -186,7 +221,10 @@ def test_an_ensemble_without_its_checkpoint_is_rebuilt_from_its_members(trained,
     run = spec.runs(["ens"])[0]
     (store.path(run) / "best.pt").unlink()
     done = ox.with_checkpoint(store.path(run), results, str(trained["root"]))
-    assert done == results / RETRAINED / store.path(run).relative_to(results) and not (store.path(run) / "best.pt").exists()
+    assert (
+        done == results / RETRAINED / store.path(run).relative_to(results)
+        and not (store.path(run) / "best.pt").exists()
+    )
     again, first = load_run(done), load_run(trained["results"] / store.path(run).relative_to(results))
     assert again.key == run.key and again.result.test == store.result(run).test
     x = first.task.load(first.config, torch.device("cpu")).test.x
@@ -212,13 +250,25 @@ def test_members_without_checkpoints_are_trained_again_once_for_a_new_ensemble(t
         shutil.rmtree(store.path(ens[0]).parent)
 
     evaluate_anew()
-    args = ["run", str(spec_file(trained["tmp"], seeds=(0, 1))), "--results", str(results), "--data-root",
-            str(trained["root"]), "--no-progress", "--no-summary", "--variants", "ens"]
+    args = [
+        "run",
+        str(spec_file(trained["tmp"], seeds=(0, 1))),
+        "--results",
+        str(results),
+        "--data-root",
+        str(trained["root"]),
+        "--no-progress",
+        "--no-summary",
+        "--variants",
+        "ens",
+    ]
     assert bench([*args, "--dry-run"]) == 0
     err = capsys.readouterr().err
     for seed in (0, 1):
-        assert (f"note: a seed {seed} is finished but its best.pt is not here (checkpoints are not in git): it will be "
-                f"re-trained from its record into {results / RETRAINED} for ens seed 0, ens seed 1") in err, err
+        assert (
+            f"note: a seed {seed} is finished but its best.pt is not here (checkpoints are not in git): it will be "
+            f"re-trained from its record into {results / RETRAINED} for ens seed 0, ens seed 1"
+        ) in err, err
     assert not (results / RETRAINED).exists() and store.result(ens[0]) is None  # a dry run trains nothing
 
     assert bench(args) == 0
@@ -232,7 +282,9 @@ def test_members_without_checkpoints_are_trained_again_once_for_a_new_ensemble(t
         assert not (store.path(m) / "best.pt").exists()  # the group's own folders keep only their records
     assert [store.result(r).test for r in ens] == recorded
     assert [x["run"] for x in store.result(ens[0]).extra["members"]] == ["a/seed-0", "a/seed-1"]
-    assert store.result(ens[0]).train_time_s == pytest.approx(sum(store.result(m).train_time_s for m in spec.runs(["a"])))
+    assert store.result(ens[0]).train_time_s == pytest.approx(
+        sum(store.result(m).train_time_s for m in spec.runs(["a"]))
+    )
 
     stamps = {p: p.stat().st_mtime_ns for p in (results / RETRAINED).rglob("*") if p.is_file()}
     evaluate_anew()

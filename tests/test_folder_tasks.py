@@ -1,5 +1,6 @@
 """Folder data sets (image_folder, mask_folder) on small folders made here, their bad inputs, and a
 network and a task of the user's own by import path or entry point."""
+
 from __future__ import annotations
 
 import csv
@@ -76,9 +77,13 @@ def test_image_folder_splits_one_folder_by_a_seeded_fraction(shapes: Path, tmp_p
     cfg = config("image_folder", root, image_size=32, test_fraction=0.25)
     a = TASKS["image_folder"].load(cfg, CPU)
     assert a.info.source_channels == 1 and a.train.x.shape[1] == 1  # greyscale files: greyscale input
-    assert a.info.n_test == 9 and sorted(a.test.y.tolist()) == [0] * 3 + [1] * 3 + [2] * 3  # a quarter of each class of 11
+    assert (
+        a.info.n_test == 9 and sorted(a.test.y.tolist()) == [0] * 3 + [1] * 3 + [2] * 3
+    )  # a quarter of each class of 11
     assert TASKS["image_folder"].load(cfg, CPU).test.names == a.test.names  # seeded: the same split every time
-    other = TASKS["image_folder"].load(config("image_folder", root, image_size=32, test_fraction=0.25, split_seed=1), CPU)
+    other = TASKS["image_folder"].load(
+        config("image_folder", root, image_size=32, test_fraction=0.25, split_seed=1), CPU
+    )
     assert other.test.names != a.test.names
     rgb = TASKS["image_folder"].load(config("image_folder", root, image_size=32, test_fraction=0.25, color="rgb"), CPU)
     assert rgb.train.x.shape[1] == 3
@@ -183,8 +188,10 @@ def test_a_naming_rule_that_matches_nothing_is_one_line(shapes: Path, tmp_path: 
     root = copy(shapes / "segment", tmp_path / "s")
     with pytest.raises(DataError) as err:
         TASKS["mask_folder"].load(config("mask_folder", root, images="imgs/*"), CPU)  # a typo in the rule
-    assert str(err.value) == (f"{root}: the images rule 'imgs/*' matches no file (while the other side has 8); "
-                              "check data.images and the folder")
+    assert str(err.value) == (
+        f"{root}: the images rule 'imgs/*' matches no file (while the other side has 8); "
+        "check data.images and the folder"
+    )
     shutil.rmtree(root / "masks")
     (root / "masks").mkdir()
     with pytest.raises(DataError) as err:
@@ -213,8 +220,12 @@ def test_glas_as_distributed_an_annotation_beside_its_image_is_never_an_image(tm
     data = TASKS["mask_folder"].load(config("mask_folder", root, images="*.bmp", masks="*_anno.bmp"), CPU)
     assert data.info.n_train + data.info.n_val == 5
     assert data.test.names == [f"test/testA_{k}.bmp" for k in (1, 2, 3)] + [f"test/testB_{k}.bmp" for k in (1, 2)]
-    truth = np.stack([np.asarray(Image.open(root / "test" / n.replace("test/", "").replace(".bmp", "_anno.bmp"))) > 0
-                      for n in data.test.names])
+    truth = np.stack(
+        [
+            np.asarray(Image.open(root / "test" / n.replace("test/", "").replace(".bmp", "_anno.bmp"))) > 0
+            for n in data.test.names
+        ]
+    )
     assert torch.equal(data.test.y[:, 0] > 0.5, torch.from_numpy(truth))
     # test A alone: its files linked into a test/ folder of its own
     alone = tmp_path / "glas_a"
@@ -228,39 +239,66 @@ def test_glas_as_distributed_an_annotation_beside_its_image_is_never_an_image(tm
     (root / "train" / "train_2_anno.bmp").unlink()
     with pytest.raises(DataError) as err:
         TASKS["mask_folder"].load(config("mask_folder", root, images="*.bmp", masks="*_anno.bmp"), CPU)
-    assert str(err.value) == f"{root / 'train' / 'train_2_anno.bmp'}: missing (needed for {root / 'train' / 'train_2.bmp'})"
+    assert (
+        str(err.value)
+        == f"{root / 'train' / 'train_2_anno.bmp'}: missing (needed for {root / 'train' / 'train_2.bmp'})"
+    )
     with pytest.raises(DataError) as err:
         TASKS["mask_folder"].load(config("mask_folder", alone, images="*_anno.bmp", masks="*.bmp"), CPU)
     assert str(err.value).splitlines() == [
         f"{alone / 'train'}: the images rule '*_anno.bmp' matches only files the masks rule '*.bmp' names (a mask is "
         "never an image); check data.images and data.masks",
         f"{alone / 'test'}: the images rule '*_anno.bmp' matches only files the masks rule '*.bmp' names (a mask is "
-        "never an image); check data.images and data.masks"]
+        "never an image); check data.images and data.masks",
+    ]
 
 
 # --------------------------------------------------------------------------- spec checks
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"task": "image_folder", "base.model": {"name": "no_such_module:net"}},
-     "base.model.name: import path 'no_such_module:net': cannot import 'no_such_module'"),
-    ({"task": "image_folder", "base.model": {"name": "examples.shapes.nets:nope"}},
-     "base.model.name: import path 'examples.shapes.nets:nope': module 'examples.shapes.nets' .* has no attribute 'nope'"),
-    ({"task": "image_folder", "base.model": {"name": "examples.shapes.make_data:CLASSES"}}, "is not callable"),
-    ({"task": "image_folder", "base.model": {"name": "examples.shapes.nets:tiny_cnn", "depth": 3}},
-     "base.model: unknown key 'depth'; valid keys \\(closest first\\): "),
-    ({"task": "image_folder", "base.model": {"name": "examples.shapes.nets:tiny_cnn", "width": 0}},
-     "base.model.width: must be >= 1, got 0"),
-    ({"task": "image_folder", "base.model": {"name": "examples.shapes.make_data:background"}},
-     "must take the keyword arguments in_channels, num_classes"),
-    ({"task": "examples.shapes.nets:tiny_cnn"}, "task: import path .*tiny_cnn is not a bench.tasks.base.Task subclass"),
-    ({"task": "mnist", "base.data": {"image_size": 28}}, "base.data.image_size: task 'mnist' does not read it"),
-    ({"task": "image_folder", "base.data": {"images": "images/*"}}, "base.data.images: task 'image_folder' does not read it"),
-    ({"task": "image_folder", "base.data": {"color": "cmyk"}},
-     "base.data.color: expected 'grey' or 'rgb' or null, got str 'cmyk'"),
-    ({"task": "mask_folder", "base.model": {"name": "unet"}, "base.data": {"masks": "masks/*/x"}},
-     "base.data.masks: 'masks/\\*/x' must be a path relative to the data folder whose file name holds one \\*"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"task": "image_folder", "base.model": {"name": "no_such_module:net"}},
+            "base.model.name: import path 'no_such_module:net': cannot import 'no_such_module'",
+        ),
+        (
+            {"task": "image_folder", "base.model": {"name": "examples.shapes.nets:nope"}},
+            "base.model.name: import path 'examples.shapes.nets:nope': module 'examples.shapes.nets' .* has no attribute 'nope'",
+        ),
+        ({"task": "image_folder", "base.model": {"name": "examples.shapes.make_data:CLASSES"}}, "is not callable"),
+        (
+            {"task": "image_folder", "base.model": {"name": "examples.shapes.nets:tiny_cnn", "depth": 3}},
+            "base.model: unknown key 'depth'; valid keys \\(closest first\\): ",
+        ),
+        (
+            {"task": "image_folder", "base.model": {"name": "examples.shapes.nets:tiny_cnn", "width": 0}},
+            "base.model.width: must be >= 1, got 0",
+        ),
+        (
+            {"task": "image_folder", "base.model": {"name": "examples.shapes.make_data:background"}},
+            "must take the keyword arguments in_channels, num_classes",
+        ),
+        (
+            {"task": "examples.shapes.nets:tiny_cnn"},
+            "task: import path .*tiny_cnn is not a bench.tasks.base.Task subclass",
+        ),
+        ({"task": "mnist", "base.data": {"image_size": 28}}, "base.data.image_size: task 'mnist' does not read it"),
+        (
+            {"task": "image_folder", "base.data": {"images": "images/*"}},
+            "base.data.images: task 'image_folder' does not read it",
+        ),
+        (
+            {"task": "image_folder", "base.data": {"color": "cmyk"}},
+            "base.data.color: expected 'grey' or 'rgb' or null, got str 'cmyk'",
+        ),
+        (
+            {"task": "mask_folder", "base.model": {"name": "unet"}, "base.data": {"masks": "masks/*/x"}},
+            "base.data.masks: 'masks/\\*/x' must be a path relative to the data folder whose file name holds one \\*",
+        ),
+    ],
+)
 def test_a_wrong_user_piece_is_one_error_naming_the_key(tmp_path: Path, change, message):
     base = {"model": {"name": "mnist_cnn"}, "data": {}}
     spec: dict = {"task": "mnist"}
@@ -277,12 +315,18 @@ def test_a_wrong_user_piece_is_one_error_naming_the_key(tmp_path: Path, change, 
 def test_a_network_declared_as_an_entry_point_is_found_by_name(monkeypatch):
     ep = importlib.metadata.EntryPoint(name="shapes_cnn", value="examples.shapes.nets:tiny_cnn", group="bench.models")
     real = importlib.metadata.entry_points
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda **kw: [ep] if kw.get("group") == "bench.models" else real(**kw))
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda **kw: [ep] if kw.get("group") == "bench.models" else real(**kw)
+    )
     try:
-        assert check_section("model", {"name": "shapes_cnn", "width": 4}, "base.model") == {"name": "shapes_cnn", "width": 4}
+        assert check_section("model", {"name": "shapes_cnn", "width": 4}, "base.model") == {
+            "name": "shapes_cnn",
+            "width": 4,
+        }
         assert "shapes_cnn" in MODELS.names()
-        with pytest.raises(ConfigError, match="unknown model 'shapes_cn'; valid choices \\(closest first\\): shapes_cnn"):
+        with pytest.raises(
+            ConfigError, match="unknown model 'shapes_cn'; valid choices \\(closest first\\): shapes_cnn"
+        ):
             check_section("model", {"name": "shapes_cn"}, "base.model")
         assert "shapes_cnn" not in MODELS  # the dict lists the registered names only
     finally:
@@ -315,8 +359,12 @@ def test_the_examples_run_export_and_predict(shapes: Path, tmp_path: Path):
     model = res / "onnx-adhoc" / "image_folder.onnx"
     out = tmp_path / "pred"
     new = tmp_path / "new.jpg"
-    Image.open(shapes / "classify" / "test" / "square" / "000.png").resize((60, 45)).save(new)  # another size and format
-    assert bench(["predict", str(model), str(new), str(shapes / "classify" / "test" / "circle"), "--out", str(out)]) == 0
+    Image.open(shapes / "classify" / "test" / "square" / "000.png").resize((60, 45)).save(
+        new
+    )  # another size and format
+    assert (
+        bench(["predict", str(model), str(new), str(shapes / "classify" / "test" / "circle"), "--out", str(out)]) == 0
+    )
     rows = _rows(out / "predictions.csv")
     assert len(rows) == 4 and {r["class"] for r in rows} <= {"circle", "square", "triangle"}
 
@@ -325,8 +373,19 @@ def test_broken_data_stops_the_command_before_anything_is_written(shapes: Path, 
     root = copy(shapes / "segment", tmp_path / "s")
     Image.new("L", (48, 48), 7).save(root / "masks" / "005.png")
     res = tmp_path / "results"
-    rc = bench(["run", str(EXAMPLES / "segment.yaml"), "--data-root", str(root), "--results", str(res), "--no-progress",
-                "--profile", "test"])
+    rc = bench(
+        [
+            "run",
+            str(EXAMPLES / "segment.yaml"),
+            "--data-root",
+            str(root),
+            "--results",
+            str(res),
+            "--no-progress",
+            "--profile",
+            "test",
+        ]
+    )
     err = capfd.readouterr().err
     assert rc == 2 and f"error: {root / 'masks' / '005.png'}: label is not binary" in err
     assert not res.exists()
@@ -383,7 +442,12 @@ def test_a_bad_image_is_a_data_error_and_a_bug_while_decoding_keeps_its_tracebac
         raise TypeError("a bug of ours")
 
     monkeypatch.setattr(PIL.Image, "open", bug)
-    for call in (lambda: decode(good, None), lambda: warwick._read_image(good), lambda: warwick._read_label(good),
-                 lambda: predict.read_image(good, "RGB"), lambda: predict.opens_as_image(good)):
+    for call in (
+        lambda: decode(good, None),
+        lambda: warwick._read_image(good),
+        lambda: warwick._read_label(good),
+        lambda: predict.read_image(good, "RGB"),
+        lambda: predict.opens_as_image(good),
+    ):
         with pytest.raises(TypeError, match="a bug of ours"):
             call()

@@ -1,4 +1,5 @@
 """How bench is installed: the ``bench`` console script and the one-command set-up (bootstrap.sh, .ci/run)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -32,15 +33,27 @@ def test_pip_install_writes_a_bench_command(tmp_path):
     source.mkdir()
     for part in ("pyproject.toml", "README.md", "bench", "exporters"):  # a copy: the build leaves build/ beside it
         (shutil.copytree if (REPO / part).is_dir() else shutil.copy)(REPO / part, source / part)
-    install = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-               "--target", str(target), str(source)]
+    install = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--target",
+        str(target),
+        str(source),
+    ]
     p = subprocess.run(install, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     script = target / "bin" / "bench"
     assert os.access(script, os.X_OK)
     env = {**os.environ, "PYTHONPATH": str(target)}  # the installed copy, not this checkout
-    help_ = subprocess.run([str(script), "run", "--help"], capture_output=True, text=True, timeout=120, env=env,
-                           cwd=tmp_path)
+    help_ = subprocess.run(
+        [str(script), "run", "--help"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
     assert help_.returncode == 0 and "--dry-run" in help_.stdout, help_.stderr[-2000:]
     bad = subprocess.run([str(script), "run"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and "error:" in bad.stderr  # the exit status of main reaches the shell
@@ -55,12 +68,13 @@ def _fake_python(tmp_path: Path) -> tuple[Path, Path]:
         shutil.copy(REPO / name, work / name)
     fake_bin = tmp_path / "venv-bin"
     fake_bin.mkdir()
-    (fake_bin / "python").write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
-                                     f'echo "python $*" >> {log}\n')
+    (fake_bin / "python").write_text(
+        f'#!/bin/sh\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\necho "python $*" >> {log}\n'
+    )
     (fake_bin / "bench").write_text(f'#!/bin/sh\necho "bench $*" >> {log}\n')
     (fake_bin / "ruff").write_text(f'#!/bin/sh\necho "ruff $*" >> {log}\n')
     maker = tmp_path / "python3"  # `$PYTHON -m venv .venv` makes a venv whose activate puts the fakes first
-    maker.write_text(f'#!/bin/sh\nmkdir -p .venv/bin\necho \'PATH="{fake_bin}:$PATH"\' > .venv/bin/activate\n')
+    maker.write_text(f"#!/bin/sh\nmkdir -p .venv/bin\necho 'PATH=\"{fake_bin}:$PATH\"' > .venv/bin/activate\n")
     for f in (*fake_bin.iterdir(), maker):
         f.chmod(0o755)
     return work, log
@@ -73,8 +87,13 @@ def _bootstrap(tmp_path: Path, *args: str, gpu: bool = False, index: str | None 
     if gpu:
         (tools / "nvidia-smi").write_text("#!/bin/sh\n")
         (tools / "nvidia-smi").chmod(0o755)
-    env = {"PATH": f"{tools}:/usr/bin:/bin", "PYTHON": str(tmp_path / "python3"), "BENCH_NO_POSTGRES": "1",
-           "HOME": str(tmp_path), **({"BENCH_TORCH_INDEX": index} if index is not None else {})}
+    env = {
+        "PATH": f"{tools}:/usr/bin:/bin",
+        "PYTHON": str(tmp_path / "python3"),
+        "BENCH_NO_POSTGRES": "1",
+        "HOME": str(tmp_path),
+        **({"BENCH_TORCH_INDEX": index} if index is not None else {}),
+    }
     p = subprocess.run(["bash", str(work / "bootstrap.sh"), *args], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     return log.read_text().splitlines()
@@ -89,24 +108,29 @@ def test_bootstrap_quick_takes_cpu_torch_without_a_gpu_then_runs_the_quick_ladde
     assert calls[-1] == "bench run mnist --profile quick --results results-local --dry-run"
 
 
-@pytest.mark.parametrize("gpu, index, expected", [
-    (True, None, None),  # a GPU machine: pip's default wheels (CUDA)
-    (False, "pip", None),  # told to use pip's own configuration (.ci/run: this project's wheel cache)
-    (False, "https://example.org/simple", "https://example.org/simple"),
-])
+@pytest.mark.parametrize(
+    "gpu, index, expected",
+    [
+        (True, None, None),  # a GPU machine: pip's default wheels (CUDA)
+        (False, "pip", None),  # told to use pip's own configuration (.ci/run: this project's wheel cache)
+        (False, "https://example.org/simple", "https://example.org/simple"),
+    ],
+)
 def test_bootstrap_s_torch_index(tmp_path, gpu, index, expected):
     calls = _bootstrap(tmp_path, "quick", gpu=gpu, index=index)
     torch = [c for c in calls if " torch" in c]
-    assert torch == ([f"python -m pip install --quiet {TORCH_PINS} --index-url {expected}"]
-                     if expected else [])
+    assert torch == ([f"python -m pip install --quiet {TORCH_PINS} --index-url {expected}"] if expected else [])
 
 
 def test_bootstrap_test_is_what_ci_and_tox_run(tmp_path):
     """`./bootstrap.sh test` installs the test extras and runs tox's lint and the default suite; .ci/run is it."""
     calls = _bootstrap(tmp_path, "test", "-k", "x")
     assert "python -m pip install --quiet -e .[dev,mlflow]" in calls
-    lint = next(line.split("=", 1)[1].strip() for line in (REPO / "tox.ini").read_text().splitlines()
-                if line.startswith("commands = ruff"))
+    lint = next(
+        line.split("=", 1)[1].strip()
+        for line in (REPO / "tox.ini").read_text().splitlines()
+        if line.startswith("commands = ruff")
+    )
     assert calls[-2:] == [lint, "python -m pytest -k x"]
     assert "exec ./bootstrap.sh test" in (REPO / ".ci" / "run").read_text()
 

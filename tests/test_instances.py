@@ -1,6 +1,7 @@
 """Separating touching glands: the contour target, the instance labelling, the object metrics on instance
 labels, the TTA of the contour channel, the config checks of the `+contours` rung, and the post-processing of
 the instances (contour threshold, min_area, fill_holes) chosen on validation, exported and applied."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -136,8 +137,15 @@ def test_contour_loss_trains_both_channels_and_config_pairs_them():
         task.check_config(Config(task="warwick", model={"name": "unet"}, loss={"name": "contour_bce"}), "v")
     with pytest.raises(ConfigError, match="does not train model.contours"):
         task.check_config(Config(task="warwick", model={"name": "unet", "contours": True}, loss={"name": "bce"}), "v")
-    task.check_config(Config(task="warwick", model={"name": "unet", "contours": True},
-                             loss={"name": "contour_bce"}, eval=EvalCfg(postprocess="obj_f1_pooled")), "v")
+    task.check_config(
+        Config(
+            task="warwick",
+            model={"name": "unet", "contours": True},
+            loss={"name": "contour_bce"},
+            eval=EvalCfg(postprocess="obj_f1_pooled"),
+        ),
+        "v",
+    )
 
 
 def test_instance_post_processing_fills_each_glands_holes_and_removes_small_glands():
@@ -177,35 +185,74 @@ def _touching(speck: bool) -> tuple[np.ndarray, np.ndarray]:
 
 def _contour_data() -> Data:
     """Validation with the speck, test without; the inputs are the logits (an identity model)."""
+
     def split(speck: bool) -> Split:
         x, y = _touching(speck)
         return Split(torch.from_numpy(x[None]), torch.from_numpy(y[None, None].astype(np.float32)), [])
 
-    return Data(split(True), split(True), split(False), DataInfo(source="-", channels=[0, 1], source_channels=2,
-                mean=[0.0, 0.0], std=[1.0, 1.0], image_size=[12, 20], n_train=1, n_val=1, n_test=1))
+    return Data(
+        split(True),
+        split(True),
+        split(False),
+        DataInfo(
+            source="-",
+            channels=[0, 1],
+            source_channels=2,
+            mean=[0.0, 0.0],
+            std=[1.0, 1.0],
+            image_size=[12, 20],
+            n_train=1,
+            n_val=1,
+            n_test=1,
+        ),
+    )
 
 
 def test_the_contour_threshold_and_the_gland_post_processing_are_chosen_on_validation():
-    cfg = Config(task="warwick", model={"name": "unet", "contours": True}, loss={"name": "contour_bce"},
-                 eval=EvalCfg(postprocess="obj_f1_pooled"))
+    cfg = Config(
+        task="warwick",
+        model={"name": "unet", "contours": True},
+        loss={"name": "contour_bce"},
+        eval=EvalCfg(postprocess="obj_f1_pooled"),
+    )
     rec = TASKS["warwick"].test_record(nn.Identity(), _contour_data(), cfg, lambda logits, y: torch.zeros(()))
     # validation: at 0.5 one merged gland and the speck (TP 1, FP 1, FN 1: F1 0.5); 0.4 separates the glands (0.3 too,
     # but later in CONTOUR_THRESHOLDS) and the least threshold above the speck's 4 px removes it
     assert CONTOUR_THRESHOLDS[0] == 0.5 and CONTOUR_THRESHOLDS.index(0.4) < CONTOUR_THRESHOLDS.index(0.3)
-    assert rec["postprocess"] == {"min_area": 16, "fill_holes": False, "contour_threshold": 0.4,
-                                  "chosen_by": "obj_f1_pooled", "val": 1.0, "val_raw": 0.5}
+    assert rec["postprocess"] == {
+        "min_area": 16,
+        "fill_holes": False,
+        "contour_threshold": 0.4,
+        "chosen_by": "obj_f1_pooled",
+        "val": 1.0,
+        "val_raw": 0.5,
+    }
     # test (no speck): before, the merged gland finds one of two (F1 2/3); after, both
     assert rec["test_raw"]["obj_f1_pooled"] == pytest.approx(2 / 3) and rec["test"]["obj_f1_pooled"] == 1.0
     assert rec["test"]["dice"] == rec["test_raw"]["dice"]  # the gap pixels still belong to a gland
     # the metadata's thresholds and post-processing give the same instances, and masks that are their union
     from exporters.metadata import ModelMeta
 
-    meta = ModelMeta(task="warwick", kind="segmentation", input_name="input", output_name="logits", color_mode="RGB",
-                     channels=[0, 1], pixel_divisor=255.0, mean=np.zeros(2, np.float32), std=np.ones(2, np.float32),
-                     image_size=(12, 20), resize_policy="tile", postprocess=PostProcess(16, False), contour_threshold=0.4)
+    meta = ModelMeta(
+        task="warwick",
+        kind="segmentation",
+        input_name="input",
+        output_name="logits",
+        color_mode="RGB",
+        channels=[0, 1],
+        pixel_divisor=255.0,
+        mean=np.zeros(2, np.float32),
+        std=np.ones(2, np.float32),
+        image_size=(12, 20),
+        resize_policy="tile",
+        postprocess=PostProcess(16, False),
+        contour_threshold=0.4,
+    )
     logits = np.stack([_touching(True)[0], _touching(False)[0]])
     mask, labels = meta.segment(logits)
-    assert labels.max(axis=(1, 2)).tolist() == [2, 2] and (mask == (labels > 0)).all() and not mask[0, 10:12, 17:19].any()
+    assert (
+        labels.max(axis=(1, 2)).tolist() == [2, 2] and (mask == (labels > 0)).all() and not mask[0, 10:12, 17:19].any()
+    )
     want, _ = TASKS["warwick"].segmented(torch.sigmoid(torch.from_numpy(logits)), cfg, PostProcess(16, False), 0.4)
     assert (torch.from_numpy(mask) == want).all()
 
@@ -229,10 +276,13 @@ def test_contour_model_exports_both_channels_and_predict_writes_instances(tmp_pa
     from exporters.runtime import session
     from tests.helpers import train, write_spec
 
-    base = {"model": {"name": "unet", "width": 4, "depth": 2, "dropout": 0.0, "contours": True},
-            "optim": {"name": "adam", "lr": 1.0e-2}, "loss": {"name": "contour_bce"},
-            "train": {"epochs": 2, "batch_size": 4, "threads": 2},  # no TTA: its export is 8x slower (tested above)
-            "eval": {"postprocess": "obj_f1_pooled"}}
+    base = {
+        "model": {"name": "unet", "width": 4, "depth": 2, "dropout": 0.0, "contours": True},
+        "optim": {"name": "adam", "lr": 1.0e-2},
+        "loss": {"name": "contour_bce"},
+        "train": {"epochs": 2, "batch_size": 4, "threads": 2},  # no TTA: its export is 8x slower (tested above)
+        "eval": {"postprocess": "obj_f1_pooled"},
+    }
     root = make_warwick(tmp_path / "data" / "WARWICK", n_train=8, n_test=3).parent
     res = tmp_path / "results"
     train(load_spec(write_spec(tmp_path / "tc.yaml", task="warwick", base=base, variants=[{"name": "a"}])), res, root)
@@ -275,10 +325,23 @@ def test_tiled_prediction_keeps_the_contour_channel():
         def run(self, outputs, feed):
             return [feed["input"][:, :2].copy()]
 
-    meta = ModelMeta(task="warwick", kind="segmentation", input_name="input", output_name="logits", color_mode="RGB",
-                     channels=[0, 1], pixel_divisor=255.0, mean=np.zeros(2, np.float32), std=np.ones(2, np.float32),
-                     image_size=(32, 32), resize_policy="tile", tile_size=(32, 32), tile_overlap=8, min_size=4,
-                     contour_threshold=0.5)
+    meta = ModelMeta(
+        task="warwick",
+        kind="segmentation",
+        input_name="input",
+        output_name="logits",
+        color_mode="RGB",
+        channels=[0, 1],
+        pixel_divisor=255.0,
+        mean=np.zeros(2, np.float32),
+        std=np.ones(2, np.float32),
+        image_size=(32, 32),
+        resize_policy="tile",
+        tile_size=(32, 32),
+        tile_overlap=8,
+        min_size=4,
+        contour_threshold=0.5,
+    )
     x = np.random.default_rng(0).standard_normal((1, 2, 70, 45)).astype(np.float32)
     got = segment_logits(TwoChannels(), meta, x)
     assert got.shape == (2, 70, 45) and np.allclose(got, x[0], atol=1e-6)

@@ -1,5 +1,6 @@
 """The structure drawn from the code's own imports: layers point one way, no circles, and only the
 command line reaches from ``bench`` into ``exporters``."""
+
 from __future__ import annotations
 
 import ast
@@ -10,24 +11,60 @@ REPO = Path(__file__).resolve().parents[1]
 # Bottom to top; a module may import modules of its own layer or below, never above.
 LAYERS = [
     ["bench", "bench.log", "bench.registry", "bench.files", "bench.config"],  # config and files
-    ["bench.metrics", "bench.postprocess", "bench.instances", "bench.losses", "bench.optim", "bench.augment",
-     "bench.inference", "bench.plots", "bench.pareto", "bench.seg_figures", "bench.stats", "bench.models",
-     "bench.models.classification", "bench.models.segmentation"],  # pieces
+    [
+        "bench.metrics",
+        "bench.postprocess",
+        "bench.instances",
+        "bench.losses",
+        "bench.optim",
+        "bench.augment",
+        "bench.inference",
+        "bench.plots",
+        "bench.pareto",
+        "bench.seg_figures",
+        "bench.stats",
+        "bench.models",
+        "bench.models.classification",
+        "bench.models.segmentation",
+    ],  # pieces
     ["bench.factories"],  # config sections -> objects
-    ["bench.tasks", "bench.tasks.base", "bench.tasks.mnist", "bench.tasks.warwick", "bench.tasks.folders",
-     "bench.tasks.image_folder", "bench.tasks.mask_folder"],  # data and metrics per task
+    [
+        "bench.tasks",
+        "bench.tasks.base",
+        "bench.tasks.mnist",
+        "bench.tasks.warwick",
+        "bench.tasks.folders",
+        "bench.tasks.image_folder",
+        "bench.tasks.mask_folder",
+    ],  # data and metrics per task
     ["bench.spec"],  # specs resolved into validated configs
     ["bench.train", "bench.reference"],  # the training loop (and the textbook loop it is timed against)
-    ["bench.records", "bench.ensemble", "bench.store", "bench.storage",
-     "bench.tracking"],  # records, seed ensembles, run store, machines DB, MLflow
+    [
+        "bench.records",
+        "bench.ensemble",
+        "bench.store",
+        "bench.storage",
+        "bench.tracking",
+    ],  # records, seed ensembles, run store, machines DB, MLflow
     ["bench.grid"],  # who trains which run: kernel locks, or a study in that database
     ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
     ["bench.tables"],  # the rows of the published tables, from stored runs
     ["bench.summary", "bench.perf", "bench.rescore", "bench.reproduce"],  # the published tables and speed measurements
-    ["exporters", "exporters.runtime", "exporters.metadata", "exporters.images", "exporters.inputs",
-     "exporters.parity", "exporters.export",
-     "exporters.benchmark", "exporters.report", "exporters.rungs", "exporters.predict", "exporters.tracking",
-     "exporters.onnx"],  # deployment
+    [
+        "exporters",
+        "exporters.runtime",
+        "exporters.metadata",
+        "exporters.images",
+        "exporters.inputs",
+        "exporters.parity",
+        "exporters.export",
+        "exporters.benchmark",
+        "exporters.report",
+        "exporters.rungs",
+        "exporters.predict",
+        "exporters.tracking",
+        "exporters.onnx",
+    ],  # deployment
     ["bench.cli", "bench.__main__"],  # the command line
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
@@ -52,7 +89,9 @@ def internal_imports(path: Path) -> list[tuple[str, int, bool]]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
             # `from bench import files` imports the module bench.files; `from bench.x import y` imports bench.x
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in LAYER else node.module for a in node.names]
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in LAYER else node.module for a in node.names
+            ]
         for n in names:
             if n.split(".")[0] in ("bench", "exporters"):
                 out.append((n, node.lineno, id(node) in inside))
@@ -69,8 +108,12 @@ def test_every_module_has_a_layer():
 
 
 def test_layers_point_one_way():
-    upward = [f"{m} (layer {LAYER[m]}) imports {n} (layer {LAYER[n]}) at line {line}"
-              for m, imports in graph().items() for n, line, _ in imports if LAYER[n] > LAYER[m]]
+    upward = [
+        f"{m} (layer {LAYER[m]}) imports {n} (layer {LAYER[n]}) at line {line}"
+        for m, imports in graph().items()
+        for n, line, _ in imports
+        if LAYER[n] > LAYER[m]
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -93,8 +136,9 @@ def test_no_import_circles():
 
 def test_only_the_command_line_reaches_into_exporters_and_imports_lazily():
     g = graph()
-    into_exporters = [m for m, imports in g.items() if m.startswith("bench")
-                      for n, _, _ in imports if n.startswith("exporters")]
+    into_exporters = [
+        m for m, imports in g.items() if m.startswith("bench") for n, _, _ in imports if n.startswith("exporters")
+    ]
     assert into_exporters == ["bench.cli"]
     # Imports inside functions dodge nothing: only the command line has them (its reason: --help and --version
     # answer without loading torch, and only `predict` loads onnxruntime).

@@ -1,4 +1,5 @@
 """What the command line says on stderr (bench/log.py): one prefixed line per message, --quiet and --verbose."""
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,9 @@ def _damaged_run(tmp_path: Path) -> tuple[Path, Path]:
 def test_a_user_error_is_one_error_line_and_exit_status_2(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml"), "--dry-run"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith(f"error: {tmp_path / 'nope.yaml'}: spec file not found") and err.count("\n") == 1
+    assert (
+        out == "" and err.startswith(f"error: {tmp_path / 'nope.yaml'}: spec file not found") and err.count("\n") == 1
+    )
 
 
 def test_an_argument_error_goes_through_the_same_handler(capsys):
@@ -32,7 +35,8 @@ def test_an_argument_error_goes_through_the_same_handler(capsys):
         main(["-q", "run", "x", "--workers", "0"])  # --quiet keeps errors
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: python -m bench run: --workers: must be >= 1, got 0 (options: python -m bench run --help)"]
+        "error: python -m bench run: --workers: must be >= 1, got 0 (options: python -m bench run --help)"
+    ]
 
 
 @pytest.mark.parametrize("argv", [["-q", "run", "{spec}"], ["run", "{spec}", "--quiet"]])
@@ -75,14 +79,22 @@ def test_no_message_is_printed_twice(tmp_path, capsys):
         root.removeHandler(extra)
 
 
-@pytest.mark.parametrize("error, empty, expected", [
-    (ValueError("bad value\nmore detail"), None, "bad value"),
-    (ValueError(""), None, "ValueError"),
-    (ValueError("  "), "no reason given", "no reason given"),
-    (ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded with url: /api (Caused by "
-                     "NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=9): Failed to establish a new "
-                     "connection: [Errno 111] Connection refused\"))"), None,
-     "cannot reach the server: Failed to establish a new connection: [Errno 111] Connection refused"),
-])
+@pytest.mark.parametrize(
+    "error, empty, expected",
+    [
+        (ValueError("bad value\nmore detail"), None, "bad value"),
+        (ValueError(""), None, "ValueError"),
+        (ValueError("  "), "no reason given", "no reason given"),
+        (
+            ConnectionError(
+                "HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded with url: /api (Caused by "
+                "NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=9): Failed to establish a new "
+                'connection: [Errno 111] Connection refused"))'
+            ),
+            None,
+            "cannot reach the server: Failed to establish a new connection: [Errno 111] Connection refused",
+        ),
+    ],
+)
 def test_first_line(error, empty, expected):
     assert first_line(error, empty) == expected

@@ -1,4 +1,5 @@
 """Loss functions: values against hand computations and torch references, shapes, registry."""
+
 from __future__ import annotations
 
 import inspect

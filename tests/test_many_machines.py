@@ -1,6 +1,7 @@
 """Grids and studies shared through a real PostgreSQL server (tests/postgres.py starts one): every run
 trained once by two workers, a SIGKILLed worker's run resumed by the other, exactly N tuning trials,
 a killed SQLite study resumed, bad URLs refused before anything is trained or written."""
+
 from __future__ import annotations
 
 import copy
@@ -25,9 +26,14 @@ FAST_BEAT = ["--heartbeat", "1", "--grace-period", "3"]  # a dead worker is noti
 
 
 def _bench(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench", *args, "--no-progress"], cwd=cwd,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", *args, "--no-progress"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(*procs: subprocess.Popen, timeout: float = 300) -> list[str]:
@@ -56,10 +62,29 @@ def _spec(tmp_path: Path, name: str, epochs: int = 1, **kw) -> Path:
 
 
 def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_root, tmp_path, fresh_db):
-    path = _spec(tmp_path, "g", seeds=[0, 1], variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}},
-                                                         {"name": "c", "set": {"model.dropout": 0.0}}])
-    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
-            "--workers", "1", *FAST_BEAT]
+    path = _spec(
+        tmp_path,
+        "g",
+        seeds=[0, 1],
+        variants=[
+            {"name": "a"},
+            {"name": "b", "set": {"optim.lr": 1.0e-3}},
+            {"name": "c", "set": {"model.dropout": 0.0}},
+        ],
+    )
+    args = [
+        "run",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(tmp_path / "r"),
+        "--storage",
+        fresh_db,
+        "--workers",
+        "1",
+        *FAST_BEAT,
+    ]
     outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))
     done = [line for out in outs for line in out.splitlines() if line.startswith("done ")]
     assert len(done) == 6 and len({line.split(":")[0] for line in done}) == 6, outs  # every run, each once
@@ -76,6 +101,7 @@ def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_
 
     # The results folder, not the study, says what is finished: a run deleted there is trained again, with a warning.
     import shutil
+
     shutil.rmtree(tmp_path / "r" / "runs" / "g" / "b" / "seed-1")
     out = _finish(_bench(args, tmp_path))[0]
     assert "does not hold them (e.g. g/b/seed-1)" in out and "done g b seed 1" in out and out.count("done g ") == 1
@@ -91,8 +117,19 @@ def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_
 
 def test_a_sigkilled_worker_run_is_resumed_by_the_other_and_ends_as_if_uninterrupted(data_root, tmp_path, fresh_db):
     path = _spec(tmp_path, "k", epochs=5, seeds=[0, 1], variants=[{"name": "a"}])
-    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "cut"), "--storage", fresh_db,
-            "--workers", "1", *FAST_BEAT]
+    args = [
+        "run",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(tmp_path / "cut"),
+        "--storage",
+        fresh_db,
+        "--workers",
+        "1",
+        *FAST_BEAT,
+    ]
     seed0 = tmp_path / "cut" / "runs" / "k" / "a" / "seed-0"
     first = _bench(args, tmp_path)  # alone at first: it claims seed 0, the oldest trial
     _wait_for(lambda: (seed0 / "last.pt").exists(), first)
@@ -108,9 +145,27 @@ def test_a_sigkilled_worker_run_is_resumed_by_the_other_and_ends_as_if_uninterru
     assert [t.state for t in seed0_trials] == [State.FAIL, State.COMPLETE]  # failed by heartbeat, then retried
     assert seed0_trials[1].system_attrs["failed_trial"] == seed0_trials[0].number
 
-    whole = subprocess.run([sys.executable, "-m", "bench", "run", str(path), "--data-root", str(data_root), "--results",
-                            str(tmp_path / "whole"), "--seeds", "0", "--no-progress"], cwd=tmp_path,
-                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    whole = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            str(path),
+            "--data-root",
+            str(data_root),
+            "--results",
+            str(tmp_path / "whole"),
+            "--seeds",
+            "0",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert whole.returncode == 0, whole.stderr
     resumed = json.loads((seed0 / "result.json").read_text())
     ref = json.loads((tmp_path / "whole" / "runs" / "k" / "a" / "seed-0" / "result.json").read_text())
@@ -121,8 +176,19 @@ def test_a_run_that_fails_by_itself_is_recorded_and_not_retried(data_root, tmp_p
     # SGD at lr 1e12 without batch norm overflows in the first epoch: the run's own failure, not a dead worker's.
     boom = {"optim": {"name": "sgd", "lr": 1.0e12}, "model.batch_norm": False}
     path = _spec(tmp_path, "f", variants=[{"name": "ok"}, {"name": "boom", "set": boom}])
-    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
-            "--workers", "1", *FAST_BEAT]
+    args = [
+        "run",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(tmp_path / "r"),
+        "--storage",
+        fresh_db,
+        "--workers",
+        "1",
+        *FAST_BEAT,
+    ]
     p = _bench(args, tmp_path)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 1 and "Traceback" not in out, out
@@ -138,8 +204,19 @@ def test_a_run_that_fails_by_itself_is_recorded_and_not_retried(data_root, tmp_p
 def test_two_tuning_workers_end_with_exactly_the_trials_asked_for(data_root, tmp_path, fresh_db):
     space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
     path = _spec(tmp_path, "t", variants=[{"name": "a"}], search={"variant": "a", "space": space})
-    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
-            "--trials", "8", *FAST_BEAT]
+    args = [
+        "tune",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(tmp_path / "r"),
+        "--storage",
+        fresh_db,
+        "--trials",
+        "8",
+        *FAST_BEAT,
+    ]
     outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))
     (name,) = optuna.get_all_study_names(storage=fresh_db)
     trials = optuna.load_study(study_name=name, storage=fresh_db).get_trials(deepcopy=False)
@@ -167,18 +244,23 @@ def test_a_killed_sqlite_study_resumes_its_trial(data_root, tmp_path):
     assert states.count(State.COMPLETE) + states.count(State.PRUNED) == 2 and states.count(State.FAIL) == 1
 
 
-@pytest.mark.parametrize("url, says", [
-    ("postgresql://bench:s3cret@127.0.0.1:1/bench", "cannot use this database"),  # nothing listens on port 1
-    ("not a url", "not a database URL"),
-    ("mysql://u@localhost/db", "unsupported database 'mysql'"),
-    ("postgresql://u@127.0.0.1:5432", "no database name"),
-    ("sqlite:////no/such/folder/x.db", "PATH in an existing folder"),
-])
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("postgresql://bench:s3cret@127.0.0.1:1/bench", "cannot use this database"),  # nothing listens on port 1
+        ("not a url", "not a database URL"),
+        ("mysql://u@localhost/db", "unsupported database 'mysql'"),
+        ("postgresql://u@127.0.0.1:5432", "no database name"),
+        ("sqlite:////no/such/folder/x.db", "PATH in an existing folder"),
+    ],
+)
 def test_a_bad_storage_url_is_one_error_before_anything_is_written(url, says, data_root, tmp_path):
     path = _spec(tmp_path, "b")
     for command in ("run", "tune"):
-        p = _bench([command, str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"),
-                    "--storage", url], tmp_path)
+        p = _bench(
+            [command, str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", url],
+            tmp_path,
+        )
         out = p.communicate(timeout=60)[0]
         assert p.returncode == 2 and "Traceback" not in out, out
         errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -196,14 +278,32 @@ def test_workers_are_spread_over_the_gpus_round_robin():
 
 def test_spec_without_search_file_has_no_tuned_variant(tmp_path):
     space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
-    path = _spec(tmp_path, "n", variants=[{"name": "a"}], search={"variant": "a", "space": space, "tuned": "n.tuned.yaml"})
+    path = _spec(
+        tmp_path, "n", variants=[{"name": "a"}], search={"variant": "a", "space": space, "tuned": "n.tuned.yaml"}
+    )
     assert [v.name for v in load_spec(path).variants] == ["a"]
 
 
 def test_a_run_whose_workers_keep_dying_is_reported_once_retries_are_exhausted(data_root, tmp_path, fresh_db):
     path = _spec(tmp_path, "d", epochs=50, variants=[{"name": "a"}])
-    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
-            "--workers", "1", "--heartbeat", "1", "--grace-period", "2", "--retries", "0"]
+    args = [
+        "run",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(tmp_path / "r"),
+        "--storage",
+        fresh_db,
+        "--workers",
+        "1",
+        "--heartbeat",
+        "1",
+        "--grace-period",
+        "2",
+        "--retries",
+        "0",
+    ]
     first = _bench(args, tmp_path)
     _wait_for(lambda: (tmp_path / "r" / "runs" / "d" / "a" / "seed-0" / "last.pt").exists(), first)
     first.send_signal(signal.SIGKILL)
@@ -215,8 +315,20 @@ def test_a_run_whose_workers_keep_dying_is_reported_once_retries_are_exhausted(d
 
 def test_sigterm_queues_the_run_again_at_once_without_using_a_retry(data_root, tmp_path, fresh_db):
     path = _spec(tmp_path, "t", epochs=12, variants=[{"name": "a"}])
-    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
-            "--workers", "1", "--retries", "0"]  # the default 60 s grace: only an explicit release is fast here
+    args = [
+        "run",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(tmp_path / "r"),
+        "--storage",
+        fresh_db,
+        "--workers",
+        "1",
+        "--retries",
+        "0",
+    ]  # the default 60 s grace: only an explicit release is fast here
     first = _bench(args, tmp_path)
     _wait_for(lambda: (tmp_path / "r" / "runs" / "t" / "a" / "seed-0" / "last.pt").exists(), first)
     first.send_signal(signal.SIGTERM)  # what Slurm sends a preempted job
@@ -238,7 +350,10 @@ def test_passwords_are_hidden_wherever_a_url_is_shown():
     assert shown(cmd) == "python -m bench run mnist --storage postgresql+psycopg://***@h/db --workers 2"
     assert shown("run x --storage=postgresql://u:pw@h/db") == "run x --storage=postgresql://***@h/db"
     assert shown("postgresql//u:pw@h/db") == "postgresql//u:***@h/db"  # no "://": still hidden
-    assert shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and shown("postgresql://u@h/db") == "postgresql://***@h/db"
+    assert (
+        shown("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+        and shown("postgresql://u@h/db") == "postgresql://***@h/db"
+    )
     assert shown("sqlite:///results/optuna/mnist@quick.db") == "sqlite:///results/optuna/mnist@quick.db"  # a path
 
 
@@ -248,8 +363,9 @@ def test_an_unescaped_at_in_a_password_is_refused_without_showing_it(tmp_path):
 
     with pytest.raises(ConfigError) as e:
         open_storage(StorageOptions("postgresql://bench:p@ss@127.0.0.1/bench"))
-    assert str(e.value) == ("--storage postgresql://***@127.0.0.1/bench: an unescaped '@' in the user or password; "
-                            "percent-encode it as %40")
+    assert str(e.value) == (
+        "--storage postgresql://***@127.0.0.1/bench: an unescaped '@' in the user or password; percent-encode it as %40"
+    )
     assert where_it_ran("postgresql://bench:p@ss@127.0.0.1:5433/bench") == "postgresql database bench on 127.0.0.1:5433"
 
 
@@ -303,8 +419,10 @@ def test_trainers_of_several_processes_take_turns_at_the_cores(tmp_path, monkeyp
     from bench import files
 
     monkeypatch.setenv("BENCH_CORE_SLOTS", str(tmp_path / "slots"))
-    code = (f"from bench import files; import time\nwith files.hold_cores({os.cpu_count()}):\n"
-            f" print('held', flush=True)\n time.sleep(2)")
+    code = (
+        f"from bench import files; import time\nwith files.hold_cores({os.cpu_count()}):\n"
+        f" print('held', flush=True)\n time.sleep(2)"
+    )
     other = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert other.stdout.readline() == "held\n"  # another bench process trains on every core
     t0 = time.monotonic()
@@ -321,16 +439,31 @@ def test_two_tuning_workers_record_failed_trials_and_go_on(data_root, tmp_path):
 
     # SGD at lr 1e30 diverges; a batch of 1,024 of the ~390 training images leaves a one-cycle 1 step: raises.
     space = {"optim.lr": {"low": 1.0e-3, "high": 1.0e30, "log": True}, "train.batch_size": {"choices": [64, 1024]}}
-    path = _spec(tmp_path, "f", variants=[{"name": "a", "set": {"optim": {"name": "sgd", "lr": 0.05},
-                                                              "sched": {"name": "onecycle"}}}],
-                 search={"variant": "a", "space": space})
+    path = _spec(
+        tmp_path,
+        "f",
+        variants=[{"name": "a", "set": {"optim": {"name": "sgd", "lr": 0.05}, "sched": {"name": "onecycle"}}}],
+        search={"variant": "a", "space": space},
+    )
     db = f"sqlite:///{tmp_path / 'f.db'}"
-    study = optuna.create_study(study_name=f"f/a/{study_key(load_spec(path).variants[0], space)}", storage=db,
-                                direction="maximize")
+    study = optuna.create_study(
+        study_name=f"f/a/{study_key(load_spec(path).variants[0], space)}", storage=db, direction="maximize"
+    )
     for lr, bs in ((1e30, 64), (0.05, 1024), (0.05, 64), (0.03, 64), (0.02, 64)):
         study.enqueue_trial({"optim.lr": lr, "train.batch_size": bs})
-    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", db,
-            "--trials", "3", *FAST_BEAT]
+    args = [
+        "tune",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(tmp_path / "r"),
+        "--storage",
+        db,
+        "--trials",
+        "3",
+        *FAST_BEAT,
+    ]
     outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))  # both end well: a failed trial is the trial's
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     assert sum(t.state in (State.COMPLETE, State.PRUNED) for t in trials) == 3
@@ -414,5 +547,6 @@ def test_the_private_heartbeat_optuna_lends_still_beats(tmp_path):
         fail_stale_trials(study)
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert states[held.number] == optuna.trial.TrialState.RUNNING, (
-        f"optuna {optuna.__version__}: bench.storage.heartbeat no longer records heartbeats (see its docstring)")
+        f"optuna {optuna.__version__}: bench.storage.heartbeat no longer records heartbeats (see its docstring)"
+    )
     assert states[left.number] == optuna.trial.TrialState.FAIL

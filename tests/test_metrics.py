@@ -1,4 +1,5 @@
 """Every metric against small hand-made cases whose answers are worked out in the comments."""
+
 from __future__ import annotations
 
 import math
@@ -147,8 +148,18 @@ def test_segmentation_report_keys_and_per_image_means():
     pred = torch.from_numpy(np.stack([s, g]))
     target = torch.from_numpy(np.stack([g, g]))
     r = M.segmentation_report(pred, target)
-    assert set(r) == {"dice", "dice_pooled", "iou", "iou_pooled", "obj_f1", "obj_dice", "obj_hausdorff",
-                      "obj_f1_pooled", "obj_dice_pooled", "obj_hausdorff_pooled"}
+    assert set(r) == {
+        "dice",
+        "dice_pooled",
+        "iou",
+        "iou_pooled",
+        "obj_f1",
+        "obj_dice",
+        "obj_hausdorff",
+        "obj_f1_pooled",
+        "obj_dice_pooled",
+        "obj_hausdorff_pooled",
+    }
     # image 0: pixel TP 60, |P| 64, |G| 116 -> Dice 120/180; image 1 perfect
     assert r["dice"] == pytest.approx((120 / 180 + 1) / 2)
     assert r["dice_pooled"] == pytest.approx(2 * 176 / (180 + 232))
@@ -169,8 +180,13 @@ def _three_images() -> tuple[np.ndarray, np.ndarray]:
     image 2: S = G = three 2x2 blocks (cols 0-1, 5-6, 10-11 of rows 0-1): TP 3; Dice 1; H 0.
       Sums: G area 12, Dice 12, H 0; S the same.
     """
-    g = np.stack([masks(3, 12, (0, 0, 0, 9)), masks(3, 12, (0, 0, 0, 0)),
-                  masks(3, 12, (0, 1, 0, 1), (0, 1, 5, 6), (0, 1, 10, 11))])
+    g = np.stack(
+        [
+            masks(3, 12, (0, 0, 0, 9)),
+            masks(3, 12, (0, 0, 0, 0)),
+            masks(3, 12, (0, 1, 0, 1), (0, 1, 5, 6), (0, 1, 10, 11)),
+        ]
+    )
     s = np.stack([masks(3, 12, (0, 0, 0, 5)), masks(3, 12, (0, 0, 3, 3)), g[2]])
     return s, g
 

@@ -1,4 +1,5 @@
 """MNIST files checked up front like WARWICK's: every broken or missing file named, nothing downloaded unless asked."""
+
 from __future__ import annotations
 
 import gzip
@@ -110,13 +111,16 @@ def test_download_only_when_asked_or_into_the_default_root(data_root, tmp_path, 
     assert resolve_data_root("x") == (str(tmp_path / "x"), False)
 
 
-@pytest.mark.parametrize("setting, expected", [
-    ({"augment.flips": True}, "augment.flips: task 'mnist' does not implement it; supported: rotate, translate"),
-    ({"augment.intensity": 0.2}, "augment.intensity: task 'mnist' does not implement it"),
-    ({"eval.tta": True}, "eval.tta: task 'mnist' has no test-time augmentation"),
-    ({"loss.name": "bce"}, "loss.name: 'bce' does not fit task 'mnist'; valid: ce"),
-    ({"data.channels": [1]}, "data.channels: MNIST images have one channel"),
-])
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ({"augment.flips": True}, "augment.flips: task 'mnist' does not implement it; supported: rotate, translate"),
+        ({"augment.intensity": 0.2}, "augment.intensity: task 'mnist' does not implement it"),
+        ({"eval.tta": True}, "eval.tta: task 'mnist' has no test-time augmentation"),
+        ({"loss.name": "bce"}, "loss.name: 'bce' does not fit task 'mnist'; valid: ce"),
+        ({"data.channels": [1]}, "data.channels: MNIST images have one channel"),
+    ],
+)
 def test_settings_mnist_would_ignore_are_refused(tmp_path, setting, expected, capsys):
     path = write_spec(tmp_path / "s.yaml", variants=[{"name": "a", "set": setting}])
     assert main(["run", str(path), "--dry-run"]) == 2
@@ -130,9 +134,14 @@ def test_relative_bench_data_works_for_the_tests(data_root, tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     rel = os.path.relpath(data_root, repo)
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cli.py",
-                        "-k", "end_to_end"], cwd=repo, env={**os.environ, "BENCH_DATA": rel},
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cli.py", "-k", "end_to_end"],
+        cwd=repo,
+        env={**os.environ, "BENCH_DATA": rel},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-2000:]
 
 

@@ -3,6 +3,7 @@
 New models must add a row to EXAMPLES; the coverage test fails otherwise, so no model
 enters the registry untested.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -81,8 +82,9 @@ def test_lean_cnn_does_the_anchor_s_work_and_takes_other_shapes():
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 1, 28, 28))
     assert counter.get_total_flops() == 2 * 1_244_160
-    three = create_model("lean_cnn", in_channels=3, num_classes=4, widths=[8, 8, 8], kernels=[3, 3, 3],
-                         image_size=32, batch_norm=True)
+    three = create_model(
+        "lean_cnn", in_channels=3, num_classes=4, widths=[8, 8, 8], kernels=[3, 3, 3], image_size=32, batch_norm=True
+    )
     assert three(torch.randn(2, 3, 32, 32)).shape == (2, 4)  # 32 -> 15 -> 6 -> 2
     with pytest.raises(ConfigError, match="model.kernels: .*one kernel size per conv width"):
         create_model("lean_cnn", widths=[8, 8, 8])

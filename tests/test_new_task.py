@@ -1,4 +1,5 @@
 """A new task is one module plus its registration: run, summary, export and predict work unedited."""
+
 from __future__ import annotations
 
 import csv
@@ -23,14 +24,27 @@ def squares(monkeypatch):
 
 
 def test_a_task_added_as_one_module_runs_end_to_end(squares, tmp_path, capsys):
-    base = {"model": {"name": "mnist_resnet", "width": 4, "dropout": 0.0}, "optim": {"name": "adam", "lr": 3.0e-3},
-            "train": {"epochs": 3, "batch_size": 32, "threads": 2}, "data": {"val_fraction": 0.25}}
-    path = write_spec(tmp_path / "sq.yaml", task="squares", base=base, seeds=[0, 1],
-                      variants=[{"name": "plain", "reported": 0.9}, {"name": "faster", "set": {"optim.lr": 1.0e-2}}])
+    base = {
+        "model": {"name": "mnist_resnet", "width": 4, "dropout": 0.0},
+        "optim": {"name": "adam", "lr": 3.0e-3},
+        "train": {"epochs": 3, "batch_size": 32, "threads": 2},
+        "data": {"val_fraction": 0.25},
+    }
+    path = write_spec(
+        tmp_path / "sq.yaml",
+        task="squares",
+        base=base,
+        seeds=[0, 1],
+        variants=[{"name": "plain", "reported": 0.9}, {"name": "faster", "set": {"optim.lr": 1.0e-2}}],
+    )
     res = tmp_path / "results"
     # One worker: the squares task is registered in this process only (a real task's registry line reaches workers).
-    assert bench(["run", str(path), "--data-root", str(tmp_path), "--results", str(res), "--no-progress",
-                  "--workers", "1"]) == 0
+    assert (
+        bench(
+            ["run", str(path), "--data-root", str(tmp_path), "--results", str(res), "--no-progress", "--workers", "1"]
+        )
+        == 0
+    )
     summary = (res / "summary.md").read_text()
     assert "## sq (squares, spec" in summary and "test accuracy (%)" in summary
     assert re.search(r"\|\s+90\.0 \|", summary)  # the report's number, in the metric's own format
@@ -43,8 +57,18 @@ def test_a_task_added_as_one_module_runs_end_to_end(squares, tmp_path, capsys):
     for i, img in enumerate(images):
         Image.fromarray(img).resize((48, 48), Image.Resampling.NEAREST).save(tmp_path / f"img{i}.png")
     out = tmp_path / "pred"
-    assert bench(["predict", str(res / "onnx" / "squares.onnx"), *(str(tmp_path / f"img{i}.png") for i in range(6)),
-                  "--out", str(out)]) == 0
+    assert (
+        bench(
+            [
+                "predict",
+                str(res / "onnx" / "squares.onnx"),
+                *(str(tmp_path / f"img{i}.png") for i in range(6)),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with (out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["class"] for r in rows} <= {"left", "right"}  # the task's own class names
@@ -68,12 +92,20 @@ def test_a_lower_is_better_metric_picks_the_lowest_everywhere(monkeypatch, tmp_p
     from tests.toy_task import SquaresErrorTask
 
     monkeypatch.setitem(TASKS, "squares_error", SquaresErrorTask())
-    base = {"model": {"name": "mnist_resnet", "width": 4, "dropout": 0.0}, "optim": {"name": "adam", "lr": 3.0e-3},
-            "train": {"epochs": 3, "batch_size": 32, "threads": 1}, "data": {"val_fraction": 0.25}}
-    path = write_spec(tmp_path / "se.yaml", task="squares_error", base=base, seeds=[0, 1],
-                      variants=[{"name": "crawl", "set": {"optim.lr": 1.0e-6}}, {"name": "learn", "set": {"optim.lr": 1.0e-2}}],
-                      search={"variant": "learn", "trials": 2, "space": {"optim.lr": {"low": 1.0e-5, "high": 1.0e-2,
-                                                                                       "log": True}}})
+    base = {
+        "model": {"name": "mnist_resnet", "width": 4, "dropout": 0.0},
+        "optim": {"name": "adam", "lr": 3.0e-3},
+        "train": {"epochs": 3, "batch_size": 32, "threads": 1},
+        "data": {"val_fraction": 0.25},
+    }
+    path = write_spec(
+        tmp_path / "se.yaml",
+        task="squares_error",
+        base=base,
+        seeds=[0, 1],
+        variants=[{"name": "crawl", "set": {"optim.lr": 1.0e-6}}, {"name": "learn", "set": {"optim.lr": 1.0e-2}}],
+        search={"variant": "learn", "trials": 2, "space": {"optim.lr": {"low": 1.0e-5, "high": 1.0e-2, "log": True}}},
+    )
     res = tmp_path / "results"
     assert bench(["run", str(path), "--results", str(res), "--no-progress", "--workers", "1", "--no-summary"]) == 0
     store, spec = RunStore(res), load_spec(path)
@@ -92,12 +124,28 @@ def test_a_lower_is_better_metric_picks_the_lowest_everywhere(monkeypatch, tmp_p
     real = task.evaluate
     run = spec.runs(["learn"])[0]
     with monkeypatch.context() as m:
-        m.setattr(task, "evaluate", lambda *a, final, **k: real(*a, final=final, **k) if final
-                  else {**real(*a, final=final, **k), "err": next(scripted)})
-        result = fit(tmp_path / "one", run.config, task, task.load(run.config, torch.device("cpu")), torch.device("cpu"),
-                     run.key, progress=False)
+        m.setattr(
+            task,
+            "evaluate",
+            lambda *a, final, **k: (
+                real(*a, final=final, **k) if final else {**real(*a, final=final, **k), "err": next(scripted)}
+            ),
+        )
+        result = fit(
+            tmp_path / "one",
+            run.config,
+            task,
+            task.load(run.config, torch.device("cpu")),
+            torch.device("cpu"),
+            run.key,
+            progress=False,
+        )
     assert (result["best_epoch"], result["val_best"]) == (2, 0.1)
-    assert [float(r["val_metric"]) for r in csv.DictReader((tmp_path / "one" / "metrics.csv").open())] == [0.4, 0.1, 0.3]
+    assert [float(r["val_metric"]) for r in csv.DictReader((tmp_path / "one" / "metrics.csv").open())] == [
+        0.4,
+        0.1,
+        0.3,
+    ]
 
     grid = StudyGrid(store, spec, spec.runs(), StorageOptions(f"sqlite:///{tmp_path / 'grid.db'}"))
     assert grid.study.direction == optuna.study.StudyDirection.MINIMIZE

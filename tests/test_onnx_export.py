@@ -1,4 +1,5 @@
 """ONNX export: graph checks, metadata, parity on the test set, `best` selection, latency CSV, INT8."""
+
 from __future__ import annotations
 
 import copy
@@ -50,13 +51,21 @@ def runs(tmp_path_factory, data_root, make_warwick) -> dict[str, Path]:
     wroot = make_warwick(tmp / "wdata" / "WARWICK", n_train=8, n_test=3).parent
     spec = write_spec(tmp / "tw.yaml", task="warwick", base=WARWICK_BASE, variants=[{"name": "a"}])
     train(load_spec(spec), res, wroot)
-    return {"results": res, "mnist": res / "runs/tm/a/seed-0", "warwick": res / "runs/tw/a/seed-0",
-            "mnist_data": data_root, "warwick_data": wroot, "tmp": tmp}
+    return {
+        "results": res,
+        "mnist": res / "runs/tm/a/seed-0",
+        "warwick": res / "runs/tw/a/seed-0",
+        "mnist_data": data_root,
+        "warwick_data": wroot,
+        "tmp": tmp,
+    }
 
 
 @pytest.fixture(scope="module")
 def mnist_export(runs, tmp_path_factory) -> ox.Exported:
-    return ox.export_run(runs["mnist"], tmp_path_factory.mktemp("out") / "onnx", str(runs["mnist_data"]), runs["results"])
+    return ox.export_run(
+        runs["mnist"], tmp_path_factory.mktemp("out") / "onnx", str(runs["mnist_data"]), runs["results"]
+    )
 
 
 def test_mnist_export_checks_metadata_parity_and_dynamic_batch(runs, mnist_export):
@@ -67,12 +76,16 @@ def test_mnist_export_checks_metadata_parity_and_dynamic_batch(runs, mnist_expor
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     props = {p.key: p.value for p in model.metadata_props}
     result = json.loads((runs["mnist"] / "result.json").read_text())
-    assert props["task"] == "mnist" and props["source_run"] == "runs/tm/a/seed-0" and props["config_hash"] == result["key"]
+    assert (
+        props["task"] == "mnist" and props["source_run"] == "runs/tm/a/seed-0" and props["config_hash"] == result["key"]
+    )
     assert json.loads(props["classes"]) == [str(i) for i in range(10)]
     assert json.loads(props["input_shape"]) == ["batch", 1, 28, 28]
     assert set(props) <= set(KEYS)
     info = json.loads((runs["mnist"] / "config.json").read_text())["data_info"]
-    assert json.loads(props["mean"]) == pytest.approx(info["mean"]) and json.loads(props["std"]) == pytest.approx(info["std"])
+    assert json.loads(props["mean"]) == pytest.approx(info["mean"]) and json.loads(props["std"]) == pytest.approx(
+        info["std"]
+    )
 
     assert props["resize_policy"] == "mnist" and props["ink_box"] == "20"  # digits are prepared as MNIST was made
     par = ex.record["parity"]
@@ -136,16 +149,22 @@ def test_broken_export_fails_parity_and_leaves_no_file(runs, tmp_path, monkeypat
 
     monkeypatch.setattr(export, "export_graph", broken)
     out = tmp_path / "res" / "onnx"
-    code = ox.main([str(runs["mnist"]), "--out", str(out), "--data-root", str(runs["mnist_data"]), "--no-bench", "--no-summary"])
+    code = ox.main(
+        [str(runs["mnist"]), "--out", str(out), "--data-root", str(runs["mnist_data"]), "--no-bench", "--no-summary"]
+    )
     err = capsys.readouterr().err
-    assert code == 1 and "ONNX Runtime disagrees with PyTorch on the 10000 test images" in err and "no file written" in err
+    assert (
+        code == 1 and "ONNX Runtime disagrees with PyTorch on the 10000 test images" in err and "no file written" in err
+    )
     assert not out.exists()  # neither the file nor its temp file, nor the folder the export created
 
 
 def _fake_run(src: Path, dst: Path, val: float, test: float, params: int | None = None, key: str | None = None) -> None:
     shutil.copytree(src, dst)
     res = json.loads((dst / "result.json").read_text())
-    res.update(val_best=val, test={"acc": test}, **({"params": params} if params else {}), **({"key": key} if key else {}))
+    res.update(
+        val_best=val, test={"acc": test}, **({"params": params} if params else {}), **({"key": key} if key else {})
+    )
     (dst / "result.json").write_text(json.dumps(res))
     if key:
         cfg = json.loads((dst / "config.json").read_text())
@@ -167,14 +186,17 @@ def test_best_is_chosen_by_validation_among_published_runs(runs, tmp_path, capsy
     # an ad-hoc experiment (a --set override) with the best validation score of all
     adhoc = place_in_group(load_spec(path, overrides=["optim.lr=0.01"]), load_spec(path))
     RunStore(res).write_group(adhoc)
-    _fake_run(runs["mnist"], res / "runs" / adhoc.group / "high-val" / "seed-0", val=0.999, test=0.3,
-              key=adhoc.runs()[0].key)
+    _fake_run(
+        runs["mnist"], res / "runs" / adhoc.group / "high-val" / "seed-0", val=0.999, test=0.3, key=adhoc.runs()[0].key
+    )
     cands = ox.finished_runs(res)
     assert len(cands) == 3 and ox.pick_best(cands, "warwick") is None
     assert ox.pick_best(cands, "mnist").run_dir == g / "high-val" / "seed-0"  # not the ad-hoc run
     assert ox.pick_best(ox.finished_runs(res, [adhoc.group]), "mnist").val == 0.999  # only when asked for
 
-    code = ox.main(["best", "--results", str(res), "--task", "mnist", "--data-root", str(runs["mnist_data"]), "--no-bench"])
+    code = ox.main(
+        ["best", "--results", str(res), "--task", "mnist", "--data-root", str(runs["mnist_data"]), "--no-bench"]
+    )
     assert code == 0
     rec = json.loads((res / "onnx" / "mnist.json").read_text())
     assert rec["source_run"] == "runs/g/high-val/seed-0" and rec["val_best"] == 0.95
@@ -182,18 +204,39 @@ def test_best_is_chosen_by_validation_among_published_runs(runs, tmp_path, capsy
     assert "## Deployment (ONNX Runtime)" in (res / "summary.md").read_text()  # the summary embeds the table
     # a later `best` re-embeds its new table in the existing summary (it once left the first one there)
     summary = res / "summary.md"
-    summary.write_text(summary.read_text().split("## Deployment (ONNX Runtime)")[0] + "## Deployment (ONNX Runtime)\n\nSTALE\n")
-    assert ox.main(["best", "--results", str(res), "--task", "mnist", "--data-root", str(runs["mnist_data"]),
-                    "--no-bench"]) == 0
+    summary.write_text(
+        summary.read_text().split("## Deployment (ONNX Runtime)")[0] + "## Deployment (ONNX Runtime)\n\nSTALE\n"
+    )
+    assert (
+        ox.main(
+            ["best", "--results", str(res), "--task", "mnist", "--data-root", str(runs["mnist_data"]), "--no-bench"]
+        )
+        == 0
+    )
     assert "STALE" not in summary.read_text() and (res / "deployment.md").read_text().strip() in summary.read_text()
     # exporting anything else (a chosen run, an ad-hoc group) never replaces the shipped model or its table
     shipped = [(res / f).read_bytes() for f in ("onnx/mnist.onnx", "deployment.md", "summary.md")]
     adhoc_run = res / "runs" / adhoc.group / "high-val" / "seed-0"
     assert ox.main([str(adhoc_run), "--data-root", str(runs["mnist_data"]), "--no-bench"]) == 0
-    assert ox.main(["best", "--results", str(res), "--groups", adhoc.group, "--data-root", str(runs["mnist_data"]),
-                    "--no-bench"]) == 0
+    assert (
+        ox.main(
+            [
+                "best",
+                "--results",
+                str(res),
+                "--groups",
+                adhoc.group,
+                "--data-root",
+                str(runs["mnist_data"]),
+                "--no-bench",
+            ]
+        )
+        == 0
+    )
     assert [(res / f).read_bytes() for f in ("onnx/mnist.onnx", "deployment.md", "summary.md")] == shipped
-    assert (res / "onnx-adhoc" / "mnist.onnx").exists() and "high-val" in (res / "onnx-adhoc" / "deployment.md").read_text()
+    assert (res / "onnx-adhoc" / "mnist.onnx").exists() and "high-val" in (
+        res / "onnx-adhoc" / "deployment.md"
+    ).read_text()
     assert json.loads((res / "onnx" / "mnist.json").read_text())["flops_per_image"] > 0  # counted without --bench too
     assert ox.main(["best", "--results", str(res), "--task", "warwick"]) == 2
     assert "no finished warwick runs in the published groups" in capsys.readouterr().err
@@ -218,14 +261,18 @@ def test_latency_csv_int8_and_deployment_table(mnist_export, tmp_path, monkeypat
     assert list(got[0]) == report.CSV_COLUMNS and len(got) == 12 and sum(r["model"] == "other" for r in got) == 6
     got = [r for r in got if r["model"] == "mnist"]  # (ORT fp32, ORT int8, PyTorch) x (batch 1, 32)
     assert {(r["engine"], r["precision"], r["batch"]) for r in got} == {
-        (e, p, b) for e, p in [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("pytorch", "fp32")] for b in ("1", "32")}
+        (e, p, b)
+        for e, p in [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("pytorch", "fp32")]
+        for b in ("1", "32")
+    }
     for r in got:
         assert 0 < float(r["p50_ms"]) <= float(r["p90_ms"]) <= float(r["p99_ms"]) and int(r["repeats"]) == 5
         assert int(r["flops_per_image"]) > 0 and int(r["threads"]) >= 1 and r["metric"] == "acc"
     # a task exported elsewhere (no record in this onnx folder) keeps its subsection verbatim
     kept = "### warwick\n\n| warwick | ORT CUDA fp32 | 1 | 2 M | dice 0.9000 | 0.1 / 0.2 | 9.00× | – | – |\n"
-    (tmp_path / "deployment.md").write_text("## Deployment (ONNX Runtime)\n\nold intro\n\n" + kept
-                                            + "\n### mnist\n\nan old mnist table\n")
+    (tmp_path / "deployment.md").write_text(
+        "## Deployment (ONNX Runtime)\n\nold intro\n\n" + kept + "\n### mnist\n\nan old mnist table\n"
+    )
     md = report.write_deployment_md(tmp_path, mnist_export.path.parent).read_text()
     assert re.search(r"\| mnist +\| ORT CPU int8 +\|", md) and re.search(r"\| mnist +\| PyTorch eager CPU fp32 +\|", md)
     assert "INT8 `mnist.int8.onnx`" in md and "|:-----" in md and "---:|" in md  # text left, numbers right
@@ -247,8 +294,17 @@ def test_best_retrains_a_run_whose_checkpoint_is_not_here(runs, tmp_path, capsys
     for f in run_dir.iterdir():  # what a clone has: the records
         if f.name not in ("config.json", "result.json", "metrics.csv"):
             f.unlink()
-    args = ["best", "--results", str(res), "--task", "mnist", "--data-root", str(runs["mnist_data"]), "--no-bench",
-            "--no-summary"]
+    args = [
+        "best",
+        "--results",
+        str(res),
+        "--task",
+        "mnist",
+        "--data-root",
+        str(runs["mnist_data"]),
+        "--no-bench",
+        "--no-summary",
+    ]
     assert ox.main(args) == 0
     err = capsys.readouterr().err
     assert "has no best.pt (checkpoints are not in git): re-training it" in err and "identical to" in err

@@ -1,5 +1,6 @@
 """The pieces of `bench perf` and of the speed work: FLOP counting, time to target, the textbook
 reference loop, the speed-only config keys, and the measured choice of workers."""
+
 from __future__ import annotations
 
 import csv
@@ -71,13 +72,23 @@ def write_metrics(path: Path, rows: list[dict]) -> Path:
 
 
 def row(epoch: int, val: float, epoch_time: float, train_seconds: float | str) -> dict:
-    return {"epoch": epoch, "train_loss": 1, "train_metric": 0.5, "val_loss": 1, "val_metric": val, "lr": 0.1,
-            "epoch_time": epoch_time, "train_seconds": train_seconds}
+    return {
+        "epoch": epoch,
+        "train_loss": 1,
+        "train_metric": 0.5,
+        "val_loss": 1,
+        "val_metric": val,
+        "lr": 0.1,
+        "epoch_time": epoch_time,
+        "train_seconds": train_seconds,
+    }
 
 
 def test_time_to_target_reads_the_first_epoch_that_reaches_it(tmp_path):
-    path = write_metrics(tmp_path / "metrics.csv", [row(1, 0.97, 12.0, 10.0), row(2, 0.991, 12.0, 20.5),
-                                                    row(3, 0.993, 12.0, 31.0), row(4, 0.990, 12.0, 41.0)])
+    path = write_metrics(
+        tmp_path / "metrics.csv",
+        [row(1, 0.97, 12.0, 10.0), row(2, 0.991, 12.0, 20.5), row(3, 0.993, 12.0, 31.0), row(4, 0.990, 12.0, 41.0)],
+    )
     history = read_csv(path)
     assert time_to_target(history, 0.992) == (3, 31.0)
     assert time_to_target(history, 0.991) == (2, 20.5)  # reaching means >=
@@ -90,8 +101,10 @@ def test_time_to_target_reads_the_first_epoch_that_reaches_it(tmp_path):
 def test_time_to_target_of_an_old_history_sums_whole_epochs(tmp_path):
     """metrics.csv files written before `train_seconds` existed: the epochs' own times are summed."""
     path = tmp_path / "metrics.csv"
-    path.write_text("epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time\n"
-                    "1,1,0.5,1,0.90,0.1,7.5\n2,1,0.5,1,0.95,0.1,8.0\n")
+    path.write_text(
+        "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time\n"
+        "1,1,0.5,1,0.90,0.1,7.5\n2,1,0.5,1,0.95,0.1,8.0\n"
+    )
     assert time_to_target(read_csv(path), 0.95) == (2, 15.5)
 
 
@@ -112,8 +125,12 @@ def test_the_fast_rung_of_each_task_is_a_rung_of_its_spec_and_runs_its_whole_rec
         assert fast_rung(task) == name
         spec = load_spec(Path(__file__).resolve().parents[1] / "ablations" / f"{task}.yaml")
         assert name in [v.name for v in spec.variants]
-    full, quick = (load_spec(Path(__file__).resolve().parents[1] / "ablations" / "mnist.yaml", p) for p in (None, "quick"))
-    lean = {s: next(v for v in spec.variants if v.name == "lean").config for s, spec in (("full", full), ("quick", quick))}
+    full, quick = (
+        load_spec(Path(__file__).resolve().parents[1] / "ablations" / "mnist.yaml", p) for p in (None, "quick")
+    )
+    lean = {
+        s: next(v for v in spec.variants if v.name == "lean").config for s, spec in (("full", full), ("quick", quick))
+    }
     assert lean["quick"].to_dict() == lean["full"].to_dict()
     assert lean["full"].model == {"name": "lean_cnn"} and lean["full"].train.epochs == 2
 
@@ -189,16 +206,25 @@ def test_step_rate_with_and_without_the_speed_choices(tmp_path, data_root):
 
 def test_time_to_quality_table_from_known_runs():
     """Two seeds, one reaching the stretch target; the reference reached the spec's target in 7 epochs, 120 s."""
-    runs = [SeedRun(0, {0.99: (3, 10.0, 0.991), 0.995: (8, 30.0, 0.994)}, 10, 600, 40.0, 9, 0.987),
-            SeedRun(1, {0.99: (5, 14.0, 0.989)}, 10, 600, 44.0, 7, 0.996)]
+    runs = [
+        SeedRun(0, {0.99: (3, 10.0, 0.991), 0.995: (8, 30.0, 0.994)}, 10, 600, 40.0, 9, 0.987),
+        SeedRun(1, {0.99: (5, 14.0, 0.989)}, 10, 600, 44.0, 7, 0.996),
+    ]
     ref = Reference("report", 120.0, 7, 20, "measured", 50.0)
     spec, cfg = SimpleNamespace(target=0.99), SimpleNamespace(train=SimpleNamespace(epochs=10))  # what the table reads
     lines, rows = _quality_table(spec, TASKS["mnist"], "lean", cfg, runs, [0.99, 0.995], ref, True)
-    table = {line.split("|")[1].strip() + " " + line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:-1]]
-             for line in lines[0].splitlines()[2:]}
+    table = {
+        line.split("|")[1].strip() + " " + line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:-1]]
+        for line in lines[0].splitlines()[2:]
+    }
     assert lines[0].splitlines()[0].count("|") == len(QUALITY_HEAD) + 1
-    assert table["99.00 % on validation `lean` (harness)"] == ["2 of 2", "4.0", "12.0 (10.0–14.0)", "99.10 %, 98.90 %",
-                                                               "10.0×"]  # 120 s / 12 s: the spec's target only
+    assert table["99.00 % on validation `lean` (harness)"] == [
+        "2 of 2",
+        "4.0",
+        "12.0 (10.0–14.0)",
+        "99.10 %, 98.90 %",
+        "10.0×",
+    ]  # 120 s / 12 s: the spec's target only
     assert table["99.50 % on validation `lean` (harness)"] == ["1 of 2", "8.0", "30.0 (30.0–30.0)", "99.40 %", ""]
     end = "99.00 % on test `lean` to its end (10 epochs, best validation epoch)"
     assert table[end] == ["1 of 2", "8.0", "42.0 (40.0–44.0)", "98.70 %, 99.60 %", "2.9×"]  # 120 s / 42 s
@@ -209,7 +235,9 @@ def test_time_to_quality_table_from_known_runs():
 
 def test_write_perf_keeps_other_modes_and_tasks(tmp_path):
     a = TaskPerf("mnist", [{"task": "mnist", "mode": "quick", "what": "throughput", "images_per_s": 10}], ["table A"])
-    b = TaskPerf("warwick", [{"task": "warwick", "mode": "quick", "what": "throughput", "images_per_s": 5}], ["table B"])
+    b = TaskPerf(
+        "warwick", [{"task": "warwick", "mode": "quick", "what": "throughput", "images_per_s": 5}], ["table B"]
+    )
     write_perf(tmp_path, [a, b], True, ["- command: `x`"])
     a2 = TaskPerf("mnist", [{"task": "mnist", "mode": "quick", "what": "throughput", "images_per_s": 20}], ["table A2"])
     md, csv_path = write_perf(tmp_path, [a2], True, ["- command: `y`"])

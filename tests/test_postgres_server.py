@@ -1,4 +1,5 @@
 """The test suite's own PostgreSQL server (tests/postgres.py) works, for SQLAlchemy and for Optuna's RDB storage."""
+
 from __future__ import annotations
 
 import optuna

@@ -1,6 +1,7 @@
 """Post-processing chosen on validation (eval.postprocess): the two operations, the choice made on the validation
 split only, the record, the exported metadata, `bench predict` and parity applying it, and `bench rescore` bringing
 a record without the pooled object metrics up to date."""
+
 from __future__ import annotations
 
 import json
@@ -70,13 +71,31 @@ def test_the_choice_is_made_on_validation_and_the_test_reports_it(by):
     val_p = masks(40, 40, (5, 14, 5, 14), (30, 32, 30, 32))
     # test: a 3x3 gland predicted exactly: the test itself would prefer no post-processing (16 removes the gland)
     test_g = masks(40, 40, (20, 22, 20, 22))
-    data = Data(_split(val_p[None], val_g[None]), _split(val_p[None], val_g[None]), _split(test_g[None], test_g[None]),
-                DataInfo(source="-", channels=[0], source_channels=1, mean=[0.0], std=[1.0], image_size=[40, 40],
-                         n_train=1, n_val=1, n_test=1))
+    data = Data(
+        _split(val_p[None], val_g[None]),
+        _split(val_p[None], val_g[None]),
+        _split(test_g[None], test_g[None]),
+        DataInfo(
+            source="-",
+            channels=[0],
+            source_channels=1,
+            mean=[0.0],
+            std=[1.0],
+            image_size=[40, 40],
+            n_train=1,
+            n_val=1,
+            n_test=1,
+        ),
+    )
     cfg = Config(task="warwick", model={"name": "encdec"}, eval=EvalCfg(postprocess=by))
     rec = WARWICK.test_record(nn.Identity(), data, cfg, nn.BCEWithLogitsLoss())
-    assert rec["postprocess"] == {"min_area": 16, "fill_holes": False, "chosen_by": by, "val": 1.0,
-                                  "val_raw": pytest.approx(2 / 3 if by == "obj_f1_pooled" else 200 / 209)}
+    assert rec["postprocess"] == {
+        "min_area": 16,
+        "fill_holes": False,
+        "chosen_by": by,
+        "val": 1.0,
+        "val_raw": pytest.approx(2 / 3 if by == "obj_f1_pooled" else 200 / 209),
+    }
     # the test split is reported with the validation's choice (the gland removed), and before it (perfect)
     assert rec["test_raw"]["obj_f1_pooled"] == 1.0 and rec["test_raw"]["dice"] == 1.0
     assert rec["test"]["obj_f1_pooled"] == 0.0 and rec["test"]["dice"] == 0.0
@@ -91,10 +110,22 @@ def test_postprocess_is_refused_where_a_task_has_none():
 
 
 def test_metadata_round_trip_and_masks():
-    props = {"task": "warwick", "kind": "segmentation", "input_name": "input", "output_name": "logits",
-             "color_mode": "RGB", "channels": "[0, 1]", "pixel_divisor": "255", "mean": "[0.5, 0.5]",
-             "std": "[0.2, 0.2]", "image_size": "[32, 32]", "resize_policy": "tile", "threshold": "0.5",
-             "min_area": "6", "fill_holes": "true"}
+    props = {
+        "task": "warwick",
+        "kind": "segmentation",
+        "input_name": "input",
+        "output_name": "logits",
+        "color_mode": "RGB",
+        "channels": "[0, 1]",
+        "pixel_divisor": "255",
+        "mean": "[0.5, 0.5]",
+        "std": "[0.2, 0.2]",
+        "image_size": "[32, 32]",
+        "resize_policy": "tile",
+        "threshold": "0.5",
+        "min_area": "6",
+        "fill_holes": "true",
+    }
     meta = ModelMeta.from_props(props)
     assert meta.postprocess == PostProcess(6, True)
     m = masks(12, 12, (0, 4, 0, 4), (8, 9, 8, 9))
@@ -120,7 +151,11 @@ def run(tmp_path_factory, make_warwick) -> dict[str, Path]:
     """A finished tiny WARWICK run with eval.postprocess on synthetic 48x48 data."""
     tmp = tmp_path_factory.mktemp("post")
     root = make_warwick(tmp / "data" / "WARWICK", n_train=8, n_test=3, size=(48, 48)).parent
-    train(load_spec(write_spec(tmp / "pp.yaml", task="warwick", base=BASE, variants=[{"name": "a"}])), tmp / "results", root)
+    train(
+        load_spec(write_spec(tmp / "pp.yaml", task="warwick", base=BASE, variants=[{"name": "a"}])),
+        tmp / "results",
+        root,
+    )
     return {"results": tmp / "results", "run": tmp / "results/runs/pp/a/seed-0", "data": root, "tmp": tmp}
 
 
@@ -168,7 +203,9 @@ def test_rescore_adds_the_pooled_metrics_and_the_choice_to_an_older_record(run, 
     path = results / "runs/pp/a/seed-0/result.json"
     true = json.loads(path.read_text())
     old = {k: v for k, v in true.items() if k not in ("postprocess", "test_raw")}
-    old["test"] = {k: v for k, v in true["test_raw"].items() if not k.endswith("_pooled") or k.startswith(("dice", "iou"))}
+    old["test"] = {
+        k: v for k, v in true["test_raw"].items() if not k.endswith("_pooled") or k.startswith(("dice", "iou"))
+    }
     path.write_text(json.dumps(old))  # as a run recorded before the pooled metrics and the post-processing
     assert main(["rescore", "pp", "--results", str(results), "--data-root", str(run["data"])]) == 0
     new = json.loads(path.read_text())
@@ -184,12 +221,21 @@ def test_the_summary_shows_the_choice_and_its_paired_effect():
     meta = GroupRecord("w", "w", "warwick", [VariantRecord("a", "a"), VariantRecord("b", "b", parent="a")])
 
     def rec(seed: int, raw: tuple[float, float], post: tuple[float, float], chosen: dict) -> RunRecord:
-        return RunRecord(f"k{seed}", seed=seed, test={"dice": post[0], "obj_f1_pooled": post[1]},
-                         test_raw={"dice": raw[0], "obj_f1_pooled": raw[1]}, postprocess={**chosen, "chosen_by": "obj_f1_pooled"})
+        return RunRecord(
+            f"k{seed}",
+            seed=seed,
+            test={"dice": post[0], "obj_f1_pooled": post[1]},
+            test_raw={"dice": raw[0], "obj_f1_pooled": raw[1]},
+            postprocess={**chosen, "chosen_by": "obj_f1_pooled"},
+        )
 
-    results = {"a": [RunRecord("k", seed=0, test={"dice": 0.8})],  # no post-processing: no row
-               "b": [rec(0, (0.80, 0.5), (0.81, 0.7), {"min_area": 16, "fill_holes": False}),
-                     rec(1, (0.82, 0.6), (0.82, 0.7), {"min_area": 64, "fill_holes": True})]}
+    results = {
+        "a": [RunRecord("k", seed=0, test={"dice": 0.8})],  # no post-processing: no row
+        "b": [
+            rec(0, (0.80, 0.5), (0.81, 0.7), {"min_area": 16, "fill_holes": False}),
+            rec(1, (0.82, 0.6), (0.82, 0.7), {"min_area": 64, "fill_holes": True}),
+        ],
+    }
     table = postprocess_table(meta, results, WARWICK.metrics)
     (row,) = table.rows
     cells = dict(zip(table.headers, row, strict=True))
@@ -197,7 +243,9 @@ def test_the_summary_shows_the_choice_and_its_paired_effect():
     # pixel Dice (the primary metric): 0.81 -> 0.815, paired changes +0.01 and 0: mean +0.005, t = 1 on 1 df, p = 0.5
     assert cells["pixel Dice before → after"] == "0.8100 → 0.8150" and cells["Δ pixel Dice (p)"] == "+0.0050 (p=0.500)"
     # pooled object F1 (the metric that chose): changes +0.2 and +0.1: mean +0.15, t = 3 on 1 df, p = 0.205
-    assert cells["obj_f1_pooled before → after"] == "0.550 → 0.700" and cells["Δ obj_f1_pooled (p)"] == "+0.150 (p=0.205)"
+    assert (
+        cells["obj_f1_pooled before → after"] == "0.550 → 0.700" and cells["Δ obj_f1_pooled (p)"] == "+0.150 (p=0.205)"
+    )
     # a contour model's choice includes its contour threshold
     results["b"][1].postprocess["contour_threshold"] = 0.2
     (row,) = postprocess_table(meta, results, WARWICK.metrics).rows

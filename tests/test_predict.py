@@ -1,5 +1,6 @@
 """`python -m bench predict`: preprocessing from metadata, odd sizes, tiling, failures reported by name,
 MNIST-like digit centering, missing and empty inputs, output names that never collide."""
+
 from __future__ import annotations
 
 import csv
@@ -29,12 +30,31 @@ def _run(task: str) -> LoadedRun:
     """A stand-in for a finished run of ``task``: an untrained small network and its data description."""
     if task == "mnist":
         cfg = Config(task="mnist", model={"name": "mnist_cnn", "widths": [4, 4, 8, 8, 8], "hidden": 16})
-        info = DataInfo(source="-", channels=[0], source_channels=1, mean=[0.13], std=[0.31], image_size=[28, 28],
-                        n_train=1, n_val=1, n_test=1, classes=[str(i) for i in range(10)])
+        info = DataInfo(
+            source="-",
+            channels=[0],
+            source_channels=1,
+            mean=[0.13],
+            std=[0.31],
+            image_size=[28, 28],
+            n_train=1,
+            n_val=1,
+            n_test=1,
+            classes=[str(i) for i in range(10)],
+        )
     else:
         cfg = Config(task="warwick", model={"name": "encdec", "width": 4, "depth": 2})
-        info = DataInfo(source="-", channels=[0, 1], source_channels=3, mean=[0.5, 0.4], std=[0.2, 0.25],
-                        image_size=[32, 32], n_train=1, n_val=1, n_test=1)
+        info = DataInfo(
+            source="-",
+            channels=[0, 1],
+            source_channels=3,
+            mean=[0.5, 0.4],
+            std=[0.2, 0.25],
+            image_size=[32, 32],
+            n_train=1,
+            n_val=1,
+            n_test=1,
+        )
     model = build_model(cfg, **TASKS[task].model_kwargs(info)).eval()
     return LoadedRun(Path("-"), model, cfg, TASKS[task], info, "0123abcd", None)
 
@@ -243,9 +263,17 @@ def test_output_names_mirror_folders_and_never_collide(models, tmp_path, capsys)
     code = main([str(models["warwick"]), str(src), str(x), str(y), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1 and "scan.txt: not an image file" in err  # the text file, reported as before
-    expected = {src / "a.png": "a.png", src / "a.jpg": "a.jpg", src / "b.png": "b", src / "scan.png": "scan",
-                src / "sub/b.png": "sub/b", src / "sub/c.png": "sub/c", src / "sub/deeper/c.tif": "sub/deeper/c",
-                x: "d.png-1", y: "d.png-2"}
+    expected = {
+        src / "a.png": "a.png",
+        src / "a.jpg": "a.jpg",
+        src / "b.png": "b",
+        src / "scan.png": "scan",
+        src / "sub/b.png": "sub/b",
+        src / "sub/c.png": "sub/c",
+        src / "sub/deeper/c.tif": "sub/deeper/c",
+        x: "d.png-1",
+        y: "d.png-2",
+    }
     rows = {Path(r["file"]): r for r in _rows(out / "predictions.csv")}
     assert set(rows) == set(expected)
     for path, name in expected.items():
@@ -265,8 +293,10 @@ def test_output_name_rule():
     assert names("a.png", "a.jpg") == ["a.png", "a.jpg"]
     assert names("A.png", "a.png") == ["A.png-1", "a.png-2"]  # same file on a case-insensitive file system
     # numbers skip names already taken by another image of the folder
-    got, notes = output_names([Input(Path(p), PurePath("a.png")) for p in ("x/a.png", "y/a.png")]
-                              + [Input(Path("z/a.png-1.jpg"), PurePath("a.png-1.jpg"))])
+    got, notes = output_names(
+        [Input(Path(p), PurePath("a.png")) for p in ("x/a.png", "y/a.png")]
+        + [Input(Path("z/a.png-1.jpg"), PurePath("a.png-1.jpg"))]
+    )
     assert got == ["a.png-2", "a.png-3", "a.png-1"] and len(notes) == 1 and "x/a.png -> a.png-2_mask.png" in notes[0]
     assert output_names([None, Input(Path("a.png"), PurePath("a.png"))])[0] == [None, "a"]
 
@@ -380,8 +410,11 @@ def test_mnist_policy_end_to_end_and_bad_metadata(models, tmp_path, capsys):
     x = meta.normalize(prepare_digit(canvas, meta)[None])
     logits = session(models["mnist-centered"]).run(None, {"input": x})[0][0]
     assert row["class"] == str(int(logits.argmax()))  # the CSV answers for the centered digit
-    for key, value, message in (("ink_box", "big", "ink_box"), ("ink_box", "40", "ink_box"),
-                                ("resize_policy", "warp", "resize_policy 'warp'")):
+    for key, value, message in (
+        ("ink_box", "big", "ink_box"),
+        ("ink_box", "40", "ink_box"),
+        ("resize_policy", "warp", "resize_policy 'warp'"),
+    ):
         proto = onnx.load(str(models["mnist-centered"]))
         for p in proto.metadata_props:
             if p.key == key:

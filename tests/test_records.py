@@ -1,5 +1,6 @@
 """Run records: the typed result.json/spec.json with their migration, `bench rescore`, and the published tables
 rebuilt from the records committed to git."""
+
 from __future__ import annotations
 
 import json
@@ -101,7 +102,7 @@ def test_a_hand_written_reading_stays_under_its_section(toy, tmp_path):
     (results / "runs" / group / "reading.md").write_text("**Reading the table.** The +bn rung does not help.\n")
     write_summary(results, command="python -m bench run rec.yaml")
     text = (results / "summary.md").read_text()
-    section = text[text.index(f"## {group} "):]
+    section = text[text.index(f"## {group} ") :]
     assert "**Reading the table.** The +bn rung does not help." in section
     assert section.index("Reading the table") < section.index("Training and statistics of each rung")
 
@@ -150,6 +151,7 @@ def test_committed_runs_are_current_for_their_spec_as_written():
 def test_a_later_key_at_its_default_leaves_the_run_key_alone():
     from bench.config import Config, DataCfg
     from bench.spec import run_key
+
     cfg = Config(task="mnist", model={"name": "mnist_cnn"})
     assert "images" not in cfg.to_dict()["data"]  # `later` keys at their default are not saved
     assert run_key(cfg) != run_key(cfg.copy(data=DataCfg(images="a/*")))

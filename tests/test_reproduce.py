@@ -1,4 +1,5 @@
 """``bench reproduce``: a group's runs re-trained in a temporary folder, compared with their records."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,12 @@ from tests.helpers import write_spec
 from tests.toy_task import SquaresTask
 
 # No train.threads: the runner records the count it used (config.json), and the rerun uses the same.
-BASE = {"model": {"name": "mnist_resnet", "width": 4, "dropout": 0.0}, "optim": {"name": "adam", "lr": 3.0e-3},
-        "train": {"epochs": 1, "batch_size": 32}, "data": {"val_fraction": 0.25}}
+BASE = {
+    "model": {"name": "mnist_resnet", "width": 4, "dropout": 0.0},
+    "optim": {"name": "adam", "lr": 3.0e-3},
+    "train": {"epochs": 1, "batch_size": 32},
+    "data": {"val_fraction": 0.25},
+}
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +28,25 @@ def group(tmp_path_factory) -> Path:
     """A results folder with a finished toy group ``sq`` (no data files: the squares task draws its images)."""
     TASKS["squares"] = SquaresTask()
     tmp = tmp_path_factory.mktemp("reproduce")
-    path = write_spec(tmp / "sq.yaml", task="squares", base=BASE, seeds=[0, 1],
-                      variants=[{"name": "plain"}])
+    path = write_spec(tmp / "sq.yaml", task="squares", base=BASE, seeds=[0, 1], variants=[{"name": "plain"}])
     res = tmp / "results"
-    assert bench(["run", str(path), "--data-root", str(tmp), "--results", str(res), "--no-progress", "--workers", "1",
-                  "--no-summary"]) == 0
+    assert (
+        bench(
+            [
+                "run",
+                str(path),
+                "--data-root",
+                str(tmp),
+                "--results",
+                str(res),
+                "--no-progress",
+                "--workers",
+                "1",
+                "--no-summary",
+            ]
+        )
+        == 0
+    )
     yield res
     del TASKS["squares"]
 
@@ -56,8 +75,21 @@ def test_a_tampered_record_fails_and_is_named(group, capsys, tmp_path):
     tampered["test"]["acc"] -= 0.2
     result.write_text(json.dumps(tampered))
     try:
-        code = bench(["reproduce", "sq", "--results", str(group), "--variants", "plain", "--seeds", "1",
-                      "--tolerance", "0.01", "--no-progress"])
+        code = bench(
+            [
+                "reproduce",
+                "sq",
+                "--results",
+                str(group),
+                "--variants",
+                "plain",
+                "--seeds",
+                "1",
+                "--tolerance",
+                "0.01",
+                "--no-progress",
+            ]
+        )
     finally:
         result.write_text(original)
     out = capsys.readouterr().out
@@ -67,11 +99,14 @@ def test_a_tampered_record_fails_and_is_named(group, capsys, tmp_path):
     assert "tolerance 1.000 (--tolerance)" in out and "off: plain seed 1" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["nope"], "unknown group 'nope'; valid choices (closest first): sq"),
-    (["sq", "--variants", "plan"], "--variants: unknown variant 'plan'; valid choices (closest first): plain"),
-    (["sq", "--seeds", "7"], "--seeds 7: no finished run of that seed in group sq (recorded seeds: 0, 1)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nope"], "unknown group 'nope'; valid choices (closest first): sq"),
+        (["sq", "--variants", "plan"], "--variants: unknown variant 'plan'; valid choices (closest first): plain"),
+        (["sq", "--seeds", "7"], "--seeds 7: no finished run of that seed in group sq (recorded seeds: 0, 1)"),
+    ],
+)
 def test_unknown_group_variant_or_seed_is_one_line_and_exit_2(group, capsys, argv, message):
     assert bench(["reproduce", *argv, "--results", str(group)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,5 @@
 """Every rung's deployment cost: the TTA graph, `exporters.onnx rungs`, the Pareto front, the readable table."""
+
 from __future__ import annotations
 
 import copy
@@ -52,7 +53,9 @@ def test_tta_graph_reproduces_the_harness_tta_evaluation(seg, tmp_path):
     result = json.loads((seg["run"] / "result.json").read_text())
     logits = run_batched(session(ex.path), ex.inputs, 2)
     dice = ex.run.task.score_outputs(logits, ex.test.targets, ex.meta.threshold)
-    assert dice == pytest.approx(result["test"]["dice"], abs=1e-4) and dice == pytest.approx(par["metric_torch"], abs=1e-6)
+    assert dice == pytest.approx(result["test"]["dice"], abs=1e-4) and dice == pytest.approx(
+        par["metric_torch"], abs=1e-6
+    )
     # sigmoid(output) is the harness's own TTA probability, also on a non-square input the graph was not traced on
     x = np.random.default_rng(0).standard_normal((2, 2, 24, 40)).astype(np.float32)
     out = session(ex.path).run(None, {"input": x})[0]
@@ -76,29 +79,49 @@ def test_best_exports_the_tta_graph_unless_told_otherwise(seg, tmp_path, capsys)
 
 
 def test_tta_refused_for_a_non_square_classification_input(monkeypatch, tmp_path, capsys, data_root):
-    assert export.tta_refusal("classification", (28, 28)) is None and export.tta_refusal("segmentation", (20, 30)) is None
+    assert (
+        export.tta_refusal("classification", (28, 28)) is None and export.tta_refusal("segmentation", (20, 30)) is None
+    )
     why = export.tta_refusal("classification", (28, 32))
     assert "28x32" in why and "rotation by 90 degrees gives 32x28" in why and "without --tta" in why
     spec = load_spec(write_spec(tmp_path / "m.yaml", base=MNIST_BASE, variants=[{"name": "a"}]))
     train(spec, tmp_path / "results", data_root)
     monkeypatch.setattr(export, "tta_refusal", lambda kind, size: why)
     out = tmp_path / "out"
-    code = ox.main([str(tmp_path / "results/runs/m/a/seed-0"), "--tta", "--out", str(out), "--data-root", str(data_root),
-                    "--no-bench", "--no-summary"])
+    code = ox.main(
+        [
+            str(tmp_path / "results/runs/m/a/seed-0"),
+            "--tta",
+            "--out",
+            str(out),
+            "--data-root",
+            str(data_root),
+            "--no-bench",
+            "--no-summary",
+        ]
+    )
     assert code == 2 and "rotation by 90 degrees" in capsys.readouterr().err and not out.exists()
 
 
 def test_classification_tta_graph_matches_pytorch(tmp_path, data_root):
     spec = load_spec(write_spec(tmp_path / "m.yaml", base=MNIST_BASE, variants=[{"name": "a"}]))
     train(spec, tmp_path / "results", data_root)
-    ex = export.export_run(tmp_path / "results/runs/m/a/seed-0", tmp_path / "o", str(data_root), tmp_path / "results",
-                           tta=True)
+    ex = export.export_run(
+        tmp_path / "results/runs/m/a/seed-0", tmp_path / "o", str(data_root), tmp_path / "results", tta=True
+    )
     assert ex.tta and ex.record["parity"]["max_abs_prob_diff"] <= 1e-4 and ex.record["parity"]["agreement"] >= 0.999
 
 
 def test_rungs_costs_not_run_reuse_and_summary(tmp_path, data_root, capsys):
-    spec_path = write_spec(tmp_path / "r.yaml", base=MNIST_BASE, variants=[
-        {"name": "a", "note": "the base"}, {"name": "b", "set": {"model.hidden": 64}}, {"name": "c", "set": {"optim.lr": 1e-3}}])
+    spec_path = write_spec(
+        tmp_path / "r.yaml",
+        base=MNIST_BASE,
+        variants=[
+            {"name": "a", "note": "the base"},
+            {"name": "b", "set": {"model.hidden": 64}},
+            {"name": "c", "set": {"optim.lr": 1e-3}},
+        ],
+    )
     spec = load_spec(spec_path)
     res = tmp_path / "results"
     train(spec, res, data_root, runs=spec.runs(["a", "b"]))  # c is never trained
@@ -155,8 +178,10 @@ def test_pareto_front_on_hand_made_points():
 
 def test_short_labels():
     assert short_label("optim.lr=0.001") == "optim.lr=0.001"
-    assert short_label("Optuna best of 16 trials (4 pruned, 0 failed; 4.4 min on 2 workers), trial 12") == \
-        "Optuna best of 16 trials, trial 12"
+    assert (
+        short_label("Optuna best of 16 trials (4 pruned, 0 failed; 4.4 min on 2 workers), trial 12")
+        == "Optuna best of 16 trials, trial 12"
+    )
     long = "word " * 30
     cut = short_label(long)
     assert len(cut) <= LABEL_MAX and cut.endswith("…")
@@ -168,17 +193,48 @@ def test_short_labels():
 
 def test_table_columns_keep_their_order_and_decimals(tmp_path):
     """A first rung without runs does not move the Δ column; a latency column has one number of decimals."""
-    spec = load_spec(write_spec(tmp_path / "o.yaml", base=MNIST_BASE, seeds=[0], variants=[
-        {"name": "a", "reported": 0.9}, {"name": "b", "set": {"optim.lr": 1e-3}}, {"name": "c", "set": {"optim.lr": 1e-4}}]))
+    spec = load_spec(
+        write_spec(
+            tmp_path / "o.yaml",
+            base=MNIST_BASE,
+            seeds=[0],
+            variants=[
+                {"name": "a", "reported": 0.9},
+                {"name": "b", "set": {"optim.lr": 1e-3}},
+                {"name": "c", "set": {"optim.lr": 1e-4}},
+            ],
+        )
+    )
     store = RunStore(tmp_path)
     store.write_group(spec)
     meta = store.read_group(spec.group)
-    runs = [StoredRun(spec.group, v, 0, f"k{v}", tmp_path, RunRecord(f"k{v}", seed=0, val_best=0.5, test={"acc": 0.9},
-                                                                     params=1000, epochs_run=1, best_epoch=1,
-                                                                     train_time_s=1.0)) for v in ("b", "c")]
+    runs = [
+        StoredRun(
+            spec.group,
+            v,
+            0,
+            f"k{v}",
+            tmp_path,
+            RunRecord(
+                f"k{v}",
+                seed=0,
+                val_best=0.5,
+                test={"acc": 0.9},
+                params=1000,
+                epochs_run=1,
+                best_epoch=1,
+                train_time_s=1.0,
+            ),
+        )
+        for v in ("b", "c")
+    ]
     lat = {"b": 0.0703, "c": 0.111}
-    costs = {"rungs": {v: {"key": f"k{v}", "flops_per_image": 1e6, "latency": {"cpu/fp32": {"p50_ms": ms}}}
-                       for v, ms in lat.items()}}
+    costs = {
+        "rungs": {
+            v: {"key": f"k{v}", "flops_per_image": 1e6, "latency": {"cpu/fp32": {"p50_ms": ms}}}
+            for v, ms in lat.items()
+        }
+    }
     main = group_tables(meta, runs, costs).main
     assert main.headers == ["variant", "change", "n", "test acc. (%)", "Δ (p)", "report", "params", "MFLOP", "ORT ms"]
     ms = [row[main.headers.index("ORT ms")] for row in main.rows]
@@ -205,16 +261,30 @@ def test_committed_specs_tables_fit_a_screen(name, profile, tmp_path):
     meta = store.read_group(spec.group)
     for v in spec.variants:
         assert len(v.label) <= LABEL_MAX and not v.label.endswith("…"), (v.name, v.label)
-    metric_keys = ["acc"] if spec.task == "mnist" else ["dice", "dice_pooled", "iou", "obj_f1", "obj_dice", "obj_hausdorff"]
+    metric_keys = (
+        ["acc"] if spec.task == "mnist" else ["dice", "dice_pooled", "iou", "obj_f1", "obj_dice", "obj_hausdorff"]
+    )
     runs, rungs = [], {}
     for v in spec.variants:
         for seed in spec.seeds:
             test = {k: (0.1 + 0.8 * (seed % 2) if k != "obj_hausdorff" else 123.45) for k in metric_keys}
-            result = RunRecord(f"k{v.name}{seed}", seed=seed, val_best=0.5, test=test, params=12_345_678, epochs_run=100,
-                               best_epoch=88.5, train_time_s=12345.0)
+            result = RunRecord(
+                f"k{v.name}{seed}",
+                seed=seed,
+                val_best=0.5,
+                test=test,
+                params=12_345_678,
+                epochs_run=100,
+                best_epoch=88.5,
+                train_time_s=12345.0,
+            )
             runs.append(StoredRun(spec.group, v.name, seed, result.key, tmp_path, result))
-        rungs[v.name] = {"key": f"k{v.name}{spec.seeds[0]}", "tta": True, "flops_per_image": 123_456_789_012,
-                         "latency": {c: {"p50_ms": 1234.567} for c in ("cpu/fp32", "cpu/int8", "cuda/fp32")}}
+        rungs[v.name] = {
+            "key": f"k{v.name}{spec.seeds[0]}",
+            "tta": True,
+            "flops_per_image": 123_456_789_012,
+            "latency": {c: {"p50_ms": 1234.567} for c in ("cpu/fp32", "cpu/int8", "cuda/fp32")},
+        }
     tables = group_tables(meta, runs, {"rungs": rungs})
     assert tables.costs_shown and {"ORT ms", "INT8 ms", "CUDA ms", "GFLOP"} <= set(tables.main.headers)
     assert tables.main.width() <= MAX_TABLE_WIDTH, (tables.main.width(), tables.main.markdown().splitlines()[2])
@@ -230,7 +300,13 @@ def test_published_quick_tables_fit_a_screen():
     for section in quick:
         table = [b.strip() for b in section.split("\n\n") if b.strip().startswith("| variant") and "| change" in b]
         assert table, section[:60]
-        rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[0].splitlines() if "---" not in line
-                and ":--" not in line and "--:" not in line]
+        rows = [
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in table[0].splitlines()
+            if "---" not in line and ":--" not in line and "--:" not in line
+        ]
         width = sum(max(len(c) for c in col) + 3 for col in zip(*rows, strict=True))
-        assert width <= MAX_TABLE_WIDTH and {"MFLOP", "GFLOP"} & set(rows[0]) and "ORT ms" in rows[0], (section[:40], width)
+        assert width <= MAX_TABLE_WIDTH and {"MFLOP", "GFLOP"} & set(rows[0]) and "ORT ms" in rows[0], (
+            section[:40],
+            width,
+        )

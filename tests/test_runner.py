@@ -1,5 +1,6 @@
 """The grid runner and the run store: skip finished runs, survive SIGKILL, keep edited specs apart,
 share a grid between workers through kernel locks."""
+
 from __future__ import annotations
 
 import copy
@@ -55,11 +56,14 @@ def test_claim_is_a_kernel_lock_released_when_its_holder_dies(tmp_path):
     path = write_spec(tmp_path / "g.yaml", variants=[{"name": "a"}])
     run = load_spec(path).runs()[0]
     store = RunStore(tmp_path)
-    holder = ("import sys, time; from bench.store import RunStore; from bench.spec import load_spec\n"
-              f"with RunStore({str(tmp_path)!r}).claim(load_spec({str(path)!r}).runs()[0]) as mine:\n"
-              "    print(mine, flush=True); time.sleep(60)")
-    p = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    holder = (
+        "import sys, time; from bench.store import RunStore; from bench.spec import load_spec\n"
+        f"with RunStore({str(tmp_path)!r}).claim(load_spec({str(path)!r}).runs()[0]) as mine:\n"
+        "    print(mine, flush=True); time.sleep(60)"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     try:
         assert p.stdout.readline().strip() == "True"
         with store.claim(run) as mine:
@@ -90,12 +94,34 @@ def test_a_run_finished_by_another_worker_is_not_claimed_again(tmp_path):
 
 
 def test_two_workers_share_a_grid_and_each_run_is_trained_once(data_root, tmp_path):
-    path = write_spec(tmp_path / "w.yaml", seeds=[0, 1], variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}])
+    path = write_spec(
+        tmp_path / "w.yaml", seeds=[0, 1], variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}]
+    )
     res = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "bench", "run", str(path), "--data-root", str(data_root), "--results",
-                        str(res), "--set", "train.epochs=1", "--workers", "2", "--no-progress", "--verbose"],
-                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            str(path),
+            "--data-root",
+            str(data_root),
+            "--results",
+            str(res),
+            "--set",
+            "train.epochs=1",
+            "--workers",
+            "2",
+            "--no-progress",
+            "--verbose",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     assert "2 workers x 1 threads" in p.stderr
     # The workers (the parent trains nothing) print through a handler like the parent's, at its --verbose.
@@ -112,8 +138,14 @@ def test_two_workers_share_a_grid_and_each_run_is_trained_once(data_root, tmp_pa
 
 def _bench(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "bench", *args, "--no-progress"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", *args, "--no-progress"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(p: subprocess.Popen, ready, timeout: float = 240) -> None:
@@ -167,13 +199,29 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(data_root, tmp_path, worker
     res = tmp_path / "r"
     # A budget far beyond the moment of the Ctrl-C, even on a loaded machine (an epoch here takes well under a second).
     runs = res / "runs" / "c--train.epochs=500" / "a"
-    args = ["run", str(path), "--data-root", str(data_root), "--results", str(res), "--set", "train.epochs=500",
-            "--workers", workers]
-    p = subprocess.Popen([sys.executable, "-m", "bench", *args, "--no-progress"], cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True,  # its own process group, as a terminal's job is
-                         # ... with Ctrl-C's default action, whatever an earlier in-process test left this process with
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    args = [
+        "run",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(res),
+        "--set",
+        "train.epochs=500",
+        "--workers",
+        workers,
+    ]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bench", *args, "--no-progress"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job is
+        # ... with Ctrl-C's default action, whatever an earlier in-process test left this process with
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     _wait_for(p, lambda: _epochs(runs / "seed-0" / "metrics.csv") >= 1)
     time.sleep(0.5)  # let the checkpoint of that epoch be written
     os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: SIGINT to every process of the foreground group
@@ -196,11 +244,14 @@ def test_cli_rejects_bad_override_before_training(bad, tmp_path):
 def test_core_count_is_the_affinity_not_the_machine(tmp_path):
     """Under ``taskset -c 0`` (as under Slurm's --cpus-per-task=1) every core count sees one core: the workers'
     choice does not time splits of cores the process may not use, and the machine line says 1 core."""
-    code = ("import torch; from bench import usable_cores; from bench.workers import choose_cpu_workers; "
-            "from bench.train import device_name; "
-            "print(usable_cores(), choose_cpu_workers(None, None, None, n_runs=4)[1], device_name(torch.device('cpu')))")
-    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import torch; from bench import usable_cores; from bench.workers import choose_cpu_workers; "
+        "from bench.train import device_name; "
+        "print(usable_cores(), choose_cpu_workers(None, None, None, n_runs=4)[1], device_name(torch.device('cpu')))"
+    )
+    out = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert out.startswith("1 one run or one core CPU: ") and out.strip().endswith("(1 cores)"), out
 
 
@@ -218,8 +269,12 @@ def test_a_full_disk_stops_the_grid_with_one_line_and_keeps_what_was_saved(data_
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", no_space)
-    assert main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--workers", "1",
-                 "--no-progress"]) == 1
+    assert (
+        main(
+            ["run", str(path), "--data-root", str(data_root), "--results", str(res), "--workers", "1", "--no-progress"]
+        )
+        == 1
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no space left on the device (" in errors[0] and "MiB free)" in errors[0], errors
     runs = res / "runs" / "d" / "a"
@@ -263,8 +318,9 @@ def test_a_real_full_file_system_stops_the_grid(data_root, tmp_path):
         pytest.skip("cannot mount a tmpfs here (not root?)")
     try:
         path = write_spec(tmp_path / "t.yaml", seeds=[0, 1])
-        p = _bench(["run", str(path), "--data-root", str(data_root), "--results", str(mnt / "r"), "--workers", "1"],
-                   tmp_path)
+        p = _bench(
+            ["run", str(path), "--data-root", str(data_root), "--results", str(mnt / "r"), "--workers", "1"], tmp_path
+        )
         out = p.communicate(timeout=240)[0]
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert p.returncode == 1 and len(errors) == 1 and "no space left on the device" in errors[0], out

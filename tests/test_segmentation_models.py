@@ -1,4 +1,5 @@
 """Segmentation models: shapes for any image size, switchable batch norm, typed factory signatures."""
+
 from __future__ import annotations
 
 import inspect
@@ -48,6 +49,7 @@ def test_factory_keywords_are_typed_with_defaults(name: str):
 
 def test_deep_supervision_adds_training_outputs_only():
     from bench.losses import LOSSES, deep_supervision
+
     torch.manual_seed(0)
     plain = MODELS["unet"](in_channels=2, num_classes=1, width=4, depth=3, contours=True)
     torch.manual_seed(0)
@@ -72,6 +74,7 @@ def test_deep_supervision_adds_training_outputs_only():
 
 def test_a_deep_supervision_export_has_the_one_output_of_the_plain_network():
     from exporters.export import export_graph
+
     torch.manual_seed(0)
     plain = MODELS["unet"](in_channels=2, num_classes=1, width=4, depth=2)
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """Slow end-to-end checks (``tox -e slow`` / ``pytest -m slow``): the shipped quick profile as a user runs it."""
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,30 @@ from bench.store import RunStore
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_quick_profile(spec_name: str, data_root: Path, results: Path, max_minutes: float, metric: str) -> tuple[str, float]:
+def run_quick_profile(
+    spec_name: str, data_root: Path, results: Path, max_minutes: float, metric: str
+) -> tuple[str, float]:
     """Run ``ablations/<spec_name>.yaml --profile quick`` as a user would, into ``results``; check it ends
     within ``max_minutes`` with every rung on every seed and the summary starring the best rung by mean
     validation score.  Returns that rung and its mean test ``metric``."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bench", "run", str(REPO / "ablations" / f"{spec_name}.yaml"), "--profile",
-                    "quick", "--results", str(results), "--no-progress"], cwd=REPO, env=bench_env(data_root), check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            str(REPO / "ablations" / f"{spec_name}.yaml"),
+            "--profile",
+            "quick",
+            "--results",
+            str(results),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=bench_env(data_root),
+        check=True,
+    )
     minutes = (time.perf_counter() - t0) / 60
     assert minutes < max_minutes, f"quick profile took {minutes:.1f} min"
     store = RunStore(results)
@@ -37,8 +55,12 @@ def run_quick_profile(spec_name: str, data_root: Path, results: Path, max_minute
 
 def export_best(task: str, data_root: Path, results: Path) -> dict:
     """``exporters.onnx best --task TASK`` on ``results`` (no benchmark); returns the export record."""
-    subprocess.run([sys.executable, "-m", "exporters.onnx", "best", "--task", task, "--results", str(results),
-                    "--no-bench"], cwd=REPO, env=bench_env(data_root), check=True)
+    subprocess.run(
+        [sys.executable, "-m", "exporters.onnx", "best", "--task", task, "--results", str(results), "--no-bench"],
+        cwd=REPO,
+        env=bench_env(data_root),
+        check=True,
+    )
     assert (results / "onnx" / f"{task}.onnx").exists()
     return json.loads((results / "onnx" / f"{task}.json").read_text())
 
@@ -78,13 +100,26 @@ def test_perf_quick_mnist_reaches_the_report_number_and_writes_a_complete_file(d
     import csv
 
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bench", "perf", "--quick", "--task", "mnist", "--results", str(tmp_path)],
-                   cwd=REPO, env=bench_env(data_root), check=True)
+    subprocess.run(
+        [sys.executable, "-m", "bench", "perf", "--quick", "--task", "mnist", "--results", str(tmp_path)],
+        cwd=REPO,
+        env=bench_env(data_root),
+        check=True,
+    )
     assert (time.perf_counter() - t0) / 60 < 10
     text = (tmp_path / "perf.md").read_text()
-    for needle in ("## mnist (--quick)", "- command: `python -m bench perf --quick --task mnist", "- machine: ",
-                   "- commit: ", "`lean` (harness)", "`lean` to its end", "(textbook loop)", "utilization of matmul peak",
-                   "× reference", "Load average (1 min)"):
+    for needle in (
+        "## mnist (--quick)",
+        "- command: `python -m bench perf --quick --task mnist",
+        "- machine: ",
+        "- commit: ",
+        "`lean` (harness)",
+        "`lean` to its end",
+        "(textbook loop)",
+        "utilization of matmul peak",
+        "× reference",
+        "Load average (1 min)",
+    ):
         assert needle in text, needle
     rows = list(csv.DictReader(open(tmp_path / "perf.csv")))
     hits = [r for r in rows if r["what"] == "time_to_target" and r["recipe"] == "lean" and float(r["target"]) == 0.992]

@@ -1,4 +1,5 @@
 """summary.md from a store of runs written by the test (known numbers -> known table)."""
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,15 @@ VAL = {"a": 0.97, "b": 0.99, "c": 0.999}  # c is best on validation (test does n
 
 def fake_store(tmp_path: Path, overrides: list[str] | None = None, acc: dict | None = None) -> Path:
     """Write result/metrics files for a 3-variant spec as the runner would, with chosen accuracies."""
-    path = write_spec(tmp_path / "demo.yaml", seeds=[0, 1, 2], variants=[
-        {"name": "a", "reported": 0.982}, {"name": "b", "set": {"optim.lr": 1.0e-3}},
-        {"name": "c", "from": "a", "set": {"model.batch_norm": False}}])
+    path = write_spec(
+        tmp_path / "demo.yaml",
+        seeds=[0, 1, 2],
+        variants=[
+            {"name": "a", "reported": 0.982},
+            {"name": "b", "set": {"optim.lr": 1.0e-3}},
+            {"name": "c", "from": "a", "set": {"model.batch_norm": False}},
+        ],
+    )
     spec = place_in_group(load_spec(path, overrides=overrides), load_spec(path))
     fake_runs(RunStore(tmp_path / "results"), spec, acc or ACC)
     return tmp_path / "results"
@@ -48,13 +55,28 @@ def fake_runs(store: RunStore, spec, acc: dict, runs: list | None = None, val: d
     for run in runs if runs is not None else spec.runs():
         d = store.path(run)
         files.write_json(d / "config.json", {"key": run.key, "config": run.config.to_dict()})
-        (d / "metrics.csv").write_text("epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time\n"
-                                       "1,1.0,0.5,0.9,0.6,0.001,1.0\n2,0.5,0.8,0.4,0.9,0.001,1.0\n")
-        files.write_json(d / "result.json", {
-            "key": run.key, "variant": run.variant.name, "seed": run.seed,
-            "test": {"acc": acc[run.variant.name][run.seed], "loss": 0.1}, "val_best": (val or VAL)[run.variant.name],
-            "best_epoch": 2, "epochs_run": 2, "train_time_s": 12.0, "params": 1234, "device_name": "CPU: test",
-            "torch": "2.x", "commit": "abcdef1234567890", "finished": "2026-01-01T00:00:00"})
+        (d / "metrics.csv").write_text(
+            "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time\n"
+            "1,1.0,0.5,0.9,0.6,0.001,1.0\n2,0.5,0.8,0.4,0.9,0.001,1.0\n"
+        )
+        files.write_json(
+            d / "result.json",
+            {
+                "key": run.key,
+                "variant": run.variant.name,
+                "seed": run.seed,
+                "test": {"acc": acc[run.variant.name][run.seed], "loss": 0.1},
+                "val_best": (val or VAL)[run.variant.name],
+                "best_epoch": 2,
+                "epochs_run": 2,
+                "train_time_s": 12.0,
+                "params": 1234,
+                "device_name": "CPU: test",
+                "torch": "2.x",
+                "commit": "abcdef1234567890",
+                "finished": "2026-01-01T00:00:00",
+            },
+        )
 
 
 def test_summary_table(tmp_path):
@@ -94,9 +116,13 @@ def test_summary_ignores_results_of_an_old_config(tmp_path):
 
 def test_summary_keeps_sections_of_groups_whose_runs_are_elsewhere(tmp_path):
     results = fake_store(tmp_path)
-    other = ("## mnist@gpu (mnist, spec `ablations/mnist.yaml`, profile `full`)\n\n- machine: NVIDIA H200\n\n"
-             "| variant | test accuracy (%) |\n|:--|:--|\n| x | 99.60 ± 0.01 |\n")
-    (results / "summary.md").write_text("# Results\n\nold intro\n\n" + other + "\n## Deployment (ONNX Runtime)\n\nold\n")
+    other = (
+        "## mnist@gpu (mnist, spec `ablations/mnist.yaml`, profile `full`)\n\n- machine: NVIDIA H200\n\n"
+        "| variant | test accuracy (%) |\n|:--|:--|\n| x | 99.60 ± 0.01 |\n"
+    )
+    (results / "summary.md").write_text(
+        "# Results\n\nold intro\n\n" + other + "\n## Deployment (ONNX Runtime)\n\nold\n"
+    )
     text = _summary(results)
     assert other.strip() in text  # kept verbatim, runs not here
     assert "## demo (" in text and "old intro" not in text and "\nold\n" not in text
@@ -113,11 +139,15 @@ def test_summary_keeps_sections_of_groups_whose_runs_are_elsewhere(tmp_path):
 def test_reported_number_is_shown_in_the_metric_s_own_format():
     for task, reported, shown in (("warwick", 0.66, "0.6600"), ("warwick", 0.88, "0.8800"), ("mnist", 0.982, "98.20")):
         meta = GroupRecord("t", "t", task, [VariantRecord("a", "a", reported=reported)])
-        assert column(group_tables(meta, []).main, "report") == [shown]  # as the table's own numbers (0.66 once showed as 0.7)
+        assert column(group_tables(meta, []).main, "report") == [
+            shown
+        ]  # as the table's own numbers (0.66 once showed as 0.7)
 
 
 def test_interval_is_clipped_to_the_metric_s_range_and_counts_are_integers(tmp_path):
-    results = fake_store(tmp_path, acc={"a": [0.95, 0.999, 0.90], "b": [0.990, 0.991, 0.995], "c": [0.97, 0.972, 0.974]})
+    results = fake_store(
+        tmp_path, acc={"a": [0.95, 0.999, 0.90], "b": [0.990, 0.991, 0.995], "c": [0.97, 0.972, 0.974]}
+    )
     text = _summary(results)
     row_a = table_rows(text, 1)["a"]
     assert "100.00]†" in row_a and "101" not in row_a  # 94.97 + 4.30 * 4.95 / sqrt 3 > 100 %
@@ -174,7 +204,7 @@ def test_the_memory_keeps_a_section_its_runs_are_elsewhere_and_forgets_a_deleted
     memory["sections"][0]["machine"] = "GPU: as remembered"
     (other / "summary.json").write_text(json.dumps(memory))
     assert "| GPU: as remembered |" in _summary(other)  # the index is the memory's, not read from the markdown
-    section = full[full.index("## demo ("):]
+    section = full[full.index("## demo (") :]
     (other / "summary.md").write_text(full.replace(section, ""))  # deleted by hand: forgotten and rebuilt
     text = _summary(other)
     assert "**incomplete**: 1 of 9 runs finished" in text and "not run" in table_rows(text, 0)["b"]
@@ -203,28 +233,42 @@ def test_a_stated_commit_is_marked_as_stated(tmp_path, monkeypatch):
 
 def test_time_to_target_column_reads_each_runs_metrics(tmp_path):
     """A spec with `target` gains a column: mean first epoch and training seconds over the seeds that reached it."""
-    path = write_spec(tmp_path / "t.yaml", seeds=[0, 1], target=0.95,
-                      variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}])
+    path = write_spec(
+        tmp_path / "t.yaml",
+        seeds=[0, 1],
+        target=0.95,
+        variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}],
+    )
     store, spec = RunStore(tmp_path / "results"), load_spec(path)
     fake_runs(store, spec, {"a": [0.96, 0.97], "b": [0.9, 0.9]}, val={"a": 0.96, "b": 0.9})
-    for seed, rows in ((0, "1,1,0.5,1,0.90,0.1,5.0,4.0\n2,1,0.5,1,0.951,0.1,5.0,8.5\n"),  # reaches 0.95 at epoch 2
-                       (1, "1,1,0.5,1,0.96,0.1,5.0,3.5\n")):  # at epoch 1
+    for seed, rows in (
+        (0, "1,1,0.5,1,0.90,0.1,5.0,4.0\n2,1,0.5,1,0.951,0.1,5.0,8.5\n"),  # reaches 0.95 at epoch 2
+        (1, "1,1,0.5,1,0.96,0.1,5.0,3.5\n"),
+    ):  # at epoch 1
         (store.path(next(r for r in spec.runs(["a"]) if r.seed == seed)) / "metrics.csv").write_text(
-            "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time,train_seconds\n" + rows)
+            "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time,train_seconds\n" + rows
+        )
     table = group_tables(store.read_group("t"), store.finished("t")).training
     target = "to val 95.00 %: epoch, train s"
     assert column(table, target) == ["1.5 · 6 s", "not reached"]  # (2 + 1) / 2 epochs, (8.5 + 3.5) / 2 s
     (store.path(next(r for r in spec.runs(["a"]) if r.seed == 1)) / "metrics.csv").write_text(
-        "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time,train_seconds\n1,1,0.5,1,0.5,0.1,5.0,3.5\n")
-    assert column(group_tables(store.read_group("t"), store.finished("t")).training, target)[0] == "2 · 8 s (1 of 2 seeds)"
+        "epoch,train_loss,train_metric,val_loss,val_metric,lr,epoch_time,train_seconds\n1,1,0.5,1,0.5,0.1,5.0,3.5\n"
+    )
+    assert (
+        column(group_tables(store.read_group("t"), store.finished("t")).training, target)[0] == "2 · 8 s (1 of 2 seeds)"
+    )
     text = _summary(store.results)
     assert "the report's best number, the spec's `target`" in text
 
 
 def test_a_partial_group_with_a_target_builds_its_table(tmp_path):
     """Rungs without runs yet leave their cells empty (a subset once crashed on the parameter count)."""
-    path = write_spec(tmp_path / "p.yaml", seeds=[0], target=0.95,
-                      variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}])
+    path = write_spec(
+        tmp_path / "p.yaml",
+        seeds=[0],
+        target=0.95,
+        variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 1.0e-3}}],
+    )
     store, spec = RunStore(tmp_path / "results"), load_spec(path)
     fake_runs(store, spec, {"a": [0.96], "b": [0.9]}, runs=spec.runs(["a"]), val={"a": 0.96, "b": 0.9})
     table = group_tables(store.read_group("p"), store.finished("p")).main

@@ -1,5 +1,6 @@
 """MLflow tracking (--mlflow): every finished run and tuning trial logged once, read back with MlflowClient from a
 temporary SQLite store; without the extra, one error line."""
+
 from __future__ import annotations
 
 import copy
@@ -46,7 +47,8 @@ def test_without_mlflow_installed_mlflow_is_one_error_line_before_anything(tmp_p
     (run_dir / "best.pt").touch()
     assert onnx_main([str(run_dir), "--mlflow"]) == 2  # before any export
     assert capsys.readouterr().err.splitlines() == [
-        "error: --mlflow: MLflow is not installed; install the extra with: pip install -e '.[mlflow]'"]
+        "error: --mlflow: MLflow is not installed; install the extra with: pip install -e '.[mlflow]'"
+    ]
     assert {p.name for p in run_dir.iterdir()} == {"best.pt"}
 
 
@@ -61,8 +63,11 @@ def test_tracking_section_is_validated_and_changes_no_run_key(tmp_path):
         path.write_text(yaml.safe_dump({**spec, "tracking": {"mlflow": value}}, sort_keys=False))
         loaded = load_spec(path, "quick")
         assert loaded.mlflow == value and [r.key for r in loaded.runs()] == keys
-    for bad, message in (({"mlflow": 5}, "tracking.mlflow: expected true, false or a tracking URI"),
-                         ({"mlfow": True}, "tracking: unknown key 'mlfow'"), ("yes", "tracking: expected a mapping")):
+    for bad, message in (
+        ({"mlflow": 5}, "tracking.mlflow: expected true, false or a tracking URI"),
+        ({"mlfow": True}, "tracking: unknown key 'mlfow'"),
+        ("yes", "tracking: expected a mapping"),
+    ):
         path.write_text(yaml.safe_dump({**spec, "tracking": bad}, sort_keys=False))
         with pytest.raises(ConfigError, match=message):
             load_spec(path)
@@ -103,12 +108,19 @@ def test_runs_are_logged_once_with_params_metrics_and_artifacts(data_root, tmp_p
         tags = r.data.tags
         assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["config_key"] == result["key"]
         assert (tags["group"], tags["variant"], tags["seed"], tags["commit"], tags["device"]) == (
-            "ml", variant, seed, result["commit"], result["device"])
+            "ml",
+            variant,
+            seed,
+            result["commit"],
+            result["device"],
+        )
         assert r.data.params["optim.lr"] == str(config["config"]["optim"]["lr"])
         assert r.data.params["model.widths"] == "[8, 8, 16, 16, 16]" and r.data.params["seed"] == seed
         history = client.get_metric_history(r.info.run_id, "val_metric")
-        assert [(m.step, m.value) for m in history] == [(e + 1, pytest.approx(v)) for e, v in enumerate(
-            float(row.split(",")[4]) for row in (d / "metrics.csv").read_text().splitlines()[1:])]
+        assert [(m.step, m.value) for m in history] == [
+            (e + 1, pytest.approx(v))
+            for e, v in enumerate(float(row.split(",")[4]) for row in (d / "metrics.csv").read_text().splitlines()[1:])
+        ]
         assert len(history) == BASE["train"]["epochs"] and r.info.status == "FINISHED"
         assert r.data.metrics["test_acc"] == pytest.approx(result["test"]["acc"])
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -140,11 +152,16 @@ def test_bad_tracking_uris_are_errors_before_anything_is_written(data_root, tmp_
     path = write_spec(tmp_path / "g.yaml", base=BASE)
     res = tmp_path / "results"
     args = ["run", str(path), "--results", str(res), "--data-root", str(data_root), "--no-progress"]
-    for uri, message in ((str(tmp_path / "folder"), "not a tracking URI MLflow can write to"),
-                         ("sqlite:x.db", "a SQLite tracking URI is sqlite:///"),
-                         # nobody listens on port 9: one try, and urllib3's cause alone
-                         ("http://127.0.0.1:9", "cannot use this tracking store: cannot reach the server: Failed to "
-                                                "establish a new connection: [Errno 111] Connection refused")):
+    for uri, message in (
+        (str(tmp_path / "folder"), "not a tracking URI MLflow can write to"),
+        ("sqlite:x.db", "a SQLite tracking URI is sqlite:///"),
+        # nobody listens on port 9: one try, and urllib3's cause alone
+        (
+            "http://127.0.0.1:9",
+            "cannot use this tracking store: cannot reach the server: Failed to "
+            "establish a new connection: [Errno 111] Connection refused",
+        ),
+    ):
         t0 = time.monotonic()
         assert main([*args, "--mlflow", uri]) == 2
         [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
@@ -168,10 +185,21 @@ def test_mlflow_never_writes_into_optuna_s_database(data_root, tmp_path, capsys)
     optuna.create_study(storage=f"sqlite:///{db}", study_name="someone's")
     before = _tables(db)
     res = tmp_path / "results"
-    args = ["run", str(path), "--results", str(res), "--data-root", str(data_root), "--no-progress",
-            "--mlflow", f"sqlite:///{db}"]
-    for extra, message in (([], "this database holds another application's tables (studies, "),
-                           (["--storage", f"sqlite:///{db}"], f"this is the database of --storage sqlite:///{db} (Optuna's)")):
+    args = [
+        "run",
+        str(path),
+        "--results",
+        str(res),
+        "--data-root",
+        str(data_root),
+        "--no-progress",
+        "--mlflow",
+        f"sqlite:///{db}",
+    ]
+    for extra, message in (
+        ([], "this database holds another application's tables (studies, "),
+        (["--storage", f"sqlite:///{db}"], f"this is the database of --storage sqlite:///{db} (Optuna's)"),
+    ):
         assert main([*args, *extra]) == 2
         [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
         assert err.startswith(f"error: --mlflow sqlite:///{db}: {message}")
@@ -194,8 +222,9 @@ def test_tune_logs_every_trial_under_its_study(data_root, tmp_path, capsys):
     base = copy.deepcopy(BASE)
     base["train"]["epochs"] = 1
     space = {"optim.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}}
-    path = write_spec(tmp_path / "tu.yaml", base=base, search={"variant": "a", "trials": 2, "space": space},
-                      tracking={"mlflow": True})
+    path = write_spec(
+        tmp_path / "tu.yaml", base=base, search={"variant": "a", "trials": 2, "space": space}, tracking={"mlflow": True}
+    )
     res = tmp_path / "results"
     args = ["tune", str(path), "--results", str(res), "--data-root", str(data_root), "--no-progress"]
     assert main(args) == 0
@@ -205,8 +234,12 @@ def test_tune_logs_every_trial_under_its_study(data_root, tmp_path, capsys):
     trials = _runs(client, "tu")
     assert [r.info.run_name for r in trials] == ["trial-0000", "trial-0001"]
     for r in trials:
-        result = json.loads((res / "runs" / study.data.tags["group"] / r.info.run_name / "seed-0/result.json").read_text())
-        assert r.data.tags["mlflow.parentRunId"] == study.info.run_id and r.data.tags["study"] == study.data.tags["study"]
+        result = json.loads(
+            (res / "runs" / study.data.tags["group"] / r.info.run_name / "seed-0/result.json").read_text()
+        )
+        assert (
+            r.data.tags["mlflow.parentRunId"] == study.info.run_id and r.data.tags["study"] == study.data.tags["study"]
+        )
         assert float(r.data.params["optim.lr"]) == pytest.approx(result["search_params"]["optim.lr"])
         assert r.data.metrics["val_best"] == pytest.approx(result["val_best"])
         assert len(client.get_metric_history(r.info.run_id, "val_loss")) == 1
@@ -221,13 +254,26 @@ def test_worker_processes_log_each_run_once(data_root, tmp_path, capsys):
     base["train"]["epochs"] = 1
     path = write_spec(tmp_path / "wk.yaml", base=base, seeds=[0, 1])
     res = tmp_path / "results"
-    args = ["run", str(path), "--results", str(res), "--data-root", str(data_root), "--no-progress", "--no-summary",
-            "--mlflow"]
+    args = [
+        "run",
+        str(path),
+        "--results",
+        str(res),
+        "--data-root",
+        str(data_root),
+        "--no-progress",
+        "--no-summary",
+        "--mlflow",
+    ]
     assert main([*args, "--workers", "2"]) == 0  # each worker process logs the runs it trains
     assert "warning" not in capsys.readouterr().err
     client = _client(res)
     runs = _runs(client, "wk")
-    assert [r.info.run_name for r in runs] == ["a/s0", "a/s1", "b/s0", "b/s1"] and len(_runs(client, "wk", "group")) == 1
-    assert all(r.info.status == "FINISHED" and len(client.get_metric_history(r.info.run_id, "val_loss")) == 1 for r in runs)
+    assert [r.info.run_name for r in runs] == ["a/s0", "a/s1", "b/s0", "b/s1"] and len(
+        _runs(client, "wk", "group")
+    ) == 1
+    assert all(
+        r.info.status == "FINISHED" and len(client.get_metric_history(r.info.run_id, "val_loss")) == 1 for r in runs
+    )
     assert main([*args, "--workers", "2"]) == 0
     assert [r.info.run_id for r in _runs(client, "wk")] == [r.info.run_id for r in runs]

@@ -1,4 +1,5 @@
 """The training loop on small real data: it learns, it repeats, and it resumes exactly."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,25 +99,34 @@ def test_resume_after_interruption_gives_the_same_result(mnist_small, tmp_path, 
     assert len(pd.read_csv(tmp_path / "cut" / "metrics.csv")) == 2
     resumed = fit(tmp_path / "cut", run.config, task, data, torch.device("cpu"), run.key, progress=False)
     assert resumed["test"] == full["test"] and resumed["best_epoch"] == full["best_epoch"]
-    assert pd.read_csv(tmp_path / "cut" / "metrics.csv").drop(columns=["epoch_time", "train_seconds"]).equals(
-        pd.read_csv(tmp_path / "full" / "metrics.csv").drop(columns=["epoch_time", "train_seconds"]))
+    assert (
+        pd.read_csv(tmp_path / "cut" / "metrics.csv")
+        .drop(columns=["epoch_time", "train_seconds"])
+        .equals(pd.read_csv(tmp_path / "full" / "metrics.csv").drop(columns=["epoch_time", "train_seconds"]))
+    )
 
 
 def test_early_stopping_stops(mnist_small, tmp_path):
     run, data = mnist_small
     # With lr 0 and no batch norm (whose running statistics would still move) nothing can improve.
-    cfg = dataclasses.replace(run.config, optim={"name": "sgd", "lr": 0.0},
-                              model={**run.config.model, "batch_norm": False, "dropout": 0.0},
-                              train=dataclasses.replace(run.config.train, patience=1, epochs=10))
+    cfg = dataclasses.replace(
+        run.config,
+        optim={"name": "sgd", "lr": 0.0},
+        model={**run.config.model, "batch_norm": False, "dropout": 0.0},
+        train=dataclasses.replace(run.config.train, patience=1, epochs=10),
+    )
     r = fit(tmp_path / "es", cfg, TASKS["mnist"], data, torch.device("cpu"), "k", progress=False)
     assert r["epochs_run"] == 2 and r["stopped_early"] and r["best_epoch"] == 1
 
 
-@pytest.mark.parametrize("name, kwargs, expect", [
-    ("step", {"step_size": 2, "gamma": 0.5}, [1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]),
-    ("exp", {"gamma": 0.5}, [1, 1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625]),
-    ("none", {}, [1] * 10),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, expect",
+    [
+        ("step", {"step_size": 2, "gamma": 0.5}, [1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]),
+        ("exp", {"gamma": 0.5}, [1, 1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625]),
+        ("none", {}, [1] * 10),
+    ],
+)
 def test_epoch_schedules_stepped_per_iteration(name, kwargs, expect):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = SCHEDULERS[name](opt, 5, 2, **kwargs)  # 5 epochs x 2 steps

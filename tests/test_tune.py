@@ -1,4 +1,5 @@
 """Optuna search: validation-only objective, resumable study, validated search space."""
+
 from __future__ import annotations
 
 import copy
@@ -19,7 +20,9 @@ SPACE = {"optim.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}, "train.batch_
 
 def _trials(res: Path, group_prefix: str) -> list[dict]:
     """result.json of every trial run of the studies of ``group_prefix``, in trial order."""
-    return [json.loads(p.read_text()) for p in sorted(res.glob(f"runs/{group_prefix}--tune-*/trial-*/seed-*/result.json"))]
+    return [
+        json.loads(p.read_text()) for p in sorted(res.glob(f"runs/{group_prefix}--tune-*/trial-*/seed-*/result.json"))
+    ]
 
 
 def test_tune_runs_resumes_without_repeating_and_never_touches_test(data_root, tmp_path, capsys):
@@ -65,8 +68,12 @@ def test_pruning_stops_a_hopeless_trial(data_root, tmp_path, capsys):
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{res / 'optuna' / 'pr.db'}", direction="maximize")
     for lr in (3e-3, 2e-3, 4e-3, 1e-7):  # three good trials first (the pruner's startup), then a hopeless one
         study.enqueue_trial({"optim.lr": lr})
-    assert main(["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
-                 "--trials", "4"]) == 0
+    assert (
+        main(
+            ["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress", "--trials", "4"]
+        )
+        == 0
+    )
     assert "(1 pruned, 0 failed)" in capsys.readouterr().out
     pruned = [r for r in _trials(res, "pr") if r["status"] == "pruned"]
     assert len(pruned) == 1 and pruned[0]["search_params"]["optim.lr"] == 1e-7 and pruned[0]["epochs_run"] < 3
@@ -91,19 +98,32 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(data_root, tmp_path, 
     res = tmp_path / "results"
     (res / "optuna").mkdir(parents=True)
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{res / 'optuna' / 'f.db'}", direction="maximize")
-    for params in ({"optim.lr": 1e30, "train.batch_size": 64}, {"optim.lr": 0.05, "train.batch_size": 1024},
-                   {"optim.lr": 0.05, "train.batch_size": 64}, {"optim.lr": 0.03, "train.batch_size": 64}):
+    for params in (
+        {"optim.lr": 1e30, "train.batch_size": 64},
+        {"optim.lr": 0.05, "train.batch_size": 1024},
+        {"optim.lr": 0.05, "train.batch_size": 64},
+        {"optim.lr": 0.03, "train.batch_size": 64},
+    ):
         study.enqueue_trial(params)
-    assert main(["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
-                 "--trials", "2"]) == 0
+    assert (
+        main(
+            ["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress", "--trials", "2"]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "after 2 finished trials (0 pruned, 2 failed)" in out  # --trials counts complete and pruned trials
     assert "failed 1x: Diverged: epoch 1: the training loss is nan" in out
     assert "failed 1x: ConfigError: sched.pct_start: a one-cycle of 2 steps" in out
     assert "trial 0 failed (the study goes on): Diverged" in err and "Traceback (most recent call last)" in err
-    assert ("note: search.space.train.batch_size=1024: sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches)"
-            in err and "trials drawn there will fail" in err)  # said before the study starts
-    states = [t.state.name for t in optuna.load_study(study_name=name, storage=f"sqlite:///{res / 'optuna' / 'f.db'}").trials]
+    assert (
+        "note: search.space.train.batch_size=1024: sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches)"
+        in err
+        and "trials drawn there will fail" in err
+    )  # said before the study starts
+    states = [
+        t.state.name for t in optuna.load_study(study_name=name, storage=f"sqlite:///{res / 'optuna' / 'f.db'}").trials
+    ]
     assert states == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     rows = (res / "optuna" / "f-trials.csv").read_text().splitlines()
     assert rows[0] == "number,state,value,seconds,optim.lr,train.batch_size,worker,reason"
@@ -115,21 +135,40 @@ def test_a_study_whose_every_trial_fails_stops(data_root, tmp_path, capsys):
     from bench.tune import MIN_FAILURES_IN_A_ROW
 
     path, _ = _failing_space_spec(tmp_path, {"train.batch_size": {"choices": [1024, 2048]}}, "g")
-    assert main(["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "results"),
-                 "--no-progress", "--trials", "1"]) == 1
+    assert (
+        main(
+            [
+                "tune",
+                str(path),
+                "--data-root",
+                str(data_root),
+                "--results",
+                str(tmp_path / "results"),
+                "--no-progress",
+                "--trials",
+                "1",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
-    assert (f"error: the last {MIN_FAILURES_IN_A_ROW} trials of study g/a/" in err
-            and "all failed (last: ConfigError: sched.pct_start" in err)
+    assert (
+        f"error: the last {MIN_FAILURES_IN_A_ROW} trials of study g/a/" in err
+        and "all failed (last: ConfigError: sched.pct_start" in err
+    )
 
 
-@pytest.mark.parametrize("search, expected", [
-    ({"space": {"optim.lrr": {"low": 0.1, "high": 1.0}}}, "search.space.optim: unknown key 'lrr'"),
-    ({"space": {"optim.lr": {"low": 1.0, "high": 0.1}}}, "need low < high"),
-    ({"space": {"optim.lr": {"lo": 0.1, "high": 1.0}}}, "search.space.optim.lr: unknown key 'lo'"),
-    ({"space": {"train.batch_size": {"choices": [32, "big"]}}}, "train.batch_size: expected int, got str"),
-    ({"variant": "zz", "space": {"optim.lr": {"low": 0.1, "high": 1.0}}}, "unknown variant 'zz'"),
-    ({"space": {}}, "search.space: expected a non-empty mapping"),
-])
+@pytest.mark.parametrize(
+    "search, expected",
+    [
+        ({"space": {"optim.lrr": {"low": 0.1, "high": 1.0}}}, "search.space.optim: unknown key 'lrr'"),
+        ({"space": {"optim.lr": {"low": 1.0, "high": 0.1}}}, "need low < high"),
+        ({"space": {"optim.lr": {"lo": 0.1, "high": 1.0}}}, "search.space.optim.lr: unknown key 'lo'"),
+        ({"space": {"train.batch_size": {"choices": [32, "big"]}}}, "train.batch_size: expected int, got str"),
+        ({"variant": "zz", "space": {"optim.lr": {"low": 0.1, "high": 1.0}}}, "unknown variant 'zz'"),
+        ({"space": {}}, "search.space: expected a non-empty mapping"),
+    ],
+)
 def test_search_section_is_validated(tmp_path, search, expected):
     path = write_spec(tmp_path / "s.yaml", search=search)
     with pytest.raises(ConfigError, match=expected.replace("(", "\\(").replace(")", "\\)")):
@@ -182,8 +221,11 @@ def test_tune_writes_the_tuned_rung_that_run_trains_beside_the_others(data_root,
     for p in (Path(data_root) / "MNIST" / "raw").iterdir():
         if p.name.startswith("train-"):
             (train_only / p.name).symlink_to(p)
-    path = write_spec(tmp_path / "tt.yaml", seeds=[0, 1],
-                      search={"variant": "a", "trials": 3, "space": SPACE, "tuned": "tt.tuned.yaml"})
+    path = write_spec(
+        tmp_path / "tt.yaml",
+        seeds=[0, 1],
+        search={"variant": "a", "trials": 3, "space": SPACE, "tuned": "tt.tuned.yaml"},
+    )
     res = tmp_path / "results"
     args = ["tune", str(path), "--data-root", str(tmp_path / "data"), "--results", str(res), "--no-progress"]
     # Another budget is an experiment: its best, trials and figures go beside its study, never over the spec's file.
@@ -207,15 +249,38 @@ def test_tune_writes_the_tuned_rung_that_run_trains_beside_the_others(data_root,
     assert tuned.name == "tuned" and tuned.parent == "a" and [v.name for v in spec.variants] == ["a", "b", "tuned"]
     assert tuned.config.optim["lr"] == written["variant"]["set"]["optim.lr"]
     # Without the test files a run cannot report its test metric: a clear error, nothing trained.
-    assert main(["run", str(path), "--data-root", str(tmp_path / "data"), "--results", str(res), "--no-progress",
-                 "--variants", "tuned", "--workers", "1"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(path),
+                "--data-root",
+                str(tmp_path / "data"),
+                "--results",
+                str(res),
+                "--no-progress",
+                "--variants",
+                "tuned",
+                "--workers",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "t10k-images-idx3-ubyte" in capsys.readouterr().err
-    assert main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            ["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress", "--workers", "1"]
+        )
+        == 0
+    )
     summary = (res / "summary.md").read_text()
     assert "| tuned" in summary and "Optuna study" in summary and "3 finished trials" in summary
     assert "](figures/tune-tt-history.png)" in summary
-    assert {(r.variant, r.seed) for r in RunStore(res).finished("tt") if r.variant == "tuned"} == {("tuned", 0), ("tuned", 1)}
+    assert {(r.variant, r.seed) for r in RunStore(res).finished("tt") if r.variant == "tuned"} == {
+        ("tuned", 0),
+        ("tuned", 1),
+    }
 
 
 def test_study_summary_counts_workers_at_once_and_requeued_trials():
@@ -229,10 +294,18 @@ def test_study_summary_counts_workers_at_once_and_requeued_trials():
 
     def trial(start: int, end: int, worker: str, state=optuna.trial.TrialState.COMPLETE, **attrs):
         return optuna.trial.FrozenTrial(
-            number=0, state=state, value=0.5 if state == optuna.trial.TrialState.COMPLETE else None,
-            datetime_start=t + datetime.timedelta(seconds=start), datetime_complete=t + datetime.timedelta(seconds=end),
-            params={}, distributions={}, user_attrs={"worker": worker, **attrs}, system_attrs={},
-            intermediate_values={}, trial_id=0)
+            number=0,
+            state=state,
+            value=0.5 if state == optuna.trial.TrialState.COMPLETE else None,
+            datetime_start=t + datetime.timedelta(seconds=start),
+            datetime_complete=t + datetime.timedelta(seconds=end),
+            params={},
+            distributions={},
+            user_attrs={"worker": worker, **attrs},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=0,
+        )
 
     one_after_the_other = optuna.create_study()
     for s, e, w in ((0, 10, "h:1"), (10, 20, "h:2"), (20, 30, "h:3")):  # three processes, never two at once

@@ -1,5 +1,6 @@
 """Multi-objective tuning: the Pareto front as a table and a figure, read back from the study's storage, and a trial
 of the front turned into a rung of the spec that `bench run` trains; a dominated or failed trial is refused."""
+
 from __future__ import annotations
 
 import copy
@@ -25,16 +26,20 @@ SMALL, BIG = [4, 4, 8, 8, 8], [8, 8, 16, 16, 16]
 SPACE = {"optim.lr": {"low": 1.0e-7, "high": 1.0e-2, "log": True}, "model.widths": {"choices": [SMALL, BIG]}}
 
 
-def _spec(tmp_path: Path, name: str, objectives: list[str], space: dict = SPACE, epochs: int = 1,
-          **base_changes) -> Path:
+def _spec(
+    tmp_path: Path, name: str, objectives: list[str], space: dict = SPACE, epochs: int = 1, **base_changes
+) -> Path:
     """A tiny spec (``epochs`` on 400 images, 1,000 with 2 epochs) whose search writes rungs into ``<name>.rungs.yaml``."""
     base = copy.deepcopy(TINY_MNIST_BASE)
     base["train"].update(epochs=epochs, threads=1)
     base["data"]["train_subset"] = 400 if epochs == 1 else 1000
     base.update(base_changes)
-    return write_spec(tmp_path / f"{name}.yaml", base=base, variants=[{"name": "a"}],
-                      search={"variant": "a", "trials": 3, "space": space, "objectives": objectives,
-                              "rungs": f"{name}.rungs.yaml"})
+    return write_spec(
+        tmp_path / f"{name}.yaml",
+        base=base,
+        variants=[{"name": "a"}],
+        search={"variant": "a", "trials": 3, "space": space, "objectives": objectives, "rungs": f"{name}.rungs.yaml"},
+    )
 
 
 def _study(res: Path, name: str) -> optuna.Study:
@@ -57,7 +62,9 @@ def test_a_two_objective_study_writes_its_pareto_table_and_figure(data_root, tmp
     out = capsys.readouterr().out
     assert "3 finished trials (0 failed) of val_metric, train_seconds: " in out and "on the Pareto front" in out
     study = _study(res, "mo")
-    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"] and study.study_name.endswith("+train_seconds")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"] and study.study_name.endswith(
+        "+train_seconds"
+    )
     done = [t for t in study.trials if t.state == State.COMPLETE]
     front = {t.number for t in study.best_trials}
     # The front is non-dominated, and every other trial is beaten by a trial of it (from the stored values).
@@ -88,15 +95,17 @@ def test_a_front_trial_becomes_a_rung_that_run_trains_and_others_are_refused(dat
     from bench.tune import study_names
 
     space = {**SPACE, "train.batch_size": {"choices": [64, 1024]}}
-    path = _spec(tmp_path, "r", ["val_metric", "params"], space, epochs=2,
-                 sched={"name": "onecycle", "pct_start": 0.3})
+    path = _spec(tmp_path, "r", ["val_metric", "params"], space, epochs=2, sched={"name": "onecycle", "pct_start": 0.3})
     # 2 epochs on 1,000 images: lr 3e-3 learns (~50 %), lr 1e-7 stays at chance.
     spec = load_spec(path)
     res = tmp_path / "results"
     args = ["tune", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress"]
     (res / "optuna").mkdir(parents=True)
-    study = optuna.create_study(study_name=study_names(spec, spec.variants[0], ["val_metric", "params"])[0],
-                                storage=f"sqlite:///{res / 'optuna' / 'r.db'}", directions=["maximize", "minimize"])
+    study = optuna.create_study(
+        study_name=study_names(spec, spec.variants[0], ["val_metric", "params"])[0],
+        storage=f"sqlite:///{res / 'optuna' / 'r.db'}",
+        directions=["maximize", "minimize"],
+    )
     for lr, widths, bs in ((3e-3, SMALL, 64), (1e-7, BIG, 64), (3e-3, SMALL, 1024), (3e-3, BIG, 64)):
         study.enqueue_trial({"optim.lr": lr, "model.widths": json.dumps(widths), "train.batch_size": bs})
     assert main([*args, "--trials", "3"]) == 0  # the failed trial does not stop the study
@@ -110,11 +119,18 @@ def test_a_front_trial_becomes_a_rung_that_run_trains_and_others_are_refused(dat
     assert 1 not in front and any(_dominates(tuple(t.values), tuple(study.trials[1].values)) for t in done)
 
     rungs = tmp_path / "r.rungs.yaml"
-    for trial, says in ((1, "--trial 1: not on the Pareto front of study r/a/"), (2, "--trial 2: trial 2 is fail in"),
-                        (9, "--trial 9: no such trial in study")):
+    for trial, says in (
+        (1, "--trial 1: not on the Pareto front of study r/a/"),
+        (2, "--trial 2: trial 2 is fail in"),
+        (9, "--trial 9: no such trial in study"),
+    ):
         assert main([*args, "--rung", "lean", "--trial", str(trial)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {says}") and err.count("\n") == 1 and f"the front: {', '.join(map(str, front))}" in err
+        assert (
+            err.startswith(f"error: {says}")
+            and err.count("\n") == 1
+            and f"the front: {', '.join(map(str, front))}" in err
+        )
         assert not rungs.exists()
     assert main([*args, "--rung", "lean"]) == 2  # several objectives: no single best
     assert "add --trial N with a trial of its Pareto front" in capsys.readouterr().err
@@ -135,16 +151,36 @@ def test_a_front_trial_becomes_a_rung_that_run_trains_and_others_are_refused(dat
     # Making it again (another trial, same name) replaces it: one entry per name.
     assert main([*args, "--rung", "lean", "--trial", str(front[0])]) == 0
     assert [e["variant"]["name"] for e in yaml.safe_load(rungs.read_text())["rungs"]] == ["lean"]
-    assert main(["run", str(path), "--data-root", str(data_root), "--results", str(res), "--no-progress",
-                 "--variants", "lean", "--workers", "1", "--no-summary"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(path),
+                "--data-root",
+                str(data_root),
+                "--results",
+                str(res),
+                "--no-progress",
+                "--variants",
+                "lean",
+                "--workers",
+                "1",
+                "--no-summary",
+            ]
+        )
+        == 0
+    )
     (run,) = [r for r in RunStore(res).finished("r") if r.variant == "lean"]
     assert run.result.test  # a rung of the spec: trained with its test metric, unlike a trial
 
 
 def test_objectives_are_validated(tmp_path, capsys):
-    for objectives, says in ((["val_metric", "latency_ms"], "latency_ms is not offered: ONNX Runtime latency"),
-                             (["val_metric", "train_secs"], "unknown objective 'train_secs'"),
-                             (["params"], "need val_metric"), (["val_metric", "params", "params"], "each objective once")):
+    for objectives, says in (
+        (["val_metric", "latency_ms"], "latency_ms is not offered: ONNX Runtime latency"),
+        (["val_metric", "train_secs"], "unknown objective 'train_secs'"),
+        (["params"], "need val_metric"),
+        (["val_metric", "params", "params"], "each objective once"),
+    ):
         with pytest.raises(ConfigError, match=says):
             load_spec(_spec(tmp_path, "v", objectives))
     path = _spec(tmp_path, "v", ["val_metric"])
@@ -164,11 +200,35 @@ def test_objectives_are_validated(tmp_path, capsys):
 @pytest.mark.slow  # 35 s; the default suite shares single-objective studies through PostgreSQL (test_many_machines)
 def test_two_workers_share_a_multi_objective_study_in_postgresql(data_root, tmp_path, fresh_db):
     path = _spec(tmp_path, "w", ["val_metric", "flops"])
-    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", fresh_db,
-            "--trials", "4", "--heartbeat", "1", "--grace-period", "3", "--no-progress"]
+    args = [
+        "tune",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(tmp_path / "r"),
+        "--storage",
+        fresh_db,
+        "--trials",
+        "4",
+        "--heartbeat",
+        "1",
+        "--grace-period",
+        "3",
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     (name,) = optuna.get_all_study_names(fresh_db)
@@ -179,7 +239,9 @@ def test_two_workers_share_a_multi_objective_study_in_postgresql(data_root, tmp_
     # The table is read back from the database, whichever worker wrote it last; a third process makes the rung.
     table = (tmp_path / "r" / "optuna" / "w-pareto.md").read_text()
     front = [t for t in study.best_trials if "same_as_trial" not in t.user_attrs]
-    assert "postgresql database" in table and len([ln for ln in table.splitlines() if ln.startswith("|")]) == 2 + len(front)
+    assert "postgresql database" in table and len([ln for ln in table.splitlines() if ln.startswith("|")]) == 2 + len(
+        front
+    )
     pick = front[0].number
     assert main([*args, "--rung", "wide", "--trial", str(pick)]) == 0
     assert yaml.safe_load((tmp_path / "w.rungs.yaml").read_text())["rungs"][0]["study"]["trial"] == pick
@@ -187,8 +249,17 @@ def test_two_workers_share_a_multi_objective_study_in_postgresql(data_root, tmp_
 
 def test_rung_alone_takes_a_single_objectives_best_trial(data_root, tmp_path, capsys):
     path = _spec(tmp_path, "one", ["val_metric"])
-    args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--no-progress",
-            "--trials", "2"]
+    args = [
+        "tune",
+        str(path),
+        "--data-root",
+        str(data_root),
+        "--results",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--trials",
+        "2",
+    ]
     assert main([*args, "--rung", "best-lr"]) == 0  # the study, then its best trial as a rung
     assert "one.rungs.yaml (variant best-lr)" in capsys.readouterr().out
     study = _study(tmp_path / "r", "one")

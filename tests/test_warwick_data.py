@@ -1,4 +1,5 @@
 """WARWICK loading: the real data, and broken copies rejected with the file's name before training."""
+
 from __future__ import annotations
 
 import json
@@ -60,13 +61,31 @@ def test_split_depends_on_split_seed_only(data_root: Path):
 
 
 def test_runs_saved_before_data_info_existed_still_load():
-    old_warwick = {"source": "/d/WARWICK", "source_channels": 3, "channels": [0, 1], "mean": [0.2, 0.4], "std": [0.1, 0.1],
-                   "input_size": {"train": [128, 128], "test": [128, 128]}, "n_train": 72, "n_val": 13, "n_test": 60,
-                   "val_images": ["image_01.png"]}
+    old_warwick = {
+        "source": "/d/WARWICK",
+        "source_channels": 3,
+        "channels": [0, 1],
+        "mean": [0.2, 0.4],
+        "std": [0.1, 0.1],
+        "input_size": {"train": [128, 128], "test": [128, 128]},
+        "n_train": 72,
+        "n_val": 13,
+        "n_test": 60,
+        "val_images": ["image_01.png"],
+    }
     info = DataInfo.from_dict(old_warwick)
     assert info.image_size == [128, 128] and info.val_names == ["image_01.png"] and info.classes is None
-    old_mnist = {"source": "/d/MNIST/raw", "channels": [0], "mean": [0.13], "std": [0.31], "input_size": [28, 28],
-                 "classes": [str(i) for i in range(10)], "n_train": 24000, "n_val": 5000, "n_test": 10000}
+    old_mnist = {
+        "source": "/d/MNIST/raw",
+        "channels": [0],
+        "mean": [0.13],
+        "std": [0.31],
+        "input_size": [28, 28],
+        "classes": [str(i) for i in range(10)],
+        "n_train": 24000,
+        "n_val": 5000,
+        "n_test": 10000,
+    }
     info = DataInfo.from_dict(old_mnist)
     assert info.image_size == [28, 28] and info.source_channels == 1 and len(info.classes) == 10
 
@@ -155,8 +174,15 @@ def _break_mixed_sizes(d: Path) -> str:
     return "image_99.png"
 
 
-BREAKS = [_break_missing_label, _break_missing_image, _break_truncated_image, _break_non_binary_label,
-          _break_not_an_image, _break_size_mismatch, _break_mixed_sizes]
+BREAKS = [
+    _break_missing_label,
+    _break_missing_image,
+    _break_truncated_image,
+    _break_non_binary_label,
+    _break_not_an_image,
+    _break_size_mismatch,
+    _break_mixed_sizes,
+]
 
 
 @pytest.mark.parametrize("breaker", BREAKS, ids=[b.__name__.removeprefix("_break_") for b in BREAKS])
@@ -197,8 +223,20 @@ def test_cli_reports_broken_data_before_training(synthetic_warwick: Path, tmp_pa
         "  train: {epochs: 1, batch_size: 4}\nvariants:\n  - name: only\n"
     )
     results = tmp_path / "results"
-    rc = main(["run", str(spec), "--data-root", str(synthetic_warwick.parent), "--results", str(results),
-               "--no-progress", "--no-summary", "--workers", workers])
+    rc = main(
+        [
+            "run",
+            str(spec),
+            "--data-root",
+            str(synthetic_warwick.parent),
+            "--results",
+            str(results),
+            "--no-progress",
+            "--no-summary",
+            "--workers",
+            workers,
+        ]
+    )
     err = capfd.readouterr().err
     assert rc == 2 and err.count(name) == 1 and "Traceback" not in err  # once, also with two workers
     assert not list(results.rglob("metrics.csv"))  # no epoch was trained

@@ -3,6 +3,7 @@
 Classification of 16x16 greyscale images by which half holds a bright square; the images are drawn
 from a seeded generator, so the task needs no files.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,19 +43,37 @@ class SquaresTask(ClassificationTask):
             x = (torch.from_numpy(images[..., 0]).float() / 255 - mean) / std
             return Split(x.unsqueeze(1).to(device), torch.from_numpy(targets).to(device))
 
-        info = DataInfo(source="generated", channels=[0], source_channels=1, mean=[mean], std=[std],
-                        image_size=[SIZE, SIZE], n_train=len(train.targets) - n_val, n_val=n_val,
-                        n_test=len(test.targets), classes=self.classes)
-        return Data(split(train.images[n_val:], train.targets[n_val:]), split(train.images[:n_val], train.targets[:n_val]),
-                    split(test.images, test.targets), info)
+        info = DataInfo(
+            source="generated",
+            channels=[0],
+            source_channels=1,
+            mean=[mean],
+            std=[std],
+            image_size=[SIZE, SIZE],
+            n_train=len(train.targets) - n_val,
+            n_val=n_val,
+            n_test=len(test.targets),
+            classes=self.classes,
+        )
+        return Data(
+            split(train.images[n_val:], train.targets[n_val:]),
+            split(train.images[:n_val], train.targets[:n_val]),
+            split(test.images, test.targets),
+            info,
+        )
 
     def raw_images(self, root: str | Path, split: str) -> ImageSet:
         x, y = draw(400 if split == "train" else 200, seed=0 if split == "train" else 1)
         return ImageSet(x[..., None], y, [f"{split}/{i}" for i in range(len(x))])
 
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
-        return {"color_mode": "L", "resize_policy": "resize", "invert": "never", "resample": "bilinear",
-                "classes": json.dumps(self.classes)}
+        return {
+            "color_mode": "L",
+            "resize_policy": "resize",
+            "invert": "never",
+            "resample": "bilinear",
+            "classes": json.dumps(self.classes),
+        }
 
 
 class SquaresErrorTask(SquaresTask):

@@ -6,6 +6,7 @@ A new network is a factory in one of these modules (or a new one) plus a line be
 editing the package, a factory of the user's own named by import path (``my_nets:build_net``) or
 declared in the entry-point group ``bench.models`` (see ``bench/registry.py``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,13 +19,17 @@ from bench.models.classification import lean_cnn, mnist_cnn, mnist_resnet
 from bench.models.segmentation import encdec, unet
 from bench.registry import Registry
 
-MODELS: Registry = Registry("model", {
-    "mnist_cnn": mnist_cnn,
-    "mnist_resnet": mnist_resnet,
-    "lean_cnn": lean_cnn,
-    "encdec": encdec,
-    "unet": unet,
-}, group="bench.models")
+MODELS: Registry = Registry(
+    "model",
+    {
+        "mnist_cnn": mnist_cnn,
+        "mnist_resnet": mnist_resnet,
+        "lean_cnn": lean_cnn,
+        "encdec": encdec,
+        "unet": unet,
+    },
+    group="bench.models",
+)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -13,6 +13,7 @@ odd sizes work without resizing.
 Default widths are chosen for a 2-core CPU (speeds: results/perf.md): one epoch
 over 68 images of 128x128 (forward + backward) takes about a second.
 """
+
 from __future__ import annotations
 
 import torch
@@ -80,8 +81,16 @@ class EncDec(_PadToMultiple):
     gives the logits.  With ``batch_norm`` a BatchNorm2d follows every conv and deconv.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, batch_norm: bool, dropout: float, width: int, depth: int,
-                 input_norm: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        batch_norm: bool,
+        dropout: float,
+        width: int,
+        depth: int,
+        input_norm: bool = False,
+    ):
         super().__init__()
         self.multiple = 2**depth
         if input_norm:  # each image and channel to mean 0, std 1: removes stain-intensity shifts
@@ -114,8 +123,17 @@ class UNet(_PadToMultiple):
     last (full resolution), finest first, whose logits training upsamples and scores too (Lee et al. 2015; nnU-Net).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, batch_norm: bool, dropout: float, width: int, depth: int,
-                 input_norm: bool = False, deep_supervision: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        batch_norm: bool,
+        dropout: float,
+        width: int,
+        depth: int,
+        input_norm: bool = False,
+        deep_supervision: bool = False,
+    ):
         super().__init__()
         self.multiple = 2**depth
         if input_norm:  # each image and channel to mean 0, std 1: removes stain-intensity shifts
@@ -157,8 +175,10 @@ class UNet(_PadToMultiple):
         if self.aux is None or not self.training:
             return out
         size = out.shape[-2:]
-        return [out] + [F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
-                        for head, f in zip(self.aux, reversed(levels[:-1]), strict=True)]
+        return [out] + [
+            F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
+            for head, f in zip(self.aux, reversed(levels[:-1]), strict=True)
+        ]
 
 
 def encdec(

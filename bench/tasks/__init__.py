@@ -3,6 +3,7 @@
 Besides the names below, a spec's ``task:`` may be an import path to a Task subclass of the user's own
 (``my_tasks:Squares``) or a name declared in the entry-point group ``bench.tasks``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,17 +24,29 @@ def _as_task(obj: Any, where: str) -> Task:
         except Exception as e:
             raise UnknownName(f"{where}: {obj.__qualname__}() failed ({type(e).__name__}: {e})") from None
     if not isinstance(obj, Task):
-        raise UnknownName(f"{where}: {getattr(obj, '__qualname__', type(obj).__name__)} is not a bench.tasks.base.Task "
-                          f"subclass")
+        raise UnknownName(
+            f"{where}: {getattr(obj, '__qualname__', type(obj).__name__)} is not a bench.tasks.base.Task subclass"
+        )
     if not obj.name:
         raise UnknownName(f"{where}: the task must set `name` (its tables and exported files are named after it)")
     if obj.kind not in ("classification", "segmentation") or not obj.metrics:
-        raise UnknownName(f"{where}: the task must set `kind` ('classification' or 'segmentation') and `metrics` "
-                          f"(subclass ClassificationTask to get both)")
+        raise UnknownName(
+            f"{where}: the task must set `kind` ('classification' or 'segmentation') and `metrics` "
+            f"(subclass ClassificationTask to get both)"
+        )
     return obj
 
 
-TASKS: Registry = Registry("task", {"mnist": MnistTask(), "warwick": WarwickTask(), "image_folder": ImageFolderTask(),
-                                    "mask_folder": MaskFolderTask()}, group="bench.tasks", adapt=_as_task)
+TASKS: Registry = Registry(
+    "task",
+    {
+        "mnist": MnistTask(),
+        "warwick": WarwickTask(),
+        "image_folder": ImageFolderTask(),
+        "mask_folder": MaskFolderTask(),
+    },
+    group="bench.tasks",
+    adapt=_as_task,
+)
 
 __all__ = ["TASKS", "Data", "Split", "Task"]

@@ -6,6 +6,7 @@ augmentation, evaluation, how the metrics are named and printed, the raw test im
 export is checked on, the preprocessing an exported model documents, the summary's
 figures).  A new task is one module with a Task subclass plus a line in ``bench/tasks/__init__.py``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -118,7 +119,9 @@ class Task:
     augmentations: tuple[str, ...] = ()  # AugmentCfg keys this task implements; others must stay off
     supports_tta: bool = False
     supports_postprocess: bool = False  # eval.postprocess: masks post-processed as chosen on validation
-    data_keys: tuple[str, ...] = ()  # the folder keys of DataCfg (config.FOLDER_KEYS) this task reads; others must stay unset
+    data_keys: tuple[
+        str, ...
+    ] = ()  # the folder keys of DataCfg (config.FOLDER_KEYS) this task reads; others must stay unset
 
     @property
     def metric(self) -> str:
@@ -130,22 +133,31 @@ class Task:
     def check_config(self, cfg: Config, where: str) -> None:
         """Refuse settings this task would silently ignore (raises ConfigError)."""
         if cfg.loss["name"] not in self.losses:
-            raise ConfigError(f"{where}.loss.name: {cfg.loss['name']!r} does not fit task {self.name!r}; "
-                              f"valid: {', '.join(self.losses)}")
+            raise ConfigError(
+                f"{where}.loss.name: {cfg.loss['name']!r} does not fit task {self.name!r}; "
+                f"valid: {', '.join(self.losses)}"
+            )
         default = type(cfg.augment)()
         for key in (f.name for f in dataclasses.fields(cfg.augment)):
             if key not in self.augmentations and getattr(cfg.augment, key) != getattr(default, key):
-                raise ConfigError(f"{where}.augment.{key}: task {self.name!r} does not implement it; "
-                                  f"supported: {', '.join(self.augmentations) or 'none'}")
+                raise ConfigError(
+                    f"{where}.augment.{key}: task {self.name!r} does not implement it; "
+                    f"supported: {', '.join(self.augmentations) or 'none'}"
+                )
         if cfg.eval.tta and not self.supports_tta:
             raise ConfigError(f"{where}.eval.tta: task {self.name!r} has no test-time augmentation")
         if cfg.eval.postprocess != "none" and not self.supports_postprocess:
             raise ConfigError(f"{where}.eval.postprocess: task {self.name!r} has no post-processing; use none")
         for key in FOLDER_KEYS:
             if key not in self.data_keys and getattr(cfg.data, key) is not None:
-                raise ConfigError(f"{where}.data.{key}: task {self.name!r} does not read it"
-                                  + (f"; it reads {', '.join(self.data_keys)}" if self.data_keys else
-                                     " (it is for the folder tasks image_folder and mask_folder)"))
+                raise ConfigError(
+                    f"{where}.data.{key}: task {self.name!r} does not read it"
+                    + (
+                        f"; it reads {', '.join(self.data_keys)}"
+                        if self.data_keys
+                        else " (it is for the folder tasks image_folder and mask_folder)"
+                    )
+                )
 
     def for_config(self, cfg: Config) -> Task:
         """This task as it reads ``cfg``'s data: the same object, except for tasks whose file layout is
@@ -183,7 +195,9 @@ class Task:
         loop sums it there and reads it once per epoch); for the learning curves only."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool
+    ) -> dict[str, float]:
         """Metrics accumulated over the whole split: always ``loss`` and the primary metric;
         with ``final=True`` (the one test evaluation) every metric in :attr:`metrics`."""
         raise NotImplementedError
@@ -205,8 +219,9 @@ class Task:
         input and its output into an answer, beyond normalization (see ``exporters/metadata.py``)."""
         raise NotImplementedError
 
-    def summary_figures(self, load: Callable[[], tuple[nn.Module, Config, Data]], out_prefix: Path,
-                        title: str) -> Iterable[Figure]:
+    def summary_figures(
+        self, load: Callable[[], tuple[nn.Module, Config, Data]], out_prefix: Path, title: str
+    ) -> Iterable[Figure]:
         """Figures of a finished run for the summary, written under ``out_prefix``; ``load()`` gives the
         run's model (best weights), config and data (CPU) and ``title`` names the run.  None by default."""
         return []
@@ -230,7 +245,9 @@ class ClassificationTask(Task):
         return accuracy(logits, y)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool
+    ) -> dict[str, float]:
         logits = batched_outputs(model, split.x, cfg.train.eval_batch_size)
         return {"loss": loss_fn(logits, split.y).item(), "acc": accuracy(logits, split.y).item()}
 

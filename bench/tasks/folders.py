@@ -4,6 +4,7 @@ images the way ``bench predict`` does, resizing, and seeded splits.
 Every reader here collects problems instead of stopping at the first one, so a broken copy of a
 data set is reported in one :class:`~bench.tasks.base.DataError` naming every file at fault.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,10 @@ def check_test_fraction(cfg: Config, root: Path, default: float) -> float | None
     """The test share to draw (None: ``root`` has train/ and test/ folders, which give the test split)."""
     if split_folders(root) is not None:
         if cfg.data.test_fraction is not None:
-            raise ConfigError(f"data.test_fraction: {root} has train/ and test/ folders, which are the splits; "
-                              f"leave it unset (or remove them to split one folder)")
+            raise ConfigError(
+                f"data.test_fraction: {root} has train/ and test/ folders, which are the splits; "
+                f"leave it unset (or remove them to split one folder)"
+            )
         return None
     return cfg.data.test_fraction if cfg.data.test_fraction is not None else default
 
@@ -123,8 +126,9 @@ def subset(idx: np.ndarray, cfg: Config) -> np.ndarray:
     if n is None:
         return idx
     if n > len(idx):
-        raise ConfigError(f"data.train_subset: {n} is more than the {len(idx)} training images left after the "
-                          f"validation split")
+        raise ConfigError(
+            f"data.train_subset: {n} is more than the {len(idx)} training images left after the validation split"
+        )
     keep = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.data.split_seed + 1)).numpy()
     return np.sort(idx[keep[:n]])
 

@@ -17,6 +17,7 @@ without images, an unreadable file, a size that differs from the others.  A seed
 (``data.val_fraction``, per class) of the training images is held out for validation; normalization
 statistics come from the remaining training images only.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,16 +60,26 @@ def scan_classes(folder: Path, classes: list[str] | None = None) -> tuple[list[s
     found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     problems = []
     if not found:
-        return classes or [], [], [], [f"{folder}: no class folders: expected {folder}/<class>/<image> "
-                                        f"(e.g. {folder}/cat/001.png)"]
+        return (
+            classes or [],
+            [],
+            [],
+            [f"{folder}: no class folders: expected {folder}/<class>/<image> (e.g. {folder}/cat/001.png)"],
+        )
     if classes is not None:
-        problems += [f"{folder / c}: class {c!r} is not among the training classes ({', '.join(classes)})"
-                     for c in found if c not in classes]
+        problems += [
+            f"{folder / c}: class {c!r} is not among the training classes ({', '.join(classes)})"
+            for c in found
+            if c not in classes
+        ]
     names = classes if classes is not None else found
     paths, labels = [], []
     for c in found:
-        files = sorted(p for p in (folder / c).rglob("*") if is_image_file(p)
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        files = sorted(
+            p
+            for p in (folder / c).rglob("*")
+            if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
         if not files:
             problems.append(f"{folder / c}: class {c!r} has no images (no file ending in .png, .jpg, ...)")
         elif c in names:
@@ -90,7 +101,9 @@ class ImageFolderTask(ClassificationTask):
         if isinstance(s, list) and len(s) != 2:
             raise ConfigError(f"{where}.data.image_size: expected [height, width] or one number, got {s}")
         if cfg.data.channels is not None:
-            raise ConfigError(f"{where}.data.channels: image_folder feeds every channel; choose data.color: grey or rgb")
+            raise ConfigError(
+                f"{where}.data.channels: image_folder feeds every channel; choose data.color: grey or rgb"
+            )
 
     def for_config(self, cfg: Config) -> ImageFolderTask:
         task = copy.copy(self)
@@ -99,8 +112,12 @@ class ImageFolderTask(ClassificationTask):
 
     # ----------------------------------------------------------------------- files
 
-    def files(self, cfg: Config, root: Path, test: bool = True,
-              ) -> tuple[list[str], dict[str, tuple[list[Path], np.ndarray]], list[str]]:
+    def files(
+        self,
+        cfg: Config,
+        root: Path,
+        test: bool = True,
+    ) -> tuple[list[str], dict[str, tuple[list[Path], np.ndarray]], list[str]]:
         """(class names, {"train": (paths, labels), "test": ...}, problems of the layout) with the seeded test
         split drawn when the folder is one set (test files unread with ``test=False``)."""
         fraction = check_test_fraction(cfg, root, DEFAULT_TEST_FRACTION)
@@ -119,8 +136,13 @@ class ImageFolderTask(ClassificationTask):
             raise DataError("\n".join(problems or [f"{root}: no test images"]))
         return classes, out, problems
 
-    def decode_all(self, cfg: Config, root: Path, split_paths: dict[str, list[Path]], problems: list[str],
-                   ) -> tuple[str, tuple[int, int], dict[str, np.ndarray]]:
+    def decode_all(
+        self,
+        cfg: Config,
+        root: Path,
+        split_paths: dict[str, list[Path]],
+        problems: list[str],
+    ) -> tuple[str, tuple[int, int], dict[str, np.ndarray]]:
         """(PIL mode, [H, W], {split: uint8 (N, H, W, C)}): every file decoded and resized, or one DataError
         naming the layout's ``problems``, every unreadable file and every file whose size differs (when no
         data.image_size resizes them)."""
@@ -139,15 +161,23 @@ class ImageFolderTask(ClassificationTask):
             odd = [(p, a.shape) for pairs in raw.values() for p, a in pairs if a.shape[:2] != size]
             fix = "set data.image_size to resize them all"
             if len(odd) <= 10:
-                problems += [f"{p}: {w}x{h} pixels, the other images are {size[1]}x{size[0]}; {fix}" for p, (h, w, _) in odd]
+                problems += [
+                    f"{p}: {w}x{h} pixels, the other images are {size[1]}x{size[0]}; {fix}" for p, (h, w, _) in odd
+                ]
             else:  # a folder of varied sizes, not a few stray files: say so in one line
                 sizes = Counter(f"{w}x{h}" for _, (h, w, _) in odd)
-                problems.append(f"{root}: {len(odd)} images are not {size[1]}x{size[0]} like the others "
-                                f"({', '.join(f'{k}: {n}' for k, n in sizes.most_common())}; e.g. {odd[0][0]}); {fix}")
+                problems.append(
+                    f"{root}: {len(odd)} images are not {size[1]}x{size[0]} like the others "
+                    f"({', '.join(f'{k}: {n}' for k, n in sizes.most_common())}; e.g. {odd[0][0]}); {fix}"
+                )
         if problems:
             raise DataError("\n".join(problems))
         assert size is not None
-        mode = MODES[cfg.data.color] if cfg.data.color else ("RGB" if any(a.shape[2] == 3 for _, a in raw["train"]) else "L")
+        mode = (
+            MODES[cfg.data.color]
+            if cfg.data.color
+            else ("RGB" if any(a.shape[2] == 3 for _, a in raw["train"]) else "L")
+        )
         c = 3 if mode == "RGB" else 1
 
         def as_mode(a: np.ndarray) -> np.ndarray:  # a greyscale file in an RGB set, or (data.color: grey) the reverse
@@ -155,8 +185,12 @@ class ImageFolderTask(ClassificationTask):
                 return a
             return np.repeat(a, 3, axis=2) if c == 3 else np.asarray(Image.fromarray(a).convert("L"))[:, :, None]
 
-        out = {split: np.stack([pad_and_resize(as_mode(a), size) for _, a in pairs]) if pairs
-               else np.zeros((0, *size, c), np.uint8) for split, pairs in raw.items()}
+        out = {
+            split: np.stack([pad_and_resize(as_mode(a), size) for _, a in pairs])
+            if pairs
+            else np.zeros((0, *size, c), np.uint8)
+            for split, pairs in raw.items()
+        }
         return mode, (int(size[0]), int(size[1])), out
 
     # ----------------------------------------------------------------------- the task
@@ -179,12 +213,25 @@ class ImageFolderTask(ClassificationTask):
             te_paths, te_labels = split_files["test"]
             x_te = normalize(arrays["test"], arrays["train"][fit])[0]
             te = split(x_te, te_labels, rel(te_paths, range(len(te_paths))))
-        info = DataInfo(source=str(root), channels=list(range(3 if mode == "RGB" else 1)),
-                        source_channels=3 if mode == "RGB" else 1, mean=mean, std=std, image_size=list(size),
-                        n_train=len(fit), n_val=len(va), n_test=len(te) if te else 0, classes=classes,
-                        val_names=rel(tr_paths, va))
-        return Data(split(x_tr[fit], tr_labels[fit], rel(tr_paths, fit)), split(x_tr[va], tr_labels[va], rel(tr_paths, va)),
-                    te, info)
+        info = DataInfo(
+            source=str(root),
+            channels=list(range(3 if mode == "RGB" else 1)),
+            source_channels=3 if mode == "RGB" else 1,
+            mean=mean,
+            std=std,
+            image_size=list(size),
+            n_train=len(fit),
+            n_val=len(va),
+            n_test=len(te) if te else 0,
+            classes=classes,
+            val_names=rel(tr_paths, va),
+        )
+        return Data(
+            split(x_tr[fit], tr_labels[fit], rel(tr_paths, fit)),
+            split(x_tr[va], tr_labels[va], rel(tr_paths, va)),
+            te,
+            info,
+        )
 
     def raw_images(self, root: str | Path, split: str) -> ImageSet:
         """The split's images as ``bench predict`` prepares a file: decoded and resized (needs :meth:`for_config`)."""
@@ -208,5 +255,10 @@ class ImageFolderTask(ClassificationTask):
     def preprocessing(self, info: DataInfo, cfg: Config) -> dict[str, str]:
         # The training images were padded to a square with their background and resized, as the `resize`
         # policy of `bench predict` does; no inversion (unlike MNIST's light-on-dark digits).
-        return {"color_mode": "RGB" if info.source_channels == 3 else "L", "resize_policy": "resize",
-                "invert": "never", "resample": "bilinear", "classes": json.dumps(info.classes)}
+        return {
+            "color_mode": "RGB" if info.source_channels == 3 else "L",
+            "resize_policy": "resize",
+            "invert": "never",
+            "resample": "bilinear",
+            "classes": json.dumps(info.classes),
+        }

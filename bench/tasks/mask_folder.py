@@ -17,6 +17,7 @@ one error); so are the channels, the validation split (``data.val_fraction`` of 
 statistics (training images only), the metrics, augmentations, TTA and ``bench predict`` (any image size runs,
 large ones tiled): this task is WARWICK with a configurable layout.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,10 @@ def _check_pattern(value: str | None, where: str) -> None:
         return
     name = value.rpartition("/")[2]
     if value.count("*") != 1 or "*" not in name or value.startswith("/") or ".." in value.split("/") or "\\" in value:
-        raise ConfigError(f"{where}: {value!r} must be a path relative to the data folder whose file name holds one * "
-                          f"(the pair's id), e.g. 'images/*' or 'image_*.png'")
+        raise ConfigError(
+            f"{where}: {value!r} must be a path relative to the data folder whose file name holds one * "
+            f"(the pair's id), e.g. 'images/*' or 'image_*.png'"
+        )
 
 
 class MaskFolderTask(WarwickTask):
@@ -53,8 +56,9 @@ class MaskFolderTask(WarwickTask):
         for key in ("images", "masks"):
             _check_pattern(getattr(cfg.data, key), f"{where}.data.{key}")
         if (cfg.data.images or DEFAULT_IMAGES) == (cfg.data.masks or DEFAULT_MASKS):
-            raise ConfigError(f"{where}.data.masks: the same pattern as data.images; masks need a folder or a name "
-                              f"of their own")
+            raise ConfigError(
+                f"{where}.data.masks: the same pattern as data.images; masks need a folder or a name of their own"
+            )
 
     def for_config(self, cfg: Config) -> MaskFolderTask:
         task = copy.copy(self)
@@ -66,8 +70,13 @@ class MaskFolderTask(WarwickTask):
         (the runner loads every data configuration before anything trains or is written)."""
 
     def _pairs(self, cfg: Config, folder: Path) -> Pairs:
-        return read_pairs(folder, cfg.data.images or DEFAULT_IMAGES, cfg.data.masks or DEFAULT_MASKS, ones=True,
-                          mode=MODES[cfg.data.color] if cfg.data.color else None)
+        return read_pairs(
+            folder,
+            cfg.data.images or DEFAULT_IMAGES,
+            cfg.data.masks or DEFAULT_MASKS,
+            ones=True,
+            mode=MODES[cfg.data.color] if cfg.data.color else None,
+        )
 
     def read_splits(self, cfg: Config, test: bool = True) -> tuple[Path, Pairs, Pairs | None, tuple[str, str]]:
         root = data_folder(cfg)

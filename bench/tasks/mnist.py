@@ -6,6 +6,7 @@ uncompressed or as distributed (``.gz``).  They are read and checked here (magic
 length, labels 0-9) rather than by torchvision, so that a truncated or wrong file is named with
 what is wrong before anything trains, and so that nothing is downloaded unless asked for.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -55,8 +56,10 @@ def read_idx(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         raise DataError(f"{path}: not a complete gzip file ({type(e).__name__}: {e})") from None
     ndim = len(shape)
     if len(blob) < 4 or blob[:3] != b"\0\0\x08" or blob[3] != ndim:
-        raise DataError(f"{path}: not an IDX file of {ndim}-d unsigned bytes (header {blob[:4].hex() or 'empty'}, "
-                        f"expected 000008{ndim:02x})")
+        raise DataError(
+            f"{path}: not an IDX file of {ndim}-d unsigned bytes (header {blob[:4].hex() or 'empty'}, "
+            f"expected 000008{ndim:02x})"
+        )
     dims = tuple(int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if dims != shape:
         raise DataError(f"{path}: holds an array of shape {dims}, expected {shape}")
@@ -101,8 +104,12 @@ def load_mnist_arrays(root: str | Path, test: bool = True) -> tuple[Tensor, Tens
     a = check_files(root, test)
     t = lambda k: torch.from_numpy(a[k].copy()) if k in a else None  # noqa: E731  (frombuffer arrays are read-only)
     sy = t("t10k-labels-idx1-ubyte")
-    return (t("train-images-idx3-ubyte"), t("train-labels-idx1-ubyte").long(),
-            t("t10k-images-idx3-ubyte"), sy.long() if sy is not None else None)
+    return (
+        t("train-images-idx3-ubyte"),
+        t("train-labels-idx1-ubyte").long(),
+        t("t10k-images-idx3-ubyte"),
+        sy.long() if sy is not None else None,
+    )
 
 
 def _download(root: Path) -> None:
@@ -119,9 +126,11 @@ def _download(root: Path) -> None:
         for p in reversed(made):
             if p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
-        raise DataError(f"could not download MNIST into {raw_folder(root)} ({type(e).__name__}: "
-                        f"{first_line(e, empty='no reason given')}); fetch the four files by hand, "
-                        f"or point --data-root (or $BENCH_DATA) at a copy") from None
+        raise DataError(
+            f"could not download MNIST into {raw_folder(root)} ({type(e).__name__}: "
+            f"{first_line(e, empty='no reason given')}); fetch the four files by hand, "
+            f"or point --data-root (or $BENCH_DATA) at a copy"
+        ) from None
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -151,8 +160,10 @@ class MnistTask(ClassificationTask):
             check_files(root, test)
         except DataError as e:
             if not any(_find(raw, s) for s in FILES):
-                raise DataError(f"no MNIST files under {raw}: point --data-root (or $BENCH_DATA) at a folder that holds "
-                                f"MNIST/raw, or add --download to fetch them into {raw}") from None
+                raise DataError(
+                    f"no MNIST files under {raw}: point --data-root (or $BENCH_DATA) at a folder that holds "
+                    f"MNIST/raw, or add --download to fetch them into {raw}"
+                ) from None
             raise e
 
     def load(self, cfg: Config, device: torch.device, test: bool = True) -> Data:
@@ -161,8 +172,10 @@ class MnistTask(ClassificationTask):
         tr, va = split_indices(len(tx), cfg.data.val_fraction, cfg.data.split_seed)
         if cfg.data.train_subset is not None:
             if cfg.data.train_subset > len(tr):
-                raise ConfigError(f"data.train_subset: {cfg.data.train_subset} is more than the {len(tr)} training images "
-                                  f"left after the validation split")
+                raise ConfigError(
+                    f"data.train_subset: {cfg.data.train_subset} is more than the {len(tr)} training images "
+                    f"left after the validation split"
+                )
             # A subset is a prefix of a seeded permutation, so it is the same for every run.
             keep = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.data.split_seed + 1))
             tr = tr[keep[: cfg.data.train_subset]].sort().values
@@ -173,8 +186,18 @@ class MnistTask(ClassificationTask):
         def prep(x: Tensor) -> Tensor:  # uint8 (N,28,28) -> normalized float (N,1,28,28) on device
             return ((x.float() / 255 - mean) / std).unsqueeze(1).to(device)
 
-        info = DataInfo(source=str(raw_folder(cfg.data.root)), channels=[0], source_channels=1, mean=[mean], std=[std],
-                        image_size=[28, 28], n_train=len(tr), n_val=len(va), n_test=len(sx) if test else 0, classes=self.classes)
+        info = DataInfo(
+            source=str(raw_folder(cfg.data.root)),
+            channels=[0],
+            source_channels=1,
+            mean=[mean],
+            std=[std],
+            image_size=[28, 28],
+            n_train=len(tr),
+            n_val=len(va),
+            n_test=len(sx) if test else 0,
+            classes=self.classes,
+        )
         return Data(
             train=Split(prep(tx[tr]), ty[tr].to(device)),
             val=Split(prep(tx[va]), ty[va].to(device)),
@@ -198,5 +221,11 @@ class MnistTask(ClassificationTask):
         # How MNIST itself was made (LeCun et al.): the digit's bounding box scaled into a 20x20 box keeping
         # its aspect ratio, then placed in 28x28 with its centre of mass at the centre.  A plain resize of a
         # digit drawn small on a large canvas gives a dot, which the network reads as a 1.
-        return {"color_mode": "L", "resize_policy": "mnist", "ink_box": "20", "invert": "auto",
-                "resample": "lanczos", "classes": json.dumps(info.classes or self.classes)}
+        return {
+            "color_mode": "L",
+            "resize_policy": "mnist",
+            "ink_box": "20",
+            "invert": "auto",
+            "resample": "lanczos",
+            "classes": json.dumps(info.classes or self.classes),
+        }

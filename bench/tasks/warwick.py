@@ -19,6 +19,7 @@ images is held out for validation (best epoch, early stopping, best rung); norma
 statistics come from the remaining training images only.  The test split is only
 evaluated once per run.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,9 @@ def _read_label(path: Path, ones: bool = False) -> np.ndarray:
     values = np.unique(arr)
     if not (set(values.tolist()) <= {0, 255} or (ones and set(values.tolist()) <= {0, 1})):
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-        raise DataError(f"{path}: label is not binary: values must be 0 or 255{' (or 0 or 1)' if ones else ''}, "
-                        f"found {shown}")
+        raise DataError(
+            f"{path}: label is not binary: values must be 0 or 255{' (or 0 or 1)' if ones else ''}, found {shown}"
+        )
     return arr > 0
 
 
@@ -115,7 +117,7 @@ def named_files(folder: Path, pattern: str) -> list[tuple[str, Path]]:
             continue
         n = n[: len(n) - len(suffix)] if suffix else n
         if n.startswith(prefix) and len(n) > len(prefix):
-            out.append((n[len(prefix):], p))
+            out.append((n[len(prefix) :], p))
     return out
 
 
@@ -134,8 +136,9 @@ def match_files(folder: Path, pattern: str, skip: frozenset[Path] = frozenset())
     return out, problems
 
 
-def read_pairs(folder: Path, images: str = "image_*.png", masks: str = "label_*.png", ones: bool = False,
-               mode: str | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+def read_pairs(
+    folder: Path, images: str = "image_*.png", masks: str = "label_*.png", ones: bool = False, mode: str | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Read every image / mask pair of ``folder`` (``images`` and ``masks``: see :func:`match_files`; WARWICK's
     ``image_<id>.png`` / ``label_<id>.png`` by default), sorted by id; ``ones``: masks of 0/1 are binary too;
     ``mode`` (``L`` or ``RGB``): images converted to it.
@@ -157,10 +160,14 @@ def read_pairs(folder: Path, images: str = "image_*.png", masks: str = "label_*.
         if not files[kind] and files["label" if kind == "image" else "image"]:  # one line, not one per partner
             what = "images" if kind == "image" else "masks"
             if kind == "image" and named_files(folder, images):
-                raise DataError(f"{folder}: the images rule {images!r} matches only files the masks rule {masks!r} "
-                                f"names (a mask is never an image); check data.images and data.masks")
-            raise DataError(f"{folder}: the {what} rule {pattern!r} matches no file (while the other side has "
-                            f"{len(files['label' if kind == 'image' else 'image'])}); check data.{what} and the folder")
+                raise DataError(
+                    f"{folder}: the images rule {images!r} matches only files the masks rule {masks!r} "
+                    f"names (a mask is never an image); check data.images and data.masks"
+                )
+            raise DataError(
+                f"{folder}: the {what} rule {pattern!r} matches no file (while the other side has "
+                f"{len(files['label' if kind == 'image' else 'image'])}); check data.{what} and the folder"
+            )
     for kind, other, pattern in (("image", "label", masks), ("label", "image", images)):
         for key in sorted(set(files[kind]) - set(files[other])):
             partner = pattern.replace("*", key) + ("" if pattern.partition("*")[2] else ".*")
@@ -176,13 +183,17 @@ def read_pairs(folder: Path, images: str = "image_*.png", masks: str = "label_*.
             problems.append(str(e))
             continue
         if img.shape[:2] != lab.shape:
-            problems.append(f"{files['label'][key]}: size {lab.shape[1]}x{lab.shape[0]} differs from its image "
-                            f"{files['image'][key].name} ({img.shape[1]}x{img.shape[0]})")
+            problems.append(
+                f"{files['label'][key]}: size {lab.shape[1]}x{lab.shape[0]} differs from its image "
+                f"{files['image'][key].name} ({img.shape[1]}x{img.shape[0]})"
+            )
         elif images_ and img.shape != images_[0].shape:
             (h, w, c), (h0, w0, c0) = img.shape, images_[0].shape
             what = "size" if (h, w) != (h0, w0) else "number of channels"
-            problems.append(f"{files['image'][key]}: {w}x{h} with {c} channels differs from {names[0]} "
-                            f"({w0}x{h0} with {c0}); all images of a folder must share one {what}")
+            problems.append(
+                f"{files['image'][key]}: {w}x{h} with {c} channels differs from {names[0]} "
+                f"({w0}x{h0} with {c0}); all images of a folder must share one {what}"
+            )
         else:
             images_.append(img)
             masks_.append(lab)
@@ -266,8 +277,9 @@ class WarwickTask(Task):
         contours, contour_loss = bool(cfg.model.get("contours")), cfg.loss["name"] == "contour_bce"
         # one without the other would train a channel on nothing, or fail at the first batch
         if contours and not contour_loss:
-            raise ConfigError(f"{where}.loss.name: {cfg.loss['name']!r} does not train model.contours' output; "
-                              f"use contour_bce")
+            raise ConfigError(
+                f"{where}.loss.name: {cfg.loss['name']!r} does not train model.contours' output; use contour_bce"
+            )
         if contour_loss and not contours:
             raise ConfigError(f"{where}.loss.name: contour_bce needs model.contours: true")
 
@@ -301,8 +313,10 @@ class WarwickTask(Task):
         tr, va = split_train_val(len(tr_names), val_fraction, cfg.data.split_seed)
         if cfg.data.train_subset is not None:
             if cfg.data.train_subset > len(tr):
-                raise ConfigError(f"data.train_subset: {cfg.data.train_subset} is more than the {len(tr)} training images "
-                                  f"left after the validation split")
+                raise ConfigError(
+                    f"data.train_subset: {cfg.data.train_subset} is more than the {len(tr)} training images "
+                    f"left after the validation split"
+                )
             # A prefix of a seeded permutation: the same subset for every run and rung.
             keep = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.data.split_seed + 1)).numpy()
             tr = np.sort(tr[keep[: cfg.data.train_subset]])
@@ -322,10 +336,21 @@ class WarwickTask(Task):
         def pick(idx: np.ndarray) -> Split:
             return prep(tr_img[idx], tr_mask[idx], [f"{tr_prefix}{tr_names[i]}" for i in idx])
 
-        info = DataInfo(source=str(folder), channels=channels, source_channels=int(n_src), mean=mean.tolist(),
-                        std=std.tolist(), image_size=list(tr_img.shape[1:3]), n_train=len(tr), n_val=len(va),
-                        n_test=len(te_names), val_names=[tr_names[i] for i in va])
-        return Data(pick(tr), pick(va), prep(te_img, te_mask, [f"{te_prefix}{n}" for n in te_names]) if test else None, info)
+        info = DataInfo(
+            source=str(folder),
+            channels=channels,
+            source_channels=int(n_src),
+            mean=mean.tolist(),
+            std=std.tolist(),
+            image_size=list(tr_img.shape[1:3]),
+            n_train=len(tr),
+            n_val=len(va),
+            n_test=len(te_names),
+            val_names=[tr_names[i] for i in va],
+        )
+        return Data(
+            pick(tr), pick(va), prep(te_img, te_mask, [f"{te_prefix}{n}" for n in te_names]) if test else None, info
+        )
 
     def raw_images(self, root: str | Path, split: str) -> ImageSet:
         names, images, masks = read_pairs(find_folder(root) / ("Test" if split == "test" else "Train"))
@@ -373,8 +398,9 @@ class WarwickTask(Task):
         return loss, probs, split.y[:, 0] > 0.5
 
     @staticmethod
-    def segmented(probs: Tensor, cfg: Config, post: PostProcess | None = None,
-                  contour_threshold: float = inst.CONTOUR_THRESHOLD) -> tuple[Tensor, np.ndarray | None]:
+    def segmented(
+        probs: Tensor, cfg: Config, post: PostProcess | None = None, contour_threshold: float = inst.CONTOUR_THRESHOLD
+    ) -> tuple[Tensor, np.ndarray | None]:
         """(predicted masks (N, H, W) bool, and for a model with a contour output its gland instances (N, H, W) int,
         else None) of probabilities (N, K, H, W), post-processed by ``post``.  A contour model's mask is the union of
         its instances (``bench.instances``, at ``contour_threshold``)."""
@@ -383,13 +409,15 @@ class WarwickTask(Task):
             masks = probs[:, 0] > cfg.eval.threshold
             return (masks, None) if post == PostProcess() else (torch.from_numpy(post(masks.cpu().numpy())), None)
         p = probs.cpu().numpy()
-        labels = post.instances(np.stack([inst.label_instances(q[0], q[1], cfg.eval.threshold, contour_threshold)
-                                          for q in p]))
+        labels = post.instances(
+            np.stack([inst.label_instances(q[0], q[1], cfg.eval.threshold, contour_threshold) for q in p])
+        )
         return torch.from_numpy(labels > 0), labels
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *,
-                 final: bool) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, split: Split, cfg: Config, loss_fn: LossFn, *, final: bool
+    ) -> dict[str, float]:
         """``loss`` (on the plain forward pass) and ``dice``; with ``final`` every report metric.
 
         Both honour ``cfg.eval.tta`` and ``cfg.eval.threshold``: validation scores an epoch the
@@ -433,11 +461,14 @@ class WarwickTask(Task):
         target = (val.y[:, 0] > 0.5).cpu().numpy()
         by = cfg.eval.postprocess
         if by == "dice":
+
             def score(m: np.ndarray) -> float:  # a mask, or instance labels (their union)
                 return float(dice_per_image(torch.from_numpy(m > 0), torch.from_numpy(target)).mean())
         else:
+
             def score(m: np.ndarray) -> float:
                 return object_f1_pooled(m, target)
+
         if probs.shape[1] > 1:
             t, post, best, raw = inst.choose(probs, score, cfg.eval.threshold)
             return post, {**post.to_dict(), "contour_threshold": t, "chosen_by": by, "val": best, "val_raw": raw}
@@ -446,8 +477,9 @@ class WarwickTask(Task):
 
     # ----------------------------------------------------------------------- figures
 
-    def score_outputs(self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5,
-                      post: PostProcess | None = None) -> float:
+    def score_outputs(
+        self, logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5, post: PostProcess | None = None
+    ) -> float:
         """Mean per-image pixel Dice of (N, 1, H, W) logits against (N, H, W) masks, the masks post-processed by
         ``post`` (an exported model's metadata says which)."""
         masks = (torch.sigmoid(torch.from_numpy(logits[:, 0])) > threshold).numpy()
@@ -457,14 +489,20 @@ class WarwickTask(Task):
         # Any image size runs as is (the graph pads to a multiple of 2**depth); larger images are tiled
         # at the training size with a quarter of overlap, so memory stays bounded.
         size = [int(s) for s in info.image_size]
-        return {"color_mode": "L" if info.source_channels == 1 else "RGB", "resize_policy": "tile",
-                "tile_size": json.dumps(size), "tile_overlap": str(max(0, min(size) // 4)), "invert": "never",
-                "threshold": repr(float(cfg.eval.threshold))}
+        return {
+            "color_mode": "L" if info.source_channels == 1 else "RGB",
+            "resize_policy": "tile",
+            "tile_size": json.dumps(size),
+            "tile_overlap": str(max(0, min(size) // 4)),
+            "invert": "never",
+            "threshold": repr(float(cfg.eval.threshold)),
+        }
 
     # ----------------------------------------------------------------------- figures
 
-    def summary_figures(self, load: Callable[[], tuple[nn.Module, Config, Data]], out_prefix: Path,
-                        title: str) -> Iterable[Figure]:
+    def summary_figures(
+        self, load: Callable[[], tuple[nn.Module, Config, Data]], out_prefix: Path, title: str
+    ) -> Iterable[Figure]:
         """Best / median / worst test images of a finished run with gland outlines."""
         model, cfg, data = load()
         pred = self.predict_masks(model, data.test, cfg)
@@ -472,7 +510,9 @@ class WarwickTask(Task):
         dice = dice_per_image(pred, gt).numpy()
         png = out_prefix.with_name(out_prefix.name + "-outlines.png")
         draw_outlines(display_images(data.test.x, data.info), gt.numpy(), pred.numpy(), data.test.names, dice, png)
-        caption = (f"Test images of the best run ({title}): ground-truth (white) and "
-                   f"predicted (blue) gland outlines for the best, median and worst pixel Dice "
-                   f"(mean {dice.mean():.3f}{', with TTA' if cfg.eval.tta else ''}).")
+        caption = (
+            f"Test images of the best run ({title}): ground-truth (white) and "
+            f"predicted (blue) gland outlines for the best, median and worst pixel Dice "
+            f"(mean {dice.mean():.3f}{', with TTA' if cfg.eval.tta else ''})."
+        )
         return [(caption, png)]
