@@ -305,6 +305,28 @@ def _write_adhoc(store: RunStore, group: str, stamp: str) -> Path | None:
     )
 
 
+def _compute_line(runs: list[StoredRun]) -> str:
+    """What the runs cost the machine that made them: their training and test seconds, summed over the runs (a grid
+    of several workers takes less wall time than the sum).  Seed ensembles train nothing of their own: only their
+    evaluation counts."""
+    trained = [r for r in runs if not r.result.extra.get("members")]
+    train = sum(r.result.train_time_s or 0.0 for r in trained)
+    test = sum(r.result.test_time_s or 0.0 for r in runs)
+    return (
+        f"- compute: {_hours(train)} of training over {len(trained)} trained run{'s' if len(trained) != 1 else ''} "
+        f"and {_hours(test)} of testing, "
+        f"summed over the runs"
+    )
+
+
+def _hours(seconds: float) -> str:
+    """``3 h 05 min``, ``12 min``, ``40 s``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig_dir: Path, stamp: str) -> str:
     """Markdown for one group: provenance, table, learning curves, the task's figures."""
     task = TASKS[meta.task]
@@ -318,6 +340,7 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
         f"- command: `{group_command(meta)}`",
         f"- machine: {prov['machine']}",
         f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
+        _compute_line(runs),
         f"- table generated: {stamp}",
     ]
     if tables.costs_shown and costs:

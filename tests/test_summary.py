@@ -288,3 +288,24 @@ def test_an_experiment_alone_writes_no_published_summary(tmp_path):
     fake_runs(store, spec, {"a": [0.9], "b": [0.9]}, val={"a": 0.9, "b": 0.9})
     written = write_summary(store.results, groups=[spec.group])
     assert written == [store.root / spec.group / "summary.md"] and not (store.results / "summary.md").exists()
+
+
+def test_compute_line_sums_the_runs_and_counts_no_training_for_an_ensemble():
+    from types import SimpleNamespace
+
+    from bench.summary import _compute_line
+
+    def run(train: float | None, test: float, members: list | None = None) -> SimpleNamespace:
+        extra = {"members": members} if members else {}
+        return SimpleNamespace(result=SimpleNamespace(train_time_s=train, test_time_s=test, extra=extra))
+
+    # 3,600 + 1,500 s of training (the ensemble's 5,100 s are its members' again), 30 + 20 + 10 s of testing
+    runs = [run(3600.0, 30.0), run(1500.0, 20.0), run(5100.0, 10.0, members=[{}, {}])]
+    assert (
+        _compute_line(runs)
+        == "- compute: 1 h 25 min of training over 2 trained runs and 1 min of testing, summed over the runs"
+    )
+    assert (
+        _compute_line([run(None, 40.0)])
+        == "- compute: 0 s of training over 1 trained run and 40 s of testing, summed over the runs"
+    )
