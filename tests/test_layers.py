@@ -47,7 +47,7 @@ LAYERS = [
         "bench.tracking",
     ],  # records, seed ensembles, run store, machines DB, MLflow
     ["bench.grid"],  # who trains which run: kernel locks, or a study in that database
-    ["bench.runner", "bench.tune", "bench.workers"],  # what trains the runs of a spec
+    ["bench.runner", "bench.tune", "bench.study_report", "bench.workers"],  # what trains the runs of a spec
     ["bench.tables"],  # the rows of the published tables, from stored runs
     ["bench.summary", "bench.perf", "bench.rescore", "bench.reproduce"],  # the published tables and speed measurements
     [

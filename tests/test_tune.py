@@ -288,7 +288,7 @@ def test_study_summary_counts_workers_at_once_and_requeued_trials():
 
     import optuna
 
-    from bench.tune import study_summary
+    from bench.study_report import study_summary
 
     t = datetime.datetime(2026, 1, 1)
 
