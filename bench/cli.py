@@ -19,6 +19,13 @@ import bench.log
 from bench import __version__, usable_cores
 from bench.log import note
 
+if typing.TYPE_CHECKING:  # the hints only: the command line imports what a command needs when it runs
+    from bench.runner import RunOptions
+    from bench.spec import Run, Spec
+    from bench.store import RunStore
+    from bench.tasks.base import Data
+    from bench.tracking import Tracker
+
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 VERBOSITY_FLAGS = {"-q": -1, "--quiet": -1, "-v": 1, "--verbose": 1}
 
@@ -349,49 +356,18 @@ def _check_results_folder(path: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.config import ConfigError
-    from bench.registry import unknown_name_message
-    from bench.runner import (
-        RETRAINED,
-        RunsFailed,
-        check_members,
-        members_to_retrain,
-        preflight,
-        sigterm_as_ctrl_c,
-        train_then_ensembles,
-    )
+    from bench.runner import RunsFailed, check_members, preflight, sigterm_as_ctrl_c, train_then_ensembles
     from bench.store import RunStore
-    from bench.summary import write_summary
-    from bench.tasks import TASKS
-    from bench.workers import grid_workers
 
     spec, seeds, opts, download, tracker = _load(args)
-    names = [v.name for v in spec.variants]
-    for n in args.variants or []:
-        if n not in names:
-            raise ConfigError(f"--variants: {unknown_name_message('variant', n, names)}")
+    _check_variants(spec, args.variants)
     runs = [r for r in spec.runs(args.variants) if r.seed in seeds]
     store = RunStore(args.results)
     store.check_owner(spec)
     todo = store.todo(runs)
-    role = f"ad-hoc group {spec.group}" if spec.adhoc else f"published group {spec.group}"
-    log.info(
-        f"{spec.path}: {role}; {_count(len({r.variant.name for r in runs}), 'variant')} x "
-        f"{_count(len(seeds), 'seed')} = {_count(len(runs), 'run')}, {len(runs) - len(todo)} already done"
-    )
+    _say_plan(spec, runs, todo, len(seeds))
     if args.dry_run:
-        for run in runs:
-            print(f"{'todo' if run in todo else 'done'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
-        for member, ensembles in members_to_retrain(runs, store):
-            note(
-                log,
-                "%s seed %d is finished but its best.pt is not here (checkpoints are not in git): it will be "
-                "re-trained from its record into %s for %s",
-                member.variant.name,
-                member.seed,
-                store.results / RETRAINED,
-                ", ".join(f"{e.variant.name} seed {e.seed}" for e in ensembles),
-            )
+        _dry_run(runs, todo, store)
         return 0
     check_members(todo, store)
     ensembles, todo = [r for r in todo if r.members], [r for r in todo if not r.members]  # ensembles train nothing
@@ -400,20 +376,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from bench.tracking import group_meta
 
         tracker.check([group_meta(spec)])
-    # The group's definition: its whole scope, whatever subset this command trains; a data root given on the command
-    # line too, so that the summary's command for the group runs as recorded.
-    # (Only for a task that reads a data set of its own: MNIST and WARWICK are found wherever $BENCH_DATA says.)
-    own_data = bool(TASKS[spec.task].data_keys)
-    store.write_group(
-        spec,
-        **({"data_root": opts.data_root} if args.data_root and own_data else {}),
-        **({"results": args.results} if Path(args.results) != Path("results") else {}),
-    )
-    workers = args.workers or spec.workers
-    if workers is None and len(todo) > 1:
-        workers, why = grid_workers(spec, todo, opts, cache)
-        log.info(f"{workers} worker{'s' if workers > 1 else ''} at once, measured ({why}); --workers N to choose")
-    workers = min(workers or 1, max(1, len(todo)))
+    _write_group(spec, store, args, opts)
+    workers = _workers(spec, todo, opts, cache, args.workers)
     failed = None
     try:
         with sigterm_as_ctrl_c():  # Slurm's preemption ends like Ctrl-C: the run in hand is released at once
@@ -421,28 +385,107 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunsFailed as e:
         failed = str(e).splitlines()
     except KeyboardInterrupt:
-        started = [
-            f"{r.variant.name} seed {r.seed} from epoch {store.epochs_done(r) + 1}"
-            for r in todo
-            if store.result(r) is None and store.epochs_done(r)
-        ]
-        log.info("interrupted; run the same command to resume" + (f" ({'; '.join(started)})" if started else ""))
+        _say_interrupted(todo, store)
         return EXIT_INTERRUPTED
     if tracker:  # runs finished before (without --mlflow, or whose logging failed) are logged now
-        logged = tracker.log_dirs([store.path(r) for r in runs if store.result(r) is not None])
-        log.info(f"MLflow: {_count(len(logged), 'run')} of {spec.group} in {_shown_uri(tracker.uri)}")
+        _log_to_mlflow(tracker, spec, store, runs)
     if not args.no_summary:
-        for path in write_summary(args.results, _command(), groups=[spec.group]):
-            log.info(f"wrote {path}")
-    if failed:
-        log.error(
-            f"{_count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
-            f"same command to try them again):"
+        _write_summary(args.results, spec.group)
+    return _say_failed(failed) if failed else 0
+
+
+def _say_plan(spec: Spec, runs: list[Run], todo: list[Run], seeds: int) -> None:
+    role = f"ad-hoc group {spec.group}" if spec.adhoc else f"published group {spec.group}"
+    log.info(
+        f"{spec.path}: {role}; {_count(len({r.variant.name for r in runs}), 'variant')} x "
+        f"{_count(seeds, 'seed')} = {_count(len(runs), 'run')}, {len(runs) - len(todo)} already done"
+    )
+
+
+def _log_to_mlflow(tracker: Tracker, spec: Spec, store: RunStore, runs: list[Run]) -> None:
+    logged = tracker.log_dirs([store.path(r) for r in runs if store.result(r) is not None])
+    log.info(f"MLflow: {_count(len(logged), 'run')} of {spec.group} in {_shown_uri(tracker.uri)}")
+
+
+def _check_variants(spec: Spec, asked: list[str] | None) -> None:
+    """ConfigError for a --variants name the spec does not have."""
+    from bench.config import ConfigError
+    from bench.registry import unknown_name_message
+
+    names = [v.name for v in spec.variants]
+    for n in asked or []:
+        if n not in names:
+            raise ConfigError(f"--variants: {unknown_name_message('variant', n, names)}")
+
+
+def _dry_run(runs: list[Run], todo: list[Run], store: RunStore) -> None:
+    """Print each run (todo or done, its folder, key and change), and note the finished members to be re-trained."""
+    from bench.runner import RETRAINED, members_to_retrain
+
+    for run in runs:
+        print(f"{'todo' if run in todo else 'done'}  {run.rel_dir}  key={run.key}  {run.variant.change}")
+    for member, ensembles in members_to_retrain(runs, store):
+        note(
+            log,
+            "%s seed %d is finished but its best.pt is not here (checkpoints are not in git): it will be "
+            "re-trained from its record into %s for %s",
+            member.variant.name,
+            member.seed,
+            store.results / RETRAINED,
+            ", ".join(f"{e.variant.name} seed {e.seed}" for e in ensembles),
         )
-        for line in failed:
-            log.error(f"  {line}")
-        return 1
-    return 0
+
+
+def _write_group(spec: Spec, store: RunStore, args: argparse.Namespace, opts: RunOptions) -> None:
+    """The group's definition: its whole scope, whatever subset this command trains; a data root given on the command
+    line too, so that the summary's command for the group runs as recorded.
+    (Only for a task that reads a data set of its own: MNIST and WARWICK are found wherever $BENCH_DATA says.)"""
+    from bench.tasks import TASKS
+
+    own_data = bool(TASKS[spec.task].data_keys)
+    store.write_group(
+        spec,
+        **({"data_root": opts.data_root} if args.data_root and own_data else {}),
+        **({"results": args.results} if Path(args.results) != Path("results") else {}),
+    )
+
+
+def _workers(spec: Spec, todo: list[Run], opts: RunOptions, cache: dict[str, Data], asked: int | None) -> int:
+    """How many runs train at once: --workers, the spec's, or measured (and said so); never more than the runs."""
+    from bench.workers import grid_workers
+
+    workers = asked or spec.workers
+    if workers is None and len(todo) > 1:
+        workers, why = grid_workers(spec, todo, opts, cache)
+        log.info(f"{workers} worker{'s' if workers > 1 else ''} at once, measured ({why}); --workers N to choose")
+    return min(workers or 1, max(1, len(todo)))
+
+
+def _say_interrupted(todo: list[Run], store: RunStore) -> None:
+    started = [
+        f"{r.variant.name} seed {r.seed} from epoch {store.epochs_done(r) + 1}"
+        for r in todo
+        if store.result(r) is None and store.epochs_done(r)
+    ]
+    log.info("interrupted; run the same command to resume" + (f" ({'; '.join(started)})" if started else ""))
+
+
+def _write_summary(results: str, group: str) -> None:
+    from bench.summary import write_summary
+
+    for path in write_summary(results, _command(), groups=[group]):
+        log.info(f"wrote {path}")
+
+
+def _say_failed(failed: list[str]) -> int:
+    """Say which runs failed; the exit status 1."""
+    log.error(
+        f"{_count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
+        f"same command to try them again):"
+    )
+    for line in failed:
+        log.error(f"  {line}")
+    return 1
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

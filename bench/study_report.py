@@ -200,30 +200,50 @@ def write_best(
     :func:`publishes`), the spec's ``search.tuned`` file instead takes the figures (results/figures) and the trials
     (``<tuned file>.trials.csv`` beside it): its ``tuned`` variant is what ``bench run`` trains beside the hand-made
     rungs, and file, figures and trials change together or not at all."""
-    task = TASKS[spec.task]
     counts = study_summary(study)
     if not counts["complete"]:
-        return {
-            "spec": spec.path,
-            "study": study.study_name,
-            "metric": f"validation {task.metric} (seed {seed})",
-            "value": None,
-            "trials": counts["finished"],
-            "pruned": counts["pruned"],
-            "failed": counts["failed"],
-            "failures": counts["failures"],
-            "params": {},
-            "written": [],
-        }
+        return _no_best(spec, study, seed, counts)
     best = study.best_trial
-    summary = {
+    summary = _best_summary(spec, variant, study, seed, storage, counts)
+    params = config_params(best.params, spec.search["space"])
+    written = [_write_best_yaml(spec, variant, summary, params, out)]
+    target = tuned_path(spec.path, spec.search)
+    if not published or target is None:
+        write_trials_csv(study, out / f"{spec.group}-trials.csv")
+        written += [out / f"{spec.group}-trials.csv"] + [out / n for n in plot_study(study, out / spec.group)]
+    else:
+        written += _write_tuned(spec, variant, study, seed, storage, results_dir, target, counts)
+    return {**summary, "params": params, "written": [str(p) for p in written]}
+
+
+def _no_best(spec: Spec, study: optuna.Study, seed: int, counts: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a study without a complete trial: nothing to write."""
+    return {
+        "spec": spec.path,
+        "study": study.study_name,
+        "metric": f"validation {TASKS[spec.task].metric} (seed {seed})",
+        "value": None,
+        "trials": counts["finished"],
+        "pruned": counts["pruned"],
+        "failed": counts["failed"],
+        "failures": counts["failures"],
+        "params": {},
+        "written": [],
+    }
+
+
+def _best_summary(
+    spec: Spec, variant: Variant, study: optuna.Study, seed: int, storage: str, counts: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``bench tune`` prints of a study with a best trial (and the comments of ``<group>-best.yaml``)."""
+    return {
         "spec": spec.path,
         "group": spec.group,
         "study": study.study_name,
         "tuned_variant": variant.name,
         "overrides": spec.overrides,
-        "metric": f"validation {task.metric} (seed {seed})",
-        "value": best.value,
+        "metric": f"validation {TASKS[spec.task].metric} (seed {seed})",
+        "value": study.best_trial.value,
         "trials": counts["finished"],
         "complete": counts["complete"],
         "pruned": counts["pruned"],
@@ -232,11 +252,17 @@ def write_best(
         "failures": counts["failures"],
         "storage": storage,
     }
+
+
+def _write_best_yaml(spec: Spec, variant: Variant, summary: dict[str, Any], params: dict[str, Any], out: Path) -> Path:
+    """``<group>-best.yaml``: the summary as comments, then the best trial as a variant to paste into the spec."""
     suggestion = {
         "name": f"{variant.name}-tuned",
         "from": variant.name,
-        "note": f"Optuna best of {summary['trials']} trials (validation {task.metric} {best.value:.4f})",
-        "set": config_params(best.params, spec.search["space"]),
+        "note": (
+            f"Optuna best of {summary['trials']} trials (validation {TASKS[spec.task].metric} {summary['value']:.4f})"
+        ),
+        "set": params,
     }
     text = (
         "# " + yaml.safe_dump(summary, sort_keys=False).replace("\n", "\n# ").rstrip("# ") + "\n"
@@ -244,23 +270,52 @@ def write_best(
         + yaml.safe_dump([suggestion], sort_keys=False)
     )
     files.write_text(out / f"{spec.group}-best.yaml", text)
-    written = [out / f"{spec.group}-best.yaml"]
-    target = tuned_path(spec.path, spec.search)
-    if not published or target is None:
-        write_trials_csv(study, out / f"{spec.group}-trials.csv")
-        written += [out / f"{spec.group}-trials.csv"] + [out / n for n in plot_study(study, out / spec.group)]
-        return {
-            **summary,
-            "params": config_params(best.params, spec.search["space"]),
-            "written": [str(p) for p in written],
-        }
+    return out / f"{spec.group}-best.yaml"
+
+
+def _write_tuned(
+    spec: Spec,
+    variant: Variant,
+    study: optuna.Study,
+    seed: int,
+    storage: str,
+    results_dir: Path,
+    target: Path,
+    counts: dict[str, Any],
+) -> list[Path]:
+    """The spec's ``search.tuned`` file (the study, then the variant ``tuned``), its trials beside it and its figures
+    in results/figures, written together; none of them when the file already says this (a rerun of a finished study
+    keeps the committed file).  The paths written."""
     trials_csv = target.with_name(f"{target.stem}.trials.csv")
-    study_info = {
+    study_info = _tuned_study_info(spec, study, seed, storage, counts, trials_csv)
+    tuned = _tuned_variant(spec, variant, study.best_trial, counts)
+    if _same_tuned(target, study_info, tuned):
+        return []
+    prefix = results_dir / "figures" / f"tune-{group_file_prefix(spec.published_group)}"
+    study_info["figures"] = [f"figures/{n}" for n in plot_study(study, prefix)]
+    write_trials_csv(study, trials_csv)
+    files.write_text(
+        target,
+        f"# Written by `python -m bench tune {spec.path}"
+        f"{' --profile ' + spec.profile if spec.profile else ''}`: the best trial of its "
+        f"study (validation split only; every trial in {trials_csv.name}). `bench run` trains "
+        f"the `tuned` variant on the spec's seeds.\n"
+        + yaml.safe_dump({"study": study_info, "variant": tuned}, sort_keys=False),
+    )
+    return [target, trials_csv]
+
+
+def _tuned_study_info(
+    spec: Spec, study: optuna.Study, seed: int, storage: str, counts: dict[str, Any], trials_csv: Path
+) -> dict[str, Any]:
+    """The ``study:`` entry of the tuned file: where and how the study ran, its best trial, its counts and files."""
+    best = study.best_trial
+    return {
         "name": study.study_name,
         "ran_in": where_it_ran(storage),
         "profile": spec.profile,
         "seed": seed,
-        "metric": f"validation {task.metric}",
+        "metric": f"validation {TASKS[spec.task].metric}",
         "best_trial": best.number,
         "value": round(best.value, 6),
         **counts,
@@ -271,8 +326,14 @@ def write_best(
         "commit": files.git_commit(),
         "written": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
+
+
+def _tuned_variant(
+    spec: Spec, variant: Variant, best: optuna.trial.FrozenTrial, counts: dict[str, Any]
+) -> dict[str, Any]:
+    """The variant ``tuned``: the tuned variant with the best trial's parameters."""
     minutes = f"{counts['wall_time_s'] / 60:.1f} min" if counts["wall_time_s"] is not None else "?"
-    tuned = {
+    return {
         "name": TUNED,
         "from": variant.name,
         "note": (
@@ -282,20 +343,6 @@ def write_best(
         ),
         "set": config_params(best.params, spec.search["space"]),
     }
-    if not _same_tuned(target, study_info, tuned):  # a rerun of a finished study keeps the committed file
-        prefix = results_dir / "figures" / f"tune-{group_file_prefix(spec.published_group)}"
-        study_info["figures"] = [f"figures/{n}" for n in plot_study(study, prefix)]
-        write_trials_csv(study, trials_csv)
-        files.write_text(
-            target,
-            f"# Written by `python -m bench tune {spec.path}"
-            f"{' --profile ' + spec.profile if spec.profile else ''}`: the best trial of its "
-            f"study (validation split only; every trial in {trials_csv.name}). `bench run` trains "
-            f"the `tuned` variant on the spec's seeds.\n"
-            + yaml.safe_dump({"study": study_info, "variant": tuned}, sort_keys=False),
-        )
-        written += [target, trials_csv]
-    return {**summary, "params": config_params(best.params, spec.search["space"]), "written": [str(p) for p in written]}
 
 
 # --------------------------------------------------------------------------- several objectives: the Pareto front

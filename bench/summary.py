@@ -45,7 +45,7 @@ from bench.records import GroupRecord, RunRecord
 from bench.spec import group_file_prefix
 from bench.stats import CLIPPED, mean_ci
 from bench.store import RunStore, StoredRun
-from bench.tables import DELTA, current_costs, flops_unit, group_tables, target_column
+from bench.tables import DELTA, GroupTables, current_costs, flops_unit, group_tables, target_column
 from bench.tasks import TASKS
 from bench.tasks.base import Task
 
@@ -330,13 +330,40 @@ def _hours(seconds: float) -> str:
 def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig_dir: Path, stamp: str) -> str:
     """Markdown for one group: provenance, table, learning curves, the task's figures."""
     task = TASKS[meta.task]
+    primary = task.metrics[0]
     costs = store.read_costs(meta.group)
     tables = group_tables(meta, runs, costs)
-    best = tables.best
+    out = [_heading(meta), ""]
+    out += _provenance(meta, runs, store, tables, costs, stamp)
+    out += ["", _run_marker(runs), ""]
+    if meta.description:
+        out += [meta.description, ""]
+    out += [tables.main.markdown(), ""]
+    out += _main_legend(meta, tables, primary)
+    out += _cost_lines(meta, runs, tables, costs, fig_dir, primary)
+    out += _reading(store, meta.group)
+    out += _details(meta)
+    out += ["Training and statistics of each rung:", "", tables.training.markdown(), ""]
+    out += _training_notes(meta, tables, primary)
+    out += _secondary_tables(tables)
+    out += _tuned_block(meta, runs, fig_dir)
+    out += _curves(meta, runs, fig_dir, task)
+    out += _best_run_figures(meta, tables.best, runs, store, fig_dir, task)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _provenance(
+    meta: GroupRecord,
+    runs: list[StoredRun],
+    store: RunStore,
+    tables: GroupTables,
+    costs: dict[str, Any] | None,
+    stamp: str,
+) -> list[str]:
+    """The group's bullet list: its command, machine, commits, compute, when the table and the costs were made, an
+    ad-hoc group's overrides, the runs missing and those that failed."""
     prov = provenance(runs)
     out = [
-        _heading(meta),
-        "",
         f"- command: `{group_command(meta)}`",
         f"- machine: {prov['machine']}",
         f"- commits of the runs: {prov['commits']}; last run finished {prov['finished']}",
@@ -359,17 +386,17 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
         f"- **failed**: {r.variant} seed {r.seed}: {(r.error or '').splitlines()[0][:300]}"
         for r in store.failed(meta.group)
     ]
-    out += ["", _run_marker(runs), ""]
-    if meta.description:
-        out += [meta.description, ""]
-    primary = task.metrics[0]
-    out += [tables.main.markdown(), ""]
+    return out
+
+
+def _main_legend(meta: GroupRecord, tables: GroupTables, primary: Metric) -> list[str]:
+    """What the main table's columns mean: the mean and std, the paired change against which rung, the star."""
     named = [
         f"{v.name}: {v.parent}"
         for i, v in enumerate(meta.variants)
         if v.parent and (i == 0 or meta.variants[i - 1].name != v.parent)
     ]
-    out += [
+    return [
         f"*{primary.header}*: mean ± sample std over the *n* seeds. *{DELTA}*: the mean paired change against the "
         "rung it builds on, the row above"
         + (f" unless named here ({'; '.join(named)})" if named else "")
@@ -377,19 +404,32 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
         + (" *report*: the report's number." if "report" in tables.main.headers else ""),
         "",
     ]
+
+
+def _cost_lines(
+    meta: GroupRecord,
+    runs: list[StoredRun],
+    tables: GroupTables,
+    costs: dict[str, Any] | None,
+    fig_dir: Path,
+    primary: Metric,
+) -> list[str]:
+    """The deployment costs' legend and trade-off, or (a published group without them) the command that adds them."""
     if tables.costs_shown and costs:
-        out += _cost_legend(costs), ""
-        out += _tradeoff(meta, runs, costs, fig_dir, primary)
-    elif runs and meta.role == "published":
-        out += [
+        return [_cost_legend(costs), "", *_tradeoff(meta, runs, costs, fig_dir, primary)]
+    if runs and meta.role == "published":
+        return [
             f"Deployment cost per rung: `python -m exporters.onnx rungs {meta.path}"
             + (f" --profile {meta.profile}`" if meta.profile else "`")
             + " adds it to this table.",
             "",
         ]
-    out += _reading(store, meta.group)
-    out += _details(meta)
-    out += ["Training and statistics of each rung:", "", tables.training.markdown(), ""]
+    return []
+
+
+def _training_notes(meta: GroupRecord, tables: GroupTables, primary: Metric) -> list[str]:
+    """Under the training table: a clipped interval's mark, and the time-to-target column of a spec with a target."""
+    out = []
     if tables.clipped:
         out += [
             f"{CLIPPED} The t-interval reaches outside the metric's range and is shown cut to "
@@ -404,6 +444,12 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
             "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.",
             "",
         ]
+    return out
+
+
+def _secondary_tables(tables: GroupTables) -> list[str]:
+    """The secondary test metrics and the post-processing's effect, where the group has them."""
+    out = []
     if tables.secondary is not None:
         out += ["Secondary test metrics (mean ± std over the seeds):", "", tables.secondary.markdown(), ""]
     if tables.postprocess is not None:
@@ -416,13 +462,20 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
             tables.postprocess.markdown(),
             "",
         ]
-    out += _tuned_block(meta, runs, fig_dir)
-    out += _curves(meta, runs, fig_dir, task)
-    if best:
-        best_run = min((r for r in runs if r.variant == best), key=lambda r: task.metrics[0].rank(r.result.val_best))
-        for caption, png in _figures(best_run, store, fig_dir / group_file_prefix(meta.group), task, fig_dir.parent):
-            out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
-    return "\n".join(out).rstrip() + "\n"
+    return out
+
+
+def _best_run_figures(
+    meta: GroupRecord, best: str | None, runs: list[StoredRun], store: RunStore, fig_dir: Path, task: Task
+) -> list[str]:
+    """The task's figures of the best rung's best seed (by the validation metric)."""
+    if not best:
+        return []
+    best_run = min((r for r in runs if r.variant == best), key=lambda r: task.metrics[0].rank(r.result.val_best))
+    out = []
+    for caption, png in _figures(best_run, store, fig_dir / group_file_prefix(meta.group), task, fig_dir.parent):
+        out += [caption, "", f"![{caption}]({_rel(png, fig_dir.parent)})", ""]
+    return out
 
 
 def _reading(store: RunStore, group: str) -> list[str]:

@@ -147,17 +147,8 @@ def tune(
     epoch (a killed worker's trial is queued again the same way once its heartbeat is ``grace`` old).
     ``objectives`` (default: the spec's ``search.objectives``): more than ``val_metric`` makes a multi-objective
     study (no pruning: a cost is only known at the end), whose Pareto front is written instead of a best trial."""
-    if spec.search is None:
-        raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # this module says what the study does, in its own lines
-    # Optuna beats on its own only inside study.optimize; _run_trial starts the same heartbeat thread around ask/tell.
-    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
-    searched = sorted(set(spec.search["space"]) & set(spec.overrides))
-    if searched:
-        raise ConfigError(
-            f"--set {', '.join(searched)}: the study searches {'this key' if len(searched) == 1 else 'these keys'}"
-            f" (search.space of {spec.path}); drop the --set, or the key from the space"
-        )
+    _check_search(spec)
+    _quiet_optuna()
     variant = next(v for v in spec.variants if v.name == spec.search["variant"])
     objectives = objectives or spec.search["objectives"]
     name, group = study_names(spec, variant, objectives)
@@ -170,6 +161,41 @@ def tune(
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or StorageOptions(f"sqlite:///{study_file(results_dir, spec).resolve()}")
     rdb = open_storage(storage)
+    study = _open_study(spec, name, rdb, objectives)
+    store = RunStore(results_dir)
+    store.write_group(
+        dataclasses.replace(spec, group_name=group, variants=[]), role="study", study=name, storage=shown(storage.url)
+    )
+    target = trials or spec.search["trials"]
+    _say_where_it_starts(study, storage, target)
+    train_trial = TrialObjective(spec, variant, seed, group, store, opts, cache, objectives)
+    _optimize(study, rdb, train_trial, target, storage, timeout, poll)
+    if len(objectives) > 1:
+        return write_front(spec, variant, name, rdb, seed, shown(storage.url), out, Path(results_dir))
+    published = _publishes_now(spec, seed, trials, _finished(study), target, out)
+    return write_best(spec, variant, study, seed, shown(storage.url), out, Path(results_dir), published)
+
+
+def _check_search(spec: Spec) -> None:
+    """ConfigError when the spec has no search, or a --set fixes a key the study searches."""
+    if spec.search is None:
+        raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
+    searched = sorted(set(spec.search["space"]) & set(spec.overrides))
+    if searched:
+        raise ConfigError(
+            f"--set {', '.join(searched)}: the study searches {'this key' if len(searched) == 1 else 'these keys'}"
+            f" (search.space of {spec.path}); drop the --set, or the key from the space"
+        )
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # this module says what the study does, in its own lines
+    # Optuna beats on its own only inside study.optimize; _run_trial starts the same heartbeat thread around ask/tell.
+    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def _open_study(spec: Spec, name: str, rdb: optuna.storages.BaseStorage, objectives: list[str]) -> optuna.Study:
+    """The study of that name, created (with what it tunes and for which objectives) or continued."""
     study = optuna.create_study(
         study_name=name,
         storage=rdb,
@@ -180,17 +206,29 @@ def tune(
     study.set_user_attr("spec", spec.path)
     study.set_user_attr("overrides", spec.overrides)
     study.set_user_attr("objectives", objectives)
-    store = RunStore(results_dir)
-    store.write_group(
-        dataclasses.replace(spec, group_name=group, variants=[]), role="study", study=name, storage=shown(storage.url)
-    )
-    target, done = trials or spec.search["trials"], _finished(study)
+    return study
+
+
+def _say_where_it_starts(study: optuna.Study, storage: StorageOptions, target: int) -> None:
+    done = _finished(study)
     log.info(
-        f"study {name} in {shown(storage.url)}: "
+        f"study {study.study_name} in {shown(storage.url)}: "
         + (f"continuing after {done} finished trials" if study.trials else "new")
         + ("" if done < target else f"; it already has {done} of --trials {target}: ask for more to go on")
     )
-    train_trial = TrialObjective(spec, variant, seed, group, store, opts, cache, objectives)
+
+
+def _optimize(
+    study: optuna.Study,
+    rdb: optuna.storages.BaseStorage,
+    train_trial: TrialObjective,
+    target: int,
+    storage: StorageOptions,
+    timeout: float | None,
+    poll: float | None,
+) -> None:
+    """Train trials until the study has ``target`` finished ones (or ``timeout`` seconds passed); while the last ones
+    are in other workers' hands, wait to take over a dead worker's.  TrialsFailing after too many failures in a row."""
     t0, waiting, failures = time.monotonic(), False, []
     while timeout is None or time.monotonic() - t0 < timeout:
         fail_stale_trials(study)  # a dead worker's trial is queued again, to resume from its last epoch
@@ -211,13 +249,16 @@ def tune(
         failures = failures + [reason] if reason else []
         if len(failures) >= max(MIN_FAILURES_IN_A_ROW, target):
             raise TrialsFailing(
-                f"the last {len(failures)} trials of study {name} all failed (last: {failures[-1]}); "
+                f"the last {len(failures)} trials of study {study.study_name} all failed (last: {failures[-1]}); "
                 f"their tracebacks are above: fix the cause (or the search space), then run the same "
                 f"command to go on"
             )
-    if len(objectives) > 1:
-        return write_front(spec, variant, name, rdb, seed, shown(storage.url), out, Path(results_dir))
-    published, done = publishes(spec, seed, trials), _finished(study)
+
+
+def _publishes_now(spec: Spec, seed: int, trials: int | None, done: int, target: int, out: Path) -> bool:
+    """Whether this single-objective study writes the spec's ``search.tuned`` file now (see :func:`publishes`: and
+    only with exactly its budget of finished trials); says why not when the spec has such a file."""
+    published = publishes(spec, seed, trials)
     tuned_file = tuned_path(spec.path, spec.search)
     if tuned_file is not None and not published:
         log.info(
@@ -231,7 +272,7 @@ def tune(
             f"the study has {done} finished trials, the spec's budget is {target}: {tuned_file} is written once "
             f"the study has exactly its budget" + (" (run the same command to go on)" if done < target else "")
         )
-    return write_best(spec, variant, study, seed, shown(storage.url), out, Path(results_dir), published)
+    return published
 
 
 def _space_problems(spec: Spec, variant: Variant, run: Run, opts: RunOptions, cache: dict[str, Data]) -> list[str]:
