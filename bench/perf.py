@@ -27,6 +27,7 @@ kept), and ``results/summary.md`` links to them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -349,7 +350,7 @@ def _quality_table(
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Time to quality: a row per target the fast rung reached on validation, one for the end of its recipe (the
     test score that counts) and one for the reference; and their records for perf.csv."""
-    fmt = task.metrics[0].show
+    fmt = functools.partial(task.metrics[0].text, unit=True)
     lower = "" if ref.epochs else " (at least)"  # the reference never reached it: the ratio is a lower bound
     table = [
         _target_row(fast, runs, target, ref.seconds if target == spec.target else None, lower, fmt)
