@@ -18,7 +18,7 @@ from tests.toy_task import SquaresTask
 BASE = {
     "model": {"name": "mnist_resnet", "width": 4, "dropout": 0.0},
     "optim": {"name": "adam", "lr": 3.0e-3},
-    "train": {"epochs": 1, "batch_size": 32},
+    "train": {"epochs": 1, "batch_size": 32, "channels_last": False},  # see tests/test_new_task.py
     "data": {"val_fraction": 0.25},
 }
 
