@@ -27,7 +27,6 @@ if typing.TYPE_CHECKING:  # the hints only: the command line imports what a comm
     from bench.tracking import Tracker
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
-VERBOSITY_FLAGS = {"-q": -1, "--quiet": -1, "-v": 1, "--verbose": 1}
 
 log = logging.getLogger(__name__)
 
@@ -703,8 +702,8 @@ def _count(n: int, noun: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    lead = next((i for i, a in enumerate(argv) if a not in VERBOSITY_FLAGS), len(argv))  # -q/-v before the command
-    bench.log.setup(VERBOSITY_FLAGS[argv[lead - 1]] if lead else 0)  # an argument error is said through it too
+    lead = next((i for i, a in enumerate(argv) if a not in bench.log.FLAGS), len(argv))  # -q/-v before the command
+    bench.log.setup(bench.log.FLAGS[argv[lead - 1]] if lead else 0)  # an argument error is said through it too
     if argv[lead : lead + 1] == ["predict"]:  # exit codes: 0 all done, 1 some image failed or none found, 2 usage error
         # Imported here: the CLI is the only part of `bench` that reaches into `exporters`, and only for this
         # command (onnxruntime is not loaded for the others).

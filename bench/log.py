@@ -94,6 +94,11 @@ def setup(verbosity: int = 0) -> None:
         logger.propagate = False  # the command line owns the output: no second copy through the root logger
 
 
+# The verbosity flags and the value each gives: add_options defines them, and the command line reads them before the
+# subcommand's name (to report an argument error at the right verbosity).
+FLAGS = {"-q": -1, "--quiet": -1, "-v": 1, "--verbose": 1}
+
+
 def add_options(p: argparse.ArgumentParser, default: object = 0) -> None:
     """``-q/--quiet`` and ``-v/--verbose`` on ``p``, as ``args.verbosity`` for :func:`setup`; a subcommand's parser
     takes ``default=argparse.SUPPRESS``, so that its own default does not undo the flag given before its name."""
@@ -103,7 +108,7 @@ def add_options(p: argparse.ArgumentParser, default: object = 0) -> None:
         "--quiet",
         dest="verbosity",
         action="store_const",
-        const=-1,
+        const=FLAGS["--quiet"],
         default=default,
         help="only warnings and errors on stderr (no notes, no progress lines)",
     )
@@ -112,7 +117,7 @@ def add_options(p: argparse.ArgumentParser, default: object = 0) -> None:
         "--verbose",
         dest="verbosity",
         action="store_const",
-        const=1,
+        const=FLAGS["--verbose"],
         default=default,
         help="also debugging lines on stderr (debug: ...)",
     )
