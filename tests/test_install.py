@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import importlib.metadata
 import os
 import shutil
@@ -126,12 +127,11 @@ def test_bootstrap_test_is_what_ci_and_tox_run(tmp_path):
     """`./bootstrap.sh test` installs the test extras and runs tox's lint and the default suite; .ci/run is it."""
     calls = _bootstrap(tmp_path, "test", "-k", "x")
     assert "python -m pip install --quiet -e .[dev,mlflow]" in calls
-    lint = next(
-        line.split("=", 1)[1].strip()
-        for line in (REPO / "tox.ini").read_text().splitlines()
-        if line.startswith("commands = ruff")
-    )
-    assert calls[-2:] == [lint, "python -m pytest -k x"]
+    tox = configparser.ConfigParser()
+    tox.read(REPO / "tox.ini")
+    lint = [line.strip() for line in tox["testenv:lint"]["commands"].splitlines() if line.strip()]
+    assert lint and all(line.startswith("ruff ") for line in lint)
+    assert calls[-len(lint) - 1 :] == [*lint, "python -m pytest -k x"]
     assert "exec ./bootstrap.sh test" in (REPO / ".ci" / "run").read_text()
 
 
