@@ -496,7 +496,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     spec, seeds, opts, download, tracker = _load(args)
     if spec.search is None:
-        raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
+        raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see docs/tuning.md)")
     objectives = (
         check_objectives([o.strip() for o in args.objectives.split(",")], "--objectives")
         if args.objectives

@@ -179,7 +179,7 @@ def tune(
 def _check_search(spec: Spec) -> None:
     """ConfigError when the spec has no search, or a --set fixes a key the study searches."""
     if spec.search is None:
-        raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
+        raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see docs/tuning.md)")
     searched = sorted(set(spec.search["space"]) & set(spec.overrides))
     if searched:
         raise ConfigError(
@@ -498,7 +498,7 @@ def check_rung(spec: Spec, rung: str) -> Path:
     """The file ``--rung NAME`` goes to (the spec's ``search.rungs``); ConfigError when the spec names none or the name
     is taken by one of the spec's own variants (a rung made before under that name is replaced)."""
     if spec.search is None:
-        raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see README)")
+        raise ConfigError(f"{spec.path}: no 'search:' section; add one to tune this spec (see docs/tuning.md)")
     path = rungs_path(spec.path, spec.search)
     if path is None:
         raise ConfigError(

@@ -47,7 +47,7 @@ from exporters.export import Exported, ExportError, export_run, results_dir_of
 from exporters.parity import ParityError, gap_text
 from exporters.rungs import measure_rungs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("exporters.onnx")  # not __name__, which is "__main__" under `python -m`
 
 
 @dataclass

@@ -47,7 +47,7 @@ from exporters.inputs import ImageError, Input, collect_inputs, opens_as_image, 
 from exporters.metadata import ModelMeta
 from exporters.runtime import available_providers, session
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("exporters.predict")  # not __name__, which is "__main__" under `python -m`
 
 POLICIES = {"classification": ("mnist", "resize"), "segmentation": ("tile",)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +38,14 @@ def test_an_argument_error_goes_through_the_same_handler(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "error: python -m bench run: --workers: must be >= 1, got 0 (options: python -m bench run --help)"
     ]
+
+
+@pytest.mark.parametrize("module", ["exporters.onnx", "exporters.predict"])
+def test_a_module_run_with_python_m_speaks_through_the_handler(tmp_path, module):
+    """Run as `python -m`, a module's ``__name__`` is ``__main__``: its logger must still be under the handler."""
+    args = [str(tmp_path / "nope")] if module == "exporters.onnx" else [str(tmp_path / "nope.onnx"), str(tmp_path)]
+    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {tmp_path / 'nope'}"), p.stderr
 
 
 @pytest.mark.parametrize("argv", [["-q", "run", "{spec}"], ["run", "{spec}", "--quiet"]])
