@@ -182,9 +182,14 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
     ConfigError when there is nothing to export."""
     if args.target != "best":
         run_dir = Path(args.target)
+        results = Path(args.results) if args.results else results_dir_of(run_dir)
         if not (run_dir / "best.pt").is_file():
-            raise ConfigError(f"{run_dir}: not a run folder (no best.pt); give a run folder or `best`")
-        return (Path(args.results) if args.results else results_dir_of(run_dir)), [run_dir], False
+            if not (run_dir / "result.json").is_file():
+                raise ConfigError(
+                    f"{run_dir}: not a run folder (no best.pt, no result.json); give a run folder or `best`"
+                )
+            run_dir = with_checkpoint(run_dir, results, args.data_root)  # a record from git: trained again
+        return results, [run_dir], False
     results = Path(args.results or "results")
     store = RunStore(results)
     for g in args.groups or []:
@@ -219,7 +224,11 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
         return run_dir
     store = RunStore(results)
     group = run_dir.parent.parent.name
-    stored = next(r for r in store.finished(group) if r.dir == run_dir)
+    stored = next((r for r in store.finished(group) if r.dir.resolve() == run_dir.resolve()), None)
+    if stored is None:
+        raise ConfigError(
+            f"{run_dir}: not a finished run of {store.root} (no best.pt to export, no record to re-train)"
+        )
     if "members" in stored.result.extra:  # a seed ensemble: its members' checkpoints (re-trained where missing)
         done = retrained_dir(results, run_dir)
         members = [

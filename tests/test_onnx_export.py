@@ -313,3 +313,10 @@ def test_best_retrains_a_run_whose_checkpoint_is_not_here(runs, tmp_path, capsys
     recorded = json.loads((run_dir / "result.json").read_text())["test"]["acc"]
     assert rec["parity"]["metric_ort"] == recorded and not (run_dir / "best.pt").exists()  # the record is untouched
     assert ox.main(args) == 0 and "re-training" not in capsys.readouterr().err  # the checkpoint is kept for next time
+    # a run folder named on the command line is found the same way (the re-trained copy, kept from above)
+    assert ox.main([str(run_dir), "--out", str(tmp_path / "one"), "--no-bench", "--no-summary"]) == 0
+    err = capsys.readouterr().err
+    assert "re-training" not in err and "wrote " in err and (tmp_path / "one" / "mnist.onnx").exists()
+    (run_dir / "result.json").unlink()
+    assert ox.main([str(run_dir), "--no-bench"]) == 2
+    assert "not a run folder (no best.pt, no result.json)" in capsys.readouterr().err
