@@ -65,17 +65,32 @@ def resolve_device(name: str, where: str = "--device") -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and core count."""
+    """The GPU's name, or the CPU's model, core count and widest matrix unit, e.g. ``CPU: AMD EPYC (2 cores, AVX2)``:
+    one model name covers CPUs of different kinds (bf16 speed and rounding differ between AVX2, AVX512-BF16 and AMX),
+    and a grid continued on another machine must show both."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({usable_cores()} cores)"
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break  # the first core's lines name the model before its flags
     except OSError:
         pass
-    return f"CPU: {platform.processor() or platform.machine()} ({usable_cores()} cores)"
+    return f"CPU: {model} ({usable_cores()} cores, {_matrix_unit(flags)})"
+
+
+def _matrix_unit(flags: set[str]) -> str:
+    """The widest unit of /proc/cpuinfo's ``flags`` that training uses; torch's own name for it without them."""
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2")):
+        if flag in flags:
+            return name
+    return torch.backends.cpu.get_cpu_capability()
 
 
 @functools.cache

@@ -12,7 +12,7 @@ from bench.factories import build_loss, build_model
 from bench.optim import OPTIMIZERS, SCHEDULERS
 from bench.spec import load_spec
 from bench.tasks import TASKS
-from bench.train import fit
+from bench.train import _matrix_unit, fit
 from tests.helpers import write_spec
 
 
@@ -184,3 +184,18 @@ def test_evaluation_is_fp32_inside_an_autocast_region():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = batched_outputs(model, x, batch=7)
     assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize(
+    "flags, unit",
+    [
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AMX"),  # an Intel Xeon with AMX
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX512-BF16"),  # an AMD EPYC of the newer kind
+        ({"avx2", "avx512f"}, "AVX512"),
+        ({"avx2", "fma"}, "AVX2"),  # an AMD EPYC of the older kind: no native bf16
+    ],
+)
+def test_the_machine_line_names_the_cpu_s_matrix_unit(flags, unit):
+    """One model name ("AMD EPYC") covers CPUs whose bf16 differs: the record names the unit."""
+    assert _matrix_unit(flags) == unit
+    assert _matrix_unit(set()) == torch.backends.cpu.get_cpu_capability()  # no /proc/cpuinfo: torch's name
