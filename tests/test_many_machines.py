@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from bench.cli import main
 from bench.runner import gpu_slots
 from bench.spec import load_spec
 from tests.helpers import TINY_MNIST_BASE, write_spec
@@ -61,6 +62,7 @@ def _spec(tmp_path: Path, name: str, epochs: int = 1, **kw) -> Path:
     return write_spec(tmp_path / f"{name}.yaml", base=base, **kw)
 
 
+@pytest.mark.slow  # tox -e slow: the default suite stays under ~10 minutes on 2 cores
 def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_root, tmp_path, fresh_db):
     path = _spec(
         tmp_path,
@@ -115,6 +117,7 @@ def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_
         assert shared["test"] == own["test"] and shared["val_best"] == own["val_best"], run.rel_dir
 
 
+@pytest.mark.slow  # tox -e slow: the default suite stays under ~10 minutes on 2 cores
 def test_a_sigkilled_worker_run_is_resumed_by_the_other_and_ends_as_if_uninterrupted(data_root, tmp_path, fresh_db):
     path = _spec(tmp_path, "k", epochs=5, seeds=[0, 1], variants=[{"name": "a"}])
     args = [
@@ -201,6 +204,7 @@ def test_a_run_that_fails_by_itself_is_recorded_and_not_retried(data_root, tmp_p
     assert "**failed**: boom seed 0: Diverged" in (tmp_path / "r" / "summary.md").read_text()
 
 
+@pytest.mark.slow  # tox -e slow: the default suite stays under ~10 minutes on 2 cores
 def test_two_tuning_workers_end_with_exactly_the_trials_asked_for(data_root, tmp_path, fresh_db):
     space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
     path = _spec(tmp_path, "t", variants=[{"name": "a"}], search={"variant": "a", "space": space})
@@ -228,6 +232,7 @@ def test_two_tuning_workers_end_with_exactly_the_trials_asked_for(data_root, tmp
     assert all("after 8 finished trials" in out for out in outs), outs
 
 
+@pytest.mark.slow  # tox -e slow: the default suite stays under ~10 minutes on 2 cores
 def test_a_killed_sqlite_study_resumes_its_trial(data_root, tmp_path):
     space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
     path = _spec(tmp_path, "s", epochs=6, variants=[{"name": "a"}], search={"variant": "a", "space": space})
@@ -254,15 +259,12 @@ def test_a_killed_sqlite_study_resumes_its_trial(data_root, tmp_path):
         ("sqlite:////no/such/folder/x.db", "PATH in an existing folder"),
     ],
 )
-def test_a_bad_storage_url_is_one_error_before_anything_is_written(url, says, data_root, tmp_path):
+def test_a_bad_storage_url_is_one_error_before_anything_is_written(url, says, data_root, tmp_path, capsys):
     path = _spec(tmp_path, "b")
     for command in ("run", "tune"):
-        p = _bench(
-            [command, str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", url],
-            tmp_path,
-        )
-        out = p.communicate(timeout=60)[0]
-        assert p.returncode == 2 and "Traceback" not in out, out
+        args = [command, str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--storage", url]
+        assert main(args) == 2
+        out = capsys.readouterr().err
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "--storage" in errors[0] and says in errors[0], out
         assert "s3cret" not in out
@@ -284,6 +286,7 @@ def test_spec_without_search_file_has_no_tuned_variant(tmp_path):
     assert [v.name for v in load_spec(path).variants] == ["a"]
 
 
+@pytest.mark.slow  # tox -e slow: the default suite stays under ~10 minutes on 2 cores
 def test_a_run_whose_workers_keep_dying_is_reported_once_retries_are_exhausted(data_root, tmp_path, fresh_db):
     path = _spec(tmp_path, "d", epochs=50, variants=[{"name": "a"}])
     args = [
@@ -313,6 +316,7 @@ def test_a_run_whose_workers_keep_dying_is_reported_once_retries_are_exhausted(d
     assert second.returncode == 1 and "d/a/seed-0: its worker stopped beating 1 times (--retries exhausted)" in out, out
 
 
+@pytest.mark.slow  # tox -e slow: the default suite stays under ~10 minutes on 2 cores
 def test_sigterm_queues_the_run_again_at_once_without_using_a_retry(data_root, tmp_path, fresh_db):
     path = _spec(tmp_path, "t", epochs=12, variants=[{"name": "a"}])
     args = [

@@ -278,6 +278,7 @@ def test_cpu_workers_are_measured_over_every_split(tmp_path, data_root):
     assert choose_cpu_workers(cfg, task, data, n_runs=1, cores=2) == (1, "one run or one core")
 
 
+@pytest.mark.slow  # tox -e slow: the default suite stays under ~10 minutes on 2 cores
 def test_grid_speedup_trains_every_run_both_ways(tmp_path, data_root):
     spec = write_spec(tmp_path / "g.yaml", seeds=[0, 1])
     lines, rows = grid_speedup(spec, str(data_root), torch.device("cpu"), workers=2)

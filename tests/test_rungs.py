@@ -69,6 +69,7 @@ def test_tta_graph_reproduces_the_harness_tta_evaluation(seg, tmp_path):
     assert plain.record["parity"]["metric_torch"] != pytest.approx(par["metric_torch"], abs=1e-9)
 
 
+@pytest.mark.slow  # tox -e slow: the default suite stays under ~10 minutes on 2 cores
 def test_best_exports_the_tta_graph_unless_told_otherwise(seg, tmp_path, capsys):
     base = ["best", "--results", str(seg["results"]), "--data-root", str(seg["data"]), "--no-bench", "--no-summary"]
     assert ox.main([*base, "--out", str(tmp_path / "a")]) == 0
