@@ -385,7 +385,9 @@ def load_spec(
     try:
         return _build_spec(raw, path, profile, parse_overrides(overrides or []), seeds)
     except ConfigError as e:  # each problem on its own line, each naming the file
-        raise ConfigError("\n".join(f"{path}: {line}" for line in str(e).splitlines())) from None
+        # key paths under --set are joined as under any section ("--set.optim.lr"); the user typed "--set optim.lr"
+        lines = str(e).replace("--set.", "--set ").splitlines()
+        raise ConfigError("\n".join(f"{path}: {line}" for line in lines)) from None
 
 
 # --set keys that say where and how fast a run runs, not what it computes: they act like --device,
@@ -894,6 +896,11 @@ def place_in_group(spec: Spec, published: Spec, group: str | None = None) -> Spe
         raise ConfigError(
             f"--group {group!r}: must be a non-empty folder name made of letters, digits and + . _ = , - "
             f"(an @ only as in SPEC@PROFILE--LABEL)"
+        )
+    elif "@" in group and not group.startswith(f"{published.group}--"):
+        raise ConfigError(  # it would read as an experiment of another spec or profile
+            f"--group {group}: an @ names SPEC@PROFILE, and these runs are {published.group}'s: "
+            f"name the group {published.group}--LABEL" + ("" if "@" in published.group else " or anything without an @")
         )
     elif group == spec.name:
         raise ConfigError(

@@ -386,3 +386,19 @@ def test_group_refuses_any_spec_s_published_group_before_writing(tmp_path, capsy
     assert main(["run", str(path), "--set", "optim.lr=0.5", "--group", "q", "--results", str(res)]) == 2
     assert "--group q: that name is the published group of" in capsys.readouterr().err
     assert not res.exists()
+
+
+def test_an_at_group_name_must_be_the_spec_and_profile_it_runs(tmp_path, capsys):
+    """SPEC@PROFILE--LABEL names an experiment of that spec and profile: another's would mislabel the runs."""
+    path = write_spec(tmp_path / "p.yaml", profiles={"quick": {"seeds": [0]}})
+    res = tmp_path / "r"
+    for group, profile, expected in [
+        ("warwick@quick--x", "quick", "name the group p@quick--LABEL"),
+        ("p@quick--x", None, "name the group p--LABEL or anything without an @"),
+    ]:
+        args = ["run", str(path), "--set", "optim.lr=0.5", "--group", group, "--results", str(res), "--dry-run"]
+        assert main(args + (["--profile", profile] if profile else [])) == 2
+        assert expected in capsys.readouterr().err
+    args = ["run", str(path), "--profile", "quick", "--set", "optim.lr=0.5", "--group", "p@quick--x", "--dry-run"]
+    assert main(args + ["--results", str(res)]) == 0 and "p@quick--x/" in capsys.readouterr().out
+    assert not res.exists()

@@ -253,7 +253,7 @@ def test_unknown_profile_and_bad_override(tmp_path):
     path = write_spec(tmp_path / "s.yaml", profiles={"quick": {"set": {"train.epochs": 1}}})
     with pytest.raises(ConfigError, match="unknown profile 'quik'; valid choices \\(closest first\\): quick"):
         load_spec(path, profile="quik")
-    with pytest.raises(ConfigError, match="--set.train: unknown key 'lr'"):
+    with pytest.raises(ConfigError, match="--set train: unknown key 'lr'"):
         load_spec(path, overrides=["train.lr=1"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_spec(path, overrides=["train.epochs"])
@@ -301,7 +301,7 @@ def test_every_problem_of_the_overrides_is_said_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_spec(path, overrides=["optim.lr=-1", "train.epochs=abc", "train.batch_size=0"])
     assert str(e.value).splitlines() == [
-        f"{path}: --set.optim.lr: must be > 0, got -1.0",
-        f"{path}: --set.train.epochs: expected int, got str 'abc'",
-        f"{path}: --set.train.batch_size: must be >= 1, got 0",
+        f"{path}: --set optim.lr: must be > 0, got -1.0",
+        f"{path}: --set train.epochs: expected int, got str 'abc'",
+        f"{path}: --set train.batch_size: must be >= 1, got 0",
     ]
