@@ -1,12 +1,19 @@
-"""Small spec builders shared by the tests."""
+"""Small spec builders and process helpers shared by the tests."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A budget that trains the report's CNN on 1,000 real MNIST images in a few seconds.
 TINY_MNIST_BASE: dict[str, Any] = {
@@ -47,3 +54,31 @@ def masks(h: int, w: int, *boxes: tuple[int, int, int, int]) -> np.ndarray:
     for r0, r1, c0, c1 in boxes:
         m[r0 : r1 + 1, c0 : c1 + 1] = True
     return m
+
+
+def bench_process(args: list[str], cwd: Path) -> subprocess.Popen:
+    """``python -m bench ARGS --no-progress`` started in ``cwd`` on this checkout's code, stdout and stderr together."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", *args, "--no-progress"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(*procs: subprocess.Popen, timeout: float = 300) -> list[str]:
+    """The outputs of ``procs``, each of which must end with exit status 0."""
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+    return outs
+
+
+def wait_for(p: subprocess.Popen, ready: Callable[[], bool], timeout: float = 240) -> None:
+    """Wait until ``ready()`` while ``p`` still runs; fails (with its output) if ``p`` ends first or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None and not ready():
+        time.sleep(0.05)
+    assert p.poll() is None and ready(), p.communicate()[0]

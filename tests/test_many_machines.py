@@ -19,36 +19,11 @@ import pytest
 from bench.cli import main
 from bench.runner import gpu_slots
 from bench.spec import load_spec
-from tests.helpers import TINY_MNIST_BASE, write_spec
+from tests.helpers import TINY_MNIST_BASE, bench_process, finish, wait_for, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 State = optuna.trial.TrialState
 FAST_BEAT = ["--heartbeat", "1", "--grace-period", "3"]  # a dead worker is noticed within seconds
-
-
-def _bench(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bench", *args, "--no-progress"],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _finish(*procs: subprocess.Popen, timeout: float = 300) -> list[str]:
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out
-    return outs
-
-
-def _wait_for(ready, p: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and p.poll() is None and not ready():
-        time.sleep(0.05)
-    assert p.poll() is None and ready(), p.communicate()[0]
 
 
 def _grid_trials(url: str, group: str) -> list[optuna.trial.FrozenTrial]:
@@ -87,7 +62,7 @@ def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_
         "1",
         *FAST_BEAT,
     ]
-    outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))
+    outs = finish(bench_process(args, tmp_path), bench_process(args, tmp_path))
     done = [line for out in outs for line in out.splitlines() if line.startswith("done ")]
     assert len(done) == 6 and len({line.split(":")[0] for line in done}) == 6, outs  # every run, each once
     trials = _grid_trials(fresh_db, "g")
@@ -97,7 +72,7 @@ def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_
     summary = (tmp_path / "r" / "summary.md").read_text()
     assert "| a" in summary and "| c" in summary and "incomplete" not in summary
 
-    out = _finish(_bench(args, tmp_path))[0]  # the same command again: nothing queued, nothing trained
+    out = finish(bench_process(args, tmp_path))[0]  # the same command again: nothing queued, nothing trained
     assert "6 already done" in out and "done " not in out.replace("already done", "")
     assert len(_grid_trials(fresh_db, "g")) == len(trials)
 
@@ -105,12 +80,12 @@ def test_two_workers_share_a_grid_each_run_once_and_a_rerun_trains_nothing(data_
     import shutil
 
     shutil.rmtree(tmp_path / "r" / "runs" / "g" / "b" / "seed-1")
-    out = _finish(_bench(args, tmp_path))[0]
+    out = finish(bench_process(args, tmp_path))[0]
     assert "does not hold them (e.g. g/b/seed-1)" in out and "done g b seed 1" in out and out.count("done g ") == 1
 
     # The same grid on one machine, without the database: the same numbers, run by run.
     alone = tmp_path / "alone"
-    _finish(_bench([*args[:5], str(alone), "--workers", "1"], tmp_path))
+    finish(bench_process([*args[:5], str(alone), "--workers", "1"], tmp_path))
     for run in load_spec(path).runs():
         shared = json.loads((tmp_path / "r" / "runs" / run.rel_dir / "result.json").read_text())
         own = json.loads((alone / "runs" / run.rel_dir / "result.json").read_text())
@@ -134,14 +109,14 @@ def test_a_sigkilled_worker_run_is_resumed_by_the_other_and_ends_as_if_uninterru
         *FAST_BEAT,
     ]
     seed0 = tmp_path / "cut" / "runs" / "k" / "a" / "seed-0"
-    first = _bench(args, tmp_path)  # alone at first: it claims seed 0, the oldest trial
-    _wait_for(lambda: (seed0 / "last.pt").exists(), first)
-    second = _bench(args, tmp_path)
+    first = bench_process(args, tmp_path)  # alone at first: it claims seed 0, the oldest trial
+    wait_for(first, lambda: (seed0 / "last.pt").exists())
+    second = bench_process(args, tmp_path)
     time.sleep(1.0)
     first.send_signal(signal.SIGKILL)  # mid-run: no chance to release anything
     first.wait()
     assert not (seed0 / "result.json").exists()
-    out = _finish(second)[0]
+    out = finish(second)[0]
     assert "resuming a/s0 from epoch" in out and "done k a seed 0" in out and "done k a seed 1" in out, out
     trials = _grid_trials(fresh_db, "k")
     seed0_trials = [t for t in trials if t.user_attrs["run"].endswith("seed-0")]
@@ -192,7 +167,7 @@ def test_a_run_that_fails_by_itself_is_recorded_and_not_retried(data_root, tmp_p
         "1",
         *FAST_BEAT,
     ]
-    p = _bench(args, tmp_path)
+    p = bench_process(args, tmp_path)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 1 and "Traceback" not in out, out
     assert "error: 1 run failed" in out and "boom seed 0: Diverged: epoch 1: the training loss is" in out
@@ -221,7 +196,7 @@ def test_two_tuning_workers_end_with_exactly_the_trials_asked_for(data_root, tmp
         "8",
         *FAST_BEAT,
     ]
-    outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))
+    outs = finish(bench_process(args, tmp_path), bench_process(args, tmp_path))
     (name,) = optuna.get_all_study_names(storage=fresh_db)
     trials = optuna.load_study(study_name=name, storage=fresh_db).get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in (State.COMPLETE, State.PRUNED)]
@@ -237,11 +212,11 @@ def test_a_killed_sqlite_study_resumes_its_trial(data_root, tmp_path):
     space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
     path = _spec(tmp_path, "s", epochs=6, variants=[{"name": "a"}], search={"variant": "a", "space": space})
     args = ["tune", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--trials", "2"]
-    p = _bench(args, tmp_path)
-    _wait_for(lambda: any((tmp_path / "r" / "runs").glob("*--tune-*/trial-0000/seed-0/last.pt")), p)
+    p = bench_process(args, tmp_path)
+    wait_for(p, lambda: any((tmp_path / "r" / "runs").glob("*--tune-*/trial-0000/seed-0/last.pt")))
     p.send_signal(signal.SIGKILL)
     p.wait()
-    out = _finish(_bench([*args, "--heartbeat", "1", "--grace-period", "2"], tmp_path))[0]
+    out = finish(bench_process([*args, "--heartbeat", "1", "--grace-period", "2"], tmp_path))[0]
     assert "resuming trial 0 from epoch" in out and "after 2 finished trials" in out, out
     db = f"sqlite:///{tmp_path / 'r' / 'optuna' / 's.db'}"
     (name,) = optuna.get_all_study_names(storage=db)
@@ -307,11 +282,11 @@ def test_a_run_whose_workers_keep_dying_is_reported_once_retries_are_exhausted(d
         "--retries",
         "0",
     ]
-    first = _bench(args, tmp_path)
-    _wait_for(lambda: (tmp_path / "r" / "runs" / "d" / "a" / "seed-0" / "last.pt").exists(), first)
+    first = bench_process(args, tmp_path)
+    wait_for(first, lambda: (tmp_path / "r" / "runs" / "d" / "a" / "seed-0" / "last.pt").exists())
     first.send_signal(signal.SIGKILL)
     first.wait()
-    second = _bench(args, tmp_path)  # finds the run held by a dead worker, no retry left: it says so and fails
+    second = bench_process(args, tmp_path)  # finds the run held by a dead worker, no retry left: it says so and fails
     out = second.communicate(timeout=120)[0]
     assert second.returncode == 1 and "d/a/seed-0: its worker stopped beating 1 times (--retries exhausted)" in out, out
 
@@ -333,13 +308,13 @@ def test_sigterm_queues_the_run_again_at_once_without_using_a_retry(data_root, t
         "--retries",
         "0",
     ]  # the default 60 s grace: only an explicit release is fast here
-    first = _bench(args, tmp_path)
-    _wait_for(lambda: (tmp_path / "r" / "runs" / "t" / "a" / "seed-0" / "last.pt").exists(), first)
+    first = bench_process(args, tmp_path)
+    wait_for(first, lambda: (tmp_path / "r" / "runs" / "t" / "a" / "seed-0" / "last.pt").exists())
     first.send_signal(signal.SIGTERM)  # what Slurm sends a preempted job
     assert first.wait(timeout=60) == 130
     # Queued again at once, for any worker already waiting (not only for a command that starts later).
     assert [t.state.name for t in _grid_trials(fresh_db, "t")] == ["FAIL", "WAITING"]
-    out = _finish(_bench(args, tmp_path))[0]
+    out = finish(bench_process(args, tmp_path))[0]
     assert "resuming a/s0 from epoch" in out and "done t a seed 0" in out, out
     states = [t.state.name for t in _grid_trials(fresh_db, "t")]
     assert states == ["FAIL", "COMPLETE"]
@@ -468,7 +443,9 @@ def test_two_tuning_workers_record_failed_trials_and_go_on(data_root, tmp_path):
         "3",
         *FAST_BEAT,
     ]
-    outs = _finish(_bench(args, tmp_path), _bench(args, tmp_path))  # both end well: a failed trial is the trial's
+    outs = finish(
+        bench_process(args, tmp_path), bench_process(args, tmp_path)
+    )  # both end well: a failed trial is the trial's
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     assert sum(t.state in (State.COMPLETE, State.PRUNED) for t in trials) == 3
     reasons = sorted(t.user_attrs["fail_reason"].split(":")[0] for t in trials if t.state == State.FAIL)

@@ -20,7 +20,7 @@ import torch
 import bench.runner as runner
 from bench.spec import load_spec
 from bench.store import RunStore
-from tests.helpers import TINY_MNIST_BASE, train, write_spec
+from tests.helpers import TINY_MNIST_BASE, bench_process, train, wait_for, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,25 +137,6 @@ def test_two_workers_share_a_grid_and_each_run_is_trained_once(data_root, tmp_pa
     assert (res / "runs" / group / "summary.md").exists() and not (res / "summary.md").exists()  # an experiment only
 
 
-def _bench(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "bench", *args, "--no-progress"],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _wait_for(p: subprocess.Popen, ready, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and p.poll() is None and not ready():
-        time.sleep(0.05)
-    assert p.poll() is None, p.communicate()[0]
-
-
 def _epochs(csv: Path) -> int:
     return len(csv.read_text().splitlines()) - 1 if csv.exists() else 0
 
@@ -168,8 +149,8 @@ def test_sigkill_then_rerun_resumes_without_redoing_finished_runs(data_root, tmp
     runs = tmp_path / "cut" / "runs" / "k" / "a"
 
     # Kill once seed 0 is finished and seed 1 has written at least one epoch.
-    p = _bench([*args, "--results", str(tmp_path / "cut")], tmp_path)
-    _wait_for(p, lambda: (runs / "seed-0" / "result.json").exists() and (runs / "seed-1" / "last.pt").exists())
+    p = bench_process([*args, "--results", str(tmp_path / "cut")], tmp_path)
+    wait_for(p, lambda: (runs / "seed-0" / "result.json").exists() and (runs / "seed-1" / "last.pt").exists())
     p.send_signal(signal.SIGKILL)
     p.wait()
     done_stamp = (runs / "seed-0" / "result.json").stat().st_mtime_ns
@@ -177,7 +158,7 @@ def test_sigkill_then_rerun_resumes_without_redoing_finished_runs(data_root, tmp
     # What a resume restores (metrics.csv is written just before last.pt, so it may be one epoch ahead of it).
     epochs_before = torch.load(runs / "seed-1" / "last.pt", weights_only=True)["state"]["epoch"]
 
-    p = _bench([*args, "--results", str(tmp_path / "cut")], tmp_path)
+    p = bench_process([*args, "--results", str(tmp_path / "cut")], tmp_path)
     out = p.communicate(timeout=240)[0]
     assert p.returncode == 0, out
     assert "1 already done" in out and f"resuming a/s1 from epoch {epochs_before + 1}" in out
@@ -185,7 +166,7 @@ def test_sigkill_then_rerun_resumes_without_redoing_finished_runs(data_root, tmp
     assert not list(runs.rglob("*.tmp"))
 
     # The resumed seed ends exactly where an uninterrupted run of it ends.
-    p = _bench([*args, "--results", str(tmp_path / "whole"), "--seeds", "1"], tmp_path)
+    p = bench_process([*args, "--results", str(tmp_path / "whole"), "--seeds", "1"], tmp_path)
     assert p.wait(timeout=240) == 0
     resumed = json.loads((runs / "seed-1" / "result.json").read_text())
     whole = json.loads((tmp_path / "whole" / "runs" / "k" / "a" / "seed-1" / "result.json").read_text())
@@ -223,7 +204,7 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(data_root, tmp_path, worker
         # ... with Ctrl-C's default action, whatever an earlier in-process test left this process with
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    _wait_for(p, lambda: _epochs(runs / "seed-0" / "metrics.csv") >= 1)
+    wait_for(p, lambda: _epochs(runs / "seed-0" / "metrics.csv") >= 1)
     time.sleep(0.5)  # let the checkpoint of that epoch be written
     os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: SIGINT to every process of the foreground group
     out = p.communicate(timeout=120)[0]
@@ -321,7 +302,7 @@ def test_a_real_full_file_system_stops_the_grid(data_root, tmp_path):
         pytest.skip("cannot mount a tmpfs here (not root?)")
     try:
         path = write_spec(tmp_path / "t.yaml", seeds=[0, 1])
-        p = _bench(
+        p = bench_process(
             ["run", str(path), "--data-root", str(data_root), "--results", str(mnt / "r"), "--workers", "1"], tmp_path
         )
         out = p.communicate(timeout=240)[0]

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -18,9 +15,8 @@ from bench.cli import main
 from bench.config import ConfigError
 from bench.spec import load_spec
 from bench.store import RunStore
-from tests.helpers import TINY_MNIST_BASE, write_spec
+from tests.helpers import TINY_MNIST_BASE, bench_process, finish, write_spec
 
-REPO = Path(__file__).resolve().parents[1]
 State = optuna.trial.TrialState
 SMALL, BIG = [4, 4, 8, 8, 8], [8, 8, 16, 16, 16]
 SPACE = {"optim.lr": {"low": 1.0e-7, "high": 1.0e-2, "log": True}, "model.widths": {"choices": [SMALL, BIG]}}
@@ -215,22 +211,8 @@ def test_two_workers_share_a_multi_objective_study_in_postgresql(data_root, tmp_
         "1",
         "--grace-period",
         "3",
-        "--no-progress",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "bench", *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    outs = finish(*[bench_process(args, tmp_path) for _ in range(2)])
     (name,) = optuna.get_all_study_names(fresh_db)
     study = optuna.load_study(study_name=name, storage=fresh_db)
     finished = [t for t in study.trials if t.state == State.COMPLETE]
