@@ -68,6 +68,14 @@ def format_count(x: float) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
+def format_duration(seconds: float) -> str:
+    """``3 h 05 min``, ``12 min``, ``40 s``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def format_params(n: int) -> str:
     """``1,234``, ``145k``, ``1.9M``: parameter counts as the table shows them (exact counts: result.json)."""
     if n >= 1e6:

@@ -43,7 +43,7 @@ from bench.pareto import pareto_front
 from bench.plots import plot_spec_curves, plot_tradeoff
 from bench.records import GroupRecord, RunRecord
 from bench.spec import group_file_prefix
-from bench.stats import CLIPPED, mean_ci
+from bench.stats import CLIPPED, format_duration, mean_ci
 from bench.store import RunStore, StoredRun
 from bench.tables import DELTA, GroupTables, current_costs, flops_unit, group_tables, target_column
 from bench.tasks import TASKS
@@ -313,18 +313,10 @@ def _compute_line(runs: list[StoredRun]) -> str:
     train = sum(r.result.train_time_s or 0.0 for r in trained)
     test = sum(r.result.test_time_s or 0.0 for r in runs)
     return (
-        f"- compute: {_hours(train)} of training over {len(trained)} trained run{'s' if len(trained) != 1 else ''} "
-        f"and {_hours(test)} of testing, "
+        f"- compute: {format_duration(train)} of training over {len(trained)} trained run{'s' if len(trained) != 1 else ''} "
+        f"and {format_duration(test)} of testing, "
         f"summed over the runs"
     )
-
-
-def _hours(seconds: float) -> str:
-    """``3 h 05 min``, ``12 min``, ``40 s``."""
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig_dir: Path, stamp: str) -> str:

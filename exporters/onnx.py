@@ -34,9 +34,10 @@ from pathlib import Path
 import bench.log
 from bench import ensemble, files
 from bench.config import ConfigError
-from bench.runner import RunOptions, checkpoint_of, resolve_data_root, retrained_dir
+from bench.runner import RETRAINED, RunOptions, checkpoint_of, resolve_data_root, retrained_checkpoint, retrained_dir
 from bench.spec import load_spec, resolve_spec_path
-from bench.store import RunStore
+from bench.stats import format_duration
+from bench.store import RunStore, StoredRun
 from bench.summary import write_summary
 from bench.tasks import TASKS
 from bench.tasks.base import DataError
@@ -145,6 +146,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="output folder (default: <results>/onnx for `best` of the published groups, else "
         "<results>/onnx-adhoc; its deployment.md and latency.csv go beside the files)",
     )
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train a chosen run whose best.pt is not here again from its record, into <results>/retrained (records "
+        "come from git, checkpoints do not); without it, such an export stops first and says what the training costs",
+    )
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static, QDQ) and benchmark it")
     p.add_argument("--no-bench", action="store_true", help="export and verify only; no latency benchmark")
     p.add_argument(
@@ -188,6 +195,7 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
                 raise ConfigError(
                     f"{run_dir}: not a run folder (no best.pt, no result.json); give a run folder or `best`"
                 )
+            check_retraining([run_dir], results, args.retrain)
             run_dir = with_checkpoint(run_dir, results, args.data_root)  # a record from git: trained again
         return results, [run_dir], False
     results = Path(args.results or "results")
@@ -213,7 +221,52 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
             f"{c.run_dir} (val {c.val:.4f})"
         )
     published = args.groups is None or all(store.read_group(g).role == "published" for g in args.groups)
+    check_retraining([c.run_dir for _, c in chosen if c is not None], results, args.retrain)
     return results, [with_checkpoint(c.run_dir, results, args.data_root) for _, c in chosen if c is not None], published
+
+
+def check_retraining(run_dirs: list[Path], results: Path, allowed: bool) -> None:
+    """Before any training: the runs that exporting ``run_dirs`` must train again (no best.pt here, no re-trained copy)
+    and what their records say that cost; ConfigError unless ``allowed`` (--retrain), a note otherwise."""
+    todo = [s for rd in run_dirs for s in untrained_here(rd, results)]
+    if not todo:
+        return
+    listed = "; ".join(
+        f"{s.dir} ({format_duration(s.result.train_time_s or 0)} on {s.result.device_name or 'an unknown machine'})"
+        for s in todo
+    )
+    what = f"training {len(todo)} run{'s' if len(todo) > 1 else ''} again from the record"
+    if not allowed:
+        raise ConfigError(
+            f"no best.pt here (checkpoints are not in git): this export means {what}, about as long as the "
+            f"recorded training: {listed}. Add --retrain to do that (into {results / RETRAINED}), or export a run "
+            f"trained here"
+        )
+    bench.log.note(log, f"--retrain: {what}; recorded training: {listed}")
+
+
+def _stored(run_dir: Path, results: Path) -> StoredRun:
+    """The finished run of ``results`` in ``run_dir``; ConfigError when it is none."""
+    store = RunStore(results)
+    group = run_dir.parent.parent.name
+    stored = next((r for r in store.finished(group) if r.dir.resolve() == run_dir.resolve()), None)
+    if stored is None:
+        raise ConfigError(
+            f"{run_dir}: not a finished run of {store.root} (no best.pt to export, no record to re-train)"
+        )
+    return stored
+
+
+def untrained_here(run_dir: Path, results: Path) -> list[StoredRun]:
+    """The runs :func:`with_checkpoint` would train to export ``run_dir``: none when its best.pt is here; for a seed
+    ensemble, its members that lack theirs; else the run itself unless an earlier re-trained copy serves."""
+    if (run_dir / "best.pt").exists():
+        return []
+    stored = _stored(run_dir, results)
+    if "members" in stored.result.extra:
+        members = [run_dir.parent.parent / m["run"] for m in stored.result.extra["members"]]
+        return [s for m in members for s in untrained_here(m, results)]
+    return [] if retrained_checkpoint(stored, results) is not None else [stored]
 
 
 def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path:
@@ -222,13 +275,7 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
     git, checkpoints do not.  A seed ensemble's best.pt is rebuilt there from its members' (each found so)."""
     if (run_dir / "best.pt").exists():
         return run_dir
-    store = RunStore(results)
-    group = run_dir.parent.parent.name
-    stored = next((r for r in store.finished(group) if r.dir.resolve() == run_dir.resolve()), None)
-    if stored is None:
-        raise ConfigError(
-            f"{run_dir}: not a finished run of {store.root} (no best.pt to export, no record to re-train)"
-        )
+    stored = _stored(run_dir, results)
     if "members" in stored.result.extra:  # a seed ensemble: its members' checkpoints (re-trained where missing)
         done = retrained_dir(results, run_dir)
         members = [
@@ -284,7 +331,16 @@ def benchmark_all(done: list[Exported], reports: Path, args: argparse.Namespace)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 1 an export failed its check or parity, 2 usage or data error (the others still run)."""
+    """Exit status: 0 done, 1 an export failed its check or parity, 2 usage or data error (the others still run),
+    130 interrupted (Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # e.g. during --retrain's training: one line, as `bench run` says it
+        log.info("interrupted; run the same command to go on (a run being trained again resumes from its last epoch)")
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     bench.log.setup()
     args = _parse_args(argv)
     bench.log.setup(args.verbosity)

@@ -305,8 +305,14 @@ def test_best_retrains_a_run_whose_checkpoint_is_not_here(runs, tmp_path, capsys
         "--no-bench",
         "--no-summary",
     ]
+    assert ox.main(args) == 2  # hours of training on a real clone: not without being asked
+    err = capsys.readouterr().err
+    assert "error: no best.pt here" in err and f"{run_dir} (" in err and "Add --retrain" in err
+    assert not (res / "retrained").exists()
+    args.append("--retrain")
     assert ox.main(args) == 0
     err = capsys.readouterr().err
+    assert "note: --retrain: training 1 run again" in err
     assert "has no best.pt (checkpoints are not in git): re-training it" in err and "identical to" in err
     rec = json.loads((res / "onnx" / "mnist.json").read_text())
     assert rec["source_run"] == "retrained/runs/tm/a/seed-0"
@@ -320,3 +326,16 @@ def test_best_retrains_a_run_whose_checkpoint_is_not_here(runs, tmp_path, capsys
     (run_dir / "result.json").unlink()
     assert ox.main([str(run_dir), "--no-bench"]) == 2
     assert "not a run folder (no best.pt, no result.json)" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_status_130(monkeypatch, capsys):
+    """Ctrl-C (during --retrain's training, say) ends with the line `bench run` prints, not a traceback."""
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ox, "choose_runs", interrupted)
+    assert ox.main(["best", "--no-bench"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted; run the same command to go on (a run being trained again resumes from its last epoch)"
+    ]
