@@ -31,16 +31,8 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger(__name__)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one error line naming the (sub)command and where its options are listed, instead of a usage block."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        log.error("%s: %s (options: %s --help)", self.prog, message, self.prog)
-        self.exit(EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m bench", description="Ablation benchmark harness for CNNs.")
+    p = bench.log.ArgumentParser(prog="python -m bench", description="Ablation benchmark harness for CNNs.")
     p.add_argument("--version", action="version", version=f"bench {__version__}")
     bench.log.add_options(p)
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args, unknown = build_parser().parse_known_args(argv)
-    p = _Parser(prog=f"python -m bench {args.command}")  # a value's error names the subcommand, like argparse's own
+    p = bench.log.ArgumentParser(
+        prog=f"python -m bench {args.command}"
+    )  # a value's error names the subcommand, like argparse's own
     if unknown:  # argparse would blame the top-level parser
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "workers", None) is not None and args.workers < 1:

@@ -9,6 +9,7 @@ half of one; a write that fails for want of space raises :class:`DiskFull`.  Nam
 
 from __future__ import annotations
 
+import argparse
 import csv
 import errno
 import fcntl
@@ -54,6 +55,14 @@ class DiskFull(OSError):
             f"{self.folder}: no space left on the device ({self.free / 2**20:.1f} MiB free); what was saved is "
             f"kept: free some space and run the same command to resume"
         )
+
+
+def output_folder(value: str) -> str:
+    """An ``argparse`` type for an output folder (made later, when the outputs are written): refused at once when the
+    path exists and is not a folder, rather than after all the work."""
+    if Path(value).exists() and not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"{value} exists and is not a folder")
+    return value
 
 
 def _disk_full(folder: Path, error: BaseException) -> DiskFull | None:

@@ -19,6 +19,7 @@ import argparse
 import logging
 import re
 import sys
+import typing
 
 NOTE = 25
 LOGGERS = ("bench", "exporters")  # the packages' top loggers; every module's logger is a child of one
@@ -92,6 +93,15 @@ def setup(verbosity: int = 0) -> None:
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False  # the command line owns the output: no second copy through the root logger
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one ``error:`` line naming the (sub)command and where its options are listed, instead of a usage
+    block; exit status 2 (a usage error), as every command line of the project."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        logging.getLogger(LOGGERS[0]).error("%s: %s (options: %s --help)", self.prog, message, self.prog)
+        self.exit(2)
 
 
 # The verbosity flags and the value each gives: add_options defines them, and the command line reads them before the

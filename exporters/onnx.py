@@ -108,7 +108,7 @@ def _parity_line(rec: dict) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = bench.log.ArgumentParser(
         prog="python -m exporters.onnx",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -143,6 +143,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--out",
+        type=files.output_folder,
         help="output folder (default: <results>/onnx for `best` of the published groups, else "
         "<results>/onnx-adhoc; its deployment.md and latency.csv go beside the files)",
     )

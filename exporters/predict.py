@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from bench import files
-from bench.log import note, setup
+from bench.log import ArgumentParser, note, setup
 from exporters.images import digit, overlay, tiled
 from exporters.inputs import ImageError, Input, collect_inputs, opens_as_image, output_names, read_image
 from exporters.metadata import ModelMeta
@@ -158,7 +158,7 @@ def _segmentation_row(
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every option with its help; ``--help`` also states outputs and exit statuses)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m bench predict",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Classify digit images or segment histology images with an exported model; "
@@ -182,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files or folders (searched recursively; hidden files skipped); all must exist",
     )
     p.add_argument(
-        "--out", default="predictions", metavar="DIR", help="output folder, created if needed (default: ./predictions)"
+        "--out",
+        default="predictions",
+        metavar="DIR",
+        type=files.output_folder,
+        help="output folder, created if needed (default: ./predictions)",
     )
     return p
 
@@ -228,11 +232,11 @@ def _write_csv(meta: ModelMeta, rows: list[list[str]], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 all images done, 1 some failed or none found, 2 usage error."""
+    setup()  # before the arguments: their errors are printed by its handler
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    setup()
     out = Path(args.out)
     try:
         inputs = collect_inputs(args.paths, out)

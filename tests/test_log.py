@@ -107,3 +107,32 @@ def test_no_message_is_printed_twice(tmp_path, capsys):
 )
 def test_first_line(error, empty, expected):
     assert first_line(error, empty) == expected
+
+
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("exporters.onnx", ["best"]),
+        ("exporters.predict", ["model.onnx", "image.png"]),
+    ],
+)
+def test_the_exporters_argument_errors_are_one_line_before_any_work(module, args, tmp_path, capsys):
+    """Like `bench`'s: one error line naming the command (no usage block), status 2; an --out that is a file is
+    refused before anything is exported or predicted."""
+    import importlib
+
+    main_of = importlib.import_module(module).main
+    taken = tmp_path / "taken.csv"
+    taken.write_text("x")
+    for argv, says in [([*args, "--out", str(taken)], f"--out: {taken} exists and is not a folder"), (["--nope"], "")]:
+        assert _status(main_of, argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: python -m ") and says in err, err
+
+
+def _status(main_of, argv: list[str]) -> int:
+    """A command line's exit status, returned or raised (argparse exits from inside ``main``)."""
+    try:
+        return main_of(argv)
+    except SystemExit as e:
+        return e.code
