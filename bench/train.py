@@ -31,6 +31,7 @@ from bench import files, usable_cores
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
 from bench.inference import EVAL_PRECISION
+from bench.log import note
 from bench.losses import deep_supervision
 from bench.models import count_parameters
 from bench.plots import plot_run_curves
@@ -70,7 +71,14 @@ def device_name(device: torch.device) -> str:
     and a grid continued on another machine must show both."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = _cpu_info()
+    return f"CPU: {model} ({usable_cores()} cores, {_matrix_unit(flags)})"
+
+
+@functools.cache
+def _cpu_info() -> tuple[str, frozenset[str]]:
+    """(the CPU's model name, its /proc/cpuinfo flags): the first core's lines name the model before its flags."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -78,14 +86,14 @@ def device_name(device: torch.device) -> str:
                 if key.strip() == "model name":
                     model = value.strip()
                 elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break  # the first core's lines name the model before its flags
+                    flags = frozenset(value.split())
+                    break
     except OSError:
         pass
-    return f"CPU: {model} ({usable_cores()} cores, {_matrix_unit(flags)})"
+    return model, flags
 
 
-def _matrix_unit(flags: set[str]) -> str:
+def _matrix_unit(flags: set[str] | frozenset[str]) -> str:
     """The widest unit of /proc/cpuinfo's ``flags`` that training uses; torch's own name for it without them."""
     for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2")):
         if flag in flags:
@@ -105,7 +113,21 @@ def cpu_has_bf16() -> bool:
 
 def amp_enabled(cfg: Config, device: torch.device) -> bool:
     """``train.amp`` where bf16 pays: on CUDA, and on CPUs with native bf16."""
+    if cfg.train.amp and device.type == "cpu" and not cpu_has_bf16():
+        _say_fp32()
     return cfg.train.amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()))
+
+
+@functools.cache
+def _say_fp32() -> None:
+    """Once per process: the same run key trains in fp32 here and in bf16 on a CPU with native bf16, so its numbers
+    (and speed) differ by machine; the record's train_precision and machine line say which."""
+    note(
+        log,
+        "train.amp: this CPU has no native bf16 (%s): training in fp32, slower than and not bitwise the bf16 runs "
+        "of a CPU with AVX512-BF16 or AMX",
+        _matrix_unit(_cpu_info()[1]),
+    )
 
 
 def train_precision(cfg: Config, device: torch.device) -> str:

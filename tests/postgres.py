@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -55,6 +56,13 @@ def find_binaries() -> tuple[Path, Path]:
         f"PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin "
         f"nor on PATH: {INSTALL_HINT}"
     )
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a CI job cancelled) kills Python without running :mod:`atexit`, which would leave the
+    server running; as SystemExit it unwinds and the server stops.  Only where SIGTERM still has its default action."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def free_port() -> int:
@@ -117,6 +125,7 @@ class PostgresServer:
         # /tmp rather than pytest's tmp_path: under root, that is inside a 0700 folder the postgres user cannot reach.
         self.dir = Path(tempfile.mkdtemp(prefix="bench-pg-", dir="/tmp"))
         atexit.register(self.stop)
+        _exit_on_sigterm()
         try:
             if self.as_root:
                 try:
