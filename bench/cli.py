@@ -17,13 +17,13 @@ from pathlib import Path
 
 import bench.log
 from bench import __version__, usable_cores
-from bench.log import note
+from bench.log import first_line, note
 
 if typing.TYPE_CHECKING:  # the hints only: the command line imports what a command needs when it runs
     from bench.runner import RunOptions
     from bench.spec import Run, Spec
     from bench.store import RunStore
-    from bench.tasks.base import Data
+    from bench.tasks.base import Data, Task
     from bench.tracking import Tracker
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -351,6 +351,7 @@ def _check_results_folder(path: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import RunsFailed, check_members, preflight, sigterm_as_ctrl_c, train_then_ensembles
     from bench.store import RunStore
+    from bench.tasks import TASKS
 
     spec, seeds, opts, download, tracker = _load(args)
     _check_variants(spec, args.variants)
@@ -360,6 +361,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     todo = store.todo(runs)
     _say_plan(spec, runs, todo, len(seeds))
     if args.dry_run:
+        if todo and not download:
+            _say_missing_data(TASKS[spec.task], Path(opts.data_root))
         _dry_run(runs, todo, store)
         return 0
     check_members(todo, store)
@@ -409,6 +412,17 @@ def _check_variants(spec: Spec, asked: list[str] | None) -> None:
     for n in asked or []:
         if n not in names:
             raise ConfigError(f"--variants: {unknown_name_message('variant', n, names)}")
+
+
+def _say_missing_data(task: Task, root: Path) -> None:
+    """A dry run loads nothing and still lists the runs (a clone without the data can plan from the records), but
+    warns when the data's files are not there: the same command without --dry-run stops at once with that error."""
+    from bench.tasks.base import DataError
+
+    try:
+        task.prepare(root, download=False)
+    except DataError as e:
+        log.warning(f"{first_line(e)} (a run without --dry-run stops here)")
 
 
 def _dry_run(runs: list[Run], todo: list[Run], store: RunStore) -> None:

@@ -402,3 +402,15 @@ def test_an_at_group_name_must_be_the_spec_and_profile_it_runs(tmp_path, capsys)
     args = ["run", str(path), "--profile", "quick", "--set", "optim.lr=0.5", "--group", "p@quick--x", "--dry-run"]
     assert main(args + ["--results", str(res)]) == 0 and "p@quick--x/" in capsys.readouterr().out
     assert not res.exists()
+
+
+def test_a_dry_run_says_when_the_data_is_not_there(tmp_path, capsys):
+    """--dry-run loads nothing and still lists the runs (a clone without the data plans from its records), but warns
+    that the real run would stop at once for want of the files."""
+    path = write_spec(tmp_path / "p.yaml")
+    args = ["run", str(path), "--results", str(tmp_path / "r"), "--dry-run", "--data-root", str(tmp_path / "nothing")]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("todo  p/a/seed-0") and not (tmp_path / "r").exists()
+    assert err.splitlines()[-1].startswith(f"warning: no MNIST files under {tmp_path / 'nothing'}")
+    assert err.splitlines()[-1].endswith("(a run without --dry-run stops here)")
