@@ -176,9 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args, unknown = build_parser().parse_known_args(argv)
-    p = bench.log.ArgumentParser(
-        prog=f"python -m bench {args.command}"
-    )  # a value's error names the subcommand, like argparse's own
+    # a value's error names the subcommand, like argparse's own
+    p = bench.log.ArgumentParser(prog=f"python -m bench {args.command}")
     if unknown:  # argparse would blame the top-level parser
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "workers", None) is not None and args.workers < 1:

@@ -113,8 +113,6 @@ def cpu_has_bf16() -> bool:
 
 def amp_enabled(cfg: Config, device: torch.device) -> bool:
     """``train.amp`` where bf16 pays: on CUDA, and on CPUs with native bf16."""
-    if cfg.train.amp and device.type == "cpu" and not cpu_has_bf16():
-        _say_fp32()
     return cfg.train.amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()))
 
 
@@ -408,6 +406,8 @@ def fit(
         run_dir / "config.json", {"key": key, **meta, "config": cfg.to_dict(), "data_info": data.info.to_dict()}
     )
     t = setup(cfg, task, data, device)
+    if cfg.train.amp and device.type == "cpu" and not cpu_has_bf16():
+        _say_fp32()
     state = restore(run_dir / "last.pt", t, key, device) or new_state(task)
     if state["epoch"]:
         log.info(f"resuming {name} from epoch {state['epoch'] + 1} ({state['epoch']} of {cfg.train.epochs} done)")

@@ -191,14 +191,10 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
     if args.target != "best":
         run_dir = Path(args.target)
         results = Path(args.results) if args.results else results_dir_of(run_dir)
-        if not (run_dir / "best.pt").is_file():
-            if not (run_dir / "result.json").is_file():
-                raise ConfigError(
-                    f"{run_dir}: not a run folder (no best.pt, no result.json); give a run folder or `best`"
-                )
-            check_retraining([run_dir], results, args.retrain)
-            run_dir = with_checkpoint(run_dir, results, args.data_root)  # a record from git: trained again
-        return results, [run_dir], False
+        if not (run_dir / "best.pt").is_file() and not (run_dir / "result.json").is_file():
+            raise ConfigError(f"{run_dir}: not a run folder (no best.pt, no result.json); give a run folder or `best`")
+        check_retraining([run_dir], results, args.retrain)  # a record from git: trained again, if asked
+        return results, [with_checkpoint(run_dir, results, args.data_root)], False
     results = Path(args.results or "results")
     store = RunStore(results)
     for g in args.groups or []:

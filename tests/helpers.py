@@ -56,8 +56,9 @@ def masks(h: int, w: int, *boxes: tuple[int, int, int, int]) -> np.ndarray:
     return m
 
 
-def bench_process(args: list[str], cwd: Path) -> subprocess.Popen:
-    """``python -m bench ARGS --no-progress`` started in ``cwd`` on this checkout's code, stdout and stderr together."""
+def bench_process(args: list[str], cwd: Path, **popen: Any) -> subprocess.Popen:
+    """``python -m bench ARGS --no-progress`` started in ``cwd`` on this checkout's code, stdout and stderr together;
+    ``popen``: further arguments of :class:`subprocess.Popen` (a process group of its own, say)."""
     return subprocess.Popen(
         [sys.executable, "-m", "bench", *args, "--no-progress"],
         cwd=cwd,
@@ -65,6 +66,7 @@ def bench_process(args: list[str], cwd: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        **popen,
     )
 
 

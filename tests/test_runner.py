@@ -193,13 +193,9 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(data_root, tmp_path, worker
         "--workers",
         workers,
     ]
-    p = subprocess.Popen(
-        [sys.executable, "-m", "bench", *args, "--no-progress"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    p = bench_process(
+        args,
+        tmp_path,
         start_new_session=True,  # its own process group, as a terminal's job is
         # ... with Ctrl-C's default action, whatever an earlier in-process test left this process with
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
