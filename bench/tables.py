@@ -33,6 +33,7 @@ from bench.tasks import TASKS
 from bench.train import time_to_target
 
 DELTA = "Δ (p)"
+TEST_CI = "test 95% CI"  # the interval of the test mean, in the training table beside the validation mean
 CHOSEN = "chosen per seed: min px (filled holes, contour threshold)"
 COST_HEADERS = {"cpu/fp32": "ORT ms", "cpu/int8": "INT8 ms", "cuda/fp32": "CUDA ms"}
 # About what a 1280-pixel-wide rendering shows of a markdown table without scrolling: ~8 pixels a character at a
@@ -118,7 +119,7 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
         )
         if rs and shown:
             secondary.append({"variant": name, "n": str(len(rs)), **_secondary_cells(rs, shown)})
-    clipped = any(row.get("95% CI", "").endswith(CLIPPED) for row in training)
+    clipped = any(row.get(TEST_CI, "").endswith(CLIPPED) for row in training)
     numeric = {
         primary.header,
         DELTA,
@@ -126,7 +127,7 @@ def group_tables(meta: GroupRecord, runs: list[StoredRun], costs: dict[str, Any]
         "report",
         "params",
         "n",
-        "95% CI",
+        TEST_CI,
         "epochs (best)",
         "train s",
         "MFLOP",
@@ -250,7 +251,7 @@ def _training_cells(rs: list[RunRecord], runs: list[StoredRun], metric: Metric, 
     ran, best_epoch = (sum(getattr(r, k) for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
     cells = {
         "val (mean)": metric.text(sum(r.val_best for r in rs) / len(rs)),
-        "95% CI": format_ci(m, hw, metric),
+        TEST_CI: format_ci(m, hw, metric),
         "epochs (best)": f"{format_count(ran)} ({format_count(best_epoch)})",
         "train s": f"{sum(r.train_time_s for r in rs) / len(rs):.0f}",
     }
