@@ -359,13 +359,19 @@ def resolve_spec_path(name_or_path: str) -> Path:
 
 
 def load_spec(
-    path: str | Path, profile: str | None = None, overrides: list[str] | None = None, seeds: list[int] | None = None
+    path: str | Path,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    seeds: list[int] | None = None,
+    only: list[str] | None = None,
 ) -> Spec:
     """Parse and fully validate a spec; raises ConfigError naming the file and key path.
 
     ``overrides`` (``--set KEY=VALUE``) apply to every variant after the profile's ``set``;
     ``seeds`` replaces the spec's (or profile's) seeds.  The result's group is the published one:
-    see :func:`place_in_group` for where runs with overrides belong.
+    see :func:`place_in_group` for where runs with overrides belong.  ``only`` (``--variants``): the
+    overrides must fit these variants; another variant they do not fit (a loss key of another loss, say)
+    is left out of the result, so that an experiment on one rung can set that rung's own keys.
     """
     path = Path(path)
     try:
@@ -383,7 +389,7 @@ def load_spec(
     except yaml.YAMLError as e:
         raise ConfigError(files.yaml_error(path, e)) from None
     try:
-        return _build_spec(raw, path, profile, parse_overrides(overrides or []), seeds)
+        return _build_spec(raw, path, profile, parse_overrides(overrides or []), seeds, only)
     except ConfigError as e:  # each problem on its own line, each naming the file
         # key paths under --set are joined as under any section ("--set.optim.lr"); the user typed "--set optim.lr"
         lines = str(e).replace("--set.", "--set ").splitlines()
@@ -448,7 +454,12 @@ class _Profile:
 
 
 def _build_spec(
-    raw: Any, path: Path, profile: str | None, cli_leaves: dict[str, Any], seeds_override: list[int] | None
+    raw: Any,
+    path: Path,
+    profile: str | None,
+    cli_leaves: dict[str, Any],
+    seeds_override: list[int] | None,
+    only: list[str] | None = None,
 ) -> Spec:
     _check_mapping(raw, SPEC_KEYS, "(top level)")
     for key in ("task", "base", "variants"):
@@ -473,7 +484,7 @@ def _build_spec(
     )
     prof = _read_profiles(raw.get("profiles"), profile, task, base, names)
     if cli_leaves:
-        build_config(task, apply_set(base, cli_leaves, "--set"), "--set")
+        apply_set(base, cli_leaves, "--set")  # SECTION.KEY; whether the key fits is each variant's to say
     seeds = check_value(raw.get("seeds", [0]), list[NonNegInt], "seeds")
     if prof.seeds is not None:
         seeds = prof.seeds
@@ -485,9 +496,11 @@ def _build_spec(
     made = [tuned_variant] if tuned_variant else []
     made += [r["variant"] for r in read_rungs(raw.get("search"), path)]
     rawv = raw["variants"] + made if made and isinstance(raw["variants"], list) else raw["variants"]
-    variants = _resolve_variants(
-        rawv, task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written), (cli_leaves, "--set", [])]
+    variants, misfits = _resolve_variants(
+        rawv, task, base, [(prof.leaves, f"profiles.{profile}.set", prof.as_written)], cli_leaves, only
     )
+    if isinstance(raw.get("search"), dict) and raw["search"].get("variant") in misfits:
+        raw = {k: v for k, v in raw.items() if k != "search"}  # its variant is left out: nothing to search here
     search = _check_search(
         raw.get("search"),
         task,
@@ -653,16 +666,26 @@ def _read_profiles(
 
 
 def _resolve_variants(
-    rawv: Any, task: str, base: dict[str, Any], overlays: list[tuple[dict[str, Any], str, list[str]]]
-) -> list[Variant]:
+    rawv: Any,
+    task: str,
+    base: dict[str, Any],
+    overlays: list[tuple[dict[str, Any], str, list[str]]],
+    cli_leaves: dict[str, Any],
+    only: list[str] | None,
+) -> tuple[list[Variant], dict[str, ConfigError]]:
     """The ladder: each variant builds on the previous one, or on ``from:``; then every overlay
-    ``(leaves, where, spared)`` (the profile's ``set`` sparing its ``as_written`` variants, then ``--set``)
-    is applied to each resolved config but those of the variants it spares."""
+    ``(leaves, where, spared)`` (the profile's ``set`` sparing its ``as_written`` variants) and ``--set``'s
+    ``cli_leaves`` are applied to each resolved config but those of the variants an overlay spares.
+
+    Returns the variants and the *misfits*: with ``only`` (``--variants``), the variants not in it whose config
+    ``--set`` does not fit, each with its error, left out (and the ensembles of a misfit).  Without ``only`` a
+    misfit is an error, which names the variants that the key fits."""
     if not isinstance(rawv, list) or not rawv:
         raise ConfigError("variants: expected a non-empty list")
     metric = TASKS[task].metrics[0]
     resolved: dict[str, dict[str, Any]] = {}
     variants: list[Variant] = []
+    misfits: dict[str, ConfigError] = {}
     prev: str | None = None
     for i, v in enumerate(rawv):
         variant_where = f"variants[{i}]"
@@ -701,6 +724,16 @@ def _resolve_variants(
         for overlay, overlay_where, spared in overlays:
             if vname not in spared:
                 final = apply_set(final, overlay, overlay_where)
+        if cli_leaves:
+            try:
+                build_config(task, apply_set(final, cli_leaves, "--set"), "--set")
+                final = apply_set(final, cli_leaves, "--set")
+            except ConfigError as e:
+                if only is None:
+                    raise _misfit_error(e, rawv, task, base, overlays, cli_leaves) from None
+                if vname in only:
+                    raise
+                misfits[vname] = e  # resolved without --set, so the rungs after it still build on it
         reported = v.get("reported")
         if reported is not None:
             reported = check_value(reported, float, f"{variant_where}.reported")
@@ -734,7 +767,32 @@ def _resolve_variants(
             )
         )
         prev = vname
-    return variants
+    for v in variants:  # an ensemble of a left-out rung has no members
+        if v.ensemble is not None and v.ensemble.of in misfits:
+            misfits.setdefault(v.name, misfits[v.ensemble.of])
+    kept = [v for v in variants if v.name not in misfits]
+    if not kept:
+        raise next(iter(misfits.values()))
+    return kept, misfits
+
+
+def _misfit_error(
+    e: ConfigError,
+    rawv: list[Any],
+    task: str,
+    base: dict[str, Any],
+    overlays: list[tuple[dict[str, Any], str, list[str]]],
+    cli_leaves: dict[str, Any],
+) -> ConfigError:
+    """``e`` (a --set that does not fit a variant), naming the variants it does fit, if any: ``--variants`` them."""
+    try:
+        kept, _ = _resolve_variants(rawv, task, base, overlays, cli_leaves, only=[])
+    except ConfigError:  # it fits none
+        return e
+    return ConfigError(
+        f"{e}\n--set fits only some variants of this spec: train them alone with --variants "
+        + " ".join(v.name for v in kept)
+    )
 
 
 def _check_ensemble(v: dict[str, Any], where: str, earlier: list[Variant]) -> EnsembleDef:

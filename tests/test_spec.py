@@ -305,3 +305,28 @@ def test_every_problem_of_the_overrides_is_said_at_once(tmp_path):
         f"{path}: --set train.epochs: expected int, got str 'abc'",
         f"{path}: --set train.batch_size: must be >= 1, got 0",
     ]
+
+
+def test_a_set_that_fits_some_variants_needs_them_named(tmp_path):
+    """--set of one rung's own key (SGD's momentum): the error names the rungs it fits, and with --variants the
+    rungs it does not fit are left out of the experiment, with the ensembles of them."""
+    path = write_spec(
+        tmp_path / "s.yaml",
+        variants=[
+            {"name": "a"},
+            {"name": "b", "set": {"optim": {"name": "sgd", "lr": 0.05}}},
+            {"name": "c"},
+            {"name": "ens-a", "ensemble": {"of": "a", "size": 2}},
+        ],
+        seeds=[0, 1],
+    )
+    with pytest.raises(ConfigError) as e:
+        load_spec(path, overrides=["optim.momentum=0.5"])
+    assert str(e.value).splitlines()[-1] == (
+        f"{path}: --set fits only some variants of this spec: train them alone with --variants b c"
+    )
+    spec = load_spec(path, overrides=["optim.momentum=0.5"], only=["b"])
+    assert [v.name for v in spec.variants] == ["b", "c"]
+    assert spec.variants[0].config.optim["momentum"] == 0.5
+    with pytest.raises(ConfigError, match="--set optim: unknown key 'momentum'"):
+        load_spec(path, overrides=["optim.momentum=0.5"], only=["a", "b"])  # a named rung must take it
