@@ -132,6 +132,13 @@ def opens_as_image(path: Path) -> bool:
         return False
 
 
+def is_colour(rgb: np.ndarray, levels: float = 8.0) -> bool:
+    """Whether (H, W, 3) uint8 ``rgb`` is a colour picture rather than grey stored as RGB: its channels differ by more
+    than ``levels`` grey levels on average (JPEG noise in a scanned grey page stays under that)."""
+    x = rgb.astype(np.int16)
+    return float(np.abs(x - x.mean(axis=2, keepdims=True)).mean()) > levels
+
+
 def read_image(path: Path, mode: str) -> np.ndarray:
     """(H, W) uint8 for mode ``L``, (H, W, 3) for ``RGB``; transparency is composited on white."""
     try:

@@ -43,7 +43,7 @@ from PIL import Image
 from bench import files
 from bench.log import ArgumentParser, note, setup
 from exporters.images import digit, overlay, tiled
-from exporters.inputs import ImageError, Input, collect_inputs, opens_as_image, output_names, read_image
+from exporters.inputs import ImageError, Input, collect_inputs, is_colour, opens_as_image, output_names, read_image
 from exporters.metadata import ModelMeta
 from exporters.runtime import available_providers, session
 
@@ -131,6 +131,11 @@ def _classification_row(sess: Any, meta: ModelMeta, inp: Input, img: np.ndarray)
     """``file,class,probability`` of one decoded image; a blank one still gets its row, as one was asked for, but
     not a silent one."""
     answer = classify(sess, meta, img)
+    if meta.color_mode in (None, "L") and is_colour(read_image(inp.path, "RGB")):
+        log.warning(
+            f"{inp.path}: a colour image, and this model reads greyscale digits; its answer {answer.label!r} "
+            "may mean nothing"
+        )
     if answer.blank:
         log.warning(f"{inp.path}: no ink found (a blank image?); its answer {answer.label!r} means nothing")
     return [str(inp.path), answer.label, f"{answer.probability:.6f}"]

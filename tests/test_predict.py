@@ -423,3 +423,16 @@ def test_mnist_policy_end_to_end_and_bad_metadata(models, tmp_path, capsys):
         capsys.readouterr()
         assert main([str(tmp_path / "bad.onnx"), str(tmp_path / "one.png"), "--out", str(tmp_path / "o2")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_colour_picture_given_to_a_digit_model_is_said(models, data_root, tmp_path, capsys):
+    """A gland image (colour) still gets its row from an MNIST model, with a warning; a digit saved as RGB does not."""
+    gland = data_root / "WARWICK" / "Test" / "image_01.png"
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 220
+    Image.fromarray(digit).convert("RGB").save(tmp_path / "digit_rgb.png")
+    code = main([str(models["mnist"]), str(gland), str(tmp_path / "digit_rgb.png"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 0 and len(_rows(tmp_path / "o" / "predictions.csv")) == 2
+    assert f"{gland}: a colour image, and this model reads greyscale digits" in err
+    assert "digit_rgb.png: a colour" not in err
