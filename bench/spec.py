@@ -729,10 +729,8 @@ def _resolve_variants(
                 build_config(task, apply_set(final, cli_leaves, "--set"), "--set")
                 final = apply_set(final, cli_leaves, "--set")
             except ConfigError as e:
-                if only is None:
-                    raise _misfit_error(e, rawv, task, base, overlays, cli_leaves) from None
-                if vname in only:
-                    raise
+                if only is None or vname in only:
+                    raise _misfit_error(e, vname, rawv, task, base, overlays, cli_leaves) from None
                 misfits[vname] = e  # resolved without --set, so the rungs after it still build on it
         reported = v.get("reported")
         if reported is not None:
@@ -778,20 +776,23 @@ def _resolve_variants(
 
 def _misfit_error(
     e: ConfigError,
+    vname: str,
     rawv: list[Any],
     task: str,
     base: dict[str, Any],
     overlays: list[tuple[dict[str, Any], str, list[str]]],
     cli_leaves: dict[str, Any],
 ) -> ConfigError:
-    """``e`` (a --set that does not fit a variant), naming the variants it does fit, if any: ``--variants`` them."""
+    """``e`` (--set does not fit variant ``vname``) as it is when --set fits no variant; else naming ``vname`` and
+    the variants it fits, to be trained alone with ``--variants``."""
     try:
         kept, _ = _resolve_variants(rawv, task, base, overlays, cli_leaves, only=[])
     except ConfigError:  # it fits none
         return e
+    names = [v.name for v in kept]
     return ConfigError(
-        f"{e}\n--set fits only some variants of this spec: train them alone with --variants "
-        + " ".join(v.name for v in kept)
+        f"--set does not fit {vname}: {e}\n--set fits only {', '.join(names)}: train them alone with --variants "
+        + " ".join(names)
     )
 
 

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 INTRO = (
     "Every number below is read from the stored runs of that spec. Mean ± sample std over the seeds shown; "
-    "95% CI is the two-sided Student-t interval of the mean; Δ is the mean paired difference over the seeds "
+    "test 95% CI is the two-sided Student-t interval of the test mean; Δ is the mean paired difference over the seeds "
     "both rungs share, with a paired t-test p-value (with 2-3 seeds the test has little power: read it as a "
     "sanity check, not proof). ★ marks the best variant by mean *validation* metric; the test set chose nothing."
 )
@@ -610,6 +610,13 @@ def _figures(run: StoredRun, store: RunStore, out_prefix: Path, task: Task, base
         figs = [(caption, base / rel) for caption, rel in old["figures"]]
         if old["run"] == ident and all(png.exists() for _, png in figs):
             return figs
+    if not (run.dir / "best.pt").exists():  # a clone's records: checkpoints stay out of git
+        note(
+            log,
+            "no figures for %s: its best.pt is not here (checkpoints are not in git); train it again to draw them",
+            run.dir,
+        )
+        return []
     try:
         figs = list(task.summary_figures(load, out_prefix, f"{run.dir.parent.name}, {run.dir.name}"))
     except (OSError, ValueError, KeyError) as e:

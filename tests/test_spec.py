@@ -322,11 +322,15 @@ def test_a_set_that_fits_some_variants_needs_them_named(tmp_path):
     )
     with pytest.raises(ConfigError) as e:
         load_spec(path, overrides=["optim.momentum=0.5"])
-    assert str(e.value).splitlines()[-1] == (
-        f"{path}: --set fits only some variants of this spec: train them alone with --variants b c"
-    )
+    assert str(e.value).splitlines() == [
+        f"{path}: --set does not fit a: --set optim: unknown key 'momentum'; valid keys (closest first): "
+        "beta1, beta2, weight_decay, fused, lr",
+        f"{path}: --set fits only b, c: train them alone with --variants b c",
+    ]
     spec = load_spec(path, overrides=["optim.momentum=0.5"], only=["b"])
     assert [v.name for v in spec.variants] == ["b", "c"]
     assert spec.variants[0].config.optim["momentum"] == 0.5
-    with pytest.raises(ConfigError, match="--set optim: unknown key 'momentum'"):
-        load_spec(path, overrides=["optim.momentum=0.5"], only=["a", "b"])  # a named rung must take it
+    with pytest.raises(ConfigError, match="--set does not fit a: .*\n.*--set fits only b, c"):
+        load_spec(path, overrides=["optim.momentum=0.5"], only=["b", "a"])  # a named rung must take it
+    with pytest.raises(ConfigError, match="--set optim: unknown key 'nesterov_typo'"):  # fits none: as it was
+        load_spec(path, overrides=["optim.nesterov_typo=1"], only=["b"])
