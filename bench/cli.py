@@ -356,8 +356,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.store import RunStore
     from bench.tasks import TASKS
 
-    spec, seeds, opts, download, tracker = _load(args)
-    _check_variants(spec, args.variants)
+    spec, seeds, opts, download, tracker = _load(args)  # --variants checked there
     runs = [r for r in spec.runs(args.variants) if r.seed in seeds]
     store = RunStore(args.results)
     store.check_owner(spec)

@@ -726,8 +726,9 @@ def _resolve_variants(
                 final = apply_set(final, overlay, overlay_where)
         if cli_leaves:
             try:
-                build_config(task, apply_set(final, cli_leaves, "--set"), "--set")
-                final = apply_set(final, cli_leaves, "--set")
+                with_set = apply_set(final, cli_leaves, "--set")
+                build_config(task, with_set, "--set")
+                final = with_set
             except ConfigError as e:
                 if only is None or vname in only:
                     raise _misfit_error(e, vname, rawv, task, base, overlays, cli_leaves) from None
