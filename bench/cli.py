@@ -288,9 +288,11 @@ def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked fo
     path = resolve_spec_path(args.spec)
     config_items, runtime = split_overrides(args.overrides)
     published = load_spec(path, args.profile)
-    _check_variants(published, getattr(args, "variants", None))
-    asked = load_spec(path, args.profile, config_items, args.seeds, getattr(args, "variants", None))
-    left_out = [v.name for v in published.variants if v.name not in {a.name for a in asked.variants}]
+    only = getattr(args, "variants", None)
+    _check_variants(published, only)
+    asked = load_spec(path, args.profile, config_items, args.seeds, only)
+    wanted = [v.name for v in published.variants if not only or v.name in only]
+    left_out = [name for name in wanted if name not in {a.name for a in asked.variants}]
     if left_out:
         note(log, f"--set does not fit {', '.join(left_out)}: left out of this experiment's group")
     group = place_in_group(asked, published, getattr(args, "group", None))

@@ -209,6 +209,18 @@ def test_experiment_seeds_among_the_spec_s_are_one_group_and_runtime_sets_are_no
     assert capsys.readouterr().out.startswith("todo  s/a/seed-0")  # where runs run is not what they compute
 
 
+def test_the_left_out_note_names_only_the_variants_asked_for(tmp_path, capsys):
+    """--set of SGD's momentum fits b only: without --variants the error says so; with --variants b nothing
+    asked for is left out, so no note; with --variants a b, a is named."""
+    sgd = {"set": {"optim": {"name": "sgd", "lr": 0.05}}}
+    path = write_spec(tmp_path / "s.yaml", variants=[{"name": "a"}, {"name": "b", **sgd}, {"name": "c"}])
+    assert main(["run", str(path), "--dry-run", "--set", "optim.momentum=0.5", "--variants", "b"]) == 0
+    out, err = capsys.readouterr()
+    assert "left out" not in err and "b/seed-0" in out and "/a/" not in out
+    assert main(["run", str(path), "--dry-run", "--set", "optim.momentum=0.5", "--variants", "a", "b"]) == 2
+    assert "--set does not fit a" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "setting, expected",
     [
