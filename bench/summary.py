@@ -496,8 +496,21 @@ def _cost_legend(costs: dict[str, Any]) -> str:
             else ""
         )
         + f"{gpu}; load average {costs['load_avg_1m']} during the timings. "
-        f"Exact parameter counts and FLOPs: `runs/{costs['group']}/costs.json`."
+        + _no_weights_note(costs)
+        + f"Exact parameter counts and FLOPs: `runs/{costs['group']}/costs.json`."
     )
+
+
+def _no_weights_note(costs: dict[str, Any]) -> str:
+    """Which rungs' costs come from another seed than the best, or are missing, because the measuring machine had
+    no best.pt of them (a clone holds records, not checkpoints; exporters.rungs)."""
+    missing = costs.get("no_weights") or {}
+    stand_in = [f"{v} (seed {costs['rungs'][v]['seed']})" for v in missing if v in costs["rungs"]]
+    none = [v for v in missing if v not in costs["rungs"]]
+    parts = ([f"another seed stands for {', '.join(stand_in)}"] if stand_in else []) + (
+        [f"none for {', '.join(none)} (–)"] if none else []
+    )
+    return f"Without the best seed's best.pt on that machine, {'; '.join(parts)}. " if parts else ""
 
 
 def _tradeoff(

@@ -14,7 +14,9 @@ one thread (``--threads``), one test image, the calls of all rungs interleaved i
 :func:`exporters.benchmark.time_calls`), so that the rungs are compared under the same load.  The
 result goes to ``<results>/runs/<group>/costs.json`` (beside the group's records, committed with
 them), from which ``bench summary`` adds the cost columns and the trade-off figure to the
-group's table.  A variant without a finished run is "not run", not an error.
+group's table.  A variant without a finished run is "not run", not an error; nor is one whose finished runs have
+no best.pt on this machine (a clone holds records, not checkpoints): the best seed that has one stands for it, and
+without any its cost columns stay empty (``no_weights``).
 """
 
 from __future__ import annotations
@@ -54,25 +56,35 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Rung:
-    """A variant of the spec and the run chosen to stand for it (None when none is finished)."""
+    """A variant of the spec and the run chosen to stand for it (None when none can: see :func:`choose`)."""
 
     variant: str
     run_dir: Path | None
     seed: int | None = None
     val: float | None = None
+    # seeds finished but without best.pt here (checkpoints are not in git): the run stands in for a better one,
+    # or with run_dir None, no run can
+    no_weights: tuple[int, ...] = ()
 
 
 def choose(spec: Spec, store: RunStore) -> list[Rung]:
-    """Per variant, the finished current run with the best validation metric (ties: lower seed)."""
+    """Per variant, the finished current run with the best validation metric (ties: lower seed) among those whose
+    best.pt is on this machine.  A clone has the records but not the checkpoints, and a rung's cost (parameters,
+    FLOPs, latency) is its network's, the same for every seed: only the INT8 metric and the parity are the seed's."""
     metric, out = TASKS[spec.task].metrics[0], []
     for v in spec.variants:
         done = [(r, res) for r in spec.runs([v.name]) if (res := store.result(r)) is not None]
-        done = [(r, res) for r, res in done if isinstance(res.val_best, (int, float))]
-        if not done:
-            out.append(Rung(v.name, None))
+        done = sorted(
+            ((r, res) for r, res in done if isinstance(res.val_best, (int, float))),
+            key=lambda d: (metric.rank(d[1].val_best), d[0].seed),
+        )
+        missing = tuple(r.seed for r, _ in done if not (store.path(r) / "best.pt").exists())
+        usable = [(r, res) for r, res in done if r.seed not in missing]
+        if not usable:
+            out.append(Rung(v.name, None, no_weights=missing))
             continue
-        run, res = min(done, key=lambda d: (metric.rank(d[1].val_best), d[0].seed))
-        out.append(Rung(v.name, store.path(run), run.seed, float(res.val_best)))
+        run, res = usable[0]
+        out.append(Rung(v.name, store.path(run), run.seed, float(res.val_best), missing))
     return out
 
 
@@ -188,8 +200,13 @@ def measure_rungs(
     records: dict[str, dict[str, Any]] = {}
     status = 0
     for rung in rungs:
+        if rung.no_weights:
+            seeds = ", ".join(map(str, rung.no_weights))
+            standing = f"seed {rung.seed} stands for it" if rung.run_dir else "no cost columns"
+            log.warning(f"{spec.group} {rung.variant}: seeds {seeds} have no best.pt here: {standing}")
         if rung.run_dir is None:
-            log.info(f"{spec.group} {rung.variant}: not run (no finished run of the spec as written)")
+            if not rung.no_weights:
+                log.info(f"{spec.group} {rung.variant}: not run (no finished run of the spec as written)")
             continue
         try:
             ex, reused = export_rung(rung, out_dir, results, data_root, force)
@@ -226,7 +243,8 @@ def measure_rungs(
         "gpu": device_name(torch.device("cuda")) if cuda else None,
         "load_avg_1m": f"{load0:.2f}-{os.getloadavg()[0]:.2f}",
         "commit": files.git_commit(),
-        "not_run": [r.variant for r in rungs if r.run_dir is None],
+        "not_run": [r.variant for r in rungs if r.run_dir is None and not r.no_weights],
+        "no_weights": {r.variant: list(r.no_weights) for r in rungs if r.no_weights},  # finished seeds without best.pt
         "rungs": records,
     }
     store.write_costs(spec.group, doc)

@@ -158,6 +158,35 @@ def test_rungs_costs_not_run_reuse_and_summary(tmp_path, data_root, capsys):
     assert third["rungs"]["a"]["export_reused"] and not third["rungs"]["b"]["export_reused"]
 
 
+def test_rungs_without_the_best_seed_s_checkpoint(tmp_path, data_root, capsys):
+    """A clone has records but not checkpoints: the best seed that has a best.pt stands for the rung, and a rung with
+    none keeps empty cost cells; both are said in the log, costs.json and the table's legend."""
+    spec_path = write_spec(
+        tmp_path / "w.yaml",
+        base=MNIST_BASE,
+        seeds=[0, 1],
+        variants=[{"name": "a"}, {"name": "b", "set": {"model.hidden": 64}}],
+    )
+    spec = load_spec(spec_path)
+    res = tmp_path / "results"
+    train(spec, res, data_root)
+    store = RunStore(res)
+    vals = {r.seed: store.result(r).val_best for r in spec.runs(["a"])}
+    best, other = sorted(vals, key=lambda k: (-vals[k], k))
+    for gone in (f"a/seed-{best}", "b/seed-0", "b/seed-1"):
+        (res / "runs/w" / gone / "best.pt").unlink()
+    args = ["rungs", str(spec_path), "--results", str(res), "--data-root", str(data_root), "--repeats", "10"]
+    assert ox.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"w a: seeds {best} have no best.pt here: seed {other} stands for it" in err
+    assert "w b: seeds 0, 1 have no best.pt here: no cost columns" in err
+    costs = json.loads((res / "runs/w/costs.json").read_text())
+    assert set(costs["rungs"]) == {"a"} and costs["rungs"]["a"]["seed"] == other
+    assert costs["no_weights"] == {"a": [best], "b": [0, 1]} and costs["not_run"] == []
+    text = (res / "summary.md").read_text()
+    assert f"another seed stands for a (seed {other}); none for b (–)" in text
+
+
 def test_rungs_of_a_spec_without_runs_is_an_error(tmp_path, capsys):
     spec_path = write_spec(tmp_path / "none.yaml", base=MNIST_BASE)
     assert ox.main(["rungs", str(spec_path), "--results", str(tmp_path / "results")]) == 2
