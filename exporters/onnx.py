@@ -12,7 +12,8 @@ model: its ``deployment.md`` is embedded in ``results/summary.md``.  Any other e
 ``best`` picks, per task, among the finished runs of the *published* groups (a spec and
 profile as written; ``--groups`` names others, e.g. an ad-hoc experiment, explicitly) the
 run with the best validation metric (``val_best`` in result.json: the highest, or the lowest for a metric where
-lower is better; the test set never chooses); ties go to the run with fewer parameters, then to one whose test metric used no
+lower is better; the test set never chooses); ties go to the run whose rung (its variant's finished seeds) has the better mean
+validation metric, as the summary's ★ is chosen, then to fewer parameters, then to one whose test metric used no
 TTA (its graph is one forward pass instead of 8), then to the first run folder in
 alphabetical order.  A run whose test metric used TTA is exported as the TTA graph (the
 shipped file computes the metric that was reported) unless ``--no-tta``; ``--tta`` exports
@@ -30,6 +31,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import bench.log
 from bench import ensemble, files
@@ -60,9 +63,11 @@ class Candidate:
     val: float
     params: int
     tta: bool
+    rung_val: float = math.nan  # the mean validation metric of the run's rung (its variant's finished seeds)
 
-    def rank(self) -> tuple[float, int, bool, str]:
-        return (TASKS[self.task].metrics[0].rank(self.val), self.params, self.tta, str(self.run_dir))
+    def rank(self) -> tuple[float, float, int, bool, str]:
+        metric = TASKS[self.task].metrics[0]
+        return (metric.rank(self.val), metric.rank(self.rung_val), self.params, self.tta, str(self.run_dir))
 
 
 def finished_runs(results_dir: str | Path, groups: list[str] | None = None) -> list[Candidate]:
@@ -72,11 +77,15 @@ def finished_runs(results_dir: str | Path, groups: list[str] | None = None) -> l
     out = []
     for group in groups if groups is not None else store.groups("published"):
         meta = store.read_group(group)
+        mine = []
         for run in store.finished(group):
             val = run.result.val_best
             if isinstance(val, (int, float)) and math.isfinite(val):
                 tta = bool(files.read_json(run.dir / "config.json")["config"].get("eval", {}).get("tta"))
-                out.append(Candidate(run.dir, meta.task, float(val), int(run.result.params or 0), tta))
+                mine.append(Candidate(run.dir, meta.task, float(val), int(run.result.params or 0), tta))
+        for c in mine:  # the run's rung: its variant folder
+            c.rung_val = float(np.mean([o.val for o in mine if o.run_dir.parent == c.run_dir.parent]))
+        out += mine
     return out
 
 

@@ -173,8 +173,8 @@ def _fake_run(src: Path, dst: Path, val: float, test: float, params: int | None 
 
 def test_best_is_chosen_by_validation_among_published_runs(runs, tmp_path, capsys):
     res = tmp_path / "results"
-    variants = ["high-val", "high-test", "tie-bigger", "superseded", "unfinished"]
-    path = write_spec(tmp_path / "g.yaml", base=MNIST_BASE, variants=[{"name": v} for v in variants])
+    variants = ["high-val", "high-test", "tie-bigger", "superseded", "unfinished", "a-tie-worse-rung"]
+    path = write_spec(tmp_path / "g.yaml", base=MNIST_BASE, variants=[{"name": v} for v in variants], seeds=[0, 1])
     RunStore(res).write_group(load_spec(path))  # every variant has tm's config, so tm's run is current in each
     g = res / "runs" / "g"
     _fake_run(runs["mnist"], g / "high-val" / "seed-0", val=0.95, test=0.50)
@@ -183,6 +183,10 @@ def test_best_is_chosen_by_validation_among_published_runs(runs, tmp_path, capsy
     _fake_run(runs["mnist"], g / "superseded" / "seed-0.superseded-abc", val=0.99, test=0.99)
     _fake_run(runs["mnist"], g / "unfinished" / "seed-0", val=0.99, test=0.99)
     (g / "unfinished" / "seed-0" / "result.json").unlink()
+    # the same validation metric and size as high-val, a folder first in alphabetical order, but a worse rung mean
+    _fake_run(runs["mnist"], g / "a-tie-worse-rung" / "seed-0", val=0.95, test=0.99)
+    key1 = next(r.key for r in load_spec(path).runs(["a-tie-worse-rung"]) if r.seed == 1)
+    _fake_run(runs["mnist"], g / "a-tie-worse-rung" / "seed-1", val=0.80, test=0.99, key=key1)
     # an ad-hoc experiment (a --set override) with the best validation score of all
     adhoc = place_in_group(load_spec(path, overrides=["optim.lr=0.01"]), load_spec(path))
     RunStore(res).write_group(adhoc)
@@ -190,7 +194,7 @@ def test_best_is_chosen_by_validation_among_published_runs(runs, tmp_path, capsy
         runs["mnist"], res / "runs" / adhoc.group / "high-val" / "seed-0", val=0.999, test=0.3, key=adhoc.runs()[0].key
     )
     cands = ox.finished_runs(res)
-    assert len(cands) == 3 and ox.pick_best(cands, "warwick") is None
+    assert len(cands) == 5 and ox.pick_best(cands, "warwick") is None
     assert ox.pick_best(cands, "mnist").run_dir == g / "high-val" / "seed-0"  # not the ad-hoc run
     assert ox.pick_best(ox.finished_runs(res, [adhoc.group]), "mnist").val == 0.999  # only when asked for
 
