@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +34,17 @@ from pathlib import Path
 import numpy as np
 
 import bench.log
-from bench import ensemble, files
+from bench import files
 from bench.config import ConfigError
-from bench.runner import RETRAINED, RunOptions, checkpoint_of, resolve_data_root, retrained_checkpoint, retrained_dir
 from bench.spec import load_spec, resolve_spec_path
-from bench.stats import format_duration
-from bench.store import RunStore, StoredRun
+from bench.store import RunStore
 from bench.summary import write_summary
 from bench.tasks import TASKS
 from bench.tasks.base import DataError
 from exporters import benchmark as bm
 from exporters import report
 from exporters import tracking as mlflow_tracking
+from exporters.checkpoints import check_retraining, with_checkpoint
 from exporters.export import Exported, ExportError, export_run, results_dir_of
 from exporters.parity import ParityError, gap_text
 from exporters.rungs import measure_rungs
@@ -160,7 +158,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--retrain",
         action="store_true",
         help="train a chosen run whose best.pt is not here again from its record, into <results>/retrained (records "
-        "come from git, checkpoints do not); without it, such an export stops first and says what the training costs",
+        "come from git, checkpoints do not); without it, such an export stops first and says what the training costs "
+        "(`rungs`: another seed with weights stands for the rung, or its cost columns stay empty)",
     )
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 (static, QDQ) and benchmark it")
     p.add_argument("--no-bench", action="store_true", help="export and verify only; no latency benchmark")
@@ -229,79 +228,6 @@ def choose_runs(args: argparse.Namespace) -> tuple[Path, list[Path], bool]:
     published = args.groups is None or all(store.read_group(g).role == "published" for g in args.groups)
     check_retraining([c.run_dir for _, c in chosen if c is not None], results, args.retrain)
     return results, [with_checkpoint(c.run_dir, results, args.data_root) for _, c in chosen if c is not None], published
-
-
-def check_retraining(run_dirs: list[Path], results: Path, allowed: bool) -> None:
-    """Before any training: the runs that exporting ``run_dirs`` must train again (no best.pt here, no re-trained copy)
-    and what their records say that cost; ConfigError unless ``allowed`` (--retrain), a note otherwise."""
-    todo = [s for rd in run_dirs for s in untrained_here(rd, results)]
-    if not todo:
-        return
-    listed = "; ".join(
-        f"{s.dir} ({format_duration(s.result.train_time_s or 0)} on {s.result.device_name or 'an unknown machine'})"
-        for s in todo
-    )
-    what = f"training {len(todo)} run{'s' if len(todo) > 1 else ''} again from the record"
-    if not allowed:
-        raise ConfigError(
-            f"no best.pt here (checkpoints are not in git): this export means {what}, about as long as the "
-            f"recorded training: {listed}. Add --retrain to do that (into {results / RETRAINED}), or export a run "
-            f"trained here"
-        )
-    bench.log.note(log, f"--retrain: {what}; recorded training: {listed}")
-
-
-def _stored(run_dir: Path, results: Path) -> StoredRun:
-    """The finished run of ``results`` in ``run_dir``; ConfigError when it is none."""
-    store = RunStore(results)
-    group = run_dir.parent.parent.name
-    stored = next((r for r in store.finished(group) if r.dir.resolve() == run_dir.resolve()), None)
-    if stored is None:
-        raise ConfigError(
-            f"{run_dir}: not a finished run of {store.root} (no best.pt to export, no record to re-train)"
-        )
-    return stored
-
-
-def untrained_here(run_dir: Path, results: Path) -> list[StoredRun]:
-    """The runs :func:`with_checkpoint` would train to export ``run_dir``: none when its best.pt is here; for a seed
-    ensemble, its members that lack theirs; else the run itself unless an earlier re-trained copy serves."""
-    if (run_dir / "best.pt").exists():
-        return []
-    stored = _stored(run_dir, results)
-    if "members" in stored.result.extra:
-        members = [run_dir.parent.parent / m["run"] for m in stored.result.extra["members"]]
-        return [s for m in members for s in untrained_here(m, results)]
-    return [] if retrained_checkpoint(stored, results) is not None else [stored]
-
-
-def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path:
-    """``run_dir`` when it holds its best.pt; else the same run trained again from its record (config, seed, thread
-    count) into ``<results>/retrained``, once, and that folder (``bench.runner.checkpoint_of``): records come from
-    git, checkpoints do not.  A seed ensemble's best.pt is rebuilt there from its members' (each found so)."""
-    if (run_dir / "best.pt").exists():
-        return run_dir
-    stored = _stored(run_dir, results)
-    if "members" in stored.result.extra:  # a seed ensemble: its members' checkpoints (re-trained where missing)
-        done = retrained_dir(results, run_dir)
-        members = [
-            with_checkpoint(run_dir.parent.parent / m["run"], results, data_root)
-            for m in stored.result.extra["members"]
-        ]
-        saved = files.read_json(run_dir / "config.json")
-        ensemble.write_checkpoint(
-            done,
-            stored.key,
-            saved["config"],
-            saved["data_info"],
-            members,
-            [m["key"] for m in stored.result.extra["members"]],
-        )
-        for name in ("config.json", "result.json"):
-            shutil.copyfile(run_dir / name, done / name)
-        return done
-    opts = RunOptions(resolve_data_root(data_root)[0])
-    return checkpoint_of(stored, results, opts, data_root, "export it", "exporting")
 
 
 def export_all(
@@ -397,7 +323,7 @@ def rungs_main(args: argparse.Namespace, argv: list[str] | None) -> int:
                 f"python -m bench run {args.spec}" + (f" --profile {args.profile}" if args.profile else "")
             )
         doc, status = measure_rungs(
-            spec, results, args.data_root, args.int8, args.threads or 1, args.repeats, args.force, command
+            spec, results, args.data_root, args.int8, args.threads or 1, args.repeats, args.force, command, args.retrain
         )
     except (ConfigError, DataError, OSError, ValueError) as e:
         log.error(str(e))

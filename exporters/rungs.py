@@ -36,14 +36,16 @@ import onnxruntime as ort
 import torch
 
 from bench import files
+from bench.runner import retrained_checkpoint
 from bench.spec import Spec, slug
-from bench.store import LoadedRun, RunStore
+from bench.store import LoadedRun, RunStore, StoredRun
 from bench.tasks import TASKS
 from bench.train import device_name
 from exporters import export as export_module
 from exporters import metadata as metadata_module
 from exporters import parity as parity_module
 from exporters.benchmark import add_int8, time_calls
+from exporters.checkpoints import check_retraining, with_checkpoint
 from exporters.export import OPSET, Exported, export_run, load_exported, source_of
 from exporters.runtime import provider_session, timed_providers
 
@@ -62,15 +64,22 @@ class Rung:
     run_dir: Path | None
     seed: int | None = None
     val: float | None = None
-    # seeds finished but without best.pt here (checkpoints are not in git): the run stands in for a better one,
-    # or with run_dir None, no run can
+    # seeds finished but without weights here (checkpoints are not in git)
     no_weights: tuple[int, ...] = ()
+    best_seed: int | None = None  # the seed with the best validation metric, weights or not
+
+    @property
+    def stand_in(self) -> bool:
+        """Whether another seed than the best, or none, stands for the rung: its best seed has no weights here."""
+        return self.best_seed is not None and self.seed != self.best_seed
 
 
-def choose(spec: Spec, store: RunStore) -> list[Rung]:
+def choose(spec: Spec, store: RunStore, retrain: bool = False) -> list[Rung]:
     """Per variant, the finished current run with the best validation metric (ties: lower seed) among those whose
-    best.pt is on this machine.  A clone has the records but not the checkpoints, and a rung's cost (parameters,
-    FLOPs, latency) is its network's, the same for every seed: only the INT8 metric and the parity are the seed's."""
+    weights are here: its best.pt, or a copy trained again earlier into ``<results>/retrained``
+    (:mod:`exporters.checkpoints`).  A clone has the records but not the checkpoints, and a rung's cost (parameters,
+    FLOPs, latency) is its network's, the same for every seed: only the INT8 metric and the parity are the seed's.
+    With ``retrain`` the best run stands for its rung whether or not its weights are here (it is trained again)."""
     metric, out = TASKS[spec.task].metrics[0], []
     for v in spec.variants:
         done = [(r, res) for r in spec.runs([v.name]) if (res := store.result(r)) is not None]
@@ -78,14 +87,20 @@ def choose(spec: Spec, store: RunStore) -> list[Rung]:
             ((r, res) for r, res in done if isinstance(res.val_best, (int, float))),
             key=lambda d: (metric.rank(d[1].val_best), d[0].seed),
         )
-        missing = tuple(r.seed for r, _ in done if not (store.path(r) / "best.pt").exists())
-        usable = [(r, res) for r, res in done if r.seed not in missing]
+        stored = [StoredRun(spec.group, v.name, r.seed, r.key, store.path(r), res) for r, res in done]
+        missing = tuple(s.seed for s in stored if not _has_weights(s, store))
+        usable = stored if retrain else [s for s in stored if s.seed not in missing]
+        first = stored[0].seed if stored else None
         if not usable:
-            out.append(Rung(v.name, None, no_weights=missing))
+            out.append(Rung(v.name, None, no_weights=missing, best_seed=first))
             continue
-        run, res = usable[0]
-        out.append(Rung(v.name, store.path(run), run.seed, float(res.val_best), missing))
+        best = usable[0]
+        out.append(Rung(v.name, best.dir, best.seed, float(best.result.val_best), missing, first))
     return out
+
+
+def _has_weights(run: StoredRun, store: RunStore) -> bool:
+    return (run.dir / "best.pt").exists() or retrained_checkpoint(run, store.results) is not None
 
 
 def fingerprint(run: LoadedRun, tta: bool) -> str:
@@ -188,27 +203,32 @@ def measure_rungs(
     repeats: int | None = None,
     force: bool = False,
     command: str = "",
+    retrain: bool = False,
 ) -> tuple[dict[str, Any], int]:
     """Export (or reuse) every rung's best run, time them together and write ``runs/<group>/costs.json``.
+    ``retrain``: a rung's best run whose weights are not here is trained again from its record first.
 
     Returns (the costs document, exit status: 0, or 1 when an export failed its check or parity).  Raises
     ConfigError (usage, data) before anything is written."""
     store = RunStore(results)
-    rungs = choose(spec, store)
+    rungs = choose(spec, store, retrain)
+    if retrain:
+        check_retraining([r.run_dir for r in rungs if r.run_dir is not None], results, True)
     out_dir = results / "onnx" / "rungs" / spec.group
     exports: dict[str, Exported] = {}
     records: dict[str, dict[str, Any]] = {}
     status = 0
     for rung in rungs:
-        if rung.no_weights:
+        if rung.stand_in:
             seeds = ", ".join(map(str, rung.no_weights))
-            standing = f"seed {rung.seed} stands for it" if rung.run_dir else "no cost columns"
+            standing = f"seed {rung.seed} stands for it" if rung.run_dir else "no cost columns (--retrain trains one)"
             log.warning(f"{spec.group} {rung.variant}: seeds {seeds} have no best.pt here: {standing}")
         if rung.run_dir is None:
             if not rung.no_weights:
                 log.info(f"{spec.group} {rung.variant}: not run (no finished run of the spec as written)")
             continue
         try:
+            rung.run_dir = with_checkpoint(rung.run_dir, results, data_root)  # trains only with retrain
             ex, reused = export_rung(rung, out_dir, results, data_root, force)
         except (parity_module.ParityError, export_module.ExportError) as e:
             log.error(f"{rung.variant}: {e}")
@@ -244,7 +264,8 @@ def measure_rungs(
         "load_avg_1m": f"{load0:.2f}-{os.getloadavg()[0]:.2f}",
         "commit": files.git_commit(),
         "not_run": [r.variant for r in rungs if r.run_dir is None and not r.no_weights],
-        "no_weights": {r.variant: list(r.no_weights) for r in rungs if r.no_weights},  # finished seeds without best.pt
+        # the rungs whose best seed has no weights here: {variant: the seeds without}; another seed, or none, stands in
+        "no_weights": {r.variant: list(r.no_weights) for r in rungs if r.stand_in},
         "rungs": records,
     }
     store.write_costs(spec.group, doc)

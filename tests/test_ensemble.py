@@ -21,6 +21,7 @@ from bench.spec import load_spec
 from bench.store import RunStore, load_run
 from bench.tables import DELTA, group_tables
 from exporters import onnx as ox
+from exporters.checkpoints import with_checkpoint
 from exporters.export import count_flops, graph_module
 from tests.helpers import write_spec
 
@@ -220,7 +221,7 @@ def test_an_ensemble_without_its_checkpoint_is_rebuilt_from_its_members(trained,
     spec, store = trained["spec"], RunStore(results)
     run = spec.runs(["ens"])[0]
     (store.path(run) / "best.pt").unlink()
-    done = ox.with_checkpoint(store.path(run), results, str(trained["root"]))
+    done = with_checkpoint(store.path(run), results, str(trained["root"]))
     assert (
         done == results / RETRAINED / store.path(run).relative_to(results)
         and not (store.path(run) / "best.pt").exists()

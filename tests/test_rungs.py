@@ -185,6 +185,14 @@ def test_rungs_without_the_best_seed_s_checkpoint(tmp_path, data_root, capsys):
     assert costs["no_weights"] == {"a": [best], "b": [0, 1]} and costs["not_run"] == []
     text = (res / "summary.md").read_text()
     assert f"another seed stands for a (seed {other}); none for b (–)" in text
+    # --retrain: each rung's best seed is trained again from its record into <results>/retrained and stands for it
+    assert ox.main([*args, "--retrain"]) == 0
+    assert "--retrain: training 2 runs again" in capsys.readouterr().err
+    costs = json.loads((res / "runs/w/costs.json").read_text())
+    assert costs["rungs"]["a"]["seed"] == best and costs["rungs"]["b"]["seed"] == 0 and costs["no_weights"] == {}
+    assert costs["rungs"]["a"]["run"] == f"retrained/runs/w/a/seed-{best}"
+    assert "another seed stands" not in (res / "summary.md").read_text()
+    assert ox.main(args) == 0 and "have no best.pt" not in capsys.readouterr().err  # the copies serve from now on
 
 
 def test_rungs_of_a_spec_without_runs_is_an_error(tmp_path, capsys):
