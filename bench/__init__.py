@@ -11,3 +11,30 @@ def usable_cores() -> int:
     """The CPU cores this process may run on: its affinity mask, which Slurm's ``--cpus-per-task``, ``taskset`` and
     a pinned container set (``os.cpu_count()`` counts the machine's cores, owned or not)."""
     return len(os.sched_getaffinity(0))
+
+
+def honour_nice(autogroup: str = "/proc/self/autogroup") -> int | None:
+    """Make ``nice -n N`` mean "after the foreground work" under Linux's autogroup scheduling; returns the niceness
+    given to this process's session group, or None when nothing was changed.
+
+    With ``kernel.sched_autogroup_enabled`` (the default of most distributions) the scheduler first shares the CPU
+    between sessions, each as one unit, and a process's own niceness orders it only within its session.  A grid
+    started in a session of its own (``setsid``, ``nohup`` from a script, a service) therefore takes half the cores
+    from an interactive run however nice it is: a 2-thread run was 3.6x slower beside a nice-19 grid (docs/speed.md).
+    The session group's niceness is what orders sessions, so a niced process without a controlling terminal (a
+    background session: no interactive work shares its group) gives its group its own niceness.  With a terminal
+    nothing changes: there the foreground jobs share the session, and niceness already orders them."""
+    nice = os.nice(0)
+    if nice <= 0 or not os.path.exists(autogroup):
+        return None
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY))
+        return None  # a controlling terminal: an interactive session
+    except OSError:
+        pass
+    try:
+        with open(autogroup, "w") as f:
+            f.write(str(nice))
+    except OSError:
+        return None
+    return nice

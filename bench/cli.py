@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 import bench.log
-from bench import __version__, usable_cores
+from bench import __version__, honour_nice, usable_cores
 from bench.log import first_line, note
 
 if typing.TYPE_CHECKING:  # the hints only: the command line imports what a command needs when it runs
@@ -724,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         return predict_main(argv[lead + 1 :])
     args = _parse_args(argv)
     bench.log.setup(args.verbosity)
+    if (nice := honour_nice()) is not None:  # `nice -n 19` in a background session: after foreground work
+        note(log, f"nice {nice} in a background session: its scheduling group (Linux autogroup) got nice {nice} too")
     handlers = {
         "run": cmd_run,
         "tune": cmd_tune,

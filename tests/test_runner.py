@@ -307,3 +307,27 @@ def test_a_real_full_file_system_stops_the_grid(data_root, tmp_path):
         assert "Traceback" not in out and not (mnt / "r" / "runs" / "t" / "a" / "seed-1").exists()
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_niced_background_session_gives_its_scheduling_group_its_niceness(tmp_path, monkeypatch):
+    """Linux autogroup: a niced process without a terminal writes its niceness to its session group (a file here);
+    with a terminal, or not niced, or without autogroup, nothing is written."""
+    import bench
+
+    group = tmp_path / "autogroup"
+    group.write_text("/autogroup-7 nice 0\n")
+    real_open = os.open
+
+    def no_tty(path, flags, *a):
+        if path == "/dev/tty":
+            raise OSError(6, "No such device or address")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "nice", lambda inc: 0)
+    assert bench.honour_nice(str(group)) is None and group.read_text().startswith("/autogroup-7")
+    monkeypatch.setattr(os, "nice", lambda inc: 19)
+    assert bench.honour_nice(str(tmp_path / "none")) is None  # no autogroup scheduling
+    monkeypatch.setattr(os, "open", lambda path, flags, *a: real_open(os.devnull, flags) if path == "/dev/tty" else 0)
+    assert bench.honour_nice(str(group)) is None and group.read_text().startswith("/autogroup-7")  # a terminal
+    monkeypatch.setattr(os, "open", no_tty)
+    assert bench.honour_nice(str(group)) == 19 and group.read_text() == "19"
