@@ -36,6 +36,7 @@ import onnxruntime as ort
 import torch
 
 from bench import files
+from bench.config import ConfigError
 from bench.runner import retrained_checkpoint
 from bench.spec import Spec, slug
 from bench.store import LoadedRun, RunStore, StoredRun
@@ -212,6 +213,14 @@ def measure_rungs(
     ConfigError (usage, data) before anything is written."""
     store = RunStore(results)
     rungs = choose(spec, store, retrain)
+    old = store.read_costs(spec.group) or {}
+    lost = [r.variant for r in rungs if r.run_dir is None and r.variant in old.get("rungs", {})]
+    if lost:  # the costs are timed together: a new costs.json without them would drop their measured columns
+        raise ConfigError(
+            f"{store.root / spec.group / 'costs.json'} holds the costs of {', '.join(lost)} (measured "
+            f"{old.get('measured', '?')[:16]}), but none of their seeds has its weights here (checkpoints are not in "
+            f"git): --retrain trains their best seeds again; or move costs.json away to measure the rungs without them"
+        )
     if retrain:
         check_retraining([r.run_dir for r in rungs if r.run_dir is not None], results, True)
     out_dir = results / "onnx" / "rungs" / spec.group

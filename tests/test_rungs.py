@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,11 @@ def test_rungs_without_the_best_seed_s_checkpoint(tmp_path, data_root, capsys):
     assert costs["rungs"]["a"]["run"] == f"retrained/runs/w/a/seed-{best}"
     assert "another seed stands" not in (res / "summary.md").read_text()
     assert ox.main(args) == 0 and "have no best.pt" not in capsys.readouterr().err  # the copies serve from now on
+    # without b's weights, a new measurement would drop b's columns from costs.json: an error, nothing written
+    shutil.rmtree(res / "retrained/runs/w/b")
+    assert ox.main(args) == 2
+    assert "holds the costs of b (measured" in capsys.readouterr().err
+    assert json.loads((res / "runs/w/costs.json").read_text())["rungs"].keys() == {"a", "b"}
 
 
 def test_rungs_of_a_spec_without_runs_is_an_error(tmp_path, capsys):
