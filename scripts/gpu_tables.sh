@@ -23,6 +23,6 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee
 step python -m bench run ablations/mnist.yaml --no-progress
 step python -m bench run ablations/warwick.yaml --no-progress
 step python -m exporters.onnx best --int8 --retrain  # a run from git (no best.pt) trains again here
-step python -m exporters.onnx rungs ablations/mnist.yaml --int8     # every rung's cost; CUDA provider too
-step python -m exporters.onnx rungs ablations/warwick.yaml --int8
+step python -m exporters.onnx rungs ablations/mnist.yaml --int8 --retrain    # every rung's cost; CUDA provider too
+step python -m exporters.onnx rungs ablations/warwick.yaml --int8 --retrain
 step "${perf[@]}"
