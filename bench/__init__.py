@@ -19,22 +19,26 @@ def honour_nice(autogroup: str = "/proc/self/autogroup") -> int | None:
 
     With ``kernel.sched_autogroup_enabled`` (the default of most distributions) the scheduler first shares the CPU
     between sessions, each as one unit, and a process's own niceness orders it only within its session.  A grid
-    started in a session of its own (``setsid``, ``nohup`` from a script, a service) therefore takes half the cores
-    from an interactive run however nice it is: a 2-thread run was 3.6x slower beside a nice-19 grid (docs/speed.md).
-    The session group's niceness is what orders sessions, so a niced process without a controlling terminal (a
-    background session: no interactive work shares its group) gives its group its own niceness.  With a terminal
-    nothing changes: there the foreground jobs share the session, and niceness already orders them."""
+    started in a session of its own (``setsid``, a service) therefore takes half the cores from the foreground
+    however nice it is: a 2-thread run was 3.6x slower beside a nice-19 grid (docs/speed.md).  The session group's
+    niceness orders sessions, and it applies to every process of the session (for as long as the session lives),
+    so it is changed only when the session is this command's alone: this process leads it (``setsid nice -n 19
+    python -m bench ...``) and has no terminal.  Anywhere else (a terminal, a shell that goes on to run other work)
+    nothing changes."""
     nice = os.nice(0)
-    if nice <= 0 or not os.path.exists(autogroup):
+    if nice <= 0 or os.getsid(0) != os.getpid() or not os.path.exists(autogroup) or _has_terminal():
         return None
-    try:
-        os.close(os.open("/dev/tty", os.O_RDONLY))
-        return None  # a controlling terminal: an interactive session
-    except OSError:
-        pass
     try:
         with open(autogroup, "w") as f:
             f.write(str(nice))
     except OSError:
         return None
     return nice
+
+
+def _has_terminal() -> bool:
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY))
+        return True
+    except OSError:
+        return False

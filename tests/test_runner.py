@@ -309,25 +309,32 @@ def test_a_real_full_file_system_stops_the_grid(data_root, tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_a_niced_background_session_gives_its_scheduling_group_its_niceness(tmp_path, monkeypatch):
-    """Linux autogroup: a niced process without a terminal writes its niceness to its session group (a file here);
-    with a terminal, or not niced, or without autogroup, nothing is written."""
+def test_a_niced_session_leader_gives_its_scheduling_group_its_niceness(tmp_path, monkeypatch):
+    """Linux autogroup (the group's file made up here): a niced process that leads its session and has no terminal
+    writes its niceness to its session group; with a terminal, in another's session (a shell that goes on to run
+    other work), without niceness or without autogroup, nothing is written."""
     import bench
 
     group = tmp_path / "autogroup"
     group.write_text("/autogroup-7 nice 0\n")
     real_open = os.open
+    state = {"tty": False, "leader": True}
 
-    def no_tty(path, flags, *a):
-        if path == "/dev/tty":
+    def fake_open(path, flags, *a):
+        if path == "/dev/tty" and not state["tty"]:
             raise OSError(6, "No such device or address")
-        return real_open(path, flags, *a)
+        return real_open(os.devnull if path == "/dev/tty" else path, flags, *a)
 
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "getsid", lambda pid: os.getpid() if state["leader"] else os.getpid() + 1)
     monkeypatch.setattr(os, "nice", lambda inc: 0)
-    assert bench.honour_nice(str(group)) is None and group.read_text().startswith("/autogroup-7")
+    assert bench.honour_nice(str(group)) is None  # not niced
     monkeypatch.setattr(os, "nice", lambda inc: 19)
     assert bench.honour_nice(str(tmp_path / "none")) is None  # no autogroup scheduling
-    monkeypatch.setattr(os, "open", lambda path, flags, *a: real_open(os.devnull, flags) if path == "/dev/tty" else 0)
-    assert bench.honour_nice(str(group)) is None and group.read_text().startswith("/autogroup-7")  # a terminal
-    monkeypatch.setattr(os, "open", no_tty)
+    state["tty"] = True
+    assert bench.honour_nice(str(group)) is None  # a terminal's session
+    state["tty"], state["leader"] = False, False
+    assert bench.honour_nice(str(group)) is None  # a session that another process leads
+    assert group.read_text().startswith("/autogroup-7")
+    state["leader"] = True
     assert bench.honour_nice(str(group)) == 19 and group.read_text() == "19"
