@@ -58,6 +58,7 @@ LAYERS = [
         "exporters.inputs",
         "exporters.parity",
         "exporters.export",
+        "exporters.checkpoints",
         "exporters.benchmark",
         "exporters.report",
         "exporters.rungs",
