@@ -37,7 +37,6 @@ import torch
 
 from bench import files
 from bench.config import ConfigError
-from bench.runner import retrained_checkpoint
 from bench.spec import Spec, slug
 from bench.store import LoadedRun, RunStore, StoredRun
 from bench.tasks import TASKS
@@ -46,7 +45,7 @@ from exporters import export as export_module
 from exporters import metadata as metadata_module
 from exporters import parity as parity_module
 from exporters.benchmark import add_int8, time_calls
-from exporters.checkpoints import check_retraining, with_checkpoint
+from exporters.checkpoints import check_retraining, untrained_here, with_checkpoint
 from exporters.export import OPSET, Exported, export_run, load_exported, source_of
 from exporters.runtime import provider_session, timed_providers
 
@@ -77,10 +76,11 @@ class Rung:
 
 def choose(spec: Spec, store: RunStore, retrain: bool = False) -> list[Rung]:
     """Per variant, the finished current run with the best validation metric (ties: lower seed) among those whose
-    weights are here: its best.pt, or a copy trained again earlier into ``<results>/retrained``
-    (:mod:`exporters.checkpoints`).  A clone has the records but not the checkpoints, and a rung's cost (parameters,
-    FLOPs, latency) is its network's, the same for every seed: only the INT8 metric and the parity are the seed's.
-    With ``retrain`` the best run stands for its rung whether or not its weights are here (it is trained again)."""
+    weights are here (:func:`exporters.checkpoints.untrained_here`: its best.pt, a copy trained again earlier into
+    ``<results>/retrained``, or for a seed ensemble its members').  A clone has the records but not the checkpoints,
+    and a rung's cost (parameters, FLOPs, latency) is its network's, the same for every seed: only the INT8 metric
+    and the parity are the seed's.  With ``retrain`` the best run stands for its rung whether or not its weights are
+    here (it is trained again)."""
     metric, out = TASKS[spec.task].metrics[0], []
     for v in spec.variants:
         done = [(r, res) for r in spec.runs([v.name]) if (res := store.result(r)) is not None]
@@ -89,7 +89,7 @@ def choose(spec: Spec, store: RunStore, retrain: bool = False) -> list[Rung]:
             key=lambda d: (metric.rank(d[1].val_best), d[0].seed),
         )
         stored = [StoredRun(spec.group, v.name, r.seed, r.key, store.path(r), res) for r, res in done]
-        missing = tuple(s.seed for s in stored if not _has_weights(s, store))
+        missing = tuple(s.seed for s in stored if untrained_here(s.dir, store.results))
         usable = stored if retrain else [s for s in stored if s.seed not in missing]
         first = stored[0].seed if stored else None
         if not usable:
@@ -98,10 +98,6 @@ def choose(spec: Spec, store: RunStore, retrain: bool = False) -> list[Rung]:
         best = usable[0]
         out.append(Rung(v.name, best.dir, best.seed, float(best.result.val_best), missing, first))
     return out
-
-
-def _has_weights(run: StoredRun, store: RunStore) -> bool:
-    return (run.dir / "best.pt").exists() or retrained_checkpoint(run, store.results) is not None
 
 
 def fingerprint(run: LoadedRun, tta: bool) -> str:
@@ -233,7 +229,7 @@ def measure_rungs(
             standing = f"seed {rung.seed} stands for it" if rung.run_dir else "no cost columns (--retrain trains one)"
             log.warning(f"{spec.group} {rung.variant}: seeds {seeds} have no best.pt here: {standing}")
         if rung.run_dir is None:
-            if not rung.no_weights:
+            if rung.best_seed is None:
                 log.info(f"{spec.group} {rung.variant}: not run (no finished run of the spec as written)")
             continue
         try:
@@ -272,7 +268,7 @@ def measure_rungs(
         "gpu": device_name(torch.device("cuda")) if cuda else None,
         "load_avg_1m": f"{load0:.2f}-{os.getloadavg()[0]:.2f}",
         "commit": files.git_commit(),
-        "not_run": [r.variant for r in rungs if r.run_dir is None and not r.no_weights],
+        "not_run": [r.variant for r in rungs if r.best_seed is None],
         # the rungs whose best seed has no weights here: {variant: the seeds without}; another seed, or none, stands in
         "no_weights": {r.variant: list(r.no_weights) for r in rungs if r.stand_in},
         "rungs": records,
