@@ -90,3 +90,17 @@ def test_lean_cnn_does_the_anchor_s_work_and_takes_other_shapes():
         create_model("lean_cnn", widths=[8, 8, 8])
     with pytest.raises(ConfigError, match="model.widths: .*leave no pixels of a 28x28 image"):
         create_model("lean_cnn", widths=[8] * 4, kernels=[3] * 4)
+
+
+def test_lean_cnn_strided_stages_skip_the_pool_and_three_quarters_of_the_work():
+    """``strided=1``: the 24 5x5 convs stride 2 (28 -> 12 directly, 24 * 25 * 144 = 86,400 multiply-adds instead of
+    345,600) and the rest is unchanged; with every stage strided, 32 -> 15 -> 7 -> 3 for 3x3 kernels."""
+    model = create_model("lean_cnn", strided=1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.features[:2])
+    with FlopCounterMode(display=False) as counter:
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert counter.get_total_flops() == 2 * 2 * (86_400 + 691_200 + 204_800 + 2_560)
+    every = create_model("lean_cnn", in_channels=3, widths=[8, 8, 8], kernels=[3, 3, 3], image_size=32, strided=3)
+    assert every.classifier[1].in_features == 8 * 3 * 3
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in every.modules())
+    assert every(torch.randn(1, 3, 32, 32)).shape == (1, 10)

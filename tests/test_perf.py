@@ -132,7 +132,7 @@ def test_the_fast_rung_of_each_task_is_a_rung_of_its_spec_and_runs_its_whole_rec
         s: next(v for v in spec.variants if v.name == "lean").config for s, spec in (("full", full), ("quick", quick))
     }
     assert lean["quick"].to_dict() == lean["full"].to_dict()
-    assert lean["full"].model == {"name": "lean_cnn"} and lean["full"].train.epochs == 2
+    assert lean["full"].model == {"name": "lean_cnn", "strided": 1} and lean["full"].train.epochs == 2
 
 
 def test_the_report_rung_is_the_one_with_the_best_reported_number():
