@@ -18,6 +18,7 @@ from bench.perf import (
     Reference,
     SeedRun,
     TaskPerf,
+    _choices,
     _quality_table,
     fast_rung,
     grid_speedup,
@@ -202,6 +203,32 @@ def test_step_rate_with_and_without_the_speed_choices(tmp_path, data_root):
         rate, first = step_rate(c, task, data, torch.device("cpu"), seconds=0.2)
         assert rate > 0 and first > 0
     assert step_rate(cfg, task, data, torch.device("cpu"), sync_per_step=True, seconds=0.2)[0] > 0
+
+
+def test_speed_choices_keep_each_choice_s_fastest_round_and_skip_a_choice_that_is_the_default(
+    tmp_path, data_root, monkeypatch
+):
+    """On an fp32 default there is no "fp32 (no bf16 autocast)" row (it would time the default against itself);
+    each choice keeps its fastest of the alternating rounds and its first round's first-step seconds."""
+    cfg, task, data = tiny_mnist(tmp_path, data_root)
+    cfg.train.amp = False
+    rates = iter(range(1, 100))
+    calls = []
+
+    def fake_rate(c, task, data, device, sync_per_step=False, seconds=1.0):
+        calls.append((c.train.channels_last, sync_per_step))
+        return float(next(rates)) * (1 if len(calls) % 2 else -1) + 100, float(len(calls))
+
+    monkeypatch.setattr("bench.perf.step_rate", fake_rate)
+    out = _choices(cfg, task, data, torch.device("cpu"), compile_too=False, rounds=2)
+    assert [name for name, _, _ in out] == [
+        "default (channels-last, fp32, one sync per epoch)",
+        "contiguous (NCHW) layout",
+        "a .item() sync after every step",
+    ]
+    assert calls == [(True, False), (False, False), (True, True)] * 2  # alternating rounds
+    # calls 1-6 return 101, 98, 103 (round 1) and 96, 105, 94 (round 2): each choice's best, round 1's first steps
+    assert out == [(out[0][0], 101.0, 1.0), (out[1][0], 105.0, 2.0), (out[2][0], 103.0, 3.0)]
 
 
 def test_time_to_quality_table_from_known_runs():
