@@ -91,5 +91,6 @@ def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path
         for name in ("config.json", "result.json"):
             shutil.copyfile(run_dir / name, done / name)
         return done
-    opts = RunOptions(resolve_data_root(data_root)[0])
+    # Progress bars only where notes are shown: `-q` asks for warnings and errors alone on stderr.
+    opts = RunOptions(resolve_data_root(data_root)[0], progress=log.isEnabledFor(logging.INFO))
     return checkpoint_of(stored, results, opts, data_root, "export it", "exporting")

@@ -199,6 +199,11 @@ def test_rungs_without_the_best_seed_s_checkpoint(tmp_path, data_root, capsys):
     assert ox.main(args) == 2
     assert "holds the costs of b (measured" in capsys.readouterr().err
     assert json.loads((res / "runs/w/costs.json").read_text())["rungs"].keys() == {"a", "b"}
+    # -q: warnings and errors alone, so no progress bars while b trains again
+    assert ox.main([*args, "--retrain", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "ep/s" not in err and "run/s" not in err and "--retrain" not in err
+    assert (res / "retrained/runs/w/b/seed-0/best.pt").exists()
 
 
 def test_rungs_of_a_spec_without_runs_is_an_error(tmp_path, capsys):
