@@ -15,6 +15,8 @@ from bench.config import ConfigError
 from bench.files import read_csv
 from bench.perf import (
     QUALITY_HEAD,
+    STRETCH,
+    Leg,
     Reference,
     SeedRun,
     TaskPerf,
@@ -121,7 +123,8 @@ def report_config(data_root: Path, task: str = "mnist"):
 
 
 def test_the_fast_rung_of_each_task_is_a_rung_of_its_spec_and_runs_its_whole_recipe_in_every_profile():
-    """`bench perf` times `lean` on MNIST and `fast` on WARWICK; the quick MNIST table shows lean as perf trains it."""
+    """`bench perf` times `lean` on MNIST (and `lean-long` toward the stretch target) and `fast` on WARWICK; the
+    quick MNIST table shows both MNIST rungs as perf trains them."""
     for task, name in (("mnist", "lean"), ("warwick", "fast")):
         assert fast_rung(task) == name
         spec = load_spec(Path(__file__).resolve().parents[1] / "ablations" / f"{task}.yaml")
@@ -129,11 +132,13 @@ def test_the_fast_rung_of_each_task_is_a_rung_of_its_spec_and_runs_its_whole_rec
     full, quick = (
         load_spec(Path(__file__).resolve().parents[1] / "ablations" / "mnist.yaml", p) for p in (None, "quick")
     )
-    lean = {
-        s: next(v for v in spec.variants if v.name == "lean").config for s, spec in (("full", full), ("quick", quick))
-    }
-    assert lean["quick"].to_dict() == lean["full"].to_dict()
-    assert lean["full"].model == {"name": "lean_cnn", "strided": 1} and lean["full"].train.epochs == 2
+    assert STRETCH["mnist"] == (0.995, "lean-long")
+    for name, epochs in (("lean", 2), ("lean-long", 8)):  # the fast rung and the stretch rung
+        cfg = {
+            s: next(v for v in spec.variants if v.name == name).config for s, spec in (("full", full), ("quick", quick))
+        }
+        assert cfg["quick"].to_dict() == cfg["full"].to_dict()
+        assert cfg["full"].model == {"name": "lean_cnn", "strided": 1} and cfg["full"].train.epochs == epochs
 
 
 def test_the_report_rung_is_the_one_with_the_best_reported_number():
@@ -232,19 +237,29 @@ def test_speed_choices_keep_each_choice_s_fastest_round_and_skip_a_choice_that_i
 
 
 def test_time_to_quality_table_from_known_runs():
-    """Two seeds, one reaching the stretch target; the reference reached the spec's target in 7 epochs, 120 s."""
-    runs = [
-        SeedRun(0, {0.99: (3, 10.0, 0.991), 0.995: (8, 30.0, 0.994)}, 10, 600, 40.0, 9, 0.987),
+    """The fast rung's two seeds toward the spec's target, the stretch rung's two toward its own (one reaching it on
+    validation, both on test at the end); the reference reached the spec's target in 7 epochs, 120 s."""
+    fast = [
+        SeedRun(0, {0.99: (3, 10.0, 0.991)}, 10, 600, 40.0, 9, 0.987),
         SeedRun(1, {0.99: (5, 14.0, 0.989)}, 10, 600, 44.0, 7, 0.996),
     ]
+    stretch = [SeedRun(0, {0.995: (8, 30.0, 0.994)}, 8, 480, 32.0, 8, 0.996), SeedRun(1, {}, 8, 480, 36.0, 6, 0.995)]
+    legs = [Leg("lean", 10, 0.99, fast), Leg("lean-long", 8, 0.995, stretch)]
     ref = Reference("report", 120.0, 7, 20, "measured", 50.0)
-    spec, cfg = SimpleNamespace(target=0.99), SimpleNamespace(train=SimpleNamespace(epochs=10))  # what the table reads
-    lines, rows = _quality_table(spec, TASKS["mnist"], "lean", cfg, runs, [0.99, 0.995], ref, True)
+    spec = SimpleNamespace(target=0.99)  # what the table reads
+    lines, rows = _quality_table(spec, TASKS["mnist"], legs, ref, True)
     table = {
         line.split("|")[1].strip() + " " + line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:-1]]
         for line in lines[0].splitlines()[2:]
     }
     assert lines[0].splitlines()[0].count("|") == len(QUALITY_HEAD) + 1
+    assert list(table) == [
+        "99.00 % on validation `lean` (harness)",
+        "99.00 % on test `lean` to its end (10 epochs, best validation epoch)",
+        "99.50 % on validation `lean-long` (harness)",
+        "99.50 % on test `lean-long` to its end (8 epochs, best validation epoch)",
+        "99.00 % on validation `report` (textbook loop)",
+    ]
     assert table["99.00 % on validation `lean` (harness)"] == [
         "2 of 2",
         "4.0",
@@ -252,12 +267,17 @@ def test_time_to_quality_table_from_known_runs():
         "99.10 %, 98.90 %",
         "10.0×",
     ]  # 120 s / 12 s: the spec's target only
-    assert table["99.50 % on validation `lean` (harness)"] == ["1 of 2", "8.0", "30.0 (30.0–30.0)", "99.40 %", ""]
     end = "99.00 % on test `lean` to its end (10 epochs, best validation epoch)"
     assert table[end] == ["1 of 2", "8.0", "42.0 (40.0–44.0)", "98.70 %, 99.60 %", "2.9×"]  # 120 s / 42 s
+    assert table["99.50 % on validation `lean-long` (harness)"] == ["1 of 2", "8.0", "30.0 (30.0–30.0)", "99.40 %", ""]
+    end = "99.50 % on test `lean-long` to its end (8 epochs, best validation epoch)"
+    assert table[end] == ["2 of 2", "7.0", "34.0 (32.0–36.0)", "99.60 %, 99.50 %", ""]  # no reference for the stretch
     assert table["99.00 % on validation `report` (textbook loop)"] == ["1 of 1", "7", "120 (extrapolated)", "–", "1.0×"]
-    assert [r["what"] for r in rows] == ["time_to_target"] * 4 + ["recipe_end"] * 2 + ["time_to_target"]
-    assert rows[3]["epoch"] is None and rows[-1]["recipe"] == "reference:report"  # seed 1 missed the stretch target
+    what = [(r["what"], r["recipe"], r["target"]) for r in rows]
+    assert what == [("time_to_target", "lean", 0.99)] * 2 + [("recipe_end", "lean", 0.99)] * 2 + [
+        ("time_to_target", "lean-long", 0.995)
+    ] * 2 + [("recipe_end", "lean-long", 0.995)] * 2 + [("time_to_target", "reference:report", 0.99)]
+    assert rows[5]["epoch"] is None and rows[6]["test"] == 0.996  # seed 1 missed the stretch on validation only
 
 
 def test_write_perf_keeps_other_modes_and_tasks(tmp_path):

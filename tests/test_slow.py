@@ -115,6 +115,7 @@ def test_perf_quick_mnist_reaches_the_report_number_and_writes_a_complete_file(d
         "- commit: ",
         "`lean` (harness)",
         "`lean` to its end",
+        "99.50 % on test `lean-long` to its end",
         "(textbook loop)",
         "utilization of matmul peak",
         "× reference",
@@ -126,5 +127,6 @@ def test_perf_quick_mnist_reaches_the_report_number_and_writes_a_complete_file(d
     assert len(hits) == 3  # one row per seed, reached on validation or not
     ends = [r for r in rows if r["what"] == "recipe_end" and r["recipe"] == "lean"]
     assert len(ends) == 3 and sum(float(r["test"]) for r in ends) / 3 >= 0.992
+    assert len([r for r in rows if r["what"] == "recipe_end" and r["recipe"] == "lean-long"]) == 3  # the stretch
     ref = [r for r in rows if r["what"] == "time_to_target" and r["recipe"].startswith("reference:")]
     assert len(ref) == 1 and float(ref[0]["train_seconds"]) > max(float(r["train_seconds"]) for r in ends)
