@@ -104,3 +104,5 @@ def test_lean_cnn_strided_stages_skip_the_pool_and_three_quarters_of_the_work():
     assert every.classifier[1].in_features == 8 * 3 * 3
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in every.modules())
     assert every(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ConfigError, match="at most 2 can be strided, got 3"):
+        create_model("lean_cnn", strided=3)  # more strided stages than stages: said, not ignored

@@ -166,6 +166,11 @@ class LeanCNN(nn.Module):
             raise ConfigError(
                 f"model.kernels: lean_cnn needs one kernel size per conv width, got widths {widths}, kernels {kernels}"
             )
+        if strided > len(widths):
+            raise ConfigError(
+                f"model.strided: lean_cnn has {len(widths)} stages (model.widths), so at most {len(widths)} "
+                f"can be strided, got {strided}"
+            )
         layers: list[nn.Module] = []
         cin, side = in_channels, image_size
         for i, (w, k) in enumerate(zip(widths, kernels, strict=True)):
