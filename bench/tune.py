@@ -116,7 +116,9 @@ def study_names(spec: Spec, variant: Variant, objectives: list[str]) -> tuple[st
 
 def study_key(variant: Variant, space: dict[str, Any]) -> str:
     """Hash of what every trial shares: the variant's config without the searched keys and without
-    where it runs.  Two searches with different budgets (epochs, data, --set) get different studies."""
+    where it runs, and the space searched.  Two searches with different budgets (epochs, data, --set) get
+    different studies, and so does an edited space: a continued study would keep, and could still pick as its
+    best, trials drawn outside the new bounds (Optuna accepts a changed range as compatible)."""
     d = variant.config.to_dict()
     d.pop("seed")
     for path in space:
@@ -125,6 +127,7 @@ def study_key(variant: Variant, space: dict[str, Any]) -> str:
     d["data"].pop("root", None)
     for key in ("threads", "device"):
         d["train"].pop(key, None)
+    d["search space"] = space
     return config_hash(d)[:8]
 
 

@@ -79,6 +79,20 @@ def test_pruning_stops_a_hopeless_trial(data_root, tmp_path, capsys):
     assert len(pruned) == 1 and pruned[0]["search_params"]["optim.lr"] == 1e-7 and pruned[0]["epochs_run"] < 3
 
 
+def test_an_edited_search_space_is_another_study(tmp_path):
+    """Narrowing a bound or adding a key starts a new study (a continued one would keep, and could pick as its best,
+    trials drawn outside the new space); the same space written in another order is the same study."""
+    from bench.tune import study_key
+
+    space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}, "train.batch_size": {"choices": [64, 128]}}
+    variant = load_spec(write_spec(tmp_path / "s.yaml", base=TINY_MNIST_BASE, search={"variant": "a", "space": space}))
+    key = study_key(variant.variants[0], space)
+    assert study_key(variant.variants[0], dict(reversed(space.items()))) == key
+    narrower = {**space, "optim.lr": {"low": 1.0e-4, "high": 3.0e-3, "log": True}}
+    assert study_key(variant.variants[0], narrower) != key
+    assert study_key(variant.variants[0], {**space, "model.dropout": {"low": 0.0, "high": 0.5}}) != key
+
+
 def _failing_space_spec(tmp_path: Path, space: dict, name: str) -> tuple[Path, str]:
     """A spec whose trials train with SGD under a one-cycle schedule (2 epochs), and its study's name."""
     from bench.tune import study_key
