@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the spec and list the runs and their group; train and write nothing",
+        help="check the spec's keys and list the runs and their group; load, train and write nothing (a real run also "
+        "builds each network on two images first)",
     )
     r.add_argument("--no-summary", action="store_true", help="do not rebuild the summary afterwards")
 
@@ -93,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         "perf",
         help="time the fast rung to the report's numbers against a textbook loop of the "
         "report's recipe; write results/perf.md",
+        description="Time to quality on each task: its fast rung (MNIST: lean, WARWICK: fast) toward the spec's "
+        "target, and MNIST's lean-long toward the 99.5 % stretch target (FAST_RUNG, STRETCH in bench/perf.py), on "
+        "validation and on test at the end of each recipe; the training throughput and its share of the matmul peak; "
+        "the report's recipe in a textbook loop as the reference; the speed choices. Writes results/perf.md and "
+        "perf.csv; docs/speed.md says what each number is.",
     )
     f.add_argument(
         "--task",
@@ -103,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--quick",
         action="store_true",
-        help="time the reference over a fixed number of steps and extrapolate (a 2-core CPU in under 10 minutes)",
+        help="time the reference over a fixed number of steps and extrapolate (MNIST alone: under 10 minutes on a "
+        "2-core CPU)",
     )
-    f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="seeds of the fast rung")
+    f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="seeds of each timed rung")
     f.add_argument("--compile", action="store_true", help="also time torch.compile (and CUDA graphs on a GPU)")
     f.add_argument(
         "--grid",
