@@ -407,15 +407,15 @@ def _quality_table(
 
 
 def _target_row(
-    fast: str, runs: list[SeedRun], target: float, ref_seconds: float | None, lower: str, fmt: Callable[[float], str]
+    rung: str, runs: list[SeedRun], target: float, ref_seconds: float | None, lower: str, fmt: Callable[[float], str]
 ) -> list[str]:
-    """A target on validation: the seeds of the fast rung that reached it, their mean epoch and seconds, the test
+    """A target on validation: the seeds of the timed rung that reached it, their mean epoch and seconds, the test
     score of those weights, and (``ref_seconds``: the spec's target) how many times faster than the reference."""
     hits = [r.hits[target] for r in runs if target in r.hits]
     secs = [h[1] for h in hits]
     return [
         f"{fmt(target)} on validation",
-        f"`{fast}` (harness)",
+        f"`{rung}` (harness)",
         f"{len(hits)} of {len(runs)}",
         _mean_cell([h[0] for h in hits]),
         _seconds_cell(secs),
@@ -425,7 +425,7 @@ def _target_row(
 
 
 def _recipe_end_row(
-    fast: str,
+    rung: str,
     epochs: int,
     runs: list[SeedRun],
     target: float,
@@ -433,12 +433,12 @@ def _recipe_end_row(
     lower: str,
     fmt: Callable[[float], str],
 ) -> list[str]:
-    """The fast rung trained to the end of its recipe, scored at its best validation epoch: seeds at the target on
+    """The timed rung trained to the end of its recipe, scored at its best validation epoch: seeds at the target on
     test, mean best epoch, seconds, test scores, and how many times faster than the reference."""
     end = [r.train_seconds for r in runs]
     return [
         f"{fmt(target)} on test",
-        f"`{fast}` to its end ({epochs} epochs, best validation epoch)",
+        f"`{rung}` to its end ({epochs} epochs, best validation epoch)",
         f"{sum(r.test >= target for r in runs)} of {len(runs)}",
         _mean_cell([r.best_epoch for r in runs]),
         _seconds_cell(end),
@@ -479,12 +479,12 @@ def _ratio_cell(ref_seconds: float | None, secs: list[float], lower: str) -> str
     return f"{ref_seconds / (sum(secs) / len(secs)):.1f}×{lower}" if ref_seconds is not None and secs else ""
 
 
-def _hit_record(fast: str, run: SeedRun, target: float) -> dict[str, Any]:
+def _hit_record(rung: str, run: SeedRun, target: float) -> dict[str, Any]:
     """perf.csv's record of one seed and target: its epoch, seconds and test score there (empty when not reached)."""
     epoch, seconds, test = run.hits.get(target, (None, None, None))
     return {
         "what": "time_to_target",
-        "recipe": fast,
+        "recipe": rung,
         "seed": run.seed,
         "target": target,
         "epoch": epoch,

@@ -85,12 +85,13 @@ def test_an_edited_search_space_is_another_study(tmp_path):
     from bench.tune import study_key
 
     space = {"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}, "train.batch_size": {"choices": [64, 128]}}
-    variant = load_spec(write_spec(tmp_path / "s.yaml", base=TINY_MNIST_BASE, search={"variant": "a", "space": space}))
-    key = study_key(variant.variants[0], space)
-    assert study_key(variant.variants[0], dict(reversed(space.items()))) == key
+    spec = load_spec(write_spec(tmp_path / "s.yaml", base=TINY_MNIST_BASE, search={"variant": "a", "space": space}))
+    variant = spec.variants[0]
+    key = study_key(variant, space)
+    assert study_key(variant, dict(reversed(space.items()))) == key
     narrower = {**space, "optim.lr": {"low": 1.0e-4, "high": 3.0e-3, "log": True}}
-    assert study_key(variant.variants[0], narrower) != key
-    assert study_key(variant.variants[0], {**space, "model.dropout": {"low": 0.0, "high": 0.5}}) != key
+    assert study_key(variant, narrower) != key
+    assert study_key(variant, {**space, "model.dropout": {"low": 0.0, "high": 0.5}}) != key
 
 
 def _failing_space_spec(tmp_path: Path, space: dict, name: str) -> tuple[Path, str]:
