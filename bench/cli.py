@@ -23,7 +23,7 @@ if typing.TYPE_CHECKING:  # the hints only: the command line imports what a comm
     from bench.runner import RunOptions
     from bench.spec import Run, Spec
     from bench.store import RunStore
-    from bench.tasks.base import Data, Task
+    from bench.tasks.base import Data
     from bench.tracking import Tracker
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--dry-run",
         action="store_true",
-        help="check the spec's keys and list the runs and their group; load, train and write nothing (a real run also "
-        "builds each network on two images first)",
+        help="check the spec's keys and list the runs and their group; where the data is here, also build each "
+        "variant still to train and run it on two training images, as a real run does first; train and write nothing",
     )
     r.add_argument("--no-summary", action="store_true", help="do not rebuild the summary afterwards")
 
@@ -363,7 +363,6 @@ def _check_results_folder(path: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import RunsFailed, check_members, preflight, sigterm_as_ctrl_c, train_then_ensembles
     from bench.store import RunStore
-    from bench.tasks import TASKS
 
     spec, seeds, opts, download, tracker = _load(args)  # --variants checked there
     runs = [r for r in spec.runs(args.variants) if r.seed in seeds]
@@ -372,8 +371,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     todo = store.todo(runs)
     _say_plan(spec, runs, todo, len(seeds))
     if args.dry_run:
-        if todo and not download:
-            _say_missing_data(TASKS[spec.task], Path(opts.data_root))
+        if todo:
+            _try_what_is_todo(spec, todo, opts, download)
         _dry_run(runs, todo, store)
         return 0
     check_members(todo, store)
@@ -425,15 +424,20 @@ def _check_variants(spec: Spec, asked: list[str] | None) -> None:
             raise ConfigError(f"--variants: {unknown_name_message('variant', n, names)}")
 
 
-def _say_missing_data(task: Task, root: Path) -> None:
-    """A dry run loads nothing and still lists the runs (a clone without the data can plan from the records), but
-    warns when the data's files are not there: the same command without --dry-run stops at once with that error."""
+def _try_what_is_todo(spec: Spec, todo: list[Run], opts: RunOptions, download: bool) -> None:
+    """A dry run trains nothing, but where the data is here it builds each variant still to train and runs it on two
+    training images, as a real run does first: a config that cannot run stops the plan now, not hours into the grid.
+    Without the data (a clone that plans from its records) it warns, builds nothing and still lists the runs."""
+    from bench.runner import preflight
+    from bench.tasks import TASKS
     from bench.tasks.base import DataError
 
     try:
-        task.prepare(root, download=False)
+        TASKS[spec.task].prepare(Path(opts.data_root), download=False)
     except DataError as e:
-        log.warning(f"{first_line(e)} (a run without --dry-run stops here)")
+        log.warning(f"{first_line(e)} (a run without --dry-run {'downloads it' if download else 'stops here'})")
+        return
+    preflight(spec, [r for r in todo if not r.members], opts, test=False)
 
 
 def _dry_run(runs: list[Run], todo: list[Run], store: RunStore) -> None:

@@ -247,6 +247,17 @@ def test_a_config_that_cannot_work_stops_before_anything_is_written(data_root, t
     assert not res.exists()
 
 
+def test_a_dry_run_builds_what_it_would_train_when_the_data_is_here(data_root, tmp_path, capsys):
+    """The plan of a grid whose second variant cannot run stops at the plan, naming the variant, not hours later."""
+    path = write_spec(tmp_path / "w.yaml", variants=[{"name": "a"}, {"name": "b", "set": {"model.widths": [8, 8]}}])
+    args = ["run", str(path), "--data-root", str(data_root), "--results", str(tmp_path / "r"), "--dry-run"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert "variant 'b' (model.name=mnist_cnn): this config does not run on mnist data" in err and out == ""
+    assert main(args + ["--variants", "a"]) == 0 and capsys.readouterr().out.startswith("todo  w/a/seed-0")
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_results_folders(tmp_path, capsys):
     path = write_spec(tmp_path / "b.yaml")
     (tmp_path / "file").write_text("x")
@@ -417,8 +428,8 @@ def test_an_at_group_name_must_be_the_spec_and_profile_it_runs(tmp_path, capsys)
 
 
 def test_a_dry_run_says_when_the_data_is_not_there(tmp_path, capsys):
-    """--dry-run loads nothing and still lists the runs (a clone without the data plans from its records), but warns
-    that the real run would stop at once for want of the files."""
+    """Without the data --dry-run builds nothing and still lists the runs (a clone without the data plans from its
+    records), but warns that the real run would stop at once for want of the files."""
     path = write_spec(tmp_path / "p.yaml")
     args = ["run", str(path), "--results", str(tmp_path / "r"), "--dry-run", "--data-root", str(tmp_path / "nothing")]
     assert main(args) == 0
