@@ -17,7 +17,7 @@ from pathlib import Path
 
 import bench.log
 from bench import __version__, honour_nice, usable_cores
-from bench.log import first_line, note
+from bench.log import count, first_line, note
 
 if typing.TYPE_CHECKING:  # the hints only: the command line imports what a command needs when it runs
     from bench.runner import RunOptions
@@ -403,14 +403,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _say_plan(spec: Spec, runs: list[Run], todo: list[Run], seeds: int) -> None:
     role = f"ad-hoc group {spec.group}" if spec.adhoc else f"published group {spec.group}"
     log.info(
-        f"{spec.path}: {role}; {_count(len({r.variant.name for r in runs}), 'variant')} x "
-        f"{_count(seeds, 'seed')} = {_count(len(runs), 'run')}, {len(runs) - len(todo)} already done"
+        f"{spec.path}: {role}; {count(len({r.variant.name for r in runs}), 'variant')} x "
+        f"{count(seeds, 'seed')} = {count(len(runs), 'run')}, {len(runs) - len(todo)} already done"
     )
 
 
 def _log_to_mlflow(tracker: Tracker, spec: Spec, store: RunStore, runs: list[Run]) -> None:
     logged = tracker.log_dirs([store.path(r) for r in runs if store.result(r) is not None])
-    log.info(f"MLflow: {_count(len(logged), 'run')} of {spec.group} in {_shown_uri(tracker.uri)}")
+    log.info(f"MLflow: {count(len(logged), 'run')} of {spec.group} in {_shown_uri(tracker.uri)}")
 
 
 def _check_variants(spec: Spec, asked: list[str] | None) -> None:
@@ -479,7 +479,7 @@ def _workers(spec: Spec, todo: list[Run], opts: RunOptions, cache: dict[str, Dat
     workers = asked or spec.workers
     if workers is None and len(todo) > 1:
         workers, why = grid_workers(spec, todo, opts, cache)
-        log.info(f"{workers} worker{'s' if workers > 1 else ''} at once, measured ({why}); --workers N to choose")
+        log.info(f"{count(workers, 'worker')} at once, measured ({why}); --workers N to choose")
     return min(workers or 1, max(1, len(todo)))
 
 
@@ -502,7 +502,7 @@ def _write_summary(results: str, group: str) -> None:
 def _say_failed(failed: list[str]) -> int:
     """Say which runs failed; the exit status 1."""
     log.error(
-        f"{_count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
+        f"{count(len(failed), 'run')} failed (recorded in their result.json; fix the cause and run the "
         f"same command to try them again):"
     )
     for line in failed:
@@ -558,7 +558,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         for group in store.groups("study"):
             if store.read_group(group).extra.get("study") == best["study"]:
                 n = tracker.log_group(args.results, group)
-                log.info(f"MLflow: {_count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}")
+                log.info(f"MLflow: {count(n, 'trial')} of study {best['study']} in {_shown_uri(tracker.uri)}")
     if "front" in best:
         _print_front(best)
     elif best["value"] is None:
@@ -652,10 +652,10 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     for path in write_summary(args.results, groups=[group]):
         log.info(f"wrote {path}")
     changed = sum(r.changed for r in done)
-    print(f"{group}: {_count(len(done) - len(missing), 'run')} rescored, {changed} with new metrics")
+    print(f"{group}: {count(len(done) - len(missing), 'run')} rescored, {changed} with new metrics")
     if missing:  # checkpoints are not in git: only runs trained in this results folder have one
         log.error(
-            f"{_count(len(missing), 'run')} of {group} kept their old numbers: no best.pt here (checkpoints "
+            f"{count(len(missing), 'run')} of {group} kept their old numbers: no best.pt here (checkpoints "
             f"are not in git: only the results folder that trained a run can rescore it): "
             + ", ".join(f"{r.variant} seed {r.seed}" for r in missing)
         )
@@ -717,10 +717,6 @@ def _shown_uri(uri: str) -> str:
 
 def _requeued(n: int) -> str:
     return f", {n} requeued (stopped by Ctrl-C or a dead worker, then resumed)" if n else ""
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,11 @@ def note(log: logging.Logger, msg: str, *args: object) -> None:
     log.log(NOTE, msg, *args)
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun, plural unless ``n`` is 1: "1 epoch", "3 epochs", "1 batch", "2 batches"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def first_line(e: BaseException, empty: str | None = None) -> str:
     """The useful part of an error for a one-line message: its first line (when it has no text, ``empty``, by default
     its type's name); for a server that cannot be reached, urllib3's cause alone (its whole message repeats the URL

@@ -18,6 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from bench.config import ConfigError, NonNegFloat, NonNegInt, OpenUnit, PosFloat, PosInt, Range, UnitFloat
+from bench.log import count
 from bench.registry import Registry
 
 OPTIMIZERS: Registry = Registry("optimizer")
@@ -132,8 +133,8 @@ def onecycle(
     if pct_start * total <= 1 or (1 - pct_start) * total <= 1:
         need = math.floor(1 / min(pct_start, 1 - pct_start)) + 1
         raise ConfigError(
-            f"sched.pct_start: a one-cycle of {total} steps ({epochs} epoch{'s' if epochs != 1 else ''} x "
-            f"{steps_per_epoch} batches) with pct_start {pct_start} warms up over {pct_start * total:.3g} "
+            f"sched.pct_start: a one-cycle of {total} steps ({count(epochs, 'epoch')} x "
+            f"{count(steps_per_epoch, 'batch', 'batches')}) with pct_start {pct_start} warms up over {pct_start * total:.3g} "
             f"steps and decays over {(1 - pct_start) * total:.3g}; each needs more than one, so at least "
             f"{need} steps: more train.epochs or data, a smaller train.batch_size, or another pct_start"
         )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.config import ConfigError
-from bench.log import note
+from bench.log import count, note
 from bench.metrics import Metric
 from bench.records import RunRecord, read_record
 from bench.registry import unknown_name_message
@@ -146,9 +146,7 @@ def reproduce(
     metric = task.metrics[0]
     spread = seed_spread(store.finished(group), metric.key)
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
-        log.info(
-            f"re-training {len(chosen)} run{'s' if len(chosen) > 1 else ''} of {group} in {tmp} (deleted afterwards)"
-        )
+        log.info(f"re-training {count(len(chosen), 'run')} of {group} in {tmp} (deleted afterwards)")
         opts = RunOptions(resolve_data_root(data_root)[0], device, progress=progress)
         tmp_store, runs = retrain(meta, chosen, tmp, opts, data_root)
         rows = []
@@ -220,7 +218,7 @@ def report(group: str, rows: list[Comparison], metric: Metric, tolerance: float 
     bad = [r for r in rows if not r.ok]
     same = sum(r.diff == 0 for r in rows)
     lines.append(
-        f"{len(rows) - len(bad)} of {len(rows)} run{'s' if len(rows) > 1 else ''} within the tolerance "
+        f"{len(rows) - len(bad)} of {count(len(rows), 'run')} within the tolerance "
         f"({same} identical)" + (f"; off: {', '.join(f'{r.variant} seed {r.seed}' for r in bad)}" if bad else "")
     )
     return lines

@@ -36,7 +36,7 @@ from bench import ensemble, files, usable_cores
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
-from bench.log import first_line, note, setup, verbosity
+from bench.log import count, first_line, note, setup, verbosity
 from bench.records import GroupRecord, read_record
 from bench.spec import Run, Spec, Variant, config_from_dict, run_key, run_keys
 from bench.storage import StorageOptions
@@ -523,7 +523,7 @@ def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool)
     line = (
         f"done {run.spec} {run.variant.name} seed {run.seed}: "
         f"{m.label} {m.text(result['test'].get(m.key), unit=True)} (val {m.text(result['val_best'])}), "
-        f"{result['epochs_run']} epochs, "
+        f"{count(result['epochs_run'], 'epoch')}, "
         f"{result['train_time_s']:.0f} s"
     )
     if progress:

@@ -16,7 +16,7 @@ import optuna
 import yaml
 
 from bench import files, usable_cores
-from bench.log import note
+from bench.log import count, note
 from bench.spec import TUNED, Spec, Variant, describe, group_file_prefix, tuned_path
 from bench.storage import where_it_ran
 from bench.tasks import TASKS
@@ -338,7 +338,7 @@ def _tuned_variant(
         "from": variant.name,
         "note": (
             f"Optuna best of {counts['finished']} trials ({counts['pruned']} pruned, {counts['failed']} "
-            f"failed; {minutes} on {counts['workers']} worker{'s' if counts['workers'] != 1 else ''} at "
+            f"failed; {minutes} on {count(counts['workers'], 'worker')} at "
             f"once), trial {best.number}"
         ),
         "set": config_params(best.params, spec.search["space"]),
@@ -452,8 +452,8 @@ def front_markdown(
     if "train_seconds" in objectives:
         lines += [
             f"**train s** is the harness's own measured training time of the trial (training steps of all its "
-            f"epochs, `train_seconds` of its metrics.csv), measured {where}{load}, with up to {workers} trial"
-            f"{'s' if workers != 1 else ''} training at once: the front holds on that machine, not on another."
+            f"epochs, `train_seconds` of its metrics.csv), measured {where}{load}, with up to {count(workers, 'trial')} "
+            f"training at once: the front holds on that machine, not on another."
             + (
                 f"  The load exceeded its {usable_cores()} cores: other work ran beside the trials and their "
                 f"times include its share (on a shared machine, `flops` or `params` is a cost it does not move)."

@@ -37,7 +37,7 @@ import torch
 
 from bench import files
 from bench.config import ConfigError
-from bench.log import note
+from bench.log import count, note
 from bench.metrics import Metric
 from bench.pareto import pareto_front
 from bench.plots import plot_spec_curves, plot_tradeoff
@@ -313,7 +313,7 @@ def _compute_line(runs: list[StoredRun]) -> str:
     train = sum(r.result.train_time_s or 0.0 for r in trained)
     test = sum(r.result.test_time_s or 0.0 for r in runs)
     return (
-        f"- compute: {format_duration(train)} of training over {len(trained)} trained run{'s' if len(trained) != 1 else ''} "
+        f"- compute: {format_duration(train)} of training over {count(len(trained), 'trained run')} "
         f"and {format_duration(test)} of testing, "
         f"summed over the runs"
     )

@@ -233,7 +233,7 @@ def test_the_left_out_note_names_only_the_variants_asked_for(tmp_path, capsys):
         # 980 training images in one batch of 1,024, 2 epochs: a one-cycle of 2 steps, whose PyTorch form divides by zero
         (
             "train.batch_size=1024",
-            "variant 'a': sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches) with "
+            "variant 'a': sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batch) with "
             "pct_start 0.3 warms up over 0.6 steps",
         ),
     ],

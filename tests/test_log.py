@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.log import first_line
+from bench.log import count, first_line
 from tests.helpers import write_spec
 
 
@@ -136,3 +136,8 @@ def _status(main_of, argv: list[str]) -> int:
         return main_of(argv)
     except SystemExit as e:
         return e.code
+
+
+def test_counted_nouns_are_plural_unless_one():
+    assert [count(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert count(1, "batch", "batches") == "1 batch" and count(3, "batch", "batches") == "3 batches"

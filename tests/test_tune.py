@@ -132,8 +132,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(data_root, tmp_path, 
     assert "failed 1x: ConfigError: sched.pct_start: a one-cycle of 2 steps" in out
     assert "trial 0 failed (the study goes on): Diverged" in err and "Traceback (most recent call last)" in err
     assert (
-        "note: search.space.train.batch_size=1024: sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batches)"
-        in err
+        "note: search.space.train.batch_size=1024: sched.pct_start: a one-cycle of 2 steps (2 epochs x 1 batch)" in err
         and "trials drawn there will fail" in err
     )  # said before the study starts
     states = [
