@@ -435,7 +435,8 @@ def _try_what_is_todo(spec: Spec, todo: list[Run], opts: RunOptions, download: b
     try:
         TASKS[spec.task].prepare(Path(opts.data_root), download=False)
     except DataError as e:
-        log.warning(f"{first_line(e)} (a run without --dry-run {'downloads it' if download else 'stops here'})")
+        if not download:  # (a real run fetches it first: nothing to say)
+            log.warning(f"{first_line(e)} (a run without --dry-run stops here)")
         return
     preflight(spec, [r for r in todo if not r.members], opts, test=False)
 
