@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "perf",
         help="time the fast rung to the report's numbers against a textbook loop of the "
         "report's recipe; write results/perf.md",
-        description="Time to quality on each task: its fast rung (MNIST: lean, WARWICK: fast) toward the spec's "
-        "target, and MNIST's lean-long toward the 99.5 % stretch target (FAST_RUNG, STRETCH in bench/perf.py), on "
+        description="Time to quality on each task: its fast rung toward the spec's target, and where a task has one, "
+        "a stretch rung toward a further target (FAST_RUNG and STRETCH in bench/perf.py name them), on "
         "validation and on test at the end of each recipe; the training throughput and its share of the matmul peak; "
         "the report's recipe in a textbook loop as the reference; the speed choices. Writes results/perf.md and "
         "perf.csv; docs/speed.md says what each number is.",
