@@ -244,7 +244,7 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
         help="share the work with every process started with the same URL and results folder, on any machine: "
         "a database for Optuna (postgresql://USER[:PASSWORD]@HOST[:PORT]/DB; sqlite:///PATH on one "
         "machine); default: $BENCH_STORAGE, else this machine alone (run: kernel locks; tune: "
-        "results/optuna/<spec>.db)",
+        "<results>/optuna/<spec name>[@profile].db)",
     )
     m = p.add_mutually_exclusive_group()
     m.add_argument(
@@ -729,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         # command (onnxruntime is not loaded for the others).
         from exporters.predict import main as predict_main
 
-        return predict_main(argv[lead + 1 :])
+        return predict_main(argv[:lead] + argv[lead + 1 :])  # -q/-v before its name count as after it
     args = _parse_args(argv)
     bench.log.setup(args.verbosity)
     if (nice := honour_nice()) is not None:  # `nice -n 19` in a background session: after foreground work

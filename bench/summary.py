@@ -567,10 +567,10 @@ def _tuned_block(meta: GroupRecord, runs: list[StoredRun], fig_dir: Path) -> lis
         f"*tuned*: the best trial ({study['best_trial']}, {study['metric']} {study['value']:.4f} on seed "
         f"{study['seed']}) of the Optuna study `{study['name']}` (profile `{study.get('profile') or 'full'}`): "
         f"{study['finished']} finished trials, {study['pruned']} of them pruned, {study['failed']} failed{why}"
-        f"{requeued}; the search took {minutes} on {study['workers']} worker(s) at once on {study['hosts']} "
-        f"machine(s), commit {_short_commit(study.get('commit') or '')}{trials}. Trials are scored on the "
-        f"validation split only; the test split is read when the tuned rung is trained like the others, on every "
-        f"seed.",
+        f"{requeued}; the search took {minutes} on {count(study['workers'], 'worker')} at once on "
+        f"{count(study['hosts'], 'machine')}, commit {_short_commit(study.get('commit') or '')}{trials}. "
+        f"Trials are scored on the validation split only; the test split is read when the tuned rung is trained "
+        f"like the others, on every seed.",
         "",
     ]
     for name in study.get("figures", []):

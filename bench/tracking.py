@@ -35,7 +35,7 @@ from typing import Any
 
 from bench import files
 from bench.config import ConfigError
-from bench.log import first_line
+from bench.log import count, first_line
 from bench.records import GroupRecord, read_record
 from bench.storage import shown as _shown  # a URI with its password hidden
 
@@ -249,7 +249,7 @@ class Tracker:
             if not warn:
                 raise
             log.warning(
-                f"MLflow ({_shown(self.uri)}): could not log {len(run_dirs)} run(s) "
+                f"MLflow ({_shown(self.uri)}): could not log {count(len(run_dirs), 'run')} "
                 f"({type(e).__name__}: {first_line(e)}); the next command with --mlflow logs them"
             )
         return ids

@@ -31,7 +31,7 @@ from bench import files, usable_cores
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model, build_optimizer
 from bench.inference import EVAL_PRECISION
-from bench.log import note
+from bench.log import count, note
 from bench.losses import deep_supervision
 from bench.models import count_parameters
 from bench.plots import plot_run_curves
@@ -60,7 +60,8 @@ def resolve_device(name: str, where: str = "--device") -> torch.device:
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= n:
             raise ConfigError(
-                f"{where} {name}: this machine has {n} CUDA device(s): " + ", ".join(f"cuda:{i}" for i in range(n))
+                f"{where} {name}: this machine has {count(n, 'CUDA device')}: "
+                + ", ".join(f"cuda:{i}" for i in range(n))
             )
     return torch.device(name)
 

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from bench import files
-from bench.log import ArgumentParser, note, setup
+from bench.log import ArgumentParser, add_options, count, note, setup
 from exporters.images import digit, overlay, tiled
 from exporters.inputs import ImageError, Input, collect_inputs, is_colour, opens_as_image, output_names, read_image
 from exporters.metadata import ModelMeta
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=files.output_folder,
         help="output folder, created if needed (default: ./predictions)",
     )
+    add_options(p)
     return p
 
 
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    setup(args.verbosity)
     out = Path(args.out)
     try:
         inputs = collect_inputs(args.paths, out)
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         _write_csv(meta, rows, out)
     listed = ": " + ", ".join(map(str, failed)) if failed else ""
-    log.info(f"{len(rows)} image(s) done, {len(failed)} failed{listed}")
+    log.info(f"{count(len(rows), 'image')} done, {len(failed)} failed{listed}")
     return 1 if failed or not rows else 0
 
 

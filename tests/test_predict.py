@@ -153,7 +153,7 @@ def test_warwick_odd_sizes_large_images_and_stray_file(models, tmp_path, capsys)
     assert code == 1
     for bad in ("stray.txt", "broken.png"):
         assert f"{bad}: " in err
-    assert "5 image(s) done, 2 failed" in err
+    assert "5 images done, 2 failed" in err
     rows = _rows(out / "predictions.csv")
     assert len(rows) == 5 and list(rows[0]) == ["file", "mask", "overlay", "foreground_fraction"]
     for name, (h, w) in sizes.items():
@@ -206,6 +206,18 @@ def test_exit_codes(models, tmp_path, capsys):
     assert main([str(bare), str(img)]) == 2
     assert "metadata key 'task' missing" in capsys.readouterr().err
     assert main([str(models["mnist"])]) == 2  # no PATH
+
+
+def test_quiet_and_verbose_on_either_side_of_predict(models, tmp_path, capsys):
+    from bench.cli import main as bench_main
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(img)
+    args = [str(models["mnist"]), str(img), "--out", str(tmp_path / "o")]
+    assert bench_main(["predict", *args]) == 0 and "1 image done" in capsys.readouterr().err
+    for argv in (["-q", "predict", *args], ["predict", *args, "-q"]):
+        assert bench_main(argv) == 0 and capsys.readouterr().err == ""
+    assert bench_main(["predict", *args, "-v"]) == 0 and "1 image done" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- inputs, exit codes, output names
