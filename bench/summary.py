@@ -420,7 +420,8 @@ def _cost_lines(
 
 
 def _training_notes(meta: GroupRecord, tables: GroupTables, primary: Metric) -> list[str]:
-    """Under the training table: a clipped interval's mark, and the time-to-target column of a spec with a target."""
+    """Under the training table: a clipped interval's mark, the time-to-target column of a spec with a target, and
+    what a seed ensemble's epochs and seconds are."""
     out = []
     if tables.clipped:
         out += [
@@ -434,6 +435,12 @@ def _training_notes(meta: GroupRecord, tables: GroupTables, primary: Metric) -> 
             f"{primary.text(meta.target, unit=True)} (the report's best number, "
             "the spec's `target`) and the seconds of training steps until its end (evaluation not counted), "
             "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.",
+            "",
+        ]
+    if any("(members)" in cell for row in tables.training.rows for cell in row):
+        out += [
+            "A seed ensemble trains nothing: its *epochs* and *train s* are its members' summed (what it cost to "
+            "make), and it has no best epoch of its own (*(members)*).",
             "",
         ]
     return out

@@ -249,10 +249,15 @@ def _training_cells(rs: list[RunRecord], runs: list[StoredRun], metric: Metric, 
     with a ``target``) its time to that target; ``runs`` are its stored runs, for their metrics.csv."""
     m, _, hw = mean_ci([r.test[metric.key] for r in rs])
     ran, best_epoch = (sum(getattr(r, k) for r in rs) / len(rs) for k in ("epochs_run", "best_epoch"))
+    # A seed ensemble trains nothing: its record sums its members' epochs and seconds (what it cost to make), and a
+    # sum of best epochs means nothing.
+    ensemble = all(r.extra.get("members") for r in rs)
     cells = {
         "val (mean)": metric.text(sum(r.val_best for r in rs) / len(rs)),
         TEST_CI: format_ci(m, hw, metric),
-        "epochs (best)": f"{format_count(ran)} ({format_count(best_epoch)})",
+        "epochs (best)": f"{format_count(ran)} (members)"
+        if ensemble
+        else f"{format_count(ran)} ({format_count(best_epoch)})",
         "train s": f"{sum(r.train_time_s for r in rs) / len(rs):.0f}",
     }
     if target is not None:

@@ -182,6 +182,12 @@ def test_an_ensemble_is_scored_from_its_members_and_recorded_like_a_run(trained)
         d = sum(by_seed[v][s] - by_seed["a"][s] for s in (0, 1)) / 2
         assert rows[v]["n"] == "2" and rows[v][DELTA].startswith(f"{d:+.4f}")  # paired against the rung it averages
     assert rows["ens+tta"]["change"] == "mean of every seed of a, eval.tta=true"
+    training = {
+        r[0].removesuffix(" ★"): dict(zip(tables.training.headers, r, strict=True)) for r in tables.training.rows
+    }
+    epochs = sum(store.result(m).epochs_run for m in spec.runs(["ens"])[0].members)
+    assert training["ens"]["epochs (best)"] == f"{epochs} (members)"  # its members' epochs, and no best epoch
+    assert "(members)" not in training["a"]["epochs (best)"]
 
 
 def check_export(trained: dict, variant: str, out: Path) -> None:
