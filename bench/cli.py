@@ -435,7 +435,9 @@ def _try_what_is_todo(spec: Spec, todo: list[Run], opts: RunOptions, download: b
     try:
         TASKS[spec.task].prepare(Path(opts.data_root), download=False)
     except DataError as e:
-        if not download:  # (a real run fetches it first: nothing to say)
+        if download:  # the default root: a real run fetches what it can (MNIST) first
+            note(log, f"{first_line(e)} (a run without --dry-run first tries to fetch it there)")
+        else:
             log.warning(f"{first_line(e)} (a run without --dry-run stops here)")
         return
     preflight(spec, [r for r in todo if not r.members], opts, test=False)
@@ -635,8 +637,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
     results = Path(args.results)
     if not (results / "runs").is_dir() and not (results / "summary.md").is_file():
         raise ConfigError(f"--results {results}: no runs and no summary.md there; nothing to rebuild")
-    for path in write_summary(args.results):
+    written = write_summary(args.results)
+    for path in written:
         log.info(f"wrote {path}")
+    if not written:
+        log.info(f"{results}: every table is what its stored runs give; no file changed")
     return 0
 
 

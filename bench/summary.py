@@ -175,6 +175,8 @@ def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> list
             )
             continue
         text = group_section(meta, runs, store, store.results / "figures", stamp)
+        if group in sections and _unstamped(sections[group].text) == _unstamped(text):
+            continue  # the same table: it keeps the stamp of the write that made it, and the file stays as it is
         sections[group] = _section(meta, runs, text, stamp)
     ordered = [sections[g] for g in sorted(sections)]
     index = [files.markdown_table(INDEX_HEADERS, [s.index_row() for s in ordered]), ""] if ordered else []
@@ -198,6 +200,12 @@ def _write_published(store: RunStore, stamp: str, only: set[str] | None) -> list
     }
     wrote_memory = files.write_text_if_changed(memory_path, json.dumps(memory, indent=1, ensure_ascii=False) + "\n")
     return [path if wrote_md else None, memory_path if wrote_memory else None]
+
+
+def _unstamped(text: str) -> str:
+    """A section's Markdown without its ``- table generated:`` line: what a rebuild compares, so that rebuilding
+    unchanged runs (a fresh clone's `bench summary`) changes no file."""
+    return re.sub(r"^- table generated: .*$", "", text, flags=re.MULTILINE)
 
 
 def _section(meta: GroupRecord, runs: list[StoredRun], text: str, stamp: str) -> Section:

@@ -127,7 +127,10 @@ def test_summary_keeps_sections_of_groups_whose_runs_are_elsewhere(tmp_path):
     assert other.strip() in text  # kept verbatim, runs not here
     assert "## demo (" in text and "old intro" not in text and "\nold\n" not in text
     assert text.index("## demo (") < text.index("## mnist@gpu (")  # groups in name order
-    # rebuilding again changes nothing but the stamp; the local group is rewritten, not duplicated
+    # rebuilding unchanged runs changes no file, not even the stamp (a fresh clone's `bench summary` leaves git clean)
+    before = {p.name: p.read_bytes() for p in (results / "summary.md", results / "summary.json")}
+    assert write_summary(results, command="python -m bench summary --again") == []
+    assert {p.name: p.read_bytes() for p in (results / "summary.md", results / "summary.json")} == before
     again = _summary(results)
     assert again.count("## demo (") == 1 and again.count("## mnist@gpu (") == 1
     # the first write read that old summary.md's sections from the file itself; from then on its memory holds them
