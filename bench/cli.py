@@ -369,13 +369,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = RunStore(args.results)
     store.check_owner(spec)
     todo = store.todo(runs)
+    twins = [(r, twin) for r in todo if (twin := store.twin(r)) is not None]
     _say_plan(spec, runs, todo, len(seeds))
     if args.dry_run:
+        if twins:
+            _say_twins(store, twins, copied=False)
         if todo:
             _try_what_is_todo(spec, todo, opts, download)
         _dry_run(runs, todo, store)
         return 0
-    check_members(todo, store)
+    check_members(todo, store)  # (a twin counts as trained here: it is copied before any ensemble is made)
+    todo = [r for r in todo if all(r is not t for t, _ in twins)]
     ensembles, todo = [r for r in todo if r.members], [r for r in todo if not r.members]  # ensembles train nothing
     cache = preflight(spec, todo, opts, download) if todo else {}
     if tracker:  # the last check: connect, and make the group's parent run before workers start
@@ -383,6 +387,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         tracker.check([group_meta(spec)])
     _write_group(spec, store, args, opts)
+    if twins:
+        _say_twins(store, twins, copied=True)
     workers = _workers(spec, todo, opts, cache, args.workers)
     failed = None
     try:
@@ -405,6 +411,20 @@ def _say_plan(spec: Spec, runs: list[Run], todo: list[Run], seeds: int) -> None:
     log.info(
         f"{spec.path}: {role}; {count(len({r.variant.name for r in runs}), 'variant')} x "
         f"{count(seeds, 'seed')} = {count(len(runs), 'run')}, {len(runs) - len(todo)} already done"
+    )
+
+
+def _say_twins(store: RunStore, twins: list[tuple[Run, Path]], copied: bool) -> None:
+    """Copy (``copied``) or, for a dry run, name the runs that another group already finished with the same key."""
+    for run, twin in twins:
+        if copied:
+            store.copy_twin(run, twin)
+    note(
+        log,
+        "%s: the same config and seed, already finished in another group (%s): %s, not trained again",
+        ", ".join(f"{r.variant.name} seed {r.seed}" for r, _ in twins),
+        ", ".join(sorted({t.relative_to(store.root).parts[0] for _, t in twins})),
+        "copied" if copied else "a real run copies them",
     )
 
 

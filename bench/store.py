@@ -187,6 +187,39 @@ class RunStore:
     def todo(self, runs: list[Run]) -> list[Run]:
         return [r for r in runs if self.result(r) is None]
 
+    def twin(self, run: Run) -> Path | None:
+        """The folder of a finished run with ``run``'s key in another group of runs (not a tuning study): the same
+        config and seed, trained for another profile (a rung kept as written in every profile is the same run in
+        each) or by an experiment that happened to match it.  None for a seed ensemble, or without such a run."""
+        if run.members:
+            return None
+        inside = Path(*run.rel_dir.parts[1:])  # <variant>/seed-N
+        for group in self.groups():
+            if group == run.spec:
+                continue
+            try:
+                if self.read_group(group).role == "study":
+                    continue
+            except ConfigError:
+                continue
+            result = _current_result(self.root / group / inside)
+            if result is not None and result.key == run.key and result.test:
+                return self.root / group / inside
+        return None
+
+    def copy_twin(self, run: Run, twin: Path) -> None:
+        """Record ``run`` as finished from its twin's folder (see :meth:`twin`): its files copied, its group named
+        as ``run``'s, and ``copied_from`` saying where it was trained."""
+        d = self.path(run)
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.csv", "curves.png", "best.pt"):
+            if (twin / name).exists():
+                data = (twin / name).read_bytes()
+                files.atomic_write(d / name, lambda f, data=data: f.write(data), mode="wb")
+        files.write_json(d / "config.json", {**files.read_json(twin / "config.json"), "spec": run.spec})
+        copied_from = twin.relative_to(self.root).as_posix()
+        self.record(run, {**files.read_json(twin / "result.json"), "spec": run.spec, "copied_from": copied_from})
+
     def epochs_done(self, run: Run) -> int:
         """Epochs of an unfinished run that a restart resumes after (0: none, or another config's)."""
         d = self.path(run)

@@ -258,6 +258,31 @@ def test_a_dry_run_builds_what_it_would_train_when_the_data_is_here(data_root, t
     assert not (tmp_path / "r").exists()
 
 
+def test_a_run_another_group_finished_with_the_same_key_is_copied_not_trained(data_root, tmp_path, capsys):
+    """A rung kept as written in the quick profile is the same run in the full one: the second profile copies it."""
+    path = write_spec(tmp_path / "t.yaml", profiles={"quick": {"set": {"train.epochs": 1}, "as_written": ["a"]}})
+    res = tmp_path / "r"
+    common = ["--data-root", str(data_root), "--results", str(res), "--seeds", "0", "--no-progress"]
+    assert main(["run", str(path), "--profile", "quick", "--variants", "a", *common]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--variants", "a", "--dry-run", *common]) == 0
+    assert "a seed 0: the same config and seed, already finished in another group (t@quick): a real run copies" in (
+        capsys.readouterr().err
+    )
+    assert main(["run", str(path), "--variants", "a", *common]) == 0
+    out, err = capsys.readouterr()
+    assert "(t@quick): copied, not trained again" in err and "done " not in out  # nothing trained
+    quick, full = (
+        json.loads((res / "runs" / g / "a" / "seed-0" / "result.json").read_text()) for g in ("t@quick", "t")
+    )
+    assert full.pop("copied_from") == "t@quick/a/seed-0" and full.pop("spec") == "t" and quick.pop("spec") == "t@quick"
+    assert full == quick
+    config = json.loads((res / "runs" / "t" / "a" / "seed-0" / "config.json").read_text())
+    assert config["spec"] == "t" and (res / "runs" / "t" / "a" / "seed-0" / "best.pt").exists()
+    assert main(["run", str(path), "--variants", "b", "--dry-run", *common]) == 0  # b differs: trained, not copied
+    assert "another group" not in capsys.readouterr().err
+
+
 def test_bad_results_folders(tmp_path, capsys):
     path = write_spec(tmp_path / "b.yaml")
     (tmp_path / "file").write_text("x")
