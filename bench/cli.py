@@ -387,6 +387,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         tracker.check([group_meta(spec)])
     _write_group(spec, store, args, opts)
+    for run, twin in twins:
+        store.copy_twin(run, twin)
     if twins:
         _say_twins(store, twins, copied=True)
     workers = _workers(spec, todo, opts, cache, args.workers)
@@ -415,10 +417,7 @@ def _say_plan(spec: Spec, runs: list[Run], todo: list[Run], seeds: int) -> None:
 
 
 def _say_twins(store: RunStore, twins: list[tuple[Run, Path]], copied: bool) -> None:
-    """Copy (``copied``) or, for a dry run, name the runs that another group already finished with the same key."""
-    for run, twin in twins:
-        if copied:
-            store.copy_twin(run, twin)
+    """Name the runs that another group already finished with the same key: ``copied`` here, or (a dry run) to be."""
     note(
         log,
         "%s: the same config and seed, already finished in another group (%s): %s, not trained again",

@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import files, usable_cores
 from bench.config import Config, ConfigError
 from bench.factories import build_loss, build_model
-from bench.log import first_line
+from bench.log import count, first_line
 from bench.reference import datasets_for, train_reference
 from bench.runner import RunOptions, load_data, run_grid, run_workers
 from bench.spec import Spec, load_spec, resolve_spec_path
@@ -256,7 +256,7 @@ def measure_reference(
             hit["train_seconds"] if hit else ref.train_seconds,
             hit and hit["epoch"],
             len(ref.history),
-            f"the textbook loop trained to the target (at most {cfg.train.epochs} epochs)",
+            f"the textbook loop trained to the target (at most {count(cfg.train.epochs, 'epoch')})",
             ref.images / ref.train_seconds,
         )
     ref = train_reference(spec.task, cfg, device, max_steps=QUICK_STEPS[spec.task], data=data)
@@ -267,7 +267,7 @@ def measure_reference(
     epochs = proxy.hits[spec.target][0] if spec.target in proxy.hits else None
     source = (
         f"the epochs {name} needs, measured by training it in the harness loop (same network, optimizer, "
-        f"schedule and batch size; at most {proxy_cfg.train.epochs} epochs), times the textbook loop's seconds "
+        f"schedule and batch size; at most {count(proxy_cfg.train.epochs, 'epoch')}), times the textbook loop's seconds "
         f"per epoch from {ref.steps} timed steps"
     )
     return Reference(
@@ -438,7 +438,7 @@ def _recipe_end_row(
     end = [r.train_seconds for r in runs]
     return [
         f"{fmt(target)} on test",
-        f"`{rung}` to its end ({epochs} epochs, best validation epoch)",
+        f"`{rung}` to its end ({count(epochs, 'epoch')}, best validation epoch)",
         f"{sum(r.test >= target for r in runs)} of {len(runs)}",
         _mean_cell([r.best_epoch for r in runs]),
         _seconds_cell(end),
@@ -453,7 +453,7 @@ def _reference_row(ref: Reference, target: float, quick: bool, fmt: Callable[[fl
     if quick:
         seconds += " (extrapolated)"
     if not ref.epochs:
-        seconds += f", {ref.budget} epochs"
+        seconds += f", {count(ref.budget, 'epoch')}"
     return [
         f"{fmt(target)} on validation",
         f"`{ref.rung}` (textbook loop)",

@@ -45,7 +45,7 @@ from bench.records import GroupRecord, RunRecord
 from bench.spec import group_file_prefix
 from bench.stats import CLIPPED, format_duration, mean_ci
 from bench.store import RunStore, StoredRun
-from bench.tables import DELTA, GroupTables, current_costs, flops_unit, group_tables, target_column
+from bench.tables import DELTA, ENSEMBLE_EPOCHS, GroupTables, current_costs, flops_unit, group_tables, target_column
 from bench.tasks import TASKS
 from bench.tasks.base import Task
 
@@ -445,10 +445,11 @@ def _training_notes(meta: GroupRecord, tables: GroupTables, primary: Metric) -> 
             "mean over the seeds that reached it. Runs trained side by side (workers) shared the machine.",
             "",
         ]
-    if any("(members)" in cell for row in tables.training.rows for cell in row):
+    if any(cell.endswith(ENSEMBLE_EPOCHS) for row in tables.training.rows for cell in row):
         out += [
             "A seed ensemble trains nothing: its *epochs* and *train s* are its members' summed (what it cost to "
-            "make), and it has no best epoch of its own (*(members)*).",
+            "make), and it has no best epoch of its own "
+            f"(*{ENSEMBLE_EPOCHS}*).",
             "",
         ]
     return out

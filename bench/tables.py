@@ -244,6 +244,10 @@ def current_costs(costs: dict[str, Any], runs: list[StoredRun]) -> dict[str, dic
 # --------------------------------------------------------------------------- training, secondary, post-processing
 
 
+# The best-epoch part of a seed ensemble's epochs cell (the summary explains it under the table when one is shown).
+ENSEMBLE_EPOCHS = "(members)"
+
+
 def _training_cells(rs: list[RunRecord], runs: list[StoredRun], metric: Metric, target: float | None) -> Row:
     """A rung's mean validation metric, the t-interval of its test mean, its epochs, training seconds and (a spec
     with a ``target``) its time to that target; ``runs`` are its stored runs, for their metrics.csv."""
@@ -255,7 +259,7 @@ def _training_cells(rs: list[RunRecord], runs: list[StoredRun], metric: Metric, 
     cells = {
         "val (mean)": metric.text(sum(r.val_best for r in rs) / len(rs)),
         TEST_CI: format_ci(m, hw, metric),
-        "epochs (best)": f"{format_count(ran)} (members)"
+        "epochs (best)": f"{format_count(ran)} {ENSEMBLE_EPOCHS}"
         if ensemble
         else f"{format_count(ran)} ({format_count(best_epoch)})",
         "train s": f"{sum(r.train_time_s for r in rs) / len(rs):.0f}",
