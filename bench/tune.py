@@ -46,6 +46,7 @@ from typing import Any
 import optuna
 import torch
 import yaml
+from optuna.exceptions import UpdateFinishedTrialError
 
 from bench import files
 from bench.config import ConfigError, config_hash
@@ -353,8 +354,12 @@ def _run_trial(
     try:
         with heartbeat(storage, trial_id(storage, study, trial)):
             value = train_trial(trial)
+    except UpdateFinishedTrialError:  # failed as stale by another worker while this one trained it: see below
+        _say_taken_over(trial)
+        return None
     except optuna.TrialPruned:
-        study.tell(trial, state=State.PRUNED)
+        if study.tell(trial, state=State.PRUNED, skip_if_finished=True).state != State.PRUNED:
+            _say_taken_over(trial)
     except KeyboardInterrupt:
         trial.set_user_attr("requeued", True)  # not a failure of the trial: it goes on in the next run
         study.tell(trial, state=State.FAIL)
@@ -364,8 +369,12 @@ def _run_trial(
         raise KeyboardInterrupt(f"trial {run_of} from epoch {done + 1}") from None
     except Exception as e:  # the trial's own failure (a diverged loss, a schedule its batch size cannot run, a bug)
         reason = failure_reason(e)
-        trial.set_user_attr("fail_reason", reason)
-        study.tell(trial, state=State.FAIL)
+        try:
+            trial.set_user_attr("fail_reason", reason)
+        except UpdateFinishedTrialError:  # a trial failed as stale by another worker fails there, not here
+            _say_taken_over(trial)
+            return None
+        study.tell(trial, state=State.FAIL, skip_if_finished=True)
         # The whole traceback for the log: a bug of the harness must not hide behind a one-line reason.
         log.info(f"trial {trial.number} failed (the study goes on): {reason}", exc_info=True)
         return reason
@@ -373,8 +382,20 @@ def _run_trial(
         study.tell(trial, state=State.FAIL)
         raise
     else:
-        study.tell(trial, [value[o] for o in train_trial.objectives])
+        if study.tell(trial, [value[o] for o in train_trial.objectives], skip_if_finished=True).state != State.COMPLETE:
+            _say_taken_over(trial)
     return None
+
+
+def _say_taken_over(trial: optuna.Trial) -> None:
+    """Another worker failed ``trial`` as stale (its heartbeat was older than the grace period: this process was too
+    busy or too slow to write it in time) and queued its retry while this one trained it: the study keeps the retry,
+    whose training starts again in the same folder; this worker drops what it measured and goes on."""
+    log.warning(
+        f"trial {trial.number}: another worker counted it dead (no heartbeat within the grace period) and queued it "
+        f"again while this worker trained it; the study keeps that retry, not this result (on a busy machine or "
+        f"database a longer --grace-period avoids this)"
+    )
 
 
 def failure_reason(e: BaseException) -> str:

@@ -333,3 +333,32 @@ def test_study_summary_counts_workers_at_once_and_requeued_trials():
     counts = study_summary(side_by_side)
     assert (counts["workers"], counts["failed"], counts["requeued"]) == (2, 1, 1)
     assert counts["failures"] == {"Diverged: epoch 1": 1}
+
+
+@pytest.mark.parametrize("ending", ["values", "failure", "attribute"])
+def test_a_trial_another_worker_failed_as_stale_is_dropped_not_a_crash(tmp_path, caplog, ending):
+    """A worker too busy to beat within the grace period (seen with two tuning workers beside other training) finds
+    its trial failed and queued again by another worker: it says so and goes on, however its trial ends."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from bench.tune import _run_trial
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(storage=storage, direction="maximize")
+
+    class Trained:  # what _run_trial needs of a TrialObjective
+        seed, objectives, store, run = 0, ["val_metric"], None, None
+
+        def __call__(self, trial: optuna.Trial) -> dict[str, float]:
+            trial.suggest_float("x", 0.0, 1.0)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # another worker's fail_stale_trials
+            if ending == "failure":
+                raise RuntimeError("the trial's own failure, after the takeover")
+            if ending == "attribute":
+                trial.set_user_attr("measures", {"val_metric": 0.5})
+            return {"val_metric": 0.5}
+
+    assert _run_trial(study, storage, Trained(), target=3) is None
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert "trial 0: another worker counted it dead (no heartbeat within the grace period)" in caplog.text
