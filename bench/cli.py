@@ -361,7 +361,8 @@ def _check_results_folder(path: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.runner import RunsFailed, check_members, preflight, sigterm_as_ctrl_c, train_then_ensembles
+    from bench import derived
+    from bench.runner import RunsFailed, check_members, preflight, sigterm_as_ctrl_c, train_then_evaluate
     from bench.store import RunStore
 
     spec, seeds, opts, download, tracker = _load(args)  # --variants checked there
@@ -370,18 +371,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.check_owner(spec)
     todo = store.todo(runs)
     twins = [(r, twin) for r in todo if (twin := store.twin(r)) is not None]
-    _say_plan(spec, runs, todo, len(seeds))
+    todo = [r for r in todo if all(r is not t for t, _ in twins)]
+    from_weights = derived.plan(todo, spec.runs(), store)  # (run, source): evaluated from the source's best.pt
+    _say_plan(spec, runs, todo + [r for r, _ in twins], len(seeds))
     if args.dry_run:
         if twins:
             _say_twins(store, twins, copied=False)
+        if from_weights:
+            _say_derived(from_weights)
         if todo:
             _try_what_is_todo(spec, todo, opts, download)
-        _dry_run(runs, todo, store)
+        _dry_run(runs, todo + [r for r, _ in twins], store)
         return 0
-    check_members(todo, store)  # (a twin counts as trained here: it is copied before any ensemble is made)
-    todo = [r for r in todo if all(r is not t for t, _ in twins)]
-    ensembles, todo = [r for r in todo if r.members], [r for r in todo if not r.members]  # ensembles train nothing
-    cache = preflight(spec, todo, opts, download) if todo else {}
+    check_members(todo + [r for r, _ in twins], store)  # (a twin is copied before any ensemble is made)
+    ensembles = [r for r in todo if r.members]  # they train nothing, nor do the runs evaluated from others' weights
+    todo = [r for r in todo if not r.members]
+    cache = preflight(spec, todo, opts, download) if todo else {}  # (a run evaluated from weights is checked too)
+    todo = [r for r in todo if all(r is not d for d, _ in from_weights)]
     if tracker:  # the last check: connect, and make the group's parent run before workers start
         from bench.tracking import group_meta
 
@@ -395,7 +401,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     failed = None
     try:
         with sigterm_as_ctrl_c():  # Slurm's preemption ends like Ctrl-C: the run in hand is released at once
-            train_then_ensembles(spec, todo, ensembles, args.results, opts, cache, workers)
+            train_then_evaluate(spec, todo, ensembles, args.results, opts, cache, workers, from_weights)
     except RunsFailed as e:
         failed = str(e).splitlines()
     except KeyboardInterrupt:
@@ -424,6 +430,18 @@ def _say_twins(store: RunStore, twins: list[tuple[Run, Path]], copied: bool) -> 
         ", ".join(f"{r.variant.name} seed {r.seed}" for r, _ in twins),
         ", ".join(sorted({t.relative_to(store.root).parts[0] for _, t in twins})),
         "copied" if copied else "a real run copies them",
+    )
+
+
+def _say_derived(runs: list[tuple[Run, Run]]) -> None:
+    """Name the runs a real run evaluates from another run's weights instead of training (``bench/derived.py``)."""
+    from bench.derived import post_training_keys
+
+    note(
+        log,
+        "evaluated from another run's weights, not trained (%s acts only after training): %s",
+        post_training_keys(),
+        ", ".join(f"{r.variant.name} seed {r.seed} from {s.variant.name} seed {s.seed}" for r, s in runs),
     )
 
 

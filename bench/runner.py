@@ -6,7 +6,8 @@ in a database across machines); this module only loops: claim a run, train it, r
 ended.  Several worker processes (``--workers N``) run the same loop over the same grid.  A run
 that fails for its own reason (a diverged loss, out of memory) is recorded as failed and the
 loop goes on; :class:`RunsFailed` names them at the end.  Seed ensembles train nothing: they are evaluated
-after the grid from their members' best.pt; a finished run whose best.pt is not here (checkpoints are not in git)
+after the grid from their members' best.pt; so is a run that differs from another only in its post-processing, from
+that run's best.pt (``bench/derived.py``).  A finished run whose best.pt is not here (checkpoints are not in git)
 is trained again from its record into ``<results>/retrained`` first (:func:`checkpoint_of`, which the ONNX export
 uses too; ``bench reproduce`` trains runs again by :func:`retrain`).
 """
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bench import ensemble, files, usable_cores
+from bench import derived, ensemble, files, usable_cores
 from bench.config import ConfigError
 from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
@@ -180,6 +181,11 @@ def runtime_config(run: Run, opts: RunOptions) -> Any:
     return cfg
 
 
+def run_meta(run: Run) -> dict[str, Any]:
+    """What a run's config.json and result.json say of where it belongs."""
+    return {"spec": run.spec, "variant": run.variant.name, "seed": run.seed, "name": f"{run.variant.name}/s{run.seed}"}
+
+
 class RunsFailed(Exception):
     """Some runs of the grid failed for their own reasons (recorded in their result.json); the others finished."""
 
@@ -216,12 +222,7 @@ def run_grid(
     for run in grid.claims():
         cfg = runtime_config(run, opts)
         device = resolve_device(cfg.train.device, "train.device")
-        meta = {
-            "spec": run.spec,
-            "variant": run.variant.name,
-            "seed": run.seed,
-            "name": f"{run.variant.name}/s{run.seed}",
-        }
+        meta = run_meta(run)
         log.debug(
             f"training {run.rel_dir} (key {run.key}) on {device} with {cfg.train.threads} threads in process "
             f"{os.getpid()}"
@@ -443,12 +444,7 @@ def run_ensembles(
                 continue
             cfg = runtime_config(run, opts)
             device = resolve_device(cfg.train.device, "train.device")
-            meta = {
-                "spec": run.spec,
-                "variant": run.variant.name,
-                "seed": run.seed,
-                "name": f"{run.variant.name}/s{run.seed}",
-            }
+            meta = run_meta(run)
             try:
                 weights = [member_checkpoint(store, m, run, opts) for m in run.members]
                 data = load_data(cache, task, cfg, device)
@@ -479,7 +475,47 @@ def run_ensembles(
         raise RunsFailed("\n".join(failed))
 
 
-def train_then_ensembles(
+def run_derived(
+    spec: Spec, runs: list[tuple[Run, Run]], results_dir: str | Path, opts: RunOptions, cache: dict[str, Data]
+) -> None:
+    """Evaluate each (run, source) of ``runs`` (:func:`bench.derived.plan`) from its source's best.pt, unless another
+    process holds the run; a run whose source is not finished with its best.pt here (it failed, or another process
+    still trains it) is trained instead.  RunsFailed naming the runs that failed either way."""
+    store, task, untrained, failed = RunStore(results_dir), TASKS[spec.task], [], []
+    for run, source in runs:
+        source_dir = store.path(source)
+        if store.result(source) is None or not (source_dir / "best.pt").exists():
+            untrained.append(run)
+            continue
+        with store.claim(run) as mine:
+            if not mine:
+                continue
+            cfg = runtime_config(run, opts)
+            device = resolve_device(cfg.train.device, "train.device")
+            try:
+                data = load_data(cache, task, cfg, device)
+                result = derived.evaluate(run, source_dir, store.path(run), task, data, device, run_meta(run))
+            except files.DiskFull:
+                raise
+            except Exception as e:  # recorded like a run's own failure; the others go on
+                error = f"{type(e).__name__}: {e}"
+                store.record_failure(run, error)
+                failed.append(f"{run.variant.name} seed {run.seed}: {error}")
+                continue
+            store.record(run, result)
+            for hook in opts.after_run:
+                hook(store, run)
+            report_finished(run, result, task, opts.progress)
+    try:
+        if untrained:
+            run_grid(spec, untrained, results_dir, opts, cache)
+    except RunsFailed as e:
+        failed.append(str(e))
+    if failed:
+        raise RunsFailed("\n".join(failed))
+
+
+def train_then_evaluate(
     spec: Spec,
     todo: list[Run],
     ensembles: list[Run],
@@ -487,15 +523,21 @@ def train_then_ensembles(
     opts: RunOptions,
     cache: dict[str, Data],
     workers: int,
+    derived_runs: list[tuple[Run, Run]] | None = None,
 ) -> None:
-    """Train ``todo`` (``workers`` processes, or this one), then evaluate the ``ensembles`` whose members are finished,
-    even when some runs failed; RunsFailed naming every failure of both."""
+    """Train ``todo`` (``workers`` processes, or this one); then evaluate the ``derived_runs`` (run, source) from
+    their sources' weights (training those whose source did not finish); then the ``ensembles`` whose members are
+    finished, even when some runs failed.  RunsFailed naming every failure."""
     failed = []
     try:
         if workers > 1:
             run_workers(spec, todo, results_dir, opts, workers)
         elif todo:
             run_grid(spec, todo, results_dir, opts, cache)
+    except RunsFailed as e:
+        failed.append(str(e))
+    try:
+        run_derived(spec, derived_runs or [], results_dir, opts, cache)
     except RunsFailed as e:
         failed.append(str(e))
     try:

@@ -203,6 +203,22 @@ def run_key(cfg: Config) -> str:
     return config_hash(d)
 
 
+# Keys that act only once training is over, on the best epoch's weights: eval.postprocess is chosen on validation
+# after the last epoch.  (eval.tta and eval.threshold are not among them: validation scores every epoch with them, so
+# they choose the best epoch.)  Two runs whose configs differ only here train the same weights.
+POST_TRAINING_KEYS = {"eval": ("postprocess",)}
+
+
+def training_key(cfg: Config) -> str:
+    """The :func:`run_key` of ``cfg`` with every :data:`POST_TRAINING_KEYS` at its default: what the run trains.
+    A run whose training key is another run's :func:`run_key` trains that run's weights (``bench/derived.py``)."""
+    plain = cfg.copy()
+    for section, names in POST_TRAINING_KEYS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(SECTION_TYPES[section])}
+        setattr(plain, section, dataclasses.replace(getattr(plain, section), **{k: defaults[k] for k in names}))
+    return run_key(plain)
+
+
 def ensemble_key(cfg: Config, member_keys: list[str]) -> str:
     """An ensemble run's key: its own config (what it evaluates with) and its members' keys, in order."""
     return config_hash({"ensemble": run_key(cfg), "members": member_keys})

@@ -315,9 +315,9 @@ def _write_adhoc(store: RunStore, group: str, stamp: str) -> Path | None:
 
 def _compute_line(runs: list[StoredRun]) -> str:
     """What the runs cost the machine that made them: their training and test seconds, summed over the runs (a grid
-    of several workers takes less wall time than the sum).  Seed ensembles train nothing of their own: only their
-    evaluation counts."""
-    trained = [r for r in runs if not r.result.extra.get("members")]
+    of several workers takes less wall time than the sum).  Seed ensembles, and runs evaluated from another run's
+    weights (``trained_by``, bench/derived.py), train nothing of their own: only their evaluation counts."""
+    trained = [r for r in runs if not r.result.extra.get("members") and not r.result.extra.get("trained_by")]
     train = sum(r.result.train_time_s or 0.0 for r in trained)
     test = sum(r.result.test_time_s or 0.0 for r in runs)
     return (
@@ -344,7 +344,7 @@ def group_section(meta: GroupRecord, runs: list[StoredRun], store: RunStore, fig
     out += _reading(store, meta.group)
     out += _details(meta)
     out += ["Training and statistics of each rung:", "", tables.training.markdown(), ""]
-    out += _training_notes(meta, tables, primary)
+    out += _training_notes(meta, runs, tables, primary)
     out += _secondary_tables(tables)
     out += _tuned_block(meta, runs, fig_dir)
     out += _curves(meta, runs, fig_dir, task)
@@ -427,7 +427,7 @@ def _cost_lines(
     return []
 
 
-def _training_notes(meta: GroupRecord, tables: GroupTables, primary: Metric) -> list[str]:
+def _training_notes(meta: GroupRecord, runs: list[StoredRun], tables: GroupTables, primary: Metric) -> list[str]:
     """Under the training table: a clipped interval's mark, the time-to-target column of a spec with a target, and
     what a seed ensemble's epochs and seconds are."""
     out = []
@@ -450,6 +450,16 @@ def _training_notes(meta: GroupRecord, tables: GroupTables, primary: Metric) -> 
             "A seed ensemble trains nothing: its *epochs* and *train s* are its members' summed (what it cost to "
             "make), and it has no best epoch of its own "
             f"(*{ENSEMBLE_EPOCHS}*).",
+            "",
+        ]
+    if derived := [
+        f"{r.variant} seed {r.seed} from {r.result.extra['trained_by']}"
+        for r in runs
+        if r.result.extra.get("trained_by")
+    ]:
+        out += [
+            "Evaluated from another run's weights, not trained (their configs differ only after training; their "
+            f"training columns are that run's): {', '.join(derived)}.",
             "",
         ]
     return out

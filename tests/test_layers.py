@@ -43,9 +43,10 @@ LAYERS = [
         "bench.records",
         "bench.ensemble",
         "bench.store",
+        "bench.derived",
         "bench.storage",
         "bench.tracking",
-    ],  # records, seed ensembles, run store, machines DB, MLflow
+    ],  # records, seed ensembles, run store, runs from others' weights, machines DB, MLflow
     ["bench.grid"],  # who trains which run: kernel locks, or a study in that database
     ["bench.runner", "bench.tune", "bench.study_report", "bench.workers"],  # what trains the runs of a spec
     ["bench.tables"],  # the rows of the published tables, from stored runs

@@ -1,0 +1,121 @@
+"""A run that differs from another of its group only in a key acting after training (eval.postprocess) is evaluated
+from that run's weights, not trained (bench/derived.py): its files and record, and its numbers against the same run
+trained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cli import main as bench
+from bench.derived import source_of
+from bench.spec import load_spec, training_key
+from bench.store import RunStore
+from tests.helpers import write_spec
+
+BASE = {
+    "model": {"name": "encdec", "batch_norm": True, "dropout": 0.0, "width": 4, "depth": 2},
+    "optim": {"name": "adam", "lr": 1.0e-2},
+    "loss": {"name": "bce"},
+    "train": {"epochs": 2, "batch_size": 4, "threads": 1},
+}
+VARIANTS = [
+    {"name": "a"},
+    {"name": "a+pp", "set": {"eval.postprocess": "obj_f1_pooled"}},
+    {"name": "a+tta", "from": "a", "set": {"eval.tta": True}},  # TTA scores every epoch: it trains
+]
+
+
+def spec_file(tmp_path: Path) -> Path:
+    return write_spec(tmp_path / "d.yaml", task="warwick", base=BASE, seeds=[0], variants=VARIANTS)
+
+
+def test_only_post_training_keys_make_a_run_another_runs_evaluation(tmp_path: Path):
+    spec = load_spec(spec_file(tmp_path))
+    runs = {r.variant.name: r for r in spec.runs()}
+    assert training_key(runs["a+pp"].config) == runs["a"].key != runs["a+pp"].key
+    assert source_of(runs["a+pp"], spec.runs()).key == runs["a"].key
+    assert source_of(runs["a"], spec.runs()) is None  # its post-training keys are at their defaults
+    assert source_of(runs["a+tta"], spec.runs()) is None
+    assert source_of(runs["a+pp"], spec.runs(["a+pp", "a+tta"])) is None  # no run trains its weights
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, make_warwick) -> dict:
+    tmp = tmp_path_factory.mktemp("derived")
+    root = make_warwick(tmp / "data" / "WARWICK", n_train=8, n_test=3).parent
+    path = spec_file(tmp)
+    return {"path": path, "root": root, "tmp": tmp}
+
+
+def run_args(made: dict, results: Path, *more: str) -> list[str]:
+    return ["run", str(made["path"]), "--results", str(results), "--data-root", str(made["root"]), "--no-progress",
+            "--no-summary", "--workers", "1", *more]  # fmt: skip
+
+
+def test_a_post_processing_rung_is_evaluated_from_its_parents_weights(made, capsys):
+    results = made["tmp"] / "results"
+    assert bench(run_args(made, results, "--dry-run", "--variants", "a", "a+pp")) == 0
+    assert (
+        "note: evaluated from another run's weights, not trained (eval.postprocess acts only after training): "
+        "a+pp seed 0 from a seed 0"
+    ) in capsys.readouterr().err
+    assert bench(run_args(made, results, "--variants", "a", "a+pp")) == 0
+    out = capsys.readouterr().out
+    assert out.count("done d a seed 0") == 1 and out.count("done d a+pp seed 0") == 1
+    spec, store = load_spec(made["path"]), RunStore(results)
+    a, pp = (spec.runs([v])[0] for v in ("a", "a+pp"))
+    src, res = store.result(a), store.result(pp)
+    assert res.extra["trained_by"] == "a/seed-0" and "trained_by" not in src.extra
+    assert res.test_raw == src.test  # the same weights, scored the same way before post-processing
+    assert res.postprocess["chosen_by"] == "obj_f1_pooled"
+    for field in ("val_best", "best_epoch", "epochs_run", "train_time_s", "params", "device_name", "train_precision"):
+        assert getattr(res, field) == getattr(src, field), field
+    d, s = store.path(pp), store.path(a)
+    assert (d / "metrics.csv").read_bytes() == (s / "metrics.csv").read_bytes()
+    ck, ck_src = (torch.load(p / "best.pt", weights_only=True) for p in (d, s))
+    assert ck["key"] == pp.key and ck["config"]["eval"]["postprocess"] == "obj_f1_pooled"
+    assert all(torch.equal(ck["state_dict"][k], v) for k, v in ck_src["state_dict"].items())
+    config = json.loads((d / "config.json").read_text())
+    assert config["key"] == pp.key and config["config"]["train"]["threads"] == 1
+    assert bench(["summary", "--results", str(results)]) == 0
+    summary = (results / "summary.md").read_text()
+    assert "Evaluated from another run's weights, not trained" in summary and "a+pp seed 0 from a/seed-0" in summary
+    assert "of training over 1 trained run " in summary  # its training is a's, counted once
+    made["derived"] = res
+
+
+def test_the_same_rung_trained_alone_gives_the_same_numbers(made, capsys):
+    """Without its parent in the group's runs here, the rung trains; on one machine and thread count, to the same
+    weights and so the same record as the one evaluated from its parent's weights."""
+    if "derived" not in made:
+        pytest.skip("needs test_a_post_processing_rung_is_evaluated_from_its_parents_weights")
+    results = made["tmp"] / "alone"
+    assert bench(run_args(made, results, "--dry-run", "--variants", "a+pp")) == 0
+    assert "evaluated from another run's weights" not in capsys.readouterr().err
+    assert bench(run_args(made, results, "--variants", "a+pp")) == 0
+    res = RunStore(results).result(load_spec(made["path"]).runs(["a+pp"])[0])
+    assert "trained_by" not in res.extra
+    derived = made["derived"]
+    assert (res.test, res.test_raw, res.postprocess, res.val_best, res.best_epoch) == (
+        derived.test,
+        derived.test_raw,
+        derived.postprocess,
+        derived.val_best,
+        derived.best_epoch,
+    )
+
+
+def test_a_parent_finished_without_its_weights_leaves_the_rung_to_train(made, capsys):
+    """Checkpoints are not in git: a parent finished on another machine cannot lend its weights."""
+    results = made["tmp"] / "no-weights"
+    assert bench(run_args(made, results, "--variants", "a")) == 0
+    spec, store = load_spec(made["path"]), RunStore(results)
+    (store.path(spec.runs(["a"])[0]) / "best.pt").unlink()
+    capsys.readouterr()
+    assert bench(run_args(made, results, "--variants", "a", "a+pp")) == 0
+    assert "done d a+pp seed 0" in capsys.readouterr().out
+    assert "trained_by" not in store.result(spec.runs(["a+pp"])[0]).extra
