@@ -361,10 +361,11 @@ def _run_trial(
         if study.tell(trial, state=State.PRUNED, skip_if_finished=True).state != State.PRUNED:
             _say_taken_over(trial)
     except KeyboardInterrupt:
-        trial.set_user_attr("requeued", True)  # not a failure of the trial: it goes on in the next run
-        study.tell(trial, state=State.FAIL)
         run_of = trial.user_attrs.get("run_of_trial", trial.number)
-        study.enqueue_trial(trial.params, user_attrs={"run_of_trial": run_of})  # the next run continues it
+        if running(trial):  # (a trial failed as stale by another worker has its retry queued already)
+            trial.set_user_attr("requeued", True)  # not a failure of the trial: it goes on in the next run
+            study.tell(trial, state=State.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"run_of_trial": run_of})  # the next run continues it
         done = train_trial.store.epochs_done(train_trial.run) if train_trial.run else 0
         raise KeyboardInterrupt(f"trial {run_of} from epoch {done + 1}") from None
     except Exception as e:  # the trial's own failure (a diverged loss, a schedule its batch size cannot run, a bug)
@@ -379,7 +380,7 @@ def _run_trial(
         log.info(f"trial {trial.number} failed (the study goes on): {reason}", exc_info=True)
         return reason
     except BaseException:  # SystemExit and the like: the process is ending, not the trial
-        study.tell(trial, state=State.FAIL)
+        study.tell(trial, state=State.FAIL, skip_if_finished=True)
         raise
     else:
         if study.tell(trial, [value[o] for o in train_trial.objectives], skip_if_finished=True).state != State.COMPLETE:
@@ -387,14 +388,20 @@ def _run_trial(
     return None
 
 
+def running(trial: optuna.Trial) -> bool:
+    """Whether ``trial`` is still running in the study's storage: not failed as stale by another worker (its
+    heartbeat was older than the grace period: this process too busy or too slow to write it in time)."""
+    return any(t.number == trial.number for t in trial.study.get_trials(deepcopy=False, states=(State.RUNNING,)))
+
+
 def _say_taken_over(trial: optuna.Trial) -> None:
-    """Another worker failed ``trial`` as stale (its heartbeat was older than the grace period: this process was too
-    busy or too slow to write it in time) and queued its retry while this one trained it: the study keeps the retry,
-    whose training starts again in the same folder; this worker drops what it measured and goes on."""
+    """Another worker failed ``trial`` as stale and queued its retry while this one trained it: the retry is the
+    study's trial now (it trains in the same folder, resuming from the last epoch saved there); this worker records
+    nothing more of it and goes on."""
     log.warning(
         f"trial {trial.number}: another worker counted it dead (no heartbeat within the grace period) and queued it "
-        f"again while this worker trained it; the study keeps that retry, not this result (on a busy machine or "
-        f"database a longer --grace-period avoids this)"
+        f"again while this worker trained it; its retry is the study's now and this worker leaves it that (on a "
+        f"busy machine or database a longer --grace-period avoids this)"
     )
 
 
@@ -491,8 +498,11 @@ class TrialObjective:
                 hook(self.store, run)
             raise
         except Exception as e:  # recorded like a failed run of a grid; the study records it too (_run_trial)
-            self.store.record_failure(run, failure_reason(e))
+            if running(trial):  # else its folder is the retry's now
+                self.store.record_failure(run, failure_reason(e))
             raise
+        if not running(trial):  # failed as stale meanwhile: the folder and the record are the retry's (_run_trial)
+            raise UpdateFinishedTrialError(f"trial {trial.number} was finished by another worker")
         self.store.record(run, res)
         for hook in self.opts.after_run:  # before the study hears of it: a finished study has every trial's hook done
             hook(self.store, run)

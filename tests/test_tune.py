@@ -335,7 +335,7 @@ def test_study_summary_counts_workers_at_once_and_requeued_trials():
     assert counts["failures"] == {"Diverged: epoch 1": 1}
 
 
-@pytest.mark.parametrize("ending", ["values", "failure", "attribute"])
+@pytest.mark.parametrize("ending", ["values", "failure", "attribute", "interrupt"])
 def test_a_trial_another_worker_failed_as_stale_is_dropped_not_a_crash(tmp_path, caplog, ending):
     """A worker too busy to beat within the grace period (seen with two tuning workers beside other training) finds
     its trial failed and queued again by another worker: it says so and goes on, however its trial ends."""
@@ -355,10 +355,17 @@ def test_a_trial_another_worker_failed_as_stale_is_dropped_not_a_crash(tmp_path,
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # another worker's fail_stale_trials
             if ending == "failure":
                 raise RuntimeError("the trial's own failure, after the takeover")
+            if ending == "interrupt":
+                raise KeyboardInterrupt
             if ending == "attribute":
                 trial.set_user_attr("measures", {"val_metric": 0.5})
             return {"val_metric": 0.5}
 
+    if ending == "interrupt":  # Ctrl-C still stops the study, and queues no second retry of the trial
+        with pytest.raises(KeyboardInterrupt):
+            _run_trial(study, storage, Trained(), target=3)
+        assert [t.state for t in study.trials] == [TrialState.FAIL]
+        return
     assert _run_trial(study, storage, Trained(), target=3) is None
     assert [t.state for t in study.trials] == [TrialState.FAIL]
     assert "trial 0: another worker counted it dead (no heartbeat within the grace period)" in caplog.text
