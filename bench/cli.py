@@ -372,13 +372,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     todo = store.todo(runs)
     twins = [(r, twin) for r in todo if (twin := store.twin(r)) is not None]
     todo = [r for r in todo if all(r is not t for t, _ in twins)]
-    from_weights = derived.plan(todo, spec.runs(), store)  # (run, source): evaluated from the source's best.pt
+    # (run, source): evaluated from the source's best.pt, or trained as its source's best.pt is not here
+    from_weights, without_weights = derived.plan(todo, spec.runs(), store, [r for r, _ in twins])
     _say_plan(spec, runs, todo + [r for r, _ in twins], len(seeds))
+    if from_weights or without_weights:
+        _say_derived(from_weights, without_weights, args.dry_run)
     if args.dry_run:
         if twins:
             _say_twins(store, twins, copied=False)
-        if from_weights:
-            _say_derived(from_weights)
         if todo:
             _try_what_is_todo(spec, todo, opts, download)
         _dry_run(runs, todo + [r for r, _ in twins], store)
@@ -405,7 +406,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunsFailed as e:
         failed = str(e).splitlines()
     except KeyboardInterrupt:
-        _say_interrupted(todo, store)
+        _say_interrupted(todo + [r for r, _ in from_weights], store)
         return EXIT_INTERRUPTED
     if tracker:  # runs finished before (without --mlflow, or whose logging failed) are logged now
         _log_to_mlflow(tracker, spec, store, runs)
@@ -433,16 +434,26 @@ def _say_twins(store: RunStore, twins: list[tuple[Run, Path]], copied: bool) -> 
     )
 
 
-def _say_derived(runs: list[tuple[Run, Run]]) -> None:
-    """Name the runs a real run evaluates from another run's weights instead of training (``bench/derived.py``)."""
+def _say_derived(evaluated: list[tuple[Run, Run]], trained: list[tuple[Run, Run]], dry_run: bool) -> None:
+    """Name the runs evaluated from another run's weights instead of trained (``bench/derived.py``), and those trained
+    because that run's best.pt is not here."""
     from bench.derived import post_training_keys
 
-    note(
-        log,
-        "evaluated from another run's weights, not trained (%s acts only after training): %s",
-        post_training_keys(),
-        ", ".join(f"{r.variant.name} seed {r.seed} from {s.variant.name} seed {s.seed}" for r, s in runs),
-    )
+    def pairs(runs: list[tuple[Run, Run]]) -> str:
+        return ", ".join(f"{r.variant.name} seed {r.seed} from {s.variant.name} seed {s.seed}" for r, s in runs)
+
+    if evaluated:
+        note(
+            log,
+            f"{'to be ' if dry_run else ''}evaluated from another run's weights, not trained "
+            f"({post_training_keys()} acts only after training): {pairs(evaluated)}",
+        )
+    if trained:
+        note(
+            log,
+            f"trained although only {post_training_keys()} sets them apart, as the best.pt of the run they would be "
+            f"evaluated from is not here (checkpoints are not in git): {pairs(trained)}",
+        )
 
 
 def _log_to_mlflow(tracker: Tracker, spec: Spec, store: RunStore, runs: list[Run]) -> None:

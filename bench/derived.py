@@ -31,6 +31,7 @@ from bench import files
 from bench.config import Config
 from bench.factories import build_loss
 from bench.inference import EVAL_PRECISION
+from bench.records import read_record
 from bench.spec import POST_TRAINING_KEYS, Run, run_key, training_key
 from bench.store import RunStore, load_run
 from bench.tasks.base import Data, Task
@@ -69,57 +70,72 @@ def source_of(run: Run, group: list[Run]) -> Run | None:
     return next((r for r in group if r.seed == run.seed and r.key == wanted and not r.members), None)
 
 
-def plan(todo: list[Run], group: list[Run], store: RunStore) -> list[tuple[Run, Run]]:
-    """(run, source) for each run of ``todo`` to be evaluated from its source's weights rather than trained: its
-    source is among ``todo`` (trained first) or finished with its best.pt here (checkpoints are not in git: a
-    source finished on another machine leaves the run to be trained)."""
-    pending = {(r.variant.name, r.seed) for r in todo}
-    out = []
+def plan(
+    todo: list[Run], group: list[Run], store: RunStore, coming: list[Run] = ()
+) -> tuple[list[tuple[Run, Run]], list[tuple[Run, Run]]]:
+    """(the runs of ``todo`` to evaluate from their source's weights, the runs of ``todo`` whose source is finished
+    without its best.pt here and that are therefore trained), each as (run, source) pairs.  A run's source must be
+    coming: among ``todo`` (trained first), among ``coming`` (twins copied from another group first), trained by
+    another process now (its lock held: the run waits for it), or finished with its best.pt here (checkpoints are not
+    in git).  A run whose source is none of these nor finished is trained, as any run."""
+    pending = {(r.variant.name, r.seed) for r in [*todo, *coming]}
+    evaluated, trained = [], []
     for run in todo:
         source = source_of(run, group)
         if source is None:
             continue
-        if (source.variant.name, source.seed) in pending or (
-            store.result(source) is not None and (store.path(source) / "best.pt").exists()
-        ):
-            out.append((run, source))
-    return out
+        finished = store.result(source) is not None
+        if (source.variant.name, source.seed) in pending or (store.path(source) / "best.pt").exists():
+            evaluated.append((run, source))
+        elif finished:
+            trained.append((run, source))
+        elif store.busy(source):
+            evaluated.append((run, source))
+    return evaluated, trained
 
 
 def evaluate(
-    run: Run, source_dir: Path, run_dir: Path, task: Task, data: Data, device: torch.device, meta: dict[str, Any]
+    run: Run, source: Run, source_dir: Path, run_dir: Path, task: Task, data: Data, device: torch.device, meta: dict
 ) -> dict[str, Any]:
-    """Write ``run``'s folder from the finished source run in ``source_dir`` (see the module's docstring), score the
+    """Write ``run``'s folder from the finished ``source`` run in ``source_dir`` (see the module's docstring), score the
     source's weights on the test split with ``run``'s evaluation settings (``task.test_record``: the post-processing
-    chosen on validation), and return the result (for ``result.json``).  ``data``: ``run``'s data on ``device``."""
-    source = load_run(source_dir)
-    if source.result is None or source.result.key != source.key:
-        raise ValueError(f"{source_dir}: its best.pt (key {source.key}) is not its finished run's")
-    cfg = _config(source.config, run)
+    chosen on validation) and with the source's thread count (a CPU's sums depend on it), and return the result (for
+    ``result.json``).  ``data``: ``run``'s data on ``device``.  The training log is copied last, so a folder left by
+    an interrupted evaluation never looks like a training to resume."""
+    loaded = load_run(source_dir)
+    if loaded.result is None or loaded.result.key != loaded.key or loaded.key != source.key:
+        raise ValueError(f"{source_dir}: its best.pt (key {loaded.key}) is not its finished run's ({source.key})")
+    cfg = _config(loaded.config, run)
     run_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(
         run_dir / "config.json", {"key": run.key, **meta, "config": cfg.to_dict(), "data_info": data.info.to_dict()}
     )
+    checkpoint = torch.load(source_dir / "best.pt", map_location="cpu", weights_only=True)
+    files.torch_save(run_dir / "best.pt", {**checkpoint, "config": cfg.to_dict(), "key": run.key})
+    model, threads = loaded.model.to(device), torch.get_num_threads()
+    t0 = time.perf_counter()
+    try:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        scored = task.test_record(model, data, cfg, build_loss(cfg))
+    finally:
+        torch.set_num_threads(threads)
+    test_time = time.perf_counter() - t0
     for name in COPIED_FILES:
         if (source_dir / name).exists():
             blob = (source_dir / name).read_bytes()
             files.atomic_write(run_dir / name, lambda f, blob=blob: f.write(blob), mode="wb")
-    checkpoint = torch.load(source_dir / "best.pt", map_location="cpu", weights_only=True)
-    files.torch_save(run_dir / "best.pt", {**checkpoint, "config": cfg.to_dict(), "key": run.key})
-    model = source.model.to(device)
-    t0 = time.perf_counter()
-    scored = task.test_record(model, data, cfg, build_loss(cfg))
-    trained = source.result.to_dict()
+    trained = loaded.result.to_dict()
     return {
         "key": run.key,
         **meta,
         **scored,  # test, and with eval.postprocess: postprocess, test_raw
         **{k: trained[k] for k in TRAINING_FIELDS if k in trained},
-        "test_time_s": time.perf_counter() - t0,
+        "test_time_s": test_time,
         "eval_precision": EVAL_PRECISION,
         "commit": files.git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "trained_by": f"{source_dir.parent.name}/{source_dir.name}",
+        "trained_by": f"{source.variant.name} seed {source.seed}",
     }
 
 
@@ -133,3 +149,16 @@ def _config(trained: Config, run: Run) -> Config:
     if run_key(cfg) != run.key:
         raise ValueError(f"the source's config with {post_training_keys()} of {run.variant.name} is not its config")
     return cfg
+
+
+class SourceFailed(Exception):
+    """The run that trains a derived run's weights failed: the derived run is recorded as failed with its error."""
+
+
+def failure_of(source_dir: Path, key: str) -> str | None:
+    """The error of the source run in ``source_dir`` when its last attempt with ``key`` failed, else None."""
+    try:
+        record = read_record(source_dir)
+    except (OSError, ValueError):
+        return None
+    return record.error if record.status == "failed" and record.key == key else None

@@ -479,12 +479,22 @@ def run_derived(
     spec: Spec, runs: list[tuple[Run, Run]], results_dir: str | Path, opts: RunOptions, cache: dict[str, Data]
 ) -> None:
     """Evaluate each (run, source) of ``runs`` (:func:`bench.derived.plan`) from its source's best.pt, unless another
-    process holds the run; a run whose source is not finished with its best.pt here (it failed, or another process
-    still trains it) is trained instead.  RunsFailed naming the runs that failed either way."""
+    process holds the run; a source another process trains is waited for.  A run whose source failed is recorded as
+    failed with its source's error (its training would fail the same way); one whose source is still not finished
+    with its best.pt here (stopped, or lost with a dead process) is trained instead.  RunsFailed naming the runs that
+    failed either way."""
     store, task, untrained, failed = RunStore(results_dir), TASKS[spec.task], [], []
     for run, source in runs:
+        if store.result(source) is None and store.busy(source):
+            log.info(
+                f"{run.variant.name} seed {run.seed}: waiting for {source.variant.name} seed {source.seed}, which "
+                "another process trains, to be evaluated from its weights"
+            )
+            store.wait_for(source)
         source_dir = store.path(source)
-        if store.result(source) is None or not (source_dir / "best.pt").exists():
+        ready = store.result(source) is not None and (source_dir / "best.pt").exists()
+        source_error = None if ready else derived.failure_of(source_dir, source.key)
+        if not ready and source_error is None:
             untrained.append(run)
             continue
         with store.claim(run) as mine:
@@ -493,8 +503,10 @@ def run_derived(
             cfg = runtime_config(run, opts)
             device = resolve_device(cfg.train.device, "train.device")
             try:
+                if source_error is not None:
+                    raise derived.SourceFailed(f"{source.variant.name} seed {source.seed} failed ({source_error})")
                 data = load_data(cache, task, cfg, device)
-                result = derived.evaluate(run, source_dir, store.path(run), task, data, device, run_meta(run))
+                result = derived.evaluate(run, source, source_dir, store.path(run), task, data, device, run_meta(run))
             except files.DiskFull:
                 raise
             except Exception as e:  # recorded like a run's own failure; the others go on
@@ -562,11 +574,14 @@ def _waiting_note(run: Run) -> Callable[[], None]:
 def report_finished(run: Run, result: dict[str, Any], task: Any, progress: bool) -> None:
     """One line per finished run on stdout (the progress bars are on stderr), for logs and pipes."""
     m = task.metrics[0]
+    trained = (
+        f"evaluated from the weights of {result['trained_by']}"
+        if result.get("trained_by")
+        else f"{count(result['epochs_run'], 'epoch')}, {result['train_time_s']:.0f} s"
+    )
     line = (
         f"done {run.spec} {run.variant.name} seed {run.seed}: "
-        f"{m.label} {m.text(result['test'].get(m.key), unit=True)} (val {m.text(result['val_best'])}), "
-        f"{count(result['epochs_run'], 'epoch')}, "
-        f"{result['train_time_s']:.0f} s"
+        f"{m.label} {m.text(result['test'].get(m.key), unit=True)} (val {m.text(result['val_best'])}), {trained}"
     )
     if progress:
         tqdm.write(line, file=sys.stdout)

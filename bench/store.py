@@ -239,7 +239,7 @@ class RunStore:
         SIGKILL, so there is no stale lock to detect.  A folder left by another config of the same
         (variant, seed) is kept aside as ``seed-K.superseded-<key>``, so an edited spec never mixes results.
         """
-        lock = self.root / run.spec / ".locks" / f"{slug(run.variant.name)}.seed-{run.seed}.lock"
+        lock = self._lock(run)
         lock.parent.mkdir(parents=True, exist_ok=True)
         with open(lock, "a+") as f:
             try:
@@ -259,6 +259,31 @@ class RunStore:
                 yield True
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _lock(self, run: Run) -> Path:
+        return self.root / run.spec / ".locks" / f"{slug(run.variant.name)}.seed-{run.seed}.lock"
+
+    def busy(self, run: Run) -> bool:
+        """Whether another process holds ``run``'s lock (:meth:`claim`): it is training it now."""
+        try:
+            with open(self._lock(run)) as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(f, fcntl.LOCK_UN)
+        except FileNotFoundError:
+            pass
+        return False
+
+    def wait_for(self, run: Run) -> None:
+        """Return once no other process holds ``run``'s lock (it finished, failed, was stopped or died)."""
+        try:
+            with open(self._lock(run)) as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # blocks while the holder lives; the kernel releases it when it ends
+                fcntl.flock(f, fcntl.LOCK_UN)
+        except FileNotFoundError:
+            pass
 
     def take_over(self, run: Run) -> None:
         """Make the run's folder ready for the process that now holds the run (by lock or by database claim):

@@ -5,15 +5,18 @@ trained."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench.cli import main as bench
-from bench.derived import source_of
+from bench.derived import plan, source_of
 from bench.spec import load_spec, training_key
 from bench.store import RunStore
+from bench.tasks.warwick import WarwickTask
 from tests.helpers import write_spec
 
 BASE = {
@@ -56,20 +59,28 @@ def run_args(made: dict, results: Path, *more: str) -> list[str]:
             "--no-summary", "--workers", "1", *more]  # fmt: skip
 
 
-def test_a_post_processing_rung_is_evaluated_from_its_parents_weights(made, capsys):
+def test_a_post_processing_rung_is_evaluated_from_its_parents_weights(made, capsys, monkeypatch):
     results = made["tmp"] / "results"
+    assert bench(run_args(made, results, "--variants", "a")) == 0
+    torch.set_num_threads(2)  # not a's 1: the evaluation must use the thread count a was trained with (a CPU's sums
+    threads = []  # depend on it), as training would have
+    scored = WarwickTask.test_record
+    monkeypatch.setattr(WarwickTask, "test_record", lambda *a: threads.append(torch.get_num_threads()) or scored(*a))
+    capsys.readouterr()
     assert bench(run_args(made, results, "--dry-run", "--variants", "a", "a+pp")) == 0
     assert (
-        "note: evaluated from another run's weights, not trained (eval.postprocess acts only after training): "
+        "note: to be evaluated from another run's weights, not trained (eval.postprocess acts only after training): "
         "a+pp seed 0 from a seed 0"
     ) in capsys.readouterr().err
     assert bench(run_args(made, results, "--variants", "a", "a+pp")) == 0
-    out = capsys.readouterr().out
-    assert out.count("done d a seed 0") == 1 and out.count("done d a+pp seed 0") == 1
+    out, err = capsys.readouterr()
+    assert "note: evaluated from another run's weights, not trained" in err
+    assert out.count("done d ") == 1 and "(val " in out and ", evaluated from the weights of a seed 0" in out
+    assert threads == [1] and torch.get_num_threads() == 2
     spec, store = load_spec(made["path"]), RunStore(results)
     a, pp = (spec.runs([v])[0] for v in ("a", "a+pp"))
     src, res = store.result(a), store.result(pp)
-    assert res.extra["trained_by"] == "a/seed-0" and "trained_by" not in src.extra
+    assert res.extra["trained_by"] == "a seed 0" and "trained_by" not in src.extra
     assert res.test_raw == src.test  # the same weights, scored the same way before post-processing
     assert res.postprocess["chosen_by"] == "obj_f1_pooled"
     for field in ("val_best", "best_epoch", "epochs_run", "train_time_s", "params", "device_name", "train_precision"):
@@ -83,7 +94,7 @@ def test_a_post_processing_rung_is_evaluated_from_its_parents_weights(made, caps
     assert config["key"] == pp.key and config["config"]["train"]["threads"] == 1
     assert bench(["summary", "--results", str(results)]) == 0
     summary = (results / "summary.md").read_text()
-    assert "Evaluated from another run's weights, not trained" in summary and "a+pp seed 0 from a/seed-0" in summary
+    assert "Evaluated from another run's weights, not trained" in summary and "a+pp seed 0 from a seed 0" in summary
     assert "of training over 1 trained run " in summary  # its training is a's, counted once
     made["derived"] = res
 
@@ -117,5 +128,58 @@ def test_a_parent_finished_without_its_weights_leaves_the_rung_to_train(made, ca
     (store.path(spec.runs(["a"])[0]) / "best.pt").unlink()
     capsys.readouterr()
     assert bench(run_args(made, results, "--variants", "a", "a+pp")) == 0
-    assert "done d a+pp seed 0" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert (
+        "note: trained although only eval.postprocess sets them apart, as the best.pt of the run they would be " in err
+    )
+    assert "done d a+pp seed 0" in out and "2 epochs" in out
     assert "trained_by" not in store.result(spec.runs(["a+pp"])[0]).extra
+
+
+def test_a_failed_parent_fails_the_rung_without_training_it(made, capsys):
+    """Its training would fail the same way: the rung is recorded as failed with its parent's error."""
+    results = made["tmp"] / "failed"
+    assert (
+        bench(run_args(made, results, "--variants", "a", "a+pp", "--set", "optim.name=sgd", "--set", "optim.lr=1e30"))
+        == 1
+    )
+    out, err = capsys.readouterr()
+    assert "done " not in out
+    (runs,) = (results / "runs").iterdir()  # the experiment's group
+    pp = json.loads((runs / "a+pp" / "seed-0" / "result.json").read_text())
+    assert pp["status"] == "failed" and pp["error"].startswith("SourceFailed: a seed 0 failed (Diverged: "), pp
+    assert not (runs / "a+pp" / "seed-0" / "metrics.csv").exists()  # never trained
+
+
+def test_a_parent_another_process_trains_is_waited_for(made, tmp_path):
+    spec = load_spec(made["path"])
+    store = RunStore(tmp_path / "r")
+    a, pp = (spec.runs([v])[0] for v in ("a", "a+pp"))
+    lock = store._lock(a)
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    holder = subprocess.Popen(  # another process training a: it holds a's kernel lock for a second
+        [sys.executable, "-c", f"import fcntl, time; f = open({str(lock)!r}); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(1)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline() == "held\n"
+    assert store.busy(a) and plan([pp], spec.runs(), store) == ([(pp, a)], [])
+    store.wait_for(a)  # returns once the holder is gone
+    assert holder.wait(timeout=10) == 0 and not store.busy(a)
+    assert plan([pp], spec.runs(), store) == ([], [])  # a is neither finished nor trained anywhere: pp trains
+
+
+def test_a_parent_copied_from_another_group_lends_its_weights(made, tmp_path, capsys):
+    """A rung kept as written in two profiles is copied into the second, not trained: its weights come with it."""
+    profiles = {"quick": {"set": {"train.epochs": 1}, "as_written": ["a", "a+pp"]}}
+    path = write_spec(
+        tmp_path / "d.yaml", task="warwick", base=BASE, seeds=[0], variants=VARIANTS[:2], profiles=profiles
+    )
+    args = ["--results", str(tmp_path / "r"), "--data-root", str(made["root"]), "--no-progress", "--no-summary"]
+    assert bench(["run", str(path), "--variants", "a", *args]) == 0
+    capsys.readouterr()
+    assert bench(["run", str(path), "--profile", "quick", "--variants", "a", "a+pp", *args]) == 0
+    out, err = capsys.readouterr()
+    assert "a seed 0: the same config and seed, already finished in another group (d): copied" in err
+    assert out.count("done ") == 1 and "done d@quick a+pp seed 0:" in out and "from the weights of a seed 0" in out
