@@ -9,7 +9,8 @@ loop goes on; :class:`RunsFailed` names them at the end.  Seed ensembles train n
 after the grid from their members' best.pt; so is a run that differs from another only in its post-processing, from
 that run's best.pt (``bench/derived.py``).  A finished run whose best.pt is not here (checkpoints are not in git)
 is trained again from its record into ``<results>/retrained`` first (:func:`checkpoint_of`, which the ONNX export
-uses too; ``bench reproduce`` trains runs again by :func:`retrain`).
+uses too; a post-processing rung is scored there from its source's copy instead; ``bench reproduce`` trains runs
+again by :func:`retrain`).
 """
 
 from __future__ import annotations
@@ -352,6 +353,9 @@ def checkpoint_of(
     done = retrained_checkpoint(stored, results)
     if done is not None:
         return done
+    source = derived_source(stored, results)
+    if source is not None:  # a post-processing rung: its source's weights (trained again if need be), scored again
+        return evaluate_again(stored, source, results, opts, data_root, purpose, using)
     note(
         log,
         "%s has no best.pt (checkpoints are not in git): re-training it from its record into %s to %s",
@@ -380,6 +384,84 @@ def checkpoint_of(
         again.path(run),
     )
     return again.path(run)
+
+
+def derived_source(stored: StoredRun, results: str | Path) -> StoredRun | None:
+    """The finished run of ``stored``'s group (same seed) whose weights ``stored`` is evaluated from, when it differs
+    from it only in what acts after training (:func:`bench.derived.source_of`); None for a run that trains its own.
+    Runs recorded before derived runs existed trained those same weights themselves, so this holds for them too."""
+    store = RunStore(results)
+    same_seed = [
+        s for s in store.finished(stored.group) if s.seed == stored.seed and "members" not in s.result.extra
+    ]
+    if not any(s.variant == stored.variant for s in same_seed):
+        return None
+    meta = store.read_group(stored.group)
+    runs = {s.variant: rerun_of(s, meta, None) for s in same_seed}
+    source = derived.source_of(runs[stored.variant], list(runs.values()))
+    return None if source is None else next(s for s in same_seed if s.variant == source.variant.name)
+
+
+def evaluate_again(
+    stored: StoredRun,
+    source: StoredRun,
+    results: str | Path,
+    opts: RunOptions,
+    data_root: str | None,
+    purpose: str,
+    using: str,
+) -> Path:
+    """The derived run ``stored`` (:func:`derived_source` is ``source``) evaluated again into
+    ``<results>/retrained`` from its source's weights: the source's own best.pt, else its copy trained again from its
+    record (:func:`checkpoint_of`).  Nothing is trained twice: the source's weights are the run's.  Returns the folder;
+    ConfigError when the evaluation fails."""
+    source_dir = checkpoint_of(
+        source,
+        results,
+        opts,
+        data_root,
+        f"{purpose} (its weights are those of {source.variant} seed {source.seed})",
+        using,
+    )
+    meta = RunStore(results).read_group(stored.group)
+    run, src = rerun_of(stored, meta, data_root), rerun_of(source, meta, data_root)
+    store, task = RunStore(Path(results) / RETRAINED), TASKS[meta.task]
+    with store.claim(run) as mine:
+        if mine:
+            cfg = runtime_config(run, opts)
+            device = resolve_device(cfg.train.device, "train.device")
+            try:
+                data = load_data({}, task, cfg, device)
+                result = derived.evaluate(run, src, source_dir, store.path(run), task, data, device, run_meta(run))
+            except files.DiskFull:
+                raise
+            except Exception as e:
+                store.record_failure(run, f"{type(e).__name__}: {e}")
+                raise ConfigError(f"{stored.dir}: evaluating it from {source_dir}'s weights failed: {e}") from e
+            store.record(run, result)
+    if not mine:  # another process evaluates it: its outcome
+        store.wait_for(run)
+    done = retrained_checkpoint(stored, results)
+    if done is None:
+        raise ConfigError(f"{stored.dir}: evaluating it from {source_dir}'s weights to {purpose} failed; see above")
+    metric = TASKS[meta.task].metrics[0]
+    old, new = stored.result.test.get(metric.key), read_record(done).test.get(metric.key)
+    note(
+        log,
+        "evaluated %s %s seed %d from the weights of %s seed %d: %s %s (%s %s); %s %s",
+        stored.group,
+        stored.variant,
+        stored.seed,
+        source.variant,
+        source.seed,
+        metric.label,
+        metric.text(new, unit=True),
+        "identical to" if new == old else "recorded",
+        metric.text(old, unit=True),
+        using,
+        done,
+    )
+    return done
 
 
 def member_checkpoint(store: RunStore, member: Run, run: Run, opts: RunOptions) -> Path:

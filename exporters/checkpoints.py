@@ -15,7 +15,15 @@ from pathlib import Path
 import bench.log
 from bench import ensemble, files
 from bench.config import ConfigError
-from bench.runner import RETRAINED, RunOptions, checkpoint_of, resolve_data_root, retrained_checkpoint, retrained_dir
+from bench.runner import (
+    RETRAINED,
+    RunOptions,
+    checkpoint_of,
+    derived_source,
+    resolve_data_root,
+    retrained_checkpoint,
+    retrained_dir,
+)
 from bench.stats import format_duration
 from bench.store import RunStore, StoredRun
 
@@ -63,7 +71,10 @@ def untrained_here(run_dir: Path, results: Path) -> list[StoredRun]:
     if "members" in stored.result.extra:
         members = [run_dir.parent.parent / m["run"] for m in stored.result.extra["members"]]
         return [s for m in members for s in untrained_here(m, results)]
-    return [] if retrained_checkpoint(stored, results) is not None else [stored]
+    if retrained_checkpoint(stored, results) is not None:
+        return []
+    source = derived_source(stored, results)  # a post-processing rung: its source's weights, scored again
+    return [stored] if source is None else untrained_here(source.dir, results)
 
 
 def with_checkpoint(run_dir: Path, results: Path, data_root: str | None) -> Path:

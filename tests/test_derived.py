@@ -5,6 +5,7 @@ trained."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ import torch
 
 from bench.cli import main as bench
 from bench.derived import plan, source_of
+from bench.records import read_record
 from bench.spec import load_spec, training_key
 from bench.store import RunStore
 from bench.tasks.warwick import WarwickTask
+from exporters.checkpoints import untrained_here, with_checkpoint
 from tests.helpers import write_spec
 
 BASE = {
@@ -183,3 +186,27 @@ def test_a_parent_copied_from_another_group_lends_its_weights(made, tmp_path, ca
     out, err = capsys.readouterr()
     assert "a seed 0: the same config and seed, already finished in another group (d): copied" in err
     assert out.count("done ") == 1 and "done d@quick a+pp seed 0:" in out and "from the weights of a seed 0" in out
+
+
+def test_exporting_a_rung_without_weights_trains_only_its_parent(made, tmp_path):
+    """A clone has records, not checkpoints: exporting a+pp trains a again from its record (once, what the export
+    says it will train) and scores a+pp from those weights, to a+pp's own record."""
+    if "derived" not in made:
+        pytest.skip("needs test_a_post_processing_rung_is_evaluated_from_its_parents_weights")
+    results = tmp_path / "results"
+    shutil.copytree(made["tmp"] / "results" / "runs", results / "runs", ignore=shutil.ignore_patterns("*.pt", ".locks"))
+    spec, store = load_spec(made["path"]), RunStore(results)
+    a, pp = (spec.runs([v])[0] for v in ("a", "a+pp"))
+    assert [(s.variant, s.seed) for s in untrained_here(store.path(pp), results)] == [("a", 0)]
+    done = with_checkpoint(store.path(pp), results, str(made["root"]))
+    assert done == results / "retrained" / "runs" / "d" / "a+pp" / "seed-0" and (done / "best.pt").exists()
+    again = read_record(done)
+    assert again.extra["trained_by"] == "a seed 0" and again.key == pp.key
+    assert (again.test, again.postprocess, again.best_epoch) == (
+        made["derived"].test,
+        made["derived"].postprocess,
+        made["derived"].best_epoch,
+    )
+    assert read_record(results / "retrained" / "runs" / "d" / "a" / "seed-0").key == a.key
+    assert untrained_here(store.path(pp), results) == [] and untrained_here(store.path(a), results) == []
+    assert with_checkpoint(store.path(pp), results, str(made["root"])) == done  # reused, not scored again
