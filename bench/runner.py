@@ -391,9 +391,7 @@ def derived_source(stored: StoredRun, results: str | Path) -> StoredRun | None:
     from it only in what acts after training (:func:`bench.derived.source_of`); None for a run that trains its own.
     Runs recorded before derived runs existed trained those same weights themselves, so this holds for them too."""
     store = RunStore(results)
-    same_seed = [
-        s for s in store.finished(stored.group) if s.seed == stored.seed and "members" not in s.result.extra
-    ]
+    same_seed = [s for s in store.finished(stored.group) if s.seed == stored.seed and "members" not in s.result.extra]
     if not any(s.variant == stored.variant for s in same_seed):
         return None
     meta = store.read_group(stored.group)
@@ -426,20 +424,12 @@ def evaluate_again(
     meta = RunStore(results).read_group(stored.group)
     run, src = rerun_of(stored, meta, data_root), rerun_of(source, meta, data_root)
     store, task = RunStore(Path(results) / RETRAINED), TASKS[meta.task]
-    with store.claim(run) as mine:
-        if mine:
-            cfg = runtime_config(run, opts)
-            device = resolve_device(cfg.train.device, "train.device")
-            try:
-                data = load_data({}, task, cfg, device)
-                result = derived.evaluate(run, src, source_dir, store.path(run), task, data, device, run_meta(run))
-            except files.DiskFull:
-                raise
-            except Exception as e:
-                store.record_failure(run, f"{type(e).__name__}: {e}")
-                raise ConfigError(f"{stored.dir}: evaluating it from {source_dir}'s weights failed: {e}") from e
-            store.record(run, result)
-    if not mine:  # another process evaluates it: its outcome
+
+    def score(cfg: Any, device: torch.device) -> dict[str, Any]:
+        data = load_data({}, task, cfg, device)
+        return derived.evaluate(run, src, source_dir, store.path(run), task, data, device, run_meta(run))
+
+    if evaluate_claimed(store, run, task, opts, score) is None:  # another process evaluates it: its outcome
         store.wait_for(run)
     done = retrained_checkpoint(stored, results)
     if done is None:
@@ -508,6 +498,32 @@ def members_to_retrain(runs: list[Run], store: RunStore) -> list[tuple[Run, list
     return list(out.values())
 
 
+def evaluate_claimed(
+    store: RunStore, run: Run, task: Any, opts: RunOptions, score: Callable[[Any, torch.device], dict[str, Any]]
+) -> dict[str, Any] | str | None:
+    """Evaluate a run that trains nothing (an ensemble, a derived run) while this process holds it: ``score(cfg,
+    device)`` with the run's config for this process gives its result, recorded as a training's would be (then the
+    ``after_run`` hooks and the done line).  Returns the result; the error when scoring failed (recorded as the run's
+    failure: the other runs go on); None when another process holds the run or it is finished."""
+    with store.claim(run) as mine:
+        if not mine:
+            return None
+        cfg = runtime_config(run, opts)
+        try:
+            result = score(cfg, resolve_device(cfg.train.device, "train.device"))
+        except files.DiskFull:  # not the run's fault: stop here
+            raise
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            store.record_failure(run, error)
+            return error
+        store.record(run, result)
+        for hook in opts.after_run:  # while the run is still this process's (its claim is held)
+            hook(store, run)
+        report_finished(run, result, task, opts.progress)
+        return result
+
+
 def run_ensembles(
     spec: Spec, runs: list[Run], results_dir: str | Path, opts: RunOptions, cache: dict[str, Data] | None = None
 ) -> None:
@@ -521,38 +537,26 @@ def run_ensembles(
         if missing:
             failed.append(f"{run.variant.name} seed {run.seed}: its members {', '.join(missing)} are not finished")
             continue
-        with store.claim(run) as mine:
-            if not mine:
-                continue
-            cfg = runtime_config(run, opts)
-            device = resolve_device(cfg.train.device, "train.device")
-            meta = run_meta(run)
-            try:
-                weights = [member_checkpoint(store, m, run, opts) for m in run.members]
-                data = load_data(cache, task, cfg, device)
-                result = ensemble.evaluate(
-                    dataclasses.replace(run, config=cfg),
-                    store.path(run),
-                    [store.path(m) for m in run.members],
-                    task,
-                    data,
-                    device,
-                    meta,
-                    scored.get(ensemble.scored_alike(run)),
-                    weights,
-                )
-            except files.DiskFull:
-                raise
-            except Exception as e:  # recorded like a run's own failure; the others go on
-                error = f"{type(e).__name__}: {e}"
-                store.record_failure(run, error)
-                failed.append(f"{run.variant.name} seed {run.seed}: {error}")
-                continue
-            store.record(run, result)
-            scored[ensemble.scored_alike(run)] = {k: result[k] for k in ensemble.SCORES if k in result}
-            for hook in opts.after_run:
-                hook(store, run)
-            report_finished(run, result, task, opts.progress)
+
+        def score(cfg: Any, device: torch.device, run: Run = run) -> dict[str, Any]:
+            weights = [member_checkpoint(store, m, run, opts) for m in run.members]
+            return ensemble.evaluate(
+                dataclasses.replace(run, config=cfg),
+                store.path(run),
+                [store.path(m) for m in run.members],
+                task,
+                load_data(cache, task, cfg, device),
+                device,
+                run_meta(run),
+                scored.get(ensemble.scored_alike(run)),
+                weights,
+            )
+
+        outcome = evaluate_claimed(store, run, task, opts, score)
+        if isinstance(outcome, str):
+            failed.append(f"{run.variant.name} seed {run.seed}: {outcome}")
+        elif outcome is not None:
+            scored[ensemble.scored_alike(run)] = {k: outcome[k] for k in ensemble.SCORES if k in outcome}
     if failed:
         raise RunsFailed("\n".join(failed))
 
@@ -579,27 +583,18 @@ def run_derived(
         if not ready and source_error is None:
             untrained.append(run)
             continue
-        with store.claim(run) as mine:
-            if not mine:
-                continue
-            cfg = runtime_config(run, opts)
-            device = resolve_device(cfg.train.device, "train.device")
-            try:
-                if source_error is not None:
-                    raise derived.SourceFailed(f"{source.variant.name} seed {source.seed} failed ({source_error})")
-                data = load_data(cache, task, cfg, device)
-                result = derived.evaluate(run, source, source_dir, store.path(run), task, data, device, run_meta(run))
-            except files.DiskFull:
-                raise
-            except Exception as e:  # recorded like a run's own failure; the others go on
-                error = f"{type(e).__name__}: {e}"
-                store.record_failure(run, error)
-                failed.append(f"{run.variant.name} seed {run.seed}: {error}")
-                continue
-            store.record(run, result)
-            for hook in opts.after_run:
-                hook(store, run)
-            report_finished(run, result, task, opts.progress)
+
+        def score(
+            cfg: Any, device: torch.device, run: Run = run, source: Run = source, error: str | None = source_error
+        ):
+            if error is not None:
+                raise derived.SourceFailed(f"{source.variant.name} seed {source.seed} failed ({error})")
+            data = load_data(cache, task, cfg, device)
+            return derived.evaluate(run, source, store.path(source), store.path(run), task, data, device, run_meta(run))
+
+        outcome = evaluate_claimed(store, run, task, opts, score)
+        if isinstance(outcome, str):
+            failed.append(f"{run.variant.name} seed {run.seed}: {outcome}")
     try:
         if untrained:
             run_grid(spec, untrained, results_dir, opts, cache)
