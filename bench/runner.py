@@ -368,22 +368,32 @@ def checkpoint_of(
     result = again.result(run)
     if result is None:
         raise ConfigError(f"{stored.dir}: re-training it to {purpose} failed; see above")
-    metric = TASKS[meta.task].metrics[0]
-    old, new = stored.result.test.get(metric.key), result.test.get(metric.key)
+    _note_remade(stored, "re-trained", "", result.test, meta.task, using, again.path(run))
+    return again.path(run)
+
+
+def _note_remade(
+    stored: StoredRun, verb: str, suffix: str, test: dict[str, Any], task: str, using: str, where: Path
+) -> None:
+    """The note once ``stored``'s checkpoint is made again into ``where``: its test metric against the recorded one."""
+    metric = TASKS[task].metrics[0]
+    old, new = stored.result.test.get(metric.key), test.get(metric.key)
+    same = "identical to" if new == old else "recorded"
     note(
         log,
-        "re-trained %s %s seed %d: %s %s (%s %s); %s %s",
+        "%s %s %s seed %d%s: %s %s (%s %s); %s %s",
+        verb,
         stored.group,
         stored.variant,
         stored.seed,
+        suffix,
         metric.label,
         metric.text(new, unit=True),
-        "identical to" if new == old else "recorded",
+        same,
         metric.text(old, unit=True),
         using,
-        again.path(run),
+        where,
     )
-    return again.path(run)
 
 
 def derived_source(stored: StoredRun, results: str | Path) -> StoredRun | None:
@@ -434,23 +444,8 @@ def evaluate_again(
     done = retrained_checkpoint(stored, results)
     if done is None:
         raise ConfigError(f"{stored.dir}: evaluating it from {source_dir}'s weights to {purpose} failed; see above")
-    metric = TASKS[meta.task].metrics[0]
-    old, new = stored.result.test.get(metric.key), read_record(done).test.get(metric.key)
-    note(
-        log,
-        "evaluated %s %s seed %d from the weights of %s seed %d: %s %s (%s %s); %s %s",
-        stored.group,
-        stored.variant,
-        stored.seed,
-        source.variant,
-        source.seed,
-        metric.label,
-        metric.text(new, unit=True),
-        "identical to" if new == old else "recorded",
-        metric.text(old, unit=True),
-        using,
-        done,
-    )
+    suffix = f" from the weights of {source.variant} seed {source.seed}"
+    _note_remade(stored, "evaluated", suffix, read_record(done).test, meta.task, using, done)
     return done
 
 
