@@ -416,7 +416,11 @@ def _cost_lines(
 ) -> list[str]:
     """The deployment costs' legend and trade-off, or (a published group without them) the command that adds them."""
     if tables.costs_shown and costs:
-        return [_cost_legend(costs), "", *_tradeoff(meta, runs, costs, fig_dir, primary)]
+        return [
+            _cost_legend(costs) + _retrained_note(costs, runs, primary),
+            "",
+            *_tradeoff(meta, runs, costs, fig_dir, primary),
+        ]
     if runs and meta.role == "published":
         return [
             f"Deployment cost per rung: `python -m exporters.onnx rungs {meta.path}"
@@ -524,6 +528,37 @@ def _cost_legend(costs: dict[str, Any]) -> str:
         + f"{gpu}; load average {costs['load_avg_1m']} during the timings. "
         + _no_weights_note(costs)
         + f"Exact parameter counts and FLOPs: `runs/{costs['group']}/costs.json`."
+    )
+
+
+def _retrained_note(costs: dict[str, Any], runs: list[StoredRun], metric: Metric) -> str:
+    """Which rungs' costs were measured on their best seed trained again from its record (``--retrain``: the
+    measuring machine had no best.pt; exporters.checkpoints), and that copy's test metric against the published run's:
+    the same on the machine and precision that made the record, another draw elsewhere."""
+    again = {v: r for v, r in costs["rungs"].items() if str(r.get("run", "")).startswith("retrained/")}
+    if not again:
+        return ""
+    published = {(r.variant, r.seed): r.result.test.get(metric.key) for r in runs}
+    same, other = [], []
+    for v, r in again.items():
+        old, new = published.get((v, r["seed"])), r.get("metric_torch")
+        if old == new:
+            same.append(f"{v}")
+        else:
+            other.append(f"{v} ({metric.text(new, unit=True)} against {metric.text(old, unit=True)})")
+    parts = ([f"identical to the published run for {', '.join(same)}"] if same else []) + (
+        [f"another draw for {', '.join(other)} (the copy's {metric.label} against the published seed's)"]
+        if other
+        else []
+    )
+    why = (
+        " A record made on another CPU kind, precision or thread count trains other weights; the cost columns do not "
+        "depend on them."
+        if other
+        else ""
+    )
+    return (
+        f" The weights timed were trained again from the records (checkpoints are not in git): {'; '.join(parts)}.{why}"
     )
 
 

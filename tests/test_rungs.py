@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench.augment import dihedral_tta
+from bench.cli import main as bench
 from bench.pareto import pareto_front
 from bench.records import RunRecord
 from bench.spec import LABEL_MAX, load_spec, short_label
@@ -192,7 +193,18 @@ def test_rungs_without_the_best_seed_s_checkpoint(tmp_path, data_root, capsys):
     costs = json.loads((res / "runs/w/costs.json").read_text())
     assert costs["rungs"]["a"]["seed"] == best and costs["rungs"]["b"]["seed"] == 0 and costs["no_weights"] == {}
     assert costs["rungs"]["a"]["run"] == f"retrained/runs/w/a/seed-{best}"
-    assert "another seed stands" not in (res / "summary.md").read_text()
+    text = (res / "summary.md").read_text()
+    assert "another seed stands" not in text
+    # the same machine and thread count: the copies are the published runs, and the legend says so
+    assert (
+        "trained again from the records (checkpoints are not in git): identical to the published run for a, b." in text
+    )
+    costs["rungs"]["a"]["metric_torch"] = 0.5  # a copy that another machine would have trained: another draw
+    (res / "runs/w/costs.json").write_text(json.dumps(costs))
+    assert bench(["summary", "--results", str(res)]) == 0
+    published = store.result(spec.runs(["a"])[best]).test["acc"]
+    text = (res / "summary.md").read_text()
+    assert f"identical to the published run for b; another draw for a (50.00 % against {100 * published:.2f} %)" in text
     assert ox.main(args) == 0 and "have no best.pt" not in capsys.readouterr().err  # the copies serve from now on
     # without b's weights, a new measurement would drop b's columns from costs.json: an error, nothing written
     shutil.rmtree(res / "retrained/runs/w/b")
