@@ -40,7 +40,7 @@ from bench.factories import build_loss, build_model, build_optimizer, factory
 from bench.grid import LocalGrid, StudyGrid
 from bench.log import count, first_line, note, setup, verbosity
 from bench.records import GroupRecord, read_record
-from bench.spec import Run, Spec, Variant, config_from_dict, run_key, run_keys
+from bench.spec import Run, Spec, Variant, config_from_dict, run_key, run_keys, training_key
 from bench.storage import StorageOptions
 from bench.store import LoadedRun, RunStore, StoredRun
 from bench.tasks import TASKS
@@ -398,16 +398,17 @@ def _note_remade(
 
 def derived_source(stored: StoredRun, results: str | Path) -> StoredRun | None:
     """The finished run of ``stored``'s group (same seed) whose weights ``stored`` is evaluated from, when it differs
-    from it only in what acts after training (:func:`bench.derived.source_of`); None for a run that trains its own.
-    Runs recorded before derived runs existed trained those same weights themselves, so this holds for them too."""
-    store = RunStore(results)
-    same_seed = [s for s in store.finished(stored.group) if s.seed == stored.seed and "members" not in s.result.extra]
-    if not any(s.variant == stored.variant for s in same_seed):
+    from it only in what acts after training (its key is ``stored``'s training key, as :func:`bench.derived.source_of`
+    finds it); None for a run that trains its own.  Runs recorded before derived runs existed trained those same
+    weights themselves, so this holds for them too."""
+    if "members" in stored.result.extra:
         return None
-    meta = store.read_group(stored.group)
-    runs = {s.variant: rerun_of(s, meta, None) for s in same_seed}
-    source = derived.source_of(runs[stored.variant], list(runs.values()))
-    return None if source is None else next(s for s in same_seed if s.variant == source.variant.name)
+    saved = files.read_json(stored.dir / "config.json")
+    wanted = training_key(config_from_dict(saved["config"], where=str(stored.dir / "config.json")))
+    if wanted == stored.key:  # its post-training keys are at their defaults: it trains its own weights
+        return None
+    finished = RunStore(results).finished(stored.group)
+    return next((s for s in finished if s.seed == stored.seed and s.key == wanted), None)
 
 
 def evaluate_again(

@@ -543,7 +543,7 @@ def _retrained_note(costs: dict[str, Any], runs: list[StoredRun], metric: Metric
     for v, r in again.items():
         old, new = published.get((v, r["seed"])), r.get("metric_torch")
         if old == new:
-            same.append(f"{v}")
+            same.append(v)
         else:
             other.append(f"{v} ({metric.text(new, unit=True)} against {metric.text(old, unit=True)})")
     parts = ([f"identical to the published run for {', '.join(same)}"] if same else []) + (
