@@ -296,7 +296,7 @@ def _load(args: argparse.Namespace):  # -> (the group's spec, the seeds asked fo
     config_items, runtime = split_overrides(args.overrides)
     published = load_spec(path, args.profile)
     only = getattr(args, "variants", None)
-    _check_variants(published, only)
+    published.variant_names(only or [])
     asked = load_spec(path, args.profile, config_items, args.seeds, only)
     wanted = [v.name for v in published.variants if not only or v.name in only]
     left_out = [name for name in wanted if name not in {a.name for a in asked.variants}]
@@ -459,17 +459,6 @@ def _say_derived(evaluated: list[tuple[Run, Run]], trained: list[tuple[Run, Run]
 def _log_to_mlflow(tracker: Tracker, spec: Spec, store: RunStore, runs: list[Run]) -> None:
     logged = tracker.log_dirs([store.path(r) for r in runs if store.result(r) is not None])
     log.info(f"MLflow: {count(len(logged), 'run')} of {spec.group} in {_shown_uri(tracker.uri)}")
-
-
-def _check_variants(spec: Spec, asked: list[str] | None) -> None:
-    """ConfigError for a --variants name the spec does not have."""
-    from bench.config import ConfigError
-    from bench.registry import unknown_name_message
-
-    names = [v.name for v in spec.variants]
-    for n in asked or []:
-        if n not in names:
-            raise ConfigError(f"--variants: {unknown_name_message('variant', n, names)}")
 
 
 def _try_what_is_todo(spec: Spec, todo: list[Run], opts: RunOptions, download: bool) -> None:

@@ -156,6 +156,14 @@ class Spec:
     def adhoc(self) -> bool:
         return self.group_name is not None
 
+    def variant_names(self, asked: list[str]) -> list[str]:
+        """``asked`` (a --variants list), or ConfigError naming the spec's variants for a name it does not have."""
+        names = [v.name for v in self.variants]
+        for n in asked:
+            if n not in names:
+                raise ConfigError(f"--variants: {unknown_name_message('variant', n, names)}")
+        return asked
+
     def runs(self, variants: list[str] | None = None) -> list[Run]:
         """Every (variant, seed) run, or those of the named variants; each with its own config copy."""
         out = []

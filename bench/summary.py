@@ -374,6 +374,14 @@ def _provenance(
         out.append(
             f"- deployment cost: `{costs.get('command') or 'python -m exporters.onnx rungs'}` at commit "
             f"{_short_commit(str(costs.get('commit', '?')))}, {costs['measured'][:16]}"
+            + "".join(
+                f"; `{t['command']}` at commit {_short_commit(str(t['commit']))}, {t['measured'][:16]}"
+                for t in {
+                    r["timed_apart"]["measured"]: r["timed_apart"]
+                    for r in costs["rungs"].values()
+                    if r.get("timed_apart")
+                }.values()
+            )
         )
     if meta.role == "adhoc":
         out.append(
@@ -526,6 +534,7 @@ def _cost_legend(costs: dict[str, Any]) -> str:
             else ""
         )
         + f"{gpu}; load average {costs['load_avg_1m']} during the timings. "
+        + _apart_note(costs)
         + _no_weights_note(costs)
         + f"Exact parameter counts and FLOPs: `runs/{costs['group']}/costs.json`."
     )
@@ -559,6 +568,22 @@ def _retrained_note(costs: dict[str, Any], runs: list[StoredRun], metric: Metric
     )
     return (
         f" The weights timed were trained again from the records (checkpoints are not in git): {'; '.join(parts)}.{why}"
+    )
+
+
+def _apart_note(costs: dict[str, Any]) -> str:
+    """Which rows were timed later than the rest (``rungs --variants``: exporters.rungs.merge_costs), when and under
+    which load: the same machine kind and engine, but not the same minutes."""
+    apart: dict[tuple[str, str], list[str]] = {}
+    for v, r in costs["rungs"].items():
+        if t := r.get("timed_apart"):
+            apart.setdefault((t["measured"][:16], t["load_avg_1m"]), []).append(v)
+    parts = [f"{', '.join(vs)} on {when} (load average {load})" for (when, load), vs in apart.items()]
+    return (
+        f"Timed apart from the rest, on the same CPU kind and engine: {'; '.join(parts)}; "
+        f"compare its milliseconds with theirs less closely than theirs with each other. "
+        if parts
+        else ""
     )
 
 

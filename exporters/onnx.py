@@ -1,7 +1,7 @@
 """Export finished runs to ONNX, verify them on the test set, benchmark them on ONNX Runtime.
 
     python -m exporters.onnx best [--results results] [--task mnist|warwick] [--groups G ...] [--int8] [--no-bench]
-    python -m exporters.onnx rungs SPEC [--profile P] [--int8]   # every rung's cost: see exporters.rungs
+    python -m exporters.onnx rungs SPEC [--profile P] [--int8] [--variants V ...]   # every rung's cost: exporters.rungs
     python -m exporters.onnx RUN_DIR [--out DIR] ...
 
 Only ``best`` of the published groups, written to the default ``<results>/onnx``, is the shipped
@@ -126,6 +126,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("spec", nargs="?", help="with `rungs`: the spec (path or short name, e.g. mnist)")
     p.add_argument("--profile", help="with `rungs`: the spec's profile (its published group)")
     p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME",
+        help="with `rungs`: time only these rungs and keep the other rows of costs.json as they were measured "
+        "(e.g. a rung added to the spec, or the one whose weights are here; same machine kind and engine only)",
+    )
+    p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -180,8 +187,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.target == "rungs") != (args.spec is not None):
         p.error("`rungs` takes a SPEC (e.g. `rungs mnist --profile quick`); `best` and a run folder take none")
-    if (args.profile or args.force) and args.target != "rungs":
-        p.error("--profile and --force go with `rungs`")
+    if (args.profile or args.force or args.variants) and args.target != "rungs":
+        p.error("--profile, --force and --variants go with `rungs`")
     if args.target == "rungs" and args.tta is not None:
         p.error(
             "`rungs` pairs each rung's reported metric with the cost of the graph that computes it: a rung is "
@@ -323,7 +330,16 @@ def rungs_main(args: argparse.Namespace, argv: list[str] | None) -> int:
                 f"python -m bench run {args.spec}" + (f" --profile {args.profile}" if args.profile else "")
             )
         doc, status = measure_rungs(
-            spec, results, args.data_root, args.int8, args.threads or 1, args.repeats, args.force, command, args.retrain
+            spec,
+            results,
+            args.data_root,
+            args.int8,
+            args.threads or 1,
+            args.repeats,
+            args.force,
+            command,
+            args.retrain,
+            args.variants,
         )
     except (ConfigError, DataError, OSError, ValueError) as e:
         log.error(str(e))

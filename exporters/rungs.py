@@ -201,21 +201,33 @@ def measure_rungs(
     force: bool = False,
     command: str = "",
     retrain: bool = False,
+    variants: list[str] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Export (or reuse) every rung's best run, time them together and write ``runs/<group>/costs.json``.
     ``retrain``: a rung's best run whose weights are not here is trained again from its record first.
+    ``variants``: only these rungs are exported and timed; the other rows of costs.json stay as measured, and the
+    new rows say when they were timed (:func:`merge_costs`).
 
     Returns (the costs document, exit status: 0, or 1 when an export failed its check or parity).  Raises
     ConfigError (usage, data) before anything is written."""
     store = RunStore(results)
     rungs = choose(spec, store, retrain)
     old = store.read_costs(spec.group) or {}
+    if variants is not None:
+        rungs = [r for r in rungs if r.variant in spec.variant_names(variants)]
+        check_same_timing(old, store.root / spec.group / "costs.json", threads)
     lost = [r.variant for r in rungs if r.run_dir is None and r.variant in old.get("rungs", {})]
     if lost:  # the costs are timed together: a new costs.json without them would drop their measured columns
         raise ConfigError(
             f"{store.root / spec.group / 'costs.json'} holds the costs of {', '.join(lost)} (measured "
             f"{old.get('measured', '?')[:16]}), but none of their seeds has its weights here (checkpoints are not in "
-            f"git): --retrain trains their best seeds again; or move costs.json away to measure the rungs without them"
+            f"git): --retrain trains their best seeds again"
+            + (
+                ""
+                if variants is not None
+                else "; --variants times only the rungs named, keeping the others' columns; or move costs.json away "
+                "to measure the rungs without them"
+            )
         )
     if retrain:
         check_retraining([r.run_dir for r in rungs if r.run_dir is not None], results, True)
@@ -273,8 +285,47 @@ def measure_rungs(
         "no_weights": {r.variant: list(r.no_weights) for r in rungs if r.stand_in},
         "rungs": records,
     }
+    if variants is not None and old:
+        doc = merge_costs(old, doc, [r.variant for r in rungs], [v.name for v in spec.variants])
     store.write_costs(spec.group, doc)
     return doc, status
+
+
+TIMING_KEYS = ("engine", "threads", "batch", "cpu")  # what must match for two timings to share a table
+
+
+def check_same_timing(old: dict[str, Any], path: Path, threads: int) -> None:
+    """ConfigError when the rows kept from ``old`` were timed on another machine kind, engine or thread count than
+    rows timed now would be: their milliseconds would not compare."""
+    if not old:
+        return
+    now = {
+        "engine": f"onnxruntime {ort.__version__}",
+        "threads": threads,
+        "batch": 1,
+        "cpu": device_name(torch.device("cpu")),
+    }
+    differ = [f"{k} {old.get(k)!r} there, {now[k]!r} here" for k in TIMING_KEYS if old.get(k) != now[k]]
+    if differ:
+        raise ConfigError(
+            f"--variants keeps the other rows of {path}, timed with another setup ({'; '.join(differ)}): their "
+            f"milliseconds and the new ones would not compare; measure every rung (without --variants)"
+        )
+
+
+def merge_costs(old: dict[str, Any], new: dict[str, Any], timed: list[str], order: list[str]) -> dict[str, Any]:
+    """``old`` with the rows of ``timed`` replaced by ``new``'s (in the spec's ``order``): each new row keeps when
+    and under which load it was timed (``timed_apart``), since the document's own stamp is the other rows'."""
+    stamp = {k: new[k] for k in ("measured", "seconds", "load_avg_1m", "commit", "command")}
+    rows = {v: r for v, r in old["rungs"].items() if v not in timed}
+    rows |= {v: {**r, "timed_apart": stamp} for v, r in new["rungs"].items()}
+    no_weights = {v: s for v, s in (old.get("no_weights") or {}).items() if v not in timed} | new["no_weights"]
+    return {
+        **old,
+        "no_weights": no_weights,
+        "not_run": [v for v in order if v in set(old.get("not_run", [])) - set(timed) | set(new["not_run"])],
+        "rungs": {v: rows[v] for v in order if v in rows},
+    }
 
 
 def par_line(rec: dict[str, Any]) -> str:

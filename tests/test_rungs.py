@@ -209,8 +209,24 @@ def test_rungs_without_the_best_seed_s_checkpoint(tmp_path, data_root, capsys):
     # without b's weights, a new measurement would drop b's columns from costs.json: an error, nothing written
     shutil.rmtree(res / "retrained/runs/w/b")
     assert ox.main(args) == 2
-    assert "holds the costs of b (measured" in capsys.readouterr().err
-    assert json.loads((res / "runs/w/costs.json").read_text())["rungs"].keys() == {"a", "b"}
+    err = capsys.readouterr().err
+    assert "holds the costs of b (measured" in err and "--variants times only the rungs named" in err
+    before = json.loads((res / "runs/w/costs.json").read_text())
+    assert before["rungs"].keys() == {"a", "b"}
+    # --variants a: a is timed again, b's row stays as it was measured, and the table says which row was timed apart
+    assert ox.main([*args, "--variants", "a"]) == 0
+    merged = json.loads((res / "runs/w/costs.json").read_text())
+    assert merged["rungs"]["b"] == before["rungs"]["b"] and merged["measured"] == before["measured"]
+    apart = merged["rungs"]["a"]["timed_apart"]
+    assert apart["command"].endswith("--variants a") and apart["measured"] >= before["measured"]
+    assert merged["rungs"]["a"]["latency"] != before["rungs"]["a"]["latency"]
+    text = (res / "summary.md").read_text()
+    assert f"Timed apart from the rest, on the same CPU kind and engine: a on {apart['measured'][:16]}" in text
+    assert ox.main([*args, "--variants", "a", "--threads", "2"]) == 2  # rows of another setup would not compare
+    assert "timed with another setup (threads 1 there, 2 here)" in capsys.readouterr().err
+    assert ox.main([*args, "--variants", "z"]) == 2
+    assert "--variants: unknown variant 'z'" in capsys.readouterr().err
+    assert json.loads((res / "runs/w/costs.json").read_text()) == merged
     # -q: warnings and errors alone, so no progress bars while b trains again
     assert ox.main([*args, "--retrain", "-q"]) == 0
     err = capsys.readouterr().err
@@ -303,12 +319,19 @@ def test_table_columns_keep_their_order_and_decimals(tmp_path):
 
 
 def test_rungs_refuses_tta_choices_and_best_refuses_force(tmp_path, capsys):
-    for args in (["rungs", "mnist", "--tta"], ["rungs", "mnist", "--no-tta"], ["best", "--force"]):
+    for args in (
+        ["rungs", "mnist", "--tta"],
+        ["rungs", "mnist", "--no-tta"],
+        ["best", "--force"],
+        ["best", "--variants", "a"],
+    ):
         with pytest.raises(SystemExit) as e:
             ox.main(args)
         assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "exported with TTA exactly when its metric used it" in err and "--force go with `rungs`" in err
+    assert (
+        "exported with TTA exactly when its metric used it" in err and "--force and --variants go with `rungs`" in err
+    )
 
 
 @pytest.mark.parametrize("name", ["mnist", "warwick"])
