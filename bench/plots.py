@@ -138,7 +138,9 @@ def plot_tradeoff(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    for i, dy in _label_offsets(ax.transData.transform(list(zip(xs, ys, strict=True)))).items():
+    box = ax.get_window_extent()
+    xy_px = ax.transData.transform(list(zip(xs, ys, strict=True)))
+    for i, dy in _label_offsets(xy_px, bounds=(box.y0, box.y1)).items():
         ax.annotate(
             points[i][0],
             (xs[i], ys[i]),
@@ -151,9 +153,13 @@ def plot_tradeoff(
     _save(fig, png_path)
 
 
-def _label_offsets(xy_px: Any, near: float = 40.0, gap: float = 11.0) -> dict[int, float]:
+def _label_offsets(
+    xy_px: Any, near: float = 40.0, gap: float = 11.0, bounds: tuple[float, float] | None = None
+) -> dict[int, float]:
     """Vertical pixel offsets of the labels of points at pixel positions ``xy_px`` (N, 2): points within ``near``
-    pixels horizontally form a column whose labels are pushed apart to ``gap`` pixels, in the points' order."""
+    pixels horizontally form a column whose labels are pushed apart to ``gap`` pixels, in the points' order, and the
+    stack is centred on its points (so a tall column spreads both ways) and kept inside ``bounds`` (the axes' lowest
+    and highest pixel: a label above them would run into the title)."""
     order = sorted(range(len(xy_px)), key=lambda i: (xy_px[i][0], xy_px[i][1]))
     offsets: dict[int, float] = {}
     column: list[int] = []
@@ -161,10 +167,17 @@ def _label_offsets(xy_px: Any, near: float = 40.0, gap: float = 11.0) -> dict[in
         if i is not None and column and xy_px[i][0] - xy_px[column[0]][0] <= near:
             column.append(i)
             continue
+        ids = sorted(column, key=lambda k: xy_px[k][1])
         placed: list[float] = []
-        for j in sorted(column, key=lambda k: xy_px[k][1]):
-            y = xy_px[j][1] if not placed else max(xy_px[j][1], placed[-1] + gap)
-            placed.append(y)
-            offsets[j] = y - xy_px[j][1]
+        for j in ids:
+            placed.append(xy_px[j][1] if not placed else max(xy_px[j][1], placed[-1] + gap))
+        if len(placed) > 1:
+            ys = [xy_px[j][1] for j in ids]
+            shift = (placed[0] + placed[-1]) / 2 - (ys[0] + ys[-1]) / 2
+            if bounds is not None:
+                lo, hi = bounds[0] + gap / 2, bounds[1] - gap / 2
+                shift = max(min(shift, placed[0] - lo), placed[-1] - hi)  # within the axes where the stack fits
+            placed = [y - shift for y in placed]
+        offsets |= {j: y - xy_px[j][1] for j, y in zip(ids, placed, strict=True)}
         column = [i] if i is not None else []
     return offsets

@@ -253,6 +253,21 @@ def test_pareto_front_on_hand_made_points():
     assert pareto_front(same_net, cost_tolerance=0.1) == [0]
 
 
+def test_trade_off_labels_of_a_crowded_column_stay_apart_and_inside_the_axes():
+    """Five points at one latency near the top of the axes (the TTA rungs of a table): their labels are gap pixels
+    apart in the points' order, centred on the points where the axes allow, and never above the axes (the title)."""
+    from bench.plots import _label_offsets
+
+    xy = np.array([[100.0, 390.0], [102.0, 392.0], [101.0, 395.0], [99.0, 396.0], [100.0, 398.0], [300.0, 200.0]])
+    off = _label_offsets(xy, gap=11.0, bounds=(0.0, 400.0))
+    ys = [xy[i][1] + off[i] for i in range(5)]
+    assert ys == sorted(ys) and all(b - a >= 11.0 - 1e-9 for a, b in zip(ys, ys[1:], strict=False))
+    assert max(ys) <= 400.0 - 5.5 and off[5] == 0.0  # the lone point keeps its label where it is
+    # away from the bounds, a column is centred on its points: the middle label stays beside the middle point
+    mid = _label_offsets(xy - [0.0, 200.0], gap=11.0, bounds=(0.0, 400.0))
+    assert abs((xy[0][1] + xy[4][1]) / 2 - 200.0 - (xy[0][1] - 200.0 + mid[0] + xy[4][1] - 200.0 + mid[4]) / 2) < 1e-9
+
+
 def test_short_labels():
     assert short_label("optim.lr=0.001") == "optim.lr=0.001"
     assert (
