@@ -425,7 +425,7 @@ def _cost_lines(
     """The deployment costs' legend and trade-off, or (a published group without them) the command that adds them."""
     if tables.costs_shown and costs:
         return [
-            _cost_legend(costs) + _retrained_note(costs, runs, primary),
+            _cost_legend(costs) + _retrained_note(costs, runs, primary) + _unmeasured_note(costs, runs),
             "",
             *_tradeoff(meta, runs, costs, fig_dir, primary),
         ]
@@ -584,6 +584,21 @@ def _apart_note(costs: dict[str, Any]) -> str:
         f"compare its milliseconds with theirs less closely than theirs with each other. "
         if parts
         else ""
+    )
+
+
+def _unmeasured_note(costs: dict[str, Any], runs: list[StoredRun]) -> str:
+    """Which rungs with finished runs have no current row in costs.json (added to the spec, or trained again with
+    another config, after the timing; their cells are "–"), and the command that times them alone."""
+    current, missing = current_costs(costs, runs), costs.get("no_weights") or {}
+    left = [v for v in dict.fromkeys(r.variant for r in runs) if v not in current and v not in missing]
+    if not left:
+        return ""
+    profile = f" --profile {costs['profile']}" if costs.get("profile") else ""
+    return (
+        f" Not timed (their runs are newer than the timing): {', '.join(left)} (–); `python -m exporters.onnx rungs "
+        f"{costs.get('spec', 'SPEC')}{profile} --int8 --variants {' '.join(left)}` times them beside the rows above "
+        "on the same CPU kind, or without --variants every rung again."
     )
 
 

@@ -158,6 +158,21 @@ def test_rungs_costs_not_run_reuse_and_summary(tmp_path, data_root, capsys):
     assert ox.main(args) == 0
     third = json.loads((res / "runs/r/costs.json").read_text())
     assert third["rungs"]["a"]["export_reused"] and not third["rungs"]["b"]["export_reused"]
+    # c trained after the timing: its cells are "–" and the legend names the command that times it alone
+    train(spec, res, data_root, runs=spec.runs(["c"]))
+    assert bench(["summary", "--results", str(res)]) == 0
+    text = (res / "summary.md").read_text()
+    assert (
+        f"Not timed (their runs are newer than the timing): c (–); `python -m exporters.onnx rungs {spec_path}" in text
+    )
+    assert ox.main([*args, "--variants", "c"]) == 0
+    fourth = json.loads((res / "runs/r/costs.json").read_text())
+    assert (
+        fourth["not_run"] == [] and list(fourth["rungs"]) == ["a", "b", "c"] and "timed_apart" in fourth["rungs"]["c"]
+    )
+    assert all(fourth["rungs"][v] == third["rungs"][v] for v in ("a", "b"))
+    text = (res / "summary.md").read_text()
+    assert "Not timed" not in text and "Timed apart from the rest, on the same CPU kind and engine: c on" in text
 
 
 def test_rungs_without_the_best_seed_s_checkpoint(tmp_path, data_root, capsys):
