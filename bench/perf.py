@@ -69,7 +69,8 @@ from bench.workers import grid_workers
 log = logging.getLogger(__name__)
 
 # The rung `bench perf` times per task: the recipe that reaches the report's number fastest (others: "fast").
-FAST_RUNG = {"mnist": "lean"}
+# MNIST: lean-strided reaches 99.2 % on test in about 0.6 of lean's time, by a thinner margin (ablations/mnist.yaml).
+FAST_RUNG = {"mnist": "lean-strided"}
 
 
 def fast_rung(task: str) -> str:

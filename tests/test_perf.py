@@ -123,9 +123,9 @@ def report_config(data_root: Path, task: str = "mnist"):
 
 
 def test_the_fast_rung_of_each_task_is_a_rung_of_its_spec_and_runs_its_whole_recipe_in_every_profile():
-    """`bench perf` times `lean` on MNIST (and `lean-long` toward the stretch target) and `fast` on WARWICK; the
-    quick MNIST table shows both MNIST rungs as perf trains them."""
-    for task, name in (("mnist", "lean"), ("warwick", "fast")):
+    """`bench perf` times `lean-strided` on MNIST (and `lean-long` toward the stretch target) and `fast` on WARWICK;
+    the quick MNIST table shows both MNIST rungs as perf trains them."""
+    for task, name in (("mnist", "lean-strided"), ("warwick", "fast")):
         assert fast_rung(task) == name
         spec = load_spec(Path(__file__).resolve().parents[1] / "ablations" / f"{task}.yaml")
         assert name in [v.name for v in spec.variants]
@@ -133,12 +133,12 @@ def test_the_fast_rung_of_each_task_is_a_rung_of_its_spec_and_runs_its_whole_rec
         load_spec(Path(__file__).resolve().parents[1] / "ablations" / "mnist.yaml", p) for p in (None, "quick")
     )
     assert STRETCH["mnist"] == (0.995, "lean-long")
-    for name, epochs in (("lean", 2), ("lean-long", 8)):  # the fast rung and the stretch rung
+    for name, epochs, strided in (("lean-strided", 2, 2), ("lean-long", 8, 1)):  # the fast rung and the stretch rung
         cfg = {
             s: next(v for v in spec.variants if v.name == name).config for s, spec in (("full", full), ("quick", quick))
         }
         assert cfg["quick"].to_dict() == cfg["full"].to_dict()
-        assert cfg["full"].model == {"name": "lean_cnn", "strided": 1} and cfg["full"].train.epochs == epochs
+        assert cfg["full"].model == {"name": "lean_cnn", "strided": strided} and cfg["full"].train.epochs == epochs
 
 
 def test_the_report_rung_is_the_one_with_the_best_reported_number():
