@@ -75,7 +75,7 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_runs(tmp_path, c
 def test_short_spec_names_and_version(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     assert main(["run", "mnist", "--profile", "quick", "--dry-run"]) == 0
-    assert "ablations/mnist.yaml: published group mnist@quick; 12 variants x 2 seeds" in capsys.readouterr().err
+    assert "ablations/mnist.yaml: published group mnist@quick; 13 variants x 2 seeds" in capsys.readouterr().err
     assert main(["run", "mnst", "--dry-run"]) == 2
     assert "ablations/mnst.yaml: spec file not found; specs in ablations/: mnist, warwick" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
