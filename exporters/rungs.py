@@ -214,7 +214,8 @@ def measure_rungs(
     rungs = choose(spec, store, retrain)
     old = store.read_costs(spec.group) or {}
     if variants is not None:
-        rungs = [r for r in rungs if r.variant in spec.variant_names(variants)]
+        named = spec.variant_names(variants)
+        rungs = [r for r in rungs if r.variant in named]
         check_same_timing(old, store.root / spec.group / "costs.json", threads)
     lost = [r.variant for r in rungs if r.run_dir is None and r.variant in old.get("rungs", {})]
     if lost:  # the costs are timed together: a new costs.json without them would drop their measured columns
@@ -272,11 +273,8 @@ def measure_rungs(
         "command": command,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.perf_counter() - t0, 1),
-        "batch": 1,
-        "threads": threads,
-        "engine": f"onnxruntime {ort.__version__}",
+        **timing_setup(threads),
         "torch": torch.__version__,
-        "cpu": device_name(torch.device("cpu")),
         "gpu": device_name(torch.device("cuda")) if cuda else None,
         "load_avg_1m": f"{load0:.2f}-{os.getloadavg()[0]:.2f}",
         "commit": files.git_commit(),
@@ -291,7 +289,15 @@ def measure_rungs(
     return doc, status
 
 
-TIMING_KEYS = ("engine", "threads", "batch", "cpu")  # what must match for two timings to share a table
+def timing_setup(threads: int) -> dict[str, Any]:
+    """What the timings' milliseconds depend on besides the graphs: batch, threads, engine and CPU (costs.json keeps
+    it; two timings share a table only where it matches, see :func:`check_same_timing`)."""
+    return {
+        "batch": 1,
+        "threads": threads,
+        "engine": f"onnxruntime {ort.__version__}",
+        "cpu": device_name(torch.device("cpu")),
+    }
 
 
 def check_same_timing(old: dict[str, Any], path: Path, threads: int) -> None:
@@ -299,13 +305,8 @@ def check_same_timing(old: dict[str, Any], path: Path, threads: int) -> None:
     rows timed now would be: their milliseconds would not compare."""
     if not old:
         return
-    now = {
-        "engine": f"onnxruntime {ort.__version__}",
-        "threads": threads,
-        "batch": 1,
-        "cpu": device_name(torch.device("cpu")),
-    }
-    differ = [f"{k} {old.get(k)!r} there, {now[k]!r} here" for k in TIMING_KEYS if old.get(k) != now[k]]
+    now = timing_setup(threads)
+    differ = [f"{k} {old.get(k)!r} there, {v!r} here" for k, v in now.items() if old.get(k) != v]
     if differ:
         raise ConfigError(
             f"--variants keeps the other rows of {path}, timed with another setup ({'; '.join(differ)}): their "
