@@ -148,6 +148,10 @@ class EvalCfg:
     # segmentation: after training, choose on validation the removal of small objects and the filling of holes
     # (bench/postprocess.py) that is best by pixel Dice (dice) or pooled object F1 (obj_f1_pooled); none: no post-processing
     postprocess: Literal["none", "dice", "obj_f1_pooled"] = later("none")
+    # segmentation: reflect-pad every side of an input by this many pixels before the network and crop the output
+    # back (bench.inference.with_border), in every evaluation and in the exported graph: glands cut by the image
+    # edge then see mirrored context instead of the network's zero padding
+    border: NonNegInt = later(0)
 
 
 REGISTRY_SECTIONS = ("model", "optim", "sched", "loss")

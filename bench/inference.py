@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Forward = Callable[[nn.Module, Tensor], Tensor]
@@ -30,3 +31,14 @@ def batched_outputs(model: nn.Module, x: Tensor, batch: int, fn: Forward | None 
         outs = [fn(model, x[i : i + batch]).float() for i in range(0, len(x), batch)]
     model.train(was_training)
     return torch.cat(outs)
+
+
+def with_border(forward: Callable[[Tensor], Tensor], x: Tensor, border: int) -> Tensor:
+    """``forward`` of ``x`` (N, C, H, W) reflect-padded by ``border`` pixels on every side, its output (N, K, H + 2b,
+    W + 2b) cropped back to (N, K, H, W): a dense prediction whose edge pixels see mirrored context (``eval.border``).
+    ``border`` 0: ``forward(x)``.  Reflection needs ``border`` < H, W (below that: edge replication)."""
+    if border <= 0:
+        return forward(x)
+    h, w = x.shape[-2:]
+    mode = "reflect" if border < h and border < w else "replicate"
+    return forward(F.pad(x, (border, border, border, border), mode=mode))[..., border : border + h, border : border + w]

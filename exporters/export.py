@@ -31,6 +31,7 @@ from bench import files
 from bench.augment import dihedral, dihedral_tta
 from bench.config import ConfigError
 from bench.ensemble import Ensemble
+from bench.inference import with_border
 from bench.models import count_flops
 from bench.runner import run_data_root
 from bench.store import LoadedRun, load_run
@@ -103,12 +104,26 @@ def _logit(p: Tensor) -> Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def graph_module(model: nn.Module, kind: str, tta: bool) -> nn.Module:
+class Border(nn.Module):
+    """Export form of ``eval.border``: ``bench.inference.with_border`` around ``net`` (reflect-pad every side by
+    ``border`` pixels, crop the output back).  (N, C, H, W) -> (N, K, H, W); needs H, W > ``border``."""
+
+    def __init__(self, net: nn.Module, border: int):
+        super().__init__()
+        self.net, self.border = net, int(border)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return with_border(self.net, x, self.border)
+
+
+def graph_module(model: nn.Module, kind: str, tta: bool, border: int = 0) -> nn.Module:
     """What an export's graph computes, as a PyTorch module in eval mode: the network, or its :class:`DihedralTTA`
-    (segmentation: the harness's own TTA evaluation, as a logit).  Parity compares the graph with it, the benchmark
-    times it, and its FLOPs are the export's."""
+    (segmentation: the harness's own TTA evaluation, as a logit), inside :class:`Border` when the run scored its
+    inputs padded (``eval.border``).  Parity compares the graph with it, the benchmark times it, and its FLOPs are
+    the export's."""
     model.eval()
-    return DihedralTTA(model, kind == "segmentation").eval() if tta else model
+    net = DihedralTTA(model, kind == "segmentation").eval() if tta else model
+    return Border(net, border).eval() if border else net
 
 
 def tta_refusal(kind: str, input_size: tuple[int, int] | list[int]) -> str | None:
@@ -123,9 +138,10 @@ def tta_refusal(kind: str, input_size: tuple[int, int] | list[int]) -> str | Non
     return None
 
 
-def export_graph(model: nn.Module, example: Tensor, segmentation: bool, tta: bool = False) -> Any:
+def export_graph(model: nn.Module, example: Tensor, segmentation: bool, tta: bool = False, border: int = 0) -> Any:
     """``torch.onnx.export`` (the dynamo exporter) with a dynamic batch axis, plus dynamic H, W for
-    segmentation; with ``tta`` the graph is :class:`DihedralTTA` of the network.  A seed ensemble
+    segmentation; with ``tta`` the graph is :class:`DihedralTTA` of the network, with ``border`` (segmentation,
+    ``eval.border``) inside :class:`Border`.  A seed ensemble
     (:class:`bench.ensemble.Ensemble`) is one graph holding every member (each in its export form), TTA around the
     whole.  Returns the ``onnx.ModelProto``."""
     if isinstance(model, Ensemble):
@@ -134,11 +150,13 @@ def export_graph(model: nn.Module, example: Tensor, segmentation: bool, tta: boo
         net = PadAndCrop(model) if segmentation else model
     if tta:
         net = DihedralTTA(net, segmentation)
+    if border:
+        net = Border(net, border)
     net.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     dims: dict[int, Any] = {0: batch}
     if segmentation:
-        k = int(model.multiple)
+        k = max(int(model.multiple), border + 1)
         dims.update(
             {2: torch.export.Dim("height", min=k, max=1 << 15), 3: torch.export.Dim("width", min=k, max=1 << 15)}
         )
@@ -175,7 +193,7 @@ class Exported:
     @property
     def model(self) -> nn.Module:
         """What the graph computes, as a PyTorch module: see :func:`graph_module`."""
-        return graph_module(self.run.model, self.meta.kind, self.tta)
+        return graph_module(self.run.model, self.meta.kind, self.tta, self.run.config.eval.border)
 
 
 def source_of(run_dir: Path, results_dir: Path) -> str:
@@ -232,7 +250,9 @@ def export_run(
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data_root": root,
         "params": sum(p.numel() for p in run.model.parameters()),
-        "flops_per_image": count_flops(graph_module(run.model, run.task.kind, tta), torch.from_numpy(inputs[:1])),
+        "flops_per_image": count_flops(
+            graph_module(run.model, run.task.kind, tta, run.config.eval.border), torch.from_numpy(inputs[:1])
+        ),
         "metadata": props,
         "parity": parity,
         **({"members": run.result.extra["members"]} if run.result and "members" in run.result.extra else {}),
@@ -280,7 +300,7 @@ def _graph(
     example = torch.from_numpy(meta.normalize(test.images[:2]))  # batch 2: a batch of 1 would specialize the axis
     t0 = time.perf_counter()
     try:
-        proto = export_graph(run.model, example, run.task.kind == "segmentation", tta)
+        proto = export_graph(run.model, example, run.task.kind == "segmentation", tta, run.config.eval.border)
     except Exception as e:  # the exporter's own errors are many and long; keep the cause
         raise ExportError(f"{run.run_dir}: torch.onnx.export failed: {type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - t0
@@ -289,6 +309,11 @@ def _graph(
         f"bench {run.task.name} model from {source} (config {run.key}); preprocessing in "
         f"metadata_props (normalization is not part of the graph)"
         + ("; the graph averages the 8 flips/rotations of its input (TTA)" if tta else "")
+        + (
+            f"; it reflect-pads its input by {b} pixels and crops the output back"
+            if (b := run.config.eval.border)
+            else ""
+        )
     )
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -315,7 +340,8 @@ def _write_verified(
         # an ensemble's output is, like TTA's, the logit of a mean probability: compared as probabilities (near 0 and 1
         # a logit of clamped probabilities magnifies float rounding)
         on_probs = tta or isinstance(run.model, Ensemble)
-        parity, inputs = verify(tmp, graph_module(run.model, meta.kind, tta), run.task, meta, test, on_probs)
+        reference = graph_module(run.model, meta.kind, tta, run.config.eval.border)
+        parity, inputs = verify(tmp, reference, run.task, meta, test, on_probs)
         parity["seconds"] = time.perf_counter() - t0
         os.replace(tmp, path)
         path.with_name(path.stem + ".int8.onnx").unlink(missing_ok=True)  # quantized from the previous export

@@ -58,7 +58,8 @@ KEYS: dict[str, str] = {
     "`never` otherwise",
     "tile_size": "JSON `[H, W]` of a tile (segmentation)",
     "tile_overlap": "pixels shared by neighbouring tiles; their logits are averaged there (segmentation)",
-    "min_size": "smallest side the graph accepts (segmentation: `2**depth`; smaller images are edge-padded first)",
+    "min_size": "smallest side the graph accepts (segmentation: `2**depth`, or `border + 1` when larger; smaller images are "
+    "edge-padded first)",
     "output_name": "the graph's output (`logits`)",
     "output_shape": 'JSON, e.g. `["batch", 10]` or `["batch", 1, "height", "width"]`',
     "activation": "`softmax` (class probabilities) or `sigmoid` (foreground probability per pixel)",
@@ -77,6 +78,8 @@ KEYS: dict[str, str] = {
     "tta": "`true`: the graph averages the probabilities of the 8 flips/rotations of its input and returns them as "
     "logits (apply the activation as usual); `false`: one forward pass",
     "run_tta": "`true` when the source run's reported test metric averaged 8 flips/rotations",
+    "border": "pixels the graph reflect-pads every side of its input by before the network, cropping the output back "
+    "(segmentation; the run's `eval.border`, `0`: none)",
     "source_run": "the run folder, relative to the results folder (`runs/<spec>/<variant>/seed-<k>`)",
     "config_hash": "the run's key: hash of its resolved config",
     "variant": "the run's variant name",
@@ -129,8 +132,10 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
         meta.update(
             instances="contours", contour_threshold=repr(float(post.get("contour_threshold", CONTOUR_THRESHOLD)))
         )
-    if seg:  # the graph pads to a multiple of 2**depth by reflection, which needs at least that many pixels
-        meta["min_size"] = str(int(getattr(run.model, "multiple", 1)))
+    if seg:  # the graph pads to a multiple of 2**depth (and by eval.border) by reflection, which needs that many pixels
+        border = int(run.config.eval.border)
+        meta["border"] = str(border)
+        meta["min_size"] = str(max(int(getattr(run.model, "multiple", 1)), border + 1))
         meta["fill_holes"] = "true" if post.get("fill_holes") else "false"
         meta["min_area"] = str(int(post.get("min_area", 0)))
     if result is not None:

@@ -146,6 +146,8 @@ class Task:
                 )
         if cfg.eval.tta and not self.supports_tta:
             raise ConfigError(f"{where}.eval.tta: task {self.name!r} has no test-time augmentation")
+        if cfg.eval.border and self.kind != "segmentation":
+            raise ConfigError(f"{where}.eval.border: task {self.name!r} takes fixed-size images; use 0")
         if cfg.eval.postprocess != "none" and not self.supports_postprocess:
             raise ConfigError(f"{where}.eval.postprocess: task {self.name!r} has no post-processing; use none")
         for key in FOLDER_KEYS:

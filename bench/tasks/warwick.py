@@ -36,7 +36,7 @@ from bench import instances as inst
 from bench.augment import augment_batch, dihedral_tta
 from bench.config import Config, ConfigError
 from bench.files import IMAGE_ERRORS
-from bench.inference import Forward, batched_outputs
+from bench.inference import Forward, batched_outputs, with_border
 from bench.metrics import dice_per_image, object_f1_pooled, segmentation_report
 from bench.postprocess import PostProcess, choose
 from bench.seg_figures import draw_outlines
@@ -372,10 +372,13 @@ class WarwickTask(Task):
     # ----------------------------------------------------------------------- prediction
 
     def _batched(self, model: nn.Module, split: Split, cfg: Config, fn: Forward) -> Tensor:
-        """``fn(model, batch)`` over the split in eval mode, batched by ``train.eval_batch_size``
-        and at most ~4M pixels per pass (bounded memory for large images); float32."""
-        h, w = split.x.shape[-2:]
-        return batched_outputs(model, split.x, max(1, min(cfg.train.eval_batch_size, _EVAL_PIXELS // (h * w))), fn)
+        """``fn(model, batch)`` over the split in eval mode (on the input padded by ``eval.border``, cropped back),
+        batched by ``train.eval_batch_size`` and at most ~4M pixels per pass (bounded memory for large images);
+        float32."""
+        b = cfg.eval.border
+        h, w = split.x.shape[-2] + 2 * b, split.x.shape[-1] + 2 * b
+        per_pass = max(1, min(cfg.train.eval_batch_size, _EVAL_PIXELS // (h * w)))
+        return batched_outputs(model, split.x, per_pass, lambda m, x: with_border(lambda t: fn(m, t), x, b))
 
     def predict_proba(self, model: nn.Module, split: Split, cfg: Config, tta: bool | None = None) -> Tensor:
         """Foreground probabilities (N, 1, H, W) float32 (N, 2, H, W with ``model.contours``: foreground,
