@@ -137,11 +137,33 @@ def test_warwick_export_has_dynamic_height_and_width(runs, tmp_path):
         assert out.shape == (shape[0], 1, *shape[2:]) and np.abs(out - ref).max() < 1e-3 * max(1, np.abs(ref).max())
 
 
+def test_a_bordered_run_exports_its_border_and_the_graph_reproduces_its_metric(runs, tmp_path):
+    """eval.border: the run's own evaluation and its exported graph both mirror the border; parity holds."""
+    base = copy.deepcopy(WARWICK_BASE)
+    base["eval"] = {"border": 5}
+    spec = write_spec(tmp_path / "tb.yaml", task="warwick", base=base, variants=[{"name": "b"}])
+    train(load_spec(spec), tmp_path / "results", runs["warwick_data"])
+    run_dir = tmp_path / "results/runs/tb/b/seed-0"
+    ex = ox.export_run(run_dir, tmp_path / "onnx", str(runs["warwick_data"]), tmp_path / "results")
+    meta = ModelMeta.from_onnx(ex.path)
+    assert ex.record["metadata"]["border"] == "5" and meta.min_size == 6  # reflecting 5 pixels needs 6
+    par = ex.record["parity"]
+    assert par["metric_ort"] == pytest.approx(ex.record["run_test"]["dice"], abs=TOLERANCE["max_dice_diff"])
+    x = np.random.default_rng(1).standard_normal((1, 2, 20, 27)).astype(np.float32)
+    out = session(ex.path).run(None, {"input": x})[0]
+    with torch.inference_mode():
+        net = ex.run.model.eval()
+        bordered = torch.from_numpy(out)
+        plain = net(torch.from_numpy(x))
+        mirrored = net(torch.nn.functional.pad(torch.from_numpy(x), (5, 5, 5, 5), mode="reflect"))[..., 5:-5, 5:-5]
+    assert torch.allclose(bordered, mirrored, atol=1e-4) and not torch.allclose(bordered, plain, atol=1e-3)
+
+
 def test_broken_export_fails_parity_and_leaves_no_file(runs, tmp_path, monkeypatch, capsys):
     real = export.export_graph
 
-    def broken(model, example, segmentation, tta=False):  # perturb the first weight tensor of the exported graph
-        proto = real(model, example, segmentation, tta)
+    def broken(model, example, segmentation, tta=False, border=0):  # perturb the largest weight tensor of the graph
+        proto = real(model, example, segmentation, tta, border)
         init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
         w = onnx.numpy_helper.to_array(init).copy()
         init.CopyFrom(onnx.numpy_helper.from_array(w + 0.5 * np.abs(w).max(), init.name))

@@ -155,3 +155,4 @@ def test_a_later_key_at_its_default_leaves_the_run_key_alone():
     cfg = Config(task="mnist", model={"name": "mnist_cnn"})
     assert "images" not in cfg.to_dict()["data"]  # `later` keys at their default are not saved
     assert run_key(cfg) != run_key(cfg.copy(data=DataCfg(images="a/*")))
+    assert "border" not in cfg.to_dict()["eval"]  # the runs scored before eval.border existed keep their keys

@@ -84,3 +84,24 @@ def test_a_deep_supervision_export_has_the_one_output_of_the_plain_network():
     graphs = [export_graph(m, example, segmentation=True).graph for m in (plain, deep)]
     assert [len(g.output) for g in graphs] == [1, 1]
     assert len(graphs[1].initializer) == len(graphs[0].initializer)  # the auxiliary heads are not in the graph
+
+
+def test_with_border_scores_the_mirrored_input_and_crops_exactly_back():
+    from bench.inference import with_border
+
+    x = torch.arange(2 * 6 * 7, dtype=torch.float32).reshape(1, 2, 6, 7)
+    # a pixelwise forward must come back unchanged: an off-by-one crop would return mirrored pixels
+    assert torch.equal(with_border(lambda t: t * 2, x, 3), x * 2)
+    assert torch.equal(with_border(lambda t: t + 1, x, 0), x + 1)
+    # a forward that sees its neighbours: at the edge it sees the mirror image, not zeros
+    blur = nn.Conv2d(2, 1, 3, padding=1, bias=False)
+    nn.init.ones_(blur.weight)
+    with torch.no_grad():
+        out, plain = with_border(blur, x, 2), blur(x)
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        expected = nn.functional.conv2d(padded, blur.weight)
+    assert out.shape == (1, 1, 6, 7)
+    assert torch.allclose(out, expected) and not torch.allclose(out[..., 0, :], plain[..., 0, :])
+    assert torch.allclose(out[..., 2:-2, 2:-2], plain[..., 2:-2, 2:-2])  # the interior is the plain forward's
+    # a border as wide as the image falls back to edge replication
+    assert with_border(lambda t: t, x, 6).shape == x.shape
