@@ -36,9 +36,10 @@ def batched_outputs(model: nn.Module, x: Tensor, batch: int, fn: Forward | None 
 def with_border(forward: Callable[[Tensor], Tensor], x: Tensor, border: int) -> Tensor:
     """``forward`` of ``x`` (N, C, H, W) reflect-padded by ``border`` pixels on every side, its output (N, K, H + 2b,
     W + 2b) cropped back to (N, K, H, W): a dense prediction whose edge pixels see mirrored context (``eval.border``).
-    ``border`` 0: ``forward(x)``.  Reflection needs ``border`` < H, W (below that: edge replication)."""
+    ``border`` 0: ``forward(x)``.  Reflection needs ``border`` < H, W, as in the exported graph (a task refuses a larger
+    ``eval.border`` when it loads its images)."""
     if border <= 0:
         return forward(x)
     h, w = x.shape[-2:]
-    mode = "reflect" if border < h and border < w else "replicate"
-    return forward(F.pad(x, (border, border, border, border), mode=mode))[..., border : border + h, border : border + w]
+    pad = F.pad(x, (border, border, border, border), mode="reflect")
+    return forward(pad)[..., border : border + h, border : border + w]

@@ -108,6 +108,16 @@ def test_synthetic_layouts_sizes_and_channels(tmp_path: Path, make_warwick):
         assert TASK.predict_masks(model, data.test, cfg).shape == (3, 36, 52)
 
 
+def test_a_border_the_images_cannot_mirror_is_refused_on_loading(tmp_path: Path, make_warwick):
+    make_warwick(tmp_path / "WARWICK", size=(36, 52))
+    cfg = config(tmp_path)
+    cfg.eval.border = 35  # the most a 36-pixel side can mirror
+    assert TASK.load(cfg, CPU).test.x.shape[-2:] == (36, 52)
+    cfg.eval.border = 36
+    with pytest.raises(ConfigError, match="eval.border: 36 pixels cannot be mirrored .* 36 pixels .* use at most 35"):
+        TASK.load(cfg, CPU)
+
+
 def test_evaluate_keys_and_augment(synthetic_warwick: Path):
     cfg = config(synthetic_warwick.parent)
     data = TASK.load(cfg, CPU)

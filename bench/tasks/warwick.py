@@ -299,6 +299,12 @@ class WarwickTask(Task):
         n_src = tr_img.shape[3]
         if test and te_img.shape[3] != n_src:
             raise DataError(f"{folder / te_prefix}: images have {te_img.shape[3]} channels, {tr_prefix} has {n_src}")
+        side = min(tr_img.shape[1:3]) if not test else min(*tr_img.shape[1:3], *te_img.shape[1:3])
+        if cfg.eval.border >= side:  # reflection mirrors pixels that exist: at most side - 1 of them
+            raise ConfigError(
+                f"eval.border: {cfg.eval.border} pixels cannot be mirrored around images of {side} pixels "
+                f"(their smallest side in {folder}); use at most {side - 1}"
+            )
 
         if cfg.data.channels is not None:
             channels = list(cfg.data.channels)
