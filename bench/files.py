@@ -19,8 +19,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -155,9 +157,38 @@ def read_json(path: str | Path) -> Any:
 
 
 def torch_save(path: str | Path, obj: Any) -> None:
+    """``torch.save`` of ``obj`` to ``path`` by :func:`atomic_write`, with Ctrl-C and SIGTERM held until it is done
+    (:func:`signals_deferred`)."""
     import torch  # lazily: this bottom module also serves commands that never load torch (--help, summary of text)
 
-    atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
+    with signals_deferred():
+        atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM arriving inside the block takes effect when it ends.  Why: torch.save's zip writer
+    turns a KeyboardInterrupt raised inside one of its writes into a RuntimeError ("unexpected pos"), which reads as
+    a failed run, not an interrupted one, and the grid would go on to the next run.  The main thread only (signal
+    handlers live there); elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda n, frame: caught.append((n, frame))) for s in watched}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            n, frame = caught[0]
+            handler = previous[n]
+            if callable(handler):
+                handler(n, frame)  # e.g. Python's own: KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(n)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]], align: list[str] | None = None) -> str:

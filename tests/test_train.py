@@ -199,3 +199,26 @@ def test_the_machine_line_names_the_cpu_s_matrix_unit(flags, unit):
     """One model name ("AMD EPYC") covers CPUs whose bf16 differs: the record names the unit."""
     assert _matrix_unit(flags) == unit
     assert _matrix_unit(set()) == torch.backends.cpu.get_cpu_capability()  # no /proc/cpuinfo: torch's name
+
+
+class _CtrlCWhilePickled:
+    """Sends this process a SIGINT while torch.save is in the middle of writing it (as a Ctrl-C can)."""
+
+    def __reduce__(self):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
+        return (int, (0,))
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_until_the_file_is_whole(tmp_path):
+    """A KeyboardInterrupt inside torch.save's writer comes out as a RuntimeError, which a grid took for a failed run
+    and went on; the write is finished first, then Ctrl-C is a KeyboardInterrupt (and the file loads)."""
+    from bench import files
+
+    path = tmp_path / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        files.torch_save(path, {"weights": torch.arange(200_000.0), "mid": _CtrlCWhilePickled()})
+    assert torch.equal(torch.load(path, weights_only=False)["weights"], torch.arange(200_000.0))
+    assert not list(tmp_path.glob(".*.tmp"))
