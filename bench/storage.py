@@ -11,6 +11,7 @@ every way of getting the URL wrong into one :class:`ConfigError` that names it.
 
 from __future__ import annotations
 
+import fcntl
 import random
 import re
 import socket
@@ -140,6 +141,25 @@ def trial_id(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: o
     storage's interface (the trial's own ``_trial_id`` is private)."""
     study_id = storage.get_study_id_from_name(study.study_name)
     return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+
+
+@contextmanager
+def one_asker(url: str) -> Iterator[None]:
+    """Around ``study.ask()``: with an SQLite study, one process of the machine at a time (a kernel lock on
+    ``<file>.ask-lock``).  Optuna hands a queued (WAITING) trial to the process whose update sets it RUNNING, after
+    reading that it waits; on SQLite the read and the update are not one transaction (pysqlite begins one at the
+    update), so two workers asking at once could both get the same queued trial, train it in one folder and both
+    tell it (seen as a FileNotFoundError or an UpdateFinishedTrialError in tests/test_many_machines.py).
+    PostgreSQL locks the row (SELECT ... FOR UPDATE): nothing to do there."""
+    import sqlalchemy.engine
+
+    database = sqlalchemy.engine.make_url(url).database if url.startswith("sqlite") else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.ask-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel when the file closes, or the process dies
+        yield
 
 
 @contextmanager

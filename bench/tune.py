@@ -68,7 +68,16 @@ from bench.spec import (
     slug,
     tuned_path,
 )
-from bench.storage import StorageOptions, fail_stale_trials, heartbeat, open_storage, shown, trial_id, where_it_ran
+from bench.storage import (
+    StorageOptions,
+    fail_stale_trials,
+    heartbeat,
+    one_asker,
+    open_storage,
+    shown,
+    trial_id,
+    where_it_ran,
+)
 from bench.store import RunStore
 from bench.study_report import (
     COLUMNS,
@@ -249,7 +258,7 @@ def _optimize(
             time.sleep(poll if poll is not None else storage.heartbeat)
             continue
         waiting = False
-        reason = _run_trial(study, rdb, train_trial, target)
+        reason = _run_trial(study, rdb, train_trial, target, storage.url)
         failures = failures + [reason] if reason else []
         if len(failures) >= max(MIN_FAILURES_IN_A_ROW, target):
             raise TrialsFailing(
@@ -329,7 +338,7 @@ def _finished(study: optuna.Study) -> int:
 
 
 def _run_trial(
-    study: optuna.Study, storage: optuna.storages.BaseStorage, train_trial: TrialObjective, target: int
+    study: optuna.Study, storage: optuna.storages.BaseStorage, train_trial: TrialObjective, target: int, url: str = ""
 ) -> str | None:
     """Ask the study for a trial (a queued retry first), train it while beating, tell the study how it ended;
     the reason when the trial failed (any exception of its training is the trial's: recorded, and the study
@@ -338,7 +347,8 @@ def _run_trial(
     Several workers may ask at the same moment for the last trial; the storage numbers trials in
     order, so a trial with ``target`` live (finished or running) trials before it is surplus: it is
     failed at once, marked ``surplus``, and the study ends with exactly ``target`` finished trials."""
-    trial = study.ask()
+    with one_asker(url):
+        trial = study.ask()
     before = study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED, State.RUNNING))
     if sum(t.number < trial.number for t in before) >= target:
         trial.set_user_attr("surplus", True)

@@ -215,10 +215,16 @@ class _CtrlCWhilePickled:
 def test_ctrl_c_during_a_checkpoint_write_waits_until_the_file_is_whole(tmp_path):
     """A KeyboardInterrupt inside torch.save's writer comes out as a RuntimeError, which a grid took for a failed run
     and went on; the write is finished first, then Ctrl-C is a KeyboardInterrupt (and the file loads)."""
+    import signal
+
     from bench import files
 
     path = tmp_path / "last.pt"
-    with pytest.raises(KeyboardInterrupt):
-        files.torch_save(path, {"weights": torch.arange(200_000.0), "mid": _CtrlCWhilePickled()})
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever earlier tests left
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            files.torch_save(path, {"weights": torch.arange(200_000.0), "mid": _CtrlCWhilePickled()})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert torch.equal(torch.load(path, weights_only=False)["weights"], torch.arange(200_000.0))
     assert not list(tmp_path.glob(".*.tmp"))

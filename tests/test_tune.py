@@ -369,3 +369,22 @@ def test_a_trial_another_worker_failed_as_stale_is_dropped_not_a_crash(tmp_path,
     assert _run_trial(study, storage, Trained(), target=3) is None
     assert [t.state for t in study.trials] == [TrialState.FAIL]
     assert "trial 0: another worker counted it dead (no heartbeat within the grace period)" in caplog.text
+
+
+def test_one_process_at_a_time_asks_an_sqlite_study_for_a_trial(tmp_path):
+    """Two workers asking an SQLite study at once could both be handed the same queued trial (its read and its update
+    are not one transaction there), so ``study.ask()`` is taken under a kernel lock beside the database file."""
+    import fcntl
+
+    from bench.storage import one_asker
+
+    lock = tmp_path / "s.db.ask-lock"
+    with one_asker(f"sqlite:///{tmp_path / 's.db'}"):
+        with open(lock) as other:  # another process's attempt, as the kernel sees it: a second open file
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(lock) as other:  # free again once the ask is over
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with one_asker("postgresql://u@localhost/db"):  # the row lock of PostgreSQL does it: no file
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db.ask-lock"]
