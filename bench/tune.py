@@ -346,7 +346,9 @@ def _run_trial(
 
     Several workers may ask at the same moment for the last trial; the storage numbers trials in
     order, so a trial with ``target`` live (finished or running) trials before it is surplus: it is
-    failed at once, marked ``surplus``, and the study ends with exactly ``target`` finished trials."""
+    failed at once, marked ``surplus``, and the study ends with exactly ``target`` finished trials.  ``url``: the
+    study's database, whose asks :func:`bench.storage.one_asker` serializes for SQLite (empty: an in-memory study of
+    one process, nothing to serialize)."""
     with one_asker(url):
         trial = study.ask()
     before = study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED, State.RUNNING))
