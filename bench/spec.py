@@ -272,14 +272,22 @@ def apply_set(cfg: dict[str, Any], leaves: dict[str, Any], where: str) -> dict[s
     return cfg
 
 
-def describe(leaves: dict[str, Any]) -> str:
+def describe(leaves: dict[str, Any], overridden: dict[str, tuple[Any, str]] | None = None) -> str:
     """``optim.lr=0.001, model.batch_norm=true``: what a variant sets, for the summary (floats to 4 significant
-    digits: a tuned ``optim.lr=0.00797856995992107`` reads as 0.007979; the exact values are in the run's config)."""
+    digits: a tuned ``optim.lr=0.00797856995992107`` reads as 0.007979; the exact values are in the run's config).
+    A key that ``overridden`` (key -> (value, who set it): a profile's ``set``, --set) also sets shows the value the
+    run used: ``optim.lr=0.005 (--set; the spec's 0.001)``."""
 
     def show(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else files.yaml_scalar(v)
 
-    return ", ".join(f"{k}={show(v)}" for k, v in leaves.items())
+    over = overridden or {}
+    return ", ".join(
+        f"{k}={show(over[k][0])} ({over[k][1]}; the spec's {show(v)})"
+        if k in over and over[k][0] != v
+        else f"{k}={show(v)}"
+        for k, v in leaves.items()
+    )
 
 
 LABEL_MAX = 46  # characters of the summary table's change column: the table fits a screen without scrolling
@@ -766,12 +774,20 @@ def _resolve_variants(
                     f"[{metric.low:g}, {metric.high:g}] as the spec writes it (e.g. 0.982 for 98.2 %), "
                     f"got {reported}"
                 )
-        change = describe(leaves) if leaves else ("(base)" if parent is None else "(no change)")
+        applied = {  # what overrides the variant's own keys in its runs, so its change text says what they used
+            k: (value, "profile")
+            for overlay, _, spared in overlays
+            if vname not in spared
+            for k, value in overlay.items()
+        }
+        if vname not in misfits:
+            applied.update({k: (value, "--set") for k, value in cli_leaves.items()})
+        change = describe(leaves, applied) if leaves else ("(base)" if parent is None else "(no change)")
         if ablation:
             change = f"{parent} with {change}"
         if ens is not None:
             what = f"{ens.size} seeds" if ens.size else "every seed"
-            change = f"mean of {what} of {ens.of}" + (f", {describe(leaves)}" if leaves else "")
+            change = f"mean of {what} of {ens.of}" + (f", {describe(leaves, applied)}" if leaves else "")
         label = change
         if v.get("note"):
             note = label = check_value(v["note"], str, f"{variant_where}.note")

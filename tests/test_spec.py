@@ -67,6 +67,22 @@ def test_profile_and_cli_overrides(tmp_path):
     assert load_spec(path).runs()[1].key != load_spec(path, profile="quick").runs()[0].key
 
 
+def test_change_text_says_what_a_profile_or_set_overrode(tmp_path):
+    """A variant's change text shows the value its runs used where a profile's ``set`` or --set overrode one of the
+    variant's own keys (it showed the spec's value, which the runs never used); keys nobody overrode read as before."""
+    path = write_spec(
+        tmp_path / "s.yaml",
+        variants=[{"name": "a"}, {"name": "b", "set": {"optim.lr": 0.01, "train.batch_size": 16}}],
+        profiles={"quick": {"set": {"train.batch_size": 8}}},
+    )
+    assert load_spec(path).variants[1].change == "optim.lr=0.01, train.batch_size=16"
+    b = load_spec(path, profile="quick", overrides=["optim.lr=0.5"]).variants[1]
+    assert b.change == "optim.lr=0.5 (--set; the spec's 0.01), train.batch_size=8 (profile; the spec's 16)"
+    assert b.config.optim["lr"] == 0.5 and b.config.train.batch_size == 8
+    same = load_spec(path, overrides=["optim.lr=0.01"]).variants[1]  # the same value: nothing to say
+    assert same.change == "optim.lr=0.01, train.batch_size=16"
+
+
 def test_run_key_ignores_data_location(tmp_path):
     p1 = write_spec(tmp_path / "s.yaml")
     a = load_spec(p1, overrides=["data.root=/x"]).runs()[0].key
