@@ -140,44 +140,66 @@ def plot_tradeoff(
     fig.tight_layout()
     box = ax.get_window_extent()
     xy_px = ax.transData.transform(list(zip(xs, ys, strict=True)))
-    for i, dy in _label_offsets(xy_px, bounds=(box.y0, box.y1)).items():
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    sizes = []
+    for name, *_ in points:  # each label's box in pixels, measured as it will be drawn
+        t = ax.text(0, 0, name, fontsize=8)
+        bb = t.get_window_extent(renderer)
+        sizes.append((bb.width, bb.height))
+        t.remove()
+    pt = 72.0 / fig.dpi  # offsets in points scale with the saved dpi, as the text does
+    for i, (dx, dy) in _place_labels(xy_px, sizes, (box.x0, box.y0, box.x1, box.y1)).items():
         ax.annotate(
             points[i][0],
             (xs[i], ys[i]),
-            textcoords="offset pixels",
-            xytext=(7, dy),
+            textcoords="offset points",
+            xytext=(dx * pt, dy * pt),
             fontsize=8,
             va="center",
-            arrowprops={"arrowstyle": "-", "lw": 0.5, "alpha": 0.5} if abs(dy) > 6 else None,
+            ha="left" if dx > 0 else "right",
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "alpha": 0.5} if abs(dy) > sizes[i][1] / 2 else None,
         )
     _save(fig, png_path)
 
 
-def _label_offsets(
-    xy_px: Any, near: float = 40.0, gap: float = 11.0, bounds: tuple[float, float] | None = None
-) -> dict[int, float]:
-    """Vertical pixel offsets of the labels of points at pixel positions ``xy_px`` (N, 2): points within ``near``
-    pixels horizontally form a column whose labels are pushed apart to ``gap`` pixels, in the points' order, and the
-    stack is centred on its points (so a tall column spreads both ways) and kept inside ``bounds`` (the axes' lowest
-    and highest pixel: a label above them would run into the title)."""
-    order = sorted(range(len(xy_px)), key=lambda i: (xy_px[i][0], xy_px[i][1]))
-    offsets: dict[int, float] = {}
-    column: list[int] = []
-    for i in order + [None]:  # type: ignore[list-item]
-        if i is not None and column and xy_px[i][0] - xy_px[column[0]][0] <= near:
-            column.append(i)
-            continue
-        ids = sorted(column, key=lambda k: xy_px[k][1])
-        placed: list[float] = []
-        for j in ids:
-            placed.append(xy_px[j][1] if not placed else max(xy_px[j][1], placed[-1] + gap))
-        if len(placed) > 1:
-            ys = [xy_px[j][1] for j in ids]
-            shift = (placed[0] + placed[-1]) / 2 - (ys[0] + ys[-1]) / 2
-            if bounds is not None:
-                lo, hi = bounds[0] + gap / 2, bounds[1] - gap / 2
-                shift = max(min(shift, placed[0] - lo), placed[-1] - hi)  # within the axes where the stack fits
-            placed = [y - shift for y in placed]
-        offsets |= {j: y - xy_px[j][1] for j, y in zip(ids, placed, strict=True)}
-        column = [i] if i is not None else []
+def _place_labels(
+    xy_px: Any, sizes: list[tuple[float, float]], box: tuple[float, float, float, float], pad: float = 7.0
+) -> dict[int, tuple[float, float]]:
+    """Where each point's label goes, as a pixel offset (dx, dy) of its anchor from the point: the label's box
+    (``sizes``: width, height in pixels) starts ``pad`` right of its point (dx > 0; drawn left-aligned) or ends
+    ``pad`` left of it (dx < 0; right-aligned), vertically centred at the point's height + dy.
+
+    Points are taken from left to right; each label takes the first place, nearest its point first (right before left
+    at the same height), whose box overlaps neither a label placed before nor any point's marker and stays inside
+    ``box`` (the axes: x0, y0, x1, y1); where no place is free, the one that overlaps least.  xy_px: (N, 2)."""
+    marker = 5.0
+    dots = [(x - marker, y - marker, x + marker, y + marker) for x, y in xy_px]
+
+    def overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    placed: list[tuple[float, float, float, float]] = []
+    offsets: dict[int, tuple[float, float]] = {}
+    for i in sorted(range(len(xy_px)), key=lambda k: (xy_px[k][0], xy_px[k][1])):
+        (x, y), (w, h) = xy_px[i], sizes[i]
+        steps = [0] + [s for k in range(1, 13) for s in (k, -k)]
+        best: tuple[float, tuple[float, float], tuple[float, ...]] | None = None
+        for dy in (s * h * 0.9 for s in steps):
+            for dx in (pad, -pad):
+                x0 = x + dx if dx > 0 else x + dx - w
+                rect = (x0, y + dy - h / 2, x0 + w, y + dy + h / 2)
+                outside = max(box[0] - rect[0], 0) + max(rect[2] - box[2], 0)
+                outside += max(box[1] - rect[1], 0) + max(rect[3] - box[3], 0)
+                cost = outside * h * 10 + sum(overlap(rect, o) for o in placed + dots)
+                if best is None or cost < best[0]:
+                    best = (cost, (dx, dy), rect)
+                if cost == 0:
+                    break
+            if best is not None and best[0] == 0:
+                break
+        assert best is not None
+        offsets[i] = best[1]
+        placed.append(best[2])  # type: ignore[arg-type]
     return offsets
