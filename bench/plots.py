@@ -27,9 +27,9 @@ def _figure(ncols: int, size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
     return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
 
 
-def _save(fig: Figure, png_path: str | Path) -> None:
+def _save(fig: Figure, png_path: str | Path, dpi: int = 90) -> None:
     fig.tight_layout()
-    files.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
+    files.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=dpi), mode="wb")
 
 
 def _epoch_axes(axes: Iterable[Axes]) -> None:
@@ -159,47 +159,53 @@ def plot_tradeoff(
             ha="left" if dx > 0 else "right",
             arrowprops={"arrowstyle": "-", "lw": 0.5, "alpha": 0.5} if abs(dy) > sizes[i][1] / 2 else None,
         )
-    _save(fig, png_path)
+    _save(fig, png_path, dpi=120)  # small labels: a finer image than the curves
 
 
 def _place_labels(
-    xy_px: Any, sizes: list[tuple[float, float]], box: tuple[float, float, float, float], pad: float = 7.0
+    xy_px: Any, sizes: list[tuple[float, float]], box: tuple[float, float, float, float], pad: float = 9.0
 ) -> dict[int, tuple[float, float]]:
     """Where each point's label goes, as a pixel offset (dx, dy) of its anchor from the point: the label's box
     (``sizes``: width, height in pixels) starts ``pad`` right of its point (dx > 0; drawn left-aligned) or ends
     ``pad`` left of it (dx < 0; right-aligned), vertically centred at the point's height + dy.
 
-    Points are taken from left to right; each label takes the first place, nearest its point first (right before left
-    at the same height), whose box overlaps neither a label placed before nor any point's marker and stays inside
+    Points are taken from left to right; each label takes the first place, nearest its point first (the right side
+    preferred: see ``left``), whose box overlaps neither a label placed before nor any point's marker and stays inside
     ``box`` (the axes: x0, y0, x1, y1); where no place is free, the one that overlaps least.  xy_px: (N, 2)."""
-    marker = 5.0
+    marker, margin = 5.0, 4.0  # a point's half size; the least space between two labels side by side
     dots = [(x - marker, y - marker, x + marker, y + marker) for x, y in xy_px]
 
-    def overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-        w = min(a[2], b[2]) - max(a[0], b[0])
+    def overlap(a: tuple[float, ...], b: tuple[float, ...], margin: float = 0.0) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0]) + margin
         h = min(a[3], b[3]) - max(a[1], b[1])
         return w * h if w > 0 and h > 0 else 0.0
 
+    # Places in order of preference: beside the point on the right, then ever further up or down; the left side
+    # counts as LEFT steps further away, so a label crosses to the left only where the right is crowded.
+    left = 2.5
+    prefs = sorted(
+        [(abs(k), pad, k) for k in range(-12, 13)] + [(abs(k) + left, -pad, k) for k in range(-12, 13)],
+        key=lambda c: (c[0], -c[1], -c[2]),
+    )
     placed: list[tuple[float, float, float, float]] = []
     offsets: dict[int, tuple[float, float]] = {}
     for i in sorted(range(len(xy_px)), key=lambda k: (xy_px[k][0], xy_px[k][1])):
         (x, y), (w, h) = xy_px[i], sizes[i]
-        steps = [0] + [s for k in range(1, 13) for s in (k, -k)]
-        best: tuple[float, tuple[float, float], tuple[float, ...]] | None = None
-        for dy in (s * h * 0.9 for s in steps):
-            for dx in (pad, -pad):
-                x0 = x + dx if dx > 0 else x + dx - w
-                rect = (x0, y + dy - h / 2, x0 + w, y + dy + h / 2)
-                outside = max(box[0] - rect[0], 0) + max(rect[2] - box[2], 0)
-                outside += max(box[1] - rect[1], 0) + max(rect[3] - box[3], 0)
-                cost = outside * h * 10 + sum(overlap(rect, o) for o in placed + dots)
-                if best is None or cost < best[0]:
-                    best = (cost, (dx, dy), rect)
-                if cost == 0:
-                    break
-            if best is not None and best[0] == 0:
+        best: tuple[float, tuple[float, float], tuple[float, float, float, float]] | None = None
+        for _, dx, k in prefs:
+            dy = k * h * 0.9
+            x0 = x + dx if dx > 0 else x + dx - w
+            rect = (x0, y + dy - h / 2, x0 + w, y + dy + h / 2)
+            outside = max(box[0] - rect[0], 0) + max(rect[2] - box[2], 0)
+            outside += max(box[1] - rect[1], 0) + max(rect[3] - box[3], 0)
+            cost = (
+                outside * h * 10 + sum(overlap(rect, o, margin) for o in placed) + sum(overlap(rect, o) for o in dots)
+            )
+            if best is None or cost < best[0]:
+                best = (cost, (dx, dy), rect)
+            if cost == 0:
                 break
         assert best is not None
         offsets[i] = best[1]
-        placed.append(best[2])  # type: ignore[arg-type]
+        placed.append(best[2])
     return offsets

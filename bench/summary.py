@@ -87,7 +87,7 @@ class Section:
 def provenance(runs: list[StoredRun]) -> dict[str, str]:
     rs = [r.result for r in runs]
     devices, torches = (
-        "; ".join(sorted({(r.device_name or "?") + _precisions(r) for r in rs})),
+        "; ".join(sorted({_one_core(r.device_name or "?") + _precisions(r) for r in rs})),
         ", ".join(sorted({r.torch or "?" for r in rs})),
     )
     return {
@@ -95,6 +95,11 @@ def provenance(runs: list[StoredRun]) -> dict[str, str]:
         "commits": ", ".join(sorted({_short_commit(r.commit or "?") for r in rs})),
         "finished": max((r.finished or "" for r in rs), default=""),
     }
+
+
+def _one_core(name: str) -> str:
+    """``CPU: AMD EPYC (1 core, AVX2)``: records written before bench.train.device_name said "1 cores" read right."""
+    return name.replace("(1 cores,", "(1 core,")
 
 
 def _precisions(result: RunRecord) -> str:

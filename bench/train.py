@@ -73,7 +73,8 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model, flags = _cpu_info()
-    return f"CPU: {model} ({usable_cores()} cores, {_matrix_unit(flags)})"
+    n = usable_cores()
+    return f"CPU: {model} ({n} core{'' if n == 1 else 's'}, {_matrix_unit(flags)})"
 
 
 @functools.cache

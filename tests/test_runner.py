@@ -232,7 +232,7 @@ def test_core_count_is_the_affinity_not_the_machine(tmp_path):
     out = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
-    assert out.startswith("1 one run or one core CPU: ") and re.search(r"\(1 cores, [A-Z0-9-]+\)$", out.strip()), out
+    assert out.startswith("1 one run or one core CPU: ") and re.search(r"\(1 core, [A-Z0-9-]+\)$", out.strip()), out
 
 
 def test_a_full_disk_stops_the_grid_with_one_line_and_keeps_what_was_saved(data_root, tmp_path, monkeypatch, capsys):
