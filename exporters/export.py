@@ -36,7 +36,7 @@ from bench.models import count_flops
 from bench.runner import run_data_root
 from bench.store import LoadedRun, load_run
 from bench.tasks.base import ImageSet
-from exporters.metadata import ModelMeta, metadata_for
+from exporters.metadata import ModelMeta, metadata_for, min_side
 from exporters.parity import verify
 
 OPSET = 20  # torch.onnx's default in torch 2.14; onnxruntime >= 1.17 runs it
@@ -156,7 +156,7 @@ def export_graph(model: nn.Module, example: Tensor, segmentation: bool, tta: boo
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     dims: dict[int, Any] = {0: batch}
     if segmentation:
-        k = max(int(model.multiple), border + 1)
+        k = min_side(model, border)
         dims.update(
             {2: torch.export.Dim("height", min=k, max=1 << 15), 3: torch.export.Dim("width", min=k, max=1 << 15)}
         )

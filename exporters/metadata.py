@@ -95,6 +95,12 @@ def _j(x: Any) -> str:
     return json.dumps(x)
 
 
+def min_side(model: Any, border: int) -> int:
+    """The smallest image side a segmentation graph accepts (its dynamic H, W start there, and ``min_size`` says so):
+    reflect-padding to a multiple of ``model.multiple`` (2**depth) and by ``border`` mirrors pixels that must exist."""
+    return max(int(getattr(model, "multiple", 1)), border + 1)
+
+
 def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = False) -> dict[str, str]:
     """The ``metadata_props`` of an exported run (all values strings): the generic keys, then the
     task's preprocessing keys, then the run's provenance."""
@@ -135,7 +141,7 @@ def metadata_for(run: LoadedRun, source_run: str, exporter: str, tta: bool = Fal
     if seg:  # the graph pads to a multiple of 2**depth (and by eval.border) by reflection, which needs that many pixels
         border = int(run.config.eval.border)
         meta["border"] = str(border)
-        meta["min_size"] = str(max(int(getattr(run.model, "multiple", 1)), border + 1))
+        meta["min_size"] = str(min_side(run.model, border))
         meta["fill_holes"] = "true" if post.get("fill_holes") else "false"
         meta["min_area"] = str(int(post.get("min_area", 0)))
     if result is not None:
